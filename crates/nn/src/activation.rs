@@ -1,0 +1,194 @@
+//! Activation functions with Keras's names, defaults and formulas.
+
+use ndarray::{ArrayView2, ArrayViewMut2, Axis, Zip};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Activation {
+    Linear,
+    Relu,
+    /// `keras.activations.leaky_relu` (default negative_slope 0.2).
+    LeakyRelu {
+        negative_slope: f32,
+    },
+    /// `keras.activations.elu` (default alpha 1.0).
+    Elu {
+        alpha: f32,
+    },
+    Tanh,
+    Sigmoid,
+    Softmax,
+    Softplus,
+    /// `keras.activations.gelu` (default approximate = false: the erf form).
+    Gelu {
+        approximate: bool,
+    },
+    /// silu, also known as swish.
+    Silu,
+}
+
+impl Activation {
+    /// Parses a Keras activation name; `None` for an unknown name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "linear" | "None" => Activation::Linear,
+            "relu" => Activation::Relu,
+            "leaky_relu" => Activation::LeakyRelu {
+                negative_slope: 0.2,
+            },
+            "elu" => Activation::Elu { alpha: 1.0 },
+            "tanh" => Activation::Tanh,
+            "sigmoid" => Activation::Sigmoid,
+            "softmax" => Activation::Softmax,
+            "softplus" => Activation::Softplus,
+            "gelu" => Activation::Gelu { approximate: false },
+            "silu" | "swish" => Activation::Silu,
+            _ => return None,
+        })
+    }
+
+    pub const NAMES: &'static str =
+        "linear, relu, leaky_relu, elu, tanh, sigmoid, softmax, softplus, gelu, silu, swish";
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Activation::Linear => "linear",
+            Activation::Relu => "relu",
+            Activation::LeakyRelu { .. } => "leaky_relu",
+            Activation::Elu { .. } => "elu",
+            Activation::Tanh => "tanh",
+            Activation::Sigmoid => "sigmoid",
+            Activation::Softmax => "softmax",
+            Activation::Softplus => "softplus",
+            Activation::Gelu { .. } => "gelu",
+            Activation::Silu => "silu",
+        }
+    }
+
+    /// `out = f(z)`, row by row (softmax normalises each row).
+    pub fn forward(&self, z: ArrayView2<f32>, mut out: ArrayViewMut2<f32>) {
+        if let Activation::Softmax = self {
+            for (zr, mut or) in z.rows().into_iter().zip(out.rows_mut()) {
+                let max = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0.0f32;
+                for (o, &v) in or.iter_mut().zip(zr.iter()) {
+                    *o = (v - max).exp();
+                    sum += *o;
+                }
+                or.mapv_inplace(|v| v / sum);
+            }
+            return;
+        }
+        let f = *self;
+        Zip::from(&mut out)
+            .and(&z)
+            .for_each(|o, &v| *o = f.scalar(v));
+    }
+
+    fn scalar(&self, x: f32) -> f32 {
+        match *self {
+            Activation::Linear => x,
+            Activation::Relu => x.max(0.0),
+            Activation::LeakyRelu { negative_slope } => {
+                if x > 0.0 {
+                    x
+                } else {
+                    x * negative_slope
+                }
+            }
+            Activation::Elu { alpha } => {
+                if x > 0.0 {
+                    x
+                } else {
+                    alpha * x.exp_m1()
+                }
+            }
+            Activation::Tanh => x.tanh(),
+            Activation::Sigmoid => sigmoid(x),
+            Activation::Softplus => softplus(x),
+            Activation::Gelu { approximate: false } => {
+                0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+            }
+            Activation::Gelu { approximate: true } => {
+                let inner = GELU_C * (x + 0.044715 * x * x * x);
+                0.5 * x * (1.0 + inner.tanh())
+            }
+            Activation::Silu => x * sigmoid(x),
+            Activation::Softmax => unreachable!("softmax is handled row-wise"),
+        }
+    }
+
+    /// Turns `g = dL/d(out)` into `dL/dz` in place, given `z` and `out = f(z)`.
+    pub fn backward(&self, z: ArrayView2<f32>, out: ArrayView2<f32>, mut g: ArrayViewMut2<f32>) {
+        match *self {
+            Activation::Linear => {}
+            Activation::Softmax => {
+                for (or, mut gr) in out.axis_iter(Axis(0)).zip(g.axis_iter_mut(Axis(0))) {
+                    let dot: f32 = or.iter().zip(gr.iter()).map(|(a, b)| a * b).sum();
+                    Zip::from(&mut gr)
+                        .and(&or)
+                        .for_each(|gv, &a| *gv = a * (*gv - dot));
+                }
+            }
+            f => Zip::from(&mut g)
+                .and(&z)
+                .and(&out)
+                .for_each(|gv, &x, &a| *gv *= f.derivative(x, a)),
+        }
+    }
+
+    fn derivative(&self, x: f32, a: f32) -> f32 {
+        match *self {
+            Activation::Linear => 1.0,
+            Activation::Relu => f32::from(u8::from(x > 0.0)),
+            Activation::LeakyRelu { negative_slope } => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    negative_slope
+                }
+            }
+            Activation::Elu { alpha } => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    a + alpha
+                }
+            }
+            Activation::Tanh => 1.0 - a * a,
+            Activation::Sigmoid => a * (1.0 - a),
+            Activation::Softplus => sigmoid(x),
+            Activation::Gelu { approximate: false } => {
+                let cdf = 0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = (-0.5 * x * x).exp() * 0.398_942_3;
+                cdf + x * pdf
+            }
+            Activation::Gelu { approximate: true } => {
+                let inner = GELU_C * (x + 0.044715 * x * x * x);
+                let t = inner.tanh();
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
+            }
+            Activation::Silu => {
+                let s = sigmoid(x);
+                s * (1.0 + x * (1.0 - s))
+            }
+            Activation::Softmax => unreachable!("softmax is handled row-wise"),
+        }
+    }
+}
+
+const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi)
+
+pub fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// `log(1 + exp(x))` without overflow.
+pub fn softplus(x: f32) -> f32 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}

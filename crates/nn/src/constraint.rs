@@ -1,0 +1,153 @@
+//! Weight constraints, applied by the optimizer after every update (Keras semantics).
+
+use serde::{Deserialize, Serialize};
+
+const EPSILON: f32 = 1e-7;
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Constraint {
+    MaxNorm {
+        max_value: f32,
+        axis: i32,
+    },
+    NonNeg,
+    UnitNorm {
+        axis: i32,
+    },
+    MinMaxNorm {
+        min_value: f32,
+        max_value: f32,
+        rate: f32,
+        axis: i32,
+    },
+}
+
+impl Constraint {
+    /// Applies the constraint to `w`, a row-major tensor of `shape` (1-D or 2-D).
+    pub fn apply(&self, w: &mut [f32], shape: &[usize]) {
+        let (min, max, rate) = match *self {
+            Constraint::NonNeg => {
+                w.iter_mut().for_each(|v| *v = v.max(0.0));
+                return;
+            }
+            Constraint::MaxNorm { max_value, .. } => (0.0, max_value, 1.0),
+            Constraint::UnitNorm { .. } => (1.0, 1.0, 1.0),
+            Constraint::MinMaxNorm {
+                min_value,
+                max_value,
+                rate,
+                ..
+            } => (min_value, max_value, rate),
+        };
+        let group = Grouping::new(shape, self.axis());
+        let mut sq = vec![0.0f64; group.count];
+        for (i, &v) in w.iter().enumerate() {
+            sq[group.of(i)] += f64::from(v) * f64::from(v);
+        }
+        let norms: Vec<f32> = sq.iter().map(|s| s.sqrt() as f32).collect();
+        if let Constraint::UnitNorm { .. } = self {
+            // Keras: w / (eps + n)
+            for (i, v) in w.iter_mut().enumerate() {
+                *v /= EPSILON + norms[group.of(i)];
+            }
+            return;
+        }
+        // Keras: w * (desired / (eps + n)), which also nudges columns below the limit.
+        let factors: Vec<f32> = norms
+            .iter()
+            .map(|&n| (rate * n.clamp(min, max) + (1.0 - rate) * n) / (EPSILON + n))
+            .collect();
+        for (i, v) in w.iter_mut().enumerate() {
+            *v *= factors[group.of(i)];
+        }
+    }
+
+    fn axis(&self) -> i32 {
+        match *self {
+            Constraint::MaxNorm { axis, .. }
+            | Constraint::UnitNorm { axis }
+            | Constraint::MinMaxNorm { axis, .. } => axis,
+            Constraint::NonNeg => 0,
+        }
+    }
+}
+
+/// Which norm group element `i` of a row-major 1-D or 2-D tensor belongs to: `axis` 0 of a
+/// [in, out] kernel takes the norm over inputs, one group per output unit (column).
+struct Grouping {
+    count: usize,
+    cols: usize,
+    by_column: bool,
+}
+
+impl Grouping {
+    fn new(shape: &[usize], axis: i32) -> Self {
+        match shape {
+            [r, c] if axis == 1 || axis == -1 => Grouping {
+                count: *r,
+                cols: *c,
+                by_column: false,
+            },
+            [_, c] => Grouping {
+                count: *c,
+                cols: *c,
+                by_column: true,
+            },
+            _ => Grouping {
+                count: 1,
+                cols: 1,
+                by_column: true,
+            },
+        }
+    }
+
+    fn of(&self, i: usize) -> usize {
+        if self.by_column {
+            i % self.cols
+        } else {
+            i / self.cols
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_norm_clips_columns_and_nudges_the_rest() {
+        // columns: (3, 4) has norm 5 -> scaled to ~2; (0.3, 0.4) has norm 0.5 -> ~unchanged.
+        let mut w = vec![3.0, 0.3, 4.0, 0.4];
+        Constraint::MaxNorm {
+            max_value: 2.0,
+            axis: 0,
+        }
+        .apply(&mut w, &[2, 2]);
+        let n0 = (w[0] * w[0] + w[2] * w[2]).sqrt();
+        assert!((n0 - 2.0).abs() < 1e-6 && n0 <= 2.0, "{n0}");
+        assert!((w[1] - 0.3).abs() < 1e-6 && (w[3] - 0.4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn unit_norm_and_non_neg() {
+        let mut w = vec![3.0, -4.0];
+        Constraint::UnitNorm { axis: 0 }.apply(&mut w, &[2]);
+        assert!((w[0] - 0.6).abs() < 1e-6 && (w[1] + 0.8).abs() < 1e-6);
+        Constraint::NonNeg.apply(&mut w, &[2]);
+        assert_eq!(w[1], 0.0);
+    }
+
+    #[test]
+    fn axis_one_normalises_rows() {
+        let mut w = vec![3.0, 4.0, 0.0, 1.0];
+        Constraint::MinMaxNorm {
+            min_value: 1.0,
+            max_value: 1.0,
+            rate: 1.0,
+            axis: 1,
+        }
+        .apply(&mut w, &[2, 2]);
+        assert!(((w[0] * w[0] + w[1] * w[1]).sqrt() - 1.0).abs() < 1e-6);
+        assert!((w[3] - 1.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,590 @@
+//! A Sequential model: parameters in one flat buffer, forward and backward on one shard.
+
+use crate::layer::{default_names, LayerSpec};
+use crate::loss::{is_correct, Loss, Target};
+use crate::rng::{dropout_uniforms, Stream};
+use crate::{Activation, Constraint, Initializer, NnError, Regularizer};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2};
+use std::ops::Range;
+
+/// One trainable variable: a named slice of the flat parameter buffer (Keras layout).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variable {
+    /// `<layer name>/kernel` or `<layer name>/bias`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub regularizer: Option<Regularizer>,
+    pub constraint: Option<Constraint>,
+    initializer: Initializer,
+    fans: (usize, usize),
+}
+
+impl Variable {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// What the layer computes at run time (Flatten is only a change of shape).
+#[derive(Clone, Debug)]
+enum Op {
+    Dense {
+        kernel: usize,
+        bias: Option<usize>,
+        activation: Activation,
+        activity: Option<Regularizer>,
+    },
+    Dropout {
+        rate: f32,
+        seed: Option<u64>,
+        layer: u32,
+    },
+    Activation(Activation),
+}
+
+/// A row of the model summary.
+#[derive(Clone, Debug)]
+pub struct LayerInfo {
+    pub name: String,
+    pub class_name: &'static str,
+    pub output_shape: Vec<usize>,
+    pub params: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Sequential {
+    input_shape: Vec<usize>,
+    layers: Vec<LayerInfo>,
+    vars: Vec<Variable>,
+    ops: Vec<Op>,
+    /// Width of each op's output.
+    widths: Vec<usize>,
+    loss: Loss,
+    num_params: usize,
+    /// Ops before the first one with parameters need no backward pass.
+    first_param_op: usize,
+}
+
+/// How a forward pass runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// Dropout on, its masks keyed by (seed, layer, step, position in the global batch).
+    Train {
+        seed: u64,
+        step: u64,
+        first_position: u32,
+    },
+    /// Dropout off.
+    Infer,
+}
+
+/// Targets of the rows of a shard.
+#[derive(Clone, Copy, Debug)]
+pub enum Targets<'a> {
+    Classes(&'a [u32]),
+    Values(ArrayView2<'a, f32>),
+}
+
+impl Targets<'_> {
+    pub fn row(&self, i: usize) -> Target<'_> {
+        match self {
+            Targets::Classes(c) => Target::Class(c[i]),
+            Targets::Values(v) => {
+                Target::Values(v.row(i).to_slice().expect("target rows are contiguous"))
+            }
+        }
+    }
+}
+
+/// Sums over the rows of one shard.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ShardStats {
+    /// Sum of the per-sample losses.
+    pub loss_sum: f64,
+    /// Sum of the activity penalties, not yet divided by the batch size.
+    pub activity: f64,
+    pub correct: u64,
+    pub rows: u64,
+}
+
+impl ShardStats {
+    pub fn add(&mut self, o: &ShardStats) {
+        self.loss_sum += o.loss_sum;
+        self.activity += o.activity;
+        self.correct += o.correct;
+        self.rows += o.rows;
+    }
+}
+
+/// Reusable buffers for one shard's passes; they are resized only when the row count changes.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    /// Dense: pre-activation; Dropout: the scaled keep mask.
+    z: Vec<Array2<f32>>,
+    out: Vec<Array2<f32>>,
+    grad: Vec<Array2<f32>>,
+}
+
+fn ensure(buf: &mut Array2<f32>, rows: usize, cols: usize) {
+    if buf.dim() != (rows, cols) {
+        *buf = Array2::zeros((rows, cols));
+    }
+}
+
+impl Sequential {
+    pub fn new(input_shape: &[usize], specs: &[LayerSpec], loss: Loss) -> Result<Self, NnError> {
+        if input_shape.is_empty() || input_shape.contains(&0) {
+            return Err(NnError::Model(format!(
+                "input_shape {input_shape:?} must be non-empty with no zero"
+            )));
+        }
+        let names = default_names(specs);
+        let mut shape = input_shape.to_vec();
+        let (mut vars, mut ops, mut widths, mut layers) = (vec![], vec![], vec![], vec![]);
+        let mut offset = 0usize;
+        let mut first_param_op = None;
+        for (idx, (spec, name)) in specs.iter().zip(&names).enumerate() {
+            let mut params = 0;
+            match spec {
+                LayerSpec::Flatten => shape = vec![shape.iter().product()],
+                LayerSpec::Dense(d) => {
+                    let [inputs] = shape[..] else {
+                        return Err(NnError::Model(format!(
+                            "layer {idx} ({name}): Dense needs flat input but gets shape {shape:?}; add a Flatten layer before it"
+                        )));
+                    };
+                    if d.units == 0 {
+                        return Err(NnError::Model(format!(
+                            "layer {idx} ({name}): units must be at least 1"
+                        )));
+                    }
+                    let mut add = |suffix: &str, shape: Vec<usize>, init, reg, con| {
+                        vars.push(Variable {
+                            name: format!("{name}/{suffix}"),
+                            shape,
+                            offset,
+                            regularizer: reg,
+                            constraint: con,
+                            initializer: init,
+                            fans: (inputs, d.units),
+                        });
+                        offset += vars.last().map_or(0, Variable::len);
+                        vars.len() - 1
+                    };
+                    let kernel = add(
+                        "kernel",
+                        vec![inputs, d.units],
+                        d.kernel_initializer,
+                        d.kernel_regularizer,
+                        d.kernel_constraint,
+                    );
+                    let bias = d.use_bias.then(|| {
+                        add(
+                            "bias",
+                            vec![d.units],
+                            d.bias_initializer,
+                            d.bias_regularizer,
+                            d.bias_constraint,
+                        )
+                    });
+                    params = inputs * d.units + if d.use_bias { d.units } else { 0 };
+                    first_param_op.get_or_insert(ops.len());
+                    ops.push(Op::Dense {
+                        kernel,
+                        bias,
+                        activation: d.activation,
+                        activity: d.activity_regularizer,
+                    });
+                    shape = vec![d.units];
+                }
+                LayerSpec::Dropout { rate, seed } => {
+                    if !(0.0..1.0).contains(rate) {
+                        return Err(NnError::Model(format!(
+                            "layer {idx} ({name}): rate {rate} is outside [0, 1)"
+                        )));
+                    }
+                    ops.push(Op::Dropout {
+                        rate: *rate,
+                        seed: *seed,
+                        layer: idx as u32,
+                    });
+                }
+                LayerSpec::Activation(a) => ops.push(Op::Activation(*a)),
+            }
+            if !matches!(spec, LayerSpec::Flatten) {
+                if shape.len() != 1 {
+                    return Err(NnError::Model(format!(
+                        "layer {idx} ({name}): gets shape {shape:?}; add a Flatten layer first"
+                    )));
+                }
+                widths.push(shape[0]);
+            }
+            layers.push(LayerInfo {
+                name: name.clone(),
+                class_name: spec.class_name(),
+                output_shape: shape.clone(),
+                params,
+            });
+        }
+        let Some(first_param_op) = first_param_op else {
+            return Err(NnError::Model(
+                "the model has no Dense layer, so nothing to train".into(),
+            ));
+        };
+        Ok(Sequential {
+            input_shape: input_shape.to_vec(),
+            layers,
+            vars,
+            ops,
+            widths,
+            loss,
+            num_params: offset,
+            first_param_op,
+        })
+    }
+
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
+    pub fn input_width(&self) -> usize {
+        self.input_shape.iter().product()
+    }
+
+    pub fn output_width(&self) -> usize {
+        *self.widths.last().expect("a model has at least one op")
+    }
+
+    pub fn layers(&self) -> &[LayerInfo] {
+        &self.layers
+    }
+
+    pub fn variables(&self) -> &[Variable] {
+        &self.vars
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.num_params
+    }
+
+    pub fn loss(&self) -> Loss {
+        self.loss
+    }
+
+    /// Initial parameters: each variable from its initializer and its own random stream.
+    pub fn init_params(&self, seed: u64) -> Vec<f32> {
+        let mut p = vec![0.0; self.num_params];
+        for (i, v) in self.vars.iter().enumerate() {
+            let mut rng = Stream::new(seed, 0x1_0000 + i as u64);
+            v.initializer
+                .fill(&mut p[v.range()], v.fans.0, v.fans.1, &mut rng);
+        }
+        p
+    }
+
+    fn matrix<'a>(&self, params: &'a [f32], var: usize) -> ArrayView2<'a, f32> {
+        let v = &self.vars[var];
+        ArrayView2::from_shape((v.shape[0], v.shape[1]), &params[v.range()])
+            .expect("kernel shape matches its slice")
+    }
+
+    /// Runs the model on `x` (rows of flattened inputs); returns the activity penalties
+    /// summed over the rows (not divided by the batch size).
+    pub fn forward(
+        &self,
+        params: &[f32],
+        x: ArrayView2<f32>,
+        mode: Mode,
+        ws: &mut Workspace,
+    ) -> f64 {
+        assert_eq!(
+            params.len(),
+            self.num_params,
+            "parameter buffer has the model's size"
+        );
+        assert_eq!(
+            x.ncols(),
+            self.input_width(),
+            "input rows have the model's input width"
+        );
+        let n = x.nrows();
+        let k = self.ops.len();
+        for buf in [&mut ws.z, &mut ws.out, &mut ws.grad] {
+            buf.resize_with(k, || Array2::zeros((0, 0)));
+        }
+        let mut activity = 0.0;
+        for (i, op) in self.ops.iter().enumerate() {
+            let (before, after) = ws.out.split_at_mut(i);
+            let input = if i == 0 {
+                x.view()
+            } else {
+                before[i - 1].view()
+            };
+            let out = &mut after[0];
+            ensure(out, n, self.widths[i]);
+            match op {
+                Op::Dense {
+                    kernel,
+                    bias,
+                    activation,
+                    activity: act_reg,
+                } => {
+                    let z = &mut ws.z[i];
+                    ensure(z, n, self.widths[i]);
+                    general_mat_mul(1.0, &input, &self.matrix(params, *kernel), 0.0, z);
+                    if let Some(b) = bias {
+                        let b = ArrayView1::from(&params[self.vars[*b].range()]);
+                        z.rows_mut().into_iter().for_each(|mut r| r += &b);
+                    }
+                    activation.forward(z.view(), out.view_mut());
+                    if let Some(r) = act_reg {
+                        activity += r.penalty(out.as_slice().expect("buffers are contiguous"));
+                    }
+                }
+                Op::Dropout { rate, seed, layer } => match mode {
+                    Mode::Train {
+                        seed: job_seed,
+                        step,
+                        first_position,
+                    } if *rate > 0.0 => {
+                        let mask = &mut ws.z[i];
+                        ensure(mask, n, self.widths[i]);
+                        let scale = 1.0 / (1.0 - rate);
+                        for (r, mut row) in mask.rows_mut().into_iter().enumerate() {
+                            let row = row.as_slice_mut().expect("buffers are contiguous");
+                            dropout_uniforms(
+                                seed.unwrap_or(job_seed),
+                                *layer,
+                                step,
+                                first_position + r as u32,
+                                row,
+                            );
+                            row.iter_mut()
+                                .for_each(|u| *u = if *u >= *rate { scale } else { 0.0 });
+                        }
+                        ndarray::Zip::from(&mut *out)
+                            .and(&input)
+                            .and(&*mask)
+                            .for_each(|o, &v, &m| *o = v * m);
+                    }
+                    _ => out.assign(&input),
+                },
+                Op::Activation(f) => f.forward(input, out.view_mut()),
+            }
+        }
+        activity
+    }
+
+    /// The output of the last forward pass.
+    pub fn output<'a>(&self, ws: &'a Workspace) -> ArrayView2<'a, f32> {
+        ws.out[self.ops.len() - 1].view()
+    }
+
+    /// The activation of the last op, if its output comes straight from one.
+    fn last_activation(&self) -> Option<Activation> {
+        match self.ops.last()? {
+            Op::Dense { activation, .. } => Some(*activation),
+            Op::Activation(a) => Some(*a),
+            Op::Dropout { .. } => None,
+        }
+    }
+
+    /// Loss and accuracy of `x` in inference mode (dropout off); no gradient.
+    pub fn evaluate(
+        &self,
+        params: &[f32],
+        x: ArrayView2<f32>,
+        targets: Targets,
+        ws: &mut Workspace,
+    ) -> ShardStats {
+        let activity = self.forward(params, x, Mode::Infer, ws);
+        self.loss_rows(x, targets, 1.0, ws, activity, false)
+    }
+
+    /// Forward and backward of one shard in training mode. `grads` (the model's size) receives
+    /// the gradient of `(sum of the shard's per-sample losses + its activity penalties) * scale`;
+    /// with `scale = 1 / global batch size` the ordered sum over shards is the step's gradient,
+    /// less the weight penalties (see `add_weight_penalty_grad`).
+    pub fn gradient(
+        &self,
+        params: &[f32],
+        x: ArrayView2<f32>,
+        targets: Targets,
+        mode: Mode,
+        scale: f32,
+        ws: &mut Workspace,
+        grads: &mut [f32],
+    ) -> ShardStats {
+        assert_eq!(
+            grads.len(),
+            self.num_params,
+            "gradient buffer has the model's size"
+        );
+        let activity = self.forward(params, x, mode, ws);
+        let stats = self.loss_rows(x, targets, scale, ws, activity, true);
+        let last = self.ops.len() - 1;
+        let logits = self.logits_mode();
+        for i in (self.first_param_op..=last).rev() {
+            let g_is_dz = logits && i == last;
+            let (gbefore, gafter) = ws.grad.split_at_mut(i);
+            let g = &mut gafter[0];
+            let input = if i == 0 {
+                x.view()
+            } else {
+                ws.out[i - 1].view()
+            };
+            match &self.ops[i] {
+                Op::Dense {
+                    kernel,
+                    bias,
+                    activation,
+                    activity: act_reg,
+                } => {
+                    let (z, out) = (ws.z[i].view(), ws.out[i].view());
+                    if let Some(r) = act_reg {
+                        let out = out.as_slice().expect("buffers are contiguous");
+                        if g_is_dz {
+                            let mut extra = Array2::zeros(g.dim());
+                            r.add_grad(out, scale, extra.as_slice_mut().expect("contiguous"));
+                            activation.backward(z, ws.out[i].view(), extra.view_mut());
+                            *g += &extra;
+                        } else {
+                            r.add_grad(
+                                out,
+                                scale,
+                                g.as_slice_mut().expect("buffers are contiguous"),
+                            );
+                        }
+                    }
+                    if !g_is_dz {
+                        activation.backward(z, ws.out[i].view(), g.view_mut());
+                    }
+                    let kv = &self.vars[*kernel];
+                    let mut gw = ArrayViewMut2::from_shape(
+                        (kv.shape[0], kv.shape[1]),
+                        &mut grads[kv.range()],
+                    )
+                    .expect("kernel shape matches its slice");
+                    general_mat_mul(1.0, &input.t(), &*g, 0.0, &mut gw);
+                    if let Some(b) = bias {
+                        let gb = &mut grads[self.vars[*b].range()];
+                        gb.fill(0.0);
+                        for row in g.rows() {
+                            gb.iter_mut().zip(row.iter()).for_each(|(s, &v)| *s += v);
+                        }
+                    }
+                    if i > self.first_param_op {
+                        let gin = &mut gbefore[i - 1];
+                        ensure(gin, g.nrows(), input.ncols());
+                        general_mat_mul(1.0, &*g, &self.matrix(params, *kernel).t(), 0.0, gin);
+                    }
+                }
+                Op::Dropout { rate, .. } => {
+                    if i > self.first_param_op {
+                        if *rate > 0.0 {
+                            *g *= &ws.z[i];
+                        }
+                        std::mem::swap(g, &mut gbefore[i - 1]);
+                    }
+                }
+                Op::Activation(f) => {
+                    if !g_is_dz {
+                        f.backward(input, ws.out[i].view(), g.view_mut());
+                    }
+                    if i > self.first_param_op {
+                        std::mem::swap(g, &mut gbefore[i - 1]);
+                    }
+                }
+            }
+        }
+        stats
+    }
+
+    fn logits_mode(&self) -> bool {
+        self.last_activation()
+            .is_some_and(|a| self.loss.reads_logits_of(a))
+    }
+
+    /// Per-row losses (into `ws.grad[last]` as `scale * dL/dx` when `with_grad`) and accuracy.
+    fn loss_rows(
+        &self,
+        x: ArrayView2<f32>,
+        targets: Targets,
+        scale: f32,
+        ws: &mut Workspace,
+        activity: f64,
+        with_grad: bool,
+    ) -> ShardStats {
+        let last = self.ops.len() - 1;
+        let logits = self.logits_mode();
+        let n = x.nrows();
+        // With the logits shortcut the loss reads the last op's pre-activation.
+        let loss_in = match (&self.ops[last], logits) {
+            (Op::Dense { .. }, true) => ws.z[last].view(),
+            (Op::Activation(_), true) if last == 0 => x.view(),
+            (Op::Activation(_), true) => ws.out[last - 1].view(),
+            _ => ws.out[last].view(),
+        };
+        let out = ws.out[last].view();
+        let g = &mut ws.grad[last];
+        if with_grad {
+            ensure(g, n, self.widths[last]);
+        }
+        let mut stats = ShardStats {
+            activity,
+            rows: n as u64,
+            ..Default::default()
+        };
+        for r in 0..n {
+            let t = targets.row(r);
+            let row = loss_in.row(r);
+            let row = row.as_slice().expect("buffers are contiguous");
+            let grad =
+                with_grad.then(|| g.row_mut(r).into_slice().expect("buffers are contiguous"));
+            stats.loss_sum += f64::from(self.loss.sample(logits, row, t, scale, grad));
+            stats.correct += u64::from(is_correct(out.row(r).as_slice().expect("contiguous"), t));
+        }
+        stats
+    }
+
+    /// Sum of the kernel and bias penalties (added once per step, never per shard).
+    pub fn weight_penalty(&self, params: &[f32]) -> f64 {
+        self.vars
+            .iter()
+            .filter_map(|v| v.regularizer.map(|r| r.penalty(&params[v.range()])))
+            .sum()
+    }
+
+    /// `grads += d(weight_penalty)/d(params)`.
+    pub fn add_weight_penalty_grad(&self, params: &[f32], grads: &mut [f32]) {
+        for v in &self.vars {
+            if let Some(r) = v.regularizer {
+                r.add_grad(&params[v.range()], 1.0, &mut grads[v.range()]);
+            }
+        }
+    }
+
+    /// Applies every variable's constraint (Keras does this after each optimizer update).
+    pub fn apply_constraints(&self, params: &mut [f32]) {
+        for v in &self.vars {
+            if let Some(c) = v.constraint {
+                c.apply(&mut params[v.range()], &v.shape);
+            }
+        }
+    }
+
+    /// Keras's model.summary() table.
+    pub fn summary(&self) -> String {
+        crate::summary::render(&self.layers, self.num_params)
+    }
+}

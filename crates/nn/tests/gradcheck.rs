@@ -1,0 +1,291 @@
+//! Finite-difference checks of every analytic gradient: activations, losses, regularizers
+//! (kernel, bias, activity), dropout and the Activation layer, through the whole model.
+//! Tolerance: |analytic - numeric| <= 3e-3 + 3e-2 |numeric| (central differences in f32, h = 1e-3).
+
+use dtrain_nn::rng::Stream;
+use dtrain_nn::*;
+use ndarray::Array2;
+
+fn dense(units: usize, activation: Activation) -> DenseSpec {
+    DenseSpec {
+        activation,
+        ..DenseSpec::new(units)
+    }
+}
+
+/// Total loss of the step as Keras defines it: mean loss + activity / B + weight penalties.
+fn total_loss(m: &Sequential, p: &[f32], x: &Array2<f32>, t: Targets, mode: Mode) -> f64 {
+    let mut ws = Workspace::default();
+    let mut g = vec![0.0; p.len()];
+    let b = x.nrows() as f64;
+    let s = m.gradient(p, x.view(), t, mode, 1.0 / b as f32, &mut ws, &mut g);
+    s.loss_sum / b + s.activity / b + m.weight_penalty(p)
+}
+
+fn check(specs: Vec<LayerSpec>, loss: Loss, targets_dense: bool) {
+    let (n, d) = (5, 6);
+    let m = Sequential::new(&[d], &specs, loss).unwrap();
+    let mut rng = Stream::new(11, 0);
+    let x = Array2::from_shape_fn((n, d), |_| rng.normal());
+    let k = m.output_width();
+    let classes: Vec<u32> = (0..n as u32).map(|i| i % k as u32).collect();
+    let dense_t = Array2::from_shape_fn((n, k), |_| rng.uniform());
+    let t = if targets_dense {
+        Targets::Values(dense_t.view())
+    } else {
+        Targets::Classes(&classes)
+    };
+    let mut p = m.init_params(5);
+    // Non-zero biases so that every bias gradient is exercised.
+    for v in m.variables() {
+        if v.name.ends_with("bias") {
+            p[v.range()]
+                .iter_mut()
+                .for_each(|b| *b = 0.1 * rng.normal());
+        }
+    }
+    let mode = Mode::Train {
+        seed: 3,
+        step: 7,
+        first_position: 0,
+    };
+    let mut ws = Workspace::default();
+    let mut g = vec![0.0; p.len()];
+    m.gradient(&p, x.view(), t, mode, 1.0 / n as f32, &mut ws, &mut g);
+    m.add_weight_penalty_grad(&p, &mut g);
+    let h = 1e-3f32;
+    for i in 0..p.len() {
+        let mut q = p.clone();
+        q[i] = p[i] + h;
+        let up = total_loss(&m, &q, &x, t, mode);
+        q[i] = p[i] - h;
+        let down = total_loss(&m, &q, &x, t, mode);
+        let num = (up - down) / (2.0 * f64::from(h));
+        let ana = f64::from(g[i]);
+        assert!(
+            (ana - num).abs() <= 3e-3 + 3e-2 * num.abs(),
+            "{specs:?} {loss:?}: param {i}: analytic {ana} vs numeric {num}"
+        );
+    }
+}
+
+fn sparse() -> Loss {
+    Loss {
+        kind: LossKind::SparseCategoricalCrossentropy,
+        from_logits: false,
+    }
+}
+
+#[test]
+fn every_activation() {
+    for act in [
+        Activation::Linear,
+        Activation::Relu,
+        Activation::LeakyRelu {
+            negative_slope: 0.2,
+        },
+        Activation::Elu { alpha: 1.0 },
+        Activation::Tanh,
+        Activation::Sigmoid,
+        Activation::Softmax,
+        Activation::Softplus,
+        Activation::Gelu { approximate: false },
+        Activation::Gelu { approximate: true },
+        Activation::Silu,
+    ] {
+        check(
+            vec![
+                LayerSpec::Dense(dense(4, act)),
+                LayerSpec::Dense(dense(3, Activation::Softmax)),
+            ],
+            sparse(),
+            false,
+        );
+    }
+}
+
+#[test]
+fn every_loss_on_every_output_path() {
+    use LossKind::*;
+    let cases = [
+        (SparseCategoricalCrossentropy, Activation::Softmax, false),
+        (SparseCategoricalCrossentropy, Activation::Sigmoid, false),
+        (CategoricalCrossentropy, Activation::Softmax, true),
+        (CategoricalCrossentropy, Activation::Sigmoid, true),
+        (BinaryCrossentropy, Activation::Sigmoid, true),
+        (BinaryCrossentropy, Activation::Softmax, true),
+        (MeanSquaredError, Activation::Linear, true),
+        (MeanAbsoluteError, Activation::Tanh, true),
+        (Huber { delta: 0.5 }, Activation::Linear, true),
+    ];
+    for (kind, out, dense_t) in cases {
+        let specs = vec![
+            LayerSpec::Dense(dense(4, Activation::Tanh)),
+            LayerSpec::Dense(dense(3, out)),
+        ];
+        check(
+            specs,
+            Loss {
+                kind,
+                from_logits: false,
+            },
+            dense_t,
+        );
+    }
+    let logits = vec![
+        LayerSpec::Dense(dense(4, Activation::Tanh)),
+        LayerSpec::Dense(dense(3, Activation::Linear)),
+    ];
+    check(
+        logits.clone(),
+        Loss {
+            kind: SparseCategoricalCrossentropy,
+            from_logits: true,
+        },
+        false,
+    );
+    check(
+        logits,
+        Loss {
+            kind: BinaryCrossentropy,
+            from_logits: true,
+        },
+        true,
+    );
+}
+
+#[test]
+fn regularizers_dropout_and_activation_layer() {
+    let reg = Regularizer { l1: 0.01, l2: 0.02 };
+    let first = DenseSpec {
+        kernel_regularizer: Some(reg),
+        bias_regularizer: Some(Regularizer { l1: 0.0, l2: 0.05 }),
+        activity_regularizer: Some(Regularizer { l1: 0.01, l2: 0.0 }),
+        ..dense(4, Activation::Tanh)
+    };
+    // Activity regularizer on the softmax output too: its gradient flows through the softmax.
+    let last = DenseSpec {
+        activity_regularizer: Some(Regularizer { l1: 0.0, l2: 0.1 }),
+        ..dense(3, Activation::Softmax)
+    };
+    check(
+        vec![
+            LayerSpec::Flatten,
+            LayerSpec::Dense(first),
+            LayerSpec::Dropout {
+                rate: 0.4,
+                seed: None,
+            },
+            LayerSpec::Dense(dense(4, Activation::Linear)),
+            LayerSpec::Activation(Activation::Sigmoid),
+            LayerSpec::Dense(last),
+        ],
+        sparse(),
+        false,
+    );
+    // Softmax as its own Activation layer still takes the logits shortcut.
+    check(
+        vec![
+            LayerSpec::Dense(dense(3, Activation::Linear)),
+            LayerSpec::Activation(Activation::Softmax),
+        ],
+        sparse(),
+        false,
+    );
+}
+
+#[test]
+fn seed_model_has_keras_param_count_and_names() {
+    let hidden = DenseSpec {
+        activation: Activation::Linear,
+        ..DenseSpec::new(64)
+    };
+    let m = Sequential::new(
+        &[28, 28],
+        &[
+            LayerSpec::Flatten,
+            LayerSpec::Dense(hidden),
+            LayerSpec::Dropout {
+                rate: 0.5,
+                seed: None,
+            },
+            LayerSpec::Dense(dense(10, Activation::Softmax)),
+        ],
+        sparse(),
+    )
+    .unwrap();
+    assert_eq!(m.num_params(), 50_890);
+    let names: Vec<_> = m
+        .variables()
+        .iter()
+        .map(|v| (v.name.as_str(), v.shape.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("dense/kernel", vec![784, 64]),
+            ("dense/bias", vec![64]),
+            ("dense_1/kernel", vec![64, 10]),
+            ("dense_1/bias", vec![10])
+        ]
+    );
+    assert!(
+        m.summary().contains("Total params: 50,890 (198.79 KB)"),
+        "{}",
+        m.summary()
+    );
+}
+
+#[test]
+fn shard_gradients_sum_to_the_batch_gradient() {
+    let specs = vec![
+        LayerSpec::Dense(DenseSpec {
+            activity_regularizer: Some(Regularizer { l1: 0.01, l2: 0.0 }),
+            ..dense(8, Activation::Relu)
+        }),
+        LayerSpec::Dropout {
+            rate: 0.5,
+            seed: None,
+        },
+        LayerSpec::Dense(dense(3, Activation::Softmax)),
+    ];
+    let m = Sequential::new(&[6], &specs, sparse()).unwrap();
+    let mut rng = Stream::new(1, 1);
+    let x = Array2::from_shape_fn((10, 6), |_| rng.normal());
+    let y: Vec<u32> = (0..10).map(|i| i % 3).collect();
+    let p = m.init_params(2);
+    let mut ws = Workspace::default();
+    let mut whole = vec![0.0; p.len()];
+    let mode = |first| Mode::Train {
+        seed: 9,
+        step: 4,
+        first_position: first,
+    };
+    m.gradient(
+        &p,
+        x.view(),
+        Targets::Classes(&y),
+        mode(0),
+        0.1,
+        &mut ws,
+        &mut whole,
+    );
+    let mut sum = vec![0.0f32; p.len()];
+    for (lo, hi) in [(0, 4), (4, 7), (7, 10)] {
+        let mut g = vec![0.0; p.len()];
+        let xs = x.slice(ndarray::s![lo..hi, ..]);
+        m.gradient(
+            &p,
+            xs,
+            Targets::Classes(&y[lo..hi]),
+            mode(lo as u32),
+            0.1,
+            &mut ws,
+            &mut g,
+        );
+        sum.iter_mut().zip(&g).for_each(|(s, v)| *s += v);
+    }
+    for (a, b) in whole.iter().zip(&sum) {
+        assert!((a - b).abs() <= 1e-6 + 1e-5 * a.abs(), "{a} vs {b}");
+    }
+}

@@ -1,0 +1,234 @@
+//! A dataset in memory: features as u8 (rescaled on the fly) or f32, labels as classes or values.
+
+use crate::DataError;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Features {
+    /// Raw bytes, as in IDX files; `x * rescale` is computed when rows are gathered.
+    U8(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Labels {
+    /// Class indices.
+    Classes(Vec<u32>),
+    /// `width` float targets per sample.
+    Values { data: Vec<f32>, width: usize },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub features: Features,
+    /// Shape of one sample (e.g. [28, 28]).
+    pub sample_shape: Vec<usize>,
+    pub labels: Labels,
+    /// Multiplier applied to every feature when gathered (Keras users divide by 255).
+    pub rescale: f64,
+}
+
+impl Dataset {
+    pub fn new(
+        features: Features,
+        sample_shape: Vec<usize>,
+        labels: Labels,
+    ) -> Result<Self, DataError> {
+        let d = Dataset {
+            features,
+            sample_shape,
+            labels,
+            rescale: 1.0,
+        };
+        let width = d.width();
+        let flen = match &d.features {
+            Features::U8(v) => v.len(),
+            Features::F32(v) => v.len(),
+        };
+        if width == 0 || flen % width != 0 {
+            return Err(DataError::Invalid(format!(
+                "{flen} feature values do not split into samples of shape {:?}",
+                d.sample_shape
+            )));
+        }
+        let n = flen / width;
+        let labels = d.num_labels();
+        if labels != n {
+            return Err(DataError::Invalid(format!(
+                "{n} samples but {labels} labels"
+            )));
+        }
+        Ok(d)
+    }
+
+    pub fn with_rescale(mut self, rescale: f64) -> Self {
+        self.rescale = rescale;
+        self
+    }
+
+    fn num_labels(&self) -> usize {
+        match &self.labels {
+            Labels::Classes(c) => c.len(),
+            Labels::Values { data, width } => data.len() / (*width).max(1),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.num_labels()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Features per sample.
+    pub fn width(&self) -> usize {
+        self.sample_shape.iter().product()
+    }
+
+    /// Writes the features of `rows` (row-major, `rows.len() * width` values) into `out`.
+    pub fn gather(&self, rows: &[u32], out: &mut [f32]) {
+        let w = self.width();
+        assert_eq!(out.len(), rows.len() * w, "output holds the gathered rows");
+        match &self.features {
+            Features::U8(v) => {
+                // Keras users write x / 255.0: float64 arithmetic rounded once to float32.
+                let lut: [f32; 256] = std::array::from_fn(|b| (b as f64 * self.rescale) as f32);
+                for (dst, &r) in out.chunks_exact_mut(w).zip(rows) {
+                    let src = &v[r as usize * w..][..w];
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(d, &s)| *d = lut[s as usize]);
+                }
+            }
+            Features::F32(v) => {
+                for (dst, &r) in out.chunks_exact_mut(w).zip(rows) {
+                    let src = &v[r as usize * w..][..w];
+                    if self.rescale == 1.0 {
+                        dst.copy_from_slice(src);
+                    } else {
+                        dst.iter_mut()
+                            .zip(src)
+                            .for_each(|(d, &s)| *d = (f64::from(s) * self.rescale) as f32);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Splits off the last `fraction` of the samples (Keras's `validation_split`, taken
+    /// before any shuffling): returns (train, validation).
+    pub fn split_tail(self, fraction: f64) -> (Dataset, Dataset) {
+        let n = self.len();
+        let at = (n as f64 * (1.0 - fraction)).floor() as usize;
+        let w = self.width();
+        let (fa, fb) = match self.features {
+            Features::U8(mut v) => {
+                let b = v.split_off(at * w);
+                (Features::U8(v), Features::U8(b))
+            }
+            Features::F32(mut v) => {
+                let b = v.split_off(at * w);
+                (Features::F32(v), Features::F32(b))
+            }
+        };
+        let (la, lb) = match self.labels {
+            Labels::Classes(mut c) => {
+                let b = c.split_off(at);
+                (Labels::Classes(c), Labels::Classes(b))
+            }
+            Labels::Values { mut data, width } => {
+                let b = data.split_off(at * width);
+                (
+                    Labels::Values { data, width },
+                    Labels::Values { data: b, width },
+                )
+            }
+        };
+        let shape = self.sample_shape;
+        let r = self.rescale;
+        (
+            Dataset {
+                features: fa,
+                sample_shape: shape.clone(),
+                labels: la,
+                rescale: r,
+            },
+            Dataset {
+                features: fb,
+                sample_shape: shape,
+                labels: lb,
+                rescale: r,
+            },
+        )
+    }
+
+    /// The largest class index, if labels are classes.
+    pub fn max_class(&self) -> Option<u32> {
+        match &self.labels {
+            Labels::Classes(c) => c.iter().copied().max(),
+            Labels::Values { .. } => None,
+        }
+    }
+}
+
+/// Labels from integral floats become classes; anything else stays values.
+pub(crate) fn labels_from_values(values: Vec<f64>, width: usize) -> Labels {
+    let integral = width == 1
+        && values
+            .iter()
+            .all(|&v| v >= 0.0 && v.fract() == 0.0 && v <= f64::from(u32::MAX));
+    if integral {
+        Labels::Classes(values.iter().map(|&v| v as u32).collect())
+    } else {
+        Labels::Values {
+            data: values.iter().map(|&v| v as f32).collect(),
+            width,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_rescales_bytes_like_division_by_255() {
+        let d = Dataset::new(
+            Features::U8(vec![0, 255, 128, 1]),
+            vec![2],
+            Labels::Classes(vec![0, 1]),
+        )
+        .unwrap()
+        .with_rescale(1.0 / 255.0);
+        let mut out = [0.0; 4];
+        d.gather(&[1, 0], &mut out);
+        assert_eq!(
+            out,
+            [(128.0f64 / 255.0) as f32, (1.0f64 / 255.0) as f32, 0.0, 1.0]
+        );
+    }
+
+    #[test]
+    fn split_tail_takes_the_last_fraction() {
+        let d = Dataset::new(
+            Features::F32((0..10).map(|v| v as f32).collect()),
+            vec![1],
+            Labels::Classes((0..10).collect()),
+        )
+        .unwrap();
+        let (a, b) = d.split_tail(0.2);
+        assert_eq!((a.len(), b.len()), (8, 2));
+        assert_eq!(b.labels, Labels::Classes(vec![8, 9]));
+    }
+
+    #[test]
+    fn counts_must_agree() {
+        let e = Dataset::new(
+            Features::U8(vec![0; 6]),
+            vec![2],
+            Labels::Classes(vec![0, 1]),
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "3 samples but 2 labels");
+    }
+}

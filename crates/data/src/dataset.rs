@@ -28,17 +28,8 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    pub fn new(
-        features: Features,
-        sample_shape: Vec<usize>,
-        labels: Labels,
-    ) -> Result<Self, DataError> {
-        let d = Dataset {
-            features,
-            sample_shape,
-            labels,
-            rescale: 1.0,
-        };
+    pub fn new(features: Features, sample_shape: Vec<usize>, labels: Labels) -> Result<Self, DataError> {
+        let d = Dataset { features, sample_shape, labels, rescale: 1.0 };
         let width = d.width();
         let flen = match &d.features {
             Features::U8(v) => v.len(),
@@ -53,9 +44,7 @@ impl Dataset {
         let n = flen / width;
         let labels = d.num_labels();
         if labels != n {
-            return Err(DataError::Invalid(format!(
-                "{n} samples but {labels} labels"
-            )));
+            return Err(DataError::Invalid(format!("{n} samples but {labels} labels")));
         }
         Ok(d)
     }
@@ -95,9 +84,7 @@ impl Dataset {
                 let lut: [f32; 256] = std::array::from_fn(|b| (b as f64 * self.rescale) as f32);
                 for (dst, &r) in out.chunks_exact_mut(w).zip(rows) {
                     let src = &v[r as usize * w..][..w];
-                    dst.iter_mut()
-                        .zip(src)
-                        .for_each(|(d, &s)| *d = lut[s as usize]);
+                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = lut[s as usize]);
                 }
             }
             Features::F32(v) => {
@@ -106,9 +93,7 @@ impl Dataset {
                     if self.rescale == 1.0 {
                         dst.copy_from_slice(src);
                     } else {
-                        dst.iter_mut()
-                            .zip(src)
-                            .for_each(|(d, &s)| *d = (f64::from(s) * self.rescale) as f32);
+                        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (f64::from(s) * self.rescale) as f32);
                     }
                 }
             }
@@ -138,27 +123,14 @@ impl Dataset {
             }
             Labels::Values { mut data, width } => {
                 let b = data.split_off(at * width);
-                (
-                    Labels::Values { data, width },
-                    Labels::Values { data: b, width },
-                )
+                (Labels::Values { data, width }, Labels::Values { data: b, width })
             }
         };
         let shape = self.sample_shape;
         let r = self.rescale;
         (
-            Dataset {
-                features: fa,
-                sample_shape: shape.clone(),
-                labels: la,
-                rescale: r,
-            },
-            Dataset {
-                features: fb,
-                sample_shape: shape,
-                labels: lb,
-                rescale: r,
-            },
+            Dataset { features: fa, sample_shape: shape.clone(), labels: la, rescale: r },
+            Dataset { features: fb, sample_shape: shape, labels: lb, rescale: r },
         )
     }
 
@@ -173,17 +145,11 @@ impl Dataset {
 
 /// Labels from integral floats become classes; anything else stays values.
 pub(crate) fn labels_from_values(values: Vec<f64>, width: usize) -> Labels {
-    let integral = width == 1
-        && values
-            .iter()
-            .all(|&v| v >= 0.0 && v.fract() == 0.0 && v <= f64::from(u32::MAX));
+    let integral = width == 1 && values.iter().all(|&v| v >= 0.0 && v.fract() == 0.0 && v <= f64::from(u32::MAX));
     if integral {
         Labels::Classes(values.iter().map(|&v| v as u32).collect())
     } else {
-        Labels::Values {
-            data: values.iter().map(|&v| v as f32).collect(),
-            width,
-        }
+        Labels::Values { data: values.iter().map(|&v| v as f32).collect(), width }
     }
 }
 
@@ -193,19 +159,12 @@ mod tests {
 
     #[test]
     fn gather_rescales_bytes_like_division_by_255() {
-        let d = Dataset::new(
-            Features::U8(vec![0, 255, 128, 1]),
-            vec![2],
-            Labels::Classes(vec![0, 1]),
-        )
-        .unwrap()
-        .with_rescale(1.0 / 255.0);
+        let d = Dataset::new(Features::U8(vec![0, 255, 128, 1]), vec![2], Labels::Classes(vec![0, 1]))
+            .unwrap()
+            .with_rescale(1.0 / 255.0);
         let mut out = [0.0; 4];
         d.gather(&[1, 0], &mut out);
-        assert_eq!(
-            out,
-            [(128.0f64 / 255.0) as f32, (1.0f64 / 255.0) as f32, 0.0, 1.0]
-        );
+        assert_eq!(out, [(128.0f64 / 255.0) as f32, (1.0f64 / 255.0) as f32, 0.0, 1.0]);
     }
 
     #[test]
@@ -223,12 +182,7 @@ mod tests {
 
     #[test]
     fn counts_must_agree() {
-        let e = Dataset::new(
-            Features::U8(vec![0; 6]),
-            vec![2],
-            Labels::Classes(vec![0, 1]),
-        )
-        .unwrap_err();
+        let e = Dataset::new(Features::U8(vec![0; 6]), vec![2], Labels::Classes(vec![0, 1])).unwrap_err();
         assert_eq!(e.to_string(), "3 samples but 2 labels");
     }
 }

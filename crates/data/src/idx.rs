@@ -18,10 +18,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), DataError> 
     if bytes[2] != 0x08 {
         return Err(file_err(
             path,
-            format!(
-                "IDX element type 0x{:02x} is not supported (only 0x08, unsigned byte)",
-                bytes[2]
-            ),
+            format!("IDX element type 0x{:02x} is not supported (only 0x08, unsigned byte)", bytes[2]),
         ));
     }
     let ndim = bytes[3] as usize;
@@ -29,23 +26,20 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), DataError> 
     if ndim == 0 || bytes.len() < header {
         return Err(file_err(path, "truncated IDX header"));
     }
-    let dims: Vec<usize> = bytes[4..header]
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        bytes[4..header].chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
     let expected = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     let body = bytes.len() - header;
     match expected {
         Some(e) if e == body => Ok((dims, bytes[header..].to_vec())),
-        Some(e) => Err(file_err(
-            path,
-            format!("IDX header {dims:?} promises {e} bytes of data, the file has {body}"),
-        )),
-        None => Err(file_err(
-            path,
-            format!("IDX dimensions {dims:?} are too large"),
-        )),
+        Some(e) => Err(file_err(path, format!("IDX header {dims:?} promises {e} bytes of data, the file has {body}"))),
+        None => Err(file_err(path, format!("IDX dimensions {dims:?} are too large"))),
     }
+}
+
+/// One IDX file of bytes: (dims, data).
+pub(crate) fn load_file(path: &Path) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+    parse(path, &read_maybe_gz(path)?)
 }
 
 /// Finds `<stem>` or `<stem>.gz` in `dir`.
@@ -58,10 +52,7 @@ fn find(dir: &Path, stems: &[&str]) -> Result<PathBuf, DataError> {
             }
         }
     }
-    Err(file_err(
-        dir,
-        format!("no {} (or .gz) in this directory", stems.join(" / ")),
-    ))
+    Err(file_err(dir, format!("no {} (or .gz) in this directory", stems.join(" / "))))
 }
 
 /// Loads the train or test split of an MNIST-style IDX directory.
@@ -71,39 +62,26 @@ pub fn load_idx_dir(dir: &Path, split: IdxSplit) -> Result<Dataset, DataError> {
             ["train-images-idx3-ubyte", "train-images.idx3-ubyte"],
             ["train-labels-idx1-ubyte", "train-labels.idx1-ubyte"],
         ),
-        IdxSplit::Test => (
-            ["t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"],
-            ["t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"],
-        ),
+        IdxSplit::Test => {
+            (["t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte"], ["t10k-labels-idx1-ubyte", "t10k-labels.idx1-ubyte"])
+        }
     };
     let img_path = find(dir, &img)?;
     let lbl_path = find(dir, &lbl)?;
-    let (idims, pixels) = parse(&img_path, &read_maybe_gz(&img_path)?)?;
-    let (ldims, labels) = parse(&lbl_path, &read_maybe_gz(&lbl_path)?)?;
+    let (idims, pixels) = load_file(&img_path)?;
+    let (ldims, labels) = load_file(&lbl_path)?;
     if ldims.len() != 1 {
-        return Err(file_err(
-            &lbl_path,
-            format!("labels must be 1-D, the file has dimensions {ldims:?}"),
-        ));
+        return Err(file_err(&lbl_path, format!("labels must be 1-D, the file has dimensions {ldims:?}")));
     }
     if idims[0] != ldims[0] {
         return Err(file_err(
             &lbl_path,
-            format!(
-                "{} labels, but {} has {} images",
-                ldims[0],
-                img_path.display(),
-                idims[0]
-            ),
+            format!("{} labels, but {} has {} images", ldims[0], img_path.display(), idims[0]),
         ));
     }
     let classes = labels.into_iter().map(u32::from).collect();
-    Dataset::new(
-        Features::U8(pixels),
-        idims[1..].to_vec(),
-        Labels::Classes(classes),
-    )
-    .map_err(|e| file_err(&img_path, e.to_string()))
+    Dataset::new(Features::U8(pixels), idims[1..].to_vec(), Labels::Classes(classes))
+        .map_err(|e| file_err(&img_path, e.to_string()))
 }
 
 #[cfg(test)]
@@ -121,48 +99,26 @@ mod tests {
     fn loads_raw_and_gzip_and_rejects_damage() {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("train-images-idx3-ubyte"),
-            idx(&[2, 2, 2], &[1, 2, 3, 4, 5, 6, 7, 8]),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("train-images-idx3-ubyte"), idx(&[2, 2, 2], &[1, 2, 3, 4, 5, 6, 7, 8])).unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&idx(&[2], &[3, 9])).unwrap();
-        std::fs::write(
-            dir.path().join("train-labels-idx1-ubyte.gz"),
-            gz.finish().unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("train-labels-idx1-ubyte.gz"), gz.finish().unwrap()).unwrap();
         let d = load_idx_dir(dir.path(), IdxSplit::Train).unwrap();
         assert_eq!((d.len(), d.sample_shape.clone()), (2, vec![2, 2]));
         assert_eq!(d.labels, Labels::Classes(vec![3, 9]));
 
-        std::fs::write(
-            dir.path().join("train-images-idx3-ubyte"),
-            idx(&[2, 2, 2], &[1, 2, 3]),
-        )
-        .unwrap();
-        let e = load_idx_dir(dir.path(), IdxSplit::Train)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("train-images-idx3-ubyte: IDX header [2, 2, 2] promises 8 bytes of data, the file has 3"), "{e}");
-
-        std::fs::write(
-            dir.path().join("train-images-idx3-ubyte"),
-            idx(&[3, 1, 1], &[1, 2, 3]),
-        )
-        .unwrap();
-        let e = load_idx_dir(dir.path(), IdxSplit::Train)
-            .unwrap_err()
-            .to_string();
+        std::fs::write(dir.path().join("train-images-idx3-ubyte"), idx(&[2, 2, 2], &[1, 2, 3])).unwrap();
+        let e = load_idx_dir(dir.path(), IdxSplit::Train).unwrap_err().to_string();
         assert!(
-            e.contains("2 labels, but") && e.contains("has 3 images"),
+            e.contains("train-images-idx3-ubyte: IDX header [2, 2, 2] promises 8 bytes of data, the file has 3"),
             "{e}"
         );
 
-        let e = load_idx_dir(dir.path(), IdxSplit::Test)
-            .unwrap_err()
-            .to_string();
+        std::fs::write(dir.path().join("train-images-idx3-ubyte"), idx(&[3, 1, 1], &[1, 2, 3])).unwrap();
+        let e = load_idx_dir(dir.path(), IdxSplit::Train).unwrap_err().to_string();
+        assert!(e.contains("2 labels, but") && e.contains("has 3 images"), "{e}");
+
+        let e = load_idx_dir(dir.path(), IdxSplit::Test).unwrap_err().to_string();
         assert!(e.contains("no t10k-images-idx3-ubyte"), "{e}");
     }
 }

@@ -3,12 +3,14 @@
 
 mod csv;
 mod dataset;
+mod features;
 mod idx;
 mod npy;
 mod order;
 
 pub use csv::load_csv;
 pub use dataset::{Dataset, Features, Labels};
+pub use features::load_features;
 pub use idx::{load_idx_dir, IdxSplit};
 pub use npy::load_npy;
 pub use order::epoch_permutation;
@@ -24,10 +26,7 @@ pub enum DataError {
 }
 
 pub(crate) fn file_err(path: &Path, msg: impl Into<String>) -> DataError {
-    DataError::File {
-        path: path.to_path_buf(),
-        msg: msg.into(),
-    }
+    DataError::File { path: path.to_path_buf(), msg: msg.into() }
 }
 
 /// Reads a whole file, gunzipping it when it starts with the gzip magic bytes.

@@ -18,10 +18,7 @@ fn parse(path: &Path) -> Result<Array, DataError> {
     }
     let (hlen, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
         v => return Err(file_err(path, format!("unsupported .npy version {v}"))),
     };
     let header = bytes
@@ -37,10 +34,7 @@ fn parse(path: &Path) -> Result<Array, DataError> {
         .and_then(|s| s.split('\'').next())
         .ok_or_else(|| file_err(path, "the .npy header has no descr"))?;
     if field("fortran_order").is_some_and(|s| s.starts_with("True")) {
-        return Err(file_err(
-            path,
-            "Fortran-order arrays are not supported; save with np.ascontiguousarray",
-        ));
+        return Err(file_err(path, "Fortran-order arrays are not supported; save with np.ascontiguousarray"));
     }
     let shape_s = field("shape")
         .and_then(|s| s.strip_prefix('('))
@@ -50,42 +44,28 @@ fn parse(path: &Path) -> Result<Array, DataError> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse()
-                .map_err(|_| file_err(path, format!("bad shape entry {s:?}")))
-        })
+        .map(|s| s.parse().map_err(|_| file_err(path, format!("bad shape entry {s:?}"))))
         .collect::<Result<_, _>>()?;
     let d = descr.as_bytes();
-    let (order, kind) = (
-        d.first().copied().unwrap_or(b'?'),
-        d.get(1).copied().unwrap_or(b'?') as char,
-    );
+    let (order, kind) = (d.first().copied().unwrap_or(b'?'), d.get(1).copied().unwrap_or(b'?') as char);
     let size: usize = descr.get(2..).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let ok = matches!(
-        (kind, size),
-        ('u', 1) | ('i', 1 | 2 | 4 | 8) | ('u', 2 | 4 | 8) | ('f', 4 | 8)
-    ) && (order != b'>' || size == 1);
+    let ok = matches!((kind, size), ('u', 1) | ('i', 1 | 2 | 4 | 8) | ('u', 2 | 4 | 8) | ('f', 4 | 8))
+        && (order != b'>' || size == 1);
     if !ok {
-        return Err(file_err(path, format!("dtype {descr:?} is not supported (use uint8, int*, float32 or float64, little-endian)")));
+        return Err(file_err(
+            path,
+            format!("dtype {descr:?} is not supported (use uint8, int*, float32 or float64, little-endian)"),
+        ));
     }
     let count: usize = shape.iter().product();
     let data = bytes[start + hlen..].to_vec();
     if data.len() != count * size {
         return Err(file_err(
             path,
-            format!(
-                "shape {shape:?} needs {} bytes of data, the file has {}",
-                count * size,
-                data.len()
-            ),
+            format!("shape {shape:?} needs {} bytes of data, the file has {}", count * size, data.len()),
         ));
     }
-    Ok(Array {
-        shape,
-        kind,
-        size,
-        data,
-    })
+    Ok(Array { shape, kind, size, data })
 }
 
 impl Array {
@@ -108,62 +88,41 @@ impl Array {
     }
 }
 
-/// Loads features from `x` (first axis = samples; uint8 stays uint8) and labels from `y`.
-pub fn load_npy(x: &Path, y: &Path) -> Result<Dataset, DataError> {
+/// Features from a .npy file (first axis = samples; uint8 stays uint8): (shape, features).
+pub(crate) fn load_x(x: &Path) -> Result<(Vec<usize>, Features), DataError> {
     let xa = parse(x)?;
-    let ya = parse(y)?;
     if xa.shape.is_empty() {
-        return Err(file_err(
-            x,
-            "features need at least one dimension (samples)",
-        ));
+        return Err(file_err(x, "features need at least one dimension (samples)"));
     }
     let features = if (xa.kind, xa.size) == ('u', 1) {
-        Features::U8(xa.data.clone())
+        Features::U8(xa.data)
     } else {
         let v = xa.values();
         if let Some(i) = v.iter().position(|f| !f.is_finite()) {
-            return Err(file_err(
-                x,
-                format!("value {} (flat index {i}) is not finite", v[i]),
-            ));
+            return Err(file_err(x, format!("value {} (flat index {i}) is not finite", v[i])));
         }
         Features::F32(v.into_iter().map(|f| f as f32).collect())
     };
+    Ok((xa.shape, features))
+}
+
+/// Loads features from `x` and labels from `y`.
+pub fn load_npy(x: &Path, y: &Path) -> Result<Dataset, DataError> {
+    let (xshape, features) = load_x(x)?;
+    let ya = parse(y)?;
     let yv = ya.values();
     if let Some(i) = yv.iter().position(|f| !f.is_finite()) {
-        return Err(file_err(
-            y,
-            format!("label {} (flat index {i}) is not finite", yv[i]),
-        ));
+        return Err(file_err(y, format!("label {} (flat index {i}) is not finite", yv[i])));
     }
     let width = match ya.shape.len() {
         1 => 1,
         2 => ya.shape[1],
-        _ => {
-            return Err(file_err(
-                y,
-                format!("labels must be 1-D or 2-D, shape is {:?}", ya.shape),
-            ))
-        }
+        _ => return Err(file_err(y, format!("labels must be 1-D or 2-D, shape is {:?}", ya.shape))),
     };
-    if ya.shape.first() != xa.shape.first() {
-        return Err(file_err(
-            y,
-            format!(
-                "{} labels, but {} has {} samples",
-                ya.shape[0],
-                x.display(),
-                xa.shape[0]
-            ),
-        ));
+    if ya.shape.first() != xshape.first() {
+        return Err(file_err(y, format!("{} labels, but {} has {} samples", ya.shape[0], x.display(), xshape[0])));
     }
-    Dataset::new(
-        features,
-        xa.shape[1..].to_vec(),
-        labels_from_values(yv, width),
-    )
-    .map_err(|e| file_err(x, e.to_string()))
+    Dataset::new(features, xshape[1..].to_vec(), labels_from_values(yv, width)).map_err(|e| file_err(x, e.to_string()))
 }
 
 #[cfg(test)]
@@ -195,14 +154,8 @@ mod tests {
         assert_eq!(d.features, Features::U8(vec![1, 2, 3, 4, 5, 6]));
         assert_eq!(d.labels, Labels::Classes(vec![1, 0]));
         std::fs::write(&x, npy("<f4", "2, 1", &f32::NAN.to_le_bytes().repeat(2))).unwrap();
-        assert!(load_npy(&x, &y)
-            .unwrap_err()
-            .to_string()
-            .contains("x.npy: value NaN (flat index 0) is not finite"));
+        assert!(load_npy(&x, &y).unwrap_err().to_string().contains("x.npy: value NaN (flat index 0) is not finite"));
         std::fs::write(&x, npy("|u1", "2, 3", &[1, 2])).unwrap();
-        assert!(load_npy(&x, &y)
-            .unwrap_err()
-            .to_string()
-            .contains("needs 6 bytes of data, the file has 2"));
+        assert!(load_npy(&x, &y).unwrap_err().to_string().contains("needs 6 bytes of data, the file has 2"));
     }
 }

@@ -33,9 +33,7 @@ impl Activation {
         Some(match name {
             "linear" | "None" => Activation::Linear,
             "relu" => Activation::Relu,
-            "leaky_relu" => Activation::LeakyRelu {
-                negative_slope: 0.2,
-            },
+            "leaky_relu" => Activation::LeakyRelu { negative_slope: 0.2 },
             "elu" => Activation::Elu { alpha: 1.0 },
             "tanh" => Activation::Tanh,
             "sigmoid" => Activation::Sigmoid,
@@ -80,9 +78,7 @@ impl Activation {
             return;
         }
         let f = *self;
-        Zip::from(&mut out)
-            .and(&z)
-            .for_each(|o, &v| *o = f.scalar(v));
+        Zip::from(&mut out).and(&z).for_each(|o, &v| *o = f.scalar(v));
     }
 
     fn scalar(&self, x: f32) -> f32 {
@@ -125,15 +121,10 @@ impl Activation {
             Activation::Softmax => {
                 for (or, mut gr) in out.axis_iter(Axis(0)).zip(g.axis_iter_mut(Axis(0))) {
                     let dot: f32 = or.iter().zip(gr.iter()).map(|(a, b)| a * b).sum();
-                    Zip::from(&mut gr)
-                        .and(&or)
-                        .for_each(|gv, &a| *gv = a * (*gv - dot));
+                    Zip::from(&mut gr).and(&or).for_each(|gv, &a| *gv = a * (*gv - dot));
                 }
             }
-            f => Zip::from(&mut g)
-                .and(&z)
-                .and(&out)
-                .for_each(|gv, &x, &a| *gv *= f.derivative(x, a)),
+            f => Zip::from(&mut g).and(&z).and(&out).for_each(|gv, &x, &a| *gv *= f.derivative(x, a)),
         }
     }
 

@@ -6,20 +6,10 @@ const EPSILON: f32 = 1e-7;
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Constraint {
-    MaxNorm {
-        max_value: f32,
-        axis: i32,
-    },
+    MaxNorm { max_value: f32, axis: i32 },
     NonNeg,
-    UnitNorm {
-        axis: i32,
-    },
-    MinMaxNorm {
-        min_value: f32,
-        max_value: f32,
-        rate: f32,
-        axis: i32,
-    },
+    UnitNorm { axis: i32 },
+    MinMaxNorm { min_value: f32, max_value: f32, rate: f32, axis: i32 },
 }
 
 impl Constraint {
@@ -32,12 +22,7 @@ impl Constraint {
             }
             Constraint::MaxNorm { max_value, .. } => (0.0, max_value, 1.0),
             Constraint::UnitNorm { .. } => (1.0, 1.0, 1.0),
-            Constraint::MinMaxNorm {
-                min_value,
-                max_value,
-                rate,
-                ..
-            } => (min_value, max_value, rate),
+            Constraint::MinMaxNorm { min_value, max_value, rate, .. } => (min_value, max_value, rate),
         };
         let group = Grouping::new(shape, self.axis());
         let mut sq = vec![0.0f64; group.count];
@@ -53,10 +38,8 @@ impl Constraint {
             return;
         }
         // Keras: w * (desired / (eps + n)), which also nudges columns below the limit.
-        let factors: Vec<f32> = norms
-            .iter()
-            .map(|&n| (rate * n.clamp(min, max) + (1.0 - rate) * n) / (EPSILON + n))
-            .collect();
+        let factors: Vec<f32> =
+            norms.iter().map(|&n| (rate * n.clamp(min, max) + (1.0 - rate) * n) / (EPSILON + n)).collect();
         for (i, v) in w.iter_mut().enumerate() {
             *v *= factors[group.of(i)];
         }
@@ -64,9 +47,9 @@ impl Constraint {
 
     fn axis(&self) -> i32 {
         match *self {
-            Constraint::MaxNorm { axis, .. }
-            | Constraint::UnitNorm { axis }
-            | Constraint::MinMaxNorm { axis, .. } => axis,
+            Constraint::MaxNorm { axis, .. } | Constraint::UnitNorm { axis } | Constraint::MinMaxNorm { axis, .. } => {
+                axis
+            }
             Constraint::NonNeg => 0,
         }
     }
@@ -83,21 +66,9 @@ struct Grouping {
 impl Grouping {
     fn new(shape: &[usize], axis: i32) -> Self {
         match shape {
-            [r, c] if axis == 1 || axis == -1 => Grouping {
-                count: *r,
-                cols: *c,
-                by_column: false,
-            },
-            [_, c] => Grouping {
-                count: *c,
-                cols: *c,
-                by_column: true,
-            },
-            _ => Grouping {
-                count: 1,
-                cols: 1,
-                by_column: true,
-            },
+            [r, c] if axis == 1 || axis == -1 => Grouping { count: *r, cols: *c, by_column: false },
+            [_, c] => Grouping { count: *c, cols: *c, by_column: true },
+            _ => Grouping { count: 1, cols: 1, by_column: true },
         }
     }
 
@@ -118,11 +89,7 @@ mod tests {
     fn max_norm_clips_columns_and_nudges_the_rest() {
         // columns: (3, 4) has norm 5 -> scaled to ~2; (0.3, 0.4) has norm 0.5 -> ~unchanged.
         let mut w = vec![3.0, 0.3, 4.0, 0.4];
-        Constraint::MaxNorm {
-            max_value: 2.0,
-            axis: 0,
-        }
-        .apply(&mut w, &[2, 2]);
+        Constraint::MaxNorm { max_value: 2.0, axis: 0 }.apply(&mut w, &[2, 2]);
         let n0 = (w[0] * w[0] + w[2] * w[2]).sqrt();
         assert!((n0 - 2.0).abs() < 1e-6 && n0 <= 2.0, "{n0}");
         assert!((w[1] - 0.3).abs() < 1e-6 && (w[3] - 0.4).abs() < 1e-6);
@@ -140,13 +107,7 @@ mod tests {
     #[test]
     fn axis_one_normalises_rows() {
         let mut w = vec![3.0, 4.0, 0.0, 1.0];
-        Constraint::MinMaxNorm {
-            min_value: 1.0,
-            max_value: 1.0,
-            rate: 1.0,
-            axis: 1,
-        }
-        .apply(&mut w, &[2, 2]);
+        Constraint::MinMaxNorm { min_value: 1.0, max_value: 1.0, rate: 1.0, axis: 1 }.apply(&mut w, &[2, 2]);
         assert!(((w[0] * w[0] + w[1] * w[1]).sqrt() - 1.0).abs() < 1e-6);
         assert!((w[3] - 1.0).abs() < 1e-6);
     }

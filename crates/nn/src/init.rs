@@ -32,18 +32,9 @@ impl Initializer {
             "he_normal" => Initializer::HeNormal,
             "lecun_uniform" => Initializer::LecunUniform,
             "lecun_normal" => Initializer::LecunNormal,
-            "random_normal" => Initializer::RandomNormal {
-                mean: 0.0,
-                stddev: 0.05,
-            },
-            "random_uniform" => Initializer::RandomUniform {
-                minval: -0.05,
-                maxval: 0.05,
-            },
-            "truncated_normal" => Initializer::TruncatedNormal {
-                mean: 0.0,
-                stddev: 0.05,
-            },
+            "random_normal" => Initializer::RandomNormal { mean: 0.0, stddev: 0.05 },
+            "random_uniform" => Initializer::RandomUniform { minval: -0.05, maxval: 0.05 },
+            "truncated_normal" => Initializer::TruncatedNormal { mean: 0.0, stddev: 0.05 },
             "zeros" => Initializer::Zeros,
             "ones" => Initializer::Ones,
             _ => return None,
@@ -71,8 +62,7 @@ impl Initializer {
             let scale = scale / fan.max(1.0);
             if uniform {
                 let limit = (3.0 * scale).sqrt() as f32;
-                out.iter_mut()
-                    .for_each(|v| *v = (rng.uniform() * 2.0 - 1.0) * limit);
+                out.iter_mut().for_each(|v| *v = (rng.uniform() * 2.0 - 1.0) * limit);
             } else {
                 let stddev = (scale.sqrt() / TRUNC_STDDEV) as f32;
                 out.iter_mut().for_each(|v| *v = truncated(rng) * stddev);
@@ -80,15 +70,15 @@ impl Initializer {
             return;
         }
         match *self {
-            Initializer::RandomNormal { mean, stddev } => out
-                .iter_mut()
-                .for_each(|v| *v = mean + stddev * rng.normal()),
-            Initializer::RandomUniform { minval, maxval } => out
-                .iter_mut()
-                .for_each(|v| *v = minval + (maxval - minval) * rng.uniform()),
-            Initializer::TruncatedNormal { mean, stddev } => out
-                .iter_mut()
-                .for_each(|v| *v = mean + stddev * truncated(rng)),
+            Initializer::RandomNormal { mean, stddev } => {
+                out.iter_mut().for_each(|v| *v = mean + stddev * rng.normal())
+            }
+            Initializer::RandomUniform { minval, maxval } => {
+                out.iter_mut().for_each(|v| *v = minval + (maxval - minval) * rng.uniform())
+            }
+            Initializer::TruncatedNormal { mean, stddev } => {
+                out.iter_mut().for_each(|v| *v = mean + stddev * truncated(rng))
+            }
             Initializer::Zeros => out.fill(0.0),
             Initializer::Ones => out.fill(1.0),
             Initializer::Constant { value } => out.fill(value),
@@ -116,16 +106,8 @@ mod tests {
         init.fill(&mut v, fan_in, fan_out, &mut Stream::new(3, 9));
         let n = v.len() as f64;
         let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-        let var = v
-            .iter()
-            .map(|&x| (f64::from(x) - mean).powi(2))
-            .sum::<f64>()
-            / n;
-        (
-            mean,
-            var.sqrt(),
-            v.iter().fold(0.0f32, |m, x| m.max(x.abs())),
-        )
+        let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
+        (mean, var.sqrt(), v.iter().fold(0.0f32, |m, x| m.max(x.abs())))
     }
 
     #[test]

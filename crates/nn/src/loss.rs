@@ -72,20 +72,11 @@ impl Loss {
 
     /// Loss of one sample; with `grad`, also writes `scale * dL/dx` into it. `logits`
     /// says whether `x` holds logits (see `reads_logits_of`) or the model output.
-    pub fn sample(
-        &self,
-        logits: bool,
-        x: &[f32],
-        t: Target,
-        scale: f32,
-        grad: Option<&mut [f32]>,
-    ) -> f32 {
+    pub fn sample(&self, logits: bool, x: &[f32], t: Target, scale: f32, grad: Option<&mut [f32]>) -> f32 {
         let logits = logits || self.from_logits;
         let k = x.len();
         match self.kind {
-            LossKind::SparseCategoricalCrossentropy | LossKind::CategoricalCrossentropy
-                if logits =>
-            {
+            LossKind::SparseCategoricalCrossentropy | LossKind::CategoricalCrossentropy if logits => {
                 // softmax_cross_entropy_with_logits: sum_j t_j (lse - x_j)
                 let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
                 let sum_exp: f32 = x.iter().map(|&v| (v - max).exp()).sum();
@@ -150,15 +141,11 @@ impl Loss {
                     let (tj, v) = (t.at(j, k), x[j]);
                     let (l, d) = if logits {
                         // sigmoid_cross_entropy_with_logits
-                        (
-                            v.max(0.0) - v * tj + (-v.abs()).exp().ln_1p(),
-                            sigmoid(v) - tj,
-                        )
+                        (v.max(0.0) - v * tj + (-v.abs()).exp().ln_1p(), sigmoid(v) - tj)
                     } else {
                         let c = v.clamp(EPSILON, 1.0 - EPSILON);
                         let l = -(tj * (c + EPSILON).ln() + (1.0 - tj) * (1.0 - c + EPSILON).ln());
-                        let d =
-                            -(tj / (c + EPSILON) - (1.0 - tj) / (1.0 - c + EPSILON)) * inside(v);
+                        let d = -(tj / (c + EPSILON) - (1.0 - tj) / (1.0 - c + EPSILON)) * inside(v);
                         (l, d)
                     };
                     loss += l;
@@ -177,9 +164,7 @@ impl Loss {
                         LossKind::MeanSquaredError => (e * e, 2.0 * e),
                         LossKind::MeanAbsoluteError => (e.abs(), sign(e)),
                         LossKind::Huber { delta } if e.abs() <= delta => (0.5 * e * e, e),
-                        LossKind::Huber { delta } => {
-                            (delta * e.abs() - 0.5 * delta * delta, delta * sign(e))
-                        }
+                        LossKind::Huber { delta } => (delta * e.abs() - 0.5 * delta * delta, delta * sign(e)),
                         _ => unreachable!(),
                     };
                     loss += l;

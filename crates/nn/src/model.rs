@@ -38,17 +38,8 @@ impl Variable {
 /// What the layer computes at run time (Flatten is only a change of shape).
 #[derive(Clone, Debug)]
 enum Op {
-    Dense {
-        kernel: usize,
-        bias: Option<usize>,
-        activation: Activation,
-        activity: Option<Regularizer>,
-    },
-    Dropout {
-        rate: f32,
-        seed: Option<u64>,
-        layer: u32,
-    },
+    Dense { kernel: usize, bias: Option<usize>, activation: Activation, activity: Option<Regularizer> },
+    Dropout { rate: f32, seed: Option<u64>, layer: u32 },
     Activation(Activation),
 }
 
@@ -79,11 +70,7 @@ pub struct Sequential {
 #[derive(Clone, Copy, Debug)]
 pub enum Mode {
     /// Dropout on, its masks keyed by (seed, layer, step, position in the global batch).
-    Train {
-        seed: u64,
-        step: u64,
-        first_position: u32,
-    },
+    Train { seed: u64, step: u64, first_position: u32 },
     /// Dropout off.
     Infer,
 }
@@ -99,9 +86,7 @@ impl Targets<'_> {
     pub fn row(&self, i: usize) -> Target<'_> {
         match self {
             Targets::Classes(c) => Target::Class(c[i]),
-            Targets::Values(v) => {
-                Target::Values(v.row(i).to_slice().expect("target rows are contiguous"))
-            }
+            Targets::Values(v) => Target::Values(v.row(i).to_slice().expect("target rows are contiguous")),
         }
     }
 }
@@ -144,9 +129,7 @@ fn ensure(buf: &mut Array2<f32>, rows: usize, cols: usize) {
 impl Sequential {
     pub fn new(input_shape: &[usize], specs: &[LayerSpec], loss: Loss) -> Result<Self, NnError> {
         if input_shape.is_empty() || input_shape.contains(&0) {
-            return Err(NnError::Model(format!(
-                "input_shape {input_shape:?} must be non-empty with no zero"
-            )));
+            return Err(NnError::Model(format!("input_shape {input_shape:?} must be non-empty with no zero")));
         }
         let names = default_names(specs);
         let mut shape = input_shape.to_vec();
@@ -164,9 +147,7 @@ impl Sequential {
                         )));
                     };
                     if d.units == 0 {
-                        return Err(NnError::Model(format!(
-                            "layer {idx} ({name}): units must be at least 1"
-                        )));
+                        return Err(NnError::Model(format!("layer {idx} ({name}): units must be at least 1")));
                     }
                     let mut add = |suffix: &str, shape: Vec<usize>, init, reg, con| {
                         vars.push(Variable {
@@ -188,36 +169,19 @@ impl Sequential {
                         d.kernel_regularizer,
                         d.kernel_constraint,
                     );
-                    let bias = d.use_bias.then(|| {
-                        add(
-                            "bias",
-                            vec![d.units],
-                            d.bias_initializer,
-                            d.bias_regularizer,
-                            d.bias_constraint,
-                        )
-                    });
+                    let bias = d
+                        .use_bias
+                        .then(|| add("bias", vec![d.units], d.bias_initializer, d.bias_regularizer, d.bias_constraint));
                     params = inputs * d.units + if d.use_bias { d.units } else { 0 };
                     first_param_op.get_or_insert(ops.len());
-                    ops.push(Op::Dense {
-                        kernel,
-                        bias,
-                        activation: d.activation,
-                        activity: d.activity_regularizer,
-                    });
+                    ops.push(Op::Dense { kernel, bias, activation: d.activation, activity: d.activity_regularizer });
                     shape = vec![d.units];
                 }
                 LayerSpec::Dropout { rate, seed } => {
                     if !(0.0..1.0).contains(rate) {
-                        return Err(NnError::Model(format!(
-                            "layer {idx} ({name}): rate {rate} is outside [0, 1)"
-                        )));
+                        return Err(NnError::Model(format!("layer {idx} ({name}): rate {rate} is outside [0, 1)")));
                     }
-                    ops.push(Op::Dropout {
-                        rate: *rate,
-                        seed: *seed,
-                        layer: idx as u32,
-                    });
+                    ops.push(Op::Dropout { rate: *rate, seed: *seed, layer: idx as u32 });
                 }
                 LayerSpec::Activation(a) => ops.push(Op::Activation(*a)),
             }
@@ -237,9 +201,7 @@ impl Sequential {
             });
         }
         let Some(first_param_op) = first_param_op else {
-            return Err(NnError::Model(
-                "the model has no Dense layer, so nothing to train".into(),
-            ));
+            return Err(NnError::Model("the model has no Dense layer, so nothing to train".into()));
         };
         Ok(Sequential {
             input_shape: input_shape.to_vec(),
@@ -286,37 +248,21 @@ impl Sequential {
         let mut p = vec![0.0; self.num_params];
         for (i, v) in self.vars.iter().enumerate() {
             let mut rng = Stream::new(seed, 0x1_0000 + i as u64);
-            v.initializer
-                .fill(&mut p[v.range()], v.fans.0, v.fans.1, &mut rng);
+            v.initializer.fill(&mut p[v.range()], v.fans.0, v.fans.1, &mut rng);
         }
         p
     }
 
     fn matrix<'a>(&self, params: &'a [f32], var: usize) -> ArrayView2<'a, f32> {
         let v = &self.vars[var];
-        ArrayView2::from_shape((v.shape[0], v.shape[1]), &params[v.range()])
-            .expect("kernel shape matches its slice")
+        ArrayView2::from_shape((v.shape[0], v.shape[1]), &params[v.range()]).expect("kernel shape matches its slice")
     }
 
     /// Runs the model on `x` (rows of flattened inputs); returns the activity penalties
     /// summed over the rows (not divided by the batch size).
-    pub fn forward(
-        &self,
-        params: &[f32],
-        x: ArrayView2<f32>,
-        mode: Mode,
-        ws: &mut Workspace,
-    ) -> f64 {
-        assert_eq!(
-            params.len(),
-            self.num_params,
-            "parameter buffer has the model's size"
-        );
-        assert_eq!(
-            x.ncols(),
-            self.input_width(),
-            "input rows have the model's input width"
-        );
+    pub fn forward(&self, params: &[f32], x: ArrayView2<f32>, mode: Mode, ws: &mut Workspace) -> f64 {
+        assert_eq!(params.len(), self.num_params, "parameter buffer has the model's size");
+        assert_eq!(x.ncols(), self.input_width(), "input rows have the model's input width");
         let n = x.nrows();
         let k = self.ops.len();
         for buf in [&mut ws.z, &mut ws.out, &mut ws.grad] {
@@ -325,20 +271,11 @@ impl Sequential {
         let mut activity = 0.0;
         for (i, op) in self.ops.iter().enumerate() {
             let (before, after) = ws.out.split_at_mut(i);
-            let input = if i == 0 {
-                x.view()
-            } else {
-                before[i - 1].view()
-            };
+            let input = if i == 0 { x.view() } else { before[i - 1].view() };
             let out = &mut after[0];
             ensure(out, n, self.widths[i]);
             match op {
-                Op::Dense {
-                    kernel,
-                    bias,
-                    activation,
-                    activity: act_reg,
-                } => {
+                Op::Dense { kernel, bias, activation, activity: act_reg } => {
                     let z = &mut ws.z[i];
                     ensure(z, n, self.widths[i]);
                     general_mat_mul(1.0, &input, &self.matrix(params, *kernel), 0.0, z);
@@ -352,30 +289,16 @@ impl Sequential {
                     }
                 }
                 Op::Dropout { rate, seed, layer } => match mode {
-                    Mode::Train {
-                        seed: job_seed,
-                        step,
-                        first_position,
-                    } if *rate > 0.0 => {
+                    Mode::Train { seed: job_seed, step, first_position } if *rate > 0.0 => {
                         let mask = &mut ws.z[i];
                         ensure(mask, n, self.widths[i]);
                         let scale = 1.0 / (1.0 - rate);
                         for (r, mut row) in mask.rows_mut().into_iter().enumerate() {
                             let row = row.as_slice_mut().expect("buffers are contiguous");
-                            dropout_uniforms(
-                                seed.unwrap_or(job_seed),
-                                *layer,
-                                step,
-                                first_position + r as u32,
-                                row,
-                            );
-                            row.iter_mut()
-                                .for_each(|u| *u = if *u >= *rate { scale } else { 0.0 });
+                            dropout_uniforms(seed.unwrap_or(job_seed), *layer, step, first_position + r as u32, row);
+                            row.iter_mut().for_each(|u| *u = if *u >= *rate { scale } else { 0.0 });
                         }
-                        ndarray::Zip::from(&mut *out)
-                            .and(&input)
-                            .and(&*mask)
-                            .for_each(|o, &v, &m| *o = v * m);
+                        ndarray::Zip::from(&mut *out).and(&input).and(&*mask).for_each(|o, &v, &m| *o = v * m);
                     }
                     _ => out.assign(&input),
                 },
@@ -400,13 +323,7 @@ impl Sequential {
     }
 
     /// Loss and accuracy of `x` in inference mode (dropout off); no gradient.
-    pub fn evaluate(
-        &self,
-        params: &[f32],
-        x: ArrayView2<f32>,
-        targets: Targets,
-        ws: &mut Workspace,
-    ) -> ShardStats {
+    pub fn evaluate(&self, params: &[f32], x: ArrayView2<f32>, targets: Targets, ws: &mut Workspace) -> ShardStats {
         let activity = self.forward(params, x, Mode::Infer, ws);
         self.loss_rows(x, targets, 1.0, ws, activity, false)
     }
@@ -425,11 +342,7 @@ impl Sequential {
         ws: &mut Workspace,
         grads: &mut [f32],
     ) -> ShardStats {
-        assert_eq!(
-            grads.len(),
-            self.num_params,
-            "gradient buffer has the model's size"
-        );
+        assert_eq!(grads.len(), self.num_params, "gradient buffer has the model's size");
         let activity = self.forward(params, x, mode, ws);
         let stats = self.loss_rows(x, targets, scale, ws, activity, true);
         let last = self.ops.len() - 1;
@@ -438,18 +351,9 @@ impl Sequential {
             let g_is_dz = logits && i == last;
             let (gbefore, gafter) = ws.grad.split_at_mut(i);
             let g = &mut gafter[0];
-            let input = if i == 0 {
-                x.view()
-            } else {
-                ws.out[i - 1].view()
-            };
+            let input = if i == 0 { x.view() } else { ws.out[i - 1].view() };
             match &self.ops[i] {
-                Op::Dense {
-                    kernel,
-                    bias,
-                    activation,
-                    activity: act_reg,
-                } => {
+                Op::Dense { kernel, bias, activation, activity: act_reg } => {
                     let (z, out) = (ws.z[i].view(), ws.out[i].view());
                     if let Some(r) = act_reg {
                         let out = out.as_slice().expect("buffers are contiguous");
@@ -459,22 +363,15 @@ impl Sequential {
                             activation.backward(z, ws.out[i].view(), extra.view_mut());
                             *g += &extra;
                         } else {
-                            r.add_grad(
-                                out,
-                                scale,
-                                g.as_slice_mut().expect("buffers are contiguous"),
-                            );
+                            r.add_grad(out, scale, g.as_slice_mut().expect("buffers are contiguous"));
                         }
                     }
                     if !g_is_dz {
                         activation.backward(z, ws.out[i].view(), g.view_mut());
                     }
                     let kv = &self.vars[*kernel];
-                    let mut gw = ArrayViewMut2::from_shape(
-                        (kv.shape[0], kv.shape[1]),
-                        &mut grads[kv.range()],
-                    )
-                    .expect("kernel shape matches its slice");
+                    let mut gw = ArrayViewMut2::from_shape((kv.shape[0], kv.shape[1]), &mut grads[kv.range()])
+                        .expect("kernel shape matches its slice");
                     general_mat_mul(1.0, &input.t(), &*g, 0.0, &mut gw);
                     if let Some(b) = bias {
                         let gb = &mut grads[self.vars[*b].range()];
@@ -511,8 +408,7 @@ impl Sequential {
     }
 
     fn logits_mode(&self) -> bool {
-        self.last_activation()
-            .is_some_and(|a| self.loss.reads_logits_of(a))
+        self.last_activation().is_some_and(|a| self.loss.reads_logits_of(a))
     }
 
     /// Per-row losses (into `ws.grad[last]` as `scale * dL/dx` when `with_grad`) and accuracy.
@@ -540,17 +436,12 @@ impl Sequential {
         if with_grad {
             ensure(g, n, self.widths[last]);
         }
-        let mut stats = ShardStats {
-            activity,
-            rows: n as u64,
-            ..Default::default()
-        };
+        let mut stats = ShardStats { activity, rows: n as u64, ..Default::default() };
         for r in 0..n {
             let t = targets.row(r);
             let row = loss_in.row(r);
             let row = row.as_slice().expect("buffers are contiguous");
-            let grad =
-                with_grad.then(|| g.row_mut(r).into_slice().expect("buffers are contiguous"));
+            let grad = with_grad.then(|| g.row_mut(r).into_slice().expect("buffers are contiguous"));
             stats.loss_sum += f64::from(self.loss.sample(logits, row, t, scale, grad));
             stats.correct += u64::from(is_correct(out.row(r).as_slice().expect("contiguous"), t));
         }
@@ -559,10 +450,7 @@ impl Sequential {
 
     /// Sum of the kernel and bias penalties (added once per step, never per shard).
     pub fn weight_penalty(&self, params: &[f32]) -> f64 {
-        self.vars
-            .iter()
-            .filter_map(|v| v.regularizer.map(|r| r.penalty(&params[v.range()])))
-            .sum()
+        self.vars.iter().filter_map(|v| v.regularizer.map(|r| r.penalty(&params[v.range()]))).sum()
     }
 
     /// `grads += d(weight_penalty)/d(params)`.

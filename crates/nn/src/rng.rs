@@ -19,12 +19,7 @@ pub fn philox4x32(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
         }
         let p0 = u64::from(M0) * u64::from(c[0]);
         let p1 = u64::from(M1) * u64::from(c[2]);
-        c = [
-            (p1 >> 32) as u32 ^ c[1] ^ k[0],
-            p1 as u32,
-            (p0 >> 32) as u32 ^ c[3] ^ k[1],
-            p0 as u32,
-        ];
+        c = [(p1 >> 32) as u32 ^ c[1] ^ k[0], p1 as u32, (p0 >> 32) as u32 ^ c[3] ^ k[1], p0 as u32];
     }
     c
 }
@@ -44,12 +39,7 @@ fn key_of(seed: u64) -> [u32; 2] {
 pub fn dropout_uniforms(seed: u64, layer: u32, step: u64, position: u32, out: &mut [f32]) {
     let key = key_of(seed);
     for (block, chunk) in out.chunks_mut(4).enumerate() {
-        let ctr = [
-            block as u32,
-            position,
-            step as u32,
-            (layer << 16) ^ (step >> 32) as u32,
-        ];
+        let ctr = [block as u32, position, step as u32, (layer << 16) ^ (step >> 32) as u32];
         let r = philox4x32(ctr, key);
         for (o, &v) in chunk.iter_mut().zip(r.iter()) {
             *o = unit_f32(v);
@@ -70,27 +60,14 @@ pub struct Stream {
 
 impl Stream {
     pub fn new(seed: u64, stream: u64) -> Self {
-        Stream {
-            key: key_of(seed),
-            stream,
-            counter: 0,
-            buf: [0; 4],
-            used: 4,
-        }
+        Stream { key: key_of(seed), stream, counter: 0, buf: [0; 4], used: 4 }
     }
 
     pub fn next_u32(&mut self) -> u32 {
         if self.used == 4 {
             let c = self.counter;
-            self.buf = philox4x32(
-                [
-                    c as u32,
-                    (c >> 32) as u32,
-                    self.stream as u32,
-                    (self.stream >> 32) as u32,
-                ],
-                self.key,
-            );
+            self.buf =
+                philox4x32([c as u32, (c >> 32) as u32, self.stream as u32, (self.stream >> 32) as u32], self.key);
             self.counter += 1;
             self.used = 0;
         }
@@ -130,14 +107,8 @@ mod tests {
     #[test]
     fn philox_matches_the_random123_known_answer() {
         // Known-answer vectors from Random123's kat_vectors (philox4x32_10).
-        assert_eq!(
-            philox4x32([0; 4], [0; 2]),
-            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
-        );
-        assert_eq!(
-            philox4x32([u32::MAX; 4], [u32::MAX; 2]),
-            [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
-        );
+        assert_eq!(philox4x32([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+        assert_eq!(philox4x32([u32::MAX; 4], [u32::MAX; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
     }
 
     #[test]

@@ -10,12 +10,7 @@ fn line(l: char, m: char, r: char, fill: char) -> String {
 }
 
 fn row(edge: char, a: &str, b: &str, c: &str) -> String {
-    format!(
-        "{edge} {a:<w0$} {edge} {b:<w1$} {edge} {c:>w2$} {edge}\n",
-        w0 = W[0] - 2,
-        w1 = W[1] - 2,
-        w2 = W[2] - 2
-    )
+    format!("{edge} {a:<w0$} {edge} {b:<w1$} {edge} {c:>w2$} {edge}\n", w0 = W[0] - 2, w1 = W[1] - 2, w2 = W[2] - 2)
 }
 
 /// `1234567` -> `1,234,567`.
@@ -49,23 +44,14 @@ pub fn render(layers: &[LayerInfo], total: usize) -> String {
     for (i, l) in layers.iter().enumerate() {
         let dims: Vec<String> = l.output_shape.iter().map(|d| d.to_string()).collect();
         let shape = format!("(None, {})", dims.join(", "));
-        s += &row(
-            '│',
-            &format!("{} ({})", l.name, l.class_name),
-            &shape,
-            &thousands(l.params),
-        );
+        s += &row('│', &format!("{} ({})", l.name, l.class_name), &shape, &thousands(l.params));
         if i + 1 < layers.len() {
             s += &line('├', '┼', '┤', '─');
         }
     }
     s += &line('└', '┴', '┘', '─');
     s += &format!(" Total params: {} ({})\n", thousands(total), size(total));
-    s += &format!(
-        " Trainable params: {} ({})\n",
-        thousands(total),
-        size(total)
-    );
+    s += &format!(" Trainable params: {} ({})\n", thousands(total), size(total));
     s += &format!(" Non-trainable params: 0 ({})\n", size(0));
     s
 }

@@ -7,10 +7,7 @@ use dtrain_nn::*;
 use ndarray::Array2;
 
 fn dense(units: usize, activation: Activation) -> DenseSpec {
-    DenseSpec {
-        activation,
-        ..DenseSpec::new(units)
-    }
+    DenseSpec { activation, ..DenseSpec::new(units) }
 }
 
 /// Total loss of the step as Keras defines it: mean loss + activity / B + weight penalties.
@@ -30,25 +27,15 @@ fn check(specs: Vec<LayerSpec>, loss: Loss, targets_dense: bool) {
     let k = m.output_width();
     let classes: Vec<u32> = (0..n as u32).map(|i| i % k as u32).collect();
     let dense_t = Array2::from_shape_fn((n, k), |_| rng.uniform());
-    let t = if targets_dense {
-        Targets::Values(dense_t.view())
-    } else {
-        Targets::Classes(&classes)
-    };
+    let t = if targets_dense { Targets::Values(dense_t.view()) } else { Targets::Classes(&classes) };
     let mut p = m.init_params(5);
     // Non-zero biases so that every bias gradient is exercised.
     for v in m.variables() {
         if v.name.ends_with("bias") {
-            p[v.range()]
-                .iter_mut()
-                .for_each(|b| *b = 0.1 * rng.normal());
+            p[v.range()].iter_mut().for_each(|b| *b = 0.1 * rng.normal());
         }
     }
-    let mode = Mode::Train {
-        seed: 3,
-        step: 7,
-        first_position: 0,
-    };
+    let mode = Mode::Train { seed: 3, step: 7, first_position: 0 };
     let mut ws = Workspace::default();
     let mut g = vec![0.0; p.len()];
     m.gradient(&p, x.view(), t, mode, 1.0 / n as f32, &mut ws, &mut g);
@@ -70,10 +57,7 @@ fn check(specs: Vec<LayerSpec>, loss: Loss, targets_dense: bool) {
 }
 
 fn sparse() -> Loss {
-    Loss {
-        kind: LossKind::SparseCategoricalCrossentropy,
-        from_logits: false,
-    }
+    Loss { kind: LossKind::SparseCategoricalCrossentropy, from_logits: false }
 }
 
 #[test]
@@ -81,9 +65,7 @@ fn every_activation() {
     for act in [
         Activation::Linear,
         Activation::Relu,
-        Activation::LeakyRelu {
-            negative_slope: 0.2,
-        },
+        Activation::LeakyRelu { negative_slope: 0.2 },
         Activation::Elu { alpha: 1.0 },
         Activation::Tanh,
         Activation::Sigmoid,
@@ -93,14 +75,7 @@ fn every_activation() {
         Activation::Gelu { approximate: true },
         Activation::Silu,
     ] {
-        check(
-            vec![
-                LayerSpec::Dense(dense(4, act)),
-                LayerSpec::Dense(dense(3, Activation::Softmax)),
-            ],
-            sparse(),
-            false,
-        );
+        check(vec![LayerSpec::Dense(dense(4, act)), LayerSpec::Dense(dense(3, Activation::Softmax))], sparse(), false);
     }
 }
 
@@ -119,39 +94,12 @@ fn every_loss_on_every_output_path() {
         (Huber { delta: 0.5 }, Activation::Linear, true),
     ];
     for (kind, out, dense_t) in cases {
-        let specs = vec![
-            LayerSpec::Dense(dense(4, Activation::Tanh)),
-            LayerSpec::Dense(dense(3, out)),
-        ];
-        check(
-            specs,
-            Loss {
-                kind,
-                from_logits: false,
-            },
-            dense_t,
-        );
+        let specs = vec![LayerSpec::Dense(dense(4, Activation::Tanh)), LayerSpec::Dense(dense(3, out))];
+        check(specs, Loss { kind, from_logits: false }, dense_t);
     }
-    let logits = vec![
-        LayerSpec::Dense(dense(4, Activation::Tanh)),
-        LayerSpec::Dense(dense(3, Activation::Linear)),
-    ];
-    check(
-        logits.clone(),
-        Loss {
-            kind: SparseCategoricalCrossentropy,
-            from_logits: true,
-        },
-        false,
-    );
-    check(
-        logits,
-        Loss {
-            kind: BinaryCrossentropy,
-            from_logits: true,
-        },
-        true,
-    );
+    let logits = vec![LayerSpec::Dense(dense(4, Activation::Tanh)), LayerSpec::Dense(dense(3, Activation::Linear))];
+    check(logits.clone(), Loss { kind: SparseCategoricalCrossentropy, from_logits: true }, false);
+    check(logits, Loss { kind: BinaryCrossentropy, from_logits: true }, true);
 }
 
 #[test]
@@ -164,18 +112,13 @@ fn regularizers_dropout_and_activation_layer() {
         ..dense(4, Activation::Tanh)
     };
     // Activity regularizer on the softmax output too: its gradient flows through the softmax.
-    let last = DenseSpec {
-        activity_regularizer: Some(Regularizer { l1: 0.0, l2: 0.1 }),
-        ..dense(3, Activation::Softmax)
-    };
+    let last =
+        DenseSpec { activity_regularizer: Some(Regularizer { l1: 0.0, l2: 0.1 }), ..dense(3, Activation::Softmax) };
     check(
         vec![
             LayerSpec::Flatten,
             LayerSpec::Dense(first),
-            LayerSpec::Dropout {
-                rate: 0.4,
-                seed: None,
-            },
+            LayerSpec::Dropout { rate: 0.4, seed: None },
             LayerSpec::Dense(dense(4, Activation::Linear)),
             LayerSpec::Activation(Activation::Sigmoid),
             LayerSpec::Dense(last),
@@ -185,10 +128,7 @@ fn regularizers_dropout_and_activation_layer() {
     );
     // Softmax as its own Activation layer still takes the logits shortcut.
     check(
-        vec![
-            LayerSpec::Dense(dense(3, Activation::Linear)),
-            LayerSpec::Activation(Activation::Softmax),
-        ],
+        vec![LayerSpec::Dense(dense(3, Activation::Linear)), LayerSpec::Activation(Activation::Softmax)],
         sparse(),
         false,
     );
@@ -196,30 +136,20 @@ fn regularizers_dropout_and_activation_layer() {
 
 #[test]
 fn seed_model_has_keras_param_count_and_names() {
-    let hidden = DenseSpec {
-        activation: Activation::Linear,
-        ..DenseSpec::new(64)
-    };
+    let hidden = DenseSpec { activation: Activation::Linear, ..DenseSpec::new(64) };
     let m = Sequential::new(
         &[28, 28],
         &[
             LayerSpec::Flatten,
             LayerSpec::Dense(hidden),
-            LayerSpec::Dropout {
-                rate: 0.5,
-                seed: None,
-            },
+            LayerSpec::Dropout { rate: 0.5, seed: None },
             LayerSpec::Dense(dense(10, Activation::Softmax)),
         ],
         sparse(),
     )
     .unwrap();
     assert_eq!(m.num_params(), 50_890);
-    let names: Vec<_> = m
-        .variables()
-        .iter()
-        .map(|v| (v.name.as_str(), v.shape.clone()))
-        .collect();
+    let names: Vec<_> = m.variables().iter().map(|v| (v.name.as_str(), v.shape.clone())).collect();
     assert_eq!(
         names,
         [
@@ -229,11 +159,7 @@ fn seed_model_has_keras_param_count_and_names() {
             ("dense_1/bias", vec![10])
         ]
     );
-    assert!(
-        m.summary().contains("Total params: 50,890 (198.79 KB)"),
-        "{}",
-        m.summary()
-    );
+    assert!(m.summary().contains("Total params: 50,890 (198.79 KB)"), "{}", m.summary());
 }
 
 #[test]
@@ -243,10 +169,7 @@ fn shard_gradients_sum_to_the_batch_gradient() {
             activity_regularizer: Some(Regularizer { l1: 0.01, l2: 0.0 }),
             ..dense(8, Activation::Relu)
         }),
-        LayerSpec::Dropout {
-            rate: 0.5,
-            seed: None,
-        },
+        LayerSpec::Dropout { rate: 0.5, seed: None },
         LayerSpec::Dense(dense(3, Activation::Softmax)),
     ];
     let m = Sequential::new(&[6], &specs, sparse()).unwrap();
@@ -256,33 +179,13 @@ fn shard_gradients_sum_to_the_batch_gradient() {
     let p = m.init_params(2);
     let mut ws = Workspace::default();
     let mut whole = vec![0.0; p.len()];
-    let mode = |first| Mode::Train {
-        seed: 9,
-        step: 4,
-        first_position: first,
-    };
-    m.gradient(
-        &p,
-        x.view(),
-        Targets::Classes(&y),
-        mode(0),
-        0.1,
-        &mut ws,
-        &mut whole,
-    );
+    let mode = |first| Mode::Train { seed: 9, step: 4, first_position: first };
+    m.gradient(&p, x.view(), Targets::Classes(&y), mode(0), 0.1, &mut ws, &mut whole);
     let mut sum = vec![0.0f32; p.len()];
     for (lo, hi) in [(0, 4), (4, 7), (7, 10)] {
         let mut g = vec![0.0; p.len()];
         let xs = x.slice(ndarray::s![lo..hi, ..]);
-        m.gradient(
-            &p,
-            xs,
-            Targets::Classes(&y[lo..hi]),
-            mode(lo as u32),
-            0.1,
-            &mut ws,
-            &mut g,
-        );
+        m.gradient(&p, xs, Targets::Classes(&y[lo..hi]), mode(lo as u32), 0.1, &mut ws, &mut g);
         sum.iter_mut().zip(&g).for_each(|(s, v)| *s += v);
     }
     for (a, b) in whole.iter().zip(&sum) {

@@ -6,26 +6,10 @@ use std::ops::Range;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Algorithm {
-    Sgd {
-        momentum: f64,
-        nesterov: bool,
-    },
-    Adam {
-        beta_1: f64,
-        beta_2: f64,
-        epsilon: f64,
-        amsgrad: bool,
-    },
-    Rmsprop {
-        rho: f64,
-        momentum: f64,
-        epsilon: f64,
-        centered: bool,
-    },
-    Adagrad {
-        initial_accumulator_value: f32,
-        epsilon: f64,
-    },
+    Sgd { momentum: f64, nesterov: bool },
+    Adam { beta_1: f64, beta_2: f64, epsilon: f64, amsgrad: bool },
+    Rmsprop { rho: f64, momentum: f64, epsilon: f64, centered: bool },
+    Adagrad { initial_accumulator_value: f32, epsilon: f64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -78,9 +62,7 @@ impl OptimizerConfig {
             Algorithm::Sgd { .. } => vec![],
             Algorithm::Adam { amsgrad: false, .. } => vec!["m", "v"],
             Algorithm::Adam { amsgrad: true, .. } => vec!["m", "v", "v_hat"],
-            Algorithm::Rmsprop {
-                momentum, centered, ..
-            } => {
+            Algorithm::Rmsprop { momentum, centered, .. } => {
                 let mut s = vec!["velocity"];
                 if momentum > 0.0 {
                     s.push("momentum");
@@ -98,44 +80,22 @@ impl OptimizerConfig {
 impl Optimizer {
     pub fn new(config: OptimizerConfig, num_params: usize) -> Self {
         let init = match config.algorithm {
-            Algorithm::Adagrad {
-                initial_accumulator_value,
-                ..
-            } => initial_accumulator_value,
+            Algorithm::Adagrad { initial_accumulator_value, .. } => initial_accumulator_value,
             _ => 0.0,
         };
-        let slots = config
-            .slot_names()
-            .into_iter()
-            .map(|n| (n.to_string(), vec![init; num_params]))
-            .collect();
-        Optimizer {
-            config,
-            state: OptimizerState {
-                iterations: 0,
-                lr_override: None,
-                slots,
-            },
-        }
+        let slots = config.slot_names().into_iter().map(|n| (n.to_string(), vec![init; num_params])).collect();
+        Optimizer { config, state: OptimizerState { iterations: 0, lr_override: None, slots } }
     }
 
     /// Restores a saved state; `Err` says what does not match this optimizer.
-    pub fn with_state(
-        config: OptimizerConfig,
-        state: OptimizerState,
-        num_params: usize,
-    ) -> Result<Self, String> {
+    pub fn with_state(config: OptimizerConfig, state: OptimizerState, num_params: usize) -> Result<Self, String> {
         let want = config.slot_names();
         let have: Vec<&str> = state.slots.iter().map(|(n, _)| n.as_str()).collect();
         if want != have {
-            return Err(format!(
-                "optimizer slots {have:?} do not match this optimizer's {want:?}"
-            ));
+            return Err(format!("optimizer slots {have:?} do not match this optimizer's {want:?}"));
         }
         if let Some((n, _)) = state.slots.iter().find(|(_, s)| s.len() != num_params) {
-            return Err(format!(
-                "optimizer slot {n} does not have the model's {num_params} parameters"
-            ));
+            return Err(format!("optimizer slot {n} does not have the model's {num_params} parameters"));
         }
         Ok(Optimizer { config, state })
     }
@@ -178,10 +138,7 @@ impl Optimizer {
         match self.config.algorithm {
             Algorithm::Sgd { momentum, nesterov } => {
                 if momentum == 0.0 {
-                    params
-                        .iter_mut()
-                        .zip(grads.iter())
-                        .for_each(|(w, g)| *w -= g * lr);
+                    params.iter_mut().zip(grads.iter()).for_each(|(w, g)| *w -= g * lr);
                 } else {
                     let mu = momentum as f32;
                     let m = &mut slots[0].1;
@@ -191,18 +148,12 @@ impl Optimizer {
                     }
                 }
             }
-            Algorithm::Adam {
-                beta_1,
-                beta_2,
-                epsilon,
-                amsgrad,
-            } => {
+            Algorithm::Adam { beta_1, beta_2, epsilon, amsgrad } => {
                 let step = t as f32;
                 let b1p = (beta_1 as f32).powf(step);
                 let b2p = (beta_2 as f32).powf(step);
                 let alpha = lr * (1.0 - b2p).sqrt() / (1.0 - b1p);
-                let (one_b1, one_b2, eps) =
-                    ((1.0 - beta_1) as f32, (1.0 - beta_2) as f32, epsilon as f32);
+                let (one_b1, one_b2, eps) = ((1.0 - beta_1) as f32, (1.0 - beta_2) as f32, epsilon as f32);
                 let (m, rest) = slots.split_at_mut(1);
                 let (v, rest) = rest.split_at_mut(1);
                 let (m, v) = (&mut m[0].1, &mut v[0].1);
@@ -221,18 +172,8 @@ impl Optimizer {
                     params[i] -= m[i] * alpha / (vi.sqrt() + eps);
                 }
             }
-            Algorithm::Rmsprop {
-                rho,
-                momentum,
-                epsilon,
-                ..
-            } => {
-                let (r, one_r, eps, mu) = (
-                    rho as f32,
-                    (1.0 - rho) as f32,
-                    epsilon as f32,
-                    momentum as f32,
-                );
+            Algorithm::Rmsprop { rho, momentum, epsilon, .. } => {
+                let (r, one_r, eps, mu) = (rho as f32, (1.0 - rho) as f32, epsilon as f32, momentum as f32);
                 let (vel, rest) = slots.split_at_mut(1);
                 let vel = &mut vel[0].1;
                 let (mom, rest) = if momentum > 0.0 {
@@ -295,11 +236,7 @@ fn clip_gradients(clip: Clip, grads: &mut [f32], vars: &[Range<usize>]) {
             }
         }
         Clip::GlobalNorm(c) => {
-            let norm = vars
-                .iter()
-                .map(|r| sum_sq(&grads[r.clone()]))
-                .sum::<f32>()
-                .sqrt();
+            let norm = vars.iter().map(|r| sum_sq(&grads[r.clone()])).sum::<f32>().sqrt();
             let scale = c * (1.0 / norm).min(1.0 / c) + (norm - norm);
             grads.iter_mut().for_each(|g| *g *= scale);
         }

@@ -52,9 +52,7 @@ impl Schedule {
             | Schedule::PolynomialDecay { decay_steps, .. }
             | Schedule::InverseTimeDecay { decay_steps, .. }
             | Schedule::CosineDecay { decay_steps, .. } => Some(("decay_steps", *decay_steps)),
-            Schedule::CosineDecayRestarts {
-                first_decay_steps, ..
-            } => Some(("first_decay_steps", *first_decay_steps)),
+            Schedule::CosineDecayRestarts { first_decay_steps, .. } => Some(("first_decay_steps", *first_decay_steps)),
             Schedule::PiecewiseConstantDecay { boundaries, values } => {
                 if values.len() != boundaries.len() + 1 {
                     return Err(format!(
@@ -85,35 +83,18 @@ impl Schedule {
     pub fn at(&self, step: u64) -> f32 {
         let s = step as f32;
         match *self {
-            Schedule::ExponentialDecay {
-                initial_learning_rate,
-                decay_steps,
-                decay_rate,
-                staircase,
-            } => {
+            Schedule::ExponentialDecay { initial_learning_rate, decay_steps, decay_rate, staircase } => {
                 let mut p = s / decay_steps as f32;
                 if staircase {
                     p = p.floor();
                 }
                 initial_learning_rate * decay_rate.powf(p)
             }
-            Schedule::PiecewiseConstantDecay {
-                ref boundaries,
-                ref values,
-            } => {
-                let i = boundaries
-                    .iter()
-                    .position(|&b| step <= b)
-                    .unwrap_or(boundaries.len());
+            Schedule::PiecewiseConstantDecay { ref boundaries, ref values } => {
+                let i = boundaries.iter().position(|&b| step <= b).unwrap_or(boundaries.len());
                 values[i]
             }
-            Schedule::PolynomialDecay {
-                initial_learning_rate,
-                decay_steps,
-                end_learning_rate,
-                power,
-                cycle,
-            } => {
+            Schedule::PolynomialDecay { initial_learning_rate, decay_steps, end_learning_rate, power, cycle } => {
                 let mut ds = decay_steps as f32;
                 let mut s = s;
                 if cycle {
@@ -122,28 +103,16 @@ impl Schedule {
                     s = s.min(ds);
                 }
                 let p = s / ds;
-                (initial_learning_rate - end_learning_rate) * (1.0 - p).powf(power)
-                    + end_learning_rate
+                (initial_learning_rate - end_learning_rate) * (1.0 - p).powf(power) + end_learning_rate
             }
-            Schedule::InverseTimeDecay {
-                initial_learning_rate,
-                decay_steps,
-                decay_rate,
-                staircase,
-            } => {
+            Schedule::InverseTimeDecay { initial_learning_rate, decay_steps, decay_rate, staircase } => {
                 let mut p = s / decay_steps as f32;
                 if staircase {
                     p = p.floor();
                 }
                 initial_learning_rate / (1.0 + decay_rate * p)
             }
-            Schedule::CosineDecay {
-                initial_learning_rate,
-                decay_steps,
-                alpha,
-                warmup_target,
-                warmup_steps,
-            } => {
+            Schedule::CosineDecay { initial_learning_rate, decay_steps, alpha, warmup_target, warmup_steps } => {
                 let ds = decay_steps as f32;
                 let decay = |s: f32, from: f32| {
                     let cosine = 0.5 * (1.0 + (PI * (s / ds)).cos());
@@ -162,13 +131,7 @@ impl Schedule {
                     }
                 }
             }
-            Schedule::CosineDecayRestarts {
-                initial_learning_rate,
-                first_decay_steps,
-                t_mul,
-                m_mul,
-                alpha,
-            } => {
+            Schedule::CosineDecayRestarts { initial_learning_rate, first_decay_steps, t_mul, m_mul, alpha } => {
                 let mut f = s / first_decay_steps as f32;
                 let i = if t_mul == 1.0 {
                     let i = f.floor();
@@ -193,10 +156,7 @@ mod tests {
 
     #[test]
     fn piecewise_boundary_belongs_to_the_lower_interval() {
-        let s = Schedule::PiecewiseConstantDecay {
-            boundaries: vec![1, 3],
-            values: vec![0.01, 0.005, 0.001],
-        };
+        let s = Schedule::PiecewiseConstantDecay { boundaries: vec![1, 3], values: vec![0.01, 0.005, 0.001] };
         let lrs: Vec<f32> = (0..5).map(|k| s.at(k)).collect();
         assert_eq!(lrs, [0.01, 0.01, 0.005, 0.005, 0.001]);
     }

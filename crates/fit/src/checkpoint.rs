@@ -1,0 +1,270 @@
+//! Weights as safetensors with Keras's names and layout, and the full resume state; every
+//! write is atomic (temp file, fsync, rename, fsync the directory).
+
+use crate::callbacks::Callbacks;
+use crate::config::JobConfig;
+use crate::logs::{EpochLogs, Mean};
+use dtrain_nn::Sequential;
+use dtrain_optim::{Optimizer, OptimizerConfig, OptimizerState};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("{}: cannot write: {e}", path.display());
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+fn le_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn serialize(tensors: Vec<(String, Vec<usize>, Vec<u8>)>) -> Vec<u8> {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("shape matches the bytes")))
+        .collect();
+    safetensors::tensor::serialize(views, None).expect("in-memory serialization of valid tensors")
+}
+
+/// The model's weights as safetensors: `<layer>/kernel` [inputs, units] and `<layer>/bias`.
+pub fn weights_bytes(model: &Sequential, params: &[f32]) -> Vec<u8> {
+    serialize(
+        model.variables().iter().map(|v| (v.name.clone(), v.shape.clone(), le_bytes(&params[v.range()]))).collect(),
+    )
+}
+
+fn f32s(path: &Path, name: &str, t: &safetensors::tensor::TensorView) -> Result<Vec<f32>, String> {
+    if t.dtype() != Dtype::F32 {
+        return Err(format!("{}: tensor {name} is {:?}, expected F32", path.display(), t.dtype()));
+    }
+    Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// Reads weights written by `weights_bytes` (or by Keras via safetensors with the same names),
+/// refusing missing, extra, mis-shaped or non-finite tensors.
+pub fn read_weights(path: &Path, model: &Sequential) -> Result<Vec<f32>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{}: not a valid safetensors file: {e}", path.display()))?;
+    let mut params = vec![0.0; model.num_params()];
+    for v in model.variables() {
+        let t =
+            st.tensor(&v.name).map_err(|_| format!("{}: missing tensor {} {:?}", path.display(), v.name, v.shape))?;
+        if t.shape() != v.shape.as_slice() {
+            return Err(format!(
+                "{}: tensor {} has shape {:?}, the model needs {:?}",
+                path.display(),
+                v.name,
+                t.shape(),
+                v.shape
+            ));
+        }
+        let data = f32s(path, &v.name, &t)?;
+        if data.iter().any(|x| !x.is_finite()) {
+            return Err(format!("{}: tensor {} holds NaN or infinite values", path.display(), v.name));
+        }
+        params[v.range()].copy_from_slice(&data);
+    }
+    let known: Vec<&str> = model.variables().iter().map(|v| v.name.as_str()).collect();
+    let mut extra: Vec<String> = st.names().into_iter().filter(|n| !known.contains(n)).map(str::to_string).collect();
+    if !extra.is_empty() {
+        extra.sort();
+        return Err(format!("{}: tensors {extra:?} are not in the model (it has {known:?})", path.display()));
+    }
+    Ok(params)
+}
+
+/// Everything a run needs to continue bit-identically.
+#[derive(Clone, Debug)]
+pub struct TrainState {
+    pub params: Vec<f32>,
+    pub optimizer: Optimizer,
+    /// The epoch in progress (0-based) and the batches of it already applied.
+    pub epoch: usize,
+    pub batch: usize,
+    /// Optimizer steps taken; keys the dropout masks.
+    pub step: u64,
+    pub loss_mean: Mean,
+    pub acc_mean: Mean,
+    pub history: Vec<EpochLogs>,
+    pub callbacks: Callbacks,
+    pub best_weights: Option<Vec<f32>>,
+    pub finished: bool,
+}
+
+impl TrainState {
+    pub fn new(params: Vec<f32>, optimizer: OptimizerConfig, initial_epoch: usize, callbacks: Callbacks) -> Self {
+        let n = params.len();
+        TrainState {
+            params,
+            optimizer: Optimizer::new(optimizer, n),
+            epoch: initial_epoch,
+            batch: 0,
+            step: 0,
+            loss_mean: Mean::default(),
+            acc_mean: Mean::default(),
+            history: vec![],
+            callbacks,
+            best_weights: None,
+            finished: false,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    tensors: String,
+    tensors_len: u64,
+    tensors_fnv1a64: String,
+    epoch: usize,
+    batch: usize,
+    step: u64,
+    iterations: u64,
+    lr_override: Option<f32>,
+    slots: Vec<String>,
+    loss_mean: Mean,
+    acc_mean: Mean,
+    history: Vec<EpochLogs>,
+    callbacks: Callbacks,
+    has_best_weights: bool,
+    finished: bool,
+    job: JobConfig,
+}
+
+pub const STATE_FILE: &str = "state.json";
+
+/// FNV-1a, 64 bits: catches truncation and bit rot in the state tensors.
+fn fnv1a64(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Writes the state: first a new tensor file named by step, then the manifest pointing to it
+/// (atomically), then removes older tensor files. A crash never leaves a torn pair.
+pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(), String> {
+    let n = state.params.len();
+    let mut tensors = vec![("params".to_string(), vec![n], le_bytes(&state.params))];
+    let os = state.optimizer.state();
+    for (name, slot) in &os.slots {
+        tensors.push((format!("optimizer/{name}"), vec![n], le_bytes(slot)));
+    }
+    if let Some(b) = &state.best_weights {
+        tensors.push(("early_stopping/best_weights".into(), vec![n], le_bytes(b)));
+    }
+    let bytes = serialize(tensors);
+    let tensor_name = format!("state-{:010}-{}.safetensors", state.step, state.epoch);
+    write_atomic(&dir.join(&tensor_name), &bytes)?;
+    let manifest = Manifest {
+        format: 1,
+        tensors: tensor_name.clone(),
+        tensors_len: bytes.len() as u64,
+        tensors_fnv1a64: fnv1a64(&bytes),
+        epoch: state.epoch,
+        batch: state.batch,
+        step: state.step,
+        iterations: os.iterations,
+        lr_override: os.lr_override,
+        slots: os.slots.iter().map(|(n, _)| n.clone()).collect(),
+        loss_mean: state.loss_mean,
+        acc_mean: state.acc_mean,
+        history: state.history.clone(),
+        callbacks: state.callbacks.clone(),
+        has_best_weights: state.best_weights.is_some(),
+        finished: state.finished,
+        job: job.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
+    write_atomic(&dir.join(STATE_FILE), &json)?;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("state-") && name.ends_with(".safetensors") && name != tensor_name {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads the state of `dir`, checking its checksum and that it belongs to `job`.
+pub fn load_state(
+    dir: &Path,
+    job: &JobConfig,
+    model: &Sequential,
+    optimizer: &OptimizerConfig,
+) -> Result<TrainState, String> {
+    let mpath = dir.join(STATE_FILE);
+    let text = std::fs::read(&mpath).map_err(|e| format!("{}: cannot read the resume state: {e}", mpath.display()))?;
+    let m: Manifest =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: damaged resume state: {e}", mpath.display()))?;
+    if m.format != 1 {
+        return Err(format!("{}: state format {} is not supported", mpath.display(), m.format));
+    }
+    let mut same = m.job.clone();
+    same.fit.epochs = job.fit.epochs;
+    if &same != job {
+        return Err(format!(
+            "{}: this run was started from a different job file; resume it with the job in {} (only fit.epochs may change)",
+            mpath.display(),
+            dir.join(crate::run::JOB_FILE).display()
+        ));
+    }
+    let tpath: PathBuf = dir.join(&m.tensors);
+    let bytes = std::fs::read(&tpath).map_err(|e| format!("{}: cannot read: {e}", tpath.display()))?;
+    if bytes.len() as u64 != m.tensors_len || fnv1a64(&bytes) != m.tensors_fnv1a64 {
+        return Err(format!("{}: checksum mismatch, the file is damaged", tpath.display()));
+    }
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: damaged: {e}", tpath.display()))?;
+    let n = model.num_params();
+    let get = |name: &str| -> Result<Vec<f32>, String> {
+        let t = st.tensor(name).map_err(|_| format!("{}: missing tensor {name}", tpath.display()))?;
+        let v = f32s(&tpath, name, &t)?;
+        if v.len() != n {
+            return Err(format!(
+                "{}: tensor {name} has {} values, the model has {n} parameters",
+                tpath.display(),
+                v.len()
+            ));
+        }
+        Ok(v)
+    };
+    let slots =
+        m.slots.iter().map(|s| Ok((s.clone(), get(&format!("optimizer/{s}"))?))).collect::<Result<Vec<_>, String>>()?;
+    let os = OptimizerState { iterations: m.iterations, lr_override: m.lr_override, slots };
+    let optimizer = Optimizer::with_state(optimizer.clone(), os, n).map_err(|e| format!("{}: {e}", tpath.display()))?;
+    Ok(TrainState {
+        params: get("params")?,
+        optimizer,
+        epoch: m.epoch,
+        batch: m.batch,
+        step: m.step,
+        loss_mean: m.loss_mean,
+        acc_mean: m.acc_mean,
+        history: m.history,
+        callbacks: m.callbacks,
+        best_weights: if m.has_best_weights { Some(get("early_stopping/best_weights")?) } else { None },
+        finished: m.finished,
+    })
+}

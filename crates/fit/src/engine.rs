@@ -1,0 +1,163 @@
+//! Who computes the shard gradients of a step: this process (`LocalEngine`), or workers
+//! elsewhere (the cluster implements `Engine` over the network).
+
+use dtrain_data::{Dataset, Labels};
+use dtrain_nn::{Mode, Sequential, ShardStats, Targets, Workspace};
+use ndarray::{ArrayView2, ArrayViewMut2};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// The contiguous shards of a batch of `len` samples: shard k is `[k*len/S, (k+1)*len/S)`.
+pub fn shard_ranges(len: usize, shards: usize) -> Vec<Range<usize>> {
+    (0..shards).map(|k| k * len / shards..(k + 1) * len / shards).collect()
+}
+
+pub trait Engine {
+    /// Fills `out[k]` (each of the model's size) with the gradient of shard `shards[k]` of
+    /// `batch` (sample indices) at step `step`, scaled by 1 / batch.len(); returns the
+    /// shards' sums. Empty shards must leave zeros.
+    fn gradients(
+        &mut self,
+        params: &[f32],
+        step: u64,
+        batch: &[u32],
+        shards: &[Range<usize>],
+        out: &mut [Vec<f32>],
+    ) -> Result<Vec<ShardStats>, String>;
+}
+
+/// Buffers one shard computation reuses from step to step.
+#[derive(Default)]
+pub struct ShardBuffers {
+    ws: Workspace,
+    x: Vec<f32>,
+    classes: Vec<u32>,
+    values: Vec<f32>,
+}
+
+impl ShardBuffers {
+    /// Gathers the rows `idx` of `data` and computes their gradient into `grad`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gradient(
+        &mut self,
+        model: &Sequential,
+        data: &Dataset,
+        seed: u64,
+        params: &[f32],
+        step: u64,
+        idx: &[u32],
+        first_position: usize,
+        scale: f32,
+        grad: &mut [f32],
+    ) -> ShardStats {
+        if idx.is_empty() {
+            grad.fill(0.0);
+            return ShardStats::default();
+        }
+        let w = data.width();
+        self.x.resize(idx.len() * w, 0.0);
+        data.gather(idx, &mut self.x);
+        let x = ArrayView2::from_shape((idx.len(), w), &self.x).expect("gathered rows have the input width");
+        let mode = Mode::Train { seed, step, first_position: first_position as u32 };
+        let targets = gather_targets(data, idx, &mut self.classes, &mut self.values);
+        model.gradient(params, x, targets, mode, scale, &mut self.ws, grad)
+    }
+
+    /// Loss and accuracy of rows `idx` with dropout off.
+    pub fn evaluate(&mut self, model: &Sequential, data: &Dataset, params: &[f32], idx: &[u32]) -> ShardStats {
+        let w = data.width();
+        self.x.resize(idx.len() * w, 0.0);
+        data.gather(idx, &mut self.x);
+        let x = ArrayView2::from_shape((idx.len(), w), &self.x).expect("gathered rows have the input width");
+        let targets = gather_targets(data, idx, &mut self.classes, &mut self.values);
+        model.evaluate(params, x, targets, &mut self.ws)
+    }
+
+    /// Model outputs for rows `idx`, written to `out` (rows x output width).
+    pub fn predict(
+        &mut self,
+        model: &Sequential,
+        data: &Dataset,
+        params: &[f32],
+        idx: &[u32],
+        mut out: ArrayViewMut2<f32>,
+    ) {
+        let w = data.width();
+        self.x.resize(idx.len() * w, 0.0);
+        data.gather(idx, &mut self.x);
+        let x = ArrayView2::from_shape((idx.len(), w), &self.x).expect("gathered rows have the input width");
+        model.forward(params, x, Mode::Infer, &mut self.ws);
+        out.assign(&model.output(&self.ws));
+    }
+}
+
+fn gather_targets<'a>(data: &Dataset, idx: &[u32], classes: &'a mut Vec<u32>, values: &'a mut Vec<f32>) -> Targets<'a> {
+    match &data.labels {
+        Labels::Classes(c) => {
+            classes.clear();
+            classes.extend(idx.iter().map(|&i| c[i as usize]));
+            Targets::Classes(classes)
+        }
+        Labels::Values { data: v, width } => {
+            values.clear();
+            for &i in idx {
+                values.extend_from_slice(&v[i as usize * width..][..*width]);
+            }
+            Targets::Values(ArrayView2::from_shape((idx.len(), *width), values).expect("gathered targets"))
+        }
+    }
+}
+
+/// Computes every shard in this process, concurrently, each with one BLAS thread.
+pub struct LocalEngine<'a> {
+    model: &'a Sequential,
+    data: &'a Dataset,
+    seed: u64,
+    pool: Option<rayon::ThreadPool>,
+    buffers: Vec<ShardBuffers>,
+}
+
+impl<'a> LocalEngine<'a> {
+    /// `threads`: how many shards run at once (1 computes them in order on this thread).
+    pub fn new(model: &'a Sequential, data: &'a Dataset, seed: u64, threads: usize) -> Result<Self, String> {
+        dtrain_nn::set_blas_threads(1);
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("dtrain-shard-{i}"))
+                    .build()
+                    .map_err(|e| format!("cannot start {threads} compute threads: {e}"))?,
+            )
+        } else {
+            None
+        };
+        Ok(LocalEngine { model, data, seed, pool, buffers: vec![] })
+    }
+}
+
+impl Engine for LocalEngine<'_> {
+    fn gradients(
+        &mut self,
+        params: &[f32],
+        step: u64,
+        batch: &[u32],
+        shards: &[Range<usize>],
+        out: &mut [Vec<f32>],
+    ) -> Result<Vec<ShardStats>, String> {
+        self.buffers.resize_with(shards.len(), ShardBuffers::default);
+        let scale = 1.0 / batch.len() as f32;
+        let (model, data, seed) = (self.model, self.data, self.seed);
+        let job = |((buf, grad), r): ((&mut ShardBuffers, &mut Vec<f32>), &Range<usize>)| {
+            buf.gradient(model, data, seed, params, step, &batch[r.clone()], r.start, scale, grad)
+        };
+        let work = self.buffers.iter_mut().zip(out.iter_mut()).zip(shards.iter());
+        Ok(match &self.pool {
+            Some(pool) => {
+                let items: Vec<_> = work.collect();
+                pool.install(|| items.into_par_iter().map(job).collect())
+            }
+            None => work.map(job).collect(),
+        })
+    }
+}

@@ -1,0 +1,54 @@
+//! Keras's evaluate and predict: batches with dropout off, batch-size-weighted loss.
+
+use crate::engine::ShardBuffers;
+use crate::logs::Mean;
+use dtrain_data::Dataset;
+use dtrain_nn::Sequential;
+use ndarray::Array2;
+use rayon::prelude::*;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Evaluation {
+    /// Crossentropy (or other loss) + activity penalties / batch + weight penalties.
+    pub loss: f32,
+    pub accuracy: f32,
+}
+
+/// Evaluates `data` in batches of `batch_size` as Keras's `evaluate` does; batches run in
+/// parallel but are combined in order, so the result does not depend on the thread count.
+pub fn evaluate(model: &Sequential, params: &[f32], data: &Dataset, batch_size: usize) -> Evaluation {
+    let n = data.len();
+    let idx: Vec<u32> = (0..n as u32).collect();
+    let penalty = model.weight_penalty(params);
+    let per_batch: Vec<(f32, f32, f32)> = idx
+        .par_chunks(batch_size)
+        .map_init(ShardBuffers::default, |buf, rows| {
+            let s = buf.evaluate(model, data, params, rows);
+            let b = rows.len() as f64;
+            let loss = (s.loss_sum / b + s.activity / b + penalty) as f32;
+            (loss, s.correct as f32, rows.len() as f32)
+        })
+        .collect();
+    let (mut loss, mut acc) = (Mean::default(), Mean::default());
+    for (l, c, b) in per_batch {
+        loss.add(l, b);
+        acc.add_sum(c, b);
+    }
+    Evaluation { loss: loss.result(), accuracy: acc.result() }
+}
+
+/// Model outputs for every sample of `data`, one row each.
+pub fn predict(model: &Sequential, params: &[f32], data: &Dataset, batch_size: usize) -> Array2<f32> {
+    let k = model.output_width();
+    let idx: Vec<u32> = (0..data.len() as u32).collect();
+    let parts: Vec<Array2<f32>> = idx
+        .par_chunks(batch_size)
+        .map_init(ShardBuffers::default, |buf, rows| {
+            let mut o = Array2::zeros((rows.len(), k));
+            buf.predict(model, data, params, rows, o.view_mut());
+            o
+        })
+        .collect();
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    ndarray::concatenate(ndarray::Axis(0), &views).unwrap_or_else(|_| Array2::zeros((0, k)))
+}

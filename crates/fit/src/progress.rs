@@ -1,0 +1,178 @@
+//! What a run shows while it trains: a Keras-like progress bar and epoch lines, JSON lines
+//! for log collectors, or nothing.
+
+use crate::logs::EpochLogs;
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+pub trait Observer {
+    fn train_begin(&mut self, _summary: &str, _run_dir: &str, _samples: usize, _val: usize) {}
+    fn epoch_begin(&mut self, _epoch: usize, _epochs: usize, _steps: usize) {}
+    fn batch_end(&mut self, _batch: usize, _steps: usize, _loss: f32, _accuracy: Option<f32>) {}
+    fn epoch_end(&mut self, _logs: &EpochLogs, _epochs: usize, _steps: usize, _seconds: f64) {}
+    fn note(&mut self, _msg: &str) {}
+    fn train_end(&mut self, _report: &Report) {}
+}
+
+/// The end-of-run report.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub epochs_run: usize,
+    pub stopped_early: bool,
+    pub best: Option<(usize, EpochLogs)>,
+    pub final_weights: String,
+    pub checkpoints: Vec<String>,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+    Quiet,
+}
+
+pub struct Console {
+    format: LogFormat,
+    tty: bool,
+    epoch_start: Instant,
+    last_draw: Option<Instant>,
+}
+
+impl Console {
+    pub fn new(format: LogFormat) -> Self {
+        Console { format, tty: std::io::stderr().is_terminal(), epoch_start: Instant::now(), last_draw: None }
+    }
+}
+
+fn bar(done: usize, total: usize) -> String {
+    let width = 20;
+    let filled = if total == 0 { width } else { done * width / total };
+    format!("{}{}", "━".repeat(filled), " ".repeat(width - filled))
+}
+
+fn metrics(loss: f32, accuracy: Option<f32>) -> String {
+    match accuracy {
+        Some(a) => format!("accuracy: {a:.4} - loss: {loss:.4}"),
+        None => format!("loss: {loss:.4}"),
+    }
+}
+
+fn json_num(v: Option<f32>) -> String {
+    v.filter(|x| x.is_finite()).map_or("null".into(), |x| f64::from(x).to_string())
+}
+
+impl Observer for Console {
+    fn train_begin(&mut self, summary: &str, run_dir: &str, samples: usize, val: usize) {
+        match self.format {
+            LogFormat::Text => {
+                print!("{summary}");
+                println!("Run directory: {run_dir}");
+                println!("Training on {samples} samples, validating on {val}");
+            }
+            LogFormat::Json => println!(
+                "{{\"event\":\"train_begin\",\"run_dir\":{},\"samples\":{samples},\"val_samples\":{val}}}",
+                serde_json::Value::from(run_dir)
+            ),
+            LogFormat::Quiet => {}
+        }
+    }
+
+    fn epoch_begin(&mut self, epoch: usize, epochs: usize, _steps: usize) {
+        self.epoch_start = Instant::now();
+        self.last_draw = None;
+        if self.format == LogFormat::Text {
+            println!("Epoch {}/{epochs}", epoch + 1);
+        }
+    }
+
+    fn batch_end(&mut self, batch: usize, steps: usize, loss: f32, accuracy: Option<f32>) {
+        if self.format != LogFormat::Text || !self.tty {
+            return;
+        }
+        let now = Instant::now();
+        if self.last_draw.is_some_and(|t| now.duration_since(t).as_millis() < 100) && batch + 1 < steps {
+            return;
+        }
+        self.last_draw = Some(now);
+        let done = batch + 1;
+        let el = now.duration_since(self.epoch_start).as_secs_f64();
+        let eta = el / done as f64 * (steps - done) as f64;
+        eprint!("\r\x1b[2K{done}/{steps} {} ETA {eta:.0}s - {}", bar(done, steps), metrics(loss, accuracy));
+        let _ = std::io::stderr().flush();
+    }
+
+    fn epoch_end(&mut self, logs: &EpochLogs, _epochs: usize, steps: usize, seconds: f64) {
+        match self.format {
+            LogFormat::Text => {
+                if self.tty {
+                    eprint!("\r\x1b[2K");
+                }
+                let per_step = seconds * 1000.0 / steps.max(1) as f64;
+                let mut line = format!(
+                    "{steps}/{steps} {} {seconds:.1}s {per_step:.2}ms/step - {}",
+                    bar(steps, steps),
+                    metrics(logs.loss, logs.accuracy)
+                );
+                if let Some(a) = logs.val_accuracy {
+                    line += &format!(" - val_accuracy: {a:.4}");
+                }
+                if let Some(l) = logs.val_loss {
+                    line += &format!(" - val_loss: {l:.4}");
+                }
+                line += &format!(" - learning_rate: {:.4e}", logs.learning_rate);
+                println!("{line}");
+            }
+            LogFormat::Json => println!(
+                "{{\"event\":\"epoch_end\",\"epoch\":{},\"loss\":{},\"accuracy\":{},\"val_loss\":{},\"val_accuracy\":{},\"learning_rate\":{},\"seconds\":{seconds:.3},\"steps\":{steps}}}",
+                logs.epoch + 1,
+                json_num(Some(logs.loss)),
+                json_num(logs.accuracy),
+                json_num(logs.val_loss),
+                json_num(logs.val_accuracy),
+                json_num(Some(logs.learning_rate)),
+            ),
+            LogFormat::Quiet => {}
+        }
+    }
+
+    fn note(&mut self, msg: &str) {
+        match self.format {
+            LogFormat::Text => println!("{msg}"),
+            LogFormat::Json => println!("{{\"event\":\"note\",\"message\":{}}}", serde_json::Value::from(msg)),
+            LogFormat::Quiet => {}
+        }
+    }
+
+    fn train_end(&mut self, r: &Report) {
+        match self.format {
+            LogFormat::Text => {
+                println!(
+                    "Done: {} epoch(s){} in {:.1}s ({:.0} samples/s)",
+                    r.epochs_run,
+                    if r.stopped_early { ", stopped early" } else { "" },
+                    r.seconds,
+                    r.samples_per_second
+                );
+                if let Some((e, l)) = &r.best {
+                    let acc = l.val_accuracy.map_or(String::new(), |a| format!(", val_accuracy {a:.4}"));
+                    println!("Best epoch: {} (val_loss {:.4}{acc})", e + 1, l.val_loss.unwrap_or(f32::NAN));
+                }
+                for c in &r.checkpoints {
+                    println!("Checkpoint: {c}");
+                }
+                println!("Final weights: {}", r.final_weights);
+            }
+            LogFormat::Json => println!(
+                "{{\"event\":\"train_end\",\"epochs\":{},\"stopped_early\":{},\"seconds\":{:.3},\"samples_per_second\":{:.1},\"final_weights\":{}}}",
+                r.epochs_run,
+                r.stopped_early,
+                r.seconds,
+                r.samples_per_second,
+                serde_json::Value::from(r.final_weights.as_str())
+            ),
+            LogFormat::Quiet => {}
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The commands a user runs: train, evaluate, predict, summary. The binaries only parse
+//! flags and call these.
+
+use crate::build::Job;
+use crate::checkpoint::{load_state, read_weights, TrainState};
+use crate::config::JobConfig;
+use crate::dataload::load_data;
+use crate::engine::LocalEngine;
+use crate::evaluate::{evaluate, predict, Evaluation};
+use crate::progress::{Observer, Report};
+use crate::run::{RunDir, JOB_FILE};
+use crate::FitError;
+use dtrain_data::{load_features, Dataset};
+use ndarray::Array2;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    pub config: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub init_weights: Option<PathBuf>,
+    pub resume: bool,
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub seed: Option<u64>,
+    /// Shards computed at once in this process (default: min(shards, cores)).
+    pub threads: Option<usize>,
+}
+
+/// Loads a job file, applies command-line overrides and validates the result.
+pub fn load_job(
+    path: &Path,
+    epochs: Option<usize>,
+    batch_size: Option<usize>,
+    seed: Option<u64>,
+) -> Result<Job, FitError> {
+    let mut config = JobConfig::load(path).map_err(FitError::Config)?;
+    if let Some(e) = epochs {
+        config.fit.epochs = e;
+    }
+    if let Some(b) = batch_size {
+        config.fit.batch_size = b;
+    }
+    if let Some(s) = seed {
+        config.seed = s;
+    }
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = std::path::absolute(&base).unwrap_or(base);
+    absolutize(&mut config, &base);
+    Job::build(config, base).map_err(|e| FitError::Config(format!("{}: {e}", path.display())))
+}
+
+/// Makes data paths absolute (relative ones are relative to the job file), so the copy of
+/// the job in the run directory means the same thing.
+fn absolutize(c: &mut JobConfig, base: &Path) {
+    let d = &mut c.data;
+    for p in
+        [&mut d.path, &mut d.train, &mut d.test, &mut d.x, &mut d.y, &mut d.test_x, &mut d.test_y].into_iter().flatten()
+    {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+}
+
+fn threads_for(job: &Job, threads: Option<usize>) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    threads.unwrap_or(cores).clamp(1, job.config.fit.shards)
+}
+
+/// `coordinator train --local`: trains in this process. Everything is validated (job, data,
+/// initial weights, resume state) before the run directory is created or touched.
+pub fn train(opts: &TrainOptions, obs: &mut dyn Observer) -> Result<Report, FitError> {
+    let config_path = match (&opts.config, opts.resume, &opts.run_dir) {
+        (Some(c), _, _) => c.clone(),
+        (None, true, Some(dir)) => dir.join(JOB_FILE),
+        (None, true, None) => {
+            return Err(FitError::Config("--resume needs --run-dir DIR (the run to continue)".into()))
+        }
+        (None, false, _) => return Err(FitError::Config("--config FILE is required".into())),
+    };
+    let job = load_job(&config_path, opts.epochs, opts.batch_size, opts.seed)?;
+    let (train, val) = load_data(&job).map_err(FitError::Data)?;
+    let (run, mut state) = if opts.resume {
+        let dir = opts.run_dir.as_deref().expect("checked above");
+        let run = RunDir::existing(dir).map_err(FitError::Checkpoint)?;
+        if opts.init_weights.is_some() {
+            return Err(FitError::Config("--init-weights cannot be combined with --resume".into()));
+        }
+        let state = load_state(run.path(), &job.config, &job.model, &job.optimizer).map_err(FitError::Checkpoint)?;
+        (run, state)
+    } else {
+        let params = match &opts.init_weights {
+            Some(w) => read_weights(w, &job.model).map_err(FitError::Checkpoint)?,
+            None => job.model.init_params(job.seed),
+        };
+        let stem = config_path.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
+        let run = RunDir::create(opts.run_dir.as_deref(), &stem).map_err(FitError::Checkpoint)?;
+        crate::checkpoint::write_atomic(&run.file(JOB_FILE), job.config.to_toml().as_bytes())
+            .map_err(FitError::Checkpoint)?;
+        let state = TrainState::new(params, job.optimizer.clone(), job.config.fit.initial_epoch, job.callbacks.clone());
+        (run, state)
+    };
+    obs.train_begin(
+        &job.model.summary(),
+        &run.path().display().to_string(),
+        train.len(),
+        val.as_ref().map_or(0, Dataset::len),
+    );
+    if opts.resume {
+        obs.note(&format!("Resuming at epoch {}, batch {} (step {})", state.epoch + 1, state.batch, state.step));
+    }
+    let mut engine =
+        LocalEngine::new(&job.model, &train, job.seed, threads_for(&job, opts.threads)).map_err(FitError::Engine)?;
+    let report = crate::trainer::fit(&job, &train, val.as_ref(), &run, &mut state, &mut engine, obs)?;
+    obs.train_end(&report);
+    Ok(report)
+}
+
+/// `coordinator evaluate`: loss (with every regularization term) and accuracy of the weights
+/// on the job's validation data, or on its training data when it has none.
+pub fn evaluate_weights(config: &Path, weights: &Path) -> Result<(Evaluation, &'static str, usize), FitError> {
+    let job = load_job(config, None, None, None)?;
+    let params = read_weights(weights, &job.model).map_err(FitError::Checkpoint)?;
+    let (train, val) = load_data(&job).map_err(FitError::Data)?;
+    let (data, which) = match val {
+        Some(v) => (v, "validation"),
+        None => (train, "training"),
+    };
+    let bs = job.config.fit.validation_batch_size.unwrap_or(job.config.fit.batch_size);
+    Ok((evaluate(&job.model, &params, &data, bs), which, data.len()))
+}
+
+/// `coordinator predict`: the model's outputs for every sample of `input`.
+pub fn predict_file(config: &Path, weights: &Path, input: &Path) -> Result<Array2<f32>, FitError> {
+    let job = load_job(config, None, None, None)?;
+    let params = read_weights(weights, &job.model).map_err(FitError::Checkpoint)?;
+    let data = load_features(input, job.model.input_shape())
+        .map_err(|e| FitError::Data(e.to_string()))?
+        .with_rescale(job.config.data.rescale);
+    crate::dataload::check_width(&job, &data, input).map_err(FitError::Data)?;
+    Ok(predict(&job.model, &params, &data, job.config.fit.batch_size.max(256)))
+}
+
+/// `coordinator summary`: the model table.
+pub fn summary(config: &Path) -> Result<String, FitError> {
+    Ok(load_job(config, None, None, None)?.model.summary())
+}

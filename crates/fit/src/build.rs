@@ -21,6 +21,16 @@ pub struct Job {
 
 type R<T> = Result<T, String>;
 
+/// False for NaN as well as for values <= 0.
+fn positive(v: f64) -> bool {
+    v > 0.0
+}
+
+/// False for NaN as well as for negative values.
+fn non_negative(v: f64) -> bool {
+    v >= 0.0
+}
+
 fn at<T>(key: &str, r: R<T>) -> R<T> {
     r.map_err(|e| format!("{key}: {e}"))
 }
@@ -234,7 +244,7 @@ fn loss(l: &LossConfig) -> R<Loss> {
             LossSpec::MeanSquaredError {} => Loss { kind: LossKind::MeanSquaredError, from_logits: false },
             LossSpec::MeanAbsoluteError {} => Loss { kind: LossKind::MeanAbsoluteError, from_logits: false },
             LossSpec::Huber { delta } => {
-                if !(delta > 0.0) {
+                if !positive(delta.into()) {
                     return Err(format!("Huber.delta: {delta} must be positive"));
                 }
                 Loss { kind: LossKind::Huber { delta }, from_logits: false }
@@ -294,7 +304,7 @@ fn optimizer(o: &OptimizerConfigFile) -> R<OptimizerConfig> {
         }
     };
     let eps = a.epsilon.unwrap_or(1e-7);
-    if !(eps > 0.0) {
+    if !positive(eps) {
         return Err(format!("{name}.epsilon: {eps} must be positive"));
     }
     let (algorithm, default_lr, default_wd) = match name {
@@ -327,7 +337,7 @@ fn optimizer(o: &OptimizerConfigFile) -> R<OptimizerConfig> {
         ),
         _ => {
             let init = a.initial_accumulator_value.unwrap_or(0.1);
-            if !(init >= 0.0) {
+            if !non_negative(init.into()) {
                 return Err(format!("Adagrad.initial_accumulator_value: {init} must be non-negative"));
             }
             (Algorithm::Adagrad { initial_accumulator_value: init, epsilon: eps }, 0.001, None)
@@ -357,13 +367,13 @@ fn optimizer(o: &OptimizerConfigFile) -> R<OptimizerConfig> {
         return Err(format!("{name}: only one of clipnorm, clipvalue and global_clipnorm can be set"));
     }
     if let Some((k, _, v)) = set.first() {
-        if !(*v > 0.0) {
+        if !positive((*v).into()) {
             return Err(format!("{name}.{k}: {v} must be positive"));
         }
     }
     let weight_decay = a.weight_decay.or(default_wd);
     if let Some(wd) = weight_decay {
-        if !(wd >= 0.0) {
+        if !non_negative(wd.into()) {
             return Err(format!("{name}.weight_decay: {wd} must be non-negative"));
         }
     }
@@ -423,7 +433,7 @@ fn monitor(key: &str, m: &str) -> R<()> {
     }
 }
 
-fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks> {
+pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks> {
     let mut out = Callbacks { csv: ("history.csv".into(), ",".into(), false), ..Default::default() };
     for (i, c) in list.iter().enumerate() {
         let key = |name: &str, field: &str| format!("callbacks[{i}].{name}.{field}");

@@ -141,8 +141,8 @@ pub fn format_fields(template: &str, value: impl Fn(&str) -> Option<Field>) -> R
         let (width, prec, kind) =
             parse_spec(spec).ok_or_else(|| format!("filepath {template:?}: format {spec:?} is not supported"))?;
         let s = match (v, kind) {
-            (Field::Int(i), 'd') => format!("{i:0width$}"),
-            (Field::Int(i), _) => format!("{:0width$.prec$}", i as f64, prec = prec.unwrap_or(6)),
+            (Field::Int(i), 'f') => format!("{:0width$.prec$}", i as f64, prec = prec.unwrap_or(6)),
+            (Field::Int(i), _) => format!("{i:0width$}"),
             (Field::Float(f), 'd') => format!("{:0width$}", f as i64),
             (Field::Float(f), 'f') => format!("{f:0width$.prec$}", prec = prec.unwrap_or(6)),
             (Field::Float(f), _) => format!("{f}"),

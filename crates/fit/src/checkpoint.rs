@@ -106,7 +106,8 @@ pub struct TrainState {
     pub history: Vec<EpochLogs>,
     pub callbacks: Callbacks,
     pub best_weights: Option<Vec<f32>>,
-    pub finished: bool,
+    /// EarlyStopping ended the run; more epochs will not continue it.
+    pub stopped_early: bool,
 }
 
 impl TrainState {
@@ -123,7 +124,7 @@ impl TrainState {
             history: vec![],
             callbacks,
             best_weights: None,
-            finished: false,
+            stopped_early: false,
         }
     }
 }
@@ -145,7 +146,7 @@ struct Manifest {
     history: Vec<EpochLogs>,
     callbacks: Callbacks,
     has_best_weights: bool,
-    finished: bool,
+    stopped_early: bool,
     job: JobConfig,
 }
 
@@ -192,7 +193,7 @@ pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(),
         history: state.history.clone(),
         callbacks: state.callbacks.clone(),
         has_best_weights: state.best_weights.is_some(),
-        finished: state.finished,
+        stopped_early: state.stopped_early,
         job: job.clone(),
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
@@ -265,6 +266,6 @@ pub fn load_state(
         history: m.history,
         callbacks: m.callbacks,
         best_weights: if m.has_best_weights { Some(get("early_stopping/best_weights")?) } else { None },
-        finished: m.finished,
+        stopped_early: m.stopped_early,
     })
 }

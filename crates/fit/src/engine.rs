@@ -36,18 +36,15 @@ pub struct ShardBuffers {
 }
 
 impl ShardBuffers {
-    /// Gathers the rows `idx` of `data` and computes their gradient into `grad`.
-    #[allow(clippy::too_many_arguments)]
+    /// Gathers the rows `idx` of `data` and computes their gradient into `grad`; `mode` says
+    /// where the rows sit in the step's global batch.
     pub fn gradient(
         &mut self,
         model: &Sequential,
         data: &Dataset,
-        seed: u64,
         params: &[f32],
-        step: u64,
         idx: &[u32],
-        first_position: usize,
-        scale: f32,
+        mode: Mode,
         grad: &mut [f32],
     ) -> ShardStats {
         if idx.is_empty() {
@@ -58,9 +55,8 @@ impl ShardBuffers {
         self.x.resize(idx.len() * w, 0.0);
         data.gather(idx, &mut self.x);
         let x = ArrayView2::from_shape((idx.len(), w), &self.x).expect("gathered rows have the input width");
-        let mode = Mode::Train { seed, step, first_position: first_position as u32 };
         let targets = gather_targets(data, idx, &mut self.classes, &mut self.values);
-        model.gradient(params, x, targets, mode, scale, &mut self.ws, grad)
+        model.gradient(params, x, targets, mode, &mut self.ws, grad)
     }
 
     /// Loss and accuracy of rows `idx` with dropout off.
@@ -146,10 +142,11 @@ impl Engine for LocalEngine<'_> {
         out: &mut [Vec<f32>],
     ) -> Result<Vec<ShardStats>, String> {
         self.buffers.resize_with(shards.len(), ShardBuffers::default);
-        let scale = 1.0 / batch.len() as f32;
         let (model, data, seed) = (self.model, self.data, self.seed);
+        let global_batch = batch.len() as u32;
         let job = |((buf, grad), r): ((&mut ShardBuffers, &mut Vec<f32>), &Range<usize>)| {
-            buf.gradient(model, data, seed, params, step, &batch[r.clone()], r.start, scale, grad)
+            let mode = Mode::Train { seed, step, first_position: r.start as u32, global_batch };
+            buf.gradient(model, data, params, &batch[r.clone()], mode, grad)
         };
         let work = self.buffers.iter_mut().zip(out.iter_mut()).zip(shards.iter());
         Ok(match &self.pool {

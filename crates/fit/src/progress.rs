@@ -48,7 +48,7 @@ impl Console {
 
 fn bar(done: usize, total: usize) -> String {
     let width = 20;
-    let filled = if total == 0 { width } else { done * width / total };
+    let filled = (done * width).checked_div(total).unwrap_or(width).min(width);
     format!("{}{}", "━".repeat(filled), " ".repeat(width - filled))
 }
 

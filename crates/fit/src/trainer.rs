@@ -43,7 +43,7 @@ pub fn fit(
     let mut written = Vec::new();
     let ckpt_err = FitError::Checkpoint;
 
-    while state.epoch < f.epochs && !state.finished {
+    while state.epoch < f.epochs && !state.stopped_early {
         let epoch = state.epoch;
         let perm = epoch_permutation(job.seed, epoch as u64, n, f.shuffle);
         obs.epoch_begin(epoch, f.epochs, steps);
@@ -88,13 +88,13 @@ pub fn fit(
             };
             for cb in &mut state.callbacks.list {
                 if let Callback::ModelCheckpoint(c) = cb {
-                    if c.every_batches.is_some_and(|k| state.step % k == 0) && c.should_save(&logs) {
+                    if c.every_batches.is_some_and(|k| state.step.is_multiple_of(k)) && c.should_save(&logs) {
                         let name = c.path_for(epoch, Some(b), &logs).map_err(ckpt_err)?;
                         write_atomic(&run.file(&name), &weights_bytes(model, &state.params)).map_err(ckpt_err)?;
                     }
                 }
             }
-            if state.callbacks.backup_every_batches.is_some_and(|k| state.step % k == 0) && b + 1 < steps {
+            if state.callbacks.backup_every_batches.is_some_and(|k| state.step.is_multiple_of(k)) && b + 1 < steps {
                 save_state(run.path(), state, &job.config).map_err(ckpt_err)?;
             }
         }
@@ -143,8 +143,8 @@ pub fn fit(
         write_history(job, run, &state.history)?;
         state.epoch += 1;
         state.batch = 0;
-        state.finished = stop || state.epoch >= f.epochs;
-        if state.finished {
+        state.stopped_early = stop;
+        if stop || state.epoch >= f.epochs {
             finish(job, run, state, obs)?;
         }
         save_state(run.path(), state, &job.config).map_err(ckpt_err)?;
@@ -171,19 +171,19 @@ pub fn fit(
 }
 
 /// Keras's on_train_end: EarlyStopping restores its best weights (even without an early
-/// stop); then the final weights are written.
-fn finish(job: &Job, run: &RunDir, state: &mut TrainState, obs: &mut dyn Observer) -> Result<(), FitError> {
+/// stop) into the final weights. The training state keeps the last weights, so a run given
+/// more epochs later continues exactly where it was.
+fn finish(job: &Job, run: &RunDir, state: &TrainState, obs: &mut dyn Observer) -> Result<(), FitError> {
+    let mut weights = &state.params;
     for cb in &state.callbacks.list {
         if let Callback::EarlyStopping(es) = cb {
-            if es.restore_best_weights {
-                if let Some(b) = state.best_weights.take() {
-                    obs.note(&format!("Restoring model weights from the end of the best epoch: {}", es.best_epoch + 1));
-                    state.params = b;
-                }
+            if let (true, Some(best)) = (es.restore_best_weights, &state.best_weights) {
+                obs.note(&format!("Restoring model weights from the end of the best epoch: {}", es.best_epoch + 1));
+                weights = best;
             }
         }
     }
-    write_atomic(&run.file(FINAL_WEIGHTS), &weights_bytes(&job.model, &state.params)).map_err(FitError::Checkpoint)
+    write_atomic(&run.file(FINAL_WEIGHTS), &weights_bytes(&job.model, weights)).map_err(FitError::Checkpoint)
 }
 
 fn write_history(job: &Job, run: &RunDir, history: &[EpochLogs]) -> Result<(), FitError> {

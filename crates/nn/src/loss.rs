@@ -70,6 +70,7 @@ impl Loss {
             )
     }
 
+    #[allow(clippy::needless_range_loop)] // indexes x, the target and the gradient together
     /// Loss of one sample; with `grad`, also writes `scale * dL/dx` into it. `logits`
     /// says whether `x` holds logits (see `reads_logits_of`) or the model output.
     pub fn sample(&self, logits: bool, x: &[f32], t: Target, scale: f32, grad: Option<&mut [f32]>) -> f32 {

@@ -69,8 +69,9 @@ pub struct Sequential {
 /// How a forward pass runs.
 #[derive(Clone, Copy, Debug)]
 pub enum Mode {
-    /// Dropout on, its masks keyed by (seed, layer, step, position in the global batch).
-    Train { seed: u64, step: u64, first_position: u32 },
+    /// Dropout on, its masks keyed by (seed, layer, step, position in the global batch); the
+    /// shard's rows start at `first_position` of a global batch of `global_batch` samples.
+    Train { seed: u64, step: u64, first_position: u32, global_batch: u32 },
     /// Dropout off.
     Infer,
 }
@@ -289,7 +290,7 @@ impl Sequential {
                     }
                 }
                 Op::Dropout { rate, seed, layer } => match mode {
-                    Mode::Train { seed: job_seed, step, first_position } if *rate > 0.0 => {
+                    Mode::Train { seed: job_seed, step, first_position, .. } if *rate > 0.0 => {
                         let mask = &mut ws.z[i];
                         ensure(mask, n, self.widths[i]);
                         let scale = 1.0 / (1.0 - rate);
@@ -328,20 +329,23 @@ impl Sequential {
         self.loss_rows(x, targets, 1.0, ws, activity, false)
     }
 
-    /// Forward and backward of one shard in training mode. `grads` (the model's size) receives
-    /// the gradient of `(sum of the shard's per-sample losses + its activity penalties) * scale`;
-    /// with `scale = 1 / global batch size` the ordered sum over shards is the step's gradient,
-    /// less the weight penalties (see `add_weight_penalty_grad`).
+    /// Forward and backward of one shard. `grads` (the model's size) receives the gradient of
+    /// `(sum of the shard's per-sample losses + its activity penalties) / global batch size`,
+    /// so the ordered sum over shards is the step's gradient, less the weight penalties (see
+    /// `add_weight_penalty_grad`). In `Mode::Infer` the shard is the whole batch.
     pub fn gradient(
         &self,
         params: &[f32],
         x: ArrayView2<f32>,
         targets: Targets,
         mode: Mode,
-        scale: f32,
         ws: &mut Workspace,
         grads: &mut [f32],
     ) -> ShardStats {
+        let scale = match mode {
+            Mode::Train { global_batch, .. } => 1.0 / global_batch.max(1) as f32,
+            Mode::Infer => 1.0 / x.nrows().max(1) as f32,
+        };
         assert_eq!(grads.len(), self.num_params, "gradient buffer has the model's size");
         let activity = self.forward(params, x, mode, ws);
         let stats = self.loss_rows(x, targets, scale, ws, activity, true);

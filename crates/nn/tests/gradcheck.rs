@@ -15,7 +15,7 @@ fn total_loss(m: &Sequential, p: &[f32], x: &Array2<f32>, t: Targets, mode: Mode
     let mut ws = Workspace::default();
     let mut g = vec![0.0; p.len()];
     let b = x.nrows() as f64;
-    let s = m.gradient(p, x.view(), t, mode, 1.0 / b as f32, &mut ws, &mut g);
+    let s = m.gradient(p, x.view(), t, mode, &mut ws, &mut g);
     s.loss_sum / b + s.activity / b + m.weight_penalty(p)
 }
 
@@ -35,10 +35,10 @@ fn check(specs: Vec<LayerSpec>, loss: Loss, targets_dense: bool) {
             p[v.range()].iter_mut().for_each(|b| *b = 0.1 * rng.normal());
         }
     }
-    let mode = Mode::Train { seed: 3, step: 7, first_position: 0 };
+    let mode = Mode::Train { seed: 3, step: 7, first_position: 0, global_batch: n as u32 };
     let mut ws = Workspace::default();
     let mut g = vec![0.0; p.len()];
-    m.gradient(&p, x.view(), t, mode, 1.0 / n as f32, &mut ws, &mut g);
+    m.gradient(&p, x.view(), t, mode, &mut ws, &mut g);
     m.add_weight_penalty_grad(&p, &mut g);
     let h = 1e-3f32;
     for i in 0..p.len() {
@@ -179,13 +179,13 @@ fn shard_gradients_sum_to_the_batch_gradient() {
     let p = m.init_params(2);
     let mut ws = Workspace::default();
     let mut whole = vec![0.0; p.len()];
-    let mode = |first| Mode::Train { seed: 9, step: 4, first_position: first };
-    m.gradient(&p, x.view(), Targets::Classes(&y), mode(0), 0.1, &mut ws, &mut whole);
+    let mode = |first| Mode::Train { seed: 9, step: 4, first_position: first, global_batch: 10 };
+    m.gradient(&p, x.view(), Targets::Classes(&y), mode(0), &mut ws, &mut whole);
     let mut sum = vec![0.0f32; p.len()];
     for (lo, hi) in [(0, 4), (4, 7), (7, 10)] {
         let mut g = vec![0.0; p.len()];
         let xs = x.slice(ndarray::s![lo..hi, ..]);
-        m.gradient(&p, xs, Targets::Classes(&y[lo..hi]), mode(lo as u32), 0.1, &mut ws, &mut g);
+        m.gradient(&p, xs, Targets::Classes(&y[lo..hi]), mode(lo as u32), &mut ws, &mut g);
         sum.iter_mut().zip(&g).for_each(|(s, v)| *s += v);
     }
     for (a, b) in whole.iter().zip(&sum) {

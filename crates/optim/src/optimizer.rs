@@ -237,7 +237,9 @@ fn clip_gradients(clip: Clip, grads: &mut [f32], vars: &[Range<usize>]) {
         }
         Clip::GlobalNorm(c) => {
             let norm = vars.iter().map(|r| sum_sq(&grads[r.clone()])).sum::<f32>().sqrt();
-            let scale = c * (1.0 / norm).min(1.0 / c) + (norm - norm);
+            // Keras adds (norm - norm) so that a NaN or infinite norm poisons every gradient.
+            let nan_if_not_finite = if norm.is_finite() { 0.0 } else { f32::NAN };
+            let scale = c * (1.0 / norm).min(1.0 / c) + nan_if_not_finite;
             grads.iter_mut().for_each(|g| *g *= scale);
         }
     }

@@ -1,0 +1,232 @@
+//! Parity with real Keras 3.15.1 / TF 2.21: fixtures from tests/fixtures/gen_keras_fixtures.py.
+//! Tolerances are stated per test; they cover float32 rounding-order differences only.
+
+use dtrain_data::{Dataset, Features, Labels};
+use dtrain_fit::build::{callbacks, schedule, Job};
+use dtrain_fit::callbacks::Callback;
+use dtrain_fit::checkpoint::TrainState;
+use dtrain_fit::config::{CallbackConfig, JobConfig, ScheduleConfig};
+use dtrain_fit::evaluate::evaluate;
+use dtrain_fit::logs::EpochLogs;
+use dtrain_fit::run::RunDir;
+use dtrain_fit::{Console, LocalEngine, LogFormat};
+use dtrain_nn::{Mode, Targets, Workspace};
+use ndarray::Array2;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+fn fixture() -> Value {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keras_parity.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    match v {
+        Value::Array(a) => a.iter().flat_map(floats).collect(),
+        Value::Number(n) => vec![n.as_f64().unwrap() as f32],
+        _ => panic!("not a number array: {v}"),
+    }
+}
+
+fn matrix(v: &Value) -> Array2<f32> {
+    let rows = v.as_array().unwrap().len();
+    let data = floats(v);
+    Array2::from_shape_vec((rows, data.len() / rows), data).unwrap()
+}
+
+/// A job around the fixture's layers; data paths are placeholders (data is passed directly).
+fn job(model: &Value, inputs: usize, loss: &str, optimizer: Value, epochs: usize, batch: usize) -> Job {
+    let cfg = json!({
+        "seed": 1,
+        "data": {"format": "npy", "x": "unused.npy", "y": "unused.npy"},
+        "model": {"input_shape": [inputs], "layers": model["layers"]},
+        "compile": {"optimizer": optimizer, "loss": loss, "metrics": ["accuracy"]},
+        "fit": {"batch_size": batch, "epochs": epochs, "shuffle": false},
+    });
+    let config: JobConfig = serde_json::from_value(cfg).unwrap();
+    Job::build(config, PathBuf::new()).unwrap()
+}
+
+fn params(model: &Value) -> Vec<f32> {
+    floats(&model["weights"])
+}
+
+fn dataset(x: &Value, y: &Value) -> Dataset {
+    let x = matrix(x);
+    let labels = if y.as_array().unwrap()[0].is_array() {
+        let t = matrix(y);
+        Labels::Values { width: t.ncols(), data: t.into_raw_vec_and_offset().0 }
+    } else {
+        Labels::Classes(y.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+    };
+    let w = x.ncols();
+    Dataset::new(Features::F32(x.into_raw_vec_and_offset().0), vec![w], labels).unwrap()
+}
+
+fn close(a: f32, b: f32, abs: f32, rel: f32) -> bool {
+    (a - b).abs() <= abs + rel * b.abs()
+}
+
+fn assert_all_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(close(*a, *b, abs, rel), "{what}[{i}]: dtrain {a} vs keras {b} (worst |diff| {worst})");
+    }
+}
+
+/// Forward pass, total loss (every regularizer), gradients, and evaluate's loss over a ragged
+/// last batch. Tolerances: outputs 1e-6 + 1e-5 rel; losses 1e-5 rel; gradients 1e-6 + 1e-4 rel.
+#[test]
+fn forward_loss_and_gradients() {
+    for case in fixture()["forward"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let x = matrix(&case["x"]);
+        let data = dataset(&case["x"], &case["y"]);
+        let j = job(&case["model"], x.ncols(), case["loss"].as_str().unwrap(), json!("sgd"), 1, 6);
+        let m = &j.model;
+        let p = params(&case["model"]);
+        let mut ws = Workspace::default();
+        m.forward(&p, x.view(), Mode::Infer, &mut ws);
+        let pred: Vec<f32> = m.output(&ws).iter().copied().collect();
+        assert_all_close(&format!("{name} pred"), &pred, &floats(&case["pred"]), 1e-6, 1e-5);
+
+        let classes: Vec<u32>;
+        let values: Array2<f32>;
+        let targets = match &data.labels {
+            Labels::Classes(c) => {
+                classes = c.clone();
+                Targets::Classes(&classes)
+            }
+            Labels::Values { .. } => {
+                values = matrix(&case["y"]);
+                Targets::Values(values.view())
+            }
+        };
+        let n = x.nrows() as f64;
+        let mut g = vec![0.0; p.len()];
+        let mode = Mode::Train { seed: 0, step: 0, first_position: 0, global_batch: n as u32 };
+        let s = m.gradient(&p, x.view(), targets, mode, &mut ws, &mut g);
+        m.add_weight_penalty_grad(&p, &mut g);
+        let total = (s.loss_sum / n + s.activity / n + m.weight_penalty(&p)) as f32;
+        let want = case["total_loss"].as_f64().unwrap() as f32;
+        assert!(close(total, want, 0.0, 1e-5), "{name}: total loss {total} vs keras {want}");
+        assert_all_close(&format!("{name} grads"), &g, &floats(&case["grads"]), 1e-6, 1e-4);
+
+        let ev = evaluate(m, &p, &data, 4).loss;
+        let want = case["evaluate_loss_batch4"].as_f64().unwrap() as f32;
+        assert!(close(ev, want, 0.0, 1e-5), "{name}: evaluate loss {ev} vs keras {want}");
+    }
+}
+
+fn run_fit(j: &Job, p: Vec<f32>, train: &Dataset, val: Option<&Dataset>) -> (TrainState, Vec<EpochLogs>) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::create(Some(&dir.path().join("run")), "t").unwrap();
+    let mut state = TrainState::new(p, j.optimizer.clone(), 0, j.callbacks.clone());
+    let mut engine = LocalEngine::new(&j.model, train, j.seed, 1).unwrap();
+    let mut quiet = Console::new(LogFormat::Quiet);
+    dtrain_fit::trainer::fit(j, train, val, &run, &mut state, &mut engine, &mut quiet).unwrap();
+    let h = state.history.clone();
+    (state, h)
+}
+
+/// 1-5 optimizer steps through the real training loop (one batch an epoch): Adam, AdamW,
+/// SGD nesterov with a schedule, RMSprop centered with momentum, Adagrad, amsgrad; clipnorm,
+/// global_clipnorm, clipvalue; MaxNorm, UnitNorm, NonNeg, MinMaxNorm after every update.
+/// Tolerances: weights 2e-6 + 1e-4 rel; loss 1e-5 rel; learning rate 1e-6 rel.
+#[test]
+fn optimizer_steps_with_constraints() {
+    for case in fixture()["steps"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let data = dataset(&case["x"], &case["y"]);
+        let losses = floats(&case["losses"]);
+        let lrs = floats(&case["lrs"]);
+        for (k, want_w) in case["weights"].as_array().unwrap().iter().enumerate() {
+            let j = job(&case["model"], 4, "sparse_categorical_crossentropy", case["optimizer"].clone(), k + 1, 8);
+            let (state, h) = run_fit(&j, params(&case["model"]), &data, None);
+            assert_all_close(&format!("{name} step {} weights", k + 1), &state.params, &floats(want_w), 2e-6, 1e-4);
+            assert!(
+                close(h[k].loss, losses[k], 0.0, 1e-5),
+                "{name} step {}: loss {} vs {}",
+                k + 1,
+                h[k].loss,
+                losses[k]
+            );
+            if k + 1 < lrs.len() {
+                assert!(close(h[k].learning_rate, lrs[k + 1], 0.0, 1e-6), "{name}: lr after step {}", k + 1);
+            }
+        }
+    }
+}
+
+/// Every schedule over 60 steps. Tolerance: 1e-6 relative (+1e-9 absolute).
+#[test]
+fn schedules() {
+    for case in fixture()["schedules"].as_array().unwrap() {
+        let cfg: ScheduleConfig = serde_json::from_value(case["schedule"].clone()).unwrap();
+        let s = schedule(&cfg);
+        s.validate().unwrap();
+        for (k, want) in floats(&case["lrs"]).into_iter().enumerate() {
+            let got = s.at(k as u64);
+            assert!(close(got, want, 1e-9, 1e-6), "{:?} step {k}: {got} vs keras {want}", case["schedule"]);
+        }
+    }
+}
+
+/// EarlyStopping traces (patience, min_delta, baseline, restore_best_weights with and without
+/// a stop, start_from_epoch): epochs run, stopped epoch and restored weights match exactly.
+#[test]
+fn early_stopping_traces() {
+    for case in fixture()["early_stopping"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let cfg: CallbackConfig = serde_json::from_value(json!({ "EarlyStopping": case["args"] })).unwrap();
+        let j = job(&json!({"layers": [{"type": "Dense", "units": 1}]}), 1, "mse", json!("sgd"), 1, 1);
+        let mut cbs = callbacks(&[cfg], &j.optimizer).unwrap();
+        let Callback::EarlyStopping(es) = &mut cbs.list[0] else { panic!() };
+        let (mut weights, mut snapshot, mut epochs_run) = (0usize, None, 0);
+        for (e, v) in floats(&case["val_loss"]).into_iter().enumerate() {
+            weights = e;
+            epochs_run = e + 1;
+            let logs = EpochLogs { epoch: e, val_loss: Some(v), ..Default::default() };
+            let act = es.on_epoch_end(e, &logs, snapshot.is_some());
+            if act.snapshot {
+                snapshot = Some(weights);
+            }
+            if act.stop {
+                break;
+            }
+        }
+        if es.restore_best_weights {
+            weights = snapshot.unwrap_or(weights);
+        }
+        assert_eq!(epochs_run as u64, case["epochs_run"].as_u64().unwrap(), "{name}: epochs run");
+        assert_eq!(es.stopped_epoch as u64, case["stopped_epoch"].as_u64().unwrap(), "{name}: stopped_epoch");
+        assert_eq!(weights as u64, case["weights_epoch"].as_u64().unwrap(), "{name}: restored weights");
+    }
+}
+
+/// model.fit over 3 epochs of 10 samples in batches of 4 (ragged last batch of 2), with L2,
+/// activity L1, MaxNorm, Adam and validation data: the history and the final weights.
+/// Tolerances: history values 2e-5 rel (+1e-6); weights 5e-6 + 1e-4 rel.
+#[test]
+fn multi_batch_epochs_with_ragged_last_batch() {
+    let case = &fixture()["epoch"];
+    let train = dataset(&case["x"], &case["y"]);
+    let val = dataset(&case["val_x"], &case["val_y"]);
+    let j = job(&case["model"], 4, "sparse_categorical_crossentropy", case["optimizer"].clone(), 3, 4);
+    let (state, h) = run_fit(&j, params(&case["model"]), &train, Some(&val));
+    let hist = &case["history"];
+    for (e, logs) in h.iter().enumerate() {
+        let checks = [
+            ("loss", logs.loss),
+            ("accuracy", logs.accuracy.unwrap()),
+            ("val_loss", logs.val_loss.unwrap()),
+            ("val_accuracy", logs.val_accuracy.unwrap()),
+        ];
+        for (key, got) in checks {
+            let want = hist[key][e].as_f64().unwrap() as f32;
+            assert!(close(got, want, 1e-6, 2e-5), "epoch {e} {key}: dtrain {got} vs keras {want}");
+        }
+    }
+    assert_all_close("final weights", &state.params, &floats(&case["final_weights"]), 5e-6, 1e-4);
+}

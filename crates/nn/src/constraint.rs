@@ -24,24 +24,45 @@ impl Constraint {
             Constraint::UnitNorm { .. } => (1.0, 1.0, 1.0),
             Constraint::MinMaxNorm { min_value, max_value, rate, .. } => (min_value, max_value, rate),
         };
-        let group = Grouping::new(shape, self.axis());
-        let mut sq = vec![0.0f64; group.count];
-        for (i, &v) in w.iter().enumerate() {
-            sq[group.of(i)] += f64::from(v) * f64::from(v);
-        }
-        let norms: Vec<f32> = sq.iter().map(|s| s.sqrt() as f32).collect();
-        if let Constraint::UnitNorm { .. } = self {
-            // Keras: w / (eps + n)
-            for (i, v) in w.iter_mut().enumerate() {
-                *v /= EPSILON + norms[group.of(i)];
+        // Norms per column (axis 0 of a [in, out] kernel) or per row (axis 1; a 1-D vector is
+        // one row), accumulated in f64 row by row so the loops vectorize.
+        let by_row = shape.len() == 1 || self.axis() == 1 || self.axis() == -1;
+        let cols = shape.last().copied().unwrap_or(1).max(1);
+        let norm = |sq: f64| sq.sqrt() as f32;
+        let factor = |n: f32| -> f32 {
+            match self {
+                // Keras: w / (eps + n); as a factor so that one multiply serves every kind.
+                Constraint::UnitNorm { .. } => 1.0 / (EPSILON + n),
+                // Keras: w * (desired / (eps + n)), which also nudges columns below the limit.
+                _ => (rate * n.clamp(min, max) + (1.0 - rate) * n) / (EPSILON + n),
+            }
+        };
+        if by_row {
+            for row in w.chunks_mut(cols) {
+                let n = norm(row.iter().map(|&v| f64::from(v) * f64::from(v)).sum());
+                let f = factor(n);
+                if let Constraint::UnitNorm { .. } = self {
+                    row.iter_mut().for_each(|v| *v /= EPSILON + n);
+                } else {
+                    row.iter_mut().for_each(|v| *v *= f);
+                }
             }
             return;
         }
-        // Keras: w * (desired / (eps + n)), which also nudges columns below the limit.
-        let factors: Vec<f32> =
-            norms.iter().map(|&n| (rate * n.clamp(min, max) + (1.0 - rate) * n) / (EPSILON + n)).collect();
-        for (i, v) in w.iter_mut().enumerate() {
-            *v *= factors[group.of(i)];
+        let mut sq = vec![0.0f64; cols];
+        for row in w.chunks(cols) {
+            sq.iter_mut().zip(row).for_each(|(s, &v)| *s += f64::from(v) * f64::from(v));
+        }
+        let norms: Vec<f32> = sq.into_iter().map(norm).collect();
+        if let Constraint::UnitNorm { .. } = self {
+            for row in w.chunks_mut(cols) {
+                row.iter_mut().zip(&norms).for_each(|(v, &n)| *v /= EPSILON + n);
+            }
+            return;
+        }
+        let factors: Vec<f32> = norms.into_iter().map(factor).collect();
+        for row in w.chunks_mut(cols) {
+            row.iter_mut().zip(&factors).for_each(|(v, &f)| *v *= f);
         }
     }
 
@@ -51,32 +72,6 @@ impl Constraint {
                 axis
             }
             Constraint::NonNeg => 0,
-        }
-    }
-}
-
-/// Which norm group element `i` of a row-major 1-D or 2-D tensor belongs to: `axis` 0 of a
-/// [in, out] kernel takes the norm over inputs, one group per output unit (column).
-struct Grouping {
-    count: usize,
-    cols: usize,
-    by_column: bool,
-}
-
-impl Grouping {
-    fn new(shape: &[usize], axis: i32) -> Self {
-        match shape {
-            [r, c] if axis == 1 || axis == -1 => Grouping { count: *r, cols: *c, by_column: false },
-            [_, c] => Grouping { count: *c, cols: *c, by_column: true },
-            _ => Grouping { count: 1, cols: 1, by_column: true },
-        }
-    }
-
-    fn of(&self, i: usize) -> usize {
-        if self.by_column {
-            i % self.cols
-        } else {
-            i / self.cols
         }
     }
 }

@@ -30,6 +30,35 @@ pub enum NnError {
     Model(String),
 }
 
+/// The OpenBLAS kernel dtrain pins when `OPENBLAS_CORETYPE` is not set: the same kernel on
+/// every node gives the same bits on every node (design.md), and OpenBLAS 0.3.21 falls back
+/// to its slow Prescott kernel on CPUs newer than it knows. Haswell's AVX2/FMA kernel runs on
+/// any x86-64 CPU that has those instructions.
+pub fn default_coretype() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return Some("Haswell");
+    }
+    None
+}
+
+/// Restarts this program with `OPENBLAS_CORETYPE` pinned (see `default_coretype`) unless it is
+/// already set. OpenBLAS reads the variable when it is loaded, before `main`, so the only way
+/// to set it from the program is to exec again. Returns only if nothing needed doing or the
+/// exec failed (then OpenBLAS's own choice stands, with a warning).
+pub fn reexec_with_pinned_kernel() {
+    use std::os::unix::process::CommandExt;
+    const VAR: &str = "OPENBLAS_CORETYPE";
+    if std::env::var_os(VAR).is_some() {
+        return;
+    }
+    let (Some(core), Ok(exe)) = (default_coretype(), std::env::current_exe()) else { return };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    let err = std::process::Command::new(&exe).arg0(arg0).args(args).env(VAR, core).exec();
+    eprintln!("warning: could not restart with {VAR}={core} ({err}); using OpenBLAS's own kernel choice");
+}
+
 extern "C" {
     fn openblas_set_num_threads(n: std::ffi::c_int);
 }

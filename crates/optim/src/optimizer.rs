@@ -154,22 +154,22 @@ impl Optimizer {
                 let b2p = (beta_2 as f32).powf(step);
                 let alpha = lr * (1.0 - b2p).sqrt() / (1.0 - b1p);
                 let (one_b1, one_b2, eps) = ((1.0 - beta_1) as f32, (1.0 - beta_2) as f32, epsilon as f32);
-                let (m, rest) = slots.split_at_mut(1);
-                let (v, rest) = rest.split_at_mut(1);
-                let (m, v) = (&mut m[0].1, &mut v[0].1);
-                let mut v_hat = rest.first_mut().map(|s| &mut s.1);
-                for i in 0..params.len() {
-                    let g = grads[i];
-                    m[i] += (g - m[i]) * one_b1;
-                    v[i] += (g * g - v[i]) * one_b2;
-                    let vi = match v_hat.as_deref_mut() {
-                        Some(vh) if amsgrad => {
-                            vh[i] = vh[i].max(v[i]);
-                            vh[i]
-                        }
-                        _ => v[i],
-                    };
-                    params[i] -= m[i] * alpha / (vi.sqrt() + eps);
+                let [(_, m), (_, v), rest @ ..] = slots.as_mut_slice() else { unreachable!("Adam has m and v") };
+                let moments = params.iter_mut().zip(grads.iter()).zip(m.iter_mut().zip(v.iter_mut()));
+                if amsgrad {
+                    let v_hat = &mut rest[0].1;
+                    for (((w, &g), (m, v)), vh) in moments.zip(v_hat.iter_mut()) {
+                        *m += (g - *m) * one_b1;
+                        *v += (g * g - *v) * one_b2;
+                        *vh = vh.max(*v);
+                        *w -= *m * alpha / (vh.sqrt() + eps);
+                    }
+                } else {
+                    for ((w, &g), (m, v)) in moments {
+                        *m += (g - *m) * one_b1;
+                        *v += (g * g - *v) * one_b2;
+                        *w -= *m * alpha / (v.sqrt() + eps);
+                    }
                 }
             }
             Algorithm::Rmsprop { rho, momentum, epsilon, .. } => {
@@ -218,8 +218,15 @@ impl Optimizer {
     }
 }
 
+/// Sum of squares in f64 over eight interleaved accumulators (fixed order, vectorizable).
 fn sum_sq(x: &[f32]) -> f32 {
-    x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() as f32
+    let mut acc = [0.0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    for c in chunks {
+        acc.iter_mut().zip(c).for_each(|(a, &v)| *a += f64::from(v) * f64::from(v));
+    }
+    (acc.iter().sum::<f64>() + tail) as f32
 }
 
 /// Keras's `clip_by_norm`, `clip_by_global_norm` and `clipvalue`.

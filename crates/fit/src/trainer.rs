@@ -29,6 +29,7 @@ pub fn fit(
     engine: &mut dyn Engine,
     obs: &mut dyn Observer,
 ) -> Result<Report, FitError> {
+    dtrain_nn::flush_denormals(); // the optimizer runs on this thread
     let model = &job.model;
     let f = &job.config.fit;
     let n = train.len();

@@ -264,6 +264,7 @@ impl Sequential {
     pub fn forward(&self, params: &[f32], x: ArrayView2<f32>, mode: Mode, ws: &mut Workspace) -> f64 {
         assert_eq!(params.len(), self.num_params, "parameter buffer has the model's size");
         assert_eq!(x.ncols(), self.input_width(), "input rows have the model's input width");
+        crate::flush_denormals();
         let n = x.nrows();
         let k = self.ops.len();
         for buf in [&mut ws.z, &mut ws.out, &mut ws.grad] {

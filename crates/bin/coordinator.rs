@@ -95,7 +95,7 @@ struct TrainArgs {
 }
 
 fn main() -> ExitCode {
-    dtrain_nn::reexec_with_pinned_kernel();
+    dtrain_nn::reexec_with_pinned_blas();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

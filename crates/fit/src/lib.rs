@@ -12,6 +12,7 @@ pub mod logs;
 pub mod progress;
 pub mod run;
 pub mod session;
+pub mod step;
 pub mod trainer;
 
 pub use build::Job;

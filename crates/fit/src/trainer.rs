@@ -3,20 +3,15 @@
 use crate::build::Job;
 use crate::callbacks::Callback;
 use crate::checkpoint::{save_state, weights_bytes, write_atomic, TrainState};
-use crate::engine::{shard_ranges, Engine};
+use crate::engine::Engine;
 use crate::evaluate::evaluate;
 use crate::logs::{EpochLogs, Mean};
 use crate::progress::{Observer, Report};
 use crate::run::{RunDir, FINAL_WEIGHTS};
+use crate::step::Stepper;
 use crate::FitError;
 use dtrain_data::{epoch_permutation, Dataset};
-use dtrain_nn::ShardStats;
 use std::time::Instant;
-
-/// Adds `src` into `dst` element by element.
-pub fn add_into(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-}
 
 /// Runs (or continues) training until `fit.epochs`, an early stop, or an error. The resume
 /// state in `run` is saved at every epoch end (and every N batches with BackupAndRestore).
@@ -35,10 +30,7 @@ pub fn fit(
     let n = train.len();
     let steps = n.div_ceil(f.batch_size);
     let vbs = f.validation_batch_size.unwrap_or(f.batch_size);
-    let p = model.num_params();
-    let ranges: Vec<_> = model.variables().iter().map(|v| v.range()).collect();
-    let mut shard_grads = vec![vec![0.0f32; p]; f.shards];
-    let mut grad = vec![0.0f32; p];
+    let mut stepper = Stepper::new(model, f.shards);
     let started = Instant::now();
     let mut samples = 0usize;
     let mut written = Vec::new();
@@ -55,23 +47,14 @@ pub fn fit(
         }
         for b in state.batch..steps {
             let batch = &perm[b * f.batch_size..n.min((b + 1) * f.batch_size)];
-            let shards = shard_ranges(batch.len(), f.shards);
-            let stats = engine
-                .gradients(&state.params, state.step, batch, &shards, &mut shard_grads)
+            let out = stepper
+                .step(model, engine, &mut state.params, &mut state.optimizer, state.step, batch)
                 .map_err(FitError::Engine)?;
-            // The step's gradient: shard gradients summed in shard order, never arrival order.
-            grad.copy_from_slice(&shard_grads[0]);
-            shard_grads[1..].iter().for_each(|g| add_into(&mut grad, g));
-            let mut tot = ShardStats::default();
-            stats.iter().for_each(|s| tot.add(s));
-            let bs = batch.len() as f64;
-            let loss = (tot.loss_sum / bs + tot.activity / bs + model.weight_penalty(&state.params)) as f32;
-            if !loss.is_finite() {
+            let (loss, tot) = (out.loss, out.stats);
+            if !out.applied {
                 return Err(FitError::NonFinite { epoch: epoch + 1, batch: b + 1, loss });
             }
-            model.add_weight_penalty_grad(&state.params, &mut grad);
-            state.optimizer.apply(&mut state.params, &mut grad, &ranges);
-            model.apply_constraints(&mut state.params);
+            let bs = batch.len() as f64;
             state.step += 1;
             state.batch = b + 1;
             samples += batch.len();

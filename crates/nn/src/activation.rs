@@ -77,8 +77,15 @@ impl Activation {
             }
             return;
         }
-        let f = *self;
-        Zip::from(&mut out).and(&z).for_each(|o, &v| *o = f.scalar(v));
+        // One monomorphized loop per activation, so each vectorizes.
+        fn map(z: ArrayView2<f32>, mut out: ArrayViewMut2<f32>, f: impl Fn(f32) -> f32) {
+            Zip::from(&mut out).and(&z).for_each(|o, &v| *o = f(v));
+        }
+        match *self {
+            Activation::Linear => out.assign(&z),
+            Activation::Relu => map(z, out, |x| x.max(0.0)),
+            f => map(z, out, |x| f.scalar(x)),
+        }
     }
 
     fn scalar(&self, x: f32) -> f32 {
@@ -124,6 +131,7 @@ impl Activation {
                     Zip::from(&mut gr).and(&or).for_each(|gv, &a| *gv = a * (*gv - dot));
                 }
             }
+            Activation::Relu => Zip::from(&mut g).and(&z).for_each(|gv, &x| *gv = if x > 0.0 { *gv } else { 0.0 }),
             f => Zip::from(&mut g).and(&z).and(&out).for_each(|gv, &x, &a| *gv *= f.derivative(x, a)),
         }
     }

@@ -61,21 +61,29 @@ pub fn default_coretype() -> Option<&'static str> {
     None
 }
 
-/// Restarts this program with `OPENBLAS_CORETYPE` pinned (see `default_coretype`) unless it is
-/// already set. OpenBLAS reads the variable when it is loaded, before `main`, so the only way
-/// to set it from the program is to exec again. Returns only if nothing needed doing or the
-/// exec failed (then OpenBLAS's own choice stands, with a warning).
-pub fn reexec_with_pinned_kernel() {
+/// Restarts this program with OpenBLAS configured for dtrain unless the environment already
+/// says: `OPENBLAS_CORETYPE` pinned (see `default_coretype`) and `OPENBLAS_NUM_THREADS=1`, since
+/// every shard runs with one BLAS thread and OpenBLAS's idle pool threads otherwise spin on
+/// `sched_yield`, taking a core from the shard threads. OpenBLAS reads both when it is loaded,
+/// before `main`, so the only way to set them from the program is to exec again. Returns only
+/// if nothing needed doing or the exec failed (then OpenBLAS's defaults stand, with a warning).
+pub fn reexec_with_pinned_blas() {
     use std::os::unix::process::CommandExt;
-    const VAR: &str = "OPENBLAS_CORETYPE";
-    if std::env::var_os(VAR).is_some() {
+    let mut set: Vec<(&str, &str)> = Vec::new();
+    if std::env::var_os("OPENBLAS_CORETYPE").is_none() {
+        set.extend(default_coretype().map(|c| ("OPENBLAS_CORETYPE", c)));
+    }
+    if std::env::var_os("OPENBLAS_NUM_THREADS").is_none() {
+        set.push(("OPENBLAS_NUM_THREADS", "1"));
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    if set.is_empty() {
         return;
     }
-    let (Some(core), Ok(exe)) = (default_coretype(), std::env::current_exe()) else { return };
     let mut args = std::env::args_os();
     let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-    let err = std::process::Command::new(&exe).arg0(arg0).args(args).env(VAR, core).exec();
-    eprintln!("warning: could not restart with {VAR}={core} ({err}); using OpenBLAS's own kernel choice");
+    let err = std::process::Command::new(&exe).arg0(arg0).args(args).envs(set.iter().copied()).exec();
+    eprintln!("warning: could not restart with {set:?} ({err}); using OpenBLAS's defaults");
 }
 
 extern "C" {

@@ -1,0 +1,69 @@
+//! One optimizer step on a global batch, as design.md describes it: shard gradients summed in
+//! shard order, weight penalties added once, clipping and the optimizer, then constraints.
+
+use crate::engine::{shard_ranges, Engine};
+use dtrain_nn::{Sequential, ShardStats};
+use dtrain_optim::Optimizer;
+use std::ops::Range;
+
+/// Buffers reused from step to step.
+pub struct Stepper {
+    shards: usize,
+    shard_grads: Vec<Vec<f32>>,
+    grad: Vec<f32>,
+    ranges: Vec<Range<usize>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct StepOutcome {
+    /// Keras's batch loss, at the weights before the update.
+    pub loss: f32,
+    pub stats: ShardStats,
+    /// False when the loss was not finite: then nothing was updated.
+    pub applied: bool,
+}
+
+/// Adds `src` into `dst` element by element.
+pub fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+impl Stepper {
+    pub fn new(model: &Sequential, shards: usize) -> Self {
+        let p = model.num_params();
+        Stepper {
+            shards,
+            shard_grads: vec![vec![0.0; p]; shards],
+            grad: vec![0.0; p],
+            ranges: model.variables().iter().map(|v| v.range()).collect(),
+        }
+    }
+
+    /// Step number `step` on the samples `batch`; `Err` is the engine's.
+    pub fn step(
+        &mut self,
+        model: &Sequential,
+        engine: &mut dyn Engine,
+        params: &mut [f32],
+        optimizer: &mut Optimizer,
+        step: u64,
+        batch: &[u32],
+    ) -> Result<StepOutcome, String> {
+        let shards = shard_ranges(batch.len(), self.shards);
+        let per_shard = engine.gradients(params, step, batch, &shards, &mut self.shard_grads)?;
+        // Shard order, never arrival order: the sum is the same whoever computed the shards.
+        self.grad.copy_from_slice(&self.shard_grads[0]);
+        self.shard_grads[1..].iter().for_each(|g| add_into(&mut self.grad, g));
+        let mut stats = ShardStats::default();
+        per_shard.iter().for_each(|s| stats.add(s));
+        let bs = batch.len() as f64;
+        let loss = (stats.loss_sum / bs + stats.activity / bs + model.weight_penalty(params)) as f32;
+        if !loss.is_finite() {
+            return Ok(StepOutcome { loss, stats, applied: false });
+        }
+        model.add_weight_penalty_grad(params, &mut self.grad);
+        optimizer.apply(params, &mut self.grad, &self.ranges);
+        model.apply_constraints(params);
+        Ok(StepOutcome { loss, stats, applied: true })
+    }
+}

@@ -28,7 +28,7 @@ fn job(file: &str, shards: usize) -> Job {
 }
 
 fn synthetic(n: usize) -> Dataset {
-    let x: Vec<u8> = (0..n * 784).map(|i| (i * 2_654_435_761usize >> 7) as u8).collect();
+    let x: Vec<u8> = (0..n * 784).map(|i| ((i * 2_654_435_761usize) >> 7) as u8).collect();
     let y: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
     Dataset::new(Features::U8(x), vec![28, 28], Labels::Classes(y)).unwrap().with_rescale(1.0 / 255.0)
 }
@@ -78,9 +78,12 @@ fn bench_job(c: &mut Criterion, name: &str, file: &str, shards: usize) {
     g.finish();
 }
 
+/// A layer's input, kernel, output, kernel gradient and input gradient.
+type LayerMats = (Array2<f32>, Array2<f32>, Array2<f32>, Array2<f32>, Array2<f32>);
+
 /// One step's matrix products for one shard, on buffers of the right shapes.
 struct Products {
-    mats: Vec<(Array2<f32>, Array2<f32>, Array2<f32>, Array2<f32>, Array2<f32>)>,
+    mats: Vec<LayerMats>,
 }
 
 impl Products {

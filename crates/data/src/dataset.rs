@@ -79,25 +79,33 @@ impl Dataset {
         let w = self.width();
         assert_eq!(out.len(), rows.len() * w, "output holds the gathered rows");
         match &self.features {
-            Features::U8(v) => {
-                // Keras users write x / 255.0: float64 arithmetic rounded once to float32.
-                let lut: [f32; 256] = std::array::from_fn(|b| (b as f64 * self.rescale) as f32);
-                for (dst, &r) in out.chunks_exact_mut(w).zip(rows) {
-                    let src = &v[r as usize * w..][..w];
-                    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = lut[s as usize]);
-                }
-            }
-            Features::F32(v) => {
-                for (dst, &r) in out.chunks_exact_mut(w).zip(rows) {
-                    let src = &v[r as usize * w..][..w];
-                    if self.rescale == 1.0 {
-                        dst.copy_from_slice(src);
-                    } else {
-                        dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (f64::from(s) * self.rescale) as f32);
-                    }
+            Features::U8(v) => gather_u8(v, w, self.rescale, rows, out),
+            Features::F32(v) => gather_f32(v, w, self.rescale, rows, out),
+        }
+    }
+
+    /// Asks the CPU to start loading the features of `rows` into cache, so that gathering
+    /// them a step later does not wait on memory (rows of a shuffled epoch are scattered).
+    pub fn prefetch(&self, rows: &[u32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+            let w = self.width();
+            let (base, elem) = match &self.features {
+                Features::U8(v) => (v.as_ptr(), 1),
+                Features::F32(v) => (v.as_ptr().cast::<u8>(), 4),
+            };
+            let len = self.len() * w * elem;
+            for &r in rows {
+                let start = r as usize * w * elem;
+                for off in (start..(start + w * elem).min(len)).step_by(64) {
+                    // SAFETY: prefetching never faults, and `off` is inside the allocation.
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(base.add(off).cast::<i8>()) };
                 }
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = rows;
     }
 
     /// Splits off the last `fraction` of the samples (Keras's `validation_split`, taken
@@ -139,6 +147,29 @@ impl Dataset {
         match &self.labels {
             Labels::Classes(c) => c.iter().copied().max(),
             Labels::Values { .. } => None,
+        }
+    }
+}
+
+dtrain_nn::avx2_dispatch! {
+    /// Keras users write x / 255.0: float64 arithmetic rounded once to float32.
+    fn gather_u8(v: &[u8], w: usize, rescale: f64, rows: &[u32], out: &mut [f32]) {
+        for (dst, &r) in out.chunks_exact_mut(w).zip(rows) {
+            let src = &v[r as usize * w..][..w];
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (f64::from(s) * rescale) as f32);
+        }
+    }
+}
+
+dtrain_nn::avx2_dispatch! {
+    fn gather_f32(v: &[f32], w: usize, rescale: f64, rows: &[u32], out: &mut [f32]) {
+        for (dst, &r) in out.chunks_exact_mut(w).zip(rows) {
+            let src = &v[r as usize * w..][..w];
+            if rescale == 1.0 {
+                dst.copy_from_slice(src);
+            } else {
+                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (f64::from(s) * rescale) as f32);
+            }
         }
     }
 }

@@ -24,6 +24,9 @@ pub trait Engine {
         shards: &[Range<usize>],
         out: &mut [Vec<f32>],
     ) -> Result<Vec<ShardStats>, String>;
+
+    /// A hint: `batch` comes next. The local engine starts loading its rows into cache.
+    fn prefetch(&mut self, _batch: &[u32]) {}
 }
 
 /// Buffers one shard computation reuses from step to step.
@@ -133,6 +136,10 @@ impl<'a> LocalEngine<'a> {
 }
 
 impl Engine for LocalEngine<'_> {
+    fn prefetch(&mut self, batch: &[u32]) {
+        self.data.prefetch(batch);
+    }
+
     fn gradients(
         &mut self,
         params: &[f32],

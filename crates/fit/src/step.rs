@@ -2,6 +2,7 @@
 //! shard order, weight penalties added once, clipping and the optimizer, then constraints.
 
 use crate::engine::{shard_ranges, Engine};
+use dtrain_nn::simd::add_into;
 use dtrain_nn::{Sequential, ShardStats};
 use dtrain_optim::Optimizer;
 use std::ops::Range;
@@ -21,11 +22,6 @@ pub struct StepOutcome {
     pub stats: ShardStats,
     /// False when the loss was not finite: then nothing was updated.
     pub applied: bool,
-}
-
-/// Adds `src` into `dst` element by element.
-pub fn add_into(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
 }
 
 impl Stepper {
@@ -52,16 +48,17 @@ impl Stepper {
         let shards = shard_ranges(batch.len(), self.shards);
         let per_shard = engine.gradients(params, step, batch, &shards, &mut self.shard_grads)?;
         // Shard order, never arrival order: the sum is the same whoever computed the shards.
-        self.grad.copy_from_slice(&self.shard_grads[0]);
-        self.shard_grads[1..].iter().for_each(|g| add_into(&mut self.grad, g));
+        let (first, rest) = self.shard_grads.split_first_mut().expect("at least one shard");
+        std::mem::swap(&mut self.grad, first);
+        rest.iter().for_each(|g| add_into(&mut self.grad, g));
         let mut stats = ShardStats::default();
         per_shard.iter().for_each(|s| stats.add(s));
         let bs = batch.len() as f64;
-        let loss = (stats.loss_sum / bs + stats.activity / bs + model.weight_penalty(params)) as f32;
+        let penalty = model.weight_penalty_and_grad(params, &mut self.grad);
+        let loss = (stats.loss_sum / bs + stats.activity / bs + penalty) as f32;
         if !loss.is_finite() {
             return Ok(StepOutcome { loss, stats, applied: false });
         }
-        model.add_weight_penalty_grad(params, &mut self.grad);
         optimizer.apply(params, &mut self.grad, &self.ranges);
         model.apply_constraints(params);
         Ok(StepOutcome { loss, stats, applied: true })

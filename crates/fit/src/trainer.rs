@@ -47,6 +47,9 @@ pub fn fit(
         }
         for b in state.batch..steps {
             let batch = &perm[b * f.batch_size..n.min((b + 1) * f.batch_size)];
+            if b + 1 < steps {
+                engine.prefetch(&perm[(b + 1) * f.batch_size..n.min((b + 2) * f.batch_size)]);
+            }
             let out = stepper
                 .step(model, engine, &mut state.params, &mut state.optimizer, state.step, batch)
                 .map_err(FitError::Engine)?;

@@ -15,7 +15,22 @@ pub enum Constraint {
 impl Constraint {
     /// Applies the constraint to `w`, a row-major tensor of `shape` (1-D or 2-D).
     pub fn apply(&self, w: &mut [f32], shape: &[usize]) {
-        let (min, max, rate) = match *self {
+        constrain(*self, w, shape);
+    }
+
+    fn axis(&self) -> i32 {
+        match *self {
+            Constraint::MaxNorm { axis, .. } | Constraint::UnitNorm { axis } | Constraint::MinMaxNorm { axis, .. } => {
+                axis
+            }
+            Constraint::NonNeg => 0,
+        }
+    }
+}
+
+crate::avx2_dispatch! {
+    fn constrain(c: Constraint, w: &mut [f32], shape: &[usize]) {
+        let (min, max, rate) = match c {
             Constraint::NonNeg => {
                 w.iter_mut().for_each(|v| *v = v.max(0.0));
                 return;
@@ -26,11 +41,11 @@ impl Constraint {
         };
         // Norms per column (axis 0 of a [in, out] kernel) or per row (axis 1; a 1-D vector is
         // one row), accumulated in f64 row by row so the loops vectorize.
-        let by_row = shape.len() == 1 || self.axis() == 1 || self.axis() == -1;
+        let by_row = shape.len() == 1 || c.axis() == 1 || c.axis() == -1;
         let cols = shape.last().copied().unwrap_or(1).max(1);
         let norm = |sq: f64| sq.sqrt() as f32;
         let factor = |n: f32| -> f32 {
-            match self {
+            match c {
                 // Keras: w / (eps + n); as a factor so that one multiply serves every kind.
                 Constraint::UnitNorm { .. } => 1.0 / (EPSILON + n),
                 // Keras: w * (desired / (eps + n)), which also nudges columns below the limit.
@@ -41,7 +56,7 @@ impl Constraint {
             for row in w.chunks_mut(cols) {
                 let n = norm(row.iter().map(|&v| f64::from(v) * f64::from(v)).sum());
                 let f = factor(n);
-                if let Constraint::UnitNorm { .. } = self {
+                if let Constraint::UnitNorm { .. } = c {
                     row.iter_mut().for_each(|v| *v /= EPSILON + n);
                 } else {
                     row.iter_mut().for_each(|v| *v *= f);
@@ -54,7 +69,7 @@ impl Constraint {
             sq.iter_mut().zip(row).for_each(|(s, &v)| *s += f64::from(v) * f64::from(v));
         }
         let norms: Vec<f32> = sq.into_iter().map(norm).collect();
-        if let Constraint::UnitNorm { .. } = self {
+        if let Constraint::UnitNorm { .. } = c {
             for row in w.chunks_mut(cols) {
                 row.iter_mut().zip(&norms).for_each(|(v, &n)| *v /= EPSILON + n);
             }
@@ -63,15 +78,6 @@ impl Constraint {
         let factors: Vec<f32> = norms.into_iter().map(factor).collect();
         for row in w.chunks_mut(cols) {
             row.iter_mut().zip(&factors).for_each(|(v, &f)| *v *= f);
-        }
-    }
-
-    fn axis(&self) -> i32 {
-        match *self {
-            Constraint::MaxNorm { axis, .. } | Constraint::UnitNorm { axis } | Constraint::MinMaxNorm { axis, .. } => {
-                axis
-            }
-            Constraint::NonNeg => 0,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod loss;
 pub mod model;
 pub mod regularizer;
 pub mod rng;
+pub mod simd;
 mod summary;
 
 pub use activation::Activation;

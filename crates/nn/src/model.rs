@@ -467,6 +467,17 @@ impl Sequential {
         }
     }
 
+    /// `weight_penalty(params)`, and `grads += its gradient`, in one pass over the weights.
+    pub fn weight_penalty_and_grad(&self, params: &[f32], grads: &mut [f32]) -> f64 {
+        let mut p = 0.0;
+        for v in &self.vars {
+            if let Some(r) = v.regularizer {
+                p += r.penalty_and_grad(&params[v.range()], &mut grads[v.range()]);
+            }
+        }
+        p
+    }
+
     /// Applies every variable's constraint (Keras does this after each optimizer update).
     pub fn apply_constraints(&self, params: &mut [f32]) {
         for v in &self.vars {

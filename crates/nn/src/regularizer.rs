@@ -11,37 +11,48 @@ pub struct Regularizer {
 impl Regularizer {
     /// `l1 * sum|x| + l2 * sum x^2`, a term skipped when its factor is 0 (as Keras does).
     pub fn penalty(&self, x: &[f32]) -> f64 {
-        let mut p = 0.0;
-        if self.l1 != 0.0 {
-            p += f64::from(self.l1) * sum_f64(x, |v| f64::from(v.abs()));
-        }
-        if self.l2 != 0.0 {
-            p += f64::from(self.l2) * sum_f64(x, |v| f64::from(v) * f64::from(v));
-        }
-        p
+        penalty_and_grad(self.l1, self.l2, x, 0.0, None)
     }
 
     /// `g += scale * d(penalty)/dx`; the derivative of |x| at 0 is 0, as TF's Abs gradient.
     pub fn add_grad(&self, x: &[f32], scale: f32, g: &mut [f32]) {
-        let (l1, l2) = (self.l1 * scale, 2.0 * self.l2 * scale);
-        for (gv, &v) in g.iter_mut().zip(x) {
-            let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
-            *gv += l1 * sign + l2 * v;
-        }
+        penalty_and_grad(self.l1, self.l2, x, scale, Some(g));
+    }
+
+    /// The penalty of `x`, and `g += d(penalty)/dx` in the same pass over `x`.
+    pub fn penalty_and_grad(&self, x: &[f32], g: &mut [f32]) -> f64 {
+        penalty_and_grad(self.l1, self.l2, x, 1.0, Some(g))
     }
 }
 
-/// `sum f(x)` in f64 over eight interleaved accumulators: a fixed order (so deterministic)
-/// that the compiler can vectorize, unlike one serial chain of additions.
-pub fn sum_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v);
+crate::avx2_dispatch! {
+    /// Sums in f64 over eight interleaved accumulators: a fixed order (deterministic) that
+    /// vectorizes, unlike one serial chain of additions.
+    fn penalty_and_grad(l1: f32, l2: f32, x: &[f32], scale: f32, g: Option<&mut [f32]>) -> f64 {
+        let (mut a1, mut a2) = ([0.0f64; 8], [0.0f64; 8]);
+        let chunks = x.chunks_exact(8);
+        let mut tail = [0.0f32; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        for c in chunks.map(|c| <&[f32; 8]>::try_from(c).expect("chunks of 8")).chain([&tail]) {
+            for j in 0..8 {
+                a1[j] += f64::from(c[j].abs());
+                a2[j] += f64::from(c[j]) * f64::from(c[j]);
+            }
         }
+        let mut p = 0.0;
+        if l1 != 0.0 {
+            p += f64::from(l1) * a1.iter().sum::<f64>();
+        }
+        if l2 != 0.0 {
+            p += f64::from(l2) * a2.iter().sum::<f64>();
+        }
+        if let Some(g) = g {
+            let (k1, k2) = (l1 * scale, 2.0 * l2 * scale);
+            for (gv, &v) in g.iter_mut().zip(x) {
+                let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
+                *gv += k1 * sign + k2 * v;
+            }
+        }
+        p
     }
-    let tail: f64 = tail.iter().map(|&v| f(v)).sum();
-    acc.iter().sum::<f64>() + tail
 }

@@ -36,6 +36,7 @@ fn key_of(seed: u64) -> [u32; 2] {
 
 /// Philox4x32-10 on `L` counters at once, lane by lane, so the compiler can vectorize it:
 /// lane `l` of the result equals `philox4x32([c[0][l], c[1][l], c[2][l], c[3][l]], key)`.
+#[inline(always)]
 fn philox_lanes<const L: usize>(mut c: [[u32; L]; 4], key: [u32; 2]) -> [[u32; L]; 4] {
     let mut k = key;
     for round in 0..10 {
@@ -61,6 +62,11 @@ fn philox_lanes<const L: usize>(mut c: [[u32; L]; 4], key: [u32; 2]) -> [[u32; L
 /// `position` in the global batch of optimizer step `step`, for dropout layer `layer`.
 /// Counter of block `b` (units 4b..4b+4): `[b, position, step_lo, layer << 16 ^ step_hi]`.
 pub fn dropout_uniforms(seed: u64, layer: u32, step: u64, position: u32, out: &mut [f32]) {
+    uniforms(seed, layer, step, position, out);
+}
+
+crate::avx2_dispatch! {
+    fn uniforms(seed: u64, layer: u32, step: u64, position: u32, out: &mut [f32]) {
     const L: usize = 8;
     let key = key_of(seed);
     let (c1, c2, c3) = (position, step as u32, (layer << 16) ^ (step >> 32) as u32);
@@ -70,6 +76,7 @@ pub fn dropout_uniforms(seed: u64, layer: u32, step: u64, position: u32, out: &m
         for (j, o) in chunk.iter_mut().enumerate() {
             *o = unit_f32(r[j % 4][j / 4]);
         }
+    }
     }
 }
 

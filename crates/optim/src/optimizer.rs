@@ -130,91 +130,105 @@ impl Optimizer {
             clip_gradients(clip, grads, vars);
         }
         let lr = self.learning_rate();
-        if let Some(wd) = self.config.weight_decay {
-            params.iter_mut().for_each(|w| *w -= *w * wd * lr);
-        }
         let t = self.state.iterations + 1;
-        let slots = &mut self.state.slots;
-        match self.config.algorithm {
-            Algorithm::Sgd { momentum, nesterov } => {
-                if momentum == 0.0 {
-                    params.iter_mut().zip(grads.iter()).for_each(|(w, g)| *w -= g * lr);
-                } else {
-                    let mu = momentum as f32;
-                    let m = &mut slots[0].1;
-                    for ((w, &g), m) in params.iter_mut().zip(grads.iter()).zip(m.iter_mut()) {
-                        *m = *m * mu - g * lr;
-                        *w += if nesterov { *m * mu - g * lr } else { *m };
-                    }
-                }
-            }
-            Algorithm::Adam { beta_1, beta_2, epsilon, amsgrad } => {
-                let step = t as f32;
-                let b1p = (beta_1 as f32).powf(step);
-                let b2p = (beta_2 as f32).powf(step);
-                let alpha = lr * (1.0 - b2p).sqrt() / (1.0 - b1p);
-                let (one_b1, one_b2, eps) = ((1.0 - beta_1) as f32, (1.0 - beta_2) as f32, epsilon as f32);
-                let [(_, m), (_, v), rest @ ..] = slots.as_mut_slice() else { unreachable!("Adam has m and v") };
-                let moments = params.iter_mut().zip(grads.iter()).zip(m.iter_mut().zip(v.iter_mut()));
-                if amsgrad {
-                    let v_hat = &mut rest[0].1;
-                    for (((w, &g), (m, v)), vh) in moments.zip(v_hat.iter_mut()) {
-                        *m += (g - *m) * one_b1;
-                        *v += (g * g - *v) * one_b2;
-                        *vh = vh.max(*v);
-                        *w -= *m * alpha / (vh.sqrt() + eps);
-                    }
-                } else {
-                    for ((w, &g), (m, v)) in moments {
-                        *m += (g - *m) * one_b1;
-                        *v += (g * g - *v) * one_b2;
-                        *w -= *m * alpha / (v.sqrt() + eps);
-                    }
-                }
-            }
-            Algorithm::Rmsprop { rho, momentum, epsilon, .. } => {
-                let (r, one_r, eps, mu) = (rho as f32, (1.0 - rho) as f32, epsilon as f32, momentum as f32);
-                let (vel, rest) = slots.split_at_mut(1);
-                let vel = &mut vel[0].1;
-                let (mom, rest) = if momentum > 0.0 {
-                    let (a, b) = rest.split_at_mut(1);
-                    (Some(&mut a[0].1), b)
-                } else {
-                    (None, rest)
-                };
-                let mut avg = rest.first_mut().map(|s| &mut s.1);
-                let mut mom = mom;
-                for i in 0..params.len() {
-                    let g = grads[i];
-                    vel[i] = r * vel[i] + one_r * (g * g);
-                    let denom = match avg.as_deref_mut() {
-                        Some(a) => {
-                            a[i] = r * a[i] + one_r * g;
-                            vel[i] - a[i] * a[i] + eps
-                        }
-                        None => vel[i] + eps,
-                    };
-                    let inc = lr * g / denom.sqrt();
-                    match mom.as_deref_mut() {
-                        Some(m) => {
-                            m[i] = mu * m[i] + inc;
-                            params[i] -= m[i];
-                        }
-                        None => params[i] -= inc,
-                    }
-                }
-            }
-            Algorithm::Adagrad { epsilon, .. } => {
-                let eps = epsilon as f32;
-                let acc = &mut slots[0].1;
-                for i in 0..params.len() {
-                    let g = grads[i];
-                    acc[i] += g * g;
-                    params[i] -= lr * g / (acc[i] + eps).sqrt();
-                }
-            }
-        }
+        update(&self.config.algorithm, self.config.weight_decay, lr, t, params, grads, &mut self.state.slots);
         self.state.iterations = t;
+    }
+}
+
+dtrain_nn::avx2_dispatch! {
+    /// Weight decay and the update of `algorithm`, for update number `t` (1-based).
+    fn update(
+        algorithm: &Algorithm,
+        weight_decay: Option<f32>,
+        lr: f32,
+        t: u64,
+        params: &mut [f32],
+        grads: &[f32],
+        slots: &mut [(String, Vec<f32>)],
+    ) {
+            if let Some(wd) = weight_decay {
+                params.iter_mut().for_each(|w| *w -= *w * wd * lr);
+            }
+            match *algorithm {
+                Algorithm::Sgd { momentum, nesterov } => {
+                    if momentum == 0.0 {
+                        params.iter_mut().zip(grads.iter()).for_each(|(w, g)| *w -= g * lr);
+                    } else {
+                        let mu = momentum as f32;
+                        let m = &mut slots[0].1;
+                        for ((w, &g), m) in params.iter_mut().zip(grads.iter()).zip(m.iter_mut()) {
+                            *m = *m * mu - g * lr;
+                            *w += if nesterov { *m * mu - g * lr } else { *m };
+                        }
+                    }
+                }
+                Algorithm::Adam { beta_1, beta_2, epsilon, amsgrad } => {
+                    let step = t as f32;
+                    let b1p = (beta_1 as f32).powf(step);
+                    let b2p = (beta_2 as f32).powf(step);
+                    let alpha = lr * (1.0 - b2p).sqrt() / (1.0 - b1p);
+                    let (one_b1, one_b2, eps) = ((1.0 - beta_1) as f32, (1.0 - beta_2) as f32, epsilon as f32);
+                    let [(_, m), (_, v), rest @ ..] = slots else { unreachable!("Adam has m and v") };
+                    let moments = params.iter_mut().zip(grads.iter()).zip(m.iter_mut().zip(v.iter_mut()));
+                    if amsgrad {
+                        let v_hat = &mut rest[0].1;
+                        for (((w, &g), (m, v)), vh) in moments.zip(v_hat.iter_mut()) {
+                            *m += (g - *m) * one_b1;
+                            *v += (g * g - *v) * one_b2;
+                            *vh = vh.max(*v);
+                            *w -= *m * alpha / (vh.sqrt() + eps);
+                        }
+                    } else {
+                        for ((w, &g), (m, v)) in moments {
+                            *m += (g - *m) * one_b1;
+                            *v += (g * g - *v) * one_b2;
+                            *w -= *m * alpha / (v.sqrt() + eps);
+                        }
+                    }
+                }
+                Algorithm::Rmsprop { rho, momentum, epsilon, .. } => {
+                    let (r, one_r, eps, mu) = (rho as f32, (1.0 - rho) as f32, epsilon as f32, momentum as f32);
+                    let (vel, rest) = slots.split_at_mut(1);
+                    let vel = &mut vel[0].1;
+                    let (mom, rest) = if momentum > 0.0 {
+                        let (a, b) = rest.split_at_mut(1);
+                        (Some(&mut a[0].1), b)
+                    } else {
+                        (None, rest)
+                    };
+                    let mut avg = rest.first_mut().map(|s| &mut s.1);
+                    let mut mom = mom;
+                    for i in 0..params.len() {
+                        let g = grads[i];
+                        vel[i] = r * vel[i] + one_r * (g * g);
+                        let denom = match avg.as_deref_mut() {
+                            Some(a) => {
+                                a[i] = r * a[i] + one_r * g;
+                                vel[i] - a[i] * a[i] + eps
+                            }
+                            None => vel[i] + eps,
+                        };
+                        let inc = lr * g / denom.sqrt();
+                        match mom.as_deref_mut() {
+                            Some(m) => {
+                                m[i] = mu * m[i] + inc;
+                                params[i] -= m[i];
+                            }
+                            None => params[i] -= inc,
+                        }
+                    }
+                }
+                Algorithm::Adagrad { epsilon, .. } => {
+                    let eps = epsilon as f32;
+                    let acc = &mut slots[0].1;
+                    for i in 0..params.len() {
+                        let g = grads[i];
+                        acc[i] += g * g;
+                        params[i] -= lr * g / (acc[i] + eps).sqrt();
+                    }
+                }
+            }
     }
 }
 

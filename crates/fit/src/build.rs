@@ -505,7 +505,7 @@ pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks>
                     min_lr: r.min_lr,
                     wait: 0,
                     cooldown_counter: 0,
-                    best: ReduceLrOnPlateau::initial_best(direction),
+                    best: None,
                 }));
             }
             CallbackConfig::CSVLogger(c) => {

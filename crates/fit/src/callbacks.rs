@@ -21,11 +21,15 @@ impl Direction {
         }
     }
 
-    /// Is `current` better than `reference` by more than `delta` (strictly)?
+    /// Keras's `MonitorCallback._is_improvement`: `monitor_op(current - min_delta, reference)`
+    /// with the delta's sign set by the mode. `monitor_op` is `keras.ops.less`/`greater`, which
+    /// turns both Python floats into float32 tensors: the shifted value is computed in f64,
+    /// then both sides are rounded to f32 and compared strictly.
     fn beats(self, current: f64, reference: f64, delta: f64) -> bool {
+        let r = reference as f32;
         match self {
-            Direction::Min => current + delta < reference,
-            Direction::Max => current - delta > reference,
+            Direction::Min => ((current + delta) as f32) < r,
+            Direction::Max => ((current - delta) as f32) > r,
         }
     }
 }
@@ -185,17 +189,10 @@ pub struct ReduceLrOnPlateau {
     // state
     pub wait: usize,
     pub cooldown_counter: usize,
-    pub best: f64,
+    pub best: Option<f64>,
 }
 
 impl ReduceLrOnPlateau {
-    pub fn initial_best(direction: Direction) -> f64 {
-        match direction {
-            Direction::Min => f64::INFINITY,
-            Direction::Max => f64::NEG_INFINITY,
-        }
-    }
-
     /// Keras's ReduceLROnPlateau.on_epoch_end; returns the new learning rate, if any.
     pub fn on_epoch_end(&mut self, logs: &EpochLogs, lr: f32) -> Option<f32> {
         let current = logs.get(&self.monitor)?;
@@ -203,8 +200,8 @@ impl ReduceLrOnPlateau {
             self.cooldown_counter -= 1;
             self.wait = 0;
         }
-        if self.direction.beats(current, self.best, self.min_delta) {
-            self.best = current;
+        if self.best.is_none_or(|b| self.direction.beats(current, b, self.min_delta.abs())) {
+            self.best = Some(current);
             self.wait = 0;
         } else if self.cooldown_counter == 0 {
             self.wait += 1;

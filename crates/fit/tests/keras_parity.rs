@@ -230,3 +230,68 @@ fn multi_batch_epochs_with_ragged_last_batch() {
     }
     assert_all_close("final weights", &state.params, &floats(&case["final_weights"]), 5e-6, 1e-4);
 }
+
+fn logs_with(epoch: usize, monitor: &str, v: f32) -> EpochLogs {
+    let mut l = EpochLogs { epoch, learning_rate: 0.1, ..Default::default() };
+    match monitor {
+        "val_loss" => l.val_loss = Some(v),
+        "val_accuracy" => l.val_accuracy = Some(v),
+        m => panic!("monitor {m}"),
+    }
+    l
+}
+
+/// ReduceLROnPlateau traces (patience, factor, cooldown, min_lr, min_delta): the learning rate
+/// after every epoch matches exactly.
+#[test]
+fn reduce_lr_on_plateau_traces() {
+    for case in fixture()["reduce_lr"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let cfg: CallbackConfig = serde_json::from_value(json!({ "ReduceLROnPlateau": case["args"] })).unwrap();
+        let j = job(
+            &json!({"layers": [{"type": "Dense", "units": 1}]}),
+            1,
+            "mse",
+            json!({"SGD": {"learning_rate": 0.1}}),
+            1,
+            1,
+        );
+        let mut cbs = callbacks(&[cfg], &j.optimizer).unwrap();
+        let Callback::ReduceLrOnPlateau(r) = &mut cbs.list[0] else { panic!() };
+        let mut lr = 0.1f32;
+        for (e, (v, want)) in floats(&case["val_loss"]).into_iter().zip(floats(&case["lrs"])).enumerate() {
+            if let Some(new) = r.on_epoch_end(&logs_with(e, "val_loss", v), lr) {
+                lr = new;
+            }
+            assert_eq!(lr, want, "{name}: learning rate after epoch {e}");
+        }
+    }
+}
+
+/// ModelCheckpoint(save_best_only) traces: which epochs write a file, for min and max
+/// monitors, mode = auto / min, and initial_value_threshold.
+#[test]
+fn model_checkpoint_traces() {
+    for case in fixture()["checkpoints"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let monitor = case["monitor"].as_str().unwrap();
+        let mut args = case["args"].clone();
+        args["filepath"] = json!("w-{epoch:02d}.safetensors");
+        args["monitor"] = json!(monitor);
+        args["save_best_only"] = json!(true);
+        let cfg: CallbackConfig = serde_json::from_value(json!({ "ModelCheckpoint": args })).unwrap();
+        let j = job(&json!({"layers": [{"type": "Dense", "units": 1}]}), 1, "mse", json!("sgd"), 1, 1);
+        let mut cbs = callbacks(&[cfg], &j.optimizer).unwrap();
+        let Callback::ModelCheckpoint(c) = &mut cbs.list[0] else { panic!() };
+        let mut saved = vec![];
+        for (e, v) in floats(&case["values"]).into_iter().enumerate() {
+            let logs = logs_with(e, monitor, v);
+            if c.should_save(&logs) {
+                assert_eq!(c.path_for(e, None, &logs).unwrap(), format!("w-{:02}.safetensors", e + 1));
+                saved.push(e as u64 + 1);
+            }
+        }
+        let want: Vec<u64> = case["saved_epochs"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(saved, want, "{name}: saved epochs");
+    }
+}

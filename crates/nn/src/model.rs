@@ -468,14 +468,28 @@ impl Sequential {
     }
 
     /// `weight_penalty(params)`, and `grads += its gradient`, in one pass over the weights.
+    /// Variables are processed in parallel; their penalties are summed in variable order.
     pub fn weight_penalty_and_grad(&self, params: &[f32], grads: &mut [f32]) -> f64 {
-        let mut p = 0.0;
+        use rayon::prelude::*;
+        let mut work: Vec<(Regularizer, &[f32], &mut [f32])> = Vec::new();
+        let mut rest = grads;
+        let mut at = 0;
         for v in &self.vars {
+            let (skip, tail) = rest.split_at_mut(v.offset - at);
+            let _ = skip;
+            let (g, tail) = tail.split_at_mut(v.len());
+            rest = tail;
+            at = v.offset + v.len();
             if let Some(r) = v.regularizer {
-                p += r.penalty_and_grad(&params[v.range()], &mut grads[v.range()]);
+                work.push((r, &params[v.range()], g));
             }
         }
-        p
+        let penalties: Vec<f64> = if self.num_params >= crate::simd::PARALLEL_MIN {
+            work.into_par_iter().map(|(r, w, g)| r.penalty_and_grad(w, g)).collect()
+        } else {
+            work.into_iter().map(|(r, w, g)| r.penalty_and_grad(w, g)).collect()
+        };
+        penalties.iter().sum()
     }
 
     /// Applies every variable's constraint (Keras does this after each optimizer update).

@@ -27,9 +27,23 @@ macro_rules! avx2_dispatch {
     };
 }
 
+/// Element-wise work on vectors at least this long is split across threads; shorter ones are
+/// not worth the hand-off. Splitting never changes results: each element is computed alone.
+pub const PARALLEL_MIN: usize = 1 << 17;
+
 avx2_dispatch! {
-    /// `dst += src`, element by element.
-    pub fn add_into(dst: &mut [f32], src: &[f32]) {
+    fn add_serial(dst: &mut [f32], src: &[f32]) {
         dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
     }
+}
+
+/// `dst += src`, element by element.
+pub fn add_into(dst: &mut [f32], src: &[f32]) {
+    if dst.len() < PARALLEL_MIN {
+        return add_serial(dst, src);
+    }
+    let mid = dst.len() / 2;
+    let (d0, d1) = dst.split_at_mut(mid);
+    let (s0, s1) = src.split_at(mid);
+    rayon::join(|| add_into(d0, s0), || add_into(d1, s1));
 }

@@ -131,9 +131,34 @@ impl Optimizer {
         }
         let lr = self.learning_rate();
         let t = self.state.iterations + 1;
-        update(&self.config.algorithm, self.config.weight_decay, lr, t, params, grads, &mut self.state.slots);
+        let slots: Vec<&mut [f32]> = self.state.slots.iter_mut().map(|(_, s)| s.as_mut_slice()).collect();
+        update_split(&self.config.algorithm, self.config.weight_decay, lr, t, params, grads, slots);
         self.state.iterations = t;
     }
+}
+
+/// `update` on halves in parallel for long vectors: every element's update depends on that
+/// element alone, so the split never changes a bit.
+fn update_split(
+    algorithm: &Algorithm,
+    weight_decay: Option<f32>,
+    lr: f32,
+    t: u64,
+    params: &mut [f32],
+    grads: &[f32],
+    mut slots: Vec<&mut [f32]>,
+) {
+    if params.len() < dtrain_nn::simd::PARALLEL_MIN {
+        return update(algorithm, weight_decay, lr, t, params, grads, &mut slots);
+    }
+    let mid = params.len() / 2;
+    let (p0, p1) = params.split_at_mut(mid);
+    let (g0, g1) = grads.split_at(mid);
+    let (s0, s1): (Vec<_>, Vec<_>) = slots.into_iter().map(|s| s.split_at_mut(mid)).unzip();
+    rayon::join(
+        || update_split(algorithm, weight_decay, lr, t, p0, g0, s0),
+        || update_split(algorithm, weight_decay, lr, t, p1, g1, s1),
+    );
 }
 
 dtrain_nn::avx2_dispatch! {
@@ -145,7 +170,7 @@ dtrain_nn::avx2_dispatch! {
         t: u64,
         params: &mut [f32],
         grads: &[f32],
-        slots: &mut [(String, Vec<f32>)],
+        slots: &mut [&mut [f32]],
     ) {
             if let Some(wd) = weight_decay {
                 params.iter_mut().for_each(|w| *w -= *w * wd * lr);
@@ -156,7 +181,7 @@ dtrain_nn::avx2_dispatch! {
                         params.iter_mut().zip(grads.iter()).for_each(|(w, g)| *w -= g * lr);
                     } else {
                         let mu = momentum as f32;
-                        let m = &mut slots[0].1;
+                        let m = &mut *slots[0];
                         for ((w, &g), m) in params.iter_mut().zip(grads.iter()).zip(m.iter_mut()) {
                             *m = *m * mu - g * lr;
                             *w += if nesterov { *m * mu - g * lr } else { *m };
@@ -169,10 +194,10 @@ dtrain_nn::avx2_dispatch! {
                     let b2p = (beta_2 as f32).powf(step);
                     let alpha = lr * (1.0 - b2p).sqrt() / (1.0 - b1p);
                     let (one_b1, one_b2, eps) = ((1.0 - beta_1) as f32, (1.0 - beta_2) as f32, epsilon as f32);
-                    let [(_, m), (_, v), rest @ ..] = slots else { unreachable!("Adam has m and v") };
+                    let [m, v, rest @ ..] = slots else { unreachable!("Adam has m and v") };
                     let moments = params.iter_mut().zip(grads.iter()).zip(m.iter_mut().zip(v.iter_mut()));
                     if amsgrad {
-                        let v_hat = &mut rest[0].1;
+                        let v_hat = &mut rest[0];
                         for (((w, &g), (m, v)), vh) in moments.zip(v_hat.iter_mut()) {
                             *m += (g - *m) * one_b1;
                             *v += (g * g - *v) * one_b2;
@@ -189,16 +214,12 @@ dtrain_nn::avx2_dispatch! {
                 }
                 Algorithm::Rmsprop { rho, momentum, epsilon, .. } => {
                     let (r, one_r, eps, mu) = (rho as f32, (1.0 - rho) as f32, epsilon as f32, momentum as f32);
-                    let (vel, rest) = slots.split_at_mut(1);
-                    let vel = &mut vel[0].1;
-                    let (mom, rest) = if momentum > 0.0 {
-                        let (a, b) = rest.split_at_mut(1);
-                        (Some(&mut a[0].1), b)
-                    } else {
-                        (None, rest)
+                    let [vel, rest @ ..] = slots else { unreachable!("RMSprop has a velocity") };
+                    let (mut mom, rest) = match rest {
+                        [m, rest @ ..] if momentum > 0.0 => (Some(m), rest),
+                        rest => (None, rest),
                     };
-                    let mut avg = rest.first_mut().map(|s| &mut s.1);
-                    let mut mom = mom;
+                    let mut avg = rest.first_mut();
                     for i in 0..params.len() {
                         let g = grads[i];
                         vel[i] = r * vel[i] + one_r * (g * g);
@@ -221,7 +242,7 @@ dtrain_nn::avx2_dispatch! {
                 }
                 Algorithm::Adagrad { epsilon, .. } => {
                     let eps = epsilon as f32;
-                    let acc = &mut slots[0].1;
+                    let acc = &mut *slots[0];
                     for i in 0..params.len() {
                         let g = grads[i];
                         acc[i] += g * g;

@@ -2,11 +2,13 @@
 //! the work is in dtrain-fit.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use dtrain_cluster::run::ClusterOptions;
 use dtrain_fit::session::{self, TrainOptions};
-use dtrain_fit::{Console, LogFormat};
+use dtrain_fit::{Console, FitError, LogFormat};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -63,7 +65,7 @@ struct TrainArgs {
     /// The job file (TOML or JSON). With --resume it defaults to the run directory's job.toml.
     #[arg(long, env = "DTRAIN_CONFIG")]
     config: Option<PathBuf>,
-    /// Train in this process (the default until workers are configured).
+    /// Train in this process (the default without --listen or --spawn-workers).
     #[arg(long)]
     local: bool,
     /// Where the run writes; must be new or empty unless --resume. Default: runs/<job>-NNN.
@@ -87,6 +89,29 @@ struct TrainArgs {
     /// Shards computed at once in this process (default: all cores, at most fit.shards).
     #[arg(long, env = "DTRAIN_THREADS")]
     threads: Option<usize>,
+    /// Serve workers on this address (host:port; port 0 picks a free one).
+    #[arg(long, env = "DTRAIN_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Start this many local worker processes (the one-command local cluster).
+    #[arg(long, env = "DTRAIN_SPAWN_WORKERS", default_value_t = 0)]
+    spawn_workers: usize,
+    /// Workers to wait for before the first step.
+    #[arg(long, env = "DTRAIN_MIN_WORKERS", default_value_t = 1)]
+    min_workers: usize,
+    /// File holding the job token workers must present (or set DTRAIN_TOKEN).
+    #[arg(long, env = "DTRAIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[arg(long = "token", env = "DTRAIN_TOKEN", hide = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Allow listening beyond loopback without a token.
+    #[arg(long)]
+    insecure: bool,
+    /// Seconds a worker may take for its shards of one step before they go elsewhere.
+    #[arg(long, env = "DTRAIN_STEP_TIMEOUT", default_value_t = 30.0)]
+    step_timeout: f64,
+    /// Seconds to wait for workers (at start, or when none is left) before giving up.
+    #[arg(long, env = "DTRAIN_WORKER_WAIT", default_value_t = 300.0)]
+    worker_wait: f64,
     /// Print nothing but errors.
     #[arg(long, short)]
     quiet: bool,
@@ -125,8 +150,32 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                 seed: a.seed,
                 threads: a.threads,
             };
-            let _ = a.local;
-            session::train(&opts, &mut Console::new(format))?;
+            let mut console = Console::new(format);
+            if a.local || (a.listen.is_none() && a.spawn_workers == 0) {
+                session::train(&opts, &mut console)?;
+            } else {
+                let token = match (&a.token_file, a.token) {
+                    (Some(f), _) => Some(dtrain_cluster::auth::read_token_file(f).map_err(FitError::Config)?),
+                    (None, t) => t,
+                };
+                let secs = |what: &str, s: f64| {
+                    Duration::try_from_secs_f64(s)
+                        .map_err(|_| FitError::Config(format!("--{what}: {s} is not a duration")))
+                };
+                let cluster = ClusterOptions {
+                    listen: a.listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("a valid address")),
+                    spawn_workers: a.spawn_workers,
+                    min_workers: a.min_workers.max(a.spawn_workers.min(1)),
+                    token,
+                    insecure: a.insecure,
+                    step_timeout: secs("step-timeout", a.step_timeout)?,
+                    worker_wait: secs("worker-wait", a.worker_wait)?,
+                };
+                dtrain_cluster::run::train(&opts, &cluster, &mut console).map_err(|e| match e {
+                    dtrain_cluster::ClusterError::Fit(f) => f,
+                    other => FitError::Engine(other.to_string()),
+                })?;
+            }
         }
         Command::Evaluate { config, weights, json } => {
             let (e, which, n) = session::evaluate_weights(&config, &weights)?;

@@ -108,6 +108,28 @@ impl Dataset {
         let _ = rows;
     }
 
+    /// The samples `rows`, copied as they are stored (bytes stay bytes), with the same rescale.
+    pub fn subset(&self, rows: &[u32]) -> Dataset {
+        let w = self.width();
+        let pick = |i: &u32| *i as usize;
+        let features = match &self.features {
+            Features::U8(v) => {
+                Features::U8(rows.iter().map(pick).flat_map(|r| v[r * w..][..w].iter().copied()).collect())
+            }
+            Features::F32(v) => {
+                Features::F32(rows.iter().map(pick).flat_map(|r| v[r * w..][..w].iter().copied()).collect())
+            }
+        };
+        let labels = match &self.labels {
+            Labels::Classes(c) => Labels::Classes(rows.iter().map(|&r| c[r as usize]).collect()),
+            Labels::Values { data, width } => Labels::Values {
+                data: rows.iter().flat_map(|&r| data[r as usize * width..][..*width].iter().copied()).collect(),
+                width: *width,
+            },
+        };
+        Dataset { features, sample_shape: self.sample_shape.clone(), labels, rescale: self.rescale }
+    }
+
     /// Splits off the last `fraction` of the samples (Keras's `validation_split`, taken
     /// before any shuffling): returns (train, validation).
     pub fn split_tail(self, fraction: f64) -> (Dataset, Dataset) {

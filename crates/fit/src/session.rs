@@ -5,7 +5,7 @@ use crate::build::Job;
 use crate::checkpoint::{load_state, read_weights, TrainState};
 use crate::config::JobConfig;
 use crate::dataload::load_data;
-use crate::engine::LocalEngine;
+use crate::engine::{Engine, LocalEngine};
 use crate::evaluate::{evaluate, predict, Evaluation};
 use crate::progress::{Observer, Report};
 use crate::run::{RunDir, JOB_FILE};
@@ -68,9 +68,37 @@ fn threads_for(job: &Job, threads: Option<usize>) -> usize {
     threads.unwrap_or(cores).clamp(1, job.config.fit.shards)
 }
 
-/// `coordinator train --local`: trains in this process. Everything is validated (job, data,
-/// initial weights, resume state) before the run directory is created or touched.
+/// Makes the engine that computes a run's shard gradients, once the job and data are loaded.
+pub trait EngineFactory {
+    fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError>;
+}
+
+/// Shards computed in this process.
+pub struct Local {
+    /// Shards computed at once (default: min(shards, cores)).
+    pub threads: Option<usize>,
+}
+
+impl EngineFactory for Local {
+    fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
+        let engine =
+            LocalEngine::new(&job.model, train, job.seed, threads_for(job, self.threads)).map_err(FitError::Engine)?;
+        Ok(Box::new(engine))
+    }
+}
+
+/// `coordinator train --local`: trains in this process.
 pub fn train(opts: &TrainOptions, obs: &mut dyn Observer) -> Result<Report, FitError> {
+    train_with(opts, &mut Local { threads: opts.threads }, obs)
+}
+
+/// Trains with the engine `engines` makes. Everything is validated (job, data, initial
+/// weights, resume state) before the run directory is created or touched.
+pub fn train_with(
+    opts: &TrainOptions,
+    engines: &mut dyn EngineFactory,
+    obs: &mut dyn Observer,
+) -> Result<Report, FitError> {
     let config_path = match (&opts.config, opts.resume, &opts.run_dir) {
         (Some(c), _, _) => c.clone(),
         (None, true, Some(dir)) => dir.join(JOB_FILE),
@@ -110,9 +138,8 @@ pub fn train(opts: &TrainOptions, obs: &mut dyn Observer) -> Result<Report, FitE
     if opts.resume {
         obs.note(&format!("Resuming at epoch {}, batch {} (step {})", state.epoch + 1, state.batch, state.step));
     }
-    let mut engine =
-        LocalEngine::new(&job.model, &train, job.seed, threads_for(&job, opts.threads)).map_err(FitError::Engine)?;
-    let report = crate::trainer::fit(&job, &train, val.as_ref(), &run, &mut state, &mut engine, obs)?;
+    let mut engine = engines.engine(&job, &train)?;
+    let report = crate::trainer::fit(&job, &train, val.as_ref(), &run, &mut state, engine.as_mut(), obs)?;
     obs.train_end(&report);
     Ok(report)
 }

@@ -475,9 +475,7 @@ impl Sequential {
         let mut rest = grads;
         let mut at = 0;
         for v in &self.vars {
-            let (skip, tail) = rest.split_at_mut(v.offset - at);
-            let _ = skip;
-            let (g, tail) = tail.split_at_mut(v.len());
+            let (g, tail) = std::mem::take(&mut rest)[v.offset - at..].split_at_mut(v.len());
             rest = tail;
             at = v.offset + v.len();
             if let Some(r) = v.regularizer {

@@ -1,0 +1,51 @@
+//! The job token: required on every call, compared in constant time.
+
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+pub const HEADER: &str = "authorization";
+
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// Equal bytes, in time that depends only on the length.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Accepts the call if no token is configured or it carries the right one.
+pub fn check(metadata: &MetadataMap, token: Option<&str>) -> Result<(), Status> {
+    let Some(token) = token else { return Ok(()) };
+    let got = metadata.get(HEADER).map(|v| v.as_bytes()).unwrap_or_default();
+    if same(got, bearer(token).as_bytes()) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("missing or wrong job token (authorization: Bearer <token>)"))
+    }
+}
+
+/// Reads a token from a file (trimmed); `Err` names the file.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let t = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read the token: {e}", path.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        return Err(format!("{}: the token file is empty", path.display()));
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        let mut m = MetadataMap::new();
+        assert!(check(&m, None).is_ok());
+        assert_eq!(check(&m, Some("s3cret")).unwrap_err().code(), tonic::Code::Unauthenticated);
+        m.insert(HEADER, bearer("s3cret").parse().unwrap());
+        assert!(check(&m, Some("s3cret")).is_ok());
+        assert!(check(&m, Some("s3cres")).is_err());
+    }
+}

@@ -1,0 +1,188 @@
+//! `Engine` over the network: each step's shards go to live workers; gradients come back and
+//! land in shard order. Lost, hung or faulty workers' shards are recomputed by others within
+//! the same step, so the step is applied once, with the same bits as in-process.
+
+use crate::hub::{Event, Hub};
+use dtrain_data::Dataset;
+use dtrain_fit::Engine;
+use dtrain_nn::ShardStats;
+use dtrain_proto::pb::{self, coordinator_message::Kind as Out};
+use dtrain_proto::{f32_bytes, result_from_wire, shard_to_wire};
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Faulty results a worker may send before it is dropped.
+const MAX_FAULTS: u32 = 3;
+
+pub struct ClusterEngine<'a> {
+    pub(crate) data: &'a Dataset,
+    pub(crate) rt: tokio::runtime::Handle,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) events: mpsc::UnboundedReceiver<Event>,
+    /// A worker that has not answered this long after getting work is dropped.
+    pub(crate) step_timeout: Duration,
+    /// With no worker left, wait this long for one to join, then fail.
+    pub(crate) worker_wait: Duration,
+    pub(crate) faults: BTreeMap<u32, u32>,
+    pub(crate) log: Box<dyn FnMut(&str) + Send + 'a>,
+}
+
+impl Engine for ClusterEngine<'_> {
+    fn gradients(
+        &mut self,
+        params: &[f32],
+        step: u64,
+        batch: &[u32],
+        shards: &[Range<usize>],
+        out: &mut [Vec<f32>],
+    ) -> Result<Vec<ShardStats>, String> {
+        let rt = self.rt.clone();
+        rt.block_on(self.step(params, step, batch, shards, out))
+    }
+}
+
+impl Drop for ClusterEngine<'_> {
+    fn drop(&mut self) {
+        self.hub.stop_all("training finished");
+    }
+}
+
+impl ClusterEngine<'_> {
+    async fn step(
+        &mut self,
+        params: &[f32],
+        step: u64,
+        batch: &[u32],
+        shards: &[Range<usize>],
+        out: &mut [Vec<f32>],
+    ) -> Result<Vec<ShardStats>, String> {
+        let mut stats = vec![ShardStats::default(); shards.len()];
+        let mut pending = BTreeSet::new();
+        for (k, r) in shards.iter().enumerate() {
+            if r.is_empty() {
+                out[k].fill(0.0);
+            } else {
+                pending.insert(k);
+            }
+        }
+        let params = f32_bytes(params);
+        let mut assigned: BTreeMap<usize, u32> = BTreeMap::new();
+        let mut deadline = Instant::now() + self.step_timeout;
+        while !pending.is_empty() || !assigned.is_empty() {
+            if !pending.is_empty() {
+                self.await_workers().await?;
+                // Contiguous groups of the pending shards, one group per live worker.
+                let alive = self.hub.alive();
+                let todo: Vec<usize> = std::mem::take(&mut pending).into_iter().collect();
+                let per = todo.len().div_ceil(alive.len());
+                for (group, &id) in todo.chunks(per).zip(&alive) {
+                    let work = pb::Work {
+                        step,
+                        params: params.clone(),
+                        global_batch: batch.len() as u32,
+                        shards: group
+                            .iter()
+                            .map(|&k| {
+                                shard_to_wire(k as u32, shards[k].start as u32, self.data, &batch[shards[k].clone()])
+                            })
+                            .collect(),
+                    };
+                    if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
+                        assigned.extend(group.iter().map(|&k| (k, id)));
+                    } else {
+                        pending.extend(group);
+                        self.hub.drop_worker(id, Status::unavailable("not keeping up with its work queue"));
+                    }
+                }
+                deadline = Instant::now() + self.step_timeout;
+                continue;
+            }
+            match tokio::time::timeout_at(deadline.into(), self.events.recv()).await {
+                Ok(Some(Event::Result { id, result })) => {
+                    let k = result.index as usize;
+                    if result.step != step || assigned.get(&k) != Some(&id) {
+                        continue; // a late reply from a worker this shard was taken from
+                    }
+                    let rows = shards[k].len() as u64;
+                    match result_from_wire(&result, rows, &mut out[k]) {
+                        Ok(s) => {
+                            stats[k] = s;
+                            assigned.remove(&k);
+                        }
+                        Err(e) => {
+                            assigned.remove(&k);
+                            pending.insert(k);
+                            self.fault(id, &format!("sent a bad result for shard {k} of step {step}: {e}"));
+                        }
+                    }
+                }
+                Ok(Some(Event::Left { id, reason })) => {
+                    let lost = take_assigned(&mut assigned, id);
+                    (self.log)(&format!("worker {id} left ({reason}); {} shard(s) go to others", lost.len()));
+                    pending.extend(lost);
+                }
+                Ok(Some(Event::Joined { id, name })) => (self.log)(&format!("worker {id} ({name}) joined")),
+                Ok(None) => return Err("the coordinator's worker hub stopped".into()),
+                Err(_) => {
+                    let late: BTreeSet<u32> = assigned.values().copied().collect();
+                    for id in late {
+                        let lost = take_assigned(&mut assigned, id);
+                        (self.log)(&format!(
+                            "{} missed the {:?} step deadline; dropping it, {} shard(s) go to others",
+                            self.hub.name(id),
+                            self.step_timeout,
+                            lost.len()
+                        ));
+                        self.hub.drop_worker(id, Status::deadline_exceeded("missed the step deadline"));
+                        pending.extend(lost);
+                    }
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Returns once at least one worker is alive, or fails after `worker_wait`.
+    async fn await_workers(&mut self) -> Result<(), String> {
+        if !self.hub.alive().is_empty() {
+            return Ok(());
+        }
+        (self.log)(&format!("no live worker; waiting up to {:?} for one to join", self.worker_wait));
+        let until = Instant::now() + self.worker_wait;
+        loop {
+            match tokio::time::timeout_at(until.into(), self.events.recv()).await {
+                Ok(Some(Event::Joined { id, name })) => {
+                    (self.log)(&format!("worker {id} ({name}) joined"));
+                    if !self.hub.alive().is_empty() {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Err("the coordinator's worker hub stopped".into()),
+                Err(_) => {
+                    return Err(format!("no worker joined within {:?}; the last checkpoint is kept", self.worker_wait))
+                }
+            }
+        }
+    }
+
+    fn fault(&mut self, id: u32, what: &str) {
+        let n = self.faults.entry(id).or_default();
+        *n += 1;
+        (self.log)(&format!("{} {what}", self.hub.name(id)));
+        if *n >= MAX_FAULTS {
+            (self.log)(&format!("dropping {} after {n} faulty results", self.hub.name(id)));
+            self.hub.drop_worker(id, Status::data_loss("too many faulty results"));
+        }
+    }
+}
+
+fn take_assigned(assigned: &mut BTreeMap<usize, u32>, id: u32) -> Vec<usize> {
+    let lost: Vec<usize> = assigned.iter().filter(|(_, &w)| w == id).map(|(&k, _)| k).collect();
+    assigned.retain(|_, w| *w != id);
+    lost
+}

@@ -1,0 +1,113 @@
+//! Membership: the live workers, each with its outbound stream, and one queue of events
+//! (joined, result, left) that the engine consumes.
+
+use dtrain_proto::pb;
+use dtrain_proto::pb::coordinator_message::Kind as Out;
+use dtrain_proto::pb::worker_message::Kind as In;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+pub type Outbound = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+
+#[derive(Debug)]
+pub enum Event {
+    Joined { id: u32, name: String },
+    Result { id: u32, result: pb::ShardResult },
+    Left { id: u32, reason: String },
+}
+
+struct Worker {
+    name: String,
+    tx: Outbound,
+}
+
+pub struct Hub {
+    job_toml: String,
+    workers: Mutex<(u32, BTreeMap<u32, Worker>)>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Hub {
+    pub fn new(job_toml: String) -> (Arc<Hub>, mpsc::UnboundedReceiver<Event>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        (Arc::new(Hub { job_toml, workers: Mutex::new((0, BTreeMap::new())), events }), rx)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u32, BTreeMap<u32, Worker>)> {
+        self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a worker that said hello: sends it the job, then forwards what it sends as
+    /// events until its stream ends. Returns the stream of messages to it.
+    pub fn accept(
+        self: &Arc<Self>,
+        name: String,
+        inbound: Streaming<pb::WorkerMessage>,
+    ) -> mpsc::Receiver<Result<pb::CoordinatorMessage, Status>> {
+        let (tx, rx) = mpsc::channel(8);
+        let id = {
+            let mut w = self.lock();
+            w.0 += 1;
+            let id = w.0;
+            w.1.insert(id, Worker { name: name.clone(), tx: tx.clone() });
+            id
+        };
+        let welcome = pb::CoordinatorMessage {
+            kind: Some(Out::Welcome(pb::Welcome { job_toml: self.job_toml.clone(), worker_id: id })),
+        };
+        let _ = tx.try_send(Ok(welcome));
+        let _ = self.events.send(Event::Joined { id, name });
+        let hub = Arc::clone(self);
+        tokio::spawn(async move { hub.pump(id, inbound).await });
+        rx
+    }
+
+    async fn pump(&self, id: u32, mut inbound: Streaming<pb::WorkerMessage>) {
+        let reason = loop {
+            match inbound.message().await {
+                Ok(Some(pb::WorkerMessage { kind: Some(In::Result(result)) })) => {
+                    let _ = self.events.send(Event::Result { id, result });
+                }
+                Ok(Some(_)) => break "sent an unexpected message".to_string(),
+                Ok(None) => break "disconnected".to_string(),
+                Err(e) => break format!("stream failed: {}", e.message()),
+            }
+        };
+        if self.lock().1.remove(&id).is_some() {
+            let _ = self.events.send(Event::Left { id, reason });
+        }
+    }
+
+    /// Ids of the live workers, in joining order.
+    pub fn alive(&self) -> Vec<u32> {
+        self.lock().1.keys().copied().collect()
+    }
+
+    pub fn name(&self, id: u32) -> String {
+        self.lock().1.get(&id).map_or_else(|| format!("worker {id}"), |w| format!("{} (worker {id})", w.name))
+    }
+
+    /// Queues a message to a worker; false if it is gone or not keeping up.
+    pub fn send(&self, id: u32, msg: pb::CoordinatorMessage) -> bool {
+        let tx = self.lock().1.get(&id).map(|w| w.tx.clone());
+        tx.is_some_and(|tx| tx.try_send(Ok(msg)).is_ok())
+    }
+
+    /// Drops a worker (hung or faulty): its stream is closed with `status`.
+    pub fn drop_worker(&self, id: u32, status: Status) {
+        if let Some(w) = self.lock().1.remove(&id) {
+            let _ = w.tx.try_send(Err(status));
+        }
+    }
+
+    /// Tells every worker to stop and forgets them.
+    pub fn stop_all(&self, reason: &str) {
+        let workers = std::mem::take(&mut self.lock().1);
+        for w in workers.values() {
+            let _ =
+                w.tx.try_send(Ok(pb::CoordinatorMessage { kind: Some(Out::Stop(pb::Stop { reason: reason.into() })) }));
+        }
+    }
+}

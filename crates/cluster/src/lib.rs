@@ -1,0 +1,29 @@
+//! dtrain-cluster: the coordinator's gRPC service and the worker, on tokio and tonic.
+//!
+//! Workers dial the coordinator and hold one bidirectional stream (`hub`); the coordinator's
+//! `ClusterEngine` implements dtrain-fit's `Engine` by sending each step's shards to live
+//! workers and collecting their gradients in shard order, recomputing elsewhere the shards of
+//! a worker that leaves, hangs past the step deadline or sends a bad result.
+
+pub mod auth;
+pub mod engine;
+pub mod hub;
+pub mod run;
+pub mod service;
+pub mod spawn;
+pub mod worker;
+
+/// Largest message either side accepts or sends (the wide model's parameters are 2.7 MB).
+pub const MESSAGE_LIMIT: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Fit(#[from] dtrain_fit::FitError),
+    #[error("rejected by the coordinator: {0}")]
+    Rejected(String),
+}

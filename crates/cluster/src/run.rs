@@ -1,0 +1,130 @@
+//! `coordinator train` with workers: serve the Coordinator service, optionally start local
+//! workers, wait for enough of them, and train with a `ClusterEngine`.
+
+use crate::engine::ClusterEngine;
+use crate::hub::Hub;
+use crate::service::CoordinatorService;
+use crate::spawn::LocalWorkers;
+use crate::{ClusterError, MESSAGE_LIMIT};
+use dtrain_data::Dataset;
+use dtrain_fit::session::{train_with, EngineFactory, TrainOptions};
+use dtrain_fit::{Engine, FitError, Job, Observer, Report};
+use dtrain_proto::pb::coordinator_server::CoordinatorServer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Where workers dial in (port 0: any free port, printed at start).
+    pub listen: SocketAddr,
+    /// Local worker processes to start.
+    pub spawn_workers: usize,
+    /// Workers to wait for before the first step.
+    pub min_workers: usize,
+    pub token: Option<String>,
+    /// Allow listening beyond loopback without a token.
+    pub insecure: bool,
+    pub step_timeout: Duration,
+    pub worker_wait: Duration,
+}
+
+impl ClusterOptions {
+    /// A token is required unless the listener is loopback-only or `insecure` says otherwise.
+    pub fn check(&self) -> Result<(), ClusterError> {
+        if self.token.is_none() && !self.listen.ip().is_loopback() && !self.insecure {
+            return Err(ClusterError::Config(format!(
+                "refusing to listen on {} without a job token: set --token-file or DTRAIN_TOKEN (or pass --insecure)",
+                self.listen
+            )));
+        }
+        if self.min_workers == 0 {
+            return Err(ClusterError::Config("--min-workers must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+fn log(msg: &str) {
+    eprintln!("coordinator: {msg}");
+}
+
+struct Cluster<'o> {
+    opts: &'o ClusterOptions,
+    rt: tokio::runtime::Runtime,
+    workers: Option<LocalWorkers>,
+}
+
+impl EngineFactory for Cluster<'_> {
+    fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
+        let err = |e: String| FitError::Engine(e);
+        let (hub, events) = Hub::new(job.config.to_toml());
+        let listener = self
+            .rt
+            .block_on(tokio::net::TcpListener::bind(self.opts.listen))
+            .map_err(|e| err(format!("cannot listen on {}: {e}", self.opts.listen)))?;
+        let addr = listener.local_addr().map_err(|e| err(e.to_string()))?;
+        log(&format!("listening on {addr}"));
+        let service = CoordinatorService { hub: Arc::clone(&hub), token: self.opts.token.clone() };
+        let server = CoordinatorServer::new(service)
+            .max_decoding_message_size(MESSAGE_LIMIT)
+            .max_encoding_message_size(MESSAGE_LIMIT);
+        // tonic's serve_with_incoming ignores the builder's nodelay: set it on every socket.
+        let incoming = TcpListenerStream::new(listener).map(|s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        });
+        self.rt.spawn(
+            tonic::transport::Server::builder()
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(8 << 20)
+                .add_service(server)
+                .serve_with_incoming(incoming),
+        );
+        if self.opts.spawn_workers > 0 {
+            let url = format!("http://{addr}");
+            self.workers =
+                Some(LocalWorkers::spawn(self.opts.spawn_workers, &url, self.opts.token.as_deref()).map_err(err)?);
+        }
+        let need = self.opts.min_workers;
+        log(&format!("waiting for {need} worker(s)"));
+        let until = Instant::now() + self.opts.worker_wait;
+        while hub.alive().len() < need {
+            if Instant::now() > until {
+                return Err(err(format!(
+                    "only {} of {need} worker(s) joined within {:?}",
+                    hub.alive().len(),
+                    self.opts.worker_wait
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Box::new(ClusterEngine {
+            data: train,
+            rt: self.rt.handle().clone(),
+            hub,
+            events,
+            step_timeout: self.opts.step_timeout,
+            worker_wait: self.opts.worker_wait,
+            faults: Default::default(),
+            log: Box::new(log),
+        }))
+    }
+}
+
+/// Trains with workers; like `session::train` otherwise (same run directory, same results
+/// for the same `fit.shards`).
+pub fn train(opts: &TrainOptions, cluster: &ClusterOptions, obs: &mut dyn Observer) -> Result<Report, ClusterError> {
+    cluster.check()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| ClusterError::Io(format!("cannot start the network runtime: {e}")))?;
+    let mut factory = Cluster { opts: cluster, rt, workers: None };
+    let report = train_with(opts, &mut factory, obs)?;
+    Ok(report)
+}

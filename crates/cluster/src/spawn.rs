@@ -1,0 +1,44 @@
+//! `--spawn-workers N`: local worker processes, killed when the coordinator is done with them.
+
+use std::process::{Child, Command, Stdio};
+
+pub struct LocalWorkers {
+    children: Vec<Child>,
+}
+
+impl LocalWorkers {
+    /// Starts `n` copies of the `worker` binary that sits beside this executable.
+    pub fn spawn(n: usize, coordinator: &str, token: Option<&str>) -> Result<LocalWorkers, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+        let worker = exe.with_file_name("worker");
+        let mut children = Vec::new();
+        for i in 0..n {
+            let mut cmd = Command::new(&worker);
+            cmd.args(["--coordinator", coordinator, "--name", &format!("local-{i}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            if let Some(t) = token {
+                cmd.env("DTRAIN_TOKEN", t);
+            }
+            let child = cmd.spawn().map_err(|e| format!("{}: cannot start a worker: {e}", worker.display()))?;
+            children.push(child);
+        }
+        Ok(LocalWorkers { children })
+    }
+}
+
+impl Drop for LocalWorkers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // Workers were told to stop; give them a moment, then make sure.
+            for _ in 0..20 {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

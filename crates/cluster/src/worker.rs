@@ -1,0 +1,151 @@
+//! The worker: dials the coordinator, receives the job, then computes the shards it is sent
+//! until told to stop. It reads no data files. A lost connection is retried (the coordinator
+//! may be restarting from its checkpoint) for `retry_for`.
+
+use crate::ClusterError;
+use dtrain_fit::config::JobConfig;
+use dtrain_fit::engine::ShardBuffers;
+use dtrain_fit::Job;
+use dtrain_nn::Mode;
+use dtrain_proto::pb::coordinator_client::CoordinatorClient;
+use dtrain_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
+use dtrain_proto::{read_f32s, result_to_wire, shard_from_wire, PROTOCOL_VERSION};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tonic::{Code, Request, Status};
+
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    /// e.g. http://coordinator:50051
+    pub coordinator: String,
+    pub token: Option<String>,
+    pub name: String,
+    /// Keep trying to (re)connect this long before giving up.
+    pub retry_for: Duration,
+}
+
+enum End {
+    Stopped(String),
+}
+
+/// Runs until the coordinator says stop (Ok) or cannot be reached for `retry_for` (Err).
+pub async fn run(opts: WorkerOptions, log: impl Fn(&str)) -> Result<(), ClusterError> {
+    dtrain_nn::set_blas_threads(1);
+    let mut last_ok = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&opts, &log, &mut last_ok).await {
+            Ok(End::Stopped(reason)) => {
+                log(&format!("stopping: {reason}"));
+                return Ok(());
+            }
+            Err(e) if matches!(e.code(), Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument) => {
+                return Err(ClusterError::Rejected(e.message().to_string()));
+            }
+            Err(e) => {
+                if last_ok.elapsed() > opts.retry_for {
+                    return Err(ClusterError::Io(format!(
+                        "cannot reach the coordinator at {} for {:?}: {}",
+                        opts.coordinator,
+                        opts.retry_for,
+                        e.message()
+                    )));
+                }
+                log(&format!("connection to {} lost or refused ({}); retrying", opts.coordinator, e.message()));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instant) -> Result<End, Status> {
+    let endpoint = Endpoint::from_shared(opts.coordinator.clone())
+        .map_err(|e| Status::invalid_argument(format!("--coordinator {}: {e}", opts.coordinator)))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(8 << 20);
+    let channel = endpoint.connect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut client = CoordinatorClient::new(channel)
+        .max_decoding_message_size(crate::MESSAGE_LIMIT)
+        .max_encoding_message_size(crate::MESSAGE_LIMIT);
+    let (tx, rx) = mpsc::channel(8);
+    let hello = pb::Hello { protocol_version: PROTOCOL_VERSION, name: opts.name.clone() };
+    tx.send(pb::WorkerMessage { kind: Some(In::Hello(hello)) }).await.map_err(|_| Status::internal("send"))?;
+    let mut req = Request::new(ReceiverStream::new(rx));
+    if let Some(t) = &opts.token {
+        let v = crate::auth::bearer(t)
+            .parse()
+            .map_err(|_| Status::invalid_argument("the token is not valid header text"))?;
+        req.metadata_mut().insert(crate::auth::HEADER, v);
+    }
+    let mut inbound = client.join(req).await?.into_inner();
+    let job = match inbound.message().await? {
+        Some(pb::CoordinatorMessage { kind: Some(Out::Welcome(w)) }) => {
+            let config: JobConfig =
+                toml::from_str(&w.job_toml).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
+            let job = Job::build(config, PathBuf::new()).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
+            log(&format!("joined as worker {}: {} parameters", w.worker_id, job.model.num_params()));
+            job
+        }
+        _ => return Err(Status::internal("expected Welcome")),
+    };
+    *last_ok = Instant::now();
+    let mut compute = Compute { job, buffers: ShardBuffers::default(), params: vec![], grad: vec![] };
+    while let Some(msg) = inbound.message().await? {
+        *last_ok = Instant::now();
+        match msg.kind {
+            Some(Out::Work(w)) => {
+                let (c, results) = tokio::task::spawn_blocking(move || {
+                    let r = compute.run(w);
+                    (compute, r)
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?;
+                compute = c;
+                for r in results? {
+                    tx.send(pb::WorkerMessage { kind: Some(In::Result(r)) })
+                        .await
+                        .map_err(|_| Status::unavailable("stream closed"))?;
+                }
+            }
+            Some(Out::Stop(s)) => return Ok(End::Stopped(s.reason)),
+            _ => return Err(Status::internal("unexpected message")),
+        }
+    }
+    Err(Status::unavailable("the coordinator closed the stream"))
+}
+
+/// One worker's compute state, reused across steps.
+struct Compute {
+    job: Job,
+    buffers: ShardBuffers,
+    params: Vec<f32>,
+    grad: Vec<f32>,
+}
+
+impl Compute {
+    fn run(&mut self, w: pb::Work) -> Result<Vec<pb::ShardResult>, Status> {
+        let model = &self.job.model;
+        let n = model.num_params();
+        self.params.resize(n, 0.0);
+        self.grad.resize(n, 0.0);
+        read_f32s("params", &w.params, &mut self.params).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut out = Vec::with_capacity(w.shards.len());
+        for s in w.shards {
+            let t0 = Instant::now();
+            let (index, first, data) = shard_from_wire(s, model.input_shape(), model.output_width())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let idx: Vec<u32> = (0..data.len() as u32).collect();
+            let mode =
+                Mode::Train { seed: self.job.seed, step: w.step, first_position: first, global_batch: w.global_batch };
+            let stats = self.buffers.gradient(model, &data, &self.params, &idx, mode, &mut self.grad);
+            out.push(result_to_wire(w.step, index, &self.grad, &stats, t0.elapsed().as_micros() as u64));
+        }
+        Ok(out)
+    }
+}

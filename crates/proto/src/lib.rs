@@ -1,0 +1,181 @@
+//! dtrain-proto: the generated protocol, and the conversions between wire and domain types.
+//! Nothing else in dtrain touches generated types; everything received is checked here
+//! (lengths, shapes, finite values) before anyone uses it.
+
+pub mod pb {
+    tonic::include_proto!("dtrain.v1");
+}
+
+use dtrain_data::{Dataset, Features, Labels};
+use dtrain_nn::ShardStats;
+use prost::bytes::Bytes;
+
+/// Bumped on any incompatible change; checked when a worker joins.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum WireError {
+    #[error("{what}: {len} bytes is not a whole number of f32 values")]
+    Ragged { what: &'static str, len: usize },
+    #[error("{what}: {got} values, expected {want}")]
+    Length { what: &'static str, got: usize, want: usize },
+    #[error("{what}: value {index} is not finite")]
+    NotFinite { what: &'static str, index: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Little-endian f32 bytes, as tensors travel.
+pub fn f32_bytes(v: &[f32]) -> Bytes {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+    Bytes::from(out)
+}
+
+/// Decodes little-endian f32 bytes into `out` (whose length is the expected count), rejecting
+/// a wrong length or a non-finite value.
+pub fn read_f32s(what: &'static str, b: &[u8], out: &mut [f32]) -> Result<(), WireError> {
+    if !b.len().is_multiple_of(4) {
+        return Err(WireError::Ragged { what, len: b.len() });
+    }
+    if b.len() / 4 != out.len() {
+        return Err(WireError::Length { what, got: b.len() / 4, want: out.len() });
+    }
+    for (i, (o, c)) in out.iter_mut().zip(b.chunks_exact(4)).enumerate() {
+        *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        if !o.is_finite() {
+            return Err(WireError::NotFinite { what, index: i });
+        }
+    }
+    Ok(())
+}
+
+/// A shard of a step as it travels: the rows of `data` at `rows`, stored as stored.
+pub fn shard_to_wire(index: u32, first_position: u32, data: &Dataset, rows: &[u32]) -> pb::Shard {
+    let sub = data.subset(rows);
+    let features = match sub.features {
+        Features::U8(v) => pb::shard::Features::U8(Bytes::from(v)),
+        Features::F32(v) => pb::shard::Features::F32(f32_bytes(&v)),
+    };
+    let (classes, values, target_width) = match sub.labels {
+        Labels::Classes(c) => (c, Bytes::new(), 0),
+        Labels::Values { data, width } => (vec![], f32_bytes(&data), width as u32),
+    };
+    pb::Shard {
+        index,
+        first_position,
+        rows: rows.len() as u32,
+        features: Some(features),
+        rescale: sub.rescale,
+        classes,
+        values,
+        target_width,
+    }
+}
+
+/// A received shard: (index, first position, its rows as a dataset), checked against the
+/// model's sample shape and output width.
+pub fn shard_from_wire(s: pb::Shard, sample_shape: &[usize], outputs: usize) -> Result<(u32, u32, Dataset), WireError> {
+    let rows = s.rows as usize;
+    let width: usize = sample_shape.iter().product();
+    let features = match s.features {
+        Some(pb::shard::Features::U8(b)) => {
+            if b.len() != rows * width {
+                return Err(WireError::Length { what: "shard features", got: b.len(), want: rows * width });
+            }
+            Features::U8(b.to_vec())
+        }
+        Some(pb::shard::Features::F32(b)) => {
+            let mut v = vec![0.0; rows * width];
+            read_f32s("shard features", &b, &mut v)?;
+            Features::F32(v)
+        }
+        None => return Err(WireError::Invalid("shard without features".into())),
+    };
+    let labels = if s.target_width == 0 {
+        if s.classes.len() != rows {
+            return Err(WireError::Length { what: "shard classes", got: s.classes.len(), want: rows });
+        }
+        if let Some(&c) = s.classes.iter().find(|&&c| outputs > 1 && c as usize >= outputs) {
+            return Err(WireError::Invalid(format!("class {c} is outside the model's {outputs} outputs")));
+        }
+        Labels::Classes(s.classes)
+    } else {
+        let w = s.target_width as usize;
+        let mut v = vec![0.0; rows * w];
+        read_f32s("shard targets", &s.values, &mut v)?;
+        Labels::Values { data: v, width: w }
+    };
+    if !s.rescale.is_finite() {
+        return Err(WireError::Invalid("shard rescale is not finite".into()));
+    }
+    let data = Dataset::new(features, sample_shape.to_vec(), labels)
+        .map_err(|e| WireError::Invalid(e.to_string()))?
+        .with_rescale(s.rescale);
+    Ok((s.index, s.first_position, data))
+}
+
+/// A shard's result as it travels.
+pub fn result_to_wire(step: u64, index: u32, grad: &[f32], stats: &ShardStats, compute_micros: u64) -> pb::ShardResult {
+    pb::ShardResult {
+        step,
+        index,
+        gradient: f32_bytes(grad),
+        loss_sum: stats.loss_sum,
+        activity: stats.activity,
+        correct: stats.correct,
+        rows: stats.rows,
+        compute_micros,
+    }
+}
+
+/// A received result, its gradient decoded into `grad` (the model's size); rejects a wrong
+/// length, non-finite gradients or sums, or counts that do not fit the shard.
+pub fn result_from_wire(r: &pb::ShardResult, rows: u64, grad: &mut [f32]) -> Result<ShardStats, WireError> {
+    read_f32s("gradient", &r.gradient, grad)?;
+    if !(r.loss_sum.is_finite() && r.activity.is_finite()) {
+        return Err(WireError::Invalid("loss sums are not finite".into()));
+    }
+    if r.rows != rows || r.correct > rows {
+        return Err(WireError::Invalid(format!(
+            "result counts {} rows ({} correct) for a shard of {rows}",
+            r.rows, r.correct
+        )));
+    }
+    Ok(ShardStats { loss_sum: r.loss_sum, activity: r.activity, correct: r.correct, rows: r.rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_round_trip_and_bad_tensors_are_refused() {
+        let d = Dataset::new(Features::U8((0..12).collect()), vec![2, 2], Labels::Classes(vec![0, 1, 2]))
+            .unwrap()
+            .with_rescale(0.5);
+        let wire = shard_to_wire(3, 7, &d, &[2, 0]);
+        let (i, first, got) = shard_from_wire(wire.clone(), &[2, 2], 3).unwrap();
+        assert_eq!((i, first), (3, 7));
+        assert_eq!(got, d.subset(&[2, 0]));
+        let mut bad = wire.clone();
+        bad.rows = 3;
+        assert!(matches!(shard_from_wire(bad, &[2, 2], 3), Err(WireError::Length { .. })));
+        let mut bad = wire;
+        bad.classes = vec![0, 9];
+        assert!(shard_from_wire(bad, &[2, 2], 3).unwrap_err().to_string().contains("class 9"));
+
+        let stats = ShardStats { loss_sum: 1.5, activity: 0.25, correct: 1, rows: 2 };
+        let r = result_to_wire(4, 1, &[1.0, -2.0], &stats, 10);
+        let mut g = [0.0; 2];
+        assert_eq!(result_from_wire(&r, 2, &mut g).unwrap(), stats);
+        assert_eq!(g, [1.0, -2.0]);
+        let mut g3 = [0.0; 3];
+        assert_eq!(
+            result_from_wire(&r, 2, &mut g3).unwrap_err(),
+            WireError::Length { what: "gradient", got: 2, want: 3 }
+        );
+        let nan = result_to_wire(4, 1, &[1.0, f32::NAN], &stats, 10);
+        assert_eq!(result_from_wire(&nan, 2, &mut g).unwrap_err(), WireError::NotFinite { what: "gradient", index: 1 });
+    }
+}

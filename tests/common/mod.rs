@@ -62,3 +62,85 @@ epochs = 3
     std::fs::write(&p, job).unwrap();
     p
 }
+
+/// A child process that is killed when dropped, also when the test fails.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr read line by line into `lines`.
+    pub fn start(mut cmd: Command) -> Proc {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("starts");
+        let (tx, lines) = std::sync::mpsc::channel();
+        for r in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        Proc { child, lines }
+    }
+
+    /// Waits for a line containing `needle` (panics after `secs`); returns it.
+    pub fn wait_for(&self, needle: &str, secs: u64) -> String {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => continue,
+                Err(_) => panic!("no line with {needle:?} within {secs}s"),
+            }
+        }
+    }
+
+    /// Waits for the process to exit (panics after `secs`); returns whether it succeeded,
+    /// and everything it printed that was not read yet.
+    pub fn finish(&mut self, secs: u64) -> (bool, String) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let rest: Vec<String> = self.lines.try_iter().collect();
+                return (status.success(), rest.join("\n"));
+            }
+            assert!(std::time::Instant::now() < until, "process still running after {secs}s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok =
+            Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -{sig}");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn worker(coordinator: &str, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
+    cmd.args(["--coordinator", coordinator, "--retry-for", "30"]).args(extra);
+    Proc::start(cmd)
+}
+
+/// The port in a `coordinator: listening on 127.0.0.1:PORT` line.
+pub fn listening_url(p: &Proc) -> String {
+    let line = p.wait_for("listening on", 30);
+    format!("http://{}", line.rsplit(' ').next().unwrap())
+}

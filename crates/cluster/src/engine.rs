@@ -120,12 +120,14 @@ impl ClusterEngine<'_> {
                         }
                     }
                 }
-                Ok(Some(Event::Left { id, reason })) => {
+                Ok(Some(Event::Left { id, .. })) => {
                     let lost = take_assigned(&mut assigned, id);
-                    (self.log)(&format!("worker {id} left ({reason}); {} shard(s) go to others", lost.len()));
+                    if !lost.is_empty() {
+                        (self.log)(&format!("shard(s) {lost:?} of worker {id} go to others"));
+                    }
                     pending.extend(lost);
                 }
-                Ok(Some(Event::Joined { id, name })) => (self.log)(&format!("worker {id} ({name}) joined")),
+                Ok(Some(Event::Joined { .. })) => {}
                 Ok(None) => return Err("the coordinator's worker hub stopped".into()),
                 Err(_) => {
                     let late: BTreeSet<u32> = assigned.values().copied().collect();
@@ -155,8 +157,7 @@ impl ClusterEngine<'_> {
         let until = Instant::now() + self.worker_wait;
         loop {
             match tokio::time::timeout_at(until.into(), self.events.recv()).await {
-                Ok(Some(Event::Joined { id, name })) => {
-                    (self.log)(&format!("worker {id} ({name}) joined"));
+                Ok(Some(Event::Joined { .. })) => {
                     if !self.hub.alive().is_empty() {
                         return Ok(());
                     }

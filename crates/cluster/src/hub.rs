@@ -25,14 +25,16 @@ struct Worker {
 
 pub struct Hub {
     job_toml: String,
+    log: fn(&str),
     workers: Mutex<(u32, BTreeMap<u32, Worker>)>,
     events: mpsc::UnboundedSender<Event>,
 }
 
 impl Hub {
-    pub fn new(job_toml: String) -> (Arc<Hub>, mpsc::UnboundedReceiver<Event>) {
+    /// `log` gets a line when a worker joins or leaves.
+    pub fn new(job_toml: String, log: fn(&str)) -> (Arc<Hub>, mpsc::UnboundedReceiver<Event>) {
         let (events, rx) = mpsc::unbounded_channel();
-        (Arc::new(Hub { job_toml, workers: Mutex::new((0, BTreeMap::new())), events }), rx)
+        (Arc::new(Hub { job_toml, log, workers: Mutex::new((0, BTreeMap::new())), events }), rx)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (u32, BTreeMap<u32, Worker>)> {
@@ -58,6 +60,7 @@ impl Hub {
             kind: Some(Out::Welcome(pb::Welcome { job_toml: self.job_toml.clone(), worker_id: id })),
         };
         let _ = tx.try_send(Ok(welcome));
+        (self.log)(&format!("worker {id} ({name}) joined"));
         let _ = self.events.send(Event::Joined { id, name });
         let hub = Arc::clone(self);
         tokio::spawn(async move { hub.pump(id, inbound).await });
@@ -75,7 +78,8 @@ impl Hub {
                 Err(e) => break format!("stream failed: {}", e.message()),
             }
         };
-        if self.lock().1.remove(&id).is_some() {
+        if let Some(w) = self.lock().1.remove(&id) {
+            (self.log)(&format!("worker {id} ({}) left: {reason}", w.name));
             let _ = self.events.send(Event::Left { id, reason });
         }
     }

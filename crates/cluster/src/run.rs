@@ -60,7 +60,7 @@ struct Cluster<'o> {
 impl EngineFactory for Cluster<'_> {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
         let err = |e: String| FitError::Engine(e);
-        let (hub, events) = Hub::new(job.config.to_toml());
+        let (hub, events) = Hub::new(job.config.to_toml(), log);
         let listener = self
             .rt
             .block_on(tokio::net::TcpListener::bind(self.opts.listen))

@@ -1,0 +1,153 @@
+//! The cluster's guarantees, as multi-process tests of the real binaries on 127.0.0.1. Every
+//! child is killed when its guard drops, also when a test fails; every wait is bounded.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+const SHARDS: &str = "shards = 4";
+
+fn job(dir: &Path) -> String {
+    write_job(dir, SHARDS).to_str().unwrap().to_string()
+}
+
+fn local_run(dir: &Path, job: &str, epochs: &str) -> Vec<u8> {
+    let rd = dir.join("local");
+    let o = run(&["train", "--config", job, "--run-dir", rd.to_str().unwrap(), "--epochs", epochs, "-q", "--local"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::read(rd.join("final.safetensors")).unwrap()
+}
+
+fn coordinator_proc(job: &str, rd: &Path, epochs: &str, extra: &[&str]) -> Proc {
+    let mut cmd = coordinator();
+    cmd.args(["train", "--config", job, "--run-dir", rd.to_str().unwrap(), "--epochs", epochs, "--log-format", "json"])
+        .args(extra);
+    Proc::start(cmd)
+}
+
+fn finals(rd: &Path) -> Vec<u8> {
+    std::fs::read(rd.join("final.safetensors")).unwrap()
+}
+
+/// Guarantees 1 and 7: the same weights in process and with 1, 2 or 3 workers (3 does not
+/// divide the 4 shards), with L2, activity L1, dropout and MaxNorm on.
+#[test]
+fn same_weights_with_any_number_of_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, "3");
+    for n in ["1", "2", "3"] {
+        let rd = dir.path().join(format!("w{n}"));
+        let mut c = coordinator_proc(&job, &rd, "3", &["--spawn-workers", n]);
+        let (ok, out) = c.finish(60);
+        assert!(ok, "{out}");
+        assert!(finals(&rd) == want, "{n} worker(s) changed the weights");
+    }
+}
+
+/// Guarantees 2 and 4: a worker killed with SIGKILL mid-run, and another joining mid-run.
+#[test]
+fn worker_killed_and_worker_joining_mid_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, "100");
+    let rd = dir.path().join("run");
+    let c = coordinator_proc(&job, &rd, "100", &["--listen", "127.0.0.1:0", "--min-workers", "2"]);
+    let url = listening_url(&c);
+    let a = worker(&url, &["--name", "a"]);
+    let _b = worker(&url, &["--name", "b"]);
+    c.wait_for("\"epoch\":2,", 60);
+    a.signal("KILL");
+    c.wait_for("left", 30);
+    let _late = worker(&url, &["--name", "late"]);
+    c.wait_for("(late) joined", 30);
+    let mut c = c;
+    let (ok, out) = c.finish(120);
+    assert!(ok, "{out}");
+    assert!(finals(&rd) == want, "losing and gaining workers changed the weights");
+}
+
+/// Guarantee 3: a worker stopped with SIGSTOP misses the step deadline, its shards go to the
+/// other worker, and the weights do not change.
+#[test]
+fn hung_worker_is_detected_within_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, "60");
+    let rd = dir.path().join("run");
+    let c =
+        coordinator_proc(&job, &rd, "60", &["--listen", "127.0.0.1:0", "--min-workers", "2", "--step-timeout", "0.5"]);
+    let url = listening_url(&c);
+    let _a = worker(&url, &["--name", "a"]);
+    let b = worker(&url, &["--name", "b"]);
+    c.wait_for("\"epoch\":2,", 60);
+    b.signal("STOP");
+    c.wait_for("missed the", 30);
+    let mut c = c;
+    let (ok, out) = c.finish(120);
+    assert!(ok, "{out}");
+    assert!(finals(&rd) == want, "a hung worker changed the weights");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Guarantee 5: the coordinator killed with SIGKILL mid-run and restarted with --resume ends
+/// with the same weights; workers reconnect on their own; history has each epoch once.
+#[test]
+fn coordinator_killed_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, "30");
+    let rd = dir.path().join("run");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{addr}");
+    let c = coordinator_proc(&job, &rd, "30", &["--listen", &addr, "--min-workers", "2"]);
+    let _a = worker(&url, &["--name", "a"]);
+    let _b = worker(&url, &["--name", "b"]);
+    c.wait_for("\"epoch\":3,", 60);
+    c.signal("KILL");
+    drop(c);
+    let mut cmd = coordinator();
+    cmd.args(["train", "--run-dir", rd.to_str().unwrap(), "--resume", "--listen", &addr, "--min-workers", "2", "-q"]);
+    let mut c = Proc::start(cmd);
+    let (ok, out) = c.finish(120);
+    assert!(ok, "{out}");
+    assert!(finals(&rd) == want, "resuming the coordinator changed the weights");
+    let history = std::fs::read_to_string(rd.join("history.csv")).unwrap();
+    let epochs: Vec<&str> = history.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(epochs, (0..30).map(|e| e.to_string()).collect::<Vec<_>>());
+}
+
+/// Guarantee 6 (token): a worker with the wrong token is refused with a clear message and
+/// training goes on with the right one.
+#[test]
+fn wrong_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let token = dir.path().join("token");
+    std::fs::write(&token, "right-token\n").unwrap();
+    let rd = dir.path().join("run");
+    let c = coordinator_proc(&job, &rd, "3", &["--listen", "127.0.0.1:0", "--token-file", token.to_str().unwrap()]);
+    let url = listening_url(&c);
+    let mut bad = worker(&url, &["--token", "wrong"]);
+    let (ok, out) = bad.finish(30);
+    assert!(!ok);
+    assert!(out.contains("rejected by the coordinator: missing or wrong job token"), "{out}");
+    let _good = worker(&url, &["--token-file", token.to_str().unwrap()]);
+    let mut c = c;
+    let (ok, out) = c.finish(60);
+    assert!(ok, "{out}");
+}
+
+/// Without a token the coordinator only listens on loopback unless told --insecure.
+#[test]
+fn no_token_means_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let o =
+        run(&["train", "--config", &job, "--listen", "0.0.0.0:0", "--run-dir", dir.path().join("r").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("refusing to listen on 0.0.0.0:0 without a job token"), "{}", stderr(&o));
+}

@@ -1,0 +1,123 @@
+//! Guarantee 6 at the protocol level, with hand-made clients: a wrong protocol version, an
+//! oversized message and a worker that sends NaN gradients are refused with a clear status,
+//! and training is unaffected.
+
+mod common;
+use common::*;
+use dtrain_proto::pb::coordinator_client::CoordinatorClient;
+use dtrain_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
+use dtrain_proto::PROTOCOL_VERSION;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+async fn join(
+    url: &str,
+    hello: pb::Hello,
+) -> Result<(mpsc::Sender<pb::WorkerMessage>, tonic::Streaming<pb::CoordinatorMessage>), tonic::Status> {
+    let mut client = CoordinatorClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .max_encoding_message_size(256 << 20)
+        .max_decoding_message_size(256 << 20);
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(pb::WorkerMessage { kind: Some(In::Hello(hello)) }).await.unwrap();
+    let mut inbound = client.join(ReceiverStream::new(rx)).await?.into_inner();
+    inbound.message().await?; // Welcome, or the refusal
+    Ok((tx, inbound))
+}
+
+#[test]
+fn wrong_version_and_oversized_messages_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "shards = 2");
+    let mut cmd = coordinator();
+    cmd.args(["train", "--config", job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--worker-wait", "20"]);
+    cmd.args(["--run-dir", dir.path().join("run").to_str().unwrap(), "-q"]);
+    let c = Proc::start(cmd);
+    let url = listening_url(&c);
+    rt().block_on(async {
+        let e = join(&url, pb::Hello { protocol_version: PROTOCOL_VERSION + 1, name: "old".into() }).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("protocol version"), "{e}");
+        let e =
+            join(&url, pb::Hello { protocol_version: PROTOCOL_VERSION, name: "x".repeat(65 << 20) }).await.unwrap_err();
+        assert!(
+            matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal),
+            "{e}"
+        );
+    });
+    // The coordinator still trains once a real worker joins.
+    let _w = worker(&url, &[]);
+    let mut c = c;
+    let (ok, out) = c.finish(60);
+    assert!(ok, "{out}");
+}
+
+/// A worker that answers every shard with NaN gradients: its results are refused and the
+/// shards recomputed by a good worker; after repeated faults it is dropped, with its name in
+/// the log; the weights equal an in-process run.
+#[test]
+fn nan_gradients_are_recomputed_and_the_sender_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "shards = 2");
+    let job = job.to_str().unwrap();
+    let local = dir.path().join("local");
+    assert!(run(&["train", "--config", job, "--run-dir", local.to_str().unwrap(), "-q"]).status.success());
+    let rd = dir.path().join("run");
+    let mut cmd = coordinator();
+    cmd.args([
+        "train",
+        "--config",
+        job,
+        "--listen",
+        "127.0.0.1:0",
+        "--min-workers",
+        "2",
+        "--run-dir",
+        rd.to_str().unwrap(),
+    ]);
+    let c = Proc::start(cmd);
+    let url = listening_url(&c);
+    let evil = std::thread::spawn({
+        let url = url.clone();
+        move || {
+            rt().block_on(async {
+                let (tx, mut inbound) =
+                    join(&url, pb::Hello { protocol_version: PROTOCOL_VERSION, name: "evil".into() }).await.unwrap();
+                while let Ok(Some(m)) =
+                    tokio::time::timeout(Duration::from_secs(30), inbound.message()).await.unwrap_or(Ok(None))
+                {
+                    if let Some(Out::Work(w)) = m.kind {
+                        let n = w.params.len() / 4;
+                        for s in w.shards {
+                            let r = dtrain_proto::result_to_wire(
+                                w.step,
+                                s.index,
+                                &vec![f32::NAN; n],
+                                &Default::default(),
+                                1,
+                            );
+                            let _ = tx.send(pb::WorkerMessage { kind: Some(In::Result(r)) }).await;
+                        }
+                    }
+                }
+            })
+        }
+    });
+    c.wait_for("(evil) joined", 30);
+    let _good = worker(&url, &["--name", "good"]);
+    c.wait_for("evil (worker 1) sent a bad result", 30);
+    c.wait_for("dropping evil (worker 1) after 3 faulty results", 30);
+    let mut c = c;
+    let (ok, out) = c.finish(60);
+    assert!(ok, "{out}");
+    evil.join().unwrap();
+    assert!(
+        std::fs::read(rd.join("final.safetensors")).unwrap() == std::fs::read(local.join("final.safetensors")).unwrap()
+    );
+}

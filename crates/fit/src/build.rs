@@ -352,7 +352,7 @@ fn optimizer(o: &OptimizerConfigFile) -> R<OptimizerConfig> {
             LearningRate::Constant(*v)
         }
         Some(LearningRateConfig::Schedule(s)) => {
-            let s = schedule(s);
+            let s = s.clone();
             s.validate().map_err(|e| format!("{name}.learning_rate.{}.{e}", schedule_name(&s)))?;
             LearningRate::Schedule(s)
         }
@@ -388,29 +388,6 @@ fn schedule_name(s: &Schedule) -> &'static str {
         Schedule::InverseTimeDecay { .. } => "InverseTimeDecay",
         Schedule::CosineDecay { .. } => "CosineDecay",
         Schedule::CosineDecayRestarts { .. } => "CosineDecayRestarts",
-    }
-}
-
-pub fn schedule(s: &ScheduleConfig) -> Schedule {
-    match s.clone() {
-        ScheduleConfig::ExponentialDecay { initial_learning_rate, decay_steps, decay_rate, staircase } => {
-            Schedule::ExponentialDecay { initial_learning_rate, decay_steps, decay_rate, staircase }
-        }
-        ScheduleConfig::PiecewiseConstantDecay { boundaries, values } => {
-            Schedule::PiecewiseConstantDecay { boundaries, values }
-        }
-        ScheduleConfig::PolynomialDecay { initial_learning_rate, decay_steps, end_learning_rate, power, cycle } => {
-            Schedule::PolynomialDecay { initial_learning_rate, decay_steps, end_learning_rate, power, cycle }
-        }
-        ScheduleConfig::InverseTimeDecay { initial_learning_rate, decay_steps, decay_rate, staircase } => {
-            Schedule::InverseTimeDecay { initial_learning_rate, decay_steps, decay_rate, staircase }
-        }
-        ScheduleConfig::CosineDecay { initial_learning_rate, decay_steps, alpha, warmup_target, warmup_steps } => {
-            Schedule::CosineDecay { initial_learning_rate, decay_steps, alpha, warmup_target, warmup_steps }
-        }
-        ScheduleConfig::CosineDecayRestarts { initial_learning_rate, first_decay_steps, t_mul, m_mul, alpha } => {
-            Schedule::CosineDecayRestarts { initial_learning_rate, first_decay_steps, t_mul, m_mul, alpha }
-        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The job file: Keras's argument names with Keras's defaults. Parsing rejects unknown keys;
 //! `build` validates once and turns the file into the domain types the trainer runs.
 
+use dtrain_optim::Schedule;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -302,67 +303,7 @@ pub struct OptimizerArgs {
 )]
 pub enum LearningRateConfig {
     Value(f32),
-    Schedule(ScheduleConfig),
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub enum ScheduleConfig {
-    ExponentialDecay {
-        initial_learning_rate: f32,
-        decay_steps: u64,
-        decay_rate: f32,
-        #[serde(default)]
-        staircase: bool,
-    },
-    PiecewiseConstantDecay {
-        boundaries: Vec<u64>,
-        values: Vec<f32>,
-    },
-    PolynomialDecay {
-        initial_learning_rate: f32,
-        decay_steps: u64,
-        #[serde(default = "end_lr")]
-        end_learning_rate: f32,
-        #[serde(default = "onef")]
-        power: f32,
-        #[serde(default)]
-        cycle: bool,
-    },
-    InverseTimeDecay {
-        initial_learning_rate: f32,
-        decay_steps: u64,
-        decay_rate: f32,
-        #[serde(default)]
-        staircase: bool,
-    },
-    CosineDecay {
-        initial_learning_rate: f32,
-        decay_steps: u64,
-        #[serde(default)]
-        alpha: f32,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        warmup_target: Option<f32>,
-        #[serde(default)]
-        warmup_steps: u64,
-    },
-    CosineDecayRestarts {
-        initial_learning_rate: f32,
-        first_decay_steps: u64,
-        #[serde(default = "twof")]
-        t_mul: f32,
-        #[serde(default = "onef")]
-        m_mul: f32,
-        #[serde(default)]
-        alpha: f32,
-    },
-}
-
-fn end_lr() -> f32 {
-    1e-4
-}
-fn twof() -> f32 {
-    2.0
+    Schedule(Schedule),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -2,15 +2,16 @@
 //! Tolerances are stated per test; they cover float32 rounding-order differences only.
 
 use dtrain_data::{Dataset, Features, Labels};
-use dtrain_fit::build::{callbacks, schedule, Job};
+use dtrain_fit::build::{callbacks, Job};
 use dtrain_fit::callbacks::Callback;
 use dtrain_fit::checkpoint::TrainState;
-use dtrain_fit::config::{CallbackConfig, JobConfig, ScheduleConfig};
+use dtrain_fit::config::{CallbackConfig, JobConfig};
 use dtrain_fit::evaluate::evaluate;
 use dtrain_fit::logs::EpochLogs;
 use dtrain_fit::run::RunDir;
 use dtrain_fit::{Console, LocalEngine, LogFormat};
 use dtrain_nn::{Mode, Targets, Workspace};
+use dtrain_optim::Schedule;
 use ndarray::Array2;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -163,8 +164,7 @@ fn optimizer_steps_with_constraints() {
 #[test]
 fn schedules() {
     for case in fixture()["schedules"].as_array().unwrap() {
-        let cfg: ScheduleConfig = serde_json::from_value(case["schedule"].clone()).unwrap();
-        let s = schedule(&cfg);
+        let s: Schedule = serde_json::from_value(case["schedule"].clone()).unwrap();
         s.validate().unwrap();
         for (k, want) in floats(&case["lrs"]).into_iter().enumerate() {
             let got = s.at(k as u64);

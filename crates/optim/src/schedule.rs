@@ -4,11 +4,14 @@ use serde::{Deserialize, Serialize};
 use std::f32::consts::PI;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Keras's schedules with Keras's argument names and defaults (as a job file spells them).
+#[serde(deny_unknown_fields)]
 pub enum Schedule {
     ExponentialDecay {
         initial_learning_rate: f32,
         decay_steps: u64,
         decay_rate: f32,
+        #[serde(default)]
         staircase: bool,
     },
     PiecewiseConstantDecay {
@@ -18,30 +21,50 @@ pub enum Schedule {
     PolynomialDecay {
         initial_learning_rate: f32,
         decay_steps: u64,
+        #[serde(default = "end_lr")]
         end_learning_rate: f32,
+        #[serde(default = "one")]
         power: f32,
+        #[serde(default)]
         cycle: bool,
     },
     InverseTimeDecay {
         initial_learning_rate: f32,
         decay_steps: u64,
         decay_rate: f32,
+        #[serde(default)]
         staircase: bool,
     },
     CosineDecay {
         initial_learning_rate: f32,
         decay_steps: u64,
+        #[serde(default)]
         alpha: f32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         warmup_target: Option<f32>,
+        #[serde(default)]
         warmup_steps: u64,
     },
     CosineDecayRestarts {
         initial_learning_rate: f32,
         first_decay_steps: u64,
+        #[serde(default = "two")]
         t_mul: f32,
+        #[serde(default = "one")]
         m_mul: f32,
+        #[serde(default)]
         alpha: f32,
     },
+}
+
+fn end_lr() -> f32 {
+    1e-4
+}
+fn two() -> f32 {
+    2.0
+}
+fn one() -> f32 {
+    1.0
 }
 
 impl Schedule {

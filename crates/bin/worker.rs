@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| std::fs::read_to_string("/etc/hostname").map_or("worker".into(), |h| h.trim().into()));
     let opts =
         WorkerOptions { coordinator: cli.coordinator, token, name, retry_for: Duration::from_secs(cli.retry_for) };
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the network runtime: {e}");

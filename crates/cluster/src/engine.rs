@@ -20,7 +20,9 @@ const MAX_FAULTS: u32 = 3;
 
 pub struct ClusterEngine<'a> {
     pub(crate) data: &'a Dataset,
-    pub(crate) rt: tokio::runtime::Handle,
+    /// A current-thread runtime: the step's network IO runs on the trainer's own thread,
+    /// with no wake-ups across threads.
+    pub(crate) rt: Arc<tokio::runtime::Runtime>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) events: mpsc::UnboundedReceiver<Event>,
     /// A worker that has not answered this long after getting work is dropped.
@@ -47,7 +49,7 @@ impl Engine for ClusterEngine<'_> {
 
 impl Drop for ClusterEngine<'_> {
     fn drop(&mut self) {
-        self.hub.stop_all("training finished");
+        self.rt.block_on(self.hub.stop_all("training finished", Duration::from_secs(2)));
     }
 }
 

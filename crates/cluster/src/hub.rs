@@ -26,6 +26,8 @@ struct Worker {
 pub struct Hub {
     job_toml: String,
     log: fn(&str),
+    /// Streams still open (a stopped worker's stream closes when it has read Stop).
+    open: std::sync::atomic::AtomicUsize,
     workers: Mutex<(u32, BTreeMap<u32, Worker>)>,
     events: mpsc::UnboundedSender<Event>,
 }
@@ -34,7 +36,16 @@ impl Hub {
     /// `log` gets a line when a worker joins or leaves.
     pub fn new(job_toml: String, log: fn(&str)) -> (Arc<Hub>, mpsc::UnboundedReceiver<Event>) {
         let (events, rx) = mpsc::unbounded_channel();
-        (Arc::new(Hub { job_toml, log, workers: Mutex::new((0, BTreeMap::new())), events }), rx)
+        (
+            Arc::new(Hub {
+                job_toml,
+                log,
+                open: Default::default(),
+                workers: Mutex::new((0, BTreeMap::new())),
+                events,
+            }),
+            rx,
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (u32, BTreeMap<u32, Worker>)> {
@@ -63,7 +74,11 @@ impl Hub {
         (self.log)(&format!("worker {id} ({name}) joined"));
         let _ = self.events.send(Event::Joined { id, name });
         let hub = Arc::clone(self);
-        tokio::spawn(async move { hub.pump(id, inbound).await });
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::spawn(async move {
+            hub.pump(id, inbound).await;
+            hub.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        });
         rx
     }
 
@@ -106,12 +121,17 @@ impl Hub {
         }
     }
 
-    /// Tells every worker to stop and forgets them.
-    pub fn stop_all(&self, reason: &str) {
+    /// Tells every worker to stop, and waits (up to `patience`) until they have hung up.
+    pub async fn stop_all(&self, reason: &str, patience: std::time::Duration) {
         let workers = std::mem::take(&mut self.lock().1);
+        let stop = || pb::CoordinatorMessage { kind: Some(Out::Stop(pb::Stop { reason: reason.into() })) };
         for w in workers.values() {
-            let _ =
-                w.tx.try_send(Ok(pb::CoordinatorMessage { kind: Some(Out::Stop(pb::Stop { reason: reason.into() })) }));
+            let _ = w.tx.try_send(Ok(stop()));
+        }
+        drop(workers);
+        let until = tokio::time::Instant::now() + patience;
+        while self.open.load(std::sync::atomic::Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 }

@@ -32,6 +32,7 @@ enum End {
 }
 
 /// Runs until the coordinator says stop (Ok) or cannot be reached for `retry_for` (Err).
+/// Meant for a current-thread runtime: shards are computed on the runtime's own thread.
 pub async fn run(opts: WorkerOptions, log: impl Fn(&str)) -> Result<(), ClusterError> {
     dtrain_nn::set_blas_threads(1);
     let mut last_ok = Instant::now();
@@ -68,7 +69,8 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(8 << 20);
+        .initial_connection_window_size(8 << 20)
+        .max_frame_size(crate::run::FRAME);
     let channel = endpoint.connect().await.map_err(|e| Status::unavailable(e.to_string()))?;
     let mut client = CoordinatorClient::new(channel)
         .max_decoding_message_size(crate::MESSAGE_LIMIT)
@@ -100,14 +102,9 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
         *last_ok = Instant::now();
         match msg.kind {
             Some(Out::Work(w)) => {
-                let (c, results) = tokio::task::spawn_blocking(move || {
-                    let r = compute.run(w);
-                    (compute, r)
-                })
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
-                compute = c;
-                for r in results? {
+                // Computed right here: this runtime serves only this stream, and a hand-off to
+                // another thread would cost two context switches a step.
+                for r in compute.run(w)? {
                     tx.send(pb::WorkerMessage { kind: Some(In::Result(r)) })
                         .await
                         .map_err(|_| Status::unavailable("stream closed"))?;

@@ -25,8 +25,13 @@ pub enum WireError {
     Invalid(String),
 }
 
-/// Little-endian f32 bytes, as tensors travel.
+/// Little-endian f32 bytes, as tensors travel: on little-endian machines one copy.
 pub fn f32_bytes(v: &[f32]) -> Bytes {
+    if cfg!(target_endian = "little") {
+        // SAFETY: any f32 is four initialized bytes; u8 has no alignment requirement.
+        let raw = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) };
+        return Bytes::copy_from_slice(raw);
+    }
     let mut out = Vec::with_capacity(v.len() * 4);
     v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
     Bytes::from(out)
@@ -41,13 +46,21 @@ pub fn read_f32s(what: &'static str, b: &[u8], out: &mut [f32]) -> Result<(), Wi
     if b.len() / 4 != out.len() {
         return Err(WireError::Length { what, got: b.len() / 4, want: out.len() });
     }
-    for (i, (o, c)) in out.iter_mut().zip(b.chunks_exact(4)).enumerate() {
+    for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
         *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        if !o.is_finite() {
-            return Err(WireError::NotFinite { what, index: i });
-        }
     }
-    Ok(())
+    if all_finite(out) {
+        return Ok(());
+    }
+    let index = out.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    Err(WireError::NotFinite { what, index })
+}
+
+dtrain_nn::avx2_dispatch! {
+    fn all_finite(v: &[f32]) -> bool {
+        // Branch-free over chunks so it vectorizes; infinities and NaNs have all exponent bits set.
+        v.chunks(64).all(|c| c.iter().fold(0u32, |acc, x| acc | u32::from((x.to_bits() & 0x7f80_0000) == 0x7f80_0000)) == 0)
+    }
 }
 
 /// A shard of a step as it travels: the rows of `data` at `rows`, stored as stored.

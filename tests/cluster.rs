@@ -151,3 +151,27 @@ fn no_token_means_loopback_only() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("refusing to listen on 0.0.0.0:0 without a job token"), "{}", stderr(&o));
 }
+
+/// SIGTERM: the coordinator saves its state mid-epoch, tells the workers to stop (they exit
+/// cleanly), and a resumed run ends with the uninterrupted run's weights.
+#[test]
+fn sigterm_saves_the_state_and_stops_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, "100");
+    let rd = dir.path().join("run");
+    let c = coordinator_proc(&job, &rd, "100", &["--listen", "127.0.0.1:0"]);
+    let url = listening_url(&c);
+    let mut w = worker(&url, &[]);
+    c.wait_for("\"epoch\":2,", 60);
+    c.signal("TERM");
+    let mut c = c;
+    let (ok, out) = c.finish(30);
+    assert!(!ok, "an interrupted run exits non-zero");
+    assert!(out.contains("interrupted at epoch") && out.contains("--resume --run-dir"), "{out}");
+    let (ok, out) = w.finish(30);
+    assert!(ok && out.contains("stopping"), "the worker should stop cleanly: {out}");
+    let o = run(&["train", "--run-dir", rd.to_str().unwrap(), "--resume", "--spawn-workers", "1", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(finals(&rd) == want, "SIGTERM and resume changed the weights");
+}

@@ -121,3 +121,41 @@ fn nan_gradients_are_recomputed_and_the_sender_dropped() {
         std::fs::read(rd.join("final.safetensors")).unwrap() == std::fs::read(local.join("final.safetensors")).unwrap()
     );
 }
+
+/// The gRPC health service answers SERVING on the coordinator (for its service) and on a
+/// worker started with --health-listen, as Kubernetes probes expect.
+#[test]
+fn health_services_report_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "");
+    let mut cmd = coordinator();
+    cmd.args(["train", "--config", job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--worker-wait", "20"]);
+    cmd.args(["--run-dir", dir.path().join("run").to_str().unwrap(), "--min-workers", "2", "-q"]);
+    let c = Proc::start(cmd);
+    let url = listening_url(&c);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let health = format!("127.0.0.1:{port}");
+    // While the coordinator waits for its second worker, both sides are idle and answer.
+    let _w = worker(&url, &["--health-listen", &health]);
+    rt().block_on(async {
+        let check = |addr: String, service: &'static str| async move {
+            for _ in 0..100 {
+                if let Ok(ch) = tonic::transport::Endpoint::from_shared(addr.clone()).unwrap().connect().await {
+                    let mut h = HealthClient::new(ch);
+                    let r = h.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+                    return r.status;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("no health service at {addr}");
+        };
+        assert_eq!(check(url.clone(), "dtrain.v1.Coordinator").await, ServingStatus::Serving as i32);
+        assert_eq!(check(format!("http://{health}"), "").await, ServingStatus::Serving as i32);
+    });
+    let _w2 = worker(&url, &[]);
+    let mut c = c;
+    let (ok, out) = c.finish(60);
+    assert!(ok, "{out}");
+}

@@ -8,6 +8,8 @@ use dtrain_fit::{Console, FitError, LogFormat};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -150,7 +152,13 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                 seed: a.seed,
                 threads: a.threads,
             };
-            let mut console = Console::new(format);
+            // SIGTERM (Kubernetes) or Ctrl-C: finish the step, save the state, tell workers to stop.
+            let interrupt = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, Arc::clone(&interrupt))
+                    .map_err(|e| FitError::Config(format!("cannot handle signal {sig}: {e}")))?;
+            }
+            let mut console = Console::new(format).with_interrupt(interrupt);
             if a.local || (a.listen.is_none() && a.spawn_workers == 0) {
                 session::train(&opts, &mut console)?;
             } else {

@@ -25,6 +25,9 @@ struct Cli {
     /// Keep trying to reach the coordinator this many seconds before giving up.
     #[arg(long, env = "DTRAIN_RETRY_FOR", default_value_t = 300)]
     retry_for: u64,
+    /// Serve the gRPC health service on this address (for Kubernetes probes).
+    #[arg(long, env = "DTRAIN_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -43,8 +46,13 @@ fn main() -> ExitCode {
     let name = cli
         .name
         .unwrap_or_else(|| std::fs::read_to_string("/etc/hostname").map_or("worker".into(), |h| h.trim().into()));
-    let opts =
-        WorkerOptions { coordinator: cli.coordinator, token, name, retry_for: Duration::from_secs(cli.retry_for) };
+    let opts = WorkerOptions {
+        coordinator: cli.coordinator,
+        token,
+        name,
+        retry_for: Duration::from_secs(cli.retry_for),
+        health_listen: cli.health_listen,
+    };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

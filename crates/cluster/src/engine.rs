@@ -31,6 +31,21 @@ pub struct ClusterEngine<'a> {
     pub(crate) worker_wait: Duration,
     pub(crate) faults: BTreeMap<u32, u32>,
     pub(crate) log: Box<dyn FnMut(&str) + Send + 'a>,
+    pub(crate) epoch: EpochStats,
+}
+
+/// What an epoch looked like from the coordinator.
+#[derive(Default)]
+pub(crate) struct EpochStats {
+    steps: u64,
+    bytes_out: u64,
+    bytes_in: u64,
+    /// Per worker: time from sending its work to each shard's result arriving, in µs.
+    round_trips: BTreeMap<u32, Vec<u32>>,
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
 }
 
 impl Engine for ClusterEngine<'_> {
@@ -43,7 +58,33 @@ impl Engine for ClusterEngine<'_> {
         out: &mut [Vec<f32>],
     ) -> Result<Vec<ShardStats>, String> {
         let rt = self.rt.clone();
+        self.epoch.steps += 1;
         rt.block_on(self.step(params, step, batch, shards, out))
+    }
+
+    fn epoch_report(&mut self) -> Option<String> {
+        self.report()
+    }
+}
+
+impl ClusterEngine<'_> {
+    fn report(&mut self) -> Option<String> {
+        let e = std::mem::take(&mut self.epoch);
+        if e.steps == 0 {
+            return None;
+        }
+        let mut times = vec![];
+        for (id, mut t) in e.round_trips {
+            t.sort_unstable();
+            times.push(format!("{} {:.2}/{:.2} ms", self.hub.name(id), percentile(&t, 0.5), percentile(&t, 0.99)));
+        }
+        Some(format!(
+            "cluster: {} worker(s) alive; shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received",
+            self.hub.alive().len(),
+            times.join(", "),
+            e.bytes_out as f64 / e.steps as f64 / 1024.0,
+            e.bytes_in as f64 / e.steps as f64 / 1024.0
+        ))
     }
 }
 
@@ -73,6 +114,7 @@ impl ClusterEngine<'_> {
         }
         let params = f32_bytes(params);
         let mut assigned: BTreeMap<usize, u32> = BTreeMap::new();
+        let mut sent_at: BTreeMap<u32, Instant> = BTreeMap::new();
         let mut deadline = Instant::now() + self.step_timeout;
         while !pending.is_empty() || !assigned.is_empty() {
             if !pending.is_empty() {
@@ -93,7 +135,10 @@ impl ClusterEngine<'_> {
                             })
                             .collect(),
                     };
+                    let size = prost::Message::encoded_len(&work) as u64;
                     if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
+                        self.epoch.bytes_out += size;
+                        sent_at.insert(id, Instant::now());
                         assigned.extend(group.iter().map(|&k| (k, id)));
                     } else {
                         pending.extend(group);
@@ -110,6 +155,10 @@ impl ClusterEngine<'_> {
                         continue; // a late reply from a worker this shard was taken from
                     }
                     let rows = shards[k].len() as u64;
+                    self.epoch.bytes_in += prost::Message::encoded_len(&result) as u64;
+                    if let Some(t) = sent_at.get(&id) {
+                        self.epoch.round_trips.entry(id).or_default().push(t.elapsed().as_micros() as u32);
+                    }
                     match result_from_wire(&result, rows, &mut out[k]) {
                         Ok(s) => {
                             stats[k] = s;

@@ -81,11 +81,14 @@ impl EngineFactory for Cluster<'_> {
                 let _ = s.set_nodelay(true);
             })
         });
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        self.rt.block_on(health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>());
         self.rt.spawn(
             tonic::transport::Server::builder()
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(8 << 20)
                 .max_frame_size(FRAME)
+                .add_service(health)
                 .add_service(server)
                 .serve_with_incoming(incoming),
         );
@@ -116,6 +119,7 @@ impl EngineFactory for Cluster<'_> {
             worker_wait: self.opts.worker_wait,
             faults: Default::default(),
             log: Box::new(log),
+            epoch: Default::default(),
         }))
     }
 }

@@ -25,6 +25,23 @@ pub struct WorkerOptions {
     pub name: String,
     /// Keep trying to (re)connect this long before giving up.
     pub retry_for: Duration,
+    /// Serve the gRPC health service here (for Kubernetes probes).
+    pub health_listen: Option<std::net::SocketAddr>,
+}
+
+/// Serves `grpc.health.v1.Health` on `addr`, reporting SERVING.
+async fn serve_health(addr: std::net::SocketAddr) -> Result<(), ClusterError> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ClusterError::Io(format!("--health-listen {addr}: {e}")))?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    Ok(())
 }
 
 enum End {
@@ -35,6 +52,9 @@ enum End {
 /// Meant for a current-thread runtime: shards are computed on the runtime's own thread.
 pub async fn run(opts: WorkerOptions, log: impl Fn(&str)) -> Result<(), ClusterError> {
     dtrain_nn::set_blas_threads(1);
+    if let Some(addr) = opts.health_listen {
+        serve_health(addr).await?;
+    }
     let mut last_ok = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {

@@ -27,6 +27,11 @@ pub trait Engine {
 
     /// A hint: `batch` comes next. The local engine starts loading its rows into cache.
     fn prefetch(&mut self, _batch: &[u32]) {}
+
+    /// A line about the epoch that just ended (workers, step times, bytes), if any.
+    fn epoch_report(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// Buffers one shard computation reuses from step to step.

@@ -31,4 +31,8 @@ pub enum FitError {
     Engine(String),
     #[error("loss became {loss} at epoch {epoch}, batch {batch}; training stopped, the last saved state and weights are kept")]
     NonFinite { epoch: usize, batch: usize, loss: f32 },
+    #[error(
+        "interrupted at epoch {epoch}, batch {batch}; the state is saved: continue with --resume --run-dir {run_dir}"
+    )]
+    Interrupted { epoch: usize, batch: usize, run_dir: String },
 }

@@ -12,6 +12,10 @@ pub trait Observer {
     fn epoch_end(&mut self, _logs: &EpochLogs, _epochs: usize, _steps: usize, _seconds: f64) {}
     fn note(&mut self, _msg: &str) {}
     fn train_end(&mut self, _report: &Report) {}
+    /// Checked after every step: true stops training after saving the state (SIGTERM).
+    fn interrupted(&mut self) -> bool {
+        false
+    }
 }
 
 /// The end-of-run report.
@@ -38,11 +42,24 @@ pub struct Console {
     tty: bool,
     epoch_start: Instant,
     last_draw: Option<Instant>,
+    interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Console {
     pub fn new(format: LogFormat) -> Self {
-        Console { format, tty: std::io::stderr().is_terminal(), epoch_start: Instant::now(), last_draw: None }
+        Console {
+            format,
+            tty: std::io::stderr().is_terminal(),
+            epoch_start: Instant::now(),
+            last_draw: None,
+            interrupt: None,
+        }
+    }
+
+    /// Training stops (with its state saved) once `flag` is set, e.g. by a signal handler.
+    pub fn with_interrupt(mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.interrupt = Some(flag);
+        self
     }
 }
 
@@ -64,6 +81,10 @@ fn json_num(v: Option<f32>) -> String {
 }
 
 impl Observer for Console {
+    fn interrupted(&mut self) -> bool {
+        self.interrupt.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn train_begin(&mut self, summary: &str, run_dir: &str, samples: usize, val: usize) {
         match self.format {
             LogFormat::Text => {

@@ -84,8 +84,19 @@ pub fn fit(
             if state.callbacks.backup_every_batches.is_some_and(|k| state.step.is_multiple_of(k)) && b + 1 < steps {
                 save_state(run.path(), state, &job.config).map_err(ckpt_err)?;
             }
+            if obs.interrupted() && b + 1 < steps {
+                save_state(run.path(), state, &job.config).map_err(ckpt_err)?;
+                return Err(FitError::Interrupted {
+                    epoch: epoch + 1,
+                    batch: b + 1,
+                    run_dir: run.path().display().to_string(),
+                });
+            }
         }
 
+        if let Some(r) = engine.epoch_report() {
+            obs.note(&r);
+        }
         let ev = val.map(|v| evaluate(model, &state.params, v, vbs));
         let logs = EpochLogs {
             epoch,

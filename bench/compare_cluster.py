@@ -1,0 +1,66 @@
+"""dtrain over gRPC workers against dtrain in process, same job and shards, in one invocation.
+
+    python3 bench/compare_cluster.py [--jobs fashion_mnist,fashion_mnist_wide] [--workers 2] [--epochs 2] [--rounds 2]
+
+Each job runs with `shards = --workers` in process (`--local`) and with `--spawn-workers N` on
+loopback, alternating; prints the median epoch time (training + validation), the ratio, the
+cluster's per-step bytes and round-trip times from its log.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "coordinator")
+
+
+def run(cfg, extra):
+    with tempfile.TemporaryDirectory() as d:
+        p = subprocess.Popen([BIN, "train", "--config", cfg, "--run-dir", os.path.join(d, "r"), "--log-format", "json"]
+                             + extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(err)
+        events = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+        secs = [e["seconds"] for e in events if e["event"] == "epoch_end"]
+        cluster = [e["message"] for e in events if e["event"] == "note" and e["message"].startswith("cluster:")]
+        return secs, cluster[-1] if cluster else ""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", default="fashion_mnist,fashion_mnist_wide")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    a = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
+    rows = []
+    for job in a.jobs.split(","):
+        text = open(os.path.join(ROOT, "examples", job + ".toml")).read()
+        text = re.sub(r"(?m)^shards = \d+\n", "", text)
+        text = re.sub(r"(?m)^epochs = \d+", f"epochs = {a.epochs}\nshards = {a.workers}", text)
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(text)
+        local, cluster, note = [], [], ""
+        for _ in range(a.rounds):
+            local += run(f.name, ["--local"])[0]
+            s, note = run(f.name, ["--spawn-workers", str(a.workers)])
+            cluster += s
+        os.unlink(f.name)
+        l, c = statistics.median(local), statistics.median(cluster)
+        rows.append((job, l, c, note))
+        print(json.dumps({"job": job, "local_epoch_s": l, "cluster_epoch_s": c, "ratio": l / c, "cluster": note}))
+    print()
+    print(f"| job (shards = {a.workers}) | in process | {a.workers} workers on loopback | cluster / in-process speed | last cluster report |")
+    print("|---|---|---|---|---|")
+    for job, l, c, note in rows:
+        print(f"| {job} | {l:.2f} s | {c:.2f} s | {l / c:.2f}x | {note.replace('coordinator: ', '')} |")
+
+
+if __name__ == "__main__":
+    main()

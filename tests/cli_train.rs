@@ -27,6 +27,16 @@ fn resume_after_an_epoch_is_bit_identical() {
     let hb = std::fs::read_to_string(part.join("history.csv")).unwrap();
     assert_eq!(ha, hb);
     assert_eq!(ha.lines().count(), 4, "header + each epoch once:\n{ha}");
+
+    // --auto-resume starts a run in an empty directory, and continues it when restarted.
+    let auto = dir.path().join("auto");
+    std::fs::create_dir(&auto).unwrap();
+    let x = auto.to_str().unwrap();
+    for epochs in ["1", "3"] {
+        let o = run(&["train", "--config", job, "--run-dir", x, "--auto-resume", "--epochs", epochs, "--quiet"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert!(std::fs::read(auto.join("final.safetensors")).unwrap() == a, "--auto-resume changed the weights");
 }
 
 #[test]

@@ -79,6 +79,9 @@ struct TrainArgs {
     /// Continue the run in --run-dir from its last saved state.
     #[arg(long, env = "DTRAIN_RESUME")]
     resume: bool,
+    /// Resume if --run-dir holds a saved state, else start a new run there (for restarted Jobs).
+    #[arg(long, env = "DTRAIN_AUTO_RESUME", conflicts_with = "resume")]
+    auto_resume: bool,
     /// Override fit.epochs.
     #[arg(long)]
     epochs: Option<usize>,
@@ -147,6 +150,7 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                 run_dir: a.run_dir,
                 init_weights: a.init_weights,
                 resume: a.resume,
+                auto_resume: a.auto_resume,
                 epochs: a.epochs,
                 batch_size: a.batch_size,
                 seed: a.seed,

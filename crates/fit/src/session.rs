@@ -20,6 +20,9 @@ pub struct TrainOptions {
     pub run_dir: Option<PathBuf>,
     pub init_weights: Option<PathBuf>,
     pub resume: bool,
+    /// Resume when `run_dir` holds a saved state, start a new run there otherwise (what a
+    /// restarted Kubernetes Job wants).
+    pub auto_resume: bool,
     pub epochs: Option<usize>,
     pub batch_size: Option<usize>,
     pub seed: Option<u64>,
@@ -99,6 +102,9 @@ pub fn train_with(
     engines: &mut dyn EngineFactory,
     obs: &mut dyn Observer,
 ) -> Result<Report, FitError> {
+    let resumable = |d: &Path| d.join(crate::checkpoint::STATE_FILE).is_file();
+    let resume = opts.resume || (opts.auto_resume && opts.run_dir.as_deref().is_some_and(resumable));
+    let opts = &TrainOptions { resume, ..opts.clone() };
     let config_path = match (&opts.config, opts.resume, &opts.run_dir) {
         (Some(c), _, _) => c.clone(),
         (None, true, Some(dir)) => dir.join(JOB_FILE),
@@ -127,6 +133,8 @@ pub fn train_with(
         crate::checkpoint::write_atomic(&run.file(JOB_FILE), job.config.to_toml().as_bytes())
             .map_err(FitError::Checkpoint)?;
         let state = TrainState::new(params, job.optimizer.clone(), job.config.fit.initial_epoch, job.callbacks.clone());
+        // Saved before the first step, so a run killed at any point can be resumed.
+        crate::checkpoint::save_state(run.path(), &state, &job.config).map_err(FitError::Checkpoint)?;
         (run, state)
     };
     obs.train_begin(

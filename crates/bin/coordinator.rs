@@ -1,128 +1,19 @@
 //! `coordinator`: trains, evaluates and predicts from a job file. Flags in, exit code out;
 //! the work is in dtrain-fit.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Parser;
 use dtrain_cluster::run::ClusterOptions;
 use dtrain_fit::session::{self, TrainOptions};
 use dtrain_fit::{Console, FitError, LogFormat};
 use std::io::Write;
-use std::path::PathBuf;
+
+#[path = "coordinator_cli.rs"]
+mod coordinator_cli;
+use coordinator_cli::{Cli, Command, Format};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
-
-#[derive(Parser)]
-#[command(
-    name = "coordinator",
-    version,
-    about = "Keras-exact data-parallel training: train, evaluate and predict from a job file"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Train the job's model; writes a run directory (history, weights, resume state).
-    Train(TrainArgs),
-    /// Loss (with every regularization term) and accuracy of weights on the job's validation data.
-    Evaluate {
-        #[arg(long, env = "DTRAIN_CONFIG")]
-        config: PathBuf,
-        #[arg(long)]
-        weights: PathBuf,
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Model outputs for every sample of an input file (.npy, .csv of features, or IDX images).
-    Predict {
-        #[arg(long, env = "DTRAIN_CONFIG")]
-        config: PathBuf,
-        #[arg(long)]
-        weights: PathBuf,
-        #[arg(long)]
-        input: PathBuf,
-        /// Print JSON instead of CSV.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Print the model table (layers, output shapes, parameter counts).
-    Summary {
-        #[arg(long, env = "DTRAIN_CONFIG")]
-        config: PathBuf,
-    },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Format {
-    Text,
-    Json,
-}
-
-#[derive(Args)]
-struct TrainArgs {
-    /// The job file (TOML or JSON). With --resume it defaults to the run directory's job.toml.
-    #[arg(long, env = "DTRAIN_CONFIG")]
-    config: Option<PathBuf>,
-    /// Train in this process (the default without --listen or --spawn-workers).
-    #[arg(long)]
-    local: bool,
-    /// Where the run writes; must be new or empty unless --resume. Default: runs/<job>-NNN.
-    #[arg(long, env = "DTRAIN_RUN_DIR")]
-    run_dir: Option<PathBuf>,
-    /// Start from these weights (safetensors with the model's variable names).
-    #[arg(long)]
-    init_weights: Option<PathBuf>,
-    /// Continue the run in --run-dir from its last saved state.
-    #[arg(long, env = "DTRAIN_RESUME")]
-    resume: bool,
-    /// Resume if --run-dir holds a saved state, else start a new run there (for restarted Jobs).
-    #[arg(long, env = "DTRAIN_AUTO_RESUME", conflicts_with = "resume")]
-    auto_resume: bool,
-    /// Override fit.epochs.
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Override fit.batch_size.
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Override the job's seed.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Shards computed at once in this process (default: all cores, at most fit.shards).
-    #[arg(long, env = "DTRAIN_THREADS")]
-    threads: Option<usize>,
-    /// Serve workers on this address (host:port; port 0 picks a free one).
-    #[arg(long, env = "DTRAIN_LISTEN")]
-    listen: Option<std::net::SocketAddr>,
-    /// Start this many local worker processes (the one-command local cluster).
-    #[arg(long, env = "DTRAIN_SPAWN_WORKERS", default_value_t = 0)]
-    spawn_workers: usize,
-    /// Workers to wait for before the first step.
-    #[arg(long, env = "DTRAIN_MIN_WORKERS", default_value_t = 1)]
-    min_workers: usize,
-    /// File holding the job token workers must present (or set DTRAIN_TOKEN).
-    #[arg(long, env = "DTRAIN_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    #[arg(long = "token", env = "DTRAIN_TOKEN", hide = true, hide_env_values = true)]
-    token: Option<String>,
-    /// Allow listening beyond loopback without a token.
-    #[arg(long)]
-    insecure: bool,
-    /// Seconds a worker may take for its shards of one step before they go elsewhere.
-    #[arg(long, env = "DTRAIN_STEP_TIMEOUT", default_value_t = 30.0)]
-    step_timeout: f64,
-    /// Seconds to wait for workers (at start, or when none is left) before giving up.
-    #[arg(long, env = "DTRAIN_WORKER_WAIT", default_value_t = 300.0)]
-    worker_wait: f64,
-    /// Print nothing but errors.
-    #[arg(long, short)]
-    quiet: bool,
-    #[arg(long, value_enum, default_value = "text", env = "DTRAIN_LOG_FORMAT")]
-    log_format: Format,
-}
 
 fn main() -> ExitCode {
     dtrain_nn::reexec_with_pinned_blas();

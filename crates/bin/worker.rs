@@ -2,33 +2,13 @@
 //! is in dtrain-cluster.
 
 use clap::Parser;
+
+#[path = "worker_cli.rs"]
+mod worker_cli;
 use dtrain_cluster::worker::{run, WorkerOptions};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-
-#[derive(Parser)]
-#[command(name = "worker", version, about = "Computes shard gradients for a dtrain coordinator; needs no data files")]
-struct Cli {
-    /// The coordinator's address, e.g. http://coordinator:50051.
-    #[arg(long, env = "DTRAIN_COORDINATOR")]
-    coordinator: String,
-    /// File holding the job token (or set DTRAIN_TOKEN).
-    #[arg(long, env = "DTRAIN_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// The job token itself (prefer --token-file: environment variables can leak).
-    #[arg(long = "token", env = "DTRAIN_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Shown in the coordinator's logs (default: the host name).
-    #[arg(long, env = "DTRAIN_WORKER_NAME")]
-    name: Option<String>,
-    /// Keep trying to reach the coordinator this many seconds before giving up.
-    #[arg(long, env = "DTRAIN_RETRY_FOR", default_value_t = 300)]
-    retry_for: u64,
-    /// Serve the gRPC health service on this address (for Kubernetes probes).
-    #[arg(long, env = "DTRAIN_HEALTH_LISTEN")]
-    health_listen: Option<std::net::SocketAddr>,
-}
+use worker_cli::Cli;
 
 fn main() -> ExitCode {
     dtrain_nn::reexec_with_pinned_blas();

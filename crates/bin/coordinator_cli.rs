@@ -1,0 +1,117 @@
+//! The `coordinator` command line (clap). Shared with tests/deploy_manifests.rs, which parses
+//! the Kubernetes manifests' container args with it so the two cannot drift apart.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "Keras-exact data-parallel training: train, evaluate and predict from a job file"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train the job's model; writes a run directory (history, weights, resume state).
+    Train(TrainArgs),
+    /// Loss (with every regularization term) and accuracy of weights on the job's validation data.
+    Evaluate {
+        #[arg(long, env = "DTRAIN_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Model outputs for every sample of an input file (.npy, .csv of features, or IDX images).
+    Predict {
+        #[arg(long, env = "DTRAIN_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        /// Print JSON instead of CSV.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the model table (layers, output shapes, parameter counts).
+    Summary {
+        #[arg(long, env = "DTRAIN_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The job file (TOML or JSON). With --resume it defaults to the run directory's job.toml.
+    #[arg(long, env = "DTRAIN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Train in this process (the default without --listen or --spawn-workers).
+    #[arg(long)]
+    pub local: bool,
+    /// Where the run writes; must be new or empty unless --resume. Default: runs/<job>-NNN.
+    #[arg(long, env = "DTRAIN_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Start from these weights (safetensors with the model's variable names).
+    #[arg(long)]
+    pub init_weights: Option<PathBuf>,
+    /// Continue the run in --run-dir from its last saved state.
+    #[arg(long, env = "DTRAIN_RESUME")]
+    pub resume: bool,
+    /// Resume if --run-dir holds a saved state, else start a new run there (for restarted Jobs).
+    #[arg(long, env = "DTRAIN_AUTO_RESUME", conflicts_with = "resume")]
+    pub auto_resume: bool,
+    /// Override fit.epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Override fit.batch_size.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Override the job's seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Shards computed at once in this process (default: all cores, at most fit.shards).
+    #[arg(long, env = "DTRAIN_THREADS")]
+    pub threads: Option<usize>,
+    /// Serve workers on this address (host:port; port 0 picks a free one).
+    #[arg(long, env = "DTRAIN_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Start this many local worker processes (the one-command local cluster).
+    #[arg(long, env = "DTRAIN_SPAWN_WORKERS", default_value_t = 0)]
+    pub spawn_workers: usize,
+    /// Workers to wait for before the first step.
+    #[arg(long, env = "DTRAIN_MIN_WORKERS", default_value_t = 1)]
+    pub min_workers: usize,
+    /// File holding the job token workers must present (or set DTRAIN_TOKEN).
+    #[arg(long, env = "DTRAIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    #[arg(long = "token", env = "DTRAIN_TOKEN", hide = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Allow listening beyond loopback without a token.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Seconds a worker may take for its shards of one step before they go elsewhere.
+    #[arg(long, env = "DTRAIN_STEP_TIMEOUT", default_value_t = 30.0)]
+    pub step_timeout: f64,
+    /// Seconds to wait for workers (at start, or when none is left) before giving up.
+    #[arg(long, env = "DTRAIN_WORKER_WAIT", default_value_t = 300.0)]
+    pub worker_wait: f64,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[arg(long, value_enum, default_value = "text", env = "DTRAIN_LOG_FORMAT")]
+    pub log_format: Format,
+}

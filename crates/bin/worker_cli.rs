@@ -1,0 +1,27 @@
+//! The `worker` command line (clap). Shared with tests/deploy_manifests.rs.
+
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "worker", version, about = "Computes shard gradients for a dtrain coordinator; needs no data files")]
+pub struct Cli {
+    /// The coordinator's address, e.g. http://coordinator:50051.
+    #[arg(long, env = "DTRAIN_COORDINATOR")]
+    pub coordinator: String,
+    /// File holding the job token (or set DTRAIN_TOKEN).
+    #[arg(long, env = "DTRAIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The job token itself (prefer --token-file: environment variables can leak).
+    #[arg(long = "token", env = "DTRAIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Shown in the coordinator's logs (default: the host name).
+    #[arg(long, env = "DTRAIN_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Keep trying to reach the coordinator this many seconds before giving up.
+    #[arg(long, env = "DTRAIN_RETRY_FOR", default_value_t = 300)]
+    pub retry_for: u64,
+    /// Serve the gRPC health service on this address (for Kubernetes probes).
+    #[arg(long, env = "DTRAIN_HEALTH_LISTEN")]
+    pub health_listen: Option<std::net::SocketAddr>,
+}

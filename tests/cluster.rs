@@ -175,3 +175,39 @@ fn sigterm_saves_the_state_and_stops_workers() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(finals(&rd) == want, "SIGTERM and resume changed the weights");
 }
+
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The coordinator's Prometheus endpoint: step, loss, learning rate, workers, bytes on the
+/// wire and the step-time histogram while training runs; any other path is 404.
+#[test]
+fn metrics_endpoint_serves_only_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let rd = dir.path().join("run");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let c = coordinator_proc(&job, &rd, "200", &["--spawn-workers", "1", "--metrics-listen", &addr]);
+    c.wait_for("\"epoch\":1,", 60);
+    let (status, body) = http_get(&addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for needle in [
+        "dtrain_step ",
+        "dtrain_loss ",
+        "dtrain_learning_rate 0.00999999",
+        "dtrain_workers_alive 1",
+        "dtrain_wire_sent_bytes_total ",
+        "dtrain_step_seconds_count ",
+    ] {
+        assert!(body.contains(needle), "{needle:?} missing from:\n{body}");
+    }
+    assert_eq!(http_get(&addr, "/").0, "HTTP/1.1 404 Not Found");
+    assert_eq!(http_get(&addr, "/metrics/x").0, "HTTP/1.1 404 Not Found");
+}

@@ -3,6 +3,7 @@
 
 use clap::Parser;
 use dtrain_cluster::run::ClusterOptions;
+use dtrain_fit::metrics::Metrics;
 use dtrain_fit::session::{self, TrainOptions};
 use dtrain_fit::{Console, FitError, LogFormat};
 use std::io::Write;
@@ -54,6 +55,12 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                     .map_err(|e| FitError::Config(format!("cannot handle signal {sig}: {e}")))?;
             }
             let mut console = Console::new(format).with_interrupt(interrupt);
+            let metrics = Arc::new(Metrics::default());
+            if let Some(addr) = a.metrics_listen {
+                let at = dtrain_cluster::metrics_http::serve(addr, Arc::clone(&metrics)).map_err(FitError::Config)?;
+                eprintln!("coordinator: metrics on http://{at}/metrics");
+                console = console.with_metrics(Arc::clone(&metrics));
+            }
             if a.local || (a.listen.is_none() && a.spawn_workers == 0) {
                 session::train(&opts, &mut console)?;
             } else {
@@ -73,6 +80,7 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                     insecure: a.insecure,
                     step_timeout: secs("step-timeout", a.step_timeout)?,
                     worker_wait: secs("worker-wait", a.worker_wait)?,
+                    metrics: a.metrics_listen.map(|_| metrics),
                 };
                 dtrain_cluster::run::train(&opts, &cluster, &mut console).map_err(|e| match e {
                     dtrain_cluster::ClusterError::Fit(f) => f,

@@ -109,6 +109,9 @@ pub struct TrainArgs {
     /// Seconds to wait for workers (at start, or when none is left) before giving up.
     #[arg(long, env = "DTRAIN_WORKER_WAIT", default_value_t = 300.0)]
     pub worker_wait: f64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "DTRAIN_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Print nothing but errors.
     #[arg(long, short)]
     pub quiet: bool,

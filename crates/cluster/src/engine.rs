@@ -32,6 +32,7 @@ pub struct ClusterEngine<'a> {
     pub(crate) faults: BTreeMap<u32, u32>,
     pub(crate) log: Box<dyn FnMut(&str) + Send + 'a>,
     pub(crate) epoch: EpochStats,
+    pub(crate) metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
 }
 
 /// What an epoch looked like from the coordinator.
@@ -59,7 +60,13 @@ impl Engine for ClusterEngine<'_> {
     ) -> Result<Vec<ShardStats>, String> {
         let rt = self.rt.clone();
         self.epoch.steps += 1;
-        rt.block_on(self.step(params, step, batch, shards, out))
+        let (sent, received) = (self.epoch.bytes_out, self.epoch.bytes_in);
+        let r = rt.block_on(self.step(params, step, batch, shards, out));
+        if let Some(m) = &self.metrics {
+            m.workers(self.hub.alive().len() as u64);
+            m.wire(self.epoch.bytes_out - sent, self.epoch.bytes_in - received);
+        }
+        r
     }
 
     fn epoch_report(&mut self) -> Option<String> {
@@ -167,6 +174,10 @@ impl ClusterEngine<'_> {
                         Err(e) => {
                             assigned.remove(&k);
                             pending.insert(k);
+                            self.metrics.iter().for_each(|m| {
+                                m.rejected();
+                                m.recomputed(1);
+                            });
                             self.fault(id, &format!("sent a bad result for shard {k} of step {step}: {e}"));
                         }
                     }
@@ -175,6 +186,7 @@ impl ClusterEngine<'_> {
                     let lost = take_assigned(&mut assigned, id);
                     if !lost.is_empty() {
                         (self.log)(&format!("shard(s) {lost:?} of worker {id} go to others"));
+                        self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
                     }
                     pending.extend(lost);
                 }
@@ -191,6 +203,7 @@ impl ClusterEngine<'_> {
                             lost.len()
                         ));
                         self.hub.drop_worker(id, Status::deadline_exceeded("missed the step deadline"));
+                        self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
                         pending.extend(lost);
                     }
                 }

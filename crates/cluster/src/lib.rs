@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod engine;
 pub mod hub;
+pub mod metrics_http;
 pub mod run;
 pub mod service;
 pub mod spawn;

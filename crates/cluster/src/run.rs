@@ -29,6 +29,8 @@ pub struct ClusterOptions {
     pub insecure: bool,
     pub step_timeout: Duration,
     pub worker_wait: Duration,
+    /// Where workers, bytes and recomputed shards are counted, if metrics are served.
+    pub metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
 }
 
 impl ClusterOptions {
@@ -120,6 +122,7 @@ impl EngineFactory for Cluster<'_> {
             faults: Default::default(),
             log: Box::new(log),
             epoch: Default::default(),
+            metrics: self.opts.metrics.clone(),
         }))
     }
 }

@@ -9,6 +9,7 @@ pub mod dataload;
 pub mod engine;
 pub mod evaluate;
 pub mod logs;
+pub mod metrics;
 pub mod progress;
 pub mod run;
 pub mod session;

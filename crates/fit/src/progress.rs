@@ -16,6 +16,10 @@ pub trait Observer {
     fn interrupted(&mut self) -> bool {
         false
     }
+    /// Where the trainer records its metrics, if anyone serves them.
+    fn metrics(&self) -> Option<std::sync::Arc<crate::metrics::Metrics>> {
+        None
+    }
 }
 
 /// The end-of-run report.
@@ -43,6 +47,7 @@ pub struct Console {
     epoch_start: Instant,
     last_draw: Option<Instant>,
     interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Console {
@@ -53,7 +58,14 @@ impl Console {
             epoch_start: Instant::now(),
             last_draw: None,
             interrupt: None,
+            metrics: None,
         }
+    }
+
+    /// Records the run's metrics into `m` (served by the coordinator's metrics endpoint).
+    pub fn with_metrics(mut self, m: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(m);
+        self
     }
 
     /// Training stops (with its state saved) once `flag` is set, e.g. by a signal handler.
@@ -81,6 +93,10 @@ fn json_num(v: Option<f32>) -> String {
 }
 
 impl Observer for Console {
+    fn metrics(&self) -> Option<std::sync::Arc<crate::metrics::Metrics>> {
+        self.metrics.clone()
+    }
+
     fn interrupted(&mut self) -> bool {
         self.interrupt.as_ref().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
     }

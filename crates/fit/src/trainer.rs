@@ -31,6 +31,7 @@ pub fn fit(
     let steps = n.div_ceil(f.batch_size);
     let vbs = f.validation_batch_size.unwrap_or(f.batch_size);
     let mut stepper = Stepper::new(model, f.shards);
+    let metrics = obs.metrics();
     let started = Instant::now();
     let mut samples = 0usize;
     let mut written = Vec::new();
@@ -50,9 +51,11 @@ pub fn fit(
             if b + 1 < steps {
                 engine.prefetch(&perm[(b + 1) * f.batch_size..n.min((b + 2) * f.batch_size)]);
             }
+            let t_step = Instant::now();
             let out = stepper
                 .step(model, engine, &mut state.params, &mut state.optimizer, state.step, batch)
                 .map_err(FitError::Engine)?;
+            let step_seconds = t_step.elapsed().as_secs_f64();
             let (loss, tot) = (out.loss, out.stats);
             if !out.applied {
                 return Err(FitError::NonFinite { epoch: epoch + 1, batch: b + 1, loss });
@@ -65,6 +68,9 @@ pub fn fit(
             state.acc_mean.add_sum(tot.correct as f32, bs as f32);
             let acc = job.accuracy.then(|| state.acc_mean.result());
             obs.batch_end(b, steps, state.loss_mean.result(), acc);
+            if let Some(m) = &metrics {
+                m.step(state.step, step_seconds, state.loss_mean.result(), acc, state.optimizer.learning_rate());
+            }
 
             let logs = EpochLogs {
                 epoch,
@@ -136,6 +142,10 @@ pub fn fit(
                     }
                 }
             }
+        }
+        if let Some(m) = &metrics {
+            m.epoch(epoch as u64 + 1, &logs);
+            m.learning_rate(state.optimizer.learning_rate());
         }
         state.history.push(logs.clone());
         write_history(job, run, &state.history)?;

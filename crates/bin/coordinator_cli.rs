@@ -18,7 +18,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Train the job's model; writes a run directory (history, weights, resume state).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Loss (with every regularization term) and accuracy of weights on the job's validation data.
     Evaluate {
         #[arg(long, env = "DTRAIN_CONFIG")]

@@ -2,7 +2,7 @@
 //! the work is in dtrain-fit.
 
 use clap::Parser;
-use dtrain_cluster::run::ClusterOptions;
+use dtrain_cluster::run::{ClusterOptions, ServerTls};
 use dtrain_fit::metrics::Metrics;
 use dtrain_fit::session::{self, TrainOptions};
 use dtrain_fit::{Console, FitError, LogFormat};
@@ -81,6 +81,10 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                     step_timeout: secs("step-timeout", a.step_timeout)?,
                     worker_wait: secs("worker-wait", a.worker_wait)?,
                     metrics: a.metrics_listen.map(|_| metrics),
+                    tls: match (a.tls_cert, a.tls_key) {
+                        (Some(cert), Some(key)) => Some(ServerTls { cert, key, client_ca: a.tls_client_ca }),
+                        _ => None,
+                    },
                 };
                 dtrain_cluster::run::train(&opts, &cluster, &mut console).map_err(|e| match e {
                     dtrain_cluster::ClusterError::Fit(f) => f,

@@ -109,6 +109,15 @@ pub struct TrainArgs {
     /// Seconds to wait for workers (at start, or when none is left) before giving up.
     #[arg(long, env = "DTRAIN_WORKER_WAIT", default_value_t = 300.0)]
     pub worker_wait: f64,
+    /// Serve workers over TLS with this certificate (PEM); needs --tls-key.
+    #[arg(long, env = "DTRAIN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "DTRAIN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only workers whose certificate this CA (PEM) signed.
+    #[arg(long, env = "DTRAIN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "DTRAIN_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,

@@ -5,7 +5,7 @@ use clap::Parser;
 
 #[path = "worker_cli.rs"]
 mod worker_cli;
-use dtrain_cluster::worker::{run, WorkerOptions};
+use dtrain_cluster::worker::{run, ClientTls, WorkerOptions};
 use std::process::ExitCode;
 use std::time::Duration;
 use worker_cli::Cli;
@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         name,
         retry_for: Duration::from_secs(cli.retry_for),
         health_listen: cli.health_listen,
+        tls: cli.tls_ca.map(|ca| ClientTls { ca, identity: cli.tls_cert.zip(cli.tls_key), domain: cli.tls_domain }),
     };
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

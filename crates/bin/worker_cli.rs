@@ -21,6 +21,18 @@ pub struct Cli {
     /// Keep trying to reach the coordinator this many seconds before giving up.
     #[arg(long, env = "DTRAIN_RETRY_FOR", default_value_t = 300)]
     pub retry_for: u64,
+    /// TLS (an https:// coordinator URL): the CA (PEM) that signed the coordinator's certificate.
+    #[arg(long, env = "DTRAIN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Mutual TLS: this worker's certificate (PEM); needs --tls-key and --tls-ca.
+    #[arg(long, env = "DTRAIN_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "DTRAIN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name to verify in the coordinator's certificate, if not the URL's host.
+    #[arg(long, env = "DTRAIN_TLS_DOMAIN", requires = "tls_ca")]
+    pub tls_domain: Option<String>,
     /// Serve the gRPC health service on this address (for Kubernetes probes).
     #[arg(long, env = "DTRAIN_HEALTH_LISTEN")]
     pub health_listen: Option<std::net::SocketAddr>,

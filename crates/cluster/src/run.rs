@@ -29,18 +29,49 @@ pub struct ClusterOptions {
     pub insecure: bool,
     pub step_timeout: Duration,
     pub worker_wait: Duration,
+    /// Serve TLS with this certificate and key (PEM); with `client_ca`, also require client
+    /// certificates signed by it (mutual TLS).
+    pub tls: Option<ServerTls>,
     /// Where workers, bytes and recomputed shards are counted, if metrics are served.
     pub metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+fn pem(p: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))
+}
+
+impl ServerTls {
+    fn config(&self) -> Result<tonic::transport::ServerTlsConfig, String> {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut c = ServerTlsConfig::new().identity(Identity::from_pem(pem(&self.cert)?, pem(&self.key)?));
+        if let Some(ca) = &self.client_ca {
+            c = c.client_ca_root(Certificate::from_pem(pem(ca)?));
+        }
+        Ok(c)
+    }
 }
 
 impl ClusterOptions {
     /// A token is required unless the listener is loopback-only or `insecure` says otherwise.
     pub fn check(&self) -> Result<(), ClusterError> {
-        if self.token.is_none() && !self.listen.ip().is_loopback() && !self.insecure {
+        let mutual_tls = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if self.token.is_none() && !mutual_tls && !self.listen.ip().is_loopback() && !self.insecure {
             return Err(ClusterError::Config(format!(
-                "refusing to listen on {} without a job token: set --token-file or DTRAIN_TOKEN (or pass --insecure)",
+                "refusing to listen on {} without a job token: set --token-file or DTRAIN_TOKEN, use mutual TLS (or pass --insecure)",
                 self.listen
             )));
+        }
+        if self.tls.is_some() && self.spawn_workers > 0 {
+            return Err(ClusterError::Config(
+                "--spawn-workers starts local plain-text workers; it cannot be combined with TLS".into(),
+            ));
         }
         if self.min_workers == 0 {
             return Err(ClusterError::Config("--min-workers must be at least 1".into()));
@@ -85,8 +116,12 @@ impl EngineFactory for Cluster<'_> {
         });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         self.rt.block_on(health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>());
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.opts.tls {
+            builder = builder.tls_config(tls.config().map_err(err)?).map_err(|e| err(format!("TLS: {e}")))?;
+        }
         self.rt.spawn(
-            tonic::transport::Server::builder()
+            builder
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(8 << 20)
                 .max_frame_size(FRAME)

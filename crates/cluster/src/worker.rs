@@ -27,6 +27,32 @@ pub struct WorkerOptions {
     pub retry_for: Duration,
     /// Serve the gRPC health service here (for Kubernetes probes).
     pub health_listen: Option<std::net::SocketAddr>,
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS to the coordinator (an https:// URL): the CA that signed its certificate, optionally a
+/// client certificate and key for mutual TLS, and the name to verify if not the URL's host.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub identity: Option<(PathBuf, PathBuf)>,
+    pub domain: Option<String>,
+}
+
+impl ClientTls {
+    fn config(&self) -> Result<tonic::transport::ClientTlsConfig, Status> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read =
+            |p: &PathBuf| std::fs::read(p).map_err(|e| Status::invalid_argument(format!("{}: {e}", p.display())));
+        let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            c = c.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(d) = &self.domain {
+            c = c.domain_name(d.clone());
+        }
+        Ok(c)
+    }
 }
 
 /// Serves `grpc.health.v1.Health` on `addr`, reporting SERVING.
@@ -84,8 +110,12 @@ pub async fn run(opts: WorkerOptions, log: impl Fn(&str)) -> Result<(), ClusterE
 }
 
 async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instant) -> Result<End, Status> {
-    let endpoint = Endpoint::from_shared(opts.coordinator.clone())
-        .map_err(|e| Status::invalid_argument(format!("--coordinator {}: {e}", opts.coordinator)))?
+    let mut endpoint = Endpoint::from_shared(opts.coordinator.clone())
+        .map_err(|e| Status::invalid_argument(format!("--coordinator {}: {e}", opts.coordinator)))?;
+    if let Some(tls) = &opts.tls {
+        endpoint = endpoint.tls_config(tls.config()?).map_err(|e| Status::invalid_argument(format!("TLS: {e}")))?;
+    }
+    let endpoint = endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(4 << 20)

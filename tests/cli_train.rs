@@ -70,6 +70,8 @@ fn evaluate_predict_summary_and_json_logs() {
     assert_eq!(events.iter().filter(|e| e["event"] == "epoch_end").count(), 3);
     let last = events.iter().rfind(|e| e["event"] == "epoch_end").unwrap();
     assert!(rd.join("best-01.safetensors").exists());
+    let png = std::fs::read(rd.join("curves.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "curves.png is a drawn PNG");
 
     let w = rd.join("final.safetensors");
     let o = run(&["evaluate", "--config", job, "--weights", w.to_str().unwrap(), "--json"]);

@@ -5,6 +5,7 @@ pub mod build;
 pub mod callbacks;
 pub mod checkpoint;
 pub mod config;
+pub mod curves;
 pub mod dataload;
 pub mod engine;
 pub mod evaluate;

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 pub const JOB_FILE: &str = "job.toml";
 pub const FINAL_WEIGHTS: &str = "final.safetensors";
+pub const CURVES: &str = "curves.png";
 
 #[derive(Clone, Debug)]
 pub struct RunDir {

@@ -7,7 +7,7 @@ use crate::engine::Engine;
 use crate::evaluate::evaluate;
 use crate::logs::{EpochLogs, Mean};
 use crate::progress::{Observer, Report};
-use crate::run::{RunDir, FINAL_WEIGHTS};
+use crate::run::{RunDir, CURVES, FINAL_WEIGHTS};
 use crate::step::Stepper;
 use crate::FitError;
 use dtrain_data::{epoch_permutation, Dataset};
@@ -149,6 +149,10 @@ pub fn fit(
         }
         state.history.push(logs.clone());
         write_history(job, run, &state.history)?;
+        // A picture is a convenience: failing to draw it never stops training.
+        if let Err(e) = crate::curves::draw(&run.file(CURVES), &state.history) {
+            obs.note(&format!("could not draw {CURVES}: {e}"));
+        }
         state.epoch += 1;
         state.batch = 0;
         state.stopped_early = stop;

@@ -15,11 +15,14 @@ fn register_font() {
     });
 }
 
-/// One panel: a title and up to two series (training solid, validation dashed-looking thin).
+/// A named line of (epoch, value) points.
+type Series<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
+
+/// One panel: a title and its series.
 fn panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
     title: &str,
-    series: &[(&str, Vec<(f64, f64)>, RGBColor)],
+    series: &[Series],
     epochs: usize,
 ) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();

@@ -36,13 +36,8 @@ fn at<T>(key: &str, r: R<T>) -> R<T> {
 }
 
 impl Job {
-    /// Loads and validates a job file; errors read `file: key: what is wrong`.
-    pub fn load(path: &Path) -> R<Job> {
-        let config = JobConfig::load(path)?;
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Job::build(config, base).map_err(|e| format!("{}: {e}", path.display()))
-    }
-
+    /// Validates a parsed job file (see `session::load_job` for loading one); errors read
+    /// `key: what is wrong`.
     pub fn build(config: JobConfig, base_dir: PathBuf) -> R<Job> {
         let specs = config
             .model

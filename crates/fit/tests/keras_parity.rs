@@ -108,7 +108,7 @@ fn forward_loss_and_gradients() {
         let mut g = vec![0.0; p.len()];
         let mode = Mode::Train { seed: 0, step: 0, first_position: 0, global_batch: n as u32 };
         let s = m.gradient(&p, x.view(), targets, mode, &mut ws, &mut g);
-        m.add_weight_penalty_grad(&p, &mut g);
+        m.weight_penalty_and_grad(&p, &mut g);
         let total = (s.loss_sum / n + s.activity / n + m.weight_penalty(&p)) as f32;
         let want = case["total_loss"].as_f64().unwrap() as f32;
         assert!(close(total, want, 0.0, 1e-5), "{name}: total loss {total} vs keras {want}");

@@ -333,7 +333,7 @@ impl Sequential {
     /// Forward and backward of one shard. `grads` (the model's size) receives the gradient of
     /// `(sum of the shard's per-sample losses + its activity penalties) / global batch size`,
     /// so the ordered sum over shards is the step's gradient, less the weight penalties (see
-    /// `add_weight_penalty_grad`). In `Mode::Infer` the shard is the whole batch.
+    /// `weight_penalty_and_grad`). In `Mode::Infer` the shard is the whole batch.
     pub fn gradient(
         &self,
         params: &[f32],
@@ -456,15 +456,6 @@ impl Sequential {
     /// Sum of the kernel and bias penalties (added once per step, never per shard).
     pub fn weight_penalty(&self, params: &[f32]) -> f64 {
         self.vars.iter().filter_map(|v| v.regularizer.map(|r| r.penalty(&params[v.range()]))).sum()
-    }
-
-    /// `grads += d(weight_penalty)/d(params)`.
-    pub fn add_weight_penalty_grad(&self, params: &[f32], grads: &mut [f32]) {
-        for v in &self.vars {
-            if let Some(r) = v.regularizer {
-                r.add_grad(&params[v.range()], 1.0, &mut grads[v.range()]);
-            }
-        }
     }
 
     /// `weight_penalty(params)`, and `grads += its gradient`, in one pass over the weights.

@@ -39,7 +39,7 @@ fn check(specs: Vec<LayerSpec>, loss: Loss, targets_dense: bool) {
     let mut ws = Workspace::default();
     let mut g = vec![0.0; p.len()];
     m.gradient(&p, x.view(), t, mode, &mut ws, &mut g);
-    m.add_weight_penalty_grad(&p, &mut g);
+    m.weight_penalty_and_grad(&p, &mut g);
     let h = 1e-3f32;
     for i in 0..p.len() {
         let mut q = p.clone();

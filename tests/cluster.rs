@@ -45,18 +45,37 @@ fn same_weights_with_any_number_of_workers() {
     }
 }
 
+/// A run with workers `a` and `b` on a listening coordinator, past its second epoch; also the
+/// in-process run's final weights to compare with, the run directory and the workers' URL.
+struct TwoWorkers {
+    _dir: tempfile::TempDir,
+    want: Vec<u8>,
+    rd: std::path::PathBuf,
+    url: String,
+    c: Proc,
+    a: Proc,
+    b: Proc,
+}
+
+fn two_workers(epochs: &str, extra: &[&str]) -> TwoWorkers {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, epochs);
+    let rd = dir.path().join("run");
+    let mut args = vec!["--listen", "127.0.0.1:0", "--min-workers", "2"];
+    args.extend(extra);
+    let c = coordinator_proc(&job, &rd, epochs, &args);
+    let url = listening_url(&c);
+    let a = worker(&url, &["--name", "a"]);
+    let b = worker(&url, &["--name", "b"]);
+    c.wait_for("\"epoch\":2,", 60);
+    TwoWorkers { _dir: dir, want, rd, url, c, a, b }
+}
+
 /// Guarantees 2 and 4: a worker killed with SIGKILL mid-run, and another joining mid-run.
 #[test]
 fn worker_killed_and_worker_joining_mid_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let job = job(dir.path());
-    let want = local_run(dir.path(), &job, "100");
-    let rd = dir.path().join("run");
-    let c = coordinator_proc(&job, &rd, "100", &["--listen", "127.0.0.1:0", "--min-workers", "2"]);
-    let url = listening_url(&c);
-    let a = worker(&url, &["--name", "a"]);
-    let _b = worker(&url, &["--name", "b"]);
-    c.wait_for("\"epoch\":2,", 60);
+    let TwoWorkers { _dir, want, rd, url, c, a, b: _b } = two_workers("100", &[]);
     a.signal("KILL");
     c.wait_for("left", 30);
     let _late = worker(&url, &["--name", "late"]);
@@ -71,16 +90,7 @@ fn worker_killed_and_worker_joining_mid_run() {
 /// other worker, and the weights do not change.
 #[test]
 fn hung_worker_is_detected_within_the_deadline() {
-    let dir = tempfile::tempdir().unwrap();
-    let job = job(dir.path());
-    let want = local_run(dir.path(), &job, "60");
-    let rd = dir.path().join("run");
-    let c =
-        coordinator_proc(&job, &rd, "60", &["--listen", "127.0.0.1:0", "--min-workers", "2", "--step-timeout", "0.5"]);
-    let url = listening_url(&c);
-    let _a = worker(&url, &["--name", "a"]);
-    let b = worker(&url, &["--name", "b"]);
-    c.wait_for("\"epoch\":2,", 60);
+    let TwoWorkers { _dir, want, rd, c, a: _a, b, .. } = two_workers("60", &["--step-timeout", "0.5"]);
     b.signal("STOP");
     c.wait_for("missed the", 30);
     let mut c = c;

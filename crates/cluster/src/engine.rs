@@ -20,8 +20,8 @@ const MAX_FAULTS: u32 = 3;
 
 pub struct ClusterEngine<'a> {
     pub(crate) data: &'a Dataset,
-    /// A current-thread runtime: the step's network IO runs on the trainer's own thread,
-    /// with no wake-ups across threads.
+    /// The runtime that serves the workers (one IO thread, so health checks and joins are
+    /// answered between steps too); steps block on it.
     pub(crate) rt: Arc<tokio::runtime::Runtime>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) events: mpsc::UnboundedReceiver<Event>,

@@ -166,7 +166,8 @@ impl EngineFactory for Cluster<'_> {
 /// for the same `fit.shards`).
 pub fn train(opts: &TrainOptions, cluster: &ClusterOptions, obs: &mut dyn Observer) -> Result<Report, ClusterError> {
     cluster.check()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| ClusterError::Io(format!("cannot start the network runtime: {e}")))?;

@@ -43,6 +43,8 @@ pub(crate) struct EpochStats {
     bytes_in: u64,
     /// Per worker: time from sending its work to each shard's result arriving, in µs.
     round_trips: BTreeMap<u32, Vec<u32>>,
+    /// Per worker: its own compute time for each shard, in µs.
+    compute: BTreeMap<u32, Vec<u32>>,
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -81,9 +83,18 @@ impl ClusterEngine<'_> {
             return None;
         }
         let mut times = vec![];
+        let mut compute = e.compute;
         for (id, mut t) in e.round_trips {
             t.sort_unstable();
-            times.push(format!("{} {:.2}/{:.2} ms", self.hub.name(id), percentile(&t, 0.5), percentile(&t, 0.99)));
+            let mut c = compute.remove(&id).unwrap_or_default();
+            c.sort_unstable();
+            let (c50, c99) = if c.is_empty() { (0.0, 0.0) } else { (percentile(&c, 0.5), percentile(&c, 0.99)) };
+            times.push(format!(
+                "{} {:.2}/{:.2} ms (compute {c50:.2}/{c99:.2})",
+                self.hub.name(id),
+                percentile(&t, 0.5),
+                percentile(&t, 0.99)
+            ));
         }
         Some(format!(
             "cluster: {} worker(s) alive; shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received",
@@ -166,6 +177,11 @@ impl ClusterEngine<'_> {
                     if let Some(t) = sent_at.get(&id) {
                         self.epoch.round_trips.entry(id).or_default().push(t.elapsed().as_micros() as u32);
                     }
+                    self.epoch
+                        .compute
+                        .entry(id)
+                        .or_default()
+                        .push(result.compute_micros.min(u64::from(u32::MAX)) as u32);
                     match result_from_wire(&result, rows, &mut out[k]) {
                         Ok(s) => {
                             stats[k] = s;

@@ -59,20 +59,14 @@ impl ShardBuffers {
             grad.fill(0.0);
             return ShardStats::default();
         }
-        let w = data.width();
-        self.x.resize(idx.len() * w, 0.0);
-        data.gather(idx, &mut self.x);
-        let x = ArrayView2::from_shape((idx.len(), w), &self.x).expect("gathered rows have the input width");
+        let x = gather_rows(data, idx, &mut self.x);
         let targets = gather_targets(data, idx, &mut self.classes, &mut self.values);
         model.gradient(params, x, targets, mode, &mut self.ws, grad)
     }
 
     /// Loss and accuracy of rows `idx` with dropout off.
     pub fn evaluate(&mut self, model: &Sequential, data: &Dataset, params: &[f32], idx: &[u32]) -> ShardStats {
-        let w = data.width();
-        self.x.resize(idx.len() * w, 0.0);
-        data.gather(idx, &mut self.x);
-        let x = ArrayView2::from_shape((idx.len(), w), &self.x).expect("gathered rows have the input width");
+        let x = gather_rows(data, idx, &mut self.x);
         let targets = gather_targets(data, idx, &mut self.classes, &mut self.values);
         model.evaluate(params, x, targets, &mut self.ws)
     }
@@ -86,13 +80,18 @@ impl ShardBuffers {
         idx: &[u32],
         mut out: ArrayViewMut2<f32>,
     ) {
-        let w = data.width();
-        self.x.resize(idx.len() * w, 0.0);
-        data.gather(idx, &mut self.x);
-        let x = ArrayView2::from_shape((idx.len(), w), &self.x).expect("gathered rows have the input width");
+        let x = gather_rows(data, idx, &mut self.x);
         model.forward(params, x, Mode::Infer, &mut self.ws);
         out.assign(&model.output(&self.ws));
     }
+}
+
+/// The features of rows `idx` of `data`, gathered into `buf` and viewed as a matrix.
+fn gather_rows<'a>(data: &Dataset, idx: &[u32], buf: &'a mut Vec<f32>) -> ArrayView2<'a, f32> {
+    let w = data.width();
+    buf.resize(idx.len() * w, 0.0);
+    data.gather(idx, buf);
+    ArrayView2::from_shape((idx.len(), w), buf).expect("gathered rows have the input width")
 }
 
 fn gather_targets<'a>(data: &Dataset, idx: &[u32], classes: &'a mut Vec<u32>, values: &'a mut Vec<f32>) -> Targets<'a> {

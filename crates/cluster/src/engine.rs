@@ -7,7 +7,7 @@ use dtrain_data::Dataset;
 use dtrain_fit::Engine;
 use dtrain_nn::ShardStats;
 use dtrain_proto::pb::{self, coordinator_message::Kind as Out};
-use dtrain_proto::{f32_bytes, result_from_wire, shard_to_wire};
+use dtrain_proto::{result_from_wire, shard_to_wire, WireTensor};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
@@ -33,6 +33,11 @@ pub struct ClusterEngine<'a> {
     pub(crate) log: Box<dyn FnMut(&str) + Send + 'a>,
     pub(crate) epoch: EpochStats,
     pub(crate) metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
+    /// The batch `prefetch` announced, and its shards built while the previous step waited.
+    pub(crate) next_batch: Vec<u32>,
+    pub(crate) prebuilt: Option<(Vec<u32>, Vec<pb::Shard>)>,
+    /// The parameters as they travel (one buffer shared by every worker's message).
+    pub(crate) params: WireTensor,
 }
 
 /// What an epoch looked like from the coordinator.
@@ -45,6 +50,27 @@ pub(crate) struct EpochStats {
     round_trips: BTreeMap<u32, Vec<u32>>,
     /// Per worker: its own compute time for each shard, in µs.
     compute: BTreeMap<u32, Vec<u32>>,
+    /// Per step, in µs: the coordinator's own work between steps (sum, optimizer, constraints),
+    /// building and queueing the work, waiting for the last result, checking and decoding results.
+    update: Vec<u32>,
+    encode: Vec<u32>,
+    wait: Vec<u32>,
+    decode: Vec<u32>,
+    /// When the last step's gradients were handed back.
+    last_return: Option<Instant>,
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
+}
+
+/// p50 of `v` in ms (sorts it).
+fn median_ms(v: &mut [u32]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    percentile(v, 0.5)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -59,16 +85,27 @@ impl Engine for ClusterEngine<'_> {
         batch: &[u32],
         shards: &[Range<usize>],
         out: &mut [Vec<f32>],
+        meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         let rt = self.rt.clone();
+        let start = Instant::now();
+        if let Some(t) = self.epoch.last_return {
+            self.epoch.update.push(micros(start - t));
+        }
         self.epoch.steps += 1;
         let (sent, received) = (self.epoch.bytes_out, self.epoch.bytes_in);
-        let r = rt.block_on(self.step(params, step, batch, shards, out));
+        let r = rt.block_on(self.step(params, step, batch, shards, out, meanwhile));
+        self.epoch.last_return = Some(Instant::now());
         if let Some(m) = &self.metrics {
             m.workers(self.hub.alive().len() as u64);
             m.wire(self.epoch.bytes_out - sent, self.epoch.bytes_in - received);
         }
         r
+    }
+
+    fn prefetch(&mut self, batch: &[u32]) {
+        self.next_batch.clear();
+        self.next_batch.extend_from_slice(batch);
     }
 
     fn epoch_report(&mut self) -> Option<String> {
@@ -78,7 +115,7 @@ impl Engine for ClusterEngine<'_> {
 
 impl ClusterEngine<'_> {
     fn report(&mut self) -> Option<String> {
-        let e = std::mem::take(&mut self.epoch);
+        let mut e = std::mem::take(&mut self.epoch);
         if e.steps == 0 {
             return None;
         }
@@ -97,11 +134,16 @@ impl ClusterEngine<'_> {
             ));
         }
         Some(format!(
-            "cluster: {} worker(s) alive; shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received",
+            "cluster: {} worker(s) alive; shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
+             step p50: update {:.2} ms, encode {:.2}, wait {:.2}, decode {:.2}",
             self.hub.alive().len(),
             times.join(", "),
             e.bytes_out as f64 / e.steps as f64 / 1024.0,
-            e.bytes_in as f64 / e.steps as f64 / 1024.0
+            e.bytes_in as f64 / e.steps as f64 / 1024.0,
+            median_ms(&mut e.update),
+            median_ms(&mut e.encode),
+            median_ms(&mut e.wait),
+            median_ms(&mut e.decode),
         ))
     }
 }
@@ -120,7 +162,9 @@ impl ClusterEngine<'_> {
         batch: &[u32],
         shards: &[Range<usize>],
         out: &mut [Vec<f32>],
+        meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
+        let mut meanwhile = Some(meanwhile);
         let mut stats = vec![ShardStats::default(); shards.len()];
         let mut pending = BTreeSet::new();
         for (k, r) in shards.iter().enumerate() {
@@ -130,7 +174,15 @@ impl ClusterEngine<'_> {
                 pending.insert(k);
             }
         }
-        let params = f32_bytes(params);
+        let t0 = Instant::now();
+        let mut decode = Duration::ZERO;
+        let mut sent_all = None;
+        self.params.fill(params.len()).copy_from_slice(params);
+        let params = self.params.share();
+        let wire = match self.prebuilt.take() {
+            Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
+            _ => self.shards_to_wire(batch, shards),
+        };
         let mut assigned: BTreeMap<usize, u32> = BTreeMap::new();
         let mut sent_at: BTreeMap<u32, Instant> = BTreeMap::new();
         let mut deadline = Instant::now() + self.step_timeout;
@@ -146,12 +198,7 @@ impl ClusterEngine<'_> {
                         step,
                         params: params.clone(),
                         global_batch: batch.len() as u32,
-                        shards: group
-                            .iter()
-                            .map(|&k| {
-                                shard_to_wire(k as u32, shards[k].start as u32, self.data, &batch[shards[k].clone()])
-                            })
-                            .collect(),
+                        shards: group.iter().map(|&k| wire[k].clone()).collect(),
                     };
                     let size = prost::Message::encoded_len(&work) as u64;
                     if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
@@ -164,6 +211,17 @@ impl ClusterEngine<'_> {
                     }
                 }
                 deadline = Instant::now() + self.step_timeout;
+                sent_all.get_or_insert_with(Instant::now);
+                // While the workers compute: the caller's own work, then the next step's shards.
+                if let Some(f) = meanwhile.take() {
+                    f();
+                    if !self.next_batch.is_empty() {
+                        let next = std::mem::take(&mut self.next_batch);
+                        let ranges = dtrain_fit::engine::shard_ranges(next.len(), shards.len());
+                        let wire = self.shards_to_wire(&next, &ranges);
+                        self.prebuilt = Some((next, wire));
+                    }
+                }
                 continue;
             }
             match tokio::time::timeout_at(deadline.into(), self.events.recv()).await {
@@ -182,7 +240,10 @@ impl ClusterEngine<'_> {
                         .entry(id)
                         .or_default()
                         .push(result.compute_micros.min(u64::from(u32::MAX)) as u32);
-                    match result_from_wire(&result, rows, &mut out[k]) {
+                    let d0 = Instant::now();
+                    let decoded = result_from_wire(&result, rows, &mut out[k]);
+                    decode += d0.elapsed();
+                    match decoded {
                         Ok(s) => {
                             stats[k] = s;
                             assigned.remove(&k);
@@ -225,6 +286,13 @@ impl ClusterEngine<'_> {
                 }
             }
         }
+        if let Some(f) = meanwhile.take() {
+            f(); // every shard was empty
+        }
+        let sent_all = sent_all.unwrap_or(t0);
+        self.epoch.encode.push(micros(sent_all - t0));
+        self.epoch.wait.push(micros(sent_all.elapsed().saturating_sub(decode)));
+        self.epoch.decode.push(micros(decode));
         Ok(stats)
     }
 
@@ -249,6 +317,13 @@ impl ClusterEngine<'_> {
                 }
             }
         }
+    }
+
+    /// Each shard's samples as they travel (empty shards too, never sent).
+    fn shards_to_wire(&self, batch: &[u32], shards: &[Range<usize>]) -> Vec<pb::Shard> {
+        let wire =
+            |(k, r): (usize, &Range<usize>)| shard_to_wire(k as u32, r.start as u32, self.data, &batch[r.clone()]);
+        shards.iter().enumerate().map(wire).collect()
     }
 
     fn fault(&mut self, id: u32, what: &str) {

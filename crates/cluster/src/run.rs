@@ -158,6 +158,9 @@ impl EngineFactory for Cluster<'_> {
             log: Box::new(log),
             epoch: Default::default(),
             metrics: self.opts.metrics.clone(),
+            next_batch: vec![],
+            prebuilt: None,
+            params: Default::default(),
         }))
     }
 }

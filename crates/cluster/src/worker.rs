@@ -9,7 +9,7 @@ use dtrain_fit::Job;
 use dtrain_nn::Mode;
 use dtrain_proto::pb::coordinator_client::CoordinatorClient;
 use dtrain_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
-use dtrain_proto::{read_f32s, result_to_wire, shard_from_wire, PROTOCOL_VERSION};
+use dtrain_proto::{read_f32s, result_to_wire, shard_from_wire, WireTensor, PROTOCOL_VERSION};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -147,7 +147,7 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
         _ => return Err(Status::internal("expected Welcome")),
     };
     *last_ok = Instant::now();
-    let mut compute = Compute { job, buffers: ShardBuffers::default(), params: vec![], grad: vec![] };
+    let mut compute = Compute { job, buffers: ShardBuffers::default(), params: vec![], grad: WireTensor::default() };
     while let Some(msg) = inbound.message().await? {
         *last_ok = Instant::now();
         match msg.kind {
@@ -172,7 +172,8 @@ struct Compute {
     job: Job,
     buffers: ShardBuffers,
     params: Vec<f32>,
-    grad: Vec<f32>,
+    /// Computed into, then sent as is.
+    grad: WireTensor,
 }
 
 impl Compute {
@@ -180,7 +181,6 @@ impl Compute {
         let model = &self.job.model;
         let n = model.num_params();
         self.params.resize(n, 0.0);
-        self.grad.resize(n, 0.0);
         read_f32s("params", &w.params, &mut self.params).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut out = Vec::with_capacity(w.shards.len());
         for s in w.shards {
@@ -190,8 +190,9 @@ impl Compute {
             let idx: Vec<u32> = (0..data.len() as u32).collect();
             let mode =
                 Mode::Train { seed: self.job.seed, step: w.step, first_position: first, global_batch: w.global_batch };
-            let stats = self.buffers.gradient(model, &data, &self.params, &idx, mode, &mut self.grad);
-            out.push(result_to_wire(w.step, index, &self.grad, &stats, t0.elapsed().as_micros() as u64));
+            let grad = self.grad.fill(n);
+            let stats = self.buffers.gradient(model, &data, &self.params, &idx, mode, grad);
+            out.push(result_to_wire(w.step, index, self.grad.share(), &stats, t0.elapsed().as_micros() as u64));
         }
         Ok(out)
     }

@@ -15,7 +15,9 @@ pub fn shard_ranges(len: usize, shards: usize) -> Vec<Range<usize>> {
 pub trait Engine {
     /// Fills `out[k]` (each of the model's size) with the gradient of shard `shards[k]` of
     /// `batch` (sample indices) at step `step`, scaled by 1 / batch.len(); returns the
-    /// shards' sums. Empty shards must leave zeros.
+    /// shards' sums. Empty shards must leave zeros. `meanwhile` is the caller's work that
+    /// does not need the gradients (the weight penalty); it runs exactly once, while the
+    /// engine waits on others if it does.
     fn gradients(
         &mut self,
         params: &[f32],
@@ -23,6 +25,7 @@ pub trait Engine {
         batch: &[u32],
         shards: &[Range<usize>],
         out: &mut [Vec<f32>],
+        meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String>;
 
     /// A hint: `batch` comes next. The local engine starts loading its rows into cache.
@@ -151,6 +154,7 @@ impl Engine for LocalEngine<'_> {
         batch: &[u32],
         shards: &[Range<usize>],
         out: &mut [Vec<f32>],
+        meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         self.buffers.resize_with(shards.len(), ShardBuffers::default);
         let (model, data, seed) = (self.model, self.data, self.seed);
@@ -160,12 +164,14 @@ impl Engine for LocalEngine<'_> {
             buf.gradient(model, data, params, &batch[r.clone()], mode, grad)
         };
         let work = self.buffers.iter_mut().zip(out.iter_mut()).zip(shards.iter());
-        Ok(match &self.pool {
+        let stats = match &self.pool {
             Some(pool) => {
                 let items: Vec<_> = work.collect();
                 pool.install(|| items.into_par_iter().map(job).collect())
             }
             None => work.map(job).collect(),
-        })
+        };
+        meanwhile();
+        Ok(stats)
     }
 }

@@ -12,6 +12,8 @@ pub struct Stepper {
     shards: usize,
     shard_grads: Vec<Vec<f32>>,
     grad: Vec<f32>,
+    /// The weight penalty's derivative, computed while the shards are computed.
+    penalty_terms: Vec<f32>,
     ranges: Vec<Range<usize>>,
 }
 
@@ -31,6 +33,7 @@ impl Stepper {
             shards,
             shard_grads: vec![vec![0.0; p]; shards],
             grad: vec![0.0; p],
+            penalty_terms: vec![0.0; p],
             ranges: model.variables().iter().map(|v| v.range()).collect(),
         }
     }
@@ -46,7 +49,10 @@ impl Stepper {
         batch: &[u32],
     ) -> Result<StepOutcome, String> {
         let shards = shard_ranges(batch.len(), self.shards);
-        let per_shard = engine.gradients(params, step, batch, &shards, &mut self.shard_grads)?;
+        let mut penalty = 0.0;
+        let (now, terms) = (&*params, &mut self.penalty_terms);
+        let mut meanwhile = || penalty = model.weight_penalty_terms(now, terms);
+        let per_shard = engine.gradients(now, step, batch, &shards, &mut self.shard_grads, &mut meanwhile)?;
         // Shard order, never arrival order: the sum is the same whoever computed the shards.
         let (first, rest) = self.shard_grads.split_first_mut().expect("at least one shard");
         std::mem::swap(&mut self.grad, first);
@@ -54,7 +60,7 @@ impl Stepper {
         let mut stats = ShardStats::default();
         per_shard.iter().for_each(|s| stats.add(s));
         let bs = batch.len() as f64;
-        let penalty = model.weight_penalty_and_grad(params, &mut self.grad);
+        model.add_weight_penalty_terms(&self.penalty_terms, &mut self.grad);
         let loss = (stats.loss_sum / bs + stats.activity / bs + penalty) as f32;
         if !loss.is_finite() {
             return Ok(StepOutcome { loss, stats, applied: false });

@@ -58,11 +58,12 @@ impl Engine for DiesAt<'_> {
         b: &[u32],
         s: &[Range<usize>],
         o: &mut [Vec<f32>],
+        meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         if step == self.step {
             return Err("killed".into());
         }
-        self.inner.gradients(p, step, b, s, o)
+        self.inner.gradients(p, step, b, s, o, meanwhile)
     }
 }
 

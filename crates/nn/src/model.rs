@@ -461,9 +461,35 @@ impl Sequential {
     /// `weight_penalty(params)`, and `grads += its gradient`, in one pass over the weights.
     /// Variables are processed in parallel; their penalties are summed in variable order.
     pub fn weight_penalty_and_grad(&self, params: &[f32], grads: &mut [f32]) -> f64 {
+        self.each_regularized(params, grads, |r, w, g| r.penalty_and_grad(w, g))
+    }
+
+    /// The weight penalty, with its derivative stored in `terms` (the model's size; only the
+    /// regularized variables' ranges are written). `add_weight_penalty_terms` then adds them
+    /// to a gradient with the same bits as `weight_penalty_and_grad`: the penalty can be
+    /// computed while shard gradients are still being computed elsewhere.
+    pub fn weight_penalty_terms(&self, params: &[f32], terms: &mut [f32]) -> f64 {
+        self.each_regularized(params, terms, |r, w, d| r.penalty_and_derivative(w, d))
+    }
+
+    /// `grads += terms` over the regularized variables (see `weight_penalty_terms`).
+    pub fn add_weight_penalty_terms(&self, terms: &[f32], grads: &mut [f32]) {
+        for v in self.vars.iter().filter(|v| v.regularizer.is_some()) {
+            crate::simd::add_into(&mut grads[v.range()], &terms[v.range()]);
+        }
+    }
+
+    /// Sums `f(regularizer, weights, out)` over the regularized variables, each with its own
+    /// range of `out`; in parallel for big models.
+    fn each_regularized(
+        &self,
+        params: &[f32],
+        out: &mut [f32],
+        f: impl Fn(Regularizer, &[f32], &mut [f32]) -> f64 + Sync,
+    ) -> f64 {
         use rayon::prelude::*;
         let mut work: Vec<(Regularizer, &[f32], &mut [f32])> = Vec::new();
-        let mut rest = grads;
+        let mut rest = out;
         let mut at = 0;
         for v in &self.vars {
             let (g, tail) = std::mem::take(&mut rest)[v.offset - at..].split_at_mut(v.len());
@@ -474,9 +500,9 @@ impl Sequential {
             }
         }
         let penalties: Vec<f64> = if self.num_params >= crate::simd::PARALLEL_MIN {
-            work.into_par_iter().map(|(r, w, g)| r.penalty_and_grad(w, g)).collect()
+            work.into_par_iter().map(|(r, w, g)| f(r, w, g)).collect()
         } else {
-            work.into_iter().map(|(r, w, g)| r.penalty_and_grad(w, g)).collect()
+            work.into_iter().map(|(r, w, g)| f(r, w, g)).collect()
         };
         penalties.iter().sum()
     }

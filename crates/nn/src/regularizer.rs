@@ -11,24 +11,30 @@ pub struct Regularizer {
 impl Regularizer {
     /// `l1 * sum|x| + l2 * sum x^2`, a term skipped when its factor is 0 (as Keras does).
     pub fn penalty(&self, x: &[f32]) -> f64 {
-        penalty_and_grad(self.l1, self.l2, x, 0.0, None)
+        penalty_and_grad(self.l1, self.l2, x, 0.0, None, false)
     }
 
     /// `g += scale * d(penalty)/dx`; the derivative of |x| at 0 is 0, as TF's Abs gradient.
     pub fn add_grad(&self, x: &[f32], scale: f32, g: &mut [f32]) {
-        penalty_and_grad(self.l1, self.l2, x, scale, Some(g));
+        penalty_and_grad(self.l1, self.l2, x, scale, Some(g), false);
     }
 
     /// The penalty of `x`, and `g += d(penalty)/dx` in the same pass over `x`.
     pub fn penalty_and_grad(&self, x: &[f32], g: &mut [f32]) -> f64 {
-        penalty_and_grad(self.l1, self.l2, x, 1.0, Some(g))
+        penalty_and_grad(self.l1, self.l2, x, 1.0, Some(g), false)
+    }
+
+    /// The penalty of `x`, with `d(penalty)/dx` stored in `d`: adding `d` to a gradient
+    /// later gives the same bits as `penalty_and_grad` on it.
+    pub fn penalty_and_derivative(&self, x: &[f32], d: &mut [f32]) -> f64 {
+        penalty_and_grad(self.l1, self.l2, x, 1.0, Some(d), true)
     }
 }
 
 crate::avx2_dispatch! {
     /// Sums in f64 over eight interleaved accumulators: a fixed order (deterministic) that
     /// vectorizes, unlike one serial chain of additions.
-    fn penalty_and_grad(l1: f32, l2: f32, x: &[f32], scale: f32, g: Option<&mut [f32]>) -> f64 {
+    fn penalty_and_grad(l1: f32, l2: f32, x: &[f32], scale: f32, g: Option<&mut [f32]>, store: bool) -> f64 {
         let (mut a1, mut a2) = ([0.0f64; 8], [0.0f64; 8]);
         let chunks = x.chunks_exact(8);
         let mut tail = [0.0f32; 8];
@@ -50,7 +56,8 @@ crate::avx2_dispatch! {
             let (k1, k2) = (l1 * scale, 2.0 * l2 * scale);
             for (gv, &v) in g.iter_mut().zip(x) {
                 let sign = f32::from(u8::from(v > 0.0)) - f32::from(u8::from(v < 0.0));
-                *gv += k1 * sign + k2 * v;
+                let d = k1 * sign + k2 * v;
+                *gv = if store { d } else { *gv + d };
             }
         }
         p

@@ -2,6 +2,9 @@
 //! Nothing else in dtrain touches generated types; everything received is checked here
 //! (lengths, shapes, finite values) before anyone uses it.
 
+mod tensor;
+pub use tensor::WireTensor;
+
 pub mod pb {
     tonic::include_proto!("dtrain.v1");
 }
@@ -128,12 +131,18 @@ pub fn shard_from_wire(s: pb::Shard, sample_shape: &[usize], outputs: usize) -> 
     Ok((s.index, s.first_position, data))
 }
 
-/// A shard's result as it travels.
-pub fn result_to_wire(step: u64, index: u32, grad: &[f32], stats: &ShardStats, compute_micros: u64) -> pb::ShardResult {
+/// A shard's result as it travels; `gradient` is little-endian f32 (`f32_bytes`, `WireTensor`).
+pub fn result_to_wire(
+    step: u64,
+    index: u32,
+    gradient: Bytes,
+    stats: &ShardStats,
+    compute_micros: u64,
+) -> pb::ShardResult {
     pb::ShardResult {
         step,
         index,
-        gradient: f32_bytes(grad),
+        gradient,
         loss_sum: stats.loss_sum,
         activity: stats.activity,
         correct: stats.correct,
@@ -179,7 +188,7 @@ mod tests {
         assert!(shard_from_wire(bad, &[2, 2], 3).unwrap_err().to_string().contains("class 9"));
 
         let stats = ShardStats { loss_sum: 1.5, activity: 0.25, correct: 1, rows: 2 };
-        let r = result_to_wire(4, 1, &[1.0, -2.0], &stats, 10);
+        let r = result_to_wire(4, 1, f32_bytes(&[1.0, -2.0]), &stats, 10);
         let mut g = [0.0; 2];
         assert_eq!(result_from_wire(&r, 2, &mut g).unwrap(), stats);
         assert_eq!(g, [1.0, -2.0]);
@@ -188,7 +197,7 @@ mod tests {
             result_from_wire(&r, 2, &mut g3).unwrap_err(),
             WireError::Length { what: "gradient", got: 2, want: 3 }
         );
-        let nan = result_to_wire(4, 1, &[1.0, f32::NAN], &stats, 10);
+        let nan = result_to_wire(4, 1, f32_bytes(&[1.0, f32::NAN]), &stats, 10);
         assert_eq!(result_from_wire(&nan, 2, &mut g).unwrap_err(), WireError::NotFinite { what: "gradient", index: 1 });
     }
 }

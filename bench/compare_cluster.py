@@ -2,9 +2,11 @@
 
     python3 bench/compare_cluster.py [--jobs fashion_mnist,fashion_mnist_wide] [--workers 2] [--epochs 2] [--rounds 2]
 
-Each job runs with `shards = --workers` in process (`--local`) and with `--spawn-workers N` on
-loopback, alternating; prints the median epoch time (training + validation), the ratio, the
-cluster's per-step bytes and round-trip times from its log.
+Each job runs with `shards = --workers` in process (`--local`), with `--spawn-workers N` (local
+workers: tensors in shared memory, messages over gRPC on loopback) and with `--spawn-workers N
+--no-shared-memory` (tensors on the gRPC stream over loopback, as for remote workers),
+alternating; prints the median epoch time (training + validation), the ratios, and the
+cluster's last report (per-step breakdown, bytes, round trips).
 """
 import argparse
 import json
@@ -46,20 +48,28 @@ def main():
         text = re.sub(r"(?m)^epochs = \d+", f"epochs = {a.epochs}\nshards = {a.workers}", text)
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
             f.write(text)
-        local, cluster, note = [], [], ""
+        local, shm, tcp, notes = [], [], [], {}
+        spawn = ["--spawn-workers", str(a.workers)]
         for _ in range(a.rounds):
             local += run(f.name, ["--local"])[0]
-            s, note = run(f.name, ["--spawn-workers", str(a.workers)])
-            cluster += s
+            s, notes["shm"] = run(f.name, spawn)
+            shm += s
+            s, notes["tcp"] = run(f.name, spawn + ["--no-shared-memory"])
+            tcp += s
         os.unlink(f.name)
-        l, c = statistics.median(local), statistics.median(cluster)
-        rows.append((job, l, c, note))
-        print(json.dumps({"job": job, "local_epoch_s": l, "cluster_epoch_s": c, "ratio": l / c, "cluster": note}))
+        l, m, t = statistics.median(local), statistics.median(shm), statistics.median(tcp)
+        rows.append((job, l, m, t, notes))
+        print(json.dumps({"job": job, "local_epoch_s": l, "shared_memory_epoch_s": m, "grpc_epoch_s": t,
+                          "shared_memory_ratio": l / m, "grpc_ratio": l / t, "reports": notes}))
     print()
-    print(f"| job (shards = {a.workers}) | in process | {a.workers} workers on loopback | cluster / in-process speed | last cluster report |")
-    print("|---|---|---|---|---|")
-    for job, l, c, note in rows:
-        print(f"| {job} | {l:.2f} s | {c:.2f} s | {l / c:.2f}x | {note.replace('coordinator: ', '')} |")
+    print(f"| job (shards = {a.workers}) | in process | {a.workers} workers, shared memory | ratio "
+          f"| {a.workers} workers, tensors over gRPC | ratio |")
+    print("|---|---|---|---|---|---|")
+    for job, l, m, t, _ in rows:
+        print(f"| {job} | {l:.2f} s | {m:.2f} s | {m and l / m:.2f}x | {t:.2f} s | {l / t:.2f}x |")
+    for job, *_, notes in rows:
+        for k, n in notes.items():
+            print(f"{job} ({k}): {n}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """dtrain against Keras/TensorFlow on the same machine, in one invocation, rounds interleaved.
 
     python3 bench/compare_keras.py [--jobs fashion_mnist,fashion_mnist_wide] [--epochs 3] [--rounds 2]
+                                   [--shards S --dtrain-args="--spawn-workers 2"]
 
 Builds dtrain (release), creates target/bench-venv with tensorflow-cpu 2.21 / keras 3.15.1 if missing,
 then alternates dtrain and Keras runs of each job. Reports median epoch time (training + validation),
@@ -10,6 +11,8 @@ are shared and noisy, so only the ratios measured side by side mean anything.
 import argparse
 import json
 import os
+import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,7 +27,7 @@ SAMPLES = 60000
 
 
 def setup():
-    subprocess.run(["cargo", "build", "--release", "--bin", "coordinator"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     if not os.path.exists(PY):
         subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
         subprocess.run([PY, "-m", "pip", "install", "-q", "tensorflow-cpu==2.21.0", "keras==3.15.1"], check=True)
@@ -49,11 +52,16 @@ def run(cmd, env=None):
     return events, first, usage.ru_maxrss / 1024
 
 
-def dtrain(job, epochs):
+def dtrain(job, epochs, shards=None, extra=()):
+    """The example job; with `shards`, its `fit.shards` set to that (e.g. one per worker)."""
     with tempfile.TemporaryDirectory() as d:
         cfg = os.path.join(ROOT, "examples", job + ".toml")
+        if shards:
+            text = re.sub(r"(?m)^shards = \d+\n", "", open(cfg).read())
+            cfg = os.path.join(d, job + ".toml")
+            open(cfg, "w").write(re.sub(r"(?m)^epochs = \d+", f"epochs = {epochs}\nshards = {shards}", text))
         return run([BIN, "train", "--config", cfg, "--epochs", str(epochs), "--run-dir", os.path.join(d, "r"),
-                    "--log-format", "json"])
+                    "--log-format", "json", *extra])
 
 
 def keras(job, epochs):
@@ -66,14 +74,17 @@ def main():
     ap.add_argument("--jobs", default="fashion_mnist,fashion_mnist_wide")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--shards", type=int, help="set fit.shards in dtrain's job (e.g. one per worker)")
+    ap.add_argument("--dtrain-args", default="", help='extra coordinator flags, e.g. "--spawn-workers 2"')
     a = ap.parse_args()
     setup()
+    extra = shlex.split(a.dtrain_args)
     rows = []
     for job in a.jobs.split(","):
         res = {"dtrain": [], "keras": []}
         for _ in range(a.rounds):
-            for name, fn in (("dtrain", dtrain), ("keras", keras)):
-                res[name].append(fn(job, a.epochs))
+            res["dtrain"].append(dtrain(job, a.epochs, a.shards, extra))
+            res["keras"].append(keras(job, a.epochs))
         summary = {}
         for name, runs in res.items():
             secs = [e["seconds"] for ev, _, _ in runs for e in ev if e["event"] == "epoch_end"]

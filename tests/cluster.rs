@@ -30,18 +30,24 @@ fn finals(rd: &Path) -> Vec<u8> {
 }
 
 /// Guarantees 1 and 7: the same weights in process and with 1, 2 or 3 workers (3 does not
-/// divide the 4 shards), with L2, activity L1, dropout and MaxNorm on.
+/// divide the 4 shards), with L2, activity L1, dropout and MaxNorm on; with tensors in shared
+/// memory (local workers' default) and on the gRPC stream.
 #[test]
 fn same_weights_with_any_number_of_workers() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
     let want = local_run(dir.path(), &job, "3");
-    for n in ["1", "2", "3"] {
-        let rd = dir.path().join(format!("w{n}"));
-        let mut c = coordinator_proc(&job, &rd, "3", &["--spawn-workers", n]);
+    for (n, shared) in [("1", true), ("2", true), ("3", true), ("2", false)] {
+        let rd = dir.path().join(format!("w{n}{shared}"));
+        let mut args = vec!["--spawn-workers", n];
+        if !shared {
+            args.push("--no-shared-memory");
+        }
+        let mut c = coordinator_proc(&job, &rd, "3", &args);
         let (ok, out) = c.finish(60);
         assert!(ok, "{out}");
-        assert!(finals(&rd) == want, "{n} worker(s) changed the weights");
+        assert_eq!(out.contains("go through shared memory"), shared, "{out}");
+        assert!(finals(&rd) == want, "{n} worker(s) changed the weights (shared memory: {shared})");
     }
 }
 

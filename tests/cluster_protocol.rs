@@ -98,7 +98,7 @@ fn nan_gradients_are_recomputed_and_the_sender_dropped() {
                             let r = dtrain_proto::result_to_wire(
                                 w.step,
                                 s.index,
-                                dtrain_proto::f32_bytes(&vec![f32::NAN; n]),
+                                Some(dtrain_proto::f32_bytes(&vec![f32::NAN; n])),
                                 &Default::default(),
                                 1,
                             );

@@ -80,6 +80,7 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                     insecure: a.insecure,
                     step_timeout: secs("step-timeout", a.step_timeout)?,
                     worker_wait: secs("worker-wait", a.worker_wait)?,
+                    shared_memory: !a.no_shared_memory,
                     metrics: a.metrics_listen.map(|_| metrics),
                     tls: match (a.tls_cert, a.tls_key) {
                         (Some(cert), Some(key)) => Some(ServerTls { cert, key, client_ca: a.tls_client_ca }),

@@ -109,6 +109,10 @@ pub struct TrainArgs {
     /// Seconds to wait for workers (at start, or when none is left) before giving up.
     #[arg(long, env = "DTRAIN_WORKER_WAIT", default_value_t = 300.0)]
     pub worker_wait: f64,
+    /// Keep parameters and gradients on the gRPC stream even for workers on this host (by
+    /// default they go through shared memory in /dev/shm; the messages still go over gRPC).
+    #[arg(long, env = "DTRAIN_NO_SHARED_MEMORY")]
+    pub no_shared_memory: bool,
     /// Serve workers over TLS with this certificate (PEM); needs --tls-key.
     #[arg(long, env = "DTRAIN_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

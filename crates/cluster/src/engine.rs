@@ -2,12 +2,13 @@
 //! land in shard order. Lost, hung or faulty workers' shards are recomputed by others within
 //! the same step, so the step is applied once, with the same bits as in-process.
 
-use crate::hub::{Event, Hub};
+use crate::hub::{lock, Event, Hub};
 use dtrain_data::Dataset;
 use dtrain_fit::Engine;
 use dtrain_nn::ShardStats;
 use dtrain_proto::pb::{self, coordinator_message::Kind as Out};
 use dtrain_proto::{result_from_wire, shard_to_wire, WireTensor};
+use prost::bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
@@ -134,9 +135,10 @@ impl ClusterEngine<'_> {
             ));
         }
         Some(format!(
-            "cluster: {} worker(s) alive; shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
+            "cluster: {} worker(s) alive ({} on shared memory); shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
              step p50: update {:.2} ms, encode {:.2}, wait {:.2}, decode {:.2}",
             self.hub.alive().len(),
+            self.hub.alive().into_iter().filter(|&id| self.hub.shared(id).is_some()).count(),
             times.join(", "),
             e.bytes_out as f64 / e.steps as f64 / 1024.0,
             e.bytes_in as f64 / e.steps as f64 / 1024.0,
@@ -177,8 +179,7 @@ impl ClusterEngine<'_> {
         let t0 = Instant::now();
         let mut decode = Duration::ZERO;
         let mut sent_all = None;
-        self.params.fill(params.len()).copy_from_slice(params);
-        let params = self.params.share();
+        let mut inline = None; // the parameters as message bytes, made once if a worker needs them
         let wire = match self.prebuilt.take() {
             Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
             _ => self.shards_to_wire(batch, shards),
@@ -194,12 +195,14 @@ impl ClusterEngine<'_> {
                 let todo: Vec<usize> = std::mem::take(&mut pending).into_iter().collect();
                 let per = todo.len().div_ceil(alive.len());
                 for (group, &id) in todo.chunks(per).zip(&alive) {
-                    let work = pb::Work {
+                    let mut work = pb::Work {
                         step,
-                        params: params.clone(),
+                        params: Bytes::new(),
                         global_batch: batch.len() as u32,
                         shards: group.iter().map(|&k| wire[k].clone()).collect(),
+                        params_shared: false,
                     };
+                    self.attach_params(id, &mut work, params, &mut inline);
                     let size = prost::Message::encoded_len(&work) as u64;
                     if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
                         self.epoch.bytes_out += size;
@@ -241,7 +244,7 @@ impl ClusterEngine<'_> {
                         .or_default()
                         .push(result.compute_micros.min(u64::from(u32::MAX)) as u32);
                     let d0 = Instant::now();
-                    let decoded = result_from_wire(&result, rows, &mut out[k]);
+                    let decoded = self.decode(id, &result, rows, &mut out[k]);
                     decode += d0.elapsed();
                     match decoded {
                         Ok(s) => {
@@ -317,6 +320,38 @@ impl ClusterEngine<'_> {
                 }
             }
         }
+    }
+
+    /// Puts this step's parameters in `work`: in the worker's shared memory if it has one,
+    /// else in the message (one byte copy of them, made on first need, serves every worker).
+    fn attach_params(&mut self, id: u32, work: &mut pb::Work, params: &[f32], inline: &mut Option<Bytes>) {
+        if let Some(shared) = self.hub.shared(id) {
+            let mut s = lock(&shared);
+            if s.params_step != Some(work.step) {
+                s.tensors.params_mut().copy_from_slice(params);
+                s.params_step = Some(work.step);
+            }
+            work.params_shared = true;
+            return;
+        }
+        work.params = inline
+            .get_or_insert_with(|| {
+                self.params.fill(params.len()).copy_from_slice(params);
+                self.params.share()
+            })
+            .clone();
+    }
+
+    /// A result's gradient into `grad`, from the message or from the worker's shared memory,
+    /// checked either way.
+    fn decode(&self, id: u32, result: &pb::ShardResult, rows: u64, grad: &mut [f32]) -> Result<ShardStats, String> {
+        if !result.gradient_shared {
+            return result_from_wire(result, rows, &result.gradient, grad).map_err(|e| e.to_string());
+        }
+        let shared = self.hub.shared(id).ok_or("a gradient in shared memory it does not have")?;
+        let s = lock(&shared);
+        let slot = s.tensors.slot_bytes(result.index as usize).ok_or("a shared-memory slot out of range")?;
+        result_from_wire(result, rows, slot, grad).map_err(|e| e.to_string())
     }
 
     /// Each shard's samples as they travel (empty shards too, never sent).

@@ -1,6 +1,7 @@
 //! Membership: the live workers, each with its outbound stream, and one queue of events
 //! (joined, result, left) that the engine consumes.
 
+use crate::shm::SharedTensors;
 use dtrain_proto::pb;
 use dtrain_proto::pb::coordinator_message::Kind as Out;
 use dtrain_proto::pb::worker_message::Kind as In;
@@ -21,6 +22,22 @@ pub enum Event {
 struct Worker {
     name: String,
     tx: Outbound,
+    shared: Option<Arc<Mutex<Shared>>>,
+}
+
+/// A worker's shared memory (see `shm`), usable once it says it attached.
+pub struct Shared {
+    pub tensors: SharedTensors,
+    attached: bool,
+    /// The step whose parameters the memory holds.
+    pub params_step: Option<u64>,
+}
+
+/// What shared memory each worker is offered: parameters and gradient slots per file.
+#[derive(Clone, Copy, Debug)]
+pub struct Offer {
+    pub params: usize,
+    pub slots: usize,
 }
 
 pub struct Hub {
@@ -30,11 +47,13 @@ pub struct Hub {
     open: std::sync::atomic::AtomicUsize,
     workers: Mutex<(u32, BTreeMap<u32, Worker>)>,
     events: mpsc::UnboundedSender<Event>,
+    offer: Option<Offer>,
 }
 
 impl Hub {
-    /// `log` gets a line when a worker joins or leaves.
-    pub fn new(job_toml: String, log: fn(&str)) -> (Arc<Hub>, mpsc::UnboundedReceiver<Event>) {
+    /// `log` gets a line when a worker joins or leaves; `offer`: shared memory for workers
+    /// on this host.
+    pub fn new(job_toml: String, offer: Option<Offer>, log: fn(&str)) -> (Arc<Hub>, mpsc::UnboundedReceiver<Event>) {
         let (events, rx) = mpsc::unbounded_channel();
         (
             Arc::new(Hub {
@@ -43,32 +62,55 @@ impl Hub {
                 open: Default::default(),
                 workers: Mutex::new((0, BTreeMap::new())),
                 events,
+                offer,
             }),
             rx,
         )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (u32, BTreeMap<u32, Worker>)> {
-        self.workers.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.workers)
     }
 
-    /// Registers a worker that said hello: sends it the job, then forwards what it sends as
-    /// events until its stream ends. Returns the stream of messages to it.
+    /// Registers a worker that said hello: sends it the job (and shared memory if it is `local`),
+    /// then forwards what it sends as events until its stream ends. Returns the stream of
+    /// messages to it.
     pub fn accept(
         self: &Arc<Self>,
         name: String,
         inbound: Streaming<pb::WorkerMessage>,
+        local: bool,
     ) -> mpsc::Receiver<Result<pb::CoordinatorMessage, Status>> {
         let (tx, rx) = mpsc::channel(8);
         let id = {
             let mut w = self.lock();
             w.0 += 1;
             let id = w.0;
-            w.1.insert(id, Worker { name: name.clone(), tx: tx.clone() });
+            w.1.insert(id, Worker { name: name.clone(), tx: tx.clone(), shared: None });
             id
         };
+        let mut offered = None;
+        if let (Some(offer), Some(dir), true) = (self.offer, SharedTensors::dir(), local) {
+            let nonce = crate::shm::nonce();
+            let file = format!("dtrain-{}-{id}-{nonce:016x}", std::process::id());
+            match SharedTensors::create(&dir, &file, nonce, offer.params, offer.slots) {
+                Ok(tensors) => {
+                    let path = dir.join(file).to_string_lossy().into_owned();
+                    offered = Some(pb::SharedMemory { path, nonce, slots: offer.slots as u32 });
+                    let shared = Shared { tensors, attached: false, params_step: None };
+                    if let Some(w) = self.lock().1.get_mut(&id) {
+                        w.shared = Some(Arc::new(Mutex::new(shared)));
+                    }
+                }
+                Err(e) => (self.log)(&format!("no shared memory for worker {id}: {}: {e}", dir.display())),
+            }
+        }
         let welcome = pb::CoordinatorMessage {
-            kind: Some(Out::Welcome(pb::Welcome { job_toml: self.job_toml.clone(), worker_id: id })),
+            kind: Some(Out::Welcome(pb::Welcome {
+                job_toml: self.job_toml.clone(),
+                worker_id: id,
+                shared_memory: offered,
+            })),
         };
         let _ = tx.try_send(Ok(welcome));
         (self.log)(&format!("worker {id} ({name}) joined"));
@@ -88,6 +130,13 @@ impl Hub {
                 Ok(Some(pb::WorkerMessage { kind: Some(In::Result(result)) })) => {
                     let _ = self.events.send(Event::Result { id, result });
                 }
+                Ok(Some(pb::WorkerMessage { kind: Some(In::Attached(_)) })) => {
+                    let shared = self.lock().1.get(&id).and_then(|w| w.shared.clone());
+                    let Some(shared) = shared else { break "attached to shared memory it was not offered".to_string() };
+                    let mut s = lock(&shared);
+                    s.attached = true;
+                    s.tensors.unlink(); // both sides have it mapped; nothing is left behind
+                }
                 Ok(Some(_)) => break "sent an unexpected message".to_string(),
                 Ok(None) => break "disconnected".to_string(),
                 Err(e) => break format!("stream failed: {}", e.message()),
@@ -97,6 +146,13 @@ impl Hub {
             (self.log)(&format!("worker {id} ({}) left: {reason}", w.name));
             let _ = self.events.send(Event::Left { id, reason });
         }
+    }
+
+    /// A live worker's shared memory, once it attached.
+    pub fn shared(&self, id: u32) -> Option<Arc<Mutex<Shared>>> {
+        let s = self.lock().1.get(&id).and_then(|w| w.shared.clone())?;
+        let attached = lock(&s).attached;
+        attached.then_some(s)
     }
 
     /// Ids of the live workers, in joining order.
@@ -134,4 +190,9 @@ impl Hub {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
+}
+
+/// Locks a mutex whose holder may have panicked (the data is plain buffers).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -11,6 +11,7 @@ pub mod hub;
 pub mod metrics_http;
 pub mod run;
 pub mod service;
+pub mod shm;
 pub mod spawn;
 pub mod worker;
 

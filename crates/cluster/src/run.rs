@@ -2,7 +2,7 @@
 //! workers, wait for enough of them, and train with a `ClusterEngine`.
 
 use crate::engine::ClusterEngine;
-use crate::hub::Hub;
+use crate::hub::{Hub, Offer};
 use crate::service::CoordinatorService;
 use crate::spawn::LocalWorkers;
 use crate::{ClusterError, MESSAGE_LIMIT};
@@ -32,6 +32,8 @@ pub struct ClusterOptions {
     /// Serve TLS with this certificate and key (PEM); with `client_ca`, also require client
     /// certificates signed by it (mutual TLS).
     pub tls: Option<ServerTls>,
+    /// Offer workers on this host shared memory for parameters and gradients.
+    pub shared_memory: bool,
     /// Where workers, bytes and recomputed shards are counted, if metrics are served.
     pub metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
 }
@@ -97,7 +99,9 @@ struct Cluster<'o> {
 impl EngineFactory for Cluster<'_> {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
         let err = |e: String| FitError::Engine(e);
-        let (hub, events) = Hub::new(job.config.to_toml(), log);
+        let offer =
+            self.opts.shared_memory.then(|| Offer { params: job.model.num_params(), slots: job.config.fit.shards });
+        let (hub, events) = Hub::new(job.config.to_toml(), offer, log);
         let listener = self
             .rt
             .block_on(tokio::net::TcpListener::bind(self.opts.listen))

@@ -19,6 +19,8 @@ impl Coordinator for CoordinatorService {
 
     async fn join(&self, req: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<Self::JoinStream>, Status> {
         crate::auth::check(req.metadata(), self.token.as_deref())?;
+        // Only a worker that dialed over loopback can be on this host (shared memory).
+        let local = req.remote_addr().is_some_and(|a| a.ip().is_loopback());
         let mut inbound = req.into_inner();
         let hello = match inbound.message().await? {
             Some(pb::WorkerMessage { kind: Some(Kind::Hello(h)) }) => h,
@@ -30,6 +32,6 @@ impl Coordinator for CoordinatorService {
                 hello.protocol_version
             )));
         }
-        Ok(Response::new(ReceiverStream::new(self.hub.accept(hello.name, inbound))))
+        Ok(Response::new(ReceiverStream::new(self.hub.accept(hello.name, inbound, local))))
     }
 }

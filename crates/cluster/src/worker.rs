@@ -2,6 +2,7 @@
 //! until told to stop. It reads no data files. A lost connection is retried (the coordinator
 //! may be restarting from its checkpoint) for `retry_for`.
 
+use crate::shm::SharedTensors;
 use crate::ClusterError;
 use dtrain_fit::config::JobConfig;
 use dtrain_fit::engine::ShardBuffers;
@@ -9,7 +10,7 @@ use dtrain_fit::Job;
 use dtrain_nn::Mode;
 use dtrain_proto::pb::coordinator_client::CoordinatorClient;
 use dtrain_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
-use dtrain_proto::{read_f32s, result_to_wire, shard_from_wire, WireTensor, PROTOCOL_VERSION};
+use dtrain_proto::{check_finite, read_f32s, result_to_wire, shard_from_wire, WireError, WireTensor, PROTOCOL_VERSION};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -136,18 +137,33 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
         req.metadata_mut().insert(crate::auth::HEADER, v);
     }
     let mut inbound = client.join(req).await?.into_inner();
-    let job = match inbound.message().await? {
+    let (job, offer) = match inbound.message().await? {
         Some(pb::CoordinatorMessage { kind: Some(Out::Welcome(w)) }) => {
             let config: JobConfig =
                 toml::from_str(&w.job_toml).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
             let job = Job::build(config, PathBuf::new()).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
             log(&format!("joined as worker {}: {} parameters", w.worker_id, job.model.num_params()));
-            job
+            (job, w.shared_memory)
         }
         _ => return Err(Status::internal("expected Welcome")),
     };
     *last_ok = Instant::now();
-    let mut compute = Compute { job, buffers: ShardBuffers::default(), params: vec![], grad: WireTensor::default() };
+    let mut shared = None;
+    if let Some(o) = offer {
+        let n = job.model.num_params();
+        match SharedTensors::open(std::path::Path::new(&o.path), o.nonce, n, o.slots as usize) {
+            Ok(t) => {
+                tx.send(pb::WorkerMessage { kind: Some(In::Attached(pb::Attached {})) })
+                    .await
+                    .map_err(|_| Status::unavailable("stream closed"))?;
+                log("on the coordinator's host: parameters and gradients go through shared memory");
+                shared = Some(t);
+            }
+            Err(e) => log(&format!("shared memory offered but not usable here ({e}); tensors go over the stream")),
+        }
+    }
+    let mut compute =
+        Compute { job, buffers: ShardBuffers::default(), params: vec![], grad: WireTensor::default(), shared };
     while let Some(msg) = inbound.message().await? {
         *last_ok = Instant::now();
         match msg.kind {
@@ -174,14 +190,29 @@ struct Compute {
     params: Vec<f32>,
     /// Computed into, then sent as is.
     grad: WireTensor,
+    /// The coordinator's shared memory, if this worker is on its host.
+    shared: Option<SharedTensors>,
 }
 
 impl Compute {
     fn run(&mut self, w: pb::Work) -> Result<Vec<pb::ShardResult>, Status> {
         let model = &self.job.model;
         let n = model.num_params();
-        self.params.resize(n, 0.0);
-        read_f32s("params", &w.params, &mut self.params).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let bad = |e: WireError| Status::invalid_argument(e.to_string());
+        match (&mut self.shared, w.params_shared) {
+            (Some(shm), true) => check_finite("params", shm.params()).map_err(bad)?,
+            (None, true) => {
+                return Err(Status::invalid_argument("parameters in shared memory this worker does not have"))
+            }
+            (shm, false) => {
+                self.params.resize(n, 0.0);
+                read_f32s("params", &w.params, &mut self.params).map_err(bad)?;
+                // Shards are computed from shared memory when there is one (same values).
+                if let Some(shm) = shm {
+                    shm.params_mut().copy_from_slice(&self.params);
+                }
+            }
+        }
         let mut out = Vec::with_capacity(w.shards.len());
         for s in w.shards {
             let t0 = Instant::now();
@@ -190,9 +221,20 @@ impl Compute {
             let idx: Vec<u32> = (0..data.len() as u32).collect();
             let mode =
                 Mode::Train { seed: self.job.seed, step: w.step, first_position: first, global_batch: w.global_batch };
-            let grad = self.grad.fill(n);
-            let stats = self.buffers.gradient(model, &data, &self.params, &idx, mode, grad);
-            out.push(result_to_wire(w.step, index, self.grad.share(), &stats, t0.elapsed().as_micros() as u64));
+            let (stats, gradient) = match self.shared.as_mut() {
+                Some(shm) => match shm.params_and_slot(index as usize) {
+                    Some((p, g)) => (self.buffers.gradient(model, &data, p, &idx, mode, g), None),
+                    None => {
+                        let stats = self.buffers.gradient(model, &data, shm.params(), &idx, mode, self.grad.fill(n));
+                        (stats, Some(self.grad.share()))
+                    }
+                },
+                None => {
+                    let stats = self.buffers.gradient(model, &data, &self.params, &idx, mode, self.grad.fill(n));
+                    (stats, Some(self.grad.share()))
+                }
+            };
+            out.push(result_to_wire(w.step, index, gradient, &stats, t0.elapsed().as_micros() as u64));
         }
         Ok(out)
     }

@@ -52,10 +52,15 @@ pub fn read_f32s(what: &'static str, b: &[u8], out: &mut [f32]) -> Result<(), Wi
     for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
         *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
     }
-    if all_finite(out) {
+    check_finite(what, out)
+}
+
+/// Rejects a tensor with a NaN or an infinity, naming the first.
+pub fn check_finite(what: &'static str, v: &[f32]) -> Result<(), WireError> {
+    if all_finite(v) {
         return Ok(());
     }
-    let index = out.iter().position(|v| !v.is_finite()).unwrap_or(0);
+    let index = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
     Err(WireError::NotFinite { what, index })
 }
 
@@ -131,18 +136,20 @@ pub fn shard_from_wire(s: pb::Shard, sample_shape: &[usize], outputs: usize) -> 
     Ok((s.index, s.first_position, data))
 }
 
-/// A shard's result as it travels; `gradient` is little-endian f32 (`f32_bytes`, `WireTensor`).
+/// A shard's result as it travels; `gradient` is little-endian f32 (`f32_bytes`, `WireTensor`),
+/// or `None` when it is in the worker's shared-memory slot for the shard.
 pub fn result_to_wire(
     step: u64,
     index: u32,
-    gradient: Bytes,
+    gradient: Option<Bytes>,
     stats: &ShardStats,
     compute_micros: u64,
 ) -> pb::ShardResult {
     pb::ShardResult {
         step,
         index,
-        gradient,
+        gradient_shared: gradient.is_none(),
+        gradient: gradient.unwrap_or_default(),
         loss_sum: stats.loss_sum,
         activity: stats.activity,
         correct: stats.correct,
@@ -151,10 +158,16 @@ pub fn result_to_wire(
     }
 }
 
-/// A received result, its gradient decoded into `grad` (the model's size); rejects a wrong
-/// length, non-finite gradients or sums, or counts that do not fit the shard.
-pub fn result_from_wire(r: &pb::ShardResult, rows: u64, grad: &mut [f32]) -> Result<ShardStats, WireError> {
-    read_f32s("gradient", &r.gradient, grad)?;
+/// A received result, its gradient (`gradient`: the result's own bytes, or the shared memory
+/// it points to) decoded into `grad` (the model's size); rejects a wrong length, non-finite
+/// gradients or sums, or counts that do not fit the shard.
+pub fn result_from_wire(
+    r: &pb::ShardResult,
+    rows: u64,
+    gradient: &[u8],
+    grad: &mut [f32],
+) -> Result<ShardStats, WireError> {
+    read_f32s("gradient", gradient, grad)?;
     if !(r.loss_sum.is_finite() && r.activity.is_finite()) {
         return Err(WireError::Invalid("loss sums are not finite".into()));
     }
@@ -188,16 +201,19 @@ mod tests {
         assert!(shard_from_wire(bad, &[2, 2], 3).unwrap_err().to_string().contains("class 9"));
 
         let stats = ShardStats { loss_sum: 1.5, activity: 0.25, correct: 1, rows: 2 };
-        let r = result_to_wire(4, 1, f32_bytes(&[1.0, -2.0]), &stats, 10);
+        let r = result_to_wire(4, 1, Some(f32_bytes(&[1.0, -2.0])), &stats, 10);
         let mut g = [0.0; 2];
-        assert_eq!(result_from_wire(&r, 2, &mut g).unwrap(), stats);
+        assert_eq!(result_from_wire(&r, 2, &r.gradient, &mut g).unwrap(), stats);
         assert_eq!(g, [1.0, -2.0]);
         let mut g3 = [0.0; 3];
         assert_eq!(
-            result_from_wire(&r, 2, &mut g3).unwrap_err(),
+            result_from_wire(&r, 2, &r.gradient, &mut g3).unwrap_err(),
             WireError::Length { what: "gradient", got: 2, want: 3 }
         );
-        let nan = result_to_wire(4, 1, f32_bytes(&[1.0, f32::NAN]), &stats, 10);
-        assert_eq!(result_from_wire(&nan, 2, &mut g).unwrap_err(), WireError::NotFinite { what: "gradient", index: 1 });
+        let nan = result_to_wire(4, 1, Some(f32_bytes(&[1.0, f32::NAN])), &stats, 10);
+        assert_eq!(
+            result_from_wire(&nan, 2, &nan.gradient, &mut g).unwrap_err(),
+            WireError::NotFinite { what: "gradient", index: 1 }
+        );
     }
 }

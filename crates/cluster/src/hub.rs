@@ -85,11 +85,9 @@ impl Hub {
         let id = {
             let mut w = self.lock();
             w.0 += 1;
-            let id = w.0;
-            w.1.insert(id, Worker { name: name.clone(), tx: tx.clone(), shared: None });
-            id
+            w.0
         };
-        let mut offered = None;
+        let (mut offered, mut shared) = (None, None);
         if let (Some(offer), Some(dir), true) = (self.offer, SharedTensors::dir(), local) {
             let nonce = crate::shm::nonce();
             let file = format!("dtrain-{}-{id}-{nonce:016x}", std::process::id());
@@ -97,10 +95,7 @@ impl Hub {
                 Ok(tensors) => {
                     let path = dir.join(file).to_string_lossy().into_owned();
                     offered = Some(pb::SharedMemory { path, nonce, slots: offer.slots as u32 });
-                    let shared = Shared { tensors, attached: false, params_step: None };
-                    if let Some(w) = self.lock().1.get_mut(&id) {
-                        w.shared = Some(Arc::new(Mutex::new(shared)));
-                    }
+                    shared = Some(Arc::new(Mutex::new(Shared { tensors, attached: false, params_step: None })));
                 }
                 Err(e) => (self.log)(&format!("no shared memory for worker {id}: {}: {e}", dir.display())),
             }
@@ -112,7 +107,9 @@ impl Hub {
                 shared_memory: offered,
             })),
         };
+        // Welcome first, then visible to the engine: its work must never overtake the welcome.
         let _ = tx.try_send(Ok(welcome));
+        self.lock().1.insert(id, Worker { name: name.clone(), tx, shared });
         (self.log)(&format!("worker {id} ({name}) joined"));
         let _ = self.events.send(Event::Joined { id, name });
         let hub = Arc::clone(self);

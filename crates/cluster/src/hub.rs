@@ -22,13 +22,14 @@ pub enum Event {
 struct Worker {
     name: String,
     tx: Outbound,
+    /// Offered shared memory; used once the worker says it attached.
     shared: Option<Arc<Mutex<Shared>>>,
+    attached: bool,
 }
 
-/// A worker's shared memory (see `shm`), usable once it says it attached.
+/// A worker's shared memory (see `shm`).
 pub struct Shared {
     pub tensors: SharedTensors,
-    attached: bool,
     /// The step whose parameters the memory holds.
     pub params_step: Option<u64>,
 }
@@ -95,7 +96,7 @@ impl Hub {
                 Ok(tensors) => {
                     let path = dir.join(file).to_string_lossy().into_owned();
                     offered = Some(pb::SharedMemory { path, nonce, slots: offer.slots as u32 });
-                    shared = Some(Arc::new(Mutex::new(Shared { tensors, attached: false, params_step: None })));
+                    shared = Some(Arc::new(Mutex::new(Shared { tensors, params_step: None })));
                 }
                 Err(e) => (self.log)(&format!("no shared memory for worker {id}: {}: {e}", dir.display())),
             }
@@ -109,7 +110,7 @@ impl Hub {
         };
         // Welcome first, then visible to the engine: its work must never overtake the welcome.
         let _ = tx.try_send(Ok(welcome));
-        self.lock().1.insert(id, Worker { name: name.clone(), tx, shared });
+        self.lock().1.insert(id, Worker { name: name.clone(), tx, shared, attached: false });
         (self.log)(&format!("worker {id} ({name}) joined"));
         let _ = self.events.send(Event::Joined { id, name });
         let hub = Arc::clone(self);
@@ -128,11 +129,12 @@ impl Hub {
                     let _ = self.events.send(Event::Result { id, result });
                 }
                 Ok(Some(pb::WorkerMessage { kind: Some(In::Attached(_)) })) => {
-                    let shared = self.lock().1.get(&id).and_then(|w| w.shared.clone());
+                    let shared = self.lock().1.get_mut(&id).and_then(|w| {
+                        w.attached = true;
+                        w.shared.clone()
+                    });
                     let Some(shared) = shared else { break "attached to shared memory it was not offered".to_string() };
-                    let mut s = lock(&shared);
-                    s.attached = true;
-                    s.tensors.unlink(); // both sides have it mapped; nothing is left behind
+                    lock(&shared).tensors.unlink(); // both sides have it mapped; nothing is left behind
                 }
                 Ok(Some(_)) => break "sent an unexpected message".to_string(),
                 Ok(None) => break "disconnected".to_string(),
@@ -147,9 +149,7 @@ impl Hub {
 
     /// A live worker's shared memory, once it attached.
     pub fn shared(&self, id: u32) -> Option<Arc<Mutex<Shared>>> {
-        let s = self.lock().1.get(&id).and_then(|w| w.shared.clone())?;
-        let attached = lock(&s).attached;
-        attached.then_some(s)
+        self.lock().1.get(&id).filter(|w| w.attached).and_then(|w| w.shared.clone())
     }
 
     /// Ids of the live workers, in joining order.

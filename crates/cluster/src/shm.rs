@@ -101,38 +101,26 @@ impl SharedTensors {
         }
     }
 
-    fn region(&self, i: usize) -> &[f32] {
-        let at = HEADER + region_bytes(self.params) * i;
-        let bytes = &self.map[at..at + self.params * 4];
-        // SAFETY: `at` is a multiple of 64 from a page-aligned mapping; any bits are an f32.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), self.params) }
-    }
-
-    fn region_mut(&mut self, i: usize) -> &mut [f32] {
-        let at = HEADER + region_bytes(self.params) * i;
-        let bytes = &mut self.map[at..at + self.params * 4];
-        // SAFETY: as in `region`.
-        unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), self.params) }
+    /// Where region `i` starts: 0 is the parameters, 1 + k gradient slot k.
+    fn start(&self, i: usize) -> usize {
+        HEADER + region_bytes(self.params) * i
     }
 
     pub fn params(&self) -> &[f32] {
-        self.region(0)
+        // SAFETY: regions start on 64-byte boundaries of a page-aligned mapping, hold `params`
+        // values inside it, and any bits are an f32.
+        unsafe { std::slice::from_raw_parts(self.map[self.start(0)..].as_ptr().cast::<f32>(), self.params) }
     }
 
     pub fn params_mut(&mut self) -> &mut [f32] {
-        self.region_mut(0)
-    }
-
-    pub fn slots(&self) -> usize {
-        self.slots
+        let at = self.start(0);
+        // SAFETY: as in `params`.
+        unsafe { std::slice::from_raw_parts_mut(self.map[at..].as_mut_ptr().cast::<f32>(), self.params) }
     }
 
     /// Gradient slot `k` (shard k's), as bytes for the same checks as a received tensor.
     pub fn slot_bytes(&self, k: usize) -> Option<&[u8]> {
-        (k < self.slots).then(|| {
-            let at = HEADER + region_bytes(self.params) * (1 + k);
-            &self.map[at..at + self.params * 4]
-        })
+        (k < self.slots).then(|| &self.map[self.start(1 + k)..][..self.params * 4])
     }
 
     /// The parameters and gradient slot `k`, for computing shard k in place.
@@ -140,13 +128,12 @@ impl SharedTensors {
         if k >= self.slots {
             return None;
         }
-        let stride = region_bytes(self.params);
-        let (head, tail) = self.map[HEADER..].split_at_mut(stride * (1 + k));
-        let n = self.params;
-        // SAFETY: both regions start on 64-byte boundaries of the mapping and do not overlap.
+        let (at, n) = (self.start(1 + k), self.params);
+        let (head, tail) = self.map.split_at_mut(at);
+        // SAFETY: as in `params`; the two regions do not overlap.
         unsafe {
             Some((
-                std::slice::from_raw_parts(head.as_ptr().cast::<f32>(), n),
+                std::slice::from_raw_parts(head[HEADER..].as_ptr().cast::<f32>(), n),
                 std::slice::from_raw_parts_mut(tail.as_mut_ptr().cast::<f32>(), n),
             ))
         }

@@ -221,16 +221,12 @@ impl Compute {
             let idx: Vec<u32> = (0..data.len() as u32).collect();
             let mode =
                 Mode::Train { seed: self.job.seed, step: w.step, first_position: first, global_batch: w.global_batch };
-            let (stats, gradient) = match self.shared.as_mut() {
-                Some(shm) => match shm.params_and_slot(index as usize) {
-                    Some((p, g)) => (self.buffers.gradient(model, &data, p, &idx, mode, g), None),
-                    None => {
-                        let stats = self.buffers.gradient(model, &data, shm.params(), &idx, mode, self.grad.fill(n));
-                        (stats, Some(self.grad.share()))
-                    }
-                },
+            // In place in the shard's shared-memory slot if there is one, else into a message.
+            let (stats, gradient) = match self.shared.as_mut().and_then(|shm| shm.params_and_slot(index as usize)) {
+                Some((p, g)) => (self.buffers.gradient(model, &data, p, &idx, mode, g), None),
                 None => {
-                    let stats = self.buffers.gradient(model, &data, &self.params, &idx, mode, self.grad.fill(n));
+                    let p = self.shared.as_ref().map_or(&self.params[..], SharedTensors::params);
+                    let stats = self.buffers.gradient(model, &data, p, &idx, mode, self.grad.fill(n));
                     (stats, Some(self.grad.share()))
                 }
             };

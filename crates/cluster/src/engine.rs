@@ -2,16 +2,16 @@
 //! land in shard order. Lost, hung or faulty workers' shards are recomputed by others within
 //! the same step, so the step is applied once, with the same bits as in-process.
 
-use crate::hub::{lock, Event, Hub};
+use crate::hub::{lock, Event, Hub, Shared};
 use dtrain_data::Dataset;
 use dtrain_fit::Engine;
 use dtrain_nn::ShardStats;
 use dtrain_proto::pb::{self, coordinator_message::Kind as Out};
-use dtrain_proto::{result_from_wire, shard_to_wire, WireTensor};
+use dtrain_proto::{check_finite, copy_f32s, result_from_wire, shard_to_wire, WireTensor};
 use prost::bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -39,6 +39,9 @@ pub struct ClusterEngine<'a> {
     pub(crate) prebuilt: Option<(Vec<u32>, Vec<pb::Shard>)>,
     /// The parameters as they travel (one buffer shared by every worker's message).
     pub(crate) params: WireTensor,
+    /// Gradients received in messages, by shard; zeros for empty shards.
+    pub(crate) received: Vec<Vec<f32>>,
+    pub(crate) zeros: Vec<f32>,
 }
 
 /// What an epoch looked like from the coordinator.
@@ -52,11 +55,12 @@ pub(crate) struct EpochStats {
     /// Per worker: its own compute time for each shard, in µs.
     compute: BTreeMap<u32, Vec<u32>>,
     /// Per step, in µs: the coordinator's own work between steps (sum, optimizer, constraints),
-    /// building and queueing the work, waiting for the last result, checking and decoding results.
+    /// building and queueing the work, waiting for the last result, reading, checking and
+    /// summing the results.
     update: Vec<u32>,
     encode: Vec<u32>,
     wait: Vec<u32>,
-    decode: Vec<u32>,
+    reduce: Vec<u32>,
     /// When the last step's gradients were handed back.
     last_return: Option<Instant>,
 }
@@ -85,7 +89,7 @@ impl Engine for ClusterEngine<'_> {
         step: u64,
         batch: &[u32],
         shards: &[Range<usize>],
-        out: &mut [Vec<f32>],
+        grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         let rt = self.rt.clone();
@@ -95,7 +99,7 @@ impl Engine for ClusterEngine<'_> {
         }
         self.epoch.steps += 1;
         let (sent, received) = (self.epoch.bytes_out, self.epoch.bytes_in);
-        let r = rt.block_on(self.step(params, step, batch, shards, out, meanwhile));
+        let r = rt.block_on(self.step(params, step, batch, shards, grad, meanwhile));
         self.epoch.last_return = Some(Instant::now());
         if let Some(m) = &self.metrics {
             m.workers(self.hub.alive().len() as u64);
@@ -136,7 +140,7 @@ impl ClusterEngine<'_> {
         }
         Some(format!(
             "cluster: {} worker(s) alive ({} on shared memory); shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
-             step p50: update {:.2} ms, encode {:.2}, wait {:.2}, decode {:.2}",
+             step p50: update {:.2} ms, encode {:.2}, wait {:.2}, reduce {:.2}",
             self.hub.alive().len(),
             self.hub.alive().into_iter().filter(|&id| self.hub.shared(id).is_some()).count(),
             times.join(", "),
@@ -145,7 +149,7 @@ impl ClusterEngine<'_> {
             median_ms(&mut e.update),
             median_ms(&mut e.encode),
             median_ms(&mut e.wait),
-            median_ms(&mut e.decode),
+            median_ms(&mut e.reduce),
         ))
     }
 }
@@ -156,6 +160,23 @@ impl Drop for ClusterEngine<'_> {
     }
 }
 
+/// Where a shard's gradient is once its result arrived: in the worker's shared-memory slot
+/// (kept mapped here even if the worker leaves), or copied from the message.
+enum Landed {
+    Empty,
+    Slot(u32, Arc<Mutex<Shared>>),
+    Copied(u32),
+}
+
+impl Landed {
+    fn worker(&self) -> Option<u32> {
+        match self {
+            Landed::Empty => None,
+            Landed::Slot(id, _) | Landed::Copied(id) => Some(*id),
+        }
+    }
+}
+
 impl ClusterEngine<'_> {
     async fn step(
         &mut self,
@@ -163,21 +184,15 @@ impl ClusterEngine<'_> {
         step: u64,
         batch: &[u32],
         shards: &[Range<usize>],
-        out: &mut [Vec<f32>],
+        grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         let mut meanwhile = Some(meanwhile);
         let mut stats = vec![ShardStats::default(); shards.len()];
-        let mut pending = BTreeSet::new();
-        for (k, r) in shards.iter().enumerate() {
-            if r.is_empty() {
-                out[k].fill(0.0);
-            } else {
-                pending.insert(k);
-            }
-        }
+        let mut landed: Vec<Option<Landed>> = shards.iter().map(|r| r.is_empty().then_some(Landed::Empty)).collect();
+        let mut pending: BTreeSet<usize> = (0..shards.len()).filter(|&k| landed[k].is_none()).collect();
         let t0 = Instant::now();
-        let mut decode = Duration::ZERO;
+        let mut reduce = Duration::ZERO;
         let mut sent_all = None;
         let mut inline = None; // the parameters as message bytes, made once if a worker needs them
         let wire = match self.prebuilt.take() {
@@ -187,106 +202,118 @@ impl ClusterEngine<'_> {
         let mut assigned: BTreeMap<usize, u32> = BTreeMap::new();
         let mut sent_at: BTreeMap<u32, Instant> = BTreeMap::new();
         let mut deadline = Instant::now() + self.step_timeout;
-        while !pending.is_empty() || !assigned.is_empty() {
-            if !pending.is_empty() {
-                self.await_workers().await?;
-                // Contiguous groups of the pending shards, one group per live worker.
-                let alive = self.hub.alive();
-                let todo: Vec<usize> = std::mem::take(&mut pending).into_iter().collect();
-                let per = todo.len().div_ceil(alive.len());
-                for (group, &id) in todo.chunks(per).zip(&alive) {
-                    let mut work = pb::Work {
-                        step,
-                        params: Bytes::new(),
-                        global_batch: batch.len() as u32,
-                        shards: group.iter().map(|&k| wire[k].clone()).collect(),
-                        params_shared: false,
-                    };
-                    self.attach_params(id, &mut work, params, &mut inline);
-                    let size = prost::Message::encoded_len(&work) as u64;
-                    if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
-                        self.epoch.bytes_out += size;
-                        sent_at.insert(id, Instant::now());
-                        assigned.extend(group.iter().map(|&k| (k, id)));
-                    } else {
-                        pending.extend(group);
-                        self.hub.drop_worker(id, Status::unavailable("not keeping up with its work queue"));
-                    }
-                }
-                deadline = Instant::now() + self.step_timeout;
-                sent_all.get_or_insert_with(Instant::now);
-                // While the workers compute: the caller's own work, then the next step's shards.
-                if let Some(f) = meanwhile.take() {
-                    f();
-                    if !self.next_batch.is_empty() {
-                        let next = std::mem::take(&mut self.next_batch);
-                        let ranges = dtrain_fit::engine::shard_ranges(next.len(), shards.len());
-                        let wire = self.shards_to_wire(&next, &ranges);
-                        self.prebuilt = Some((next, wire));
-                    }
-                }
-                continue;
-            }
-            match tokio::time::timeout_at(deadline.into(), self.events.recv()).await {
-                Ok(Some(Event::Result { id, result })) => {
-                    let k = result.index as usize;
-                    if result.step != step || assigned.get(&k) != Some(&id) {
-                        continue; // a late reply from a worker this shard was taken from
-                    }
-                    let rows = shards[k].len() as u64;
-                    self.epoch.bytes_in += prost::Message::encoded_len(&result) as u64;
-                    if let Some(t) = sent_at.get(&id) {
-                        self.epoch.round_trips.entry(id).or_default().push(t.elapsed().as_micros() as u32);
-                    }
-                    self.epoch
-                        .compute
-                        .entry(id)
-                        .or_default()
-                        .push(result.compute_micros.min(u64::from(u32::MAX)) as u32);
-                    let d0 = Instant::now();
-                    let decoded = self.decode(id, &result, rows, &mut out[k]);
-                    decode += d0.elapsed();
-                    match decoded {
-                        Ok(s) => {
-                            stats[k] = s;
-                            assigned.remove(&k);
-                        }
-                        Err(e) => {
-                            assigned.remove(&k);
-                            pending.insert(k);
-                            self.metrics.iter().for_each(|m| {
-                                m.rejected();
-                                m.recomputed(1);
-                            });
-                            self.fault(id, &format!("sent a bad result for shard {k} of step {step}: {e}"));
+        loop {
+            while !pending.is_empty() || !assigned.is_empty() {
+                if !pending.is_empty() {
+                    self.await_workers().await?;
+                    // Contiguous groups of the pending shards, one group per live worker.
+                    let alive = self.hub.alive();
+                    let todo: Vec<usize> = std::mem::take(&mut pending).into_iter().collect();
+                    let per = todo.len().div_ceil(alive.len());
+                    for (group, &id) in todo.chunks(per).zip(&alive) {
+                        let mut work = pb::Work {
+                            step,
+                            params: Bytes::new(),
+                            global_batch: batch.len() as u32,
+                            shards: group.iter().map(|&k| wire[k].clone()).collect(),
+                            params_shared: false,
+                        };
+                        self.attach_params(id, &mut work, params, &mut inline);
+                        let size = prost::Message::encoded_len(&work) as u64;
+                        if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
+                            self.epoch.bytes_out += size;
+                            sent_at.insert(id, Instant::now());
+                            assigned.extend(group.iter().map(|&k| (k, id)));
+                        } else {
+                            pending.extend(group);
+                            self.hub.drop_worker(id, Status::unavailable("not keeping up with its work queue"));
                         }
                     }
-                }
-                Ok(Some(Event::Left { id, .. })) => {
-                    let lost = take_assigned(&mut assigned, id);
-                    if !lost.is_empty() {
-                        (self.log)(&format!("shard(s) {lost:?} of worker {id} go to others"));
-                        self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
+                    deadline = Instant::now() + self.step_timeout;
+                    sent_all.get_or_insert_with(Instant::now);
+                    // While the workers compute: the caller's own work, then the next step's shards.
+                    if let Some(f) = meanwhile.take() {
+                        f();
+                        if !self.next_batch.is_empty() {
+                            let next = std::mem::take(&mut self.next_batch);
+                            let ranges = dtrain_fit::engine::shard_ranges(next.len(), shards.len());
+                            let wire = self.shards_to_wire(&next, &ranges);
+                            self.prebuilt = Some((next, wire));
+                        }
                     }
-                    pending.extend(lost);
+                    continue;
                 }
-                Ok(Some(Event::Joined { .. })) => {}
-                Ok(None) => return Err("the coordinator's worker hub stopped".into()),
-                Err(_) => {
-                    let late: BTreeSet<u32> = assigned.values().copied().collect();
-                    for id in late {
+                match tokio::time::timeout_at(deadline.into(), self.events.recv()).await {
+                    Ok(Some(Event::Result { id, result })) => {
+                        let k = result.index as usize;
+                        if result.step != step || assigned.get(&k) != Some(&id) {
+                            continue; // a late reply from a worker this shard was taken from
+                        }
+                        assigned.remove(&k);
+                        self.epoch.bytes_in += prost::Message::encoded_len(&result) as u64;
+                        if let Some(t) = sent_at.get(&id) {
+                            self.epoch.round_trips.entry(id).or_default().push(micros(t.elapsed()));
+                        }
+                        self.epoch
+                            .compute
+                            .entry(id)
+                            .or_default()
+                            .push(result.compute_micros.min(u64::from(u32::MAX)) as u32);
+                        let r0 = Instant::now();
+                        let received = self.receive(id, &result, shards[k].len() as u64, params.len());
+                        reduce += r0.elapsed();
+                        match received {
+                            Ok((s, l)) => {
+                                stats[k] = s;
+                                landed[k] = Some(l);
+                            }
+                            Err(e) => {
+                                self.bad_result(id, k, step, &e);
+                                pending.insert(k);
+                            }
+                        }
+                    }
+                    Ok(Some(Event::Left { id, .. })) => {
                         let lost = take_assigned(&mut assigned, id);
-                        (self.log)(&format!(
-                            "{} missed the {:?} step deadline; dropping it, {} shard(s) go to others",
-                            self.hub.name(id),
-                            self.step_timeout,
-                            lost.len()
-                        ));
-                        self.hub.drop_worker(id, Status::deadline_exceeded("missed the step deadline"));
-                        self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
+                        if !lost.is_empty() {
+                            (self.log)(&format!("shard(s) {lost:?} of worker {id} go to others"));
+                            self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
+                        }
                         pending.extend(lost);
                     }
+                    Ok(Some(Event::Joined { .. })) => {}
+                    Ok(None) => return Err("the coordinator's worker hub stopped".into()),
+                    Err(_) => {
+                        let late: BTreeSet<u32> = assigned.values().copied().collect();
+                        for id in late {
+                            let lost = take_assigned(&mut assigned, id);
+                            (self.log)(&format!(
+                                "{} missed the {:?} step deadline; dropping it, {} shard(s) go to others",
+                                self.hub.name(id),
+                                self.step_timeout,
+                                lost.len()
+                            ));
+                            self.hub.drop_worker(id, Status::deadline_exceeded("missed the step deadline"));
+                            self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
+                            pending.extend(lost);
+                        }
+                    }
                 }
+            }
+            // Every shard is in: sum them; a shard that is not finite is computed again.
+            let r0 = Instant::now();
+            let landed_all: Vec<Landed> = landed.iter_mut().map(|l| l.take().expect("every shard landed")).collect();
+            let faulty = self.reduce(&landed_all, grad);
+            reduce += r0.elapsed();
+            landed = landed_all.into_iter().map(Some).collect();
+            if faulty.is_empty() {
+                break;
+            }
+            for (k, e) in faulty {
+                if let Some(id) = landed[k].take().and_then(|l| l.worker()) {
+                    self.bad_result(id, k, step, &e);
+                }
+                pending.insert(k);
             }
         }
         if let Some(f) = meanwhile.take() {
@@ -294,8 +321,8 @@ impl ClusterEngine<'_> {
         }
         let sent_all = sent_all.unwrap_or(t0);
         self.epoch.encode.push(micros(sent_all - t0));
-        self.epoch.wait.push(micros(sent_all.elapsed().saturating_sub(decode)));
-        self.epoch.decode.push(micros(decode));
+        self.epoch.wait.push(micros(sent_all.elapsed().saturating_sub(reduce)));
+        self.epoch.reduce.push(micros(reduce));
         Ok(stats)
     }
 
@@ -342,16 +369,68 @@ impl ClusterEngine<'_> {
             .clone();
     }
 
-    /// A result's gradient into `grad`, from the message or from the worker's shared memory,
-    /// checked either way.
-    fn decode(&self, id: u32, result: &pb::ShardResult, rows: u64, grad: &mut [f32]) -> Result<ShardStats, String> {
-        if !result.gradient_shared {
-            return result_from_wire(result, rows, &result.gradient, grad).map_err(|e| e.to_string());
+    /// A result's sums, and where its gradient is: in the worker's shared memory, or copied
+    /// from the message into this shard's buffer. Checked except for finite values (`reduce`).
+    fn receive(
+        &mut self,
+        id: u32,
+        result: &pb::ShardResult,
+        rows: u64,
+        n: usize,
+    ) -> Result<(ShardStats, Landed), String> {
+        let stats = result_from_wire(result, rows).map_err(|e| e.to_string())?;
+        let k = result.index as usize;
+        if result.gradient_shared {
+            let shared = self.hub.shared(id).ok_or("a gradient in shared memory it does not have")?;
+            lock(&shared).tensors.slot(k).ok_or("a shared-memory slot out of range")?;
+            return Ok((stats, Landed::Slot(id, shared)));
         }
-        let shared = self.hub.shared(id).ok_or("a gradient in shared memory it does not have")?;
-        let s = lock(&shared);
-        let slot = s.tensors.slot_bytes(result.index as usize).ok_or("a shared-memory slot out of range")?;
-        result_from_wire(result, rows, slot, grad).map_err(|e| e.to_string())
+        if self.received.len() <= k {
+            self.received.resize_with(k + 1, Vec::new);
+        }
+        let buf = &mut self.received[k];
+        buf.resize(n, 0.0);
+        copy_f32s("gradient", &result.gradient, buf).map_err(|e| e.to_string())?;
+        Ok((stats, Landed::Copied(id)))
+    }
+
+    /// `grad` = the shards' gradients summed in shard order; when a sum is not finite, the
+    /// shards whose own gradient is not (an overflowing sum of finite ones is kept, as in
+    /// process).
+    fn reduce(&mut self, landed: &[Landed], grad: &mut [f32]) -> Vec<(usize, String)> {
+        self.zeros.resize(grad.len(), 0.0);
+        // One lock per worker, whichever of its slots hold shards.
+        let mut guards = BTreeMap::new();
+        for l in landed {
+            if let Landed::Slot(id, shared) = l {
+                guards.entry(*id).or_insert_with(|| lock(shared));
+            }
+        }
+        let parts: Vec<&[f32]> = landed
+            .iter()
+            .enumerate()
+            .map(|(k, l)| match l {
+                Landed::Empty => &self.zeros[..],
+                Landed::Slot(id, _) => guards[id].tensors.slot(k).expect("checked when the result arrived"),
+                Landed::Copied(_) => &self.received[k][..],
+            })
+            .collect();
+        if dtrain_nn::simd::sum_into(grad, &parts) {
+            return vec![];
+        }
+        parts
+            .iter()
+            .enumerate()
+            .filter_map(|(k, p)| check_finite("gradient", p).err().map(|e| (k, e.to_string())))
+            .collect()
+    }
+
+    fn bad_result(&mut self, id: u32, k: usize, step: u64, e: &str) {
+        self.metrics.iter().for_each(|m| {
+            m.rejected();
+            m.recomputed(1);
+        });
+        self.fault(id, &format!("sent a bad result for shard {k} of step {step}: {e}"));
     }
 
     /// Each shard's samples as they travel (empty shards too, never sent).

@@ -165,6 +165,8 @@ impl EngineFactory for Cluster<'_> {
             next_batch: vec![],
             prebuilt: None,
             params: Default::default(),
+            received: vec![],
+            zeros: vec![],
         }))
     }
 }

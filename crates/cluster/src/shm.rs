@@ -118,9 +118,12 @@ impl SharedTensors {
         unsafe { std::slice::from_raw_parts_mut(self.map[at..].as_mut_ptr().cast::<f32>(), self.params) }
     }
 
-    /// Gradient slot `k` (shard k's), as bytes for the same checks as a received tensor.
-    pub fn slot_bytes(&self, k: usize) -> Option<&[u8]> {
-        (k < self.slots).then(|| &self.map[self.start(1 + k)..][..self.params * 4])
+    /// Gradient slot `k` (shard k's).
+    pub fn slot(&self, k: usize) -> Option<&[f32]> {
+        let at = self.start(1 + k);
+        // SAFETY: as in `params`.
+        (k < self.slots)
+            .then(|| unsafe { std::slice::from_raw_parts(self.map[at..].as_ptr().cast::<f32>(), self.params) })
     }
 
     /// The parameters and gradient slot `k`, for computing shard k in place.
@@ -162,8 +165,8 @@ mod tests {
         let (p, g) = w.params_and_slot(1).unwrap();
         g.iter_mut().zip(p).for_each(|(g, p)| *g = -p);
         assert!(w.params_and_slot(2).is_none());
-        let want: Vec<u8> = [-1.0f32, -2.0, -3.0, -4.0, -5.0].iter().flat_map(|v| v.to_ne_bytes()).collect();
-        assert_eq!(c.slot_bytes(1).unwrap(), &want[..]);
+        assert_eq!(c.slot(1).unwrap(), &[-1.0, -2.0, -3.0, -4.0, -5.0]);
+        assert!(c.slot(2).is_none());
         c.unlink();
         assert!(!path.exists());
         assert_eq!(w.params(), &[1.0, 2.0, 3.0, 4.0, 5.0]);

@@ -13,18 +13,20 @@ pub fn shard_ranges(len: usize, shards: usize) -> Vec<Range<usize>> {
 }
 
 pub trait Engine {
-    /// Fills `out[k]` (each of the model's size) with the gradient of shard `shards[k]` of
-    /// `batch` (sample indices) at step `step`, scaled by 1 / batch.len(); returns the
-    /// shards' sums. Empty shards must leave zeros. `meanwhile` is the caller's work that
-    /// does not need the gradients (the weight penalty); it runs exactly once, while the
-    /// engine waits on others if it does.
+    /// Writes to `grad` (the model's size) the sum of the shards' gradients, where shard k is
+    /// `shards[k]` of `batch` (sample indices) at step `step`, scaled by 1 / batch.len(), and
+    /// an empty shard counts as zeros. The sum is `dtrain_nn::simd::sum_into` over the shards
+    /// in shard order, never arrival order, so it has the same bits whoever computed them.
+    /// Returns each shard's sums. `meanwhile` is the caller's work that does not need the
+    /// gradients (the weight penalty); it runs exactly once, while the engine waits on others
+    /// if it does.
     fn gradients(
         &mut self,
         params: &[f32],
         step: u64,
         batch: &[u32],
         shards: &[Range<usize>],
-        out: &mut [Vec<f32>],
+        grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String>;
 
@@ -121,6 +123,8 @@ pub struct LocalEngine<'a> {
     seed: u64,
     pool: Option<rayon::ThreadPool>,
     buffers: Vec<ShardBuffers>,
+    /// Each shard's gradient, when there are several to sum.
+    grads: Vec<Vec<f32>>,
 }
 
 impl<'a> LocalEngine<'a> {
@@ -138,7 +142,7 @@ impl<'a> LocalEngine<'a> {
         } else {
             None
         };
-        Ok(LocalEngine { model, data, seed, pool, buffers: vec![] })
+        Ok(LocalEngine { model, data, seed, pool, buffers: vec![], grads: vec![] })
     }
 }
 
@@ -153,17 +157,24 @@ impl Engine for LocalEngine<'_> {
         step: u64,
         batch: &[u32],
         shards: &[Range<usize>],
-        out: &mut [Vec<f32>],
+        grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         self.buffers.resize_with(shards.len(), ShardBuffers::default);
         let (model, data, seed) = (self.model, self.data, self.seed);
         let global_batch = batch.len() as u32;
-        let job = |((buf, grad), r): ((&mut ShardBuffers, &mut Vec<f32>), &Range<usize>)| {
+        let job = |((buf, grad), r): ((&mut ShardBuffers, &mut [f32]), &Range<usize>)| {
             let mode = Mode::Train { seed, step, first_position: r.start as u32, global_batch };
             buf.gradient(model, data, params, &batch[r.clone()], mode, grad)
         };
-        let work = self.buffers.iter_mut().zip(out.iter_mut()).zip(shards.iter());
+        // One shard is computed straight into `grad`; several into their own buffers, then summed.
+        let mut outs: Vec<&mut [f32]> = if shards.len() == 1 {
+            vec![grad]
+        } else {
+            self.grads.resize_with(shards.len(), || vec![0.0; model.num_params()]);
+            self.grads.iter_mut().map(|g| &mut g[..]).collect()
+        };
+        let work = self.buffers.iter_mut().zip(outs.iter_mut().map(|g| &mut **g)).zip(shards.iter());
         let stats = match &self.pool {
             Some(pool) => {
                 let items: Vec<_> = work.collect();
@@ -172,6 +183,10 @@ impl Engine for LocalEngine<'_> {
             None => work.map(job).collect(),
         };
         meanwhile();
+        if shards.len() > 1 {
+            let parts: Vec<&[f32]> = self.grads.iter().map(|g| &g[..]).collect();
+            dtrain_nn::simd::sum_into(grad, &parts);
+        }
         Ok(stats)
     }
 }

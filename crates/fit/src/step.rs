@@ -2,7 +2,6 @@
 //! shard order, weight penalties added once, clipping and the optimizer, then constraints.
 
 use crate::engine::{shard_ranges, Engine};
-use dtrain_nn::simd::add_into;
 use dtrain_nn::{Sequential, ShardStats};
 use dtrain_optim::Optimizer;
 use std::ops::Range;
@@ -10,7 +9,6 @@ use std::ops::Range;
 /// Buffers reused from step to step.
 pub struct Stepper {
     shards: usize,
-    shard_grads: Vec<Vec<f32>>,
     grad: Vec<f32>,
     /// The weight penalty's derivative, computed while the shards are computed.
     penalty_terms: Vec<f32>,
@@ -31,7 +29,6 @@ impl Stepper {
         let p = model.num_params();
         Stepper {
             shards,
-            shard_grads: vec![vec![0.0; p]; shards],
             grad: vec![0.0; p],
             penalty_terms: vec![0.0; p],
             ranges: model.variables().iter().map(|v| v.range()).collect(),
@@ -52,11 +49,7 @@ impl Stepper {
         let mut penalty = 0.0;
         let (now, terms) = (&*params, &mut self.penalty_terms);
         let mut meanwhile = || penalty = model.weight_penalty_terms(now, terms);
-        let per_shard = engine.gradients(now, step, batch, &shards, &mut self.shard_grads, &mut meanwhile)?;
-        // Shard order, never arrival order: the sum is the same whoever computed the shards.
-        let (first, rest) = self.shard_grads.split_first_mut().expect("at least one shard");
-        std::mem::swap(&mut self.grad, first);
-        rest.iter().for_each(|g| add_into(&mut self.grad, g));
+        let per_shard = engine.gradients(now, step, batch, &shards, &mut self.grad, &mut meanwhile)?;
         let mut stats = ShardStats::default();
         per_shard.iter().for_each(|s| stats.add(s));
         let bs = batch.len() as f64;

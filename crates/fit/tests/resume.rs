@@ -57,7 +57,7 @@ impl Engine for DiesAt<'_> {
         step: u64,
         b: &[u32],
         s: &[Range<usize>],
-        o: &mut [Vec<f32>],
+        o: &mut [f32],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         if step == self.step {

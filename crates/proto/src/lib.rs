@@ -43,6 +43,13 @@ pub fn f32_bytes(v: &[f32]) -> Bytes {
 /// Decodes little-endian f32 bytes into `out` (whose length is the expected count), rejecting
 /// a wrong length or a non-finite value.
 pub fn read_f32s(what: &'static str, b: &[u8], out: &mut [f32]) -> Result<(), WireError> {
+    copy_f32s(what, b, out)?;
+    check_finite(what, out)
+}
+
+/// `read_f32s` without the finite check, for tensors checked where they are used (gradients
+/// are checked as they are summed).
+pub fn copy_f32s(what: &'static str, b: &[u8], out: &mut [f32]) -> Result<(), WireError> {
     if !b.len().is_multiple_of(4) {
         return Err(WireError::Ragged { what, len: b.len() });
     }
@@ -52,7 +59,7 @@ pub fn read_f32s(what: &'static str, b: &[u8], out: &mut [f32]) -> Result<(), Wi
     for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
         *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
     }
-    check_finite(what, out)
+    Ok(())
 }
 
 /// Rejects a tensor with a NaN or an infinity, naming the first.
@@ -158,16 +165,10 @@ pub fn result_to_wire(
     }
 }
 
-/// A received result, its gradient (`gradient`: the result's own bytes, or the shared memory
-/// it points to) decoded into `grad` (the model's size); rejects a wrong length, non-finite
-/// gradients or sums, or counts that do not fit the shard.
-pub fn result_from_wire(
-    r: &pb::ShardResult,
-    rows: u64,
-    gradient: &[u8],
-    grad: &mut [f32],
-) -> Result<ShardStats, WireError> {
-    read_f32s("gradient", gradient, grad)?;
+/// A received result's sums; rejects non-finite sums or counts that do not fit the shard. Its
+/// gradient is read with `copy_f32s` (or is in shared memory) and checked with `check_finite`
+/// where it is summed.
+pub fn result_from_wire(r: &pb::ShardResult, rows: u64) -> Result<ShardStats, WireError> {
     if !(r.loss_sum.is_finite() && r.activity.is_finite()) {
         return Err(WireError::Invalid("loss sums are not finite".into()));
     }
@@ -202,18 +203,33 @@ mod tests {
 
         let stats = ShardStats { loss_sum: 1.5, activity: 0.25, correct: 1, rows: 2 };
         let r = result_to_wire(4, 1, Some(f32_bytes(&[1.0, -2.0])), &stats, 10);
+        assert_eq!(
+            result_from_wire(&r, 3,).unwrap_err().to_string(),
+            "result counts 2 rows (1 correct) for a shard of 3"
+        );
+        assert_eq!(result_from_wire(&r, 2).unwrap(), stats);
         let mut g = [0.0; 2];
-        assert_eq!(result_from_wire(&r, 2, &r.gradient, &mut g).unwrap(), stats);
+        copy_f32s("gradient", &r.gradient, &mut g).unwrap();
         assert_eq!(g, [1.0, -2.0]);
         let mut g3 = [0.0; 3];
         assert_eq!(
-            result_from_wire(&r, 2, &r.gradient, &mut g3).unwrap_err(),
+            copy_f32s("gradient", &r.gradient, &mut g3).unwrap_err(),
             WireError::Length { what: "gradient", got: 2, want: 3 }
         );
-        let nan = result_to_wire(4, 1, Some(f32_bytes(&[1.0, f32::NAN])), &stats, 10);
         assert_eq!(
-            result_from_wire(&nan, 2, &nan.gradient, &mut g).unwrap_err(),
+            copy_f32s("gradient", &r.gradient[1..], &mut g).unwrap_err(),
+            WireError::Ragged { what: "gradient", len: 7 }
+        );
+        let nan = f32_bytes(&[1.0, f32::NAN]);
+        copy_f32s("gradient", &nan, &mut g).unwrap();
+        assert_eq!(
+            read_f32s("gradient", &nan, &mut g).unwrap_err(),
             WireError::NotFinite { what: "gradient", index: 1 }
         );
+        assert_eq!(check_finite("gradient", &g).unwrap_err(), WireError::NotFinite { what: "gradient", index: 1 });
+        let mut inf = stats;
+        inf.loss_sum = f64::INFINITY;
+        let r = result_to_wire(4, 1, None, &inf, 10);
+        assert_eq!(result_from_wire(&r, 2).unwrap_err().to_string(), "loss sums are not finite");
     }
 }

@@ -105,6 +105,13 @@ fn hung_worker_is_detected_within_the_deadline() {
     assert!(finals(&rd) == want, "a hung worker changed the weights");
 }
 
+/// Files in /dev/shm of coordinator `pid`.
+fn shm_files(pid: u32) -> Vec<std::path::PathBuf> {
+    let prefix = format!("dtrain-{pid}-");
+    let files = std::fs::read_dir("/dev/shm").unwrap().map(|e| e.unwrap());
+    files.filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).map(|e| e.path()).collect()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -124,13 +131,17 @@ fn coordinator_killed_and_resumed() {
     let _b = worker(&url, &["--name", "b"]);
     c.wait_for("\"epoch\":3,", 60);
     c.signal("KILL");
+    // The killed coordinator's shared parameters are left behind; the next one removes them.
+    let left = shm_files(c.child.id());
     drop(c);
+    assert_eq!(left.len(), 1, "{left:?}");
     let mut cmd = coordinator();
     cmd.args(["train", "--run-dir", rd.to_str().unwrap(), "--resume", "--listen", &addr, "--min-workers", "2", "-q"]);
     let mut c = Proc::start(cmd);
     let (ok, out) = c.finish(120);
     assert!(ok, "{out}");
     assert!(finals(&rd) == want, "resuming the coordinator changed the weights");
+    assert!(!left[0].exists(), "{left:?} left in /dev/shm");
     let history = std::fs::read_to_string(rd.join("history.csv")).unwrap();
     let epochs: Vec<&str> = history.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
     assert_eq!(epochs, (0..30).map(|e| e.to_string()).collect::<Vec<_>>());

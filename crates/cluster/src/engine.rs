@@ -2,7 +2,8 @@
 //! land in shard order. Lost, hung or faulty workers' shards are recomputed by others within
 //! the same step, so the step is applied once, with the same bits as in-process.
 
-use crate::hub::{lock, Event, Hub, Shared};
+use crate::hub::{Event, Hub};
+use crate::shm::SharedFile;
 use dtrain_data::Dataset;
 use dtrain_fit::Engine;
 use dtrain_nn::ShardStats;
@@ -11,7 +12,7 @@ use dtrain_proto::{check_finite, copy_f32s, result_from_wire, shard_to_wire, Wir
 use prost::bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -142,7 +143,7 @@ impl ClusterEngine<'_> {
             "cluster: {} worker(s) alive ({} on shared memory); shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
              step p50: update {:.2} ms, encode {:.2}, wait {:.2}, reduce {:.2}",
             self.hub.alive().len(),
-            self.hub.alive().into_iter().filter(|&id| self.hub.shared(id).is_some()).count(),
+            self.hub.alive().into_iter().filter(|&id| self.hub.slots(id).is_some()).count(),
             times.join(", "),
             e.bytes_out as f64 / e.steps as f64 / 1024.0,
             e.bytes_in as f64 / e.steps as f64 / 1024.0,
@@ -164,7 +165,7 @@ impl Drop for ClusterEngine<'_> {
 /// (kept mapped here even if the worker leaves), or copied from the message.
 enum Landed {
     Empty,
-    Slot(u32, Arc<Mutex<Shared>>),
+    Slot(u32, Arc<SharedFile>),
     Copied(u32),
 }
 
@@ -349,15 +350,10 @@ impl ClusterEngine<'_> {
         }
     }
 
-    /// Puts this step's parameters in `work`: in the worker's shared memory if it has one,
-    /// else in the message (one byte copy of them, made on first need, serves every worker).
+    /// Puts this step's parameters in `work`: in shared memory if the worker has it, else in
+    /// the message (one byte copy of them, made on first need, serves every worker).
     fn attach_params(&mut self, id: u32, work: &mut pb::Work, params: &[f32], inline: &mut Option<Bytes>) {
-        if let Some(shared) = self.hub.shared(id) {
-            let mut s = lock(&shared);
-            if s.params_step != Some(work.step) {
-                s.tensors.params_mut().copy_from_slice(params);
-                s.params_step = Some(work.step);
-            }
+        if self.hub.slots(id).is_some() && self.hub.share_params(work.step, params) {
             work.params_shared = true;
             return;
         }
@@ -381,9 +377,9 @@ impl ClusterEngine<'_> {
         let stats = result_from_wire(result, rows).map_err(|e| e.to_string())?;
         let k = result.index as usize;
         if result.gradient_shared {
-            let shared = self.hub.shared(id).ok_or("a gradient in shared memory it does not have")?;
-            lock(&shared).tensors.slot(k).ok_or("a shared-memory slot out of range")?;
-            return Ok((stats, Landed::Slot(id, shared)));
+            let slots = self.hub.slots(id).ok_or("a gradient in shared memory it does not have")?;
+            slots.region(k).ok_or("a shared-memory slot out of range")?;
+            return Ok((stats, Landed::Slot(id, slots)));
         }
         if self.received.len() <= k {
             self.received.resize_with(k + 1, Vec::new);
@@ -399,19 +395,12 @@ impl ClusterEngine<'_> {
     /// process).
     fn reduce(&mut self, landed: &[Landed], grad: &mut [f32]) -> Vec<(usize, String)> {
         self.zeros.resize(grad.len(), 0.0);
-        // One lock per worker, whichever of its slots hold shards.
-        let mut guards = BTreeMap::new();
-        for l in landed {
-            if let Landed::Slot(id, shared) = l {
-                guards.entry(*id).or_insert_with(|| lock(shared));
-            }
-        }
         let parts: Vec<&[f32]> = landed
             .iter()
             .enumerate()
             .map(|(k, l)| match l {
                 Landed::Empty => &self.zeros[..],
-                Landed::Slot(id, _) => guards[id].tensors.slot(k).expect("checked when the result arrived"),
+                Landed::Slot(_, slots) => slots.region(k).expect("checked when the result arrived"),
                 Landed::Copied(_) => &self.received[k][..],
             })
             .collect();

@@ -1,11 +1,13 @@
 //! Membership: the live workers, each with its outbound stream, and one queue of events
 //! (joined, result, left) that the engine consumes.
 
-use crate::shm::SharedTensors;
+use crate::shm::{self, FileName, SharedFile};
 use dtrain_proto::pb;
 use dtrain_proto::pb::coordinator_message::Kind as Out;
 use dtrain_proto::pb::worker_message::Kind as In;
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
@@ -22,19 +24,25 @@ pub enum Event {
 struct Worker {
     name: String,
     tx: Outbound,
-    /// Offered shared memory; used once the worker says it attached.
-    shared: Option<Arc<Mutex<Shared>>>,
+    /// Its gradient slots in shared memory (see `shm`), used once it says it attached; the
+    /// name is removed then.
+    slots: Option<Slots>,
     attached: bool,
 }
 
-/// A worker's shared memory (see `shm`).
-pub struct Shared {
-    pub tensors: SharedTensors,
-    /// The step whose parameters the memory holds.
-    pub params_step: Option<u64>,
+/// A worker's gradient slots, and their name until it attached.
+type Slots = (Arc<SharedFile>, Option<FileName>);
+
+/// The parameters in shared memory, for every worker on this host.
+struct SharedParams {
+    file: SharedFile,
+    name: FileName,
+    nonce: u64,
+    /// The step whose parameters the file holds.
+    step: Option<u64>,
 }
 
-/// What shared memory each worker is offered: parameters and gradient slots per file.
+/// What shared memory workers on this host are offered: the parameters, and gradient slots.
 #[derive(Clone, Copy, Debug)]
 pub struct Offer {
     pub params: usize,
@@ -49,6 +57,9 @@ pub struct Hub {
     workers: Mutex<(u32, BTreeMap<u32, Worker>)>,
     events: mpsc::UnboundedSender<Event>,
     offer: Option<Offer>,
+    /// Made when the first local worker joins; gone once the workers are stopped.
+    params: Mutex<Option<SharedParams>>,
+    stopped: AtomicBool,
 }
 
 impl Hub {
@@ -64,6 +75,8 @@ impl Hub {
                 workers: Mutex::new((0, BTreeMap::new())),
                 events,
                 offer,
+                params: Mutex::new(None),
+                stopped: Default::default(),
             }),
             rx,
         )
@@ -88,19 +101,7 @@ impl Hub {
             w.0 += 1;
             w.0
         };
-        let (mut offered, mut shared) = (None, None);
-        if let (Some(offer), Some(dir), true) = (self.offer, SharedTensors::dir(), local) {
-            let nonce = crate::shm::nonce();
-            let file = format!("dtrain-{}-{id}-{nonce:016x}", std::process::id());
-            match SharedTensors::create(&dir, &file, nonce, offer.params, offer.slots) {
-                Ok(tensors) => {
-                    let path = dir.join(file).to_string_lossy().into_owned();
-                    offered = Some(pb::SharedMemory { path, nonce, slots: offer.slots as u32 });
-                    shared = Some(Arc::new(Mutex::new(Shared { tensors, params_step: None })));
-                }
-                Err(e) => (self.log)(&format!("no shared memory for worker {id}: {}: {e}", dir.display())),
-            }
-        }
+        let (offered, slots) = if local { self.offer_shared_memory(id) } else { (None, None) };
         let welcome = pb::CoordinatorMessage {
             kind: Some(Out::Welcome(pb::Welcome {
                 job_toml: self.job_toml.clone(),
@@ -110,14 +111,14 @@ impl Hub {
         };
         // Welcome first, then visible to the engine: its work must never overtake the welcome.
         let _ = tx.try_send(Ok(welcome));
-        self.lock().1.insert(id, Worker { name: name.clone(), tx, shared, attached: false });
+        self.lock().1.insert(id, Worker { name: name.clone(), tx, slots, attached: false });
         (self.log)(&format!("worker {id} ({name}) joined"));
         let _ = self.events.send(Event::Joined { id, name });
         let hub = Arc::clone(self);
-        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.open.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
             hub.pump(id, inbound).await;
-            hub.open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            hub.open.fetch_sub(1, Ordering::SeqCst);
         });
         rx
     }
@@ -129,12 +130,9 @@ impl Hub {
                     let _ = self.events.send(Event::Result { id, result });
                 }
                 Ok(Some(pb::WorkerMessage { kind: Some(In::Attached(_)) })) => {
-                    let shared = self.lock().1.get_mut(&id).and_then(|w| {
-                        w.attached = true;
-                        w.shared.clone()
-                    });
-                    let Some(shared) = shared else { break "attached to shared memory it was not offered".to_string() };
-                    lock(&shared).tensors.unlink(); // both sides have it mapped; nothing is left behind
+                    if !self.attach(id) {
+                        break "attached to shared memory it was not offered".to_string();
+                    }
                 }
                 Ok(Some(_)) => break "sent an unexpected message".to_string(),
                 Ok(None) => break "disconnected".to_string(),
@@ -147,9 +145,68 @@ impl Hub {
         }
     }
 
-    /// A live worker's shared memory, once it attached.
-    pub fn shared(&self, id: u32) -> Option<Arc<Mutex<Shared>>> {
-        self.lock().1.get(&id).filter(|w| w.attached).and_then(|w| w.shared.clone())
+    /// Shared memory for a worker on this host: the parameters' file (made for the first such
+    /// worker) and its own gradient slots; none (and a log line) if they cannot be made.
+    fn offer_shared_memory(&self, id: u32) -> (Option<pb::SharedMemory>, Option<Slots>) {
+        let (Some(offer), Some(dir)) = (self.offer, shm::dir()) else { return (None, None) };
+        match self.make_shared_memory(&dir, offer, id) {
+            Ok((offered, slots)) => (Some(offered), Some(slots)),
+            Err(e) => {
+                (self.log)(&format!("no shared memory for worker {id}: {}: {e}", dir.display()));
+                (None, None)
+            }
+        }
+    }
+
+    fn make_shared_memory(&self, dir: &Path, offer: Offer, id: u32) -> std::io::Result<(pb::SharedMemory, Slots)> {
+        let mut params = lock(&self.params);
+        let params = match &mut *params {
+            Some(p) => p,
+            None if self.stopped.load(Ordering::SeqCst) => return Err(std::io::Error::other("training is over")),
+            None => {
+                shm::remove_stale(dir);
+                let nonce = shm::nonce();
+                let (file, name) = SharedFile::create(dir, &shm::file_name("params"), nonce, offer.params, 1)?;
+                params.insert(SharedParams { file, name, nonce, step: None })
+            }
+        };
+        let nonce = shm::nonce();
+        let (slots, name) =
+            SharedFile::create(dir, &shm::file_name(&format!("w{id}")), nonce, offer.params, offer.slots)?;
+        let offered = pb::SharedMemory {
+            path: name.path(),
+            nonce,
+            slots: offer.slots as u32,
+            params_path: params.name.path(),
+            params_nonce: params.nonce,
+        };
+        Ok((offered, (Arc::new(slots), Some(name))))
+    }
+
+    /// Puts step `step`'s parameters in shared memory (once a step); false if there is none.
+    pub fn share_params(&self, step: u64, values: &[f32]) -> bool {
+        let mut params = lock(&self.params);
+        let Some(p) = params.as_mut() else { return false };
+        if p.step != Some(step) {
+            let Some(region) = p.file.region_mut(0) else { return false };
+            region.copy_from_slice(values);
+            p.step = Some(step);
+        }
+        true
+    }
+
+    /// The worker says it mapped its shared memory; false if it was offered none.
+    fn attach(&self, id: u32) -> bool {
+        let mut workers = self.lock();
+        let Some(w) = workers.1.get_mut(&id).filter(|w| w.slots.is_some()) else { return false };
+        w.attached = true;
+        w.slots.iter_mut().for_each(|(_, name)| *name = None); // both sides have them mapped
+        true
+    }
+
+    /// A live worker's gradient slots in shared memory, once it attached.
+    pub fn slots(&self, id: u32) -> Option<Arc<SharedFile>> {
+        self.lock().1.get(&id).filter(|w| w.attached).and_then(|w| w.slots.as_ref()).map(|(f, _)| Arc::clone(f))
     }
 
     /// Ids of the live workers, in joining order.
@@ -176,6 +233,8 @@ impl Hub {
 
     /// Tells every worker to stop, and waits (up to `patience`) until they have hung up.
     pub async fn stop_all(&self, reason: &str, patience: std::time::Duration) {
+        self.stopped.store(true, Ordering::SeqCst);
+        *lock(&self.params) = None; // its name is removed; workers keep their mappings
         let workers = std::mem::take(&mut self.lock().1);
         let stop = || pb::CoordinatorMessage { kind: Some(Out::Stop(pb::Stop { reason: reason.into() })) };
         for w in workers.values() {
@@ -183,7 +242,7 @@ impl Hub {
         }
         drop(workers);
         let until = tokio::time::Instant::now() + patience;
-        while self.open.load(std::sync::atomic::Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
+        while self.open.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }

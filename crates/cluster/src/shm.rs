@@ -1,30 +1,50 @@
-//! Shared memory for a worker on the coordinator's host: the parameters and the gradients of
-//! a step go through one file in /dev/shm instead of through TCP, while gRPC still carries
-//! every message (so ordering, deadlines, faults and recomputation are unchanged).
+//! Shared memory for workers on the coordinator's host: the parameters and the gradients of a
+//! step go through files in /dev/shm instead of through TCP, while gRPC still carries every
+//! message (so ordering, deadlines, faults and recomputation are unchanged).
 //!
-//! The coordinator creates one file per worker (mode 0600, unique name) and offers its path
-//! and a random nonce in `Welcome`; a worker that can open it and finds the nonce says
-//! `Attached`, and the name is removed at once (both keep their mappings). Phases never
-//! overlap: the coordinator writes a worker's parameters only while no work of that worker's
-//! is outstanding, and reads slot k only after the worker's result for shard k arrived.
+//! The coordinator writes each step's parameters once, into one file that every local worker
+//! maps read-only, and gives each worker a file of gradient slots (one per shard) that only
+//! that worker writes. Both are offered by path and a random nonce in `Welcome`; a worker that
+//! can open them and finds the nonce says `Attached`, and the slots' name is removed at once.
+//! The parameters' name stays while the coordinator runs (workers may join later); a
+//! coordinator that was killed leaves it, and the next coordinator on the host removes it.
+//! Phases never overlap: the coordinator writes the parameters only while no work is
+//! outstanding, and reads slot k only after the result for shard k arrived.
 //!
-//! Layout: a 64-byte header (magic, nonce, parameter count, slot count), the parameters, then
-//! one gradient slot per shard, each region starting on a 64-byte boundary.
+//! Layout: a 64-byte header (magic, nonce, values per region, region count), then the
+//! regions, each starting on a 64-byte boundary.
 
-use memmap2::MmapMut;
-use std::fs::{File, OpenOptions};
+use memmap2::{MmapOptions, MmapRaw};
+use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"DTRAINSM";
 const HEADER: usize = 64;
+/// Every file the coordinator makes is named `PREFIX<pid>-...`.
+const PREFIX: &str = "dtrain-";
 
-pub struct SharedTensors {
-    map: MmapMut,
-    params: usize,
-    slots: usize,
-    /// The file's name, until it is removed.
-    path: Option<PathBuf>,
+pub struct SharedFile {
+    map: MmapRaw,
+    /// Values per region, and regions.
+    values: usize,
+    regions: usize,
+    writable: bool,
+}
+
+/// A file's name, removed when this is dropped (mappings of the file stay valid).
+pub struct FileName(PathBuf);
+
+impl Drop for FileName {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl FileName {
+    pub fn path(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
 }
 
 /// A random number (from the standard library's per-process random hash keys).
@@ -35,117 +55,103 @@ pub fn nonce() -> u64 {
     h.finish()
 }
 
-fn region_bytes(params: usize) -> usize {
-    (params * 4).div_ceil(64) * 64
+/// The directory where the coordinator offers shared memory, if this host has one.
+pub fn dir() -> Option<PathBuf> {
+    // Values are shared in the host's byte order, which the checks read as little-endian.
+    let d = PathBuf::from("/dev/shm");
+    (cfg!(target_endian = "little") && d.is_dir()).then_some(d)
 }
 
-fn header(nonce: u64, params: usize, slots: usize) -> [u8; 32] {
+/// A name for a new file of this process in `dir`.
+pub fn file_name(what: &str) -> String {
+    format!("{PREFIX}{}-{what}-{:016x}", std::process::id(), nonce())
+}
+
+/// Removes files in `dir` left by coordinators that no longer run (killed before they could
+/// clean up). Does nothing where process ids cannot be checked.
+pub fn remove_stale(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let pid = name.to_str().and_then(|n| n.strip_prefix(PREFIX)).and_then(|n| n.split('-').next());
+        if let Some(pid) = pid.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn region_bytes(values: usize) -> usize {
+    (values * 4).div_ceil(64) * 64
+}
+
+fn file_len(values: usize, regions: usize) -> usize {
+    HEADER + region_bytes(values) * regions
+}
+
+fn header(nonce: u64, values: usize, regions: usize) -> [u8; 32] {
     let mut h = [0u8; 32];
     h[..8].copy_from_slice(MAGIC);
     h[8..16].copy_from_slice(&nonce.to_le_bytes());
-    h[16..24].copy_from_slice(&(params as u64).to_le_bytes());
-    h[24..32].copy_from_slice(&(slots as u64).to_le_bytes());
+    h[16..24].copy_from_slice(&(values as u64).to_le_bytes());
+    h[24..32].copy_from_slice(&(regions as u64).to_le_bytes());
     h
 }
 
-impl SharedTensors {
-    /// The directory where the coordinator offers shared memory, if this host has one.
-    pub fn dir() -> Option<PathBuf> {
-        // Values are shared in the host's byte order, which the checks read as little-endian.
-        let d = PathBuf::from("/dev/shm");
-        (cfg!(target_endian = "little") && d.is_dir()).then_some(d)
-    }
-
-    /// `path`: the name to remove on `unlink` or drop (the creator's only).
-    fn map(file: &File, params: usize, slots: usize, path: Option<PathBuf>) -> io::Result<Self> {
-        // SAFETY: the file is ours (created 0600 or checked by nonce); its other user follows
-        // the phase protocol above, and every value read from it is checked before use.
-        let map = unsafe { MmapMut::map_mut(file)? };
-        Ok(SharedTensors { map, params, slots, path })
-    }
-
-    /// Creates `dir/name` for `params` parameters and `slots` gradient slots.
-    pub fn create(dir: &Path, name: &str, nonce: u64, params: usize, slots: usize) -> io::Result<Self> {
+impl SharedFile {
+    /// Creates `dir/name` with `regions` regions of `values` f32 each.
+    pub fn create(dir: &Path, name: &str, nonce: u64, values: usize, regions: usize) -> io::Result<(Self, FileName)> {
         use std::os::unix::fs::OpenOptionsExt;
-        let path = dir.join(name);
-        let mut file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path)?;
+        let path = FileName(dir.join(name));
+        let mut file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path.0)?;
         // Written out, not just sized: a full /dev/shm fails here, not later as SIGBUS on a write.
-        let len = HEADER + region_bytes(params) * (1 + slots);
-        let made = std::io::Write::write_all(&mut file, &vec![0u8; len])
-            .and_then(|_| Self::map(&file, params, slots, Some(path.clone())));
-        let mut shm = made.inspect_err(|_| {
-            let _ = std::fs::remove_file(&path);
-        })?;
-        shm.map[..32].copy_from_slice(&header(nonce, params, slots));
-        Ok(shm)
+        let mut head = vec![0u8; file_len(values, regions)];
+        head[..32].copy_from_slice(&header(nonce, values, regions));
+        std::io::Write::write_all(&mut file, &head)?;
+        let map = MmapOptions::new().map_raw(&file)?;
+        Ok((SharedFile { map, values, regions, writable: true }, path))
     }
 
     /// Opens what the coordinator offered; fails unless it is the same file (nonce and sizes).
-    pub fn open(path: &Path, nonce: u64, params: usize, slots: usize) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let len = file.metadata()?.len() as usize;
-        if len != HEADER + region_bytes(params) * (1 + slots) {
+    pub fn open(path: &Path, nonce: u64, values: usize, regions: usize, writable: bool) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(writable).open(path)?;
+        if file.metadata()?.len() != file_len(values, regions) as u64 {
             return Err(io::Error::other("size does not match the job"));
         }
-        let shm = Self::map(&file, params, slots, None)?;
-        if shm.map[..32] != header(nonce, params, slots) {
+        let options = MmapOptions::new();
+        let map = if writable { options.map_raw(&file)? } else { options.map_raw_read_only(&file)? };
+        let shared = SharedFile { map, values, regions, writable };
+        // SAFETY: the mapping is at least HEADER bytes long (its length was checked).
+        let head = unsafe { std::slice::from_raw_parts(shared.map.as_ptr(), 32) };
+        if head != header(nonce, values, regions) {
             return Err(io::Error::other("not the offered file"));
         }
-        Ok(shm)
+        Ok(shared)
     }
 
-    /// Removes the file's name (the mappings stay valid).
-    pub fn unlink(&mut self) {
-        if let Some(p) = self.path.take() {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-
-    /// Where region `i` starts: 0 is the parameters, 1 + k gradient slot k.
     fn start(&self, i: usize) -> usize {
-        HEADER + region_bytes(self.params) * i
+        HEADER + region_bytes(self.values) * i
     }
 
-    pub fn params(&self) -> &[f32] {
-        // SAFETY: regions start on 64-byte boundaries of a page-aligned mapping, hold `params`
-        // values inside it, and any bits are an f32.
-        unsafe { std::slice::from_raw_parts(self.map[self.start(0)..].as_ptr().cast::<f32>(), self.params) }
+    /// Region `i`.
+    pub fn region(&self, i: usize) -> Option<&[f32]> {
+        // SAFETY: regions start on 64-byte boundaries of a page-aligned mapping of exactly
+        // `file_len` bytes and hold `values` values each; any bits are an f32. The other
+        // process writes only in its phase (see above), and every value read is checked.
+        (i < self.regions)
+            .then(|| unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.start(i)).cast(), self.values) })
     }
 
-    pub fn params_mut(&mut self) -> &mut [f32] {
-        let at = self.start(0);
-        // SAFETY: as in `params`.
-        unsafe { std::slice::from_raw_parts_mut(self.map[at..].as_mut_ptr().cast::<f32>(), self.params) }
-    }
-
-    /// Gradient slot `k` (shard k's).
-    pub fn slot(&self, k: usize) -> Option<&[f32]> {
-        let at = self.start(1 + k);
-        // SAFETY: as in `params`.
-        (k < self.slots)
-            .then(|| unsafe { std::slice::from_raw_parts(self.map[at..].as_ptr().cast::<f32>(), self.params) })
-    }
-
-    /// The parameters and gradient slot `k`, for computing shard k in place.
-    pub fn params_and_slot(&mut self, k: usize) -> Option<(&[f32], &mut [f32])> {
-        if k >= self.slots {
-            return None;
-        }
-        let (at, n) = (self.start(1 + k), self.params);
-        let (head, tail) = self.map.split_at_mut(at);
-        // SAFETY: as in `params`; the two regions do not overlap.
-        unsafe {
-            Some((
-                std::slice::from_raw_parts(head[HEADER..].as_ptr().cast::<f32>(), n),
-                std::slice::from_raw_parts_mut(tail.as_mut_ptr().cast::<f32>(), n),
-            ))
-        }
-    }
-}
-
-impl Drop for SharedTensors {
-    fn drop(&mut self) {
-        self.unlink();
+    /// Region `i`, to write; `None` if out of range or mapped read-only.
+    pub fn region_mut(&mut self, i: usize) -> Option<&mut [f32]> {
+        // SAFETY: as in `region`; `&mut self` makes this the only view of it in this process.
+        (self.writable && i < self.regions).then(|| unsafe {
+            std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(self.start(i)).cast(), self.values)
+        })
     }
 }
 
@@ -156,19 +162,39 @@ mod tests {
     #[test]
     fn both_sides_see_each_others_writes_and_a_wrong_nonce_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = SharedTensors::create(dir.path(), "t", 7, 5, 2).unwrap();
-        c.params_mut().copy_from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        let (mut c, name) = SharedFile::create(dir.path(), "t", 7, 5, 2).unwrap();
+        c.region_mut(0).unwrap().copy_from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0]);
         let path = dir.path().join("t");
-        assert!(SharedTensors::open(&path, 8, 5, 2).is_err());
-        assert!(SharedTensors::open(&path, 7, 6, 2).is_err());
-        let mut w = SharedTensors::open(&path, 7, 5, 2).unwrap();
-        let (p, g) = w.params_and_slot(1).unwrap();
-        g.iter_mut().zip(p).for_each(|(g, p)| *g = -p);
-        assert!(w.params_and_slot(2).is_none());
-        assert_eq!(c.slot(1).unwrap(), &[-1.0, -2.0, -3.0, -4.0, -5.0]);
-        assert!(c.slot(2).is_none());
-        c.unlink();
+        assert!(SharedFile::open(&path, 8, 5, 2, true).is_err());
+        assert!(SharedFile::open(&path, 7, 6, 2, true).is_err());
+        assert!(SharedFile::open(&path, 7, 5, 3, true).is_err());
+        let mut w = SharedFile::open(&path, 7, 5, 2, true).unwrap();
+        let mut r = SharedFile::open(&path, 7, 5, 2, false).unwrap();
+        assert!(r.region_mut(1).is_none(), "a read-only mapping is never written");
+        w.region_mut(1).unwrap().copy_from_slice(&[-1.0, -2.0, -3.0, -4.0, -5.0]);
+        assert!(w.region_mut(2).is_none() && w.region(2).is_none());
+        assert_eq!(c.region(1).unwrap(), &[-1.0, -2.0, -3.0, -4.0, -5.0]);
+        assert_eq!(r.region(1).unwrap(), &[-1.0, -2.0, -3.0, -4.0, -5.0]);
+        drop(name);
         assert!(!path.exists());
-        assert_eq!(w.params(), &[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(r.region(0).unwrap(), &[1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn stale_files_of_dead_coordinators_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = file_name("params");
+        // A process id that is not running (beyond the kernel's maximum).
+        let dead = format!("{PREFIX}4194305-params-0000000000000001");
+        for n in [&mine, &dead, &"other-file".to_string(), &format!("{PREFIX}x-1")] {
+            std::fs::write(dir.path().join(n), b"").unwrap();
+        }
+        remove_stale(dir.path());
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        let mut want = vec![mine, "other-file".to_string(), format!("{PREFIX}x-1")];
+        want.sort();
+        assert_eq!(left, want);
     }
 }

@@ -2,7 +2,7 @@
 //! until told to stop. It reads no data files. A lost connection is retried (the coordinator
 //! may be restarting from its checkpoint) for `retry_for`.
 
-use crate::shm::SharedTensors;
+use crate::shm::SharedFile;
 use crate::ClusterError;
 use dtrain_fit::config::JobConfig;
 use dtrain_fit::engine::ShardBuffers;
@@ -150,14 +150,13 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
     *last_ok = Instant::now();
     let mut shared = None;
     if let Some(o) = offer {
-        let n = job.model.num_params();
-        match SharedTensors::open(std::path::Path::new(&o.path), o.nonce, n, o.slots as usize) {
-            Ok(t) => {
+        match attach(&o, job.model.num_params()) {
+            Ok(files) => {
                 tx.send(pb::WorkerMessage { kind: Some(In::Attached(pb::Attached {})) })
                     .await
                     .map_err(|_| Status::unavailable("stream closed"))?;
                 log("on the coordinator's host: parameters and gradients go through shared memory");
-                shared = Some(t);
+                shared = Some(files);
             }
             Err(e) => log(&format!("shared memory offered but not usable here ({e}); tensors go over the stream")),
         }
@@ -183,6 +182,19 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
     Err(Status::unavailable("the coordinator closed the stream"))
 }
 
+/// Opens the offered shared memory: the parameters read-only, the gradient slots to write.
+fn attach(o: &pb::SharedMemory, n: usize) -> std::io::Result<Shared> {
+    let params = SharedFile::open(std::path::Path::new(&o.params_path), o.params_nonce, n, 1, false)?;
+    let slots = SharedFile::open(std::path::Path::new(&o.path), o.nonce, n, o.slots as usize, true)?;
+    Ok(Shared { params, slots })
+}
+
+/// The coordinator's shared memory, for a worker on its host.
+struct Shared {
+    params: SharedFile,
+    slots: SharedFile,
+}
+
 /// One worker's compute state, reused across steps.
 struct Compute {
     job: Job,
@@ -190,8 +202,7 @@ struct Compute {
     params: Vec<f32>,
     /// Computed into, then sent as is.
     grad: WireTensor,
-    /// The coordinator's shared memory, if this worker is on its host.
-    shared: Option<SharedTensors>,
+    shared: Option<Shared>,
 }
 
 impl Compute {
@@ -199,20 +210,21 @@ impl Compute {
         let model = &self.job.model;
         let n = model.num_params();
         let bad = |e: WireError| Status::invalid_argument(e.to_string());
-        match (&mut self.shared, w.params_shared) {
-            (Some(shm), true) => check_finite("params", shm.params()).map_err(bad)?,
+        let (params, mut slots) = match (&mut self.shared, w.params_shared) {
+            (Some(Shared { params, slots }), true) => {
+                let p = params.region(0).ok_or_else(|| Status::internal("no parameter region"))?;
+                check_finite("params", p).map_err(bad)?;
+                (p, Some(slots))
+            }
             (None, true) => {
                 return Err(Status::invalid_argument("parameters in shared memory this worker does not have"))
             }
-            (shm, false) => {
+            (shared, false) => {
                 self.params.resize(n, 0.0);
                 read_f32s("params", &w.params, &mut self.params).map_err(bad)?;
-                // Shards are computed from shared memory when there is one (same values).
-                if let Some(shm) = shm {
-                    shm.params_mut().copy_from_slice(&self.params);
-                }
+                (&self.params[..], shared.as_mut().map(|s| &mut s.slots))
             }
-        }
+        };
         let mut out = Vec::with_capacity(w.shards.len());
         for s in w.shards {
             let t0 = Instant::now();
@@ -222,11 +234,10 @@ impl Compute {
             let mode =
                 Mode::Train { seed: self.job.seed, step: w.step, first_position: first, global_batch: w.global_batch };
             // In place in the shard's shared-memory slot if there is one, else into a message.
-            let (stats, gradient) = match self.shared.as_mut().and_then(|shm| shm.params_and_slot(index as usize)) {
-                Some((p, g)) => (self.buffers.gradient(model, &data, p, &idx, mode, g), None),
+            let (stats, gradient) = match slots.as_mut().and_then(|s| s.region_mut(index as usize)) {
+                Some(g) => (self.buffers.gradient(model, &data, params, &idx, mode, g), None),
                 None => {
-                    let p = self.shared.as_ref().map_or(&self.params[..], SharedTensors::params);
-                    let stats = self.buffers.gradient(model, &data, p, &idx, mode, self.grad.fill(n));
+                    let stats = self.buffers.gradient(model, &data, params, &idx, mode, self.grad.fill(n));
                     (stats, Some(self.grad.share()))
                 }
             };

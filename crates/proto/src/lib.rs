@@ -14,7 +14,7 @@ use dtrain_nn::ShardStats;
 use prost::bytes::Bytes;
 
 /// Bumped on any incompatible change; checked when a worker joins.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum WireError {

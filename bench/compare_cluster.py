@@ -5,8 +5,10 @@
 Each job runs with `shards = --workers` in process (`--local`), with `--spawn-workers N` (local
 workers: tensors in shared memory, messages over gRPC on loopback) and with `--spawn-workers N
 --no-shared-memory` (tensors on the gRPC stream over loopback, as for remote workers),
-alternating; prints the median epoch time (training + validation), the ratios, and the
-cluster's last report (per-step breakdown, bytes, round trips).
+alternating; prints the median epoch time (training + validation), the ratio of the medians,
+the range of the ratios within each round (this machine's speed drifts from minute to minute,
+so a round's three runs are the fairest comparison), and the cluster's last report (per-step
+breakdown, bytes, round trips).
 """
 import argparse
 import json
@@ -48,26 +50,30 @@ def main():
         text = re.sub(r"(?m)^epochs = \d+", f"epochs = {a.epochs}\nshards = {a.workers}", text)
         with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
             f.write(text)
-        local, shm, tcp, notes = [], [], [], {}
+        local, shm, tcp, notes, rounds = [], [], [], {}, []
         spawn = ["--spawn-workers", str(a.workers)]
         for _ in range(a.rounds):
-            local += run(f.name, ["--local"])[0]
-            s, notes["shm"] = run(f.name, spawn)
-            shm += s
-            s, notes["tcp"] = run(f.name, spawn + ["--no-shared-memory"])
-            tcp += s
+            lr = run(f.name, ["--local"])[0]
+            sr, notes["shm"] = run(f.name, spawn)
+            tr, notes["tcp"] = run(f.name, spawn + ["--no-shared-memory"])
+            local, shm, tcp = local + lr, shm + sr, tcp + tr
+            lm = statistics.median(lr)
+            rounds.append((lm / statistics.median(sr), lm / statistics.median(tr)))
         os.unlink(f.name)
         l, m, t = statistics.median(local), statistics.median(shm), statistics.median(tcp)
-        rows.append((job, l, m, t, notes))
+        rows.append((job, l, m, t, notes, rounds))
         print(json.dumps({"job": job, "local_epoch_s": l, "shared_memory_epoch_s": m, "grpc_epoch_s": t,
-                          "shared_memory_ratio": l / m, "grpc_ratio": l / t, "reports": notes}))
+                          "shared_memory_ratio": l / m, "grpc_ratio": l / t, "per_round_ratios": rounds,
+                          "reports": notes}))
     print()
-    print(f"| job (shards = {a.workers}) | in process | {a.workers} workers, shared memory | ratio "
-          f"| {a.workers} workers, tensors over gRPC | ratio |")
+    print(f"| job (shards = {a.workers}) | in process | {a.workers} workers, shared memory | ratio (per round) "
+          f"| {a.workers} workers, tensors over gRPC | ratio (per round) |")
     print("|---|---|---|---|---|---|")
-    for job, l, m, t, _ in rows:
-        print(f"| {job} | {l:.2f} s | {m:.2f} s | {m and l / m:.2f}x | {t:.2f} s | {l / t:.2f}x |")
-    for job, *_, notes in rows:
+    span = lambda v: f"median {statistics.median(v):.2f}, {min(v):.2f}-{max(v):.2f}"
+    for job, l, m, t, _, rounds in rows:
+        s, g = [r[0] for r in rounds], [r[1] for r in rounds]
+        print(f"| {job} | {l:.2f} s | {m:.2f} s | {l / m:.2f}x ({span(s)}) | {t:.2f} s | {l / t:.2f}x ({span(g)}) |")
+    for job, *_, notes, _ in rows:
         for k, n in notes.items():
             print(f"{job} ({k}): {n}")
 

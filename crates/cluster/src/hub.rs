@@ -183,16 +183,17 @@ impl Hub {
         Ok((offered, (Arc::new(slots), Some(name))))
     }
 
-    /// Puts step `step`'s parameters in shared memory (once a step); false if there is none.
+    /// Puts step `step`'s parameters in shared memory (once a step), checking that they are
+    /// finite as they are copied: workers use them unchecked. False if there is none, or if
+    /// they are not finite (they then travel in the message, whose receiver refuses them).
     pub fn share_params(&self, step: u64, values: &[f32]) -> bool {
         let mut params = lock(&self.params);
         let Some(p) = params.as_mut() else { return false };
         if p.step != Some(step) {
             let Some(region) = p.file.region_mut(0) else { return false };
-            region.copy_from_slice(values);
-            p.step = Some(step);
+            p.step = dtrain_nn::simd::sum_into(region, &[values]).then_some(step);
         }
-        true
+        p.step == Some(step)
     }
 
     /// The worker says it mapped its shared memory; false if it was offered none.

@@ -141,7 +141,8 @@ impl SharedFile {
     pub fn region(&self, i: usize) -> Option<&[f32]> {
         // SAFETY: regions start on 64-byte boundaries of a page-aligned mapping of exactly
         // `file_len` bytes and hold `values` values each; any bits are an f32. The other
-        // process writes only in its phase (see above), and every value read is checked.
+        // process writes only in its phase (see above). Values are checked by the coordinator:
+        // parameters as it writes them, gradients as it sums them.
         (i < self.regions)
             .then(|| unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.start(i)).cast(), self.values) })
     }

@@ -10,7 +10,7 @@ use dtrain_fit::Job;
 use dtrain_nn::Mode;
 use dtrain_proto::pb::coordinator_client::CoordinatorClient;
 use dtrain_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
-use dtrain_proto::{check_finite, read_f32s, result_to_wire, shard_from_wire, WireError, WireTensor, PROTOCOL_VERSION};
+use dtrain_proto::{read_f32s, result_to_wire, shard_from_wire, WireError, WireTensor, PROTOCOL_VERSION};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -211,10 +211,9 @@ impl Compute {
         let n = model.num_params();
         let bad = |e: WireError| Status::invalid_argument(e.to_string());
         let (params, mut slots) = match (&mut self.shared, w.params_shared) {
+            // Written only by the coordinator, which checked them (`Hub::share_params`).
             (Some(Shared { params, slots }), true) => {
-                let p = params.region(0).ok_or_else(|| Status::internal("no parameter region"))?;
-                check_finite("params", p).map_err(bad)?;
-                (p, Some(slots))
+                (params.region(0).ok_or_else(|| Status::internal("no parameter region"))?, Some(slots))
             }
             (None, true) => {
                 return Err(Status::invalid_argument("parameters in shared memory this worker does not have"))

@@ -15,10 +15,9 @@ fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-async fn join(
-    url: &str,
-    hello: pb::Hello,
-) -> Result<(mpsc::Sender<pb::WorkerMessage>, tonic::Streaming<pb::CoordinatorMessage>), tonic::Status> {
+type Joined = (mpsc::Sender<pb::WorkerMessage>, tonic::Streaming<pb::CoordinatorMessage>, Option<pb::Welcome>);
+
+async fn join(url: &str, hello: pb::Hello) -> Result<Joined, tonic::Status> {
     let mut client = CoordinatorClient::connect(url.to_string())
         .await
         .unwrap()
@@ -27,8 +26,21 @@ async fn join(
     let (tx, rx) = mpsc::channel(8);
     tx.send(pb::WorkerMessage { kind: Some(In::Hello(hello)) }).await.unwrap();
     let mut inbound = client.join(ReceiverStream::new(rx)).await?.into_inner();
-    inbound.message().await?; // Welcome, or the refusal
-    Ok((tx, inbound))
+    let welcome = match inbound.message().await? {
+        Some(pb::CoordinatorMessage { kind: Some(Out::Welcome(w)) }) => Some(w),
+        _ => None,
+    };
+    Ok((tx, inbound, welcome))
+}
+
+/// Opens the gradient slots a coordinator offered in `w` and says so.
+async fn attach(w: &pb::Welcome, tx: &mpsc::Sender<pb::WorkerMessage>) -> dtrain_cluster::shm::SharedFile {
+    let config: dtrain_fit::config::JobConfig = toml::from_str(&w.job_toml).unwrap();
+    let n = dtrain_fit::Job::build(config, Default::default()).unwrap().model.num_params();
+    let o = w.shared_memory.as_ref().expect("shared memory offered over loopback");
+    let slots = dtrain_cluster::shm::SharedFile::open(o.path.as_ref(), o.nonce, n, o.slots as usize, true).unwrap();
+    tx.send(pb::WorkerMessage { kind: Some(In::Attached(pb::Attached {})) }).await.unwrap();
+    slots
 }
 
 #[test]
@@ -58,11 +70,20 @@ fn wrong_version_and_oversized_messages_are_refused() {
     assert!(ok, "{out}");
 }
 
-/// A worker that answers every shard with NaN gradients: its results are refused and the
-/// shards recomputed by a good worker; after repeated faults it is dropped, with its name in
-/// the log; the weights equal an in-process run.
+/// A worker that answers every shard with NaN gradients, in its messages or in its shared-memory
+/// slots: its results are refused and the shards recomputed by a good worker; after repeated
+/// faults it is dropped, with its name in the log; the weights equal an in-process run.
 #[test]
 fn nan_gradients_are_recomputed_and_the_sender_dropped() {
+    nan_gradients(false);
+}
+
+#[test]
+fn nan_gradients_in_shared_memory_are_recomputed_and_the_sender_dropped() {
+    nan_gradients(true);
+}
+
+fn nan_gradients(shared: bool) {
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(dir.path(), "shards = 2");
     let job = job.to_str().unwrap();
@@ -70,38 +91,38 @@ fn nan_gradients_are_recomputed_and_the_sender_dropped() {
     assert!(run(&["train", "--config", job, "--run-dir", local.to_str().unwrap(), "-q"]).status.success());
     let rd = dir.path().join("run");
     let mut cmd = coordinator();
-    cmd.args([
-        "train",
-        "--config",
-        job,
-        "--listen",
-        "127.0.0.1:0",
-        "--min-workers",
-        "2",
-        "--run-dir",
-        rd.to_str().unwrap(),
-    ]);
+    cmd.args(["train", "--config", job, "--listen", "127.0.0.1:0", "--min-workers", "2"]);
+    cmd.args(["--run-dir", rd.to_str().unwrap()]);
+    if !shared {
+        cmd.arg("--no-shared-memory");
+    }
     let c = Proc::start(cmd);
     let url = listening_url(&c);
     let evil = std::thread::spawn({
         let url = url.clone();
         move || {
             rt().block_on(async {
-                let (tx, mut inbound) =
+                let (tx, mut inbound, welcome) =
                     join(&url, pb::Hello { protocol_version: PROTOCOL_VERSION, name: "evil".into() }).await.unwrap();
+                let mut slots = if shared { Some(attach(&welcome.unwrap(), &tx).await) } else { None };
                 while let Ok(Some(m)) =
                     tokio::time::timeout(Duration::from_secs(30), inbound.message()).await.unwrap_or(Ok(None))
                 {
                     if let Some(Out::Work(w)) = m.kind {
+                        assert_eq!(w.params_shared, shared);
                         let n = w.params.len() / 4;
                         for s in w.shards {
-                            let r = dtrain_proto::result_to_wire(
-                                w.step,
-                                s.index,
-                                Some(dtrain_proto::f32_bytes(&vec![f32::NAN; n])),
-                                &Default::default(),
-                                1,
-                            );
+                            let gradient = match slots.as_mut() {
+                                Some(slots) => {
+                                    slots.region_mut(s.index as usize).unwrap().fill(f32::NAN);
+                                    None
+                                }
+                                None => Some(dtrain_proto::f32_bytes(&vec![f32::NAN; n])),
+                            };
+                            // Plausible sums: only the gradient is wrong.
+                            let stats =
+                                dtrain_nn::ShardStats { loss_sum: 1.0, activity: 0.0, correct: 0, rows: s.rows.into() };
+                            let r = dtrain_proto::result_to_wire(w.step, s.index, gradient, &stats, 1);
                             let _ = tx.send(pb::WorkerMessage { kind: Some(In::Result(r)) }).await;
                         }
                     }

@@ -238,3 +238,32 @@ fn metrics_endpoint_serves_only_metrics() {
     assert_eq!(http_get(&addr, "/").0, "HTTP/1.1 404 Not Found");
     assert_eq!(http_get(&addr, "/metrics/x").0, "HTTP/1.1 404 Not Found");
 }
+
+/// A diverging run (the loss overflows at the second step) stops at the same step with the
+/// same message in process and with workers (on the stream and in shared memory): the workers'
+/// non-finite results are confirmed by a second worker, not held against them.
+#[test]
+fn a_diverging_run_stops_the_same_way_with_or_without_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(job(dir.path())).unwrap();
+    let text = text.replace("Adam = { learning_rate = 0.01, beta_1 = 0.89 }", "SGD = { learning_rate = 1e30 }");
+    assert!(text.contains("1e30"));
+    let job = dir.path().join("diverges.toml");
+    std::fs::write(&job, text).unwrap();
+    let mut stops = vec![];
+    for (n, extra) in [
+        ("local", &["--local"][..]),
+        ("grpc", &["--spawn-workers", "2", "--no-shared-memory"]),
+        ("shm", &["--spawn-workers", "2"]),
+    ] {
+        let mut cmd = coordinator();
+        cmd.args(["train", "--config", job.to_str().unwrap(), "--worker-wait", "20"]);
+        cmd.args(["--run-dir", dir.path().join(n).to_str().unwrap()]).args(extra);
+        let (ok, out) = Proc::start(cmd).finish(60);
+        assert!(!ok, "{n}: {out}");
+        assert!(!out.contains("bad result"), "{n}: {out}");
+        stops.push(out.lines().find(|l| l.starts_with("error:")).unwrap_or_default().to_string());
+    }
+    assert!(stops[0].contains("loss became NaN at epoch 1, batch 2"), "{stops:?}");
+    assert!(stops.iter().all(|s| *s == stops[0]), "{stops:?}");
+}

@@ -2,7 +2,9 @@
 //! land in shard order. Lost, hung or faulty workers' shards are recomputed by others within
 //! the same step, so the step is applied once, with the same bits as in-process.
 
+use crate::assign::{assign, take_assigned};
 use crate::hub::{Event, Hub};
+use crate::run::ClusterOptions;
 use crate::shm::SharedFile;
 use dtrain_data::Dataset;
 use dtrain_fit::Engine;
@@ -21,28 +23,57 @@ use tonic::Status;
 const MAX_FAULTS: u32 = 3;
 
 pub struct ClusterEngine<'a> {
-    pub(crate) data: &'a Dataset,
+    data: &'a Dataset,
     /// The runtime that serves the workers (one IO thread, so health checks and joins are
     /// answered between steps too); steps block on it.
-    pub(crate) rt: Arc<tokio::runtime::Runtime>,
-    pub(crate) hub: Arc<Hub>,
-    pub(crate) events: mpsc::UnboundedReceiver<Event>,
+    rt: Arc<tokio::runtime::Runtime>,
+    hub: Arc<Hub>,
+    events: mpsc::UnboundedReceiver<Event>,
     /// A worker that has not answered this long after getting work is dropped.
-    pub(crate) step_timeout: Duration,
+    step_timeout: Duration,
     /// With no worker left, wait this long for one to join, then fail.
-    pub(crate) worker_wait: Duration,
-    pub(crate) faults: BTreeMap<u32, u32>,
-    pub(crate) log: Box<dyn FnMut(&str) + Send + 'a>,
-    pub(crate) epoch: EpochStats,
-    pub(crate) metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
+    worker_wait: Duration,
+    faults: BTreeMap<u32, u32>,
+    log: Box<dyn FnMut(&str) + Send + 'a>,
+    epoch: EpochStats,
+    metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
     /// The batch `prefetch` announced, and its shards built while the previous step waited.
-    pub(crate) next_batch: Vec<u32>,
-    pub(crate) prebuilt: Option<(Vec<u32>, Vec<pb::Shard>)>,
+    next_batch: Vec<u32>,
+    prebuilt: Option<(Vec<u32>, Vec<pb::Shard>)>,
     /// The parameters as they travel (one buffer shared by every worker's message).
-    pub(crate) params: WireTensor,
+    params: WireTensor,
     /// Gradients received in messages, by shard; zeros for empty shards.
-    pub(crate) received: Vec<Vec<f32>>,
-    pub(crate) zeros: Vec<f32>,
+    received: Vec<Vec<f32>>,
+    zeros: Vec<f32>,
+}
+
+impl<'a> ClusterEngine<'a> {
+    pub(crate) fn new(
+        data: &'a Dataset,
+        rt: Arc<tokio::runtime::Runtime>,
+        hub: Arc<Hub>,
+        events: mpsc::UnboundedReceiver<Event>,
+        opts: &ClusterOptions,
+        log: Box<dyn FnMut(&str) + Send + 'a>,
+    ) -> Self {
+        ClusterEngine {
+            data,
+            rt,
+            hub,
+            events,
+            step_timeout: opts.step_timeout,
+            worker_wait: opts.worker_wait,
+            faults: Default::default(),
+            log,
+            epoch: Default::default(),
+            metrics: opts.metrics.clone(),
+            next_batch: vec![],
+            prebuilt: None,
+            params: Default::default(),
+            received: vec![],
+            zeros: vec![],
+        }
+    }
 }
 
 /// What an epoch looked like from the coordinator.
@@ -200,18 +231,32 @@ impl ClusterEngine<'_> {
             Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
             _ => self.shards_to_wire(batch, shards),
         };
+        // Parameters that are not finite (a diverging run) give a loss that is not finite, as
+        // in process; workers would refuse them, so none is asked.
+        let finite = match self.hub.share_params(step, params) {
+            Some(finite) => finite,
+            None => check_finite("params", params).is_ok(),
+        };
+        if !finite {
+            if let Some(f) = meanwhile.take() {
+                f();
+            }
+            grad.fill(f32::NAN);
+            let nan = |r: &Range<usize>| ShardStats { loss_sum: f64::NAN, rows: r.len() as u64, ..Default::default() };
+            return Ok(shards.iter().map(nan).collect());
+        }
         let mut assigned: BTreeMap<usize, u32> = BTreeMap::new();
         let mut sent_at: BTreeMap<u32, Instant> = BTreeMap::new();
+        // Shards whose first result was not finite: who sent it and what was wrong, until a
+        // second opinion says whether it was the worker or the model.
+        let mut doubts: BTreeMap<usize, (u32, String)> = BTreeMap::new();
         let mut deadline = Instant::now() + self.step_timeout;
         loop {
             while !pending.is_empty() || !assigned.is_empty() {
                 if !pending.is_empty() {
                     self.await_workers().await?;
-                    // Contiguous groups of the pending shards, one group per live worker.
-                    let alive = self.hub.alive();
                     let todo: Vec<usize> = std::mem::take(&mut pending).into_iter().collect();
-                    let per = todo.len().div_ceil(alive.len());
-                    for (group, &id) in todo.chunks(per).zip(&alive) {
+                    for (id, group) in assign(&todo, &self.hub.alive(), |k| doubts.get(&k).map(|d| d.0)) {
                         let mut work = pb::Work {
                             step,
                             params: Bytes::new(),
@@ -226,7 +271,7 @@ impl ClusterEngine<'_> {
                             sent_at.insert(id, Instant::now());
                             assigned.extend(group.iter().map(|&k| (k, id)));
                         } else {
-                            pending.extend(group);
+                            pending.extend(&group);
                             self.hub.drop_worker(id, Status::unavailable("not keeping up with its work queue"));
                         }
                     }
@@ -270,6 +315,7 @@ impl ClusterEngine<'_> {
                             }
                             Err(e) => {
                                 self.bad_result(id, k, step, &e);
+                                self.metrics.iter().for_each(|m| m.recomputed(1));
                                 pending.insert(k);
                             }
                         }
@@ -301,20 +347,32 @@ impl ClusterEngine<'_> {
                     }
                 }
             }
-            // Every shard is in: sum them; a shard that is not finite is computed again.
+            // Every shard is in: sum them. A result that is not finite gets a second opinion
+            // from another worker: if that is not finite either, it is the model's (a diverging
+            // run then stops as in process); if it is, the first worker was at fault.
             let r0 = Instant::now();
             let landed_all: Vec<Landed> = landed.iter_mut().map(|l| l.take().expect("every shard landed")).collect();
-            let faulty = self.reduce(&landed_all, grad);
+            let not_finite = self.reduce(&landed_all, &stats, grad);
             reduce += r0.elapsed();
             landed = landed_all.into_iter().map(Some).collect();
-            if faulty.is_empty() {
-                break;
-            }
-            for (k, e) in faulty {
-                if let Some(id) = landed[k].take().and_then(|l| l.worker()) {
-                    self.bad_result(id, k, step, &e);
+            let previous = std::mem::take(&mut doubts);
+            for (k, (first, why)) in &previous {
+                if !not_finite.contains_key(k) {
+                    self.bad_result(*first, *k, step, why);
                 }
-                pending.insert(k);
+            }
+            for (k, why) in not_finite {
+                if previous.contains_key(&k) {
+                    continue; // two workers agree: it is the model's value
+                }
+                if let Some(id) = landed[k].take().and_then(|l| l.worker()) {
+                    doubts.insert(k, (id, why));
+                    self.metrics.iter().for_each(|m| m.recomputed(1));
+                    pending.insert(k);
+                }
+            }
+            if pending.is_empty() {
+                break;
             }
         }
         if let Some(f) = meanwhile.take() {
@@ -350,10 +408,11 @@ impl ClusterEngine<'_> {
         }
     }
 
-    /// Puts this step's parameters in `work`: in shared memory if the worker has it, else in
-    /// the message (one byte copy of them, made on first need, serves every worker).
+    /// Puts this step's parameters (known to be finite) in `work`: in shared memory if the
+    /// worker has it, else in the message (one copy of them, made on first need, serves every
+    /// worker).
     fn attach_params(&mut self, id: u32, work: &mut pb::Work, params: &[f32], inline: &mut Option<Bytes>) {
-        if self.hub.slots(id).is_some() && self.hub.share_params(work.step, params) {
+        if self.hub.slots(id).is_some() && self.hub.share_params(work.step, params) == Some(true) {
             work.params_shared = true;
             return;
         }
@@ -390,10 +449,10 @@ impl ClusterEngine<'_> {
         Ok((stats, Landed::Copied(id)))
     }
 
-    /// `grad` = the shards' gradients summed in shard order; when a sum is not finite, the
-    /// shards whose own gradient is not (an overflowing sum of finite ones is kept, as in
-    /// process).
-    fn reduce(&mut self, landed: &[Landed], grad: &mut [f32]) -> Vec<(usize, String)> {
+    /// `grad` = the shards' gradients summed in shard order; returns the shards whose result is
+    /// not finite (its sums, or its gradient when the sum is not finite: an overflowing sum of
+    /// finite gradients is kept, as in process).
+    fn reduce(&mut self, landed: &[Landed], stats: &[ShardStats], grad: &mut [f32]) -> BTreeMap<usize, String> {
         self.zeros.resize(grad.len(), 0.0);
         let parts: Vec<&[f32]> = landed
             .iter()
@@ -404,21 +463,19 @@ impl ClusterEngine<'_> {
                 Landed::Copied(_) => &self.received[k][..],
             })
             .collect();
-        if dtrain_nn::simd::sum_into(grad, &parts) {
-            return vec![];
-        }
-        parts
-            .iter()
-            .enumerate()
-            .filter_map(|(k, p)| check_finite("gradient", p).err().map(|e| (k, e.to_string())))
-            .collect()
+        let sum_finite = dtrain_nn::simd::sum_into(grad, &parts);
+        let not_finite = |(k, (p, s)): (usize, (&&[f32], &ShardStats))| {
+            if !(s.loss_sum.is_finite() && s.activity.is_finite()) {
+                return Some((k, "loss sums are not finite".to_string()));
+            }
+            (!sum_finite).then(|| check_finite("gradient", p).err().map(|e| (k, e.to_string()))).flatten()
+        };
+        parts.iter().zip(stats).enumerate().filter_map(not_finite).collect()
     }
 
+    /// A result refused: counted, and its worker dropped after repeated faults.
     fn bad_result(&mut self, id: u32, k: usize, step: u64, e: &str) {
-        self.metrics.iter().for_each(|m| {
-            m.rejected();
-            m.recomputed(1);
-        });
+        self.metrics.iter().for_each(|m| m.rejected());
         self.fault(id, &format!("sent a bad result for shard {k} of step {step}: {e}"));
     }
 
@@ -440,8 +497,43 @@ impl ClusterEngine<'_> {
     }
 }
 
-fn take_assigned(assigned: &mut BTreeMap<usize, u32>, id: u32) -> Vec<usize> {
-    let lost: Vec<usize> = assigned.iter().filter(|(_, &w)| w == id).map(|(&k, _)| k).collect();
-    assigned.retain(|_, w| *w != id);
-    lost
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dtrain_data::{Features, Labels};
+
+    fn options(worker_wait: Duration) -> ClusterOptions {
+        ClusterOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            spawn_workers: 0,
+            min_workers: 0,
+            token: None,
+            insecure: false,
+            step_timeout: Duration::from_secs(1),
+            worker_wait,
+            tls: None,
+            shared_memory: false,
+            metrics: None,
+        }
+    }
+
+    #[test]
+    fn parameters_that_are_not_finite_give_a_loss_that_is_not_finite_without_asking_workers() {
+        let data = Dataset::new(Features::F32(vec![0.5; 8]), vec![2], Labels::Classes(vec![0, 1, 0, 1])).unwrap();
+        let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap());
+        let (hub, events) = Hub::new(String::new(), None, |_| {});
+        let opts = options(Duration::from_millis(10));
+        let mut e = ClusterEngine::new(&data, rt, hub, events, &opts, Box::new(|_| {}));
+        let (batch, shards) = ([0, 1, 2, 3], [0..2, 2..3, 3..3]);
+        let mut grad = vec![0.0; 3];
+        let mut ran = 0;
+        let stats = e.gradients(&[1.0, f32::INFINITY, 0.0], 1, &batch, &shards, &mut grad, &mut || ran += 1).unwrap();
+        assert_eq!(ran, 1, "the caller's work runs once");
+        assert!(grad.iter().all(|g| g.is_nan()));
+        assert!(stats.iter().all(|s| s.loss_sum.is_nan()));
+        assert_eq!(stats.iter().map(|s| s.rows).collect::<Vec<_>>(), [2, 1, 0]);
+        // Finite parameters need a worker: with none, it waits `worker_wait` and says so.
+        let err = e.gradients(&[1.0, 2.0, 0.0], 1, &batch, &shards, &mut grad, &mut || ()).unwrap_err();
+        assert!(err.contains("no worker joined within 10ms"), "{err}");
+    }
 }

@@ -184,16 +184,16 @@ impl Hub {
     }
 
     /// Puts step `step`'s parameters in shared memory (once a step), checking that they are
-    /// finite as they are copied: workers use them unchecked. False if there is none, or if
-    /// they are not finite (they then travel in the message, whose receiver refuses them).
-    pub fn share_params(&self, step: u64, values: &[f32]) -> bool {
+    /// finite as they are copied: workers use them unchecked. `None` if there is none, else
+    /// whether they are finite (if not, they are not there).
+    pub fn share_params(&self, step: u64, values: &[f32]) -> Option<bool> {
         let mut params = lock(&self.params);
-        let Some(p) = params.as_mut() else { return false };
+        let p = params.as_mut()?;
         if p.step != Some(step) {
-            let Some(region) = p.file.region_mut(0) else { return false };
+            let region = p.file.region_mut(0)?;
             p.step = dtrain_nn::simd::sum_into(region, &[values]).then_some(step);
         }
-        p.step == Some(step)
+        Some(p.step == Some(step))
     }
 
     /// The worker says it mapped its shared memory; false if it was offered none.

@@ -151,23 +151,7 @@ impl EngineFactory for Cluster<'_> {
             }
             Ok(())
         })?;
-        Ok(Box::new(ClusterEngine {
-            data: train,
-            rt: Arc::clone(&self.rt),
-            hub,
-            events,
-            step_timeout: self.opts.step_timeout,
-            worker_wait: self.opts.worker_wait,
-            faults: Default::default(),
-            log: Box::new(log),
-            epoch: Default::default(),
-            metrics: self.opts.metrics.clone(),
-            next_batch: vec![],
-            prebuilt: None,
-            params: Default::default(),
-            received: vec![],
-            zeros: vec![],
-        }))
+        Ok(Box::new(ClusterEngine::new(train, Arc::clone(&self.rt), hub, events, self.opts, Box::new(log))))
     }
 }
 

@@ -3,6 +3,7 @@
 //! the same step, so the step is applied once, with the same bits as in-process.
 
 use crate::assign::{assign, take_assigned};
+use crate::epoch_stats::EpochStats;
 use crate::hub::{Event, Hub};
 use crate::run::ClusterOptions;
 use crate::shm::SharedFile;
@@ -76,44 +77,6 @@ impl<'a> ClusterEngine<'a> {
     }
 }
 
-/// What an epoch looked like from the coordinator.
-#[derive(Default)]
-pub(crate) struct EpochStats {
-    steps: u64,
-    bytes_out: u64,
-    bytes_in: u64,
-    /// Per worker: time from sending its work to each shard's result arriving, in µs.
-    round_trips: BTreeMap<u32, Vec<u32>>,
-    /// Per worker: its own compute time for each shard, in µs.
-    compute: BTreeMap<u32, Vec<u32>>,
-    /// Per step, in µs: the coordinator's own work between steps (sum, optimizer, constraints),
-    /// building and queueing the work, waiting for the last result, reading, checking and
-    /// summing the results.
-    update: Vec<u32>,
-    encode: Vec<u32>,
-    wait: Vec<u32>,
-    reduce: Vec<u32>,
-    /// When the last step's gradients were handed back.
-    last_return: Option<Instant>,
-}
-
-fn micros(d: Duration) -> u32 {
-    d.as_micros().min(u128::from(u32::MAX)) as u32
-}
-
-/// p50 of `v` in ms (sorts it).
-fn median_ms(v: &mut [u32]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_unstable();
-    percentile(v, 0.5)
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
-}
-
 impl Engine for ClusterEngine<'_> {
     fn gradients(
         &mut self,
@@ -125,14 +88,10 @@ impl Engine for ClusterEngine<'_> {
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         let rt = self.rt.clone();
-        let start = Instant::now();
-        if let Some(t) = self.epoch.last_return {
-            self.epoch.update.push(micros(start - t));
-        }
-        self.epoch.steps += 1;
+        self.epoch.step_starts();
         let (sent, received) = (self.epoch.bytes_out, self.epoch.bytes_in);
         let r = rt.block_on(self.step(params, step, batch, shards, grad, meanwhile));
-        self.epoch.last_return = Some(Instant::now());
+        self.epoch.step_ends();
         if let Some(m) = &self.metrics {
             m.workers(self.hub.alive().len() as u64);
             m.wire(self.epoch.bytes_out - sent, self.epoch.bytes_in - received);
@@ -146,43 +105,7 @@ impl Engine for ClusterEngine<'_> {
     }
 
     fn epoch_report(&mut self) -> Option<String> {
-        self.report()
-    }
-}
-
-impl ClusterEngine<'_> {
-    fn report(&mut self) -> Option<String> {
-        let mut e = std::mem::take(&mut self.epoch);
-        if e.steps == 0 {
-            return None;
-        }
-        let mut times = vec![];
-        let mut compute = e.compute;
-        for (id, mut t) in e.round_trips {
-            t.sort_unstable();
-            let mut c = compute.remove(&id).unwrap_or_default();
-            c.sort_unstable();
-            let (c50, c99) = if c.is_empty() { (0.0, 0.0) } else { (percentile(&c, 0.5), percentile(&c, 0.99)) };
-            times.push(format!(
-                "{} {:.2}/{:.2} ms (compute {c50:.2}/{c99:.2})",
-                self.hub.name(id),
-                percentile(&t, 0.5),
-                percentile(&t, 0.99)
-            ));
-        }
-        Some(format!(
-            "cluster: {} worker(s) alive ({} on shared memory); shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
-             step p50: update {:.2} ms, encode {:.2}, wait {:.2}, reduce {:.2}",
-            self.hub.alive().len(),
-            self.hub.alive().into_iter().filter(|&id| self.hub.slots(id).is_some()).count(),
-            times.join(", "),
-            e.bytes_out as f64 / e.steps as f64 / 1024.0,
-            e.bytes_in as f64 / e.steps as f64 / 1024.0,
-            median_ms(&mut e.update),
-            median_ms(&mut e.encode),
-            median_ms(&mut e.wait),
-            median_ms(&mut e.reduce),
-        ))
+        std::mem::take(&mut self.epoch).report(&self.hub)
     }
 }
 
@@ -298,13 +221,8 @@ impl ClusterEngine<'_> {
                         assigned.remove(&k);
                         self.epoch.bytes_in += prost::Message::encoded_len(&result) as u64;
                         if let Some(t) = sent_at.get(&id) {
-                            self.epoch.round_trips.entry(id).or_default().push(micros(t.elapsed()));
+                            self.epoch.round_trip(id, t.elapsed(), result.compute_micros);
                         }
-                        self.epoch
-                            .compute
-                            .entry(id)
-                            .or_default()
-                            .push(result.compute_micros.min(u64::from(u32::MAX)) as u32);
                         let r0 = Instant::now();
                         let received = self.receive(id, &result, shards[k].len() as u64, params.len());
                         reduce += r0.elapsed();
@@ -379,9 +297,7 @@ impl ClusterEngine<'_> {
             f(); // every shard was empty
         }
         let sent_all = sent_all.unwrap_or(t0);
-        self.epoch.encode.push(micros(sent_all - t0));
-        self.epoch.wait.push(micros(sent_all.elapsed().saturating_sub(reduce)));
-        self.epoch.reduce.push(micros(reduce));
+        self.epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(reduce), reduce);
         Ok(stats)
     }
 

@@ -8,6 +8,7 @@
 pub mod assign;
 pub mod auth;
 pub mod engine;
+pub mod epoch_stats;
 pub mod hub;
 pub mod metrics_http;
 pub mod run;

@@ -1,0 +1,102 @@
+//! What an epoch looked like from the coordinator: the cluster line at each epoch's end.
+
+use crate::hub::Hub;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+pub struct EpochStats {
+    steps: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// Per worker: time from sending its work to each shard's result arriving, in µs.
+    round_trips: BTreeMap<u32, Vec<u32>>,
+    /// Per worker: its own compute time for each shard, in µs.
+    compute: BTreeMap<u32, Vec<u32>>,
+    /// Per step, in µs: the coordinator's own work between steps (optimizer, constraints),
+    /// building and queueing the work, waiting for the last result, reading, checking and
+    /// summing the results.
+    update: Vec<u32>,
+    encode: Vec<u32>,
+    wait: Vec<u32>,
+    reduce: Vec<u32>,
+    /// When the last step's gradients were handed back.
+    last_return: Option<Instant>,
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u128::from(u32::MAX)) as u32
+}
+
+/// p50 of `v` in ms (sorts it).
+fn median_ms(v: &mut [u32]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    percentile(v, 0.5)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
+}
+
+impl EpochStats {
+    pub fn step_starts(&mut self) {
+        if let Some(t) = self.last_return {
+            self.update.push(micros(t.elapsed()));
+        }
+        self.steps += 1;
+    }
+
+    pub fn step_ends(&mut self) {
+        self.last_return = Some(Instant::now());
+    }
+
+    /// A step's building, waiting and reducing times.
+    pub fn step(&mut self, encode: Duration, wait: Duration, reduce: Duration) {
+        self.encode.push(micros(encode));
+        self.wait.push(micros(wait));
+        self.reduce.push(micros(reduce));
+    }
+
+    /// A shard's result from worker `id`, `round_trip` after its work was sent.
+    pub fn round_trip(&mut self, id: u32, round_trip: Duration, compute_micros: u64) {
+        self.round_trips.entry(id).or_default().push(micros(round_trip));
+        self.compute.entry(id).or_default().push(compute_micros.min(u64::from(u32::MAX)) as u32);
+    }
+
+    /// The cluster line, if there were steps.
+    pub fn report(mut self, hub: &Hub) -> Option<String> {
+        if self.steps == 0 {
+            return None;
+        }
+        let mut times = vec![];
+        for (id, mut t) in self.round_trips {
+            t.sort_unstable();
+            let mut c = self.compute.remove(&id).unwrap_or_default();
+            c.sort_unstable();
+            let (c50, c99) = if c.is_empty() { (0.0, 0.0) } else { (percentile(&c, 0.5), percentile(&c, 0.99)) };
+            times.push(format!(
+                "{} {:.2}/{:.2} ms (compute {c50:.2}/{c99:.2})",
+                hub.name(id),
+                percentile(&t, 0.5),
+                percentile(&t, 0.99)
+            ));
+        }
+        let alive = hub.alive();
+        Some(format!(
+            "cluster: {} worker(s) alive ({} on shared memory); shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
+             step p50: update {:.2} ms, encode {:.2}, wait {:.2}, reduce {:.2}",
+            alive.len(),
+            alive.iter().filter(|&&id| hub.slots(id).is_some()).count(),
+            times.join(", "),
+            self.bytes_out as f64 / self.steps as f64 / 1024.0,
+            self.bytes_in as f64 / self.steps as f64 / 1024.0,
+            median_ms(&mut self.update),
+            median_ms(&mut self.encode),
+            median_ms(&mut self.wait),
+            median_ms(&mut self.reduce),
+        ))
+    }
+}

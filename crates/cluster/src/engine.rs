@@ -132,6 +132,30 @@ impl Landed {
     }
 }
 
+/// One step's bookkeeping while its shards are out.
+struct Round<'s> {
+    step: u64,
+    batch: &'s [u32],
+    shards: &'s [Range<usize>],
+    params: &'s [f32],
+    /// Each shard's samples as they travel.
+    wire: Vec<pb::Shard>,
+    /// The parameters as message bytes, made once if a worker needs them.
+    inline: Option<Bytes>,
+    stats: Vec<ShardStats>,
+    landed: Vec<Option<Landed>>,
+    /// Shards to send, and shards out (to which worker, sent when).
+    pending: BTreeSet<usize>,
+    assigned: BTreeMap<usize, u32>,
+    sent_at: BTreeMap<u32, Instant>,
+    /// Shards whose first result was not finite: who sent it and what was wrong, until a
+    /// second opinion says whether it was the worker or the model.
+    doubts: BTreeMap<usize, (u32, String)>,
+    deadline: Instant,
+    /// Time spent reading, checking and summing results.
+    reduce: Duration,
+}
+
 impl ClusterEngine<'_> {
     async fn step(
         &mut self,
@@ -142,18 +166,7 @@ impl ClusterEngine<'_> {
         grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
-        let mut meanwhile = Some(meanwhile);
-        let mut stats = vec![ShardStats::default(); shards.len()];
-        let mut landed: Vec<Option<Landed>> = shards.iter().map(|r| r.is_empty().then_some(Landed::Empty)).collect();
-        let mut pending: BTreeSet<usize> = (0..shards.len()).filter(|&k| landed[k].is_none()).collect();
         let t0 = Instant::now();
-        let mut reduce = Duration::ZERO;
-        let mut sent_all = None;
-        let mut inline = None; // the parameters as message bytes, made once if a worker needs them
-        let wire = match self.prebuilt.take() {
-            Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
-            _ => self.shards_to_wire(batch, shards),
-        };
         // Parameters that are not finite (a diverging run) give a loss that is not finite, as
         // in process; workers would refuse them, so none is asked.
         let finite = match self.hub.share_params(step, params) {
@@ -161,135 +174,53 @@ impl ClusterEngine<'_> {
             None => check_finite("params", params).is_ok(),
         };
         if !finite {
-            if let Some(f) = meanwhile.take() {
-                f();
-            }
+            meanwhile();
             grad.fill(f32::NAN);
             let nan = |r: &Range<usize>| ShardStats { loss_sum: f64::NAN, rows: r.len() as u64, ..Default::default() };
             return Ok(shards.iter().map(nan).collect());
         }
-        let mut assigned: BTreeMap<usize, u32> = BTreeMap::new();
-        let mut sent_at: BTreeMap<u32, Instant> = BTreeMap::new();
-        // Shards whose first result was not finite: who sent it and what was wrong, until a
-        // second opinion says whether it was the worker or the model.
-        let mut doubts: BTreeMap<usize, (u32, String)> = BTreeMap::new();
-        let mut deadline = Instant::now() + self.step_timeout;
+        let landed: Vec<Option<Landed>> = shards.iter().map(|r| r.is_empty().then_some(Landed::Empty)).collect();
+        let mut round = Round {
+            step,
+            batch,
+            shards,
+            params,
+            wire: match self.prebuilt.take() {
+                Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
+                _ => self.shards_to_wire(batch, shards),
+            },
+            inline: None,
+            stats: vec![ShardStats::default(); shards.len()],
+            pending: (0..shards.len()).filter(|&k| landed[k].is_none()).collect(),
+            landed,
+            assigned: BTreeMap::new(),
+            sent_at: BTreeMap::new(),
+            doubts: BTreeMap::new(),
+            deadline: Instant::now() + self.step_timeout,
+            reduce: Duration::ZERO,
+        };
+        let mut meanwhile = Some(meanwhile);
+        let mut sent_all = None;
         loop {
-            while !pending.is_empty() || !assigned.is_empty() {
-                if !pending.is_empty() {
-                    self.await_workers().await?;
-                    let todo: Vec<usize> = std::mem::take(&mut pending).into_iter().collect();
-                    for (id, group) in assign(&todo, &self.hub.alive(), |k| doubts.get(&k).map(|d| d.0)) {
-                        let mut work = pb::Work {
-                            step,
-                            params: Bytes::new(),
-                            global_batch: batch.len() as u32,
-                            shards: group.iter().map(|&k| wire[k].clone()).collect(),
-                            params_shared: false,
-                        };
-                        self.attach_params(id, &mut work, params, &mut inline);
-                        let size = prost::Message::encoded_len(&work) as u64;
-                        if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
-                            self.epoch.bytes_out += size;
-                            sent_at.insert(id, Instant::now());
-                            assigned.extend(group.iter().map(|&k| (k, id)));
-                        } else {
-                            pending.extend(&group);
-                            self.hub.drop_worker(id, Status::unavailable("not keeping up with its work queue"));
-                        }
-                    }
-                    deadline = Instant::now() + self.step_timeout;
-                    sent_all.get_or_insert_with(Instant::now);
-                    // While the workers compute: the caller's own work, then the next step's shards.
-                    if let Some(f) = meanwhile.take() {
-                        f();
-                        if !self.next_batch.is_empty() {
-                            let next = std::mem::take(&mut self.next_batch);
-                            let ranges = dtrain_fit::engine::shard_ranges(next.len(), shards.len());
-                            let wire = self.shards_to_wire(&next, &ranges);
-                            self.prebuilt = Some((next, wire));
-                        }
-                    }
+            while !round.pending.is_empty() || !round.assigned.is_empty() {
+                if round.pending.is_empty() {
+                    self.next_event(&mut round).await?;
                     continue;
                 }
-                match tokio::time::timeout_at(deadline.into(), self.events.recv()).await {
-                    Ok(Some(Event::Result { id, result })) => {
-                        let k = result.index as usize;
-                        if result.step != step || assigned.get(&k) != Some(&id) {
-                            continue; // a late reply from a worker this shard was taken from
-                        }
-                        assigned.remove(&k);
-                        self.epoch.bytes_in += prost::Message::encoded_len(&result) as u64;
-                        if let Some(t) = sent_at.get(&id) {
-                            self.epoch.round_trip(id, t.elapsed(), result.compute_micros);
-                        }
-                        let r0 = Instant::now();
-                        let received = self.receive(id, &result, shards[k].len() as u64, params.len());
-                        reduce += r0.elapsed();
-                        match received {
-                            Ok((s, l)) => {
-                                stats[k] = s;
-                                landed[k] = Some(l);
-                            }
-                            Err(e) => {
-                                self.bad_result(id, k, step, &e);
-                                self.metrics.iter().for_each(|m| m.recomputed(1));
-                                pending.insert(k);
-                            }
-                        }
-                    }
-                    Ok(Some(Event::Left { id, .. })) => {
-                        let lost = take_assigned(&mut assigned, id);
-                        if !lost.is_empty() {
-                            (self.log)(&format!("shard(s) {lost:?} of worker {id} go to others"));
-                            self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
-                        }
-                        pending.extend(lost);
-                    }
-                    Ok(Some(Event::Joined { .. })) => {}
-                    Ok(None) => return Err("the coordinator's worker hub stopped".into()),
-                    Err(_) => {
-                        let late: BTreeSet<u32> = assigned.values().copied().collect();
-                        for id in late {
-                            let lost = take_assigned(&mut assigned, id);
-                            (self.log)(&format!(
-                                "{} missed the {:?} step deadline; dropping it, {} shard(s) go to others",
-                                self.hub.name(id),
-                                self.step_timeout,
-                                lost.len()
-                            ));
-                            self.hub.drop_worker(id, Status::deadline_exceeded("missed the step deadline"));
-                            self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
-                            pending.extend(lost);
-                        }
+                self.dispatch(&mut round).await?;
+                sent_all.get_or_insert_with(Instant::now);
+                // While the workers compute: the caller's own work, then the next step's shards.
+                if let Some(f) = meanwhile.take() {
+                    f();
+                    if !self.next_batch.is_empty() {
+                        let next = std::mem::take(&mut self.next_batch);
+                        let ranges = dtrain_fit::engine::shard_ranges(next.len(), shards.len());
+                        let wire = self.shards_to_wire(&next, &ranges);
+                        self.prebuilt = Some((next, wire));
                     }
                 }
             }
-            // Every shard is in: sum them. A result that is not finite gets a second opinion
-            // from another worker: if that is not finite either, it is the model's (a diverging
-            // run then stops as in process); if it is, the first worker was at fault.
-            let r0 = Instant::now();
-            let landed_all: Vec<Landed> = landed.iter_mut().map(|l| l.take().expect("every shard landed")).collect();
-            let not_finite = self.reduce(&landed_all, &stats, grad);
-            reduce += r0.elapsed();
-            landed = landed_all.into_iter().map(Some).collect();
-            let previous = std::mem::take(&mut doubts);
-            for (k, (first, why)) in &previous {
-                if !not_finite.contains_key(k) {
-                    self.bad_result(*first, *k, step, why);
-                }
-            }
-            for (k, why) in not_finite {
-                if previous.contains_key(&k) {
-                    continue; // two workers agree: it is the model's value
-                }
-                if let Some(id) = landed[k].take().and_then(|l| l.worker()) {
-                    doubts.insert(k, (id, why));
-                    self.metrics.iter().for_each(|m| m.recomputed(1));
-                    pending.insert(k);
-                }
-            }
-            if pending.is_empty() {
+            if self.settle(&mut round, grad) {
                 break;
             }
         }
@@ -297,8 +228,122 @@ impl ClusterEngine<'_> {
             f(); // every shard was empty
         }
         let sent_all = sent_all.unwrap_or(t0);
-        self.epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(reduce), reduce);
-        Ok(stats)
+        self.epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(round.reduce), round.reduce);
+        Ok(round.stats)
+    }
+
+    /// Sends the pending shards to live workers (waiting for one if there is none).
+    async fn dispatch(&mut self, round: &mut Round<'_>) -> Result<(), String> {
+        self.await_workers().await?;
+        let todo: Vec<usize> = std::mem::take(&mut round.pending).into_iter().collect();
+        let doubts = &round.doubts;
+        for (id, group) in assign(&todo, &self.hub.alive(), |k| doubts.get(&k).map(|d| d.0)) {
+            let mut work = pb::Work {
+                step: round.step,
+                params: Bytes::new(),
+                global_batch: round.batch.len() as u32,
+                shards: group.iter().map(|&k| round.wire[k].clone()).collect(),
+                params_shared: false,
+            };
+            self.attach_params(id, &mut work, round.params, &mut round.inline);
+            let size = prost::Message::encoded_len(&work) as u64;
+            if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
+                self.epoch.bytes_out += size;
+                round.sent_at.insert(id, Instant::now());
+                round.assigned.extend(group.iter().map(|&k| (k, id)));
+            } else {
+                round.pending.extend(&group);
+                self.hub.drop_worker(id, Status::unavailable("not keeping up with its work queue"));
+            }
+        }
+        round.deadline = Instant::now() + self.step_timeout;
+        Ok(())
+    }
+
+    /// Waits for the next result, departure or deadline, and books it.
+    async fn next_event(&mut self, round: &mut Round<'_>) -> Result<(), String> {
+        match tokio::time::timeout_at(round.deadline.into(), self.events.recv()).await {
+            Ok(Some(Event::Result { id, result })) => {
+                let k = result.index as usize;
+                if result.step != round.step || round.assigned.get(&k) != Some(&id) {
+                    return Ok(()); // a late reply from a worker this shard was taken from
+                }
+                round.assigned.remove(&k);
+                self.epoch.bytes_in += prost::Message::encoded_len(&result) as u64;
+                if let Some(t) = round.sent_at.get(&id) {
+                    self.epoch.round_trip(id, t.elapsed(), result.compute_micros);
+                }
+                let r0 = Instant::now();
+                let received = self.receive(id, &result, round.shards[k].len() as u64, round.params.len());
+                round.reduce += r0.elapsed();
+                match received {
+                    Ok((s, l)) => {
+                        round.stats[k] = s;
+                        round.landed[k] = Some(l);
+                    }
+                    Err(e) => {
+                        self.bad_result(id, k, round.step, &e);
+                        self.metrics.iter().for_each(|m| m.recomputed(1));
+                        round.pending.insert(k);
+                    }
+                }
+            }
+            Ok(Some(Event::Left { id, .. })) => {
+                let lost = take_assigned(&mut round.assigned, id);
+                if !lost.is_empty() {
+                    (self.log)(&format!("shard(s) {lost:?} of worker {id} go to others"));
+                    self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
+                }
+                round.pending.extend(lost);
+            }
+            Ok(Some(Event::Joined { .. })) => {}
+            Ok(None) => return Err("the coordinator's worker hub stopped".into()),
+            Err(_) => {
+                let late: BTreeSet<u32> = round.assigned.values().copied().collect();
+                for id in late {
+                    let lost = take_assigned(&mut round.assigned, id);
+                    (self.log)(&format!(
+                        "{} missed the {:?} step deadline; dropping it, {} shard(s) go to others",
+                        self.hub.name(id),
+                        self.step_timeout,
+                        lost.len()
+                    ));
+                    self.hub.drop_worker(id, Status::deadline_exceeded("missed the step deadline"));
+                    self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
+                    round.pending.extend(lost);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every shard is in: sums them into `grad`; true unless some must be computed again. A
+    /// result that is not finite gets a second opinion from another worker: if that is not
+    /// finite either, it is the model's (a diverging run then stops as in process); if it is,
+    /// the first worker was at fault.
+    fn settle(&mut self, round: &mut Round<'_>, grad: &mut [f32]) -> bool {
+        let r0 = Instant::now();
+        let landed: Vec<Landed> = round.landed.iter_mut().map(|l| l.take().expect("every shard landed")).collect();
+        let not_finite = self.reduce(&landed, &round.stats, grad);
+        round.reduce += r0.elapsed();
+        round.landed = landed.into_iter().map(Some).collect();
+        let previous = std::mem::take(&mut round.doubts);
+        for (k, (first, why)) in &previous {
+            if !not_finite.contains_key(k) {
+                self.bad_result(*first, *k, round.step, why);
+            }
+        }
+        for (k, why) in not_finite {
+            if previous.contains_key(&k) {
+                continue; // two workers agree: it is the model's value
+            }
+            if let Some(id) = round.landed[k].take().and_then(|l| l.worker()) {
+                round.doubts.insert(k, (id, why));
+                self.metrics.iter().for_each(|m| m.recomputed(1));
+                round.pending.insert(k);
+            }
+        }
+        round.pending.is_empty()
     }
 
     /// Returns once at least one worker is alive, or fails after `worker_wait`.

@@ -267,3 +267,17 @@ fn a_diverging_run_stops_the_same_way_with_or_without_workers() {
     assert!(stops[0].contains("loss became NaN at epoch 1, batch 2"), "{stops:?}");
     assert!(stops.iter().all(|s| *s == stops[0]), "{stops:?}");
 }
+
+/// More workers than shards: the extra ones stand by for failures, and the coordinator says so
+/// (the shard count is the job's, since the result depends on it).
+#[test]
+fn workers_beyond_the_shard_count_are_said_to_stand_by() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "shards = 1");
+    let mut cmd = coordinator();
+    cmd.args(["train", "--config", job.to_str().unwrap(), "--epochs", "1", "--spawn-workers", "2"]);
+    cmd.args(["--run-dir", dir.path().join("r").to_str().unwrap()]);
+    let (ok, out) = Proc::start(cmd).finish(60);
+    assert!(ok, "{out}");
+    assert!(out.contains("fit.shards is 1: at most 1 of the 2 workers compute each step"), "{out}");
+}

@@ -138,6 +138,13 @@ impl EngineFactory for Cluster<'_> {
             self.workers =
                 Some(LocalWorkers::spawn(self.opts.spawn_workers, &url, self.opts.token.as_deref()).map_err(err)?);
         }
+        let (workers, shards) = (self.opts.spawn_workers.max(self.opts.min_workers), job.config.fit.shards);
+        if workers > shards {
+            log(&format!(
+                "fit.shards is {shards}: at most {shards} of the {workers} workers compute each step (the others \
+                 stand by in case one fails); set fit.shards in the job to use more (the result depends on it)"
+            ));
+        }
         let need = self.opts.min_workers;
         log(&format!("waiting for {need} worker(s)"));
         let until = Instant::now() + self.opts.worker_wait;

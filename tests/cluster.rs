@@ -256,9 +256,8 @@ fn a_diverging_run_stops_the_same_way_with_or_without_workers() {
         ("grpc", &["--spawn-workers", "2", "--no-shared-memory"]),
         ("shm", &["--spawn-workers", "2"]),
     ] {
-        let mut cmd = coordinator();
-        cmd.args(["train", "--config", job.to_str().unwrap(), "--worker-wait", "20"]);
-        cmd.args(["--run-dir", dir.path().join(n).to_str().unwrap()]).args(extra);
+        let mut cmd = train(&job, &dir.path().join(n));
+        cmd.args(["--worker-wait", "20"]).args(extra);
         let (ok, out) = Proc::start(cmd).finish(60);
         assert!(!ok, "{n}: {out}");
         assert!(!out.contains("bad result"), "{n}: {out}");
@@ -274,9 +273,8 @@ fn a_diverging_run_stops_the_same_way_with_or_without_workers() {
 fn workers_beyond_the_shard_count_are_said_to_stand_by() {
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(dir.path(), "shards = 1");
-    let mut cmd = coordinator();
-    cmd.args(["train", "--config", job.to_str().unwrap(), "--epochs", "1", "--spawn-workers", "2"]);
-    cmd.args(["--run-dir", dir.path().join("r").to_str().unwrap()]);
+    let mut cmd = train(&job, &dir.path().join("r"));
+    cmd.args(["--epochs", "1", "--spawn-workers", "2"]);
     let (ok, out) = Proc::start(cmd).finish(60);
     assert!(ok, "{out}");
     assert!(out.contains("fit.shards is 1: at most 1 of the 2 workers compute each step"), "{out}");

@@ -47,9 +47,8 @@ async fn attach(w: &pb::Welcome, tx: &mpsc::Sender<pb::WorkerMessage>) -> dtrain
 fn wrong_version_and_oversized_messages_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(dir.path(), "shards = 2");
-    let mut cmd = coordinator();
-    cmd.args(["train", "--config", job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--worker-wait", "20"]);
-    cmd.args(["--run-dir", dir.path().join("run").to_str().unwrap(), "-q"]);
+    let mut cmd = train(&job, &dir.path().join("run"));
+    cmd.args(["--listen", "127.0.0.1:0", "--worker-wait", "20", "-q"]);
     let c = Proc::start(cmd);
     let url = listening_url(&c);
     rt().block_on(async {
@@ -90,9 +89,8 @@ fn nan_gradients(shared: bool) {
     let local = dir.path().join("local");
     assert!(run(&["train", "--config", job, "--run-dir", local.to_str().unwrap(), "-q"]).status.success());
     let rd = dir.path().join("run");
-    let mut cmd = coordinator();
-    cmd.args(["train", "--config", job, "--listen", "127.0.0.1:0", "--min-workers", "2"]);
-    cmd.args(["--run-dir", rd.to_str().unwrap()]);
+    let mut cmd = train(job.as_ref(), &rd);
+    cmd.args(["--listen", "127.0.0.1:0", "--min-workers", "2"]);
     if !shared {
         cmd.arg("--no-shared-memory");
     }
@@ -151,9 +149,8 @@ fn health_services_report_serving() {
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(dir.path(), "");
-    let mut cmd = coordinator();
-    cmd.args(["train", "--config", job.to_str().unwrap(), "--listen", "127.0.0.1:0", "--worker-wait", "20"]);
-    cmd.args(["--run-dir", dir.path().join("run").to_str().unwrap(), "--min-workers", "2", "-q"]);
+    let mut cmd = train(&job, &dir.path().join("run"));
+    cmd.args(["--listen", "127.0.0.1:0", "--worker-wait", "20", "--min-workers", "2", "-q"]);
     let c = Proc::start(cmd);
     let url = listening_url(&c);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -8,6 +8,13 @@ pub fn coordinator() -> Command {
     Command::new(env!("CARGO_BIN_EXE_coordinator"))
 }
 
+/// `coordinator train --config job --run-dir run_dir`, to add flags to.
+pub fn train(job: &Path, run_dir: &Path) -> Command {
+    let mut cmd = coordinator();
+    cmd.args(["train", "--config", job.to_str().unwrap(), "--run-dir", run_dir.to_str().unwrap()]);
+    cmd
+}
+
 pub fn run(args: &[&str]) -> Output {
     coordinator().args(args).output().expect("coordinator runs")
 }

@@ -19,9 +19,8 @@ fn local_run(dir: &Path, job: &str, epochs: &str) -> Vec<u8> {
 }
 
 fn coordinator_proc(job: &str, rd: &Path, epochs: &str, extra: &[&str]) -> Proc {
-    let mut cmd = coordinator();
-    cmd.args(["train", "--config", job, "--run-dir", rd.to_str().unwrap(), "--epochs", epochs, "--log-format", "json"])
-        .args(extra);
+    let mut cmd = train(job.as_ref(), rd);
+    cmd.args(["--epochs", epochs, "--log-format", "json"]).args(extra);
     Proc::start(cmd)
 }
 

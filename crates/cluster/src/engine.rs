@@ -140,7 +140,9 @@ struct Round<'s> {
     params: &'s [f32],
     /// Each shard's samples as they travel.
     wire: Vec<pb::Shard>,
-    /// The parameters as message bytes, made once if a worker needs them.
+    /// Whether this step's parameters are in shared memory; as message bytes, made once if a
+    /// worker needs them.
+    shared: bool,
     inline: Option<Bytes>,
     stats: Vec<ShardStats>,
     landed: Vec<Option<Landed>>,
@@ -167,12 +169,17 @@ impl ClusterEngine<'_> {
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         let t0 = Instant::now();
+        // The parameters go where workers read them, checked as they are copied: into shared
+        // memory, or (with no local worker) into the message bytes every worker gets.
+        let (finite, shared, inline) = match self.hub.share_params(step, params) {
+            Some(finite) => (finite, true, None),
+            None => {
+                let finite = dtrain_nn::simd::sum_into(self.params.fill(params.len()), &[params]);
+                (finite, false, Some(self.params.share()))
+            }
+        };
         // Parameters that are not finite (a diverging run) give a loss that is not finite, as
         // in process; workers would refuse them, so none is asked.
-        let finite = match self.hub.share_params(step, params) {
-            Some(finite) => finite,
-            None => check_finite("params", params).is_ok(),
-        };
         if !finite {
             meanwhile();
             grad.fill(f32::NAN);
@@ -189,7 +196,8 @@ impl ClusterEngine<'_> {
                 Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
                 _ => self.shards_to_wire(batch, shards),
             },
-            inline: None,
+            shared,
+            inline,
             stats: vec![ShardStats::default(); shards.len()],
             pending: (0..shards.len()).filter(|&k| landed[k].is_none()).collect(),
             landed,
@@ -245,7 +253,7 @@ impl ClusterEngine<'_> {
                 shards: group.iter().map(|&k| round.wire[k].clone()).collect(),
                 params_shared: false,
             };
-            self.attach_params(id, &mut work, round.params, &mut round.inline);
+            self.attach_params(id, &mut work, round);
             let size = prost::Message::encoded_len(&work) as u64;
             if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
                 self.epoch.bytes_out += size;
@@ -369,18 +377,20 @@ impl ClusterEngine<'_> {
         }
     }
 
-    /// Puts this step's parameters (known to be finite) in `work`: in shared memory if the
-    /// worker has it, else in the message (one copy of them, made on first need, serves every
-    /// worker).
-    fn attach_params(&mut self, id: u32, work: &mut pb::Work, params: &[f32], inline: &mut Option<Bytes>) {
-        if self.hub.slots(id).is_some() && self.hub.share_params(work.step, params) == Some(true) {
+    /// Puts this step's parameters (known to be finite) in `work`: in shared memory if they are
+    /// there and the worker has it, else in the message (one copy of them, made on first need,
+    /// serves every worker).
+    fn attach_params(&mut self, id: u32, work: &mut pb::Work, round: &mut Round<'_>) {
+        if round.shared && self.hub.slots(id).is_some() {
             work.params_shared = true;
             return;
         }
-        work.params = inline
+        let (params, wire) = (round.params, &mut self.params);
+        work.params = round
+            .inline
             .get_or_insert_with(|| {
-                self.params.fill(params.len()).copy_from_slice(params);
-                self.params.share()
+                wire.fill(params.len()).copy_from_slice(params);
+                wire.share()
             })
             .clone();
     }

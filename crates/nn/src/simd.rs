@@ -48,6 +48,19 @@ pub fn add_into(dst: &mut [f32], src: &[f32]) {
     rayon::join(|| add_into(d0, s0), || add_into(d1, s1));
 }
 
+/// 1 if `x` is a NaN or an infinity (all exponent bits set); branch-free, so folds vectorize.
+#[inline(always)]
+fn not_finite(x: &f32) -> u32 {
+    u32::from((x.to_bits() & 0x7f80_0000) == 0x7f80_0000)
+}
+
+avx2_dispatch! {
+    /// Whether every value of `v` is finite.
+    pub fn all_finite(v: &[f32]) -> bool {
+        v.chunks(64).all(|c| c.iter().fold(0, |acc, x| acc | not_finite(x)) == 0)
+    }
+}
+
 /// Values per block of `sum_into`: the block's result stays in L1 while every part is added.
 const BLOCK: usize = 1024;
 
@@ -60,16 +73,15 @@ avx2_dispatch! {
             for p in &parts[1..] {
                 d.iter_mut().zip(&p[block.clone()]).for_each(|(d, s)| *d += s);
             }
-            // Infinities and NaNs have all exponent bits set; branch-free so it vectorizes.
-            bad |= d.iter().fold(0u32, |acc, x| acc | u32::from((x.to_bits() & 0x7f80_0000) == 0x7f80_0000));
+            bad |= d.iter().fold(0, |acc, x| acc | not_finite(x));
         }
         bad == 0
     }
 }
 
 /// `dst = parts[0] + parts[1] + ...`, added in that order for every element (the same bits
-/// as adding the parts one after another); returns whether every sum is finite, which is
-/// also the case only if every part is finite or a sum overflowed. Every part is `dst`'s length.
+/// as adding the parts one after another). Returns whether every sum is finite: false if a
+/// part holds a NaN or an infinity, or if a sum overflows. Every part is `dst`'s length.
 pub fn sum_into(dst: &mut [f32], parts: &[&[f32]]) -> bool {
     assert!(!parts.is_empty() && parts.iter().all(|p| p.len() == dst.len()), "parts of the sum's length");
     if dst.len() < PARALLEL_MIN {

@@ -64,18 +64,11 @@ pub fn copy_f32s(what: &'static str, b: &[u8], out: &mut [f32]) -> Result<(), Wi
 
 /// Rejects a tensor with a NaN or an infinity, naming the first.
 pub fn check_finite(what: &'static str, v: &[f32]) -> Result<(), WireError> {
-    if all_finite(v) {
+    if dtrain_nn::simd::all_finite(v) {
         return Ok(());
     }
     let index = v.iter().position(|x| !x.is_finite()).unwrap_or(0);
     Err(WireError::NotFinite { what, index })
-}
-
-dtrain_nn::avx2_dispatch! {
-    fn all_finite(v: &[f32]) -> bool {
-        // Branch-free over chunks so it vectorizes; infinities and NaNs have all exponent bits set.
-        v.chunks(64).all(|c| c.iter().fold(0u32, |acc, x| acc | u32::from((x.to_bits() & 0x7f80_0000) == 0x7f80_0000)) == 0)
-    }
 }
 
 /// A shard of a step as it travels: the rows of `data` at `rows`, stored as stored.

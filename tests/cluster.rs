@@ -24,6 +24,12 @@ fn coordinator_proc(job: &str, rd: &Path, epochs: &str, extra: &[&str]) -> Proc 
     Proc::start(cmd)
 }
 
+/// Whether the worker named `name` returned shard results (the epoch's cluster line lists
+/// the round trip of every worker that did).
+fn computed(out: &str, name: &str) -> bool {
+    out.lines().any(|l| l.contains("shard round trip") && l.contains(&format!("{name} (worker")))
+}
+
 fn finals(rd: &Path) -> Vec<u8> {
     std::fs::read(rd.join("final.safetensors")).unwrap()
 }
@@ -46,6 +52,9 @@ fn same_weights_with_any_number_of_workers() {
         let (ok, out) = c.finish(60);
         assert!(ok, "{out}");
         assert_eq!(out.contains("go through shared memory"), shared, "{out}");
+        for i in 0..n.parse().unwrap() {
+            assert!(computed(&out, &format!("local-{i}")), "local-{i} computed no shard with {n} workers: {out}");
+        }
         assert!(finals(&rd) == want, "{n} worker(s) changed the weights (shared memory: {shared})");
     }
 }
@@ -77,14 +86,21 @@ fn two_workers(epochs: &str, extra: &[&str]) -> TwoWorkers {
     TwoWorkers { _dir: dir, want, rd, url, c, a, b }
 }
 
-/// Guarantees 2 and 4: a worker killed with SIGKILL mid-run, and another joining mid-run.
+/// Guarantees 2 and 4: a worker killed with SIGKILL while its shards are out, and another
+/// joining mid-run and taking a share of the work.
 #[test]
 fn worker_killed_and_worker_joining_mid_run() {
-    let TwoWorkers { _dir, want, rd, url, c, a, b: _b } = two_workers("100", &[]);
-    a.signal("KILL");
-    c.wait_for("left", 30);
+    let TwoWorkers { _dir, want, rd, url, c, a, b: _b } = two_workers("100", &["--step-timeout", "120"]);
+    // Stopped, `a` cannot answer: within a second the coordinator has sent it a step's shards
+    // and waits for them (the deadline is far away). Killed then, its shards are outstanding.
+    a.signal(libc::SIGSTOP);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    a.signal(libc::SIGKILL);
+    let moved = c.wait_for("go to others", 30);
+    assert!(moved.contains("of a (worker"), "{moved}");
     let _late = worker(&url, &["--name", "late"]);
     c.wait_for("(late) joined", 30);
+    c.wait_for("late (worker", 60); // a cluster line with the late worker's round trips
     let mut c = c;
     let (ok, out) = c.finish(120);
     assert!(ok, "{out}");
@@ -96,8 +112,9 @@ fn worker_killed_and_worker_joining_mid_run() {
 #[test]
 fn hung_worker_is_detected_within_the_deadline() {
     let TwoWorkers { _dir, want, rd, c, a: _a, b, .. } = two_workers("60", &["--step-timeout", "0.5"]);
-    b.signal("STOP");
-    c.wait_for("missed the", 30);
+    b.signal(libc::SIGSTOP);
+    let missed = c.wait_for("missed the", 30);
+    assert!(missed.contains("b (worker"), "{missed}");
     let mut c = c;
     let (ok, out) = c.finish(120);
     assert!(ok, "{out}");
@@ -129,7 +146,7 @@ fn coordinator_killed_and_resumed() {
     let _a = worker(&url, &["--name", "a"]);
     let _b = worker(&url, &["--name", "b"]);
     c.wait_for("\"epoch\":3,", 60);
-    c.signal("KILL");
+    c.signal(libc::SIGKILL);
     // The killed coordinator's shared parameters are left behind; the next one removes them.
     let left = shm_files(c.child.id());
     drop(c);
@@ -190,7 +207,7 @@ fn sigterm_saves_the_state_and_stops_workers() {
     let url = listening_url(&c);
     let mut w = worker(&url, &[]);
     c.wait_for("\"epoch\":2,", 60);
-    c.signal("TERM");
+    c.signal(libc::SIGTERM);
     let mut c = c;
     let (ok, out) = c.finish(30);
     assert!(!ok, "an interrupted run exits non-zero");

@@ -75,7 +75,7 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                 let cluster = ClusterOptions {
                     listen: a.listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("a valid address")),
                     spawn_workers: a.spawn_workers,
-                    min_workers: a.min_workers.max(a.spawn_workers.min(1)),
+                    min_workers: a.min_workers.max(a.spawn_workers),
                     token,
                     insecure: a.insecure,
                     step_timeout: secs("step-timeout", a.step_timeout)?,

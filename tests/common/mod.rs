@@ -77,7 +77,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `cmd` with stdout and stderr read line by line into `lines`.
+    /// Starts `cmd` with stdout and stderr read line by line into `lines`; the channel closes
+    /// once both pipes are closed (the child and every process that inherited them are gone).
     pub fn start(mut cmd: Command) -> Proc {
         use std::io::BufRead;
         use std::process::Stdio;
@@ -110,34 +111,55 @@ impl Proc {
         }
     }
 
-    /// Waits for the process to exit (panics after `secs`); returns whether it succeeded,
-    /// and everything it printed that was not read yet.
+    /// Waits for the process to exit and its output pipes to close (panics after `secs`);
+    /// returns whether it succeeded, and everything it printed that was not read yet.
     pub fn finish(&mut self, secs: u64) -> (bool, String) {
         let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let mut rest = vec![];
+        // Reading to the end of both pipes, not a fixed drain: nothing printed is ever missed.
         loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => rest.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("process still running after {secs}s; it printed:\n{}", rest.join("\n"))
+                }
+            }
+        }
+        let status = loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                let rest: Vec<String> = self.lines.try_iter().collect();
-                return (status.success(), rest.join("\n"));
+                break status;
             }
             assert!(std::time::Instant::now() < until, "process still running after {secs}s");
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        (status.success(), rest.join("\n"))
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGKILL`) to the process.
+    pub fn signal(&self, sig: libc::c_int) {
+        if let Err(e) = self.send_signal(sig) {
+            panic!("kill({}, {sig}): {e}", self.child.id());
         }
     }
 
-    pub fn signal(&self, sig: &str) {
-        let ok =
-            Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap().success();
-        assert!(ok, "kill -{sig}");
+    fn send_signal(&self, sig: libc::c_int) -> std::io::Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id()).map_err(std::io::Error::other)?;
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours; the child is not
+        // reaped before `finish` or `drop`, so its pid cannot have been reused by another process.
+        match unsafe { libc::kill(pid, sig) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .stderr(std::process::Stdio::null())
-            .status();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.send_signal(libc::SIGCONT); // a stopped process must run to die
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

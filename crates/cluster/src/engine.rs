@@ -1,10 +1,12 @@
 //! `Engine` over the network: each step's shards go to live workers; gradients come back and
 //! land in shard order. Lost, hung or faulty workers' shards are recomputed by others within
-//! the same step, so the step is applied once, with the same bits as in-process.
+//! the same step, so the step is applied once, with the same bits as in-process. Every decision
+//! is the `Round`'s (`round.rs`, pure); this file moves messages and tensors.
 
-use crate::assign::{assign, take_assigned};
 use crate::epoch_stats::EpochStats;
 use crate::hub::{Event, Hub};
+use crate::ids::{ShardIndex, WorkerId};
+use crate::round::{Action, Cause, FaultLedger, Phase, Round};
 use crate::run::ClusterOptions;
 use crate::shm::SharedFile;
 use dtrain_data::Dataset;
@@ -13,38 +15,63 @@ use dtrain_nn::ShardStats;
 use dtrain_proto::pb::{self, coordinator_message::Kind as Out};
 use dtrain_proto::{check_finite, copy_f32s, result_from_wire, shard_to_wire, WireTensor};
 use prost::bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::Status;
 
-/// Faulty results a worker may send before it is dropped.
-const MAX_FAULTS: u32 = 3;
-
+/// The coordinator's side of the cluster, as an `Engine` the trainer drives.
 pub struct ClusterEngine<'a> {
     data: &'a Dataset,
-    /// The runtime that serves the workers (one IO thread, so health checks and joins are
-    /// answered between steps too); steps block on it.
+    net: Network,
+    policy: Policy,
+    telemetry: Telemetry<'a>,
+    prefetch: Prefetch,
+    buffers: Buffers,
+}
+
+/// The workers' side of the wire: the runtime that serves them (one IO thread, so health
+/// checks and joins are answered between steps too; steps block on it), the membership, and
+/// the events it queues.
+struct Network {
     rt: Arc<tokio::runtime::Runtime>,
     hub: Arc<Hub>,
     events: mpsc::UnboundedReceiver<Event>,
+}
+
+/// How long to wait, and whom to give up on.
+struct Policy {
     /// A worker that has not answered this long after getting work is dropped.
     step_timeout: Duration,
     /// With no worker left, wait this long for one to join, then fail.
     worker_wait: Duration,
-    faults: BTreeMap<u32, u32>,
+    faults: FaultLedger,
+}
+
+/// What the run shows: log lines, the epoch's cluster line, the metrics endpoint.
+struct Telemetry<'a> {
     log: Box<dyn FnMut(&str) + Send + 'a>,
     epoch: EpochStats,
     metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
-    /// The batch `prefetch` announced, and its shards built while the previous step waited.
+}
+
+/// The batch `prefetch` announced, and its shards built while the previous step waited.
+#[derive(Default)]
+struct Prefetch {
     next_batch: Vec<u32>,
     prebuilt: Option<(Vec<u32>, Vec<pb::Shard>)>,
+}
+
+/// Buffers reused from step to step.
+#[derive(Default)]
+struct Buffers {
     /// The parameters as they travel (one buffer shared by every worker's message).
     params: WireTensor,
-    /// Gradients received in messages, by shard; zeros for empty shards.
+    /// Gradients received in messages, by shard.
     received: Vec<Vec<f32>>,
+    /// The gradient of an empty shard.
     zeros: Vec<f32>,
 }
 
@@ -59,20 +86,15 @@ impl<'a> ClusterEngine<'a> {
     ) -> Self {
         ClusterEngine {
             data,
-            rt,
-            hub,
-            events,
-            step_timeout: opts.step_timeout,
-            worker_wait: opts.worker_wait,
-            faults: Default::default(),
-            log,
-            epoch: Default::default(),
-            metrics: opts.metrics.clone(),
-            next_batch: vec![],
-            prebuilt: None,
-            params: Default::default(),
-            received: vec![],
-            zeros: vec![],
+            net: Network { rt, hub, events },
+            policy: Policy {
+                step_timeout: opts.step_timeout,
+                worker_wait: opts.worker_wait,
+                faults: FaultLedger::default(),
+            },
+            telemetry: Telemetry { log, epoch: EpochStats::default(), metrics: opts.metrics.clone() },
+            prefetch: Prefetch::default(),
+            buffers: Buffers::default(),
         }
     }
 }
@@ -87,31 +109,33 @@ impl Engine for ClusterEngine<'_> {
         grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
-        let rt = self.rt.clone();
-        self.epoch.step_starts();
-        let (sent, received) = (self.epoch.bytes_out, self.epoch.bytes_in);
+        let rt = self.net.rt.clone();
+        let epoch = &mut self.telemetry.epoch;
+        epoch.step_starts();
+        let (sent, received) = (epoch.bytes_out, epoch.bytes_in);
         let r = rt.block_on(self.step(params, step, batch, shards, grad, meanwhile));
-        self.epoch.step_ends();
-        if let Some(m) = &self.metrics {
-            m.workers(self.hub.alive().len() as u64);
-            m.wire(self.epoch.bytes_out - sent, self.epoch.bytes_in - received);
+        let epoch = &mut self.telemetry.epoch;
+        epoch.step_ends();
+        if let Some(m) = &self.telemetry.metrics {
+            m.workers(self.net.hub.alive().len() as u64);
+            m.wire(epoch.bytes_out - sent, epoch.bytes_in - received);
         }
         r
     }
 
     fn prefetch(&mut self, batch: &[u32]) {
-        self.next_batch.clear();
-        self.next_batch.extend_from_slice(batch);
+        self.prefetch.next_batch.clear();
+        self.prefetch.next_batch.extend_from_slice(batch);
     }
 
     fn epoch_report(&mut self) -> Option<String> {
-        std::mem::take(&mut self.epoch).report(&self.hub)
+        std::mem::take(&mut self.telemetry.epoch).report(&self.net.hub)
     }
 }
 
 impl Drop for ClusterEngine<'_> {
     fn drop(&mut self) {
-        self.rt.block_on(self.hub.stop_all("training finished", Duration::from_secs(2)));
+        self.net.rt.block_on(self.net.hub.stop_all("training finished", Duration::from_secs(2)));
     }
 }
 
@@ -119,41 +143,28 @@ impl Drop for ClusterEngine<'_> {
 /// (kept mapped here even if the worker leaves), or copied from the message.
 enum Landed {
     Empty,
-    Slot(u32, Arc<SharedFile>),
-    Copied(u32),
+    Slot(Arc<SharedFile>),
+    Copied,
 }
 
-impl Landed {
-    fn worker(&self) -> Option<u32> {
-        match self {
-            Landed::Empty => None,
-            Landed::Slot(id, _) | Landed::Copied(id) => Some(*id),
-        }
-    }
-}
-
-/// One step's bookkeeping while its shards are out.
-struct Round<'s> {
-    step: u64,
-    batch: &'s [u32],
-    shards: &'s [Range<usize>],
+/// One step's work as it goes out: the samples of each shard, and the parameters.
+struct Outgoing<'s> {
     params: &'s [f32],
-    /// Each shard's samples as they travel.
+    global_batch: u32,
     wire: Vec<pb::Shard>,
-    /// Whether this step's parameters are in shared memory; as message bytes, made once if a
-    /// worker needs them.
+    /// Whether the parameters are in shared memory; as message bytes, made once if a worker
+    /// needs them.
     shared: bool,
     inline: Option<Bytes>,
+}
+
+/// One step's results as they come in.
+struct Inbox {
+    /// Each shard's rows, and the gradient's length: what a result must match.
+    rows: Vec<u64>,
+    width: usize,
     stats: Vec<ShardStats>,
     landed: Vec<Option<Landed>>,
-    /// Shards to send, and shards out (to which worker, sent when).
-    pending: BTreeSet<usize>,
-    assigned: BTreeMap<usize, u32>,
-    sent_at: BTreeMap<u32, Instant>,
-    /// Shards whose first result was not finite: who sent it and what was wrong, until a
-    /// second opinion says whether it was the worker or the model.
-    doubts: BTreeMap<usize, (u32, String)>,
-    deadline: Instant,
     /// Time spent reading, checking and summing results.
     reduce: Duration,
 }
@@ -169,224 +180,203 @@ impl ClusterEngine<'_> {
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, String> {
         let t0 = Instant::now();
-        // The parameters go where workers read them, checked as they are copied: into shared
-        // memory, or (with no local worker) into the message bytes every worker gets.
-        let (finite, shared, inline) = match self.hub.share_params(step, params) {
-            Some(finite) => (finite, true, None),
-            None => {
-                let finite = dtrain_nn::simd::sum_into(self.params.fill(params.len()), &[params]);
-                (finite, false, Some(self.params.share()))
-            }
-        };
         // Parameters that are not finite (a diverging run) give a loss that is not finite, as
         // in process; workers would refuse them, so none is asked.
-        if !finite {
+        let Some(mut out) = self.outgoing(params, step, batch, shards) else {
             meanwhile();
             grad.fill(f32::NAN);
             let nan = |r: &Range<usize>| ShardStats { loss_sum: f64::NAN, rows: r.len() as u64, ..Default::default() };
             return Ok(shards.iter().map(nan).collect());
-        }
-        let landed: Vec<Option<Landed>> = shards.iter().map(|r| r.is_empty().then_some(Landed::Empty)).collect();
-        let mut round = Round {
-            step,
-            batch,
-            shards,
-            params,
-            wire: match self.prebuilt.take() {
-                Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
-                _ => self.shards_to_wire(batch, shards),
-            },
-            shared,
-            inline,
+        };
+        let mut round = Round::new(step, shards.iter().map(|r| r.len()), self.policy.step_timeout);
+        let mut inbox = Inbox {
+            rows: shards.iter().map(|r| r.len() as u64).collect(),
+            width: params.len(),
             stats: vec![ShardStats::default(); shards.len()],
-            pending: (0..shards.len()).filter(|&k| landed[k].is_none()).collect(),
-            landed,
-            assigned: BTreeMap::new(),
-            sent_at: BTreeMap::new(),
-            doubts: BTreeMap::new(),
-            deadline: Instant::now() + self.step_timeout,
+            landed: shards.iter().map(|r| r.is_empty().then_some(Landed::Empty)).collect(),
             reduce: Duration::ZERO,
         };
         let mut meanwhile = Some(meanwhile);
         let mut sent_all = None;
         loop {
-            while !round.pending.is_empty() || !round.assigned.is_empty() {
-                if round.pending.is_empty() {
-                    self.next_event(&mut round).await?;
-                    continue;
+            let actions = match round.phase() {
+                Phase::Dispatch => round.dispatch(&self.net.hub.alive(), Instant::now()),
+                Phase::Wait { deadline } => self.next_event(&mut round, &mut inbox, deadline).await?,
+                Phase::Reduce => {
+                    let r0 = Instant::now();
+                    let not_finite = self.reduce(&inbox, grad);
+                    inbox.reduce += r0.elapsed();
+                    round.reduced(&not_finite)
                 }
-                self.dispatch(&mut round).await?;
+                Phase::Done => break,
+            };
+            self.act(actions, &mut round, &mut out).await?;
+            if matches!(round.phase(), Phase::Wait { .. }) {
                 sent_all.get_or_insert_with(Instant::now);
                 // While the workers compute: the caller's own work, then the next step's shards.
-                if let Some(f) = meanwhile.take() {
-                    f();
-                    if !self.next_batch.is_empty() {
-                        let next = std::mem::take(&mut self.next_batch);
-                        let ranges = dtrain_fit::engine::shard_ranges(next.len(), shards.len());
-                        let wire = self.shards_to_wire(&next, &ranges);
-                        self.prebuilt = Some((next, wire));
-                    }
-                }
-            }
-            if self.settle(&mut round, grad) {
-                break;
+                meanwhile.take().into_iter().for_each(|f| self.meanwhile(f, shards.len()));
             }
         }
-        if let Some(f) = meanwhile.take() {
-            f(); // every shard was empty
-        }
+        meanwhile.take().into_iter().for_each(|f| f()); // every shard was empty
         let sent_all = sent_all.unwrap_or(t0);
-        self.epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(round.reduce), round.reduce);
-        Ok(round.stats)
+        self.telemetry.epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(inbox.reduce), inbox.reduce);
+        Ok(inbox.stats)
     }
 
-    /// Sends the pending shards to live workers (waiting for one if there is none).
-    async fn dispatch(&mut self, round: &mut Round<'_>) -> Result<(), String> {
-        self.await_workers().await?;
-        let todo: Vec<usize> = std::mem::take(&mut round.pending).into_iter().collect();
-        let doubts = &round.doubts;
-        for (id, group) in assign(&todo, &self.hub.alive(), |k| doubts.get(&k).map(|d| d.0)) {
-            let mut work = pb::Work {
-                step: round.step,
-                params: Bytes::new(),
-                global_batch: round.batch.len() as u32,
-                shards: group.iter().map(|&k| round.wire[k].clone()).collect(),
-                params_shared: false,
-            };
-            self.attach_params(id, &mut work, round);
-            let size = prost::Message::encoded_len(&work) as u64;
-            if self.hub.send(id, pb::CoordinatorMessage { kind: Some(Out::Work(work)) }) {
-                self.epoch.bytes_out += size;
-                round.sent_at.insert(id, Instant::now());
-                round.assigned.extend(group.iter().map(|&k| (k, id)));
-            } else {
-                round.pending.extend(&group);
-                self.hub.drop_worker(id, Status::unavailable("not keeping up with its work queue"));
+    /// The step's parameters where workers read them, checked as they are copied (into shared
+    /// memory, or with no local worker into the message bytes every worker gets), and its
+    /// shards; `None` if the parameters are not finite.
+    fn outgoing<'s>(
+        &mut self,
+        params: &'s [f32],
+        step: u64,
+        batch: &[u32],
+        shards: &[Range<usize>],
+    ) -> Option<Outgoing<'s>> {
+        let (finite, shared, inline) = match self.net.hub.share_params(step, params) {
+            Some(finite) => (finite, true, None),
+            None => {
+                let wire = &mut self.buffers.params;
+                let finite = dtrain_nn::simd::sum_into(wire.fill(params.len()), &[params]);
+                (finite, false, Some(wire.share()))
+            }
+        };
+        if !finite {
+            return None;
+        }
+        let wire = match self.prefetch.prebuilt.take() {
+            Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
+            _ => self.shards_to_wire(batch, shards),
+        };
+        Some(Outgoing { params, global_batch: batch.len() as u32, wire, shared, inline })
+    }
+
+    /// The caller's work while workers compute, then the next step's shards.
+    fn meanwhile(&mut self, f: &mut dyn FnMut(), shard_count: usize) {
+        f();
+        if !self.prefetch.next_batch.is_empty() {
+            let next = std::mem::take(&mut self.prefetch.next_batch);
+            let ranges = dtrain_fit::engine::shard_ranges(next.len(), shard_count);
+            let wire = self.shards_to_wire(&next, &ranges);
+            self.prefetch.prebuilt = Some((next, wire));
+        }
+    }
+
+    /// Carries out the round's actions (a send that fails gives more).
+    async fn act(&mut self, actions: Vec<Action>, round: &mut Round, out: &mut Outgoing<'_>) -> Result<(), String> {
+        let mut queue = VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Send { worker, shards } => {
+                    if !self.send(worker, &shards, round.step(), out) {
+                        queue.extend(round.send_failed(worker));
+                    }
+                }
+                Action::AwaitWorkers => self.await_workers().await?,
+                Action::Drop { worker, cause } => self.net.hub.drop_worker(worker, drop_status(cause)),
+                Action::Fault { worker, shard, why } => {
+                    let name = self.net.hub.name(worker);
+                    self.telemetry.metrics.iter().for_each(|m| m.rejected());
+                    self.telemetry
+                        .log(&format!("{name} sent a bad result for shard {shard} of step {}: {why}", round.step()));
+                    if let Some(n) = self.policy.faults.record(worker) {
+                        self.telemetry.log(&format!("dropping {name} after {n} faulty results"));
+                        queue.push_back(Action::Drop { worker, cause: Cause::TooManyFaults });
+                    }
+                }
+                Action::Recompute { from, shards, cause } => {
+                    self.telemetry.metrics.iter().for_each(|m| m.recomputed(shards.len() as u64));
+                    let (name, n) = (self.net.hub.name(from), shards.len());
+                    let line = match cause {
+                        Cause::Left => format!("shard(s) {shards:?} of {name} go to others"),
+                        Cause::MissedDeadline => format!(
+                            "{name} missed the {:?} step deadline; dropping it, shard(s) {shards:?} go to others",
+                            self.policy.step_timeout
+                        ),
+                        Cause::NotKeepingUp => {
+                            format!(
+                                "{name} is not keeping up with its work queue; dropping it, {n} shard(s) go to others"
+                            )
+                        }
+                        Cause::BadResult | Cause::SecondOpinion | Cause::TooManyFaults => continue,
+                    };
+                    self.telemetry.log(&line);
+                }
             }
         }
-        round.deadline = Instant::now() + self.step_timeout;
         Ok(())
     }
 
-    /// Waits for the next result, departure or deadline, and books it.
-    async fn next_event(&mut self, round: &mut Round<'_>) -> Result<(), String> {
-        match tokio::time::timeout_at(round.deadline.into(), self.events.recv()).await {
+    /// Queues `shards` of this step for `worker`; false if it is gone or not keeping up.
+    fn send(&mut self, worker: WorkerId, shards: &[ShardIndex], step: u64, out: &mut Outgoing<'_>) -> bool {
+        let mut work = pb::Work {
+            step,
+            params: Bytes::new(),
+            global_batch: out.global_batch,
+            shards: shards.iter().map(|k| out.wire[k.0].clone()).collect(),
+            params_shared: false,
+        };
+        self.attach_params(worker, &mut work, out);
+        let size = prost::Message::encoded_len(&work) as u64;
+        let sent = self.net.hub.send(worker, pb::CoordinatorMessage { kind: Some(Out::Work(work)) });
+        if sent {
+            self.telemetry.epoch.bytes_out += size;
+        }
+        sent
+    }
+
+    /// Waits for the next result or departure until `deadline`, and hands it to the round.
+    async fn next_event(
+        &mut self,
+        round: &mut Round,
+        inbox: &mut Inbox,
+        deadline: Instant,
+    ) -> Result<Vec<Action>, String> {
+        match tokio::time::timeout_at(deadline.into(), self.net.events.recv()).await {
             Ok(Some(Event::Result { id, result })) => {
-                let k = result.index as usize;
-                if result.step != round.step || round.assigned.get(&k) != Some(&id) {
-                    return Ok(()); // a late reply from a worker this shard was taken from
+                let k = ShardIndex(result.index as usize);
+                if !round.expects(id, result.step, k) {
+                    return Ok(vec![]); // a late reply from a worker this shard was taken from
                 }
-                round.assigned.remove(&k);
-                self.epoch.bytes_in += prost::Message::encoded_len(&result) as u64;
-                if let Some(t) = round.sent_at.get(&id) {
-                    self.epoch.round_trip(id, t.elapsed(), result.compute_micros);
+                self.telemetry.epoch.bytes_in += prost::Message::encoded_len(&result) as u64;
+                if let Some(t) = round.sent_at(id) {
+                    self.telemetry.epoch.round_trip(id, t.elapsed(), result.compute_micros);
                 }
                 let r0 = Instant::now();
-                let received = self.receive(id, &result, round.shards[k].len() as u64, round.params.len());
-                round.reduce += r0.elapsed();
-                match received {
-                    Ok((s, l)) => {
-                        round.stats[k] = s;
-                        round.landed[k] = Some(l);
-                    }
-                    Err(e) => {
-                        self.bad_result(id, k, round.step, &e);
-                        self.metrics.iter().for_each(|m| m.recomputed(1));
-                        round.pending.insert(k);
-                    }
-                }
+                let rows = inbox.rows.get(k.0).copied().unwrap_or_default();
+                let received = self.receive(id, &result, rows, inbox.width);
+                inbox.reduce += r0.elapsed();
+                let checked = received.map(|(stats, landed)| {
+                    inbox.stats[k.0] = stats;
+                    inbox.landed[k.0] = Some(landed);
+                });
+                Ok(round.result(id, k, checked))
             }
-            Ok(Some(Event::Left { id, .. })) => {
-                let lost = take_assigned(&mut round.assigned, id);
-                if !lost.is_empty() {
-                    (self.log)(&format!("shard(s) {lost:?} of worker {id} go to others"));
-                    self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
-                }
-                round.pending.extend(lost);
-            }
-            Ok(Some(Event::Joined { .. })) => {}
-            Ok(None) => return Err("the coordinator's worker hub stopped".into()),
-            Err(_) => {
-                let late: BTreeSet<u32> = round.assigned.values().copied().collect();
-                for id in late {
-                    let lost = take_assigned(&mut round.assigned, id);
-                    (self.log)(&format!(
-                        "{} missed the {:?} step deadline; dropping it, {} shard(s) go to others",
-                        self.hub.name(id),
-                        self.step_timeout,
-                        lost.len()
-                    ));
-                    self.hub.drop_worker(id, Status::deadline_exceeded("missed the step deadline"));
-                    self.metrics.iter().for_each(|m| m.recomputed(lost.len() as u64));
-                    round.pending.extend(lost);
-                }
-            }
+            Ok(Some(Event::Left { id })) => Ok(round.left(id)),
+            Ok(Some(Event::Joined { .. })) => Ok(vec![]),
+            Ok(None) => Err("the coordinator's worker hub stopped".into()),
+            Err(_) => Ok(round.deadline_passed(Instant::now().max(deadline))),
         }
-        Ok(())
-    }
-
-    /// Every shard is in: sums them into `grad`; true unless some must be computed again. A
-    /// result that is not finite gets a second opinion from another worker: if that is not
-    /// finite either, it is the model's (a diverging run then stops as in process); if it is,
-    /// the first worker was at fault.
-    fn settle(&mut self, round: &mut Round<'_>, grad: &mut [f32]) -> bool {
-        let r0 = Instant::now();
-        let landed: Vec<Landed> = round.landed.iter_mut().map(|l| l.take().expect("every shard landed")).collect();
-        let not_finite = self.reduce(&landed, &round.stats, grad);
-        round.reduce += r0.elapsed();
-        round.landed = landed.into_iter().map(Some).collect();
-        let previous = std::mem::take(&mut round.doubts);
-        for (k, (first, why)) in &previous {
-            if !not_finite.contains_key(k) {
-                self.bad_result(*first, *k, round.step, why);
-            }
-        }
-        for (k, why) in not_finite {
-            if previous.contains_key(&k) {
-                continue; // two workers agree: it is the model's value
-            }
-            if let Some(id) = round.landed[k].take().and_then(|l| l.worker()) {
-                round.doubts.insert(k, (id, why));
-                self.metrics.iter().for_each(|m| m.recomputed(1));
-                round.pending.insert(k);
-            }
-        }
-        round.pending.is_empty()
     }
 
     /// Returns once at least one worker is alive, or fails after `worker_wait`.
     async fn await_workers(&mut self) -> Result<(), String> {
-        if !self.hub.alive().is_empty() {
-            return Ok(());
-        }
-        (self.log)(&format!("no live worker; waiting up to {:?} for one to join", self.worker_wait));
-        let until = Instant::now() + self.worker_wait;
-        loop {
-            match tokio::time::timeout_at(until.into(), self.events.recv()).await {
-                Ok(Some(Event::Joined { .. })) => {
-                    if !self.hub.alive().is_empty() {
-                        return Ok(());
-                    }
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => return Err("the coordinator's worker hub stopped".into()),
-                Err(_) => {
-                    return Err(format!("no worker joined within {:?}; the last checkpoint is kept", self.worker_wait))
-                }
-            }
-        }
+        let wait = self.policy.worker_wait;
+        self.telemetry.log(&format!("no live worker; waiting up to {wait:?} for one to join"));
+        let joined = self.net.hub.wait_for_workers(1, wait).await;
+        joined.map_err(|_| format!("no worker joined within {wait:?}; the last checkpoint is kept"))
     }
 
     /// Puts this step's parameters (known to be finite) in `work`: in shared memory if they are
     /// there and the worker has it, else in the message (one copy of them, made on first need,
     /// serves every worker).
-    fn attach_params(&mut self, id: u32, work: &mut pb::Work, round: &mut Round<'_>) {
-        if round.shared && self.hub.slots(id).is_some() {
+    fn attach_params(&mut self, id: WorkerId, work: &mut pb::Work, out: &mut Outgoing<'_>) {
+        if out.shared && self.net.hub.slots(id).is_some() {
             work.params_shared = true;
             return;
         }
-        let (params, wire) = (round.params, &mut self.params);
-        work.params = round
+        let (params, wire) = (out.params, &mut self.buffers.params);
+        work.params = out
             .inline
             .get_or_insert_with(|| {
                 wire.fill(params.len()).copy_from_slice(params);
@@ -399,7 +389,7 @@ impl ClusterEngine<'_> {
     /// from the message into this shard's buffer. Checked except for finite values (`reduce`).
     fn receive(
         &mut self,
-        id: u32,
+        id: WorkerId,
         result: &pb::ShardResult,
         rows: u64,
         n: usize,
@@ -407,47 +397,44 @@ impl ClusterEngine<'_> {
         let stats = result_from_wire(result, rows).map_err(|e| e.to_string())?;
         let k = result.index as usize;
         if result.gradient_shared {
-            let slots = self.hub.slots(id).ok_or("a gradient in shared memory it does not have")?;
+            let slots = self.net.hub.slots(id).ok_or("a gradient in shared memory it does not have")?;
             slots.region(k).ok_or("a shared-memory slot out of range")?;
-            return Ok((stats, Landed::Slot(id, slots)));
+            return Ok((stats, Landed::Slot(slots)));
         }
-        if self.received.len() <= k {
-            self.received.resize_with(k + 1, Vec::new);
+        let received = &mut self.buffers.received;
+        if received.len() <= k {
+            received.resize_with(k + 1, Vec::new);
         }
-        let buf = &mut self.received[k];
+        let buf = &mut received[k];
         buf.resize(n, 0.0);
         copy_f32s("gradient", &result.gradient, buf).map_err(|e| e.to_string())?;
-        Ok((stats, Landed::Copied(id)))
+        Ok((stats, Landed::Copied))
     }
 
     /// `grad` = the shards' gradients summed in shard order; returns the shards whose result is
     /// not finite (its sums, or its gradient when the sum is not finite: an overflowing sum of
     /// finite gradients is kept, as in process).
-    fn reduce(&mut self, landed: &[Landed], stats: &[ShardStats], grad: &mut [f32]) -> BTreeMap<usize, String> {
-        self.zeros.resize(grad.len(), 0.0);
-        let parts: Vec<&[f32]> = landed
+    fn reduce(&mut self, inbox: &Inbox, grad: &mut [f32]) -> BTreeMap<ShardIndex, String> {
+        let Buffers { zeros, received, .. } = &mut self.buffers;
+        zeros.resize(grad.len(), 0.0);
+        let parts: Vec<&[f32]> = inbox
+            .landed
             .iter()
             .enumerate()
             .map(|(k, l)| match l {
-                Landed::Empty => &self.zeros[..],
-                Landed::Slot(_, slots) => slots.region(k).expect("checked when the result arrived"),
-                Landed::Copied(_) => &self.received[k][..],
+                None | Some(Landed::Empty) => &zeros[..],
+                Some(Landed::Slot(slots)) => slots.region(k).expect("checked when the result arrived"),
+                Some(Landed::Copied) => &received[k][..],
             })
             .collect();
         let sum_finite = dtrain_nn::simd::sum_into(grad, &parts);
         let not_finite = |(k, (p, s)): (usize, (&&[f32], &ShardStats))| {
             if !(s.loss_sum.is_finite() && s.activity.is_finite()) {
-                return Some((k, "loss sums are not finite".to_string()));
+                return Some((ShardIndex(k), "loss sums are not finite".to_string()));
             }
-            (!sum_finite).then(|| check_finite("gradient", p).err().map(|e| (k, e.to_string()))).flatten()
+            (!sum_finite).then(|| check_finite("gradient", p).err().map(|e| (ShardIndex(k), e.to_string()))).flatten()
         };
-        parts.iter().zip(stats).enumerate().filter_map(not_finite).collect()
-    }
-
-    /// A result refused: counted, and its worker dropped after repeated faults.
-    fn bad_result(&mut self, id: u32, k: usize, step: u64, e: &str) {
-        self.metrics.iter().for_each(|m| m.rejected());
-        self.fault(id, &format!("sent a bad result for shard {k} of step {step}: {e}"));
+        parts.iter().zip(&inbox.stats).enumerate().filter_map(not_finite).collect()
     }
 
     /// Each shard's samples as they travel (empty shards too, never sent).
@@ -456,15 +443,21 @@ impl ClusterEngine<'_> {
             |(k, r): (usize, &Range<usize>)| shard_to_wire(k as u32, r.start as u32, self.data, &batch[r.clone()]);
         shards.iter().enumerate().map(wire).collect()
     }
+}
 
-    fn fault(&mut self, id: u32, what: &str) {
-        let n = self.faults.entry(id).or_default();
-        *n += 1;
-        (self.log)(&format!("{} {what}", self.hub.name(id)));
-        if *n >= MAX_FAULTS {
-            (self.log)(&format!("dropping {} after {n} faulty results", self.hub.name(id)));
-            self.hub.drop_worker(id, Status::data_loss("too many faulty results"));
-        }
+impl Telemetry<'_> {
+    fn log(&mut self, line: &str) {
+        (self.log)(line);
+    }
+}
+
+/// How a dropped worker's stream is closed.
+fn drop_status(cause: Cause) -> Status {
+    match cause {
+        Cause::MissedDeadline => Status::deadline_exceeded("missed the step deadline"),
+        Cause::NotKeepingUp => Status::unavailable("not keeping up with its work queue"),
+        Cause::TooManyFaults => Status::data_loss("too many faulty results"),
+        Cause::Left | Cause::BadResult | Cause::SecondOpinion => Status::aborted("dropped"),
     }
 }
 

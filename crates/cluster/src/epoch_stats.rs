@@ -1,6 +1,7 @@
 //! What an epoch looked like from the coordinator: the cluster line at each epoch's end.
 
 use crate::hub::Hub;
+use crate::ids::WorkerId;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -10,9 +11,9 @@ pub struct EpochStats {
     pub bytes_out: u64,
     pub bytes_in: u64,
     /// Per worker: time from sending its work to each shard's result arriving, in µs.
-    round_trips: BTreeMap<u32, Vec<u32>>,
+    round_trips: BTreeMap<WorkerId, Vec<u32>>,
     /// Per worker: its own compute time for each shard, in µs.
-    compute: BTreeMap<u32, Vec<u32>>,
+    compute: BTreeMap<WorkerId, Vec<u32>>,
     /// Per step, in µs: the coordinator's own work between steps (optimizer, constraints),
     /// building and queueing the work, waiting for the last result, reading, checking and
     /// summing the results.
@@ -61,7 +62,7 @@ impl EpochStats {
     }
 
     /// A shard's result from worker `id`, `round_trip` after its work was sent.
-    pub fn round_trip(&mut self, id: u32, round_trip: Duration, compute_micros: u64) {
+    pub fn round_trip(&mut self, id: WorkerId, round_trip: Duration, compute_micros: u64) {
         self.round_trips.entry(id).or_default().push(micros(round_trip));
         self.compute.entry(id).or_default().push(compute_micros.min(u64::from(u32::MAX)) as u32);
     }

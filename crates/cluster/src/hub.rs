@@ -1,6 +1,7 @@
 //! Membership: the live workers, each with its outbound stream, and one queue of events
 //! (joined, result, left) that the engine consumes.
 
+use crate::ids::WorkerId;
 use crate::shm::{self, FileName, SharedFile};
 use dtrain_proto::pb;
 use dtrain_proto::pb::coordinator_message::Kind as Out;
@@ -9,16 +10,17 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
 pub type Outbound = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
 
 #[derive(Debug)]
 pub enum Event {
-    Joined { id: u32, name: String },
-    Result { id: u32, result: pb::ShardResult },
-    Left { id: u32, reason: String },
+    Joined { id: WorkerId },
+    Result { id: WorkerId, result: pb::ShardResult },
+    Left { id: WorkerId },
 }
 
 struct Worker {
@@ -28,6 +30,15 @@ struct Worker {
     /// name is removed then.
     slots: Option<Slots>,
     attached: bool,
+}
+
+/// Who is connected, and the name of everyone who ever joined (for log lines about workers
+/// that already left).
+#[derive(Default)]
+struct Members {
+    last_id: u32,
+    live: BTreeMap<WorkerId, Worker>,
+    names: BTreeMap<WorkerId, String>,
 }
 
 /// A worker's gradient slots, and their name until it attached.
@@ -53,8 +64,11 @@ pub struct Hub {
     job_toml: String,
     log: fn(&str),
     /// Streams still open (a stopped worker's stream closes when it has read Stop).
-    open: std::sync::atomic::AtomicUsize,
-    workers: Mutex<(u32, BTreeMap<u32, Worker>)>,
+    open: watch::Sender<usize>,
+    workers: Mutex<Members>,
+    /// How many workers are live, updated with every change to `workers`: waits for workers
+    /// watch it instead of polling.
+    alive: watch::Sender<usize>,
     events: mpsc::UnboundedSender<Event>,
     offer: Option<Offer>,
     /// Made when the first local worker joins; gone once the workers are stopped.
@@ -71,8 +85,9 @@ impl Hub {
             Arc::new(Hub {
                 job_toml,
                 log,
-                open: Default::default(),
-                workers: Mutex::new((0, BTreeMap::new())),
+                open: watch::Sender::new(0),
+                workers: Mutex::new(Members::default()),
+                alive: watch::Sender::new(0),
                 events,
                 offer,
                 params: Mutex::new(None),
@@ -82,7 +97,7 @@ impl Hub {
         )
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u32, BTreeMap<u32, Worker>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Members> {
         lock(&self.workers)
     }
 
@@ -97,33 +112,37 @@ impl Hub {
     ) -> mpsc::Receiver<Result<pb::CoordinatorMessage, Status>> {
         let (tx, rx) = mpsc::channel(8);
         let id = {
-            let mut w = self.lock();
-            w.0 += 1;
-            w.0
+            let mut m = self.lock();
+            m.last_id += 1;
+            let id = WorkerId(m.last_id);
+            m.names.insert(id, name.clone());
+            id
         };
         let (offered, slots) = if local { self.offer_shared_memory(id) } else { (None, None) };
         let welcome = pb::CoordinatorMessage {
             kind: Some(Out::Welcome(pb::Welcome {
                 job_toml: self.job_toml.clone(),
-                worker_id: id,
+                worker_id: id.0,
                 shared_memory: offered,
             })),
         };
         // Welcome first, then visible to the engine: its work must never overtake the welcome.
         let _ = tx.try_send(Ok(welcome));
-        self.lock().1.insert(id, Worker { name: name.clone(), tx, slots, attached: false });
-        (self.log)(&format!("worker {id} ({name}) joined"));
-        let _ = self.events.send(Event::Joined { id, name });
+        self.members(|w| {
+            w.insert(id, Worker { name: name.clone(), tx, slots, attached: false });
+        });
+        (self.log)(&format!("{id} ({name}) joined"));
+        let _ = self.events.send(Event::Joined { id });
         let hub = Arc::clone(self);
-        self.open.fetch_add(1, Ordering::SeqCst);
+        self.open.send_modify(|n| *n += 1);
         tokio::spawn(async move {
             hub.pump(id, inbound).await;
-            hub.open.fetch_sub(1, Ordering::SeqCst);
+            hub.open.send_modify(|n| *n -= 1);
         });
         rx
     }
 
-    async fn pump(&self, id: u32, mut inbound: Streaming<pb::WorkerMessage>) {
+    async fn pump(&self, id: WorkerId, mut inbound: Streaming<pb::WorkerMessage>) {
         let reason = loop {
             match inbound.message().await {
                 Ok(Some(pb::WorkerMessage { kind: Some(In::Result(result)) })) => {
@@ -139,15 +158,15 @@ impl Hub {
                 Err(e) => break format!("stream failed: {}", e.message()),
             }
         };
-        if let Some(w) = self.lock().1.remove(&id) {
-            (self.log)(&format!("worker {id} ({}) left: {reason}", w.name));
-            let _ = self.events.send(Event::Left { id, reason });
+        if let Some(w) = self.members(|w| w.remove(&id)) {
+            (self.log)(&format!("{id} ({}) left: {reason}", w.name));
+            let _ = self.events.send(Event::Left { id });
         }
     }
 
     /// Shared memory for a worker on this host: the parameters' file (made for the first such
     /// worker) and its own gradient slots; none (and a log line) if they cannot be made.
-    fn offer_shared_memory(&self, id: u32) -> (Option<pb::SharedMemory>, Option<Slots>) {
+    fn offer_shared_memory(&self, id: WorkerId) -> (Option<pb::SharedMemory>, Option<Slots>) {
         let (Some(offer), Some(dir)) = (self.offer, shm::dir()) else { return (None, None) };
         match self.make_shared_memory(&dir, offer, id) {
             Ok((offered, slots)) => (Some(offered), Some(slots)),
@@ -158,7 +177,7 @@ impl Hub {
         }
     }
 
-    fn make_shared_memory(&self, dir: &Path, offer: Offer, id: u32) -> std::io::Result<(pb::SharedMemory, Slots)> {
+    fn make_shared_memory(&self, dir: &Path, offer: Offer, id: WorkerId) -> std::io::Result<(pb::SharedMemory, Slots)> {
         let mut params = lock(&self.params);
         let params = match &mut *params {
             Some(p) => p,
@@ -172,7 +191,7 @@ impl Hub {
         };
         let nonce = shm::nonce();
         let (slots, name) =
-            SharedFile::create(dir, &shm::file_name(&format!("w{id}")), nonce, offer.params, offer.slots)?;
+            SharedFile::create(dir, &shm::file_name(&format!("w{}", id.0)), nonce, offer.params, offer.slots)?;
         let offered = pb::SharedMemory {
             path: name.path(),
             nonce,
@@ -197,55 +216,73 @@ impl Hub {
     }
 
     /// The worker says it mapped its shared memory; false if it was offered none.
-    fn attach(&self, id: u32) -> bool {
-        let mut workers = self.lock();
-        let Some(w) = workers.1.get_mut(&id).filter(|w| w.slots.is_some()) else { return false };
+    fn attach(&self, id: WorkerId) -> bool {
+        let mut members = self.lock();
+        let Some(w) = members.live.get_mut(&id).filter(|w| w.slots.is_some()) else { return false };
         w.attached = true;
         w.slots.iter_mut().for_each(|(_, name)| *name = None); // both sides have them mapped
         true
     }
 
     /// A live worker's gradient slots in shared memory, once it attached.
-    pub fn slots(&self, id: u32) -> Option<Arc<SharedFile>> {
-        self.lock().1.get(&id).filter(|w| w.attached).and_then(|w| w.slots.as_ref()).map(|(f, _)| Arc::clone(f))
+    pub fn slots(&self, id: WorkerId) -> Option<Arc<SharedFile>> {
+        self.lock().live.get(&id).filter(|w| w.attached).and_then(|w| w.slots.as_ref()).map(|(f, _)| Arc::clone(f))
     }
 
     /// Ids of the live workers, in joining order.
-    pub fn alive(&self) -> Vec<u32> {
-        self.lock().1.keys().copied().collect()
+    pub fn alive(&self) -> Vec<WorkerId> {
+        self.lock().live.keys().copied().collect()
     }
 
-    pub fn name(&self, id: u32) -> String {
-        self.lock().1.get(&id).map_or_else(|| format!("worker {id}"), |w| format!("{} (worker {id})", w.name))
+    /// `name (worker N)`, also after the worker left.
+    pub fn name(&self, id: WorkerId) -> String {
+        self.lock().names.get(&id).map_or_else(|| id.to_string(), |name| format!("{name} ({id})"))
     }
 
     /// Queues a message to a worker; false if it is gone or not keeping up.
-    pub fn send(&self, id: u32, msg: pb::CoordinatorMessage) -> bool {
-        let tx = self.lock().1.get(&id).map(|w| w.tx.clone());
+    pub fn send(&self, id: WorkerId, msg: pb::CoordinatorMessage) -> bool {
+        let tx = self.lock().live.get(&id).map(|w| w.tx.clone());
         tx.is_some_and(|tx| tx.try_send(Ok(msg)).is_ok())
     }
 
     /// Drops a worker (hung or faulty): its stream is closed with `status`.
-    pub fn drop_worker(&self, id: u32, status: Status) {
-        if let Some(w) = self.lock().1.remove(&id) {
+    pub fn drop_worker(&self, id: WorkerId, status: Status) {
+        if let Some(w) = self.members(|w| w.remove(&id)) {
             let _ = w.tx.try_send(Err(status));
         }
     }
 
     /// Tells every worker to stop, and waits (up to `patience`) until they have hung up.
-    pub async fn stop_all(&self, reason: &str, patience: std::time::Duration) {
+    pub async fn stop_all(&self, reason: &str, patience: Duration) {
         self.stopped.store(true, Ordering::SeqCst);
         *lock(&self.params) = None; // its name is removed; workers keep their mappings
-        let workers = std::mem::take(&mut self.lock().1);
+        let workers = self.members(std::mem::take);
         let stop = || pb::CoordinatorMessage { kind: Some(Out::Stop(pb::Stop { reason: reason.into() })) };
         for w in workers.values() {
             let _ = w.tx.try_send(Ok(stop()));
         }
         drop(workers);
-        let until = tokio::time::Instant::now() + patience;
-        while self.open.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let mut open = self.open.subscribe();
+        let _ = tokio::time::timeout(patience, open.wait_for(|&n| n == 0)).await;
+    }
+
+    /// Waits until at least `n` workers are live; `Err` with how many there are after `patience`.
+    pub async fn wait_for_workers(&self, n: usize, patience: Duration) -> Result<(), usize> {
+        let mut alive = self.alive.subscribe();
+        let reached = matches!(tokio::time::timeout(patience, alive.wait_for(|&live| live >= n)).await, Ok(Ok(_)));
+        if reached {
+            Ok(())
+        } else {
+            Err(*alive.borrow())
         }
+    }
+
+    /// Changes the set of live workers and publishes how many there are.
+    fn members<T>(&self, change: impl FnOnce(&mut BTreeMap<WorkerId, Worker>) -> T) -> T {
+        let mut members = self.lock();
+        let out = change(&mut members.live);
+        self.alive.send_replace(members.live.len());
+        out
     }
 }
 

@@ -12,7 +12,7 @@ use dtrain_fit::{Engine, FitError, Job, Observer, Report};
 use dtrain_proto::pb::coordinator_server::CoordinatorServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
@@ -147,17 +147,10 @@ impl EngineFactory for Cluster<'_> {
         }
         let need = self.opts.min_workers;
         log(&format!("waiting for {need} worker(s)"));
-        let until = Instant::now() + self.opts.worker_wait;
-        self.rt.block_on(async {
-            while hub.alive().len() < need {
-                if Instant::now() > until {
-                    let n = hub.alive().len();
-                    return Err(err(format!("only {n} of {need} worker(s) joined within {:?}", self.opts.worker_wait)));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Ok(())
-        })?;
+        let wait = self.opts.worker_wait;
+        self.rt
+            .block_on(hub.wait_for_workers(need, wait))
+            .map_err(|n| err(format!("only {n} of {need} worker(s) joined within {wait:?}")))?;
         Ok(Box::new(ClusterEngine::new(train, Arc::clone(&self.rt), hub, events, self.opts, Box::new(log))))
     }
 }

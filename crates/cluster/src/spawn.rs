@@ -20,10 +20,31 @@ impl LocalWorkers {
             if let Some(t) = token {
                 cmd.env("DTRAIN_TOKEN", t);
             }
+            die_with_parent(&mut cmd);
             let child = cmd.spawn().map_err(|e| format!("{}: cannot start a worker: {e}", worker.display()))?;
             children.push(child);
         }
         Ok(LocalWorkers { children })
+    }
+}
+
+/// The worker gets SIGKILL when the thread that started it ends, so a coordinator killed
+/// without a chance to clean up (SIGKILL, a crash) leaves no worker behind.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe calls prctl(2) and getppid(2); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl: then no signal would come.
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::other("the coordinator exited while starting its workers"));
+            }
+            Ok(())
+        });
     }
 }
 

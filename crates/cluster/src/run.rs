@@ -99,8 +99,7 @@ struct Cluster<'o> {
 impl EngineFactory for Cluster<'_> {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
         let err = |e: String| FitError::Engine(e);
-        let offer =
-            self.opts.shared_memory.then(|| Offer { params: job.model.num_params(), slots: job.config.fit.shards });
+        let offer = self.opts.shared_memory.then(|| Offer { params: job.model.num_params(), slots: job.fit.shards });
         let (hub, events) = Hub::new(job.config.to_toml(), offer, log);
         let listener = self
             .rt
@@ -138,7 +137,7 @@ impl EngineFactory for Cluster<'_> {
             self.workers =
                 Some(LocalWorkers::spawn(self.opts.spawn_workers, &url, self.opts.token.as_deref()).map_err(err)?);
         }
-        let (workers, shards) = (self.opts.spawn_workers.max(self.opts.min_workers), job.config.fit.shards);
+        let (workers, shards) = (self.opts.spawn_workers.max(self.opts.min_workers), job.fit.shards);
         if workers > shards {
             log(&format!(
                 "fit.shards is {shards}: at most {shards} of the {workers} workers compute each step (the others \

@@ -47,7 +47,7 @@ fn step_flops(shapes: &[(usize, usize, usize)]) -> u64 {
 fn bench_job(c: &mut Criterion, name: &str, file: &str, shards: usize) {
     dtrain_nn::set_blas_threads(1);
     let job = job(file, shards);
-    let batch = job.config.fit.batch_size;
+    let batch = job.fit.batch_size;
     let data = synthetic(batch * 50);
     let per_shard = batch / shards;
     let shapes = dense_shapes(&job, per_shard);

@@ -1,15 +1,33 @@
 //! Job file -> validated domain types, once, with errors that name the key.
 
-use crate::callbacks::{Callback, Callbacks, Direction, EarlyStopping, ModelCheckpoint, ReduceLrOnPlateau};
+use crate::callbacks::{
+    Callback, Callbacks, CsvLogger, Direction, EarlyStopping, ModelCheckpoint, Monitor, ReduceLrOnPlateau,
+};
 use crate::config::*;
 use dtrain_nn::{Activation, Constraint, DenseSpec, Initializer, LayerSpec, Loss, LossKind, Regularizer, Sequential};
 use dtrain_optim::{Algorithm, Clip, LearningRate, OptimizerConfig, Schedule};
 use std::path::{Path, PathBuf};
 
+/// `[fit]`, validated: what the trainer reads.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FitSettings {
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub shuffle: bool,
+    pub validation_split: f64,
+    /// `validation_batch_size`, or the batch size when it is not set.
+    pub validation_batch_size: usize,
+    pub initial_epoch: usize,
+    /// The number of shards S each batch is split into (results depend on S only).
+    pub shards: usize,
+}
+
 /// A validated job, ready to run.
 #[derive(Clone, Debug)]
 pub struct Job {
+    /// The job file as read (written to the run directory and checked at resume).
     pub config: JobConfig,
+    pub fit: FitSettings,
     /// The job file's directory; relative data paths resolve against it.
     pub base_dir: PathBuf,
     pub seed: u64,
@@ -75,7 +93,16 @@ impl Job {
         }
         data(&config.data)?;
         let callbacks = callbacks(&config.callbacks, &optimizer)?;
-        Ok(Job { seed: config.seed, base_dir, model, optimizer, accuracy, callbacks, config })
+        let fit = FitSettings {
+            batch_size: f.batch_size,
+            epochs: f.epochs,
+            shuffle: f.shuffle,
+            validation_split: f.validation_split,
+            validation_batch_size: f.validation_batch_size.unwrap_or(f.batch_size),
+            initial_epoch: f.initial_epoch,
+            shards: f.shards,
+        };
+        Ok(Job { seed: config.seed, base_dir, model, optimizer, accuracy, callbacks, fit, config })
     }
 
     /// A data path from the job file, resolved against the job file's directory.
@@ -395,26 +422,28 @@ fn save_freq(key: &str, f: &SaveFreq) -> R<Option<u64>> {
     }
 }
 
-const MONITORS: [&str; 5] = ["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"];
+fn monitor(key: &str, m: &str) -> R<Monitor> {
+    at(key, Monitor::parse(m))
+}
 
-fn monitor(key: &str, m: &str) -> R<()> {
-    if MONITORS.contains(&m) || m == "acc" || m == "val_acc" || m == "lr" {
-        Ok(())
-    } else {
-        Err(format!("{key}: {m:?} is not a logged value (known: {})", MONITORS.join(", ")))
+/// A file the run writes, named by the job: a plain name inside the run directory.
+fn run_file_name(key: &str, name: &str) -> R<()> {
+    if name.is_empty() || Path::new(name).is_absolute() || name.contains("..") {
+        return Err(format!("{key}: {name:?} must be a file name inside the run directory"));
     }
+    Ok(())
 }
 
 pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks> {
-    let mut out = Callbacks { csv: ("history.csv".into(), ",".into(), false), ..Default::default() };
+    let mut out = Callbacks::default();
     for (i, c) in list.iter().enumerate() {
         let key = |name: &str, field: &str| format!("callbacks[{i}].{name}.{field}");
         match c {
             CallbackConfig::EarlyStopping(e) => {
-                monitor(&key("EarlyStopping", "monitor"), &e.monitor)?;
-                let direction = at(&key("EarlyStopping", "mode"), Direction::parse(&e.mode, &e.monitor))?;
+                let monitor = monitor(&key("EarlyStopping", "monitor"), &e.monitor)?;
+                let direction = at(&key("EarlyStopping", "mode"), Direction::parse(&e.mode, monitor))?;
                 out.list.push(Callback::EarlyStopping(EarlyStopping {
-                    monitor: e.monitor.clone(),
+                    monitor,
                     direction,
                     min_delta: e.min_delta,
                     patience: e.patience,
@@ -428,19 +457,13 @@ pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks>
                 }));
             }
             CallbackConfig::ModelCheckpoint(m) => {
-                monitor(&key("ModelCheckpoint", "monitor"), &m.monitor)?;
-                let direction = at(&key("ModelCheckpoint", "mode"), Direction::parse(&m.mode, &m.monitor))?;
+                let monitor = monitor(&key("ModelCheckpoint", "monitor"), &m.monitor)?;
+                let direction = at(&key("ModelCheckpoint", "mode"), Direction::parse(&m.mode, monitor))?;
                 let every_batches = save_freq(&key("ModelCheckpoint", "save_freq"), &m.save_freq)?;
-                if m.filepath.is_empty() || Path::new(&m.filepath).is_absolute() || m.filepath.contains("..") {
-                    return Err(format!(
-                        "{}: {:?} must be a file name inside the run directory",
-                        key("ModelCheckpoint", "filepath"),
-                        m.filepath
-                    ));
-                }
+                run_file_name(&key("ModelCheckpoint", "filepath"), &m.filepath)?;
                 let cp = ModelCheckpoint {
                     filepath: m.filepath.clone(),
-                    monitor: m.monitor.clone(),
+                    monitor,
                     direction,
                     save_best_only: m.save_best_only,
                     every_batches,
@@ -457,7 +480,7 @@ pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks>
                 out.list.push(Callback::ModelCheckpoint(cp));
             }
             CallbackConfig::ReduceLROnPlateau(r) => {
-                monitor(&key("ReduceLROnPlateau", "monitor"), &r.monitor)?;
+                let monitor = monitor(&key("ReduceLROnPlateau", "monitor"), &r.monitor)?;
                 if matches!(opt.learning_rate, LearningRate::Schedule(_)) {
                     return Err(format!(
                         "callbacks[{i}].ReduceLROnPlateau: cannot change a learning-rate schedule; use a constant learning_rate"
@@ -466,9 +489,9 @@ pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks>
                 if !(r.factor > 0.0 && r.factor < 1.0) {
                     return Err(format!("{}: {} must be in (0, 1)", key("ReduceLROnPlateau", "factor"), r.factor));
                 }
-                let direction = at(&key("ReduceLROnPlateau", "mode"), Direction::parse(&r.mode, &r.monitor))?;
+                let direction = at(&key("ReduceLROnPlateau", "mode"), Direction::parse(&r.mode, monitor))?;
                 out.list.push(Callback::ReduceLrOnPlateau(ReduceLrOnPlateau {
-                    monitor: r.monitor.clone(),
+                    monitor,
                     direction,
                     factor: r.factor,
                     patience: r.patience,
@@ -481,18 +504,14 @@ pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks>
                 }));
             }
             CallbackConfig::CSVLogger(c) => {
-                if c.filename.is_empty() || Path::new(&c.filename).is_absolute() || c.filename.contains("..") {
-                    return Err(format!(
-                        "{}: {:?} must be a file name inside the run directory",
-                        key("CSVLogger", "filename"),
-                        c.filename
-                    ));
-                }
-                out.csv = (c.filename.clone(), c.separator.clone(), c.append);
+                run_file_name(&key("CSVLogger", "filename"), &c.filename)?;
+                out.csv = CsvLogger { filename: c.filename.clone(), separator: c.separator.clone() };
             }
             CallbackConfig::TerminateOnNaN {} => {} // always on: a non-finite loss stops the run
             CallbackConfig::BackupAndRestore(b) => {
-                out.backup_every_batches = save_freq(&key("BackupAndRestore", "save_freq"), &b.save_freq)?;
+                if let Some(every_batches) = save_freq(&key("BackupAndRestore", "save_freq"), &b.save_freq)? {
+                    out.list.push(Callback::BackupAndRestore { every_batches });
+                }
             }
         }
     }

@@ -1,7 +1,105 @@
-//! Keras's callbacks as explicit state machines whose state is saved for exact resume.
+//! Keras's callbacks as explicit state machines whose state is saved for exact resume. Each
+//! one answers the trainer's hooks with the `Action`s it wants done; the trainer alone does them.
 
 use crate::logs::EpochLogs;
 use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A value Keras logs at an epoch's end, which callbacks can monitor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Monitor {
+    #[serde(rename = "loss")]
+    Loss,
+    #[serde(rename = "accuracy", alias = "acc")]
+    Accuracy,
+    #[serde(rename = "val_loss")]
+    ValLoss,
+    #[serde(rename = "val_accuracy", alias = "val_acc")]
+    ValAccuracy,
+    #[serde(rename = "learning_rate", alias = "lr")]
+    LearningRate,
+}
+
+impl Monitor {
+    /// Every monitor by its Keras name.
+    pub const ALL: [Monitor; 5] =
+        [Monitor::Loss, Monitor::Accuracy, Monitor::ValLoss, Monitor::ValAccuracy, Monitor::LearningRate];
+
+    /// Keras's name, or one of its aliases (`acc`, `val_acc`, `lr`).
+    pub fn parse(name: &str) -> Result<Monitor, String> {
+        let alias = match name {
+            "acc" => Some(Monitor::Accuracy),
+            "val_acc" => Some(Monitor::ValAccuracy),
+            "lr" => Some(Monitor::LearningRate),
+            _ => None,
+        };
+        alias.or_else(|| Monitor::ALL.into_iter().find(|m| m.name() == name)).ok_or_else(|| {
+            let known: Vec<&str> = Monitor::ALL.iter().map(|m| m.name()).collect();
+            format!("{name:?} is not a logged value (known: {})", known.join(", "))
+        })
+    }
+
+    /// Keras's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Monitor::Loss => "loss",
+            Monitor::Accuracy => "accuracy",
+            Monitor::ValLoss => "val_loss",
+            Monitor::ValAccuracy => "val_accuracy",
+            Monitor::LearningRate => "learning_rate",
+        }
+    }
+
+    /// Its value in `logs` as Keras's callbacks see it (a Python float); `None` if not logged.
+    pub fn of(self, logs: &EpochLogs) -> Option<f64> {
+        match self {
+            Monitor::Loss => Some(logs.loss),
+            Monitor::Accuracy => logs.accuracy,
+            Monitor::ValLoss => logs.val_loss,
+            Monitor::ValAccuracy => logs.val_accuracy,
+            Monitor::LearningRate => Some(logs.learning_rate),
+        }
+        .map(f64::from)
+    }
+}
+
+impl fmt::Display for Monitor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a callback asks of the trainer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Keep a copy of the current weights as the best so far.
+    SnapshotWeights,
+    /// End training after this epoch.
+    Stop,
+    /// Use this learning rate from the next step on.
+    SetLearningRate(f32),
+    /// Write the current weights to this file of the run directory.
+    SaveWeights(String),
+    /// Write the resume state now (not only at the epoch's end).
+    SaveState,
+    /// The final weights are the snapshot, not the current weights.
+    RestoreSnapshot,
+    /// Tell the user.
+    Log(String),
+}
+
+/// Where training is when a batch ends.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchEnd<'a> {
+    /// Optimizer steps taken, this batch's included.
+    pub step: u64,
+    /// The epoch and batch (0-based), and whether it is the epoch's last batch.
+    pub epoch: usize,
+    pub batch: usize,
+    pub last_in_epoch: bool,
+    /// The epoch's running values so far (no validation values yet).
+    pub logs: &'a EpochLogs,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Direction {
@@ -10,12 +108,12 @@ pub enum Direction {
 }
 
 impl Direction {
-    /// Keras's mode: "min", "max", or "auto" (max for accuracy-like names, else min).
-    pub fn parse(mode: &str, monitor: &str) -> Result<Self, String> {
+    /// Keras's mode: "min", "max", or "auto" (max for accuracy, else min).
+    pub fn parse(mode: &str, monitor: Monitor) -> Result<Self, String> {
         match mode {
             "min" => Ok(Direction::Min),
             "max" => Ok(Direction::Max),
-            "auto" if monitor.contains("acc") => Ok(Direction::Max),
+            "auto" if matches!(monitor, Monitor::Accuracy | Monitor::ValAccuracy) => Ok(Direction::Max),
             "auto" => Ok(Direction::Min),
             m => Err(format!("mode {m:?}: expected \"auto\", \"min\" or \"max\"")),
         }
@@ -36,7 +134,7 @@ impl Direction {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EarlyStopping {
-    pub monitor: String,
+    pub monitor: Monitor,
     pub direction: Direction,
     pub min_delta: f64,
     pub patience: usize,
@@ -50,49 +148,57 @@ pub struct EarlyStopping {
     pub best_epoch: usize,
 }
 
-/// What EarlyStopping asks of the trainer after an epoch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EarlyAction {
-    /// Snapshot the current weights as the best ones.
-    pub snapshot: bool,
-    pub stop: bool,
-}
-
 impl EarlyStopping {
-    /// `has_snapshot`: whether best weights are already held.
-    pub fn on_epoch_end(&mut self, epoch: usize, logs: &EpochLogs, has_snapshot: bool) -> EarlyAction {
-        let mut act = EarlyAction::default();
-        let Some(current) = logs.get(&self.monitor) else { return act };
+    /// Keras's `on_epoch_end`; `has_snapshot`: whether best weights are already held.
+    pub fn on_epoch_end(&mut self, logs: &EpochLogs, has_snapshot: bool) -> Vec<Action> {
+        let epoch = logs.epoch;
+        let Some(current) = self.monitor.of(logs) else { return vec![] };
         if epoch < self.start_from_epoch {
-            return act;
+            return vec![];
         }
+        let mut snapshot = false;
         if self.restore_best_weights && !has_snapshot {
-            act.snapshot = true;
+            snapshot = true;
             self.best_epoch = epoch;
         }
         self.wait += 1;
         let d = self.min_delta.abs();
+        let mut stop = false;
         if self.best.is_none_or(|b| self.direction.beats(current, b, d)) {
             self.best = Some(current);
             self.best_epoch = epoch;
-            act.snapshot |= self.restore_best_weights;
+            snapshot |= self.restore_best_weights;
             if self.baseline.is_none_or(|b| self.direction.beats(current, b, d)) {
                 self.wait = 0;
             }
-            return act;
-        }
-        if self.wait >= self.patience && epoch > 0 {
+        } else if self.wait >= self.patience && epoch > 0 {
             self.stopped_epoch = epoch;
-            act.stop = true;
+            stop = true;
         }
-        act
+        let mut actions = vec![];
+        if snapshot {
+            actions.push(Action::SnapshotWeights);
+        }
+        if stop {
+            actions.extend([Action::Log(format!("Epoch {}: early stopping", epoch + 1)), Action::Stop]);
+        }
+        actions
+    }
+
+    /// Keras's `on_train_end`: the best weights become the final ones (even without a stop).
+    pub fn on_train_end(&self, has_snapshot: bool) -> Vec<Action> {
+        if !(self.restore_best_weights && has_snapshot) {
+            return vec![];
+        }
+        let line = format!("Restoring model weights from the end of the best epoch: {}", self.best_epoch + 1);
+        vec![Action::Log(line), Action::RestoreSnapshot]
     }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelCheckpoint {
     pub filepath: String,
-    pub monitor: String,
+    pub monitor: Monitor,
     pub direction: Direction,
     pub save_best_only: bool,
     /// Every N batches instead of at epoch ends.
@@ -106,7 +212,7 @@ impl ModelCheckpoint {
         if !self.save_best_only {
             return true;
         }
-        match logs.get(&self.monitor) {
+        match self.monitor.of(logs) {
             None => true, // Keras warns and saves
             Some(current) if self.best.is_none_or(|b| self.direction.beats(current, b, 0.0)) => {
                 self.best = Some(current);
@@ -179,7 +285,7 @@ fn parse_spec(spec: &str) -> Option<(usize, Option<usize>, char)> {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReduceLrOnPlateau {
-    pub monitor: String,
+    pub monitor: Monitor,
     pub direction: Direction,
     pub factor: f64,
     pub patience: usize,
@@ -195,7 +301,7 @@ pub struct ReduceLrOnPlateau {
 impl ReduceLrOnPlateau {
     /// Keras's ReduceLROnPlateau.on_epoch_end; returns the new learning rate, if any.
     pub fn on_epoch_end(&mut self, logs: &EpochLogs, lr: f32) -> Option<f32> {
-        let current = logs.get(&self.monitor)?;
+        let current = self.monitor.of(logs)?;
         if self.cooldown_counter > 0 {
             self.cooldown_counter -= 1;
             self.wait = 0;
@@ -216,21 +322,99 @@ impl ReduceLrOnPlateau {
     }
 }
 
+/// Keras's CSVLogger: the history file's name and separator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CsvLogger {
+    pub filename: String,
+    pub separator: String,
+}
+
+impl Default for CsvLogger {
+    fn default() -> Self {
+        CsvLogger { filename: "history.csv".into(), separator: ",".into() }
+    }
+}
+
+impl CsvLogger {
+    /// The whole file for `history`: Keras's header, then a row per epoch.
+    pub fn render(&self, history: &[EpochLogs]) -> String {
+        let mut text = String::new();
+        if let Some(first) = history.first() {
+            text += &first.csv_header(&self.separator);
+            text.push('\n');
+        }
+        for h in history {
+            text += &h.csv_row(&self.separator);
+            text.push('\n');
+        }
+        text
+    }
+}
+
 /// All configured callbacks, in the order the job file lists them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Callbacks {
     pub list: Vec<Callback>,
-    /// History file name (CSVLogger's filename), separator and append flag.
-    pub csv: (String, String, bool),
-    /// Save the resume state every N batches as well as at every epoch end.
-    pub backup_every_batches: Option<u64>,
+    /// The history file (CSVLogger's, or the default `history.csv`).
+    pub csv: CsvLogger,
 }
 
+/// One callback and its state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Callback {
     EarlyStopping(EarlyStopping),
     ModelCheckpoint(ModelCheckpoint),
     ReduceLrOnPlateau(ReduceLrOnPlateau),
+    /// Save the resume state every N batches as well as at every epoch end.
+    BackupAndRestore {
+        every_batches: u64,
+    },
+}
+
+impl Callback {
+    /// After each optimizer step.
+    pub fn on_batch_end(&mut self, at: &BatchEnd<'_>) -> Result<Vec<Action>, String> {
+        match self {
+            Callback::ModelCheckpoint(c) if c.every_batches.is_some_and(|k| at.step.is_multiple_of(k)) => {
+                Ok(match c.should_save(at.logs) {
+                    true => vec![Action::SaveWeights(c.path_for(at.epoch, Some(at.batch), at.logs)?)],
+                    false => vec![],
+                })
+            }
+            Callback::BackupAndRestore { every_batches } if at.step.is_multiple_of(*every_batches) => {
+                // The epoch's end saves the state anyway.
+                Ok(if at.last_in_epoch { vec![] } else { vec![Action::SaveState] })
+            }
+            _ => Ok(vec![]),
+        }
+    }
+
+    /// After each epoch, with its validation values; `has_snapshot`: whether best weights are held.
+    pub fn on_epoch_end(&mut self, logs: &EpochLogs, has_snapshot: bool) -> Result<Vec<Action>, String> {
+        Ok(match self {
+            Callback::EarlyStopping(es) => es.on_epoch_end(logs, has_snapshot),
+            Callback::ModelCheckpoint(c) if c.every_batches.is_none() => match c.should_save(logs) {
+                true => vec![Action::SaveWeights(c.path_for(logs.epoch, None, logs)?)],
+                false => vec![],
+            },
+            Callback::ReduceLrOnPlateau(r) => match r.on_epoch_end(logs, logs.learning_rate) {
+                Some(lr) => vec![
+                    Action::SetLearningRate(lr),
+                    Action::Log(format!("Epoch {}: ReduceLROnPlateau reducing learning rate to {lr}", logs.epoch + 1)),
+                ],
+                None => vec![],
+            },
+            Callback::ModelCheckpoint(_) | Callback::BackupAndRestore { .. } => vec![],
+        })
+    }
+
+    /// When training ends (at the last epoch or an early stop).
+    pub fn on_train_end(&self, has_snapshot: bool) -> Vec<Action> {
+        match self {
+            Callback::EarlyStopping(es) => es.on_train_end(has_snapshot),
+            _ => vec![],
+        }
+    }
 }
 
 #[cfg(test)]
@@ -248,5 +432,66 @@ mod tests {
         assert_eq!(format_fields("{epoch}", f).unwrap(), "3");
         assert!(format_fields("{nope}", f).unwrap_err().contains("no value named \"nope\""));
         assert!(format_fields("{epoch", f).is_err());
+    }
+
+    #[test]
+    fn monitors_by_name_and_alias() {
+        assert_eq!(Monitor::parse("val_acc"), Ok(Monitor::ValAccuracy));
+        assert_eq!(Monitor::parse("lr"), Ok(Monitor::LearningRate));
+        assert!(Monitor::parse("val_los").unwrap_err().contains("known: loss, accuracy, val_loss"));
+        let logs = EpochLogs { loss: 0.5, val_loss: Some(0.25), ..Default::default() };
+        assert_eq!(Monitor::ValLoss.of(&logs), Some(0.25));
+        assert_eq!(Monitor::ValAccuracy.of(&logs), None);
+        assert_eq!(Direction::parse("auto", Monitor::ValAccuracy), Ok(Direction::Max));
+        assert_eq!(Direction::parse("auto", Monitor::Loss), Ok(Direction::Min));
+    }
+
+    fn at(step: u64, last_in_epoch: bool, logs: &EpochLogs) -> BatchEnd<'_> {
+        BatchEnd { step, epoch: 0, batch: step as usize - 1, last_in_epoch, logs }
+    }
+
+    #[test]
+    fn batch_hooks_save_weights_and_state_on_their_schedule() {
+        let logs = EpochLogs::default();
+        let mut backup = Callback::BackupAndRestore { every_batches: 2 };
+        assert_eq!(backup.on_batch_end(&at(1, false, &logs)), Ok(vec![]));
+        assert_eq!(backup.on_batch_end(&at(2, false, &logs)), Ok(vec![Action::SaveState]));
+        assert_eq!(backup.on_batch_end(&at(4, true, &logs)), Ok(vec![]), "the epoch's end saves it");
+        let mut cp = Callback::ModelCheckpoint(ModelCheckpoint {
+            filepath: "b{batch}.safetensors".into(),
+            monitor: Monitor::Loss,
+            direction: Direction::Min,
+            save_best_only: false,
+            every_batches: Some(3),
+            best: None,
+        });
+        assert_eq!(cp.on_batch_end(&at(2, false, &logs)), Ok(vec![]));
+        assert_eq!(cp.on_batch_end(&at(3, false, &logs)), Ok(vec![Action::SaveWeights("b3.safetensors".into())]));
+        assert_eq!(cp.on_epoch_end(&logs, false), Ok(vec![]), "saves by batches only");
+    }
+
+    #[test]
+    fn early_stopping_asks_for_a_snapshot_a_stop_and_the_restore() {
+        let mut es = EarlyStopping {
+            monitor: Monitor::ValLoss,
+            direction: Direction::Min,
+            min_delta: 0.0,
+            patience: 1,
+            baseline: None,
+            restore_best_weights: true,
+            start_from_epoch: 0,
+            wait: 0,
+            stopped_epoch: 0,
+            best: None,
+            best_epoch: 0,
+        };
+        let logs = |epoch, v| EpochLogs { epoch, val_loss: Some(v), ..Default::default() };
+        assert_eq!(es.on_epoch_end(&logs(0, 1.0), false), vec![Action::SnapshotWeights]);
+        assert_eq!(es.on_epoch_end(&logs(1, 0.5), true), vec![Action::SnapshotWeights]);
+        let stop = es.on_epoch_end(&logs(2, 0.7), true);
+        assert_eq!(stop, vec![Action::Log("Epoch 3: early stopping".into()), Action::Stop]);
+        let restore = Callback::EarlyStopping(es).on_train_end(true);
+        assert_eq!(restore.last(), Some(&Action::RestoreSnapshot));
+        assert!(matches!(&restore[0], Action::Log(l) if l.ends_with("best epoch: 2")));
     }
 }

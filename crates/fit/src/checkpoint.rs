@@ -152,6 +152,10 @@ struct Manifest {
 
 pub const STATE_FILE: &str = "state.json";
 
+/// The resume state's format; 2 since callbacks name their monitor and BackupAndRestore is a
+/// callback (a run saved in format 1 is finished with the dtrain that started it).
+const STATE_FORMAT: u32 = 2;
+
 /// FNV-1a, 64 bits: catches truncation and bit rot in the state tensors.
 fn fnv1a64(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -178,7 +182,7 @@ pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(),
     let tensor_name = format!("state-{:010}-{}.safetensors", state.step, state.epoch);
     write_atomic(&dir.join(&tensor_name), &bytes)?;
     let manifest = Manifest {
-        format: 1,
+        format: STATE_FORMAT,
         tensors: tensor_name.clone(),
         tensors_len: bytes.len() as u64,
         tensors_fnv1a64: fnv1a64(&bytes),
@@ -220,8 +224,12 @@ pub fn load_state(
     let text = std::fs::read(&mpath).map_err(|e| format!("{}: cannot read the resume state: {e}", mpath.display()))?;
     let m: Manifest =
         serde_json::from_slice(&text).map_err(|e| format!("{}: damaged resume state: {e}", mpath.display()))?;
-    if m.format != 1 {
-        return Err(format!("{}: state format {} is not supported", mpath.display(), m.format));
+    if m.format != STATE_FORMAT {
+        return Err(format!(
+            "{}: state format {} is not this dtrain's {STATE_FORMAT}; continue the run with the dtrain that started it",
+            mpath.display(),
+            m.format
+        ));
     }
     let mut same = m.job.clone();
     same.fit.epochs = job.fit.epochs;

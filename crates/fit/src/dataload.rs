@@ -37,7 +37,7 @@ pub fn load_data(job: &Job) -> Result<(Dataset, Option<Dataset>), String> {
     if let Some(v) = &val {
         check(job, v, &train_name)?;
     }
-    let split = job.config.fit.validation_split;
+    let split = job.fit.validation_split;
     let train = if split > 0.0 {
         if val.is_some() {
             return Err("fit.validation_split: cannot be combined with data.validation = \"test\"".into());

@@ -68,7 +68,7 @@ fn absolutize(c: &mut JobConfig, base: &Path) {
 
 fn threads_for(job: &Job, threads: Option<usize>) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    threads.unwrap_or(cores).clamp(1, job.config.fit.shards)
+    threads.unwrap_or(cores).clamp(1, job.fit.shards)
 }
 
 /// Makes the engine that computes a run's shard gradients, once the job and data are loaded.
@@ -132,7 +132,7 @@ pub fn train_with(
         let run = RunDir::create(opts.run_dir.as_deref(), &stem).map_err(FitError::Checkpoint)?;
         crate::checkpoint::write_atomic(&run.file(JOB_FILE), job.config.to_toml().as_bytes())
             .map_err(FitError::Checkpoint)?;
-        let state = TrainState::new(params, job.optimizer.clone(), job.config.fit.initial_epoch, job.callbacks.clone());
+        let state = TrainState::new(params, job.optimizer.clone(), job.fit.initial_epoch, job.callbacks.clone());
         // Saved before the first step, so a run killed at any point can be resumed.
         crate::checkpoint::save_state(run.path(), &state, &job.config).map_err(FitError::Checkpoint)?;
         (run, state)
@@ -162,7 +162,7 @@ pub fn evaluate_weights(config: &Path, weights: &Path) -> Result<(Evaluation, &'
         Some(v) => (v, "validation"),
         None => (train, "training"),
     };
-    let bs = job.config.fit.validation_batch_size.unwrap_or(job.config.fit.batch_size);
+    let bs = job.fit.validation_batch_size;
     Ok((evaluate(&job.model, &params, &data, bs), which, data.len()))
 }
 
@@ -174,7 +174,7 @@ pub fn predict_file(config: &Path, weights: &Path, input: &Path) -> Result<Array
         .map_err(|e| FitError::Data(e.to_string()))?
         .with_rescale(job.config.data.rescale);
     crate::dataload::check_width(&job, &data, input).map_err(FitError::Data)?;
-    Ok(predict(&job.model, &params, &data, job.config.fit.batch_size.max(256)))
+    Ok(predict(&job.model, &params, &data, job.fit.batch_size.max(256)))
 }
 
 /// `coordinator summary`: the model table.

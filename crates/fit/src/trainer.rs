@@ -1,16 +1,19 @@
 //! The training loop: Keras's `fit` over a deterministic step (see design.md, "The step").
+//! Callbacks say what they want done (`callbacks::Action`); only `Trainer::apply` does it.
 
-use crate::build::Job;
-use crate::callbacks::Callback;
+use crate::build::{FitSettings, Job};
+use crate::callbacks::{Action, BatchEnd};
 use crate::checkpoint::{save_state, weights_bytes, write_atomic, TrainState};
 use crate::engine::Engine;
 use crate::evaluate::evaluate;
 use crate::logs::{EpochLogs, Mean};
+use crate::metrics::Metrics;
 use crate::progress::{Observer, Report};
 use crate::run::{RunDir, CURVES, FINAL_WEIGHTS};
 use crate::step::Stepper;
 use crate::FitError;
 use dtrain_data::{epoch_permutation, Dataset};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Runs (or continues) training until `fit.epochs`, an early stop, or an error. The resume
@@ -25,189 +28,206 @@ pub fn fit(
     obs: &mut dyn Observer,
 ) -> Result<Report, FitError> {
     dtrain_nn::flush_denormals(); // the optimizer runs on this thread
-    let model = &job.model;
-    let f = &job.config.fit;
-    let n = train.len();
-    let steps = n.div_ceil(f.batch_size);
-    let vbs = f.validation_batch_size.unwrap_or(f.batch_size);
-    let mut stepper = Stepper::new(model, f.shards);
-    let metrics = obs.metrics();
-    let started = Instant::now();
-    let mut samples = 0usize;
-    let mut written = Vec::new();
-    let ckpt_err = FitError::Checkpoint;
-
-    while state.epoch < f.epochs && !state.stopped_early {
-        let epoch = state.epoch;
-        let perm = epoch_permutation(job.seed, epoch as u64, n, f.shuffle);
-        obs.epoch_begin(epoch, f.epochs, steps);
+    let mut t = Trainer {
+        job,
+        fit: &job.fit,
+        train,
+        val,
+        run,
+        steps: train.len().div_ceil(job.fit.batch_size),
+        stepper: Stepper::new(&job.model, job.fit.shards),
+        metrics: obs.metrics(),
+        engine,
+        obs,
+        started: Instant::now(),
+        samples: 0,
+        written: vec![],
+    };
+    while state.epoch < t.fit.epochs && !state.stopped_early {
         let t0 = Instant::now();
+        t.run_epoch(state)?;
+        let logs = t.end_epoch(state)?;
+        t.obs.epoch_end(&logs, t.fit.epochs, t.steps, t0.elapsed().as_secs_f64());
+    }
+    Ok(t.report(state))
+}
+
+/// One `fit` call's inputs and running totals.
+struct Trainer<'a> {
+    job: &'a Job,
+    fit: &'a FitSettings,
+    train: &'a Dataset,
+    val: Option<&'a Dataset>,
+    run: &'a RunDir,
+    /// Batches per epoch.
+    steps: usize,
+    stepper: Stepper,
+    metrics: Option<Arc<Metrics>>,
+    engine: &'a mut dyn Engine,
+    obs: &'a mut dyn Observer,
+    started: Instant,
+    samples: usize,
+    /// Weight files callbacks wrote, in order, each once.
+    written: Vec<String>,
+}
+
+impl Trainer<'_> {
+    /// The epoch's remaining batches (all of them, unless resumed mid-epoch).
+    fn run_epoch(&mut self, state: &mut TrainState) -> Result<(), FitError> {
+        let (n, bs) = (self.train.len(), self.fit.batch_size);
+        let perm = epoch_permutation(self.job.seed, state.epoch as u64, n, self.fit.shuffle);
+        self.obs.epoch_begin(state.epoch, self.fit.epochs, self.steps);
         if state.batch == 0 {
             state.loss_mean = Mean::default();
             state.acc_mean = Mean::default();
         }
-        for b in state.batch..steps {
-            let batch = &perm[b * f.batch_size..n.min((b + 1) * f.batch_size)];
-            if b + 1 < steps {
-                engine.prefetch(&perm[(b + 1) * f.batch_size..n.min((b + 2) * f.batch_size)]);
+        for b in state.batch..self.steps {
+            if b + 1 < self.steps {
+                self.engine.prefetch(&perm[(b + 1) * bs..n.min((b + 2) * bs)]);
             }
-            let t_step = Instant::now();
-            let out = stepper
-                .step(model, engine, &mut state.params, &mut state.optimizer, state.step, batch)
-                .map_err(FitError::Engine)?;
-            let step_seconds = t_step.elapsed().as_secs_f64();
-            let (loss, tot) = (out.loss, out.stats);
-            if !out.applied {
-                return Err(FitError::NonFinite { epoch: epoch + 1, batch: b + 1, loss });
-            }
-            let bs = batch.len() as f64;
-            state.step += 1;
-            state.batch = b + 1;
-            samples += batch.len();
-            state.loss_mean.add(loss, bs as f32);
-            state.acc_mean.add_sum(tot.correct as f32, bs as f32);
-            let acc = job.accuracy.then(|| state.acc_mean.result());
-            obs.batch_end(b, steps, state.loss_mean.result(), acc);
-            if let Some(m) = &metrics {
-                m.step(state.step, step_seconds, state.loss_mean.result(), acc, state.optimizer.learning_rate());
-            }
-
-            let logs = EpochLogs {
-                epoch,
-                loss: state.loss_mean.result(),
-                accuracy: acc,
-                learning_rate: state.optimizer.learning_rate(),
-                ..Default::default()
-            };
-            for cb in &mut state.callbacks.list {
-                if let Callback::ModelCheckpoint(c) = cb {
-                    if c.every_batches.is_some_and(|k| state.step.is_multiple_of(k)) && c.should_save(&logs) {
-                        let name = c.path_for(epoch, Some(b), &logs).map_err(ckpt_err)?;
-                        write_atomic(&run.file(&name), &weights_bytes(model, &state.params)).map_err(ckpt_err)?;
-                    }
-                }
-            }
-            if state.callbacks.backup_every_batches.is_some_and(|k| state.step.is_multiple_of(k)) && b + 1 < steps {
-                save_state(run.path(), state, &job.config).map_err(ckpt_err)?;
-            }
-            if obs.interrupted() && b + 1 < steps {
-                save_state(run.path(), state, &job.config).map_err(ckpt_err)?;
-                return Err(FitError::Interrupted {
-                    epoch: epoch + 1,
-                    batch: b + 1,
-                    run_dir: run.path().display().to_string(),
-                });
-            }
+            self.run_batch(state, &perm[b * bs..n.min((b + 1) * bs)])?;
         }
+        Ok(())
+    }
 
-        if let Some(r) = engine.epoch_report() {
-            obs.note(&r);
+    /// One optimizer step on `batch`, then the batch-end callbacks.
+    fn run_batch(&mut self, state: &mut TrainState, batch: &[u32]) -> Result<(), FitError> {
+        let (b, epoch) = (state.batch, state.epoch);
+        let t_step = Instant::now();
+        let out = self
+            .stepper
+            .step(&self.job.model, self.engine, &mut state.params, &mut state.optimizer, state.step, batch)
+            .map_err(FitError::Engine)?;
+        if !out.applied {
+            return Err(FitError::NonFinite { epoch: epoch + 1, batch: b + 1, loss: out.loss });
         }
-        let ev = val.map(|v| evaluate(model, &state.params, v, vbs));
-        let logs = EpochLogs {
-            epoch,
+        state.step += 1;
+        state.batch = b + 1;
+        self.samples += batch.len();
+        state.loss_mean.add(out.loss, batch.len() as f32);
+        state.acc_mean.add_sum(out.stats.correct as f32, batch.len() as f32);
+        let logs = self.logs(state, None);
+        self.obs.batch_end(b, self.steps, logs.loss, logs.accuracy);
+        if let Some(m) = &self.metrics {
+            m.step(state.step, t_step.elapsed().as_secs_f64(), logs.loss, logs.accuracy, logs.learning_rate);
+        }
+        let last_in_epoch = b + 1 == self.steps;
+        let at = BatchEnd { step: state.step, epoch, batch: b, last_in_epoch, logs: &logs };
+        for i in 0..state.callbacks.list.len() {
+            let actions = state.callbacks.list[i].on_batch_end(&at).map_err(FitError::Checkpoint)?;
+            self.apply(state, actions)?;
+        }
+        if self.obs.interrupted() && !last_in_epoch {
+            self.save(state)?;
+            let run_dir = self.run.path().display().to_string();
+            return Err(FitError::Interrupted { epoch: epoch + 1, batch: b + 1, run_dir });
+        }
+        Ok(())
+    }
+
+    /// The epoch's logs (with validation values when `val` is given).
+    fn logs(&self, state: &TrainState, val: Option<crate::evaluate::Evaluation>) -> EpochLogs {
+        let accuracy = self.job.accuracy;
+        EpochLogs {
+            epoch: state.epoch,
             loss: state.loss_mean.result(),
-            accuracy: job.accuracy.then(|| state.acc_mean.result()),
-            val_loss: ev.map(|e| e.loss),
-            val_accuracy: ev.filter(|_| job.accuracy).map(|e| e.accuracy),
+            accuracy: accuracy.then(|| state.acc_mean.result()),
+            val_loss: val.map(|e| e.loss),
+            val_accuracy: val.filter(|_| accuracy).map(|e| e.accuracy),
             learning_rate: state.optimizer.learning_rate(),
-        };
-        let mut stop = false;
-        for cb in &mut state.callbacks.list {
-            match cb {
-                Callback::EarlyStopping(es) => {
-                    let act = es.on_epoch_end(epoch, &logs, state.best_weights.is_some());
-                    if act.snapshot {
-                        state.best_weights = Some(state.params.clone());
-                    }
-                    if act.stop {
-                        stop = true;
-                        obs.note(&format!("Epoch {}: early stopping", epoch + 1));
-                    }
-                }
-                Callback::ModelCheckpoint(c) if c.every_batches.is_none() => {
-                    if c.should_save(&logs) {
-                        let name = c.path_for(epoch, None, &logs).map_err(ckpt_err)?;
-                        write_atomic(&run.file(&name), &weights_bytes(model, &state.params)).map_err(ckpt_err)?;
-                        if !written.contains(&name) {
-                            written.push(name);
-                        }
-                    }
-                }
-                Callback::ModelCheckpoint(_) => {}
-                Callback::ReduceLrOnPlateau(r) => {
-                    if let Some(lr) = r.on_epoch_end(&logs, state.optimizer.learning_rate()) {
-                        state.optimizer.set_learning_rate(lr);
-                        obs.note(&format!("Epoch {}: ReduceLROnPlateau reducing learning rate to {lr}", epoch + 1));
-                    }
-                }
-            }
         }
-        if let Some(m) = &metrics {
-            m.epoch(epoch as u64 + 1, &logs);
+    }
+
+    /// Validation, the epoch-end callbacks, history, and the saved state; at the last epoch
+    /// (or an early stop) the final weights.
+    fn end_epoch(&mut self, state: &mut TrainState) -> Result<EpochLogs, FitError> {
+        if let Some(r) = self.engine.epoch_report() {
+            self.obs.note(&r);
+        }
+        let ev = self.val.map(|v| evaluate(&self.job.model, &state.params, v, self.fit.validation_batch_size));
+        let logs = self.logs(state, ev);
+        for i in 0..state.callbacks.list.len() {
+            let has_snapshot = state.best_weights.is_some();
+            let actions = state.callbacks.list[i].on_epoch_end(&logs, has_snapshot).map_err(FitError::Checkpoint)?;
+            self.apply(state, actions)?;
+        }
+        if let Some(m) = &self.metrics {
+            m.epoch(state.epoch as u64 + 1, &logs);
             m.learning_rate(state.optimizer.learning_rate());
         }
         state.history.push(logs.clone());
-        write_history(job, run, &state.history)?;
+        let csv = state.callbacks.csv.render(&state.history);
+        write_atomic(&self.run.file(&state.callbacks.csv.filename), csv.as_bytes()).map_err(FitError::Checkpoint)?;
         // A picture is a convenience: failing to draw it never stops training.
-        if let Err(e) = crate::curves::draw(&run.file(CURVES), &state.history) {
-            obs.note(&format!("could not draw {CURVES}: {e}"));
+        if let Err(e) = crate::curves::draw(&self.run.file(CURVES), &state.history) {
+            self.obs.note(&format!("could not draw {CURVES}: {e}"));
         }
         state.epoch += 1;
         state.batch = 0;
-        state.stopped_early = stop;
-        if stop || state.epoch >= f.epochs {
-            finish(job, run, state, obs)?;
+        if state.stopped_early || state.epoch >= self.fit.epochs {
+            self.finish(state)?;
         }
-        save_state(run.path(), state, &job.config).map_err(ckpt_err)?;
-        obs.epoch_end(&logs, f.epochs, steps, t0.elapsed().as_secs_f64());
+        self.save(state)?;
+        Ok(logs)
     }
 
-    let seconds = started.elapsed().as_secs_f64();
-    let best = state
-        .history
-        .iter()
-        .filter_map(|l| l.val_loss.map(|v| (l.epoch, v, l)))
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(e, _, l)| (e, l.clone()));
-    let stopped_early = state.history.len() + job.config.fit.initial_epoch < f.epochs;
-    Ok(Report {
-        epochs_run: state.history.len(),
-        stopped_early,
-        best,
-        final_weights: run.file(FINAL_WEIGHTS).display().to_string(),
-        checkpoints: written.iter().map(|w| run.file(w).display().to_string()).collect(),
-        seconds,
-        samples_per_second: samples as f64 / seconds.max(1e-9),
-    })
-}
+    /// Keras's on_train_end, then the final weights. The training state keeps the last
+    /// weights, so a run given more epochs later continues exactly where it was.
+    fn finish(&mut self, state: &mut TrainState) -> Result<(), FitError> {
+        let has_snapshot = state.best_weights.is_some();
+        let actions: Vec<Action> = state.callbacks.list.iter().flat_map(|c| c.on_train_end(has_snapshot)).collect();
+        let restore = actions.contains(&Action::RestoreSnapshot);
+        self.apply(state, actions.into_iter().filter(|a| *a != Action::RestoreSnapshot).collect())?;
+        let weights = match (&state.best_weights, restore) {
+            (Some(best), true) => best,
+            _ => &state.params,
+        };
+        let bytes = weights_bytes(&self.job.model, weights);
+        write_atomic(&self.run.file(FINAL_WEIGHTS), &bytes).map_err(FitError::Checkpoint)
+    }
 
-/// Keras's on_train_end: EarlyStopping restores its best weights (even without an early
-/// stop) into the final weights. The training state keeps the last weights, so a run given
-/// more epochs later continues exactly where it was.
-fn finish(job: &Job, run: &RunDir, state: &TrainState, obs: &mut dyn Observer) -> Result<(), FitError> {
-    let mut weights = &state.params;
-    for cb in &state.callbacks.list {
-        if let Callback::EarlyStopping(es) = cb {
-            if let (true, Some(best)) = (es.restore_best_weights, &state.best_weights) {
-                obs.note(&format!("Restoring model weights from the end of the best epoch: {}", es.best_epoch + 1));
-                weights = best;
+    /// Carries out what a callback asked for.
+    fn apply(&mut self, state: &mut TrainState, actions: Vec<Action>) -> Result<(), FitError> {
+        for action in actions {
+            match action {
+                Action::SnapshotWeights => state.best_weights = Some(state.params.clone()),
+                Action::Stop => state.stopped_early = true,
+                Action::SetLearningRate(lr) => state.optimizer.set_learning_rate(lr),
+                Action::SaveWeights(name) => {
+                    let bytes = weights_bytes(&self.job.model, &state.params);
+                    write_atomic(&self.run.file(&name), &bytes).map_err(FitError::Checkpoint)?;
+                    if !self.written.contains(&name) {
+                        self.written.push(name);
+                    }
+                }
+                Action::SaveState => self.save(state)?,
+                Action::RestoreSnapshot => {} // only at the end, by `finish`
+                Action::Log(line) => self.obs.note(&line),
             }
         }
+        Ok(())
     }
-    write_atomic(&run.file(FINAL_WEIGHTS), &weights_bytes(&job.model, weights)).map_err(FitError::Checkpoint)
-}
 
-fn write_history(job: &Job, run: &RunDir, history: &[EpochLogs]) -> Result<(), FitError> {
-    let (name, sep, _) = &job.callbacks.csv;
-    let mut text = String::new();
-    if let Some(first) = history.first() {
-        text += &first.csv_header(sep);
-        text.push('\n');
+    fn save(&self, state: &TrainState) -> Result<(), FitError> {
+        save_state(self.run.path(), state, &self.job.config).map_err(FitError::Checkpoint)
     }
-    for h in history {
-        text += &h.csv_row(sep);
-        text.push('\n');
+
+    fn report(&self, state: &TrainState) -> Report {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let best = state
+            .history
+            .iter()
+            .filter_map(|l| l.val_loss.map(|v| (l.epoch, v, l)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(e, _, l)| (e, l.clone()));
+        Report {
+            epochs_run: state.history.len(),
+            stopped_early: state.history.len() + self.fit.initial_epoch < self.fit.epochs,
+            best,
+            final_weights: self.run.file(FINAL_WEIGHTS).display().to_string(),
+            checkpoints: self.written.iter().map(|w| self.run.file(w).display().to_string()).collect(),
+            seconds,
+            samples_per_second: self.samples as f64 / seconds.max(1e-9),
+        }
     }
-    write_atomic(&run.file(name), text.as_bytes()).map_err(FitError::Checkpoint)
 }

@@ -3,7 +3,7 @@
 
 use dtrain_data::{Dataset, Features, Labels};
 use dtrain_fit::build::{callbacks, Job};
-use dtrain_fit::callbacks::Callback;
+use dtrain_fit::callbacks::{Action, Callback};
 use dtrain_fit::checkpoint::TrainState;
 use dtrain_fit::config::{CallbackConfig, JobConfig};
 use dtrain_fit::evaluate::evaluate;
@@ -182,23 +182,24 @@ fn early_stopping_traces() {
         let cfg: CallbackConfig = serde_json::from_value(json!({ "EarlyStopping": case["args"] })).unwrap();
         let j = job(&json!({"layers": [{"type": "Dense", "units": 1}]}), 1, "mse", json!("sgd"), 1, 1);
         let mut cbs = callbacks(&[cfg], &j.optimizer).unwrap();
-        let Callback::EarlyStopping(es) = &mut cbs.list[0] else { panic!() };
+        let cb = &mut cbs.list[0];
         let (mut weights, mut snapshot, mut epochs_run) = (0usize, None, 0);
         for (e, v) in floats(&case["val_loss"]).into_iter().enumerate() {
             weights = e;
             epochs_run = e + 1;
             let logs = EpochLogs { epoch: e, val_loss: Some(v), ..Default::default() };
-            let act = es.on_epoch_end(e, &logs, snapshot.is_some());
-            if act.snapshot {
+            let actions = cb.on_epoch_end(&logs, snapshot.is_some()).unwrap();
+            if actions.contains(&Action::SnapshotWeights) {
                 snapshot = Some(weights);
             }
-            if act.stop {
+            if actions.contains(&Action::Stop) {
                 break;
             }
         }
-        if es.restore_best_weights {
-            weights = snapshot.unwrap_or(weights);
+        if cb.on_train_end(snapshot.is_some()).contains(&Action::RestoreSnapshot) {
+            weights = snapshot.expect("restores only a snapshot it has");
         }
+        let Callback::EarlyStopping(es) = cb else { panic!() };
         assert_eq!(epochs_run as u64, case["epochs_run"].as_u64().unwrap(), "{name}: epochs run");
         assert_eq!(es.stopped_epoch as u64, case["stopped_epoch"].as_u64().unwrap(), "{name}: stopped_epoch");
         assert_eq!(weights as u64, case["weights_epoch"].as_u64().unwrap(), "{name}: restored weights");
@@ -257,11 +258,14 @@ fn reduce_lr_on_plateau_traces() {
             1,
         );
         let mut cbs = callbacks(&[cfg], &j.optimizer).unwrap();
-        let Callback::ReduceLrOnPlateau(r) = &mut cbs.list[0] else { panic!() };
+        let cb = &mut cbs.list[0];
         let mut lr = 0.1f32;
         for (e, (v, want)) in floats(&case["val_loss"]).into_iter().zip(floats(&case["lrs"])).enumerate() {
-            if let Some(new) = r.on_epoch_end(&logs_with(e, "val_loss", v), lr) {
-                lr = new;
+            let logs = EpochLogs { learning_rate: lr, ..logs_with(e, "val_loss", v) };
+            for action in cb.on_epoch_end(&logs, false).unwrap() {
+                if let Action::SetLearningRate(new) = action {
+                    lr = new;
+                }
             }
             assert_eq!(lr, want, "{name}: learning rate after epoch {e}");
         }
@@ -282,13 +286,16 @@ fn model_checkpoint_traces() {
         let cfg: CallbackConfig = serde_json::from_value(json!({ "ModelCheckpoint": args })).unwrap();
         let j = job(&json!({"layers": [{"type": "Dense", "units": 1}]}), 1, "mse", json!("sgd"), 1, 1);
         let mut cbs = callbacks(&[cfg], &j.optimizer).unwrap();
-        let Callback::ModelCheckpoint(c) = &mut cbs.list[0] else { panic!() };
+        let cb = &mut cbs.list[0];
         let mut saved = vec![];
         for (e, v) in floats(&case["values"]).into_iter().enumerate() {
             let logs = logs_with(e, monitor, v);
-            if c.should_save(&logs) {
-                assert_eq!(c.path_for(e, None, &logs).unwrap(), format!("w-{:02}.safetensors", e + 1));
+            let actions = cb.on_epoch_end(&logs, false).unwrap();
+            if let [Action::SaveWeights(name)] = &actions[..] {
+                assert_eq!(*name, format!("w-{:02}.safetensors", e + 1));
                 saved.push(e as u64 + 1);
+            } else {
+                assert_eq!(actions, vec![], "{name}: epoch {e}");
             }
         }
         let want: Vec<u64> = case["saved_epochs"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();

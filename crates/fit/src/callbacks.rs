@@ -330,8 +330,10 @@ pub struct CsvLogger {
 }
 
 impl Default for CsvLogger {
+    /// Keras's defaults, as the job file's `CSVLogger` has them.
     fn default() -> Self {
-        CsvLogger { filename: "history.csv".into(), separator: ",".into() }
+        let keras = crate::config::CsvLoggerConfig::default();
+        CsvLogger { filename: keras.filename, separator: keras.separator }
     }
 }
 

@@ -5,7 +5,7 @@ use crate::callbacks::Callbacks;
 use crate::config::JobConfig;
 use crate::logs::{EpochLogs, Mean};
 use dtrain_nn::Sequential;
-use dtrain_optim::{Optimizer, OptimizerConfig, OptimizerState};
+use dtrain_optim::{Optimizer, OptimizerConfig, OptimizerState, Slots};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
@@ -172,7 +172,7 @@ pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(),
     let n = state.params.len();
     let mut tensors = vec![("params".to_string(), vec![n], le_bytes(&state.params))];
     let os = state.optimizer.state();
-    for (name, slot) in &os.slots {
+    for (name, slot) in os.slots.named() {
         tensors.push((format!("optimizer/{name}"), vec![n], le_bytes(slot)));
     }
     if let Some(b) = &state.best_weights {
@@ -191,7 +191,7 @@ pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(),
         step: state.step,
         iterations: os.iterations,
         lr_override: os.lr_override,
-        slots: os.slots.iter().map(|(n, _)| n.clone()).collect(),
+        slots: os.slots.named().iter().map(|(name, _)| name.to_string()).collect(),
         loss_mean: state.loss_mean,
         acc_mean: state.acc_mean,
         history: state.history.clone(),
@@ -259,10 +259,24 @@ pub fn load_state(
         }
         Ok(v)
     };
-    let slots =
-        m.slots.iter().map(|s| Ok((s.clone(), get(&format!("optimizer/{s}"))?))).collect::<Result<Vec<_>, String>>()?;
+    let want: Vec<&str> = Slots::new(&optimizer.algorithm, 0).named().iter().map(|(name, _)| *name).collect();
+    if m.slots != want {
+        return Err(format!(
+            "{}: optimizer slots {:?} do not match this optimizer's {want:?}",
+            mpath.display(),
+            m.slots
+        ));
+    }
+    let mut read_err = None;
+    let slots = Slots::restore(&optimizer.algorithm, n, |name| {
+        get(&format!("optimizer/{name}")).map_err(|e| read_err = Some(e)).ok()
+    });
+    let slots = match (slots, read_err) {
+        (_, Some(e)) => return Err(e),
+        (s, None) => s.map_err(|e| format!("{}: {e}", tpath.display()))?,
+    };
     let os = OptimizerState { iterations: m.iterations, lr_override: m.lr_override, slots };
-    let optimizer = Optimizer::with_state(optimizer.clone(), os, n).map_err(|e| format!("{}: {e}", tpath.display()))?;
+    let optimizer = Optimizer::with_state(optimizer.clone(), os);
     Ok(TrainState {
         params: get("params")?,
         optimizer,

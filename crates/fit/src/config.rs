@@ -339,32 +339,20 @@ pub enum LossSpec {
     },
 }
 
+/// `[fit]`: Keras's `fit` arguments; every key has Keras's default (one `Default` below).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct FitConfig {
-    #[serde(default = "batch_size")]
     pub batch_size: usize,
-    #[serde(default = "one_u")]
     pub epochs: usize,
-    #[serde(default = "yes")]
     pub shuffle: bool,
-    #[serde(default)]
     pub validation_split: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub validation_batch_size: Option<usize>,
-    #[serde(default)]
     pub initial_epoch: usize,
     /// dtrain: the number of shards S each batch is split into (fixed for a run; results
     /// depend on S, never on how many workers compute the shards).
-    #[serde(default = "one_u")]
     pub shards: usize,
-}
-
-fn batch_size() -> usize {
-    32
-}
-fn one_u() -> usize {
-    1
 }
 
 impl Default for FitConfig {
@@ -393,22 +381,30 @@ pub enum CallbackConfig {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct EarlyStoppingConfig {
-    #[serde(default = "val_loss")]
     pub monitor: String,
-    #[serde(default)]
     pub min_delta: f64,
-    #[serde(default)]
     pub patience: usize,
-    #[serde(default = "auto")]
     pub mode: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<f64>,
-    #[serde(default)]
     pub restore_best_weights: bool,
-    #[serde(default)]
     pub start_from_epoch: usize,
+}
+
+impl Default for EarlyStoppingConfig {
+    fn default() -> Self {
+        EarlyStoppingConfig {
+            monitor: "val_loss".into(),
+            min_delta: 0.0,
+            patience: 0,
+            mode: "auto".into(),
+            baseline: None,
+            restore_best_weights: false,
+            start_from_epoch: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -445,50 +441,43 @@ impl Default for SaveFreq {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ReduceLrConfig {
-    #[serde(default = "val_loss")]
     pub monitor: String,
-    #[serde(default = "tenth")]
     pub factor: f64,
-    #[serde(default = "ten")]
     pub patience: usize,
-    #[serde(default = "auto")]
     pub mode: String,
-    #[serde(default = "min_delta_lr")]
     pub min_delta: f64,
-    #[serde(default)]
     pub cooldown: usize,
-    #[serde(default)]
     pub min_lr: f64,
 }
 
-fn tenth() -> f64 {
-    0.1
-}
-fn ten() -> usize {
-    10
-}
-fn min_delta_lr() -> f64 {
-    1e-4
+impl Default for ReduceLrConfig {
+    fn default() -> Self {
+        ReduceLrConfig {
+            monitor: "val_loss".into(),
+            factor: 0.1,
+            patience: 10,
+            mode: "auto".into(),
+            min_delta: 1e-4,
+            cooldown: 0,
+            min_lr: 0.0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CsvLoggerConfig {
-    #[serde(default = "history_csv")]
     pub filename: String,
-    #[serde(default = "comma")]
     pub separator: String,
-    #[serde(default)]
     pub append: bool,
 }
 
-fn history_csv() -> String {
-    "history.csv".into()
-}
-fn comma() -> String {
-    ",".into()
+impl Default for CsvLoggerConfig {
+    fn default() -> Self {
+        CsvLoggerConfig { filename: "history.csv".into(), separator: ",".into(), append: false }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -4,5 +4,5 @@
 pub mod optimizer;
 pub mod schedule;
 
-pub use optimizer::{Algorithm, Clip, LearningRate, Optimizer, OptimizerConfig, OptimizerState};
+pub use optimizer::{Algorithm, Clip, LearningRate, Optimizer, OptimizerConfig, OptimizerState, SlotError, Slots};
 pub use schedule::Schedule;

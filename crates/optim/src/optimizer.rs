@@ -45,8 +45,155 @@ pub struct OptimizerState {
     pub iterations: u64,
     /// A learning rate set at run time (ReduceLROnPlateau); replaces a constant rate.
     pub lr_override: Option<f32>,
-    /// Named slot buffers, each the size of the parameters (Adam: `m`, `v`, ...).
-    pub slots: Vec<(String, Vec<f32>)>,
+    pub slots: Slots,
+}
+
+/// The optimizer's buffers, each the size of the parameters, typed per algorithm. Keras's
+/// variable names appear only in `named` and `restore`, for checkpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Slots {
+    /// SGD keeps a velocity only with momentum.
+    Sgd {
+        momentum: Option<Vec<f32>>,
+    },
+    /// Adam's first and second moments, and the running maximum of the second with amsgrad.
+    Adam {
+        m: Vec<f32>,
+        v: Vec<f32>,
+        v_hat: Option<Vec<f32>>,
+    },
+    /// RMSprop's mean square, its momentum (momentum > 0) and mean gradient (centered).
+    Rmsprop {
+        velocity: Vec<f32>,
+        momentum: Option<Vec<f32>>,
+        average_gradient: Option<Vec<f32>>,
+    },
+    Adagrad {
+        accumulator: Vec<f32>,
+    },
+}
+
+/// Why saved slots do not fit an optimizer.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SlotError {
+    #[error("optimizer slot {0} is missing")]
+    Missing(&'static str),
+    #[error("optimizer slot {name} has {got} values, the model has {want} parameters")]
+    Length { name: &'static str, got: usize, want: usize },
+}
+
+impl Slots {
+    /// Fresh buffers for `algorithm` over `n` parameters (Keras's initial values).
+    pub fn new(algorithm: &Algorithm, n: usize) -> Slots {
+        let init = match algorithm {
+            Algorithm::Adagrad { initial_accumulator_value, .. } => *initial_accumulator_value,
+            _ => 0.0,
+        };
+        let fresh = Slots::restore(algorithm, n, |_| Some(vec![init; n]));
+        fresh.unwrap_or_else(|e| unreachable!("fresh buffers have the right length: {e}"))
+    }
+
+    /// Buffers for `algorithm` over `n` parameters, each taken by its Keras name from `take`
+    /// (a checkpoint); an error names a missing or mis-sized one.
+    pub fn restore(
+        algorithm: &Algorithm,
+        n: usize,
+        mut take: impl FnMut(&'static str) -> Option<Vec<f32>>,
+    ) -> Result<Slots, SlotError> {
+        let mut get = |name: &'static str| -> Result<Vec<f32>, SlotError> {
+            let v = take(name).ok_or(SlotError::Missing(name))?;
+            match v.len() == n {
+                true => Ok(v),
+                false => Err(SlotError::Length { name, got: v.len(), want: n }),
+            }
+        };
+        Ok(match *algorithm {
+            Algorithm::Sgd { momentum, .. } => {
+                Slots::Sgd { momentum: (momentum != 0.0).then(|| get("momentum")).transpose()? }
+            }
+            Algorithm::Adam { amsgrad, .. } => {
+                Slots::Adam { m: get("m")?, v: get("v")?, v_hat: amsgrad.then(|| get("v_hat")).transpose()? }
+            }
+            Algorithm::Rmsprop { momentum, centered, .. } => Slots::Rmsprop {
+                velocity: get("velocity")?,
+                momentum: (momentum > 0.0).then(|| get("momentum")).transpose()?,
+                average_gradient: centered.then(|| get("average_gradient")).transpose()?,
+            },
+            Algorithm::Adagrad { .. } => Slots::Adagrad { accumulator: get("accumulator")? },
+        })
+    }
+
+    /// Each buffer with its Keras variable name, in a fixed order.
+    pub fn named(&self) -> Vec<(&'static str, &[f32])> {
+        fn opt<'a>(name: &'static str, v: &'a Option<Vec<f32>>) -> Option<(&'static str, &'a [f32])> {
+            v.as_deref().map(|v| (name, v))
+        }
+        let all = match self {
+            Slots::Sgd { momentum } => vec![opt("momentum", momentum)],
+            Slots::Adam { m, v, v_hat } => vec![Some(("m", &m[..])), Some(("v", &v[..])), opt("v_hat", v_hat)],
+            Slots::Rmsprop { velocity, momentum, average_gradient } => vec![
+                Some(("velocity", &velocity[..])),
+                opt("momentum", momentum),
+                opt("average_gradient", average_gradient),
+            ],
+            Slots::Adagrad { accumulator } => vec![Some(("accumulator", &accumulator[..]))],
+        };
+        all.into_iter().flatten().collect()
+    }
+
+    fn view(&mut self) -> SlotsMut<'_> {
+        match self {
+            Slots::Sgd { momentum } => SlotsMut::Sgd { momentum: momentum.as_deref_mut() },
+            Slots::Adam { m, v, v_hat } => SlotsMut::Adam { m, v, v_hat: v_hat.as_deref_mut() },
+            Slots::Rmsprop { velocity, momentum, average_gradient } => SlotsMut::Rmsprop {
+                velocity,
+                momentum: momentum.as_deref_mut(),
+                average_gradient: average_gradient.as_deref_mut(),
+            },
+            Slots::Adagrad { accumulator } => SlotsMut::Adagrad { accumulator },
+        }
+    }
+}
+
+/// `Slots` borrowed for one update, splittable into halves.
+enum SlotsMut<'a> {
+    Sgd { momentum: Option<&'a mut [f32]> },
+    Adam { m: &'a mut [f32], v: &'a mut [f32], v_hat: Option<&'a mut [f32]> },
+    Rmsprop { velocity: &'a mut [f32], momentum: Option<&'a mut [f32]>, average_gradient: Option<&'a mut [f32]> },
+    Adagrad { accumulator: &'a mut [f32] },
+}
+
+type Halves<'a> = (Option<&'a mut [f32]>, Option<&'a mut [f32]>);
+
+fn split_opt(v: Option<&mut [f32]>, mid: usize) -> Halves<'_> {
+    v.map(|v| v.split_at_mut(mid)).unzip()
+}
+
+impl<'a> SlotsMut<'a> {
+    fn split_at(self, mid: usize) -> (SlotsMut<'a>, SlotsMut<'a>) {
+        match self {
+            SlotsMut::Sgd { momentum } => {
+                let (m0, m1) = split_opt(momentum, mid);
+                (SlotsMut::Sgd { momentum: m0 }, SlotsMut::Sgd { momentum: m1 })
+            }
+            SlotsMut::Adam { m, v, v_hat } => {
+                let ((m0, m1), (v0, v1), (h0, h1)) = (m.split_at_mut(mid), v.split_at_mut(mid), split_opt(v_hat, mid));
+                (SlotsMut::Adam { m: m0, v: v0, v_hat: h0 }, SlotsMut::Adam { m: m1, v: v1, v_hat: h1 })
+            }
+            SlotsMut::Rmsprop { velocity, momentum, average_gradient } => {
+                let (v0, v1) = velocity.split_at_mut(mid);
+                let ((m0, m1), (a0, a1)) = (split_opt(momentum, mid), split_opt(average_gradient, mid));
+                (
+                    SlotsMut::Rmsprop { velocity: v0, momentum: m0, average_gradient: a0 },
+                    SlotsMut::Rmsprop { velocity: v1, momentum: m1, average_gradient: a1 },
+                )
+            }
+            SlotsMut::Adagrad { accumulator } => {
+                let (a0, a1) = accumulator.split_at_mut(mid);
+                (SlotsMut::Adagrad { accumulator: a0 }, SlotsMut::Adagrad { accumulator: a1 })
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -55,49 +202,16 @@ pub struct Optimizer {
     state: OptimizerState,
 }
 
-impl OptimizerConfig {
-    fn slot_names(&self) -> Vec<&'static str> {
-        match self.algorithm {
-            Algorithm::Sgd { momentum, .. } if momentum != 0.0 => vec!["momentum"],
-            Algorithm::Sgd { .. } => vec![],
-            Algorithm::Adam { amsgrad: false, .. } => vec!["m", "v"],
-            Algorithm::Adam { amsgrad: true, .. } => vec!["m", "v", "v_hat"],
-            Algorithm::Rmsprop { momentum, centered, .. } => {
-                let mut s = vec!["velocity"];
-                if momentum > 0.0 {
-                    s.push("momentum");
-                }
-                if centered {
-                    s.push("average_gradient");
-                }
-                s
-            }
-            Algorithm::Adagrad { .. } => vec!["accumulator"],
-        }
-    }
-}
-
 impl Optimizer {
     pub fn new(config: OptimizerConfig, num_params: usize) -> Self {
-        let init = match config.algorithm {
-            Algorithm::Adagrad { initial_accumulator_value, .. } => initial_accumulator_value,
-            _ => 0.0,
-        };
-        let slots = config.slot_names().into_iter().map(|n| (n.to_string(), vec![init; num_params])).collect();
+        let slots = Slots::new(&config.algorithm, num_params);
         Optimizer { config, state: OptimizerState { iterations: 0, lr_override: None, slots } }
     }
 
-    /// Restores a saved state; `Err` says what does not match this optimizer.
-    pub fn with_state(config: OptimizerConfig, state: OptimizerState, num_params: usize) -> Result<Self, String> {
-        let want = config.slot_names();
-        let have: Vec<&str> = state.slots.iter().map(|(n, _)| n.as_str()).collect();
-        if want != have {
-            return Err(format!("optimizer slots {have:?} do not match this optimizer's {want:?}"));
-        }
-        if let Some((n, _)) = state.slots.iter().find(|(_, s)| s.len() != num_params) {
-            return Err(format!("optimizer slot {n} does not have the model's {num_params} parameters"));
-        }
-        Ok(Optimizer { config, state })
+    /// Continues from a saved state whose slots were restored (`Slots::restore`) for this
+    /// config's algorithm.
+    pub fn with_state(config: OptimizerConfig, state: OptimizerState) -> Self {
+        Optimizer { config, state }
     }
 
     pub fn state(&self) -> &OptimizerState {
@@ -131,7 +245,7 @@ impl Optimizer {
         }
         let lr = self.learning_rate();
         let t = self.state.iterations + 1;
-        let slots: Vec<&mut [f32]> = self.state.slots.iter_mut().map(|(_, s)| s.as_mut_slice()).collect();
+        let slots = self.state.slots.view();
         update_split(&self.config.algorithm, self.config.weight_decay, lr, t, params, grads, slots);
         self.state.iterations = t;
     }
@@ -146,15 +260,15 @@ fn update_split(
     t: u64,
     params: &mut [f32],
     grads: &[f32],
-    mut slots: Vec<&mut [f32]>,
+    slots: SlotsMut<'_>,
 ) {
     if params.len() < dtrain_nn::simd::PARALLEL_MIN {
-        return update(algorithm, weight_decay, lr, t, params, grads, &mut slots);
+        return update(algorithm, weight_decay, lr, t, params, grads, slots);
     }
     let mid = params.len() / 2;
     let (p0, p1) = params.split_at_mut(mid);
     let (g0, g1) = grads.split_at(mid);
-    let (s0, s1): (Vec<_>, Vec<_>) = slots.into_iter().map(|s| s.split_at_mut(mid)).unzip();
+    let (s0, s1) = slots.split_at(mid);
     rayon::join(
         || update_split(algorithm, weight_decay, lr, t, p0, g0, s0),
         || update_split(algorithm, weight_decay, lr, t, p1, g1, s1),
@@ -170,56 +284,52 @@ dtrain_nn::avx2_dispatch! {
         t: u64,
         params: &mut [f32],
         grads: &[f32],
-        slots: &mut [&mut [f32]],
+        slots: SlotsMut<'_>,
     ) {
             if let Some(wd) = weight_decay {
                 params.iter_mut().for_each(|w| *w -= *w * wd * lr);
             }
-            match *algorithm {
-                Algorithm::Sgd { momentum, nesterov } => {
-                    if momentum == 0.0 {
-                        params.iter_mut().zip(grads.iter()).for_each(|(w, g)| *w -= g * lr);
-                    } else {
+            match (algorithm, slots) {
+                (&Algorithm::Sgd { momentum, nesterov }, SlotsMut::Sgd { momentum: velocity }) => match velocity {
+                    None => params.iter_mut().zip(grads.iter()).for_each(|(w, g)| *w -= g * lr),
+                    Some(m) => {
                         let mu = momentum as f32;
-                        let m = &mut *slots[0];
                         for ((w, &g), m) in params.iter_mut().zip(grads.iter()).zip(m.iter_mut()) {
                             *m = *m * mu - g * lr;
                             *w += if nesterov { *m * mu - g * lr } else { *m };
                         }
                     }
-                }
-                Algorithm::Adam { beta_1, beta_2, epsilon, amsgrad } => {
+                },
+                (&Algorithm::Adam { beta_1, beta_2, epsilon, .. }, SlotsMut::Adam { m, v, v_hat }) => {
                     let step = t as f32;
                     let b1p = (beta_1 as f32).powf(step);
                     let b2p = (beta_2 as f32).powf(step);
                     let alpha = lr * (1.0 - b2p).sqrt() / (1.0 - b1p);
                     let (one_b1, one_b2, eps) = ((1.0 - beta_1) as f32, (1.0 - beta_2) as f32, epsilon as f32);
-                    let [m, v, rest @ ..] = slots else { unreachable!("Adam has m and v") };
                     let moments = params.iter_mut().zip(grads.iter()).zip(m.iter_mut().zip(v.iter_mut()));
-                    if amsgrad {
-                        let v_hat = &mut rest[0];
-                        for (((w, &g), (m, v)), vh) in moments.zip(v_hat.iter_mut()) {
-                            *m += (g - *m) * one_b1;
-                            *v += (g * g - *v) * one_b2;
-                            *vh = vh.max(*v);
-                            *w -= *m * alpha / (vh.sqrt() + eps);
+                    match v_hat {
+                        Some(v_hat) => {
+                            for (((w, &g), (m, v)), vh) in moments.zip(v_hat.iter_mut()) {
+                                *m += (g - *m) * one_b1;
+                                *v += (g * g - *v) * one_b2;
+                                *vh = vh.max(*v);
+                                *w -= *m * alpha / (vh.sqrt() + eps);
+                            }
                         }
-                    } else {
-                        for ((w, &g), (m, v)) in moments {
-                            *m += (g - *m) * one_b1;
-                            *v += (g * g - *v) * one_b2;
-                            *w -= *m * alpha / (v.sqrt() + eps);
+                        None => {
+                            for ((w, &g), (m, v)) in moments {
+                                *m += (g - *m) * one_b1;
+                                *v += (g * g - *v) * one_b2;
+                                *w -= *m * alpha / (v.sqrt() + eps);
+                            }
                         }
                     }
                 }
-                Algorithm::Rmsprop { rho, momentum, epsilon, .. } => {
+                (
+                    &Algorithm::Rmsprop { rho, momentum, epsilon, .. },
+                    SlotsMut::Rmsprop { velocity: vel, momentum: mut mom, average_gradient: mut avg },
+                ) => {
                     let (r, one_r, eps, mu) = (rho as f32, (1.0 - rho) as f32, epsilon as f32, momentum as f32);
-                    let [vel, rest @ ..] = slots else { unreachable!("RMSprop has a velocity") };
-                    let (mut mom, rest) = match rest {
-                        [m, rest @ ..] if momentum > 0.0 => (Some(m), rest),
-                        rest => (None, rest),
-                    };
-                    let mut avg = rest.first_mut();
                     for i in 0..params.len() {
                         let g = grads[i];
                         vel[i] = r * vel[i] + one_r * (g * g);
@@ -240,15 +350,17 @@ dtrain_nn::avx2_dispatch! {
                         }
                     }
                 }
-                Algorithm::Adagrad { epsilon, .. } => {
+                (&Algorithm::Adagrad { epsilon, .. }, SlotsMut::Adagrad { accumulator: acc }) => {
                     let eps = epsilon as f32;
-                    let acc = &mut *slots[0];
                     for i in 0..params.len() {
                         let g = grads[i];
                         acc[i] += g * g;
                         params[i] -= lr * g / (acc[i] + eps).sqrt();
                     }
                 }
+                // `Slots::new` and `Slots::restore`, the only constructors, build the slots for
+                // the optimizer's own algorithm, which never changes.
+                _ => unreachable!("an optimizer's slots are made for its algorithm"),
             }
     }
 }
@@ -283,6 +395,82 @@ fn clip_gradients(clip: Clip, grads: &mut [f32], vars: &[Range<usize>]) {
             let nan_if_not_finite = if norm.is_finite() { 0.0 } else { f32::NAN };
             let scale = c * (1.0 / norm).min(1.0 / c) + nan_if_not_finite;
             grads.iter_mut().for_each(|g| *g *= scale);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(s: &Slots) -> Vec<&'static str> {
+        s.named().iter().map(|(n, _)| *n).collect()
+    }
+
+    #[test]
+    fn each_algorithm_has_its_own_slots_under_keras_names() {
+        let adam = |amsgrad| Algorithm::Adam { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, amsgrad };
+        let rms = |momentum, centered| Algorithm::Rmsprop { rho: 0.9, momentum, epsilon: 1e-7, centered };
+        let cases: [(Algorithm, &[&str]); 7] = [
+            (Algorithm::Sgd { momentum: 0.0, nesterov: false }, &[]),
+            (Algorithm::Sgd { momentum: 0.9, nesterov: true }, &["momentum"]),
+            (adam(false), &["m", "v"]),
+            (adam(true), &["m", "v", "v_hat"]),
+            (rms(0.0, false), &["velocity"]),
+            (rms(0.5, true), &["velocity", "momentum", "average_gradient"]),
+            (Algorithm::Adagrad { initial_accumulator_value: 0.1, epsilon: 1e-7 }, &["accumulator"]),
+        ];
+        for (algorithm, want) in cases {
+            let fresh = Slots::new(&algorithm, 3);
+            assert_eq!(names(&fresh), want, "{algorithm:?}");
+            // A checkpoint's buffers come back where they were, by name.
+            let saved: Vec<(&str, Vec<f32>)> =
+                want.iter().enumerate().map(|(i, n)| (*n, vec![i as f32 + 1.0; 3])).collect();
+            let take = |name: &str| saved.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone());
+            let restored = Slots::restore(&algorithm, 3, take).unwrap();
+            let back: Vec<(&str, Vec<f32>)> = restored.named().into_iter().map(|(n, v)| (n, v.to_vec())).collect();
+            assert_eq!(back, saved, "{algorithm:?}");
+        }
+        let adagrad = Slots::new(&Algorithm::Adagrad { initial_accumulator_value: 0.1, epsilon: 1e-7 }, 2);
+        assert_eq!(adagrad, Slots::Adagrad { accumulator: vec![0.1, 0.1] }, "Keras's initial accumulator");
+    }
+
+    #[test]
+    fn a_missing_or_mis_sized_slot_is_named() {
+        let adam = Algorithm::Adam { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, amsgrad: true };
+        let short = Slots::restore(&adam, 3, |name| Some(vec![0.0; if name == "v" { 2 } else { 3 }]));
+        assert_eq!(short, Err(SlotError::Length { name: "v", got: 2, want: 3 }));
+        let missing = Slots::restore(&adam, 3, |name| (name != "v_hat").then(|| vec![0.0; 3]));
+        assert_eq!(missing.unwrap_err().to_string(), "optimizer slot v_hat is missing");
+    }
+
+    #[test]
+    fn splitting_the_update_changes_no_bit() {
+        // Long enough to be split across threads (PARALLEL_MIN), for every algorithm with slots.
+        let n = dtrain_nn::simd::PARALLEL_MIN * 2 + 3;
+        let grads: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        for algorithm in [
+            Algorithm::Sgd { momentum: 0.9, nesterov: true },
+            Algorithm::Adam { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, amsgrad: true },
+            Algorithm::Rmsprop { rho: 0.9, momentum: 0.5, epsilon: 1e-7, centered: true },
+            Algorithm::Adagrad { initial_accumulator_value: 0.1, epsilon: 1e-7 },
+        ] {
+            let config = OptimizerConfig {
+                algorithm: algorithm.clone(),
+                learning_rate: LearningRate::Constant(0.01),
+                weight_decay: Some(0.004),
+                clip: None,
+            };
+            let mut split = Optimizer::new(config.clone(), n);
+            let mut p_split = vec![0.5f32; n];
+            let mut whole = Slots::new(&algorithm, n);
+            let mut p_whole = vec![0.5f32; n];
+            for t in 1..=3 {
+                split.apply(&mut p_split, &mut grads.clone(), std::slice::from_ref(&(0..n)));
+                update(&algorithm, Some(0.004), 0.01, t, &mut p_whole, &grads, whole.view());
+            }
+            assert!(p_split == p_whole, "{algorithm:?}: parameters");
+            assert!(split.state().slots == whole, "{algorithm:?}: slots");
         }
     }
 }

@@ -1,0 +1,114 @@
+//! The callbacks from the job file, with their monitors, modes and file names checked.
+
+use super::{at, R};
+use crate::callbacks::{
+    Callback, Callbacks, CsvLogger, Direction, EarlyStopping, ModelCheckpoint, Monitor, ReduceLrOnPlateau,
+};
+use crate::config::*;
+use dtrain_optim::{LearningRate, OptimizerConfig};
+use std::path::Path;
+
+fn save_freq(key: &str, f: &SaveFreq) -> R<Option<u64>> {
+    match f {
+        SaveFreq::Word(w) if w == "epoch" => Ok(None),
+        SaveFreq::Word(w) => Err(format!("{key}: {w:?} is not \"epoch\" or a number of batches")),
+        SaveFreq::Batches(0) => Err(format!("{key}: must be at least 1")),
+        SaveFreq::Batches(n) => Ok(Some(*n)),
+    }
+}
+
+fn monitor(key: &str, m: &str) -> R<Monitor> {
+    at(key, Monitor::parse(m))
+}
+
+/// A file the run writes, named by the job: a plain name inside the run directory.
+fn run_file_name(key: &str, name: &str) -> R<()> {
+    if name.is_empty() || Path::new(name).is_absolute() || name.contains("..") {
+        return Err(format!("{key}: {name:?} must be a file name inside the run directory"));
+    }
+    Ok(())
+}
+
+pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks> {
+    let mut out = Callbacks::default();
+    for (i, c) in list.iter().enumerate() {
+        let key = |name: &str, field: &str| format!("callbacks[{i}].{name}.{field}");
+        match c {
+            CallbackConfig::EarlyStopping(e) => {
+                let monitor = monitor(&key("EarlyStopping", "monitor"), &e.monitor)?;
+                let direction = at(&key("EarlyStopping", "mode"), Direction::parse(&e.mode, monitor))?;
+                out.list.push(Callback::EarlyStopping(EarlyStopping {
+                    monitor,
+                    direction,
+                    min_delta: e.min_delta,
+                    patience: e.patience,
+                    baseline: e.baseline,
+                    restore_best_weights: e.restore_best_weights,
+                    start_from_epoch: e.start_from_epoch,
+                    wait: 0,
+                    stopped_epoch: 0,
+                    best: None,
+                    best_epoch: 0,
+                }));
+            }
+            CallbackConfig::ModelCheckpoint(m) => {
+                let monitor = monitor(&key("ModelCheckpoint", "monitor"), &m.monitor)?;
+                let direction = at(&key("ModelCheckpoint", "mode"), Direction::parse(&m.mode, monitor))?;
+                let every_batches = save_freq(&key("ModelCheckpoint", "save_freq"), &m.save_freq)?;
+                run_file_name(&key("ModelCheckpoint", "filepath"), &m.filepath)?;
+                let cp = ModelCheckpoint {
+                    filepath: m.filepath.clone(),
+                    monitor,
+                    direction,
+                    save_best_only: m.save_best_only,
+                    every_batches,
+                    best: m.initial_value_threshold,
+                };
+                // Every field must be fillable: check with sample values now, not at epoch 10.
+                let sample = crate::logs::EpochLogs {
+                    accuracy: Some(0.0),
+                    val_loss: Some(0.0),
+                    val_accuracy: Some(0.0),
+                    ..Default::default()
+                };
+                at(&key("ModelCheckpoint", "filepath"), cp.path_for(0, Some(0), &sample))?;
+                out.list.push(Callback::ModelCheckpoint(cp));
+            }
+            CallbackConfig::ReduceLROnPlateau(r) => {
+                let monitor = monitor(&key("ReduceLROnPlateau", "monitor"), &r.monitor)?;
+                if matches!(opt.learning_rate, LearningRate::Schedule(_)) {
+                    return Err(format!(
+                        "callbacks[{i}].ReduceLROnPlateau: cannot change a learning-rate schedule; use a constant learning_rate"
+                    ));
+                }
+                if !(r.factor > 0.0 && r.factor < 1.0) {
+                    return Err(format!("{}: {} must be in (0, 1)", key("ReduceLROnPlateau", "factor"), r.factor));
+                }
+                let direction = at(&key("ReduceLROnPlateau", "mode"), Direction::parse(&r.mode, monitor))?;
+                out.list.push(Callback::ReduceLrOnPlateau(ReduceLrOnPlateau {
+                    monitor,
+                    direction,
+                    factor: r.factor,
+                    patience: r.patience,
+                    min_delta: r.min_delta,
+                    cooldown: r.cooldown,
+                    min_lr: r.min_lr,
+                    wait: 0,
+                    cooldown_counter: 0,
+                    best: None,
+                }));
+            }
+            CallbackConfig::CSVLogger(c) => {
+                run_file_name(&key("CSVLogger", "filename"), &c.filename)?;
+                out.csv = CsvLogger { filename: c.filename.clone(), separator: c.separator.clone() };
+            }
+            CallbackConfig::TerminateOnNaN {} => {} // always on: a non-finite loss stops the run
+            CallbackConfig::BackupAndRestore(b) => {
+                if let Some(every_batches) = save_freq(&key("BackupAndRestore", "save_freq"), &b.save_freq)? {
+                    out.list.push(Callback::BackupAndRestore { every_batches });
+                }
+            }
+        }
+    }
+    Ok(out)
+}

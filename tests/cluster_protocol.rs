@@ -4,42 +4,31 @@
 
 mod common;
 use common::*;
-use dtrain_proto::pb::coordinator_client::CoordinatorClient;
-use dtrain_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
-use dtrain_proto::PROTOCOL_VERSION;
+use dtrain_proto::{Connection, FromWorker, Hello, ShardResult, Tensor, ToWorker, Welcome, PROTOCOL_VERSION};
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
-type Joined = (mpsc::Sender<pb::WorkerMessage>, tonic::Streaming<pb::CoordinatorMessage>, Option<pb::Welcome>);
-
-async fn join(url: &str, hello: pb::Hello) -> Result<Joined, tonic::Status> {
-    let mut client = CoordinatorClient::connect(url.to_string())
-        .await
-        .unwrap()
-        .max_encoding_message_size(256 << 20)
-        .max_decoding_message_size(256 << 20);
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(pb::WorkerMessage { kind: Some(In::Hello(hello)) }).await.unwrap();
-    let mut inbound = client.join(ReceiverStream::new(rx)).await?.into_inner();
-    let welcome = match inbound.message().await? {
-        Some(pb::CoordinatorMessage { kind: Some(Out::Welcome(w)) }) => Some(w),
+/// Joins as a hand-made worker (messages up to 256 MiB, beyond the coordinator's limit).
+async fn join(url: &str, hello: Hello) -> Result<(Connection, Option<Welcome>), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
+    let mut conn = Connection::open(channel, 256 << 20, &[], hello).await?;
+    let welcome = match conn.next().await? {
+        Some(ToWorker::Welcome(w)) => Some(w),
         _ => None,
     };
-    Ok((tx, inbound, welcome))
+    Ok((conn, welcome))
 }
 
 /// Opens the gradient slots a coordinator offered in `w` and says so.
-async fn attach(w: &pb::Welcome, tx: &mpsc::Sender<pb::WorkerMessage>) -> dtrain_cluster::shm::SharedFile {
+async fn attach(w: &Welcome, conn: &Connection) -> dtrain_cluster::shm::SharedFile {
     let config: dtrain_fit::config::JobConfig = toml::from_str(&w.job_toml).unwrap();
     let n = dtrain_fit::Job::build(config, Default::default()).unwrap().model.num_params();
     let o = w.shared_memory.as_ref().expect("shared memory offered over loopback");
     let slots = dtrain_cluster::shm::SharedFile::open(o.path.as_ref(), o.nonce, n, o.slots as usize, true).unwrap();
-    tx.send(pb::WorkerMessage { kind: Some(In::Attached(pb::Attached {})) }).await.unwrap();
+    conn.send(FromWorker::Attached).await.unwrap();
     slots
 }
 
@@ -52,11 +41,10 @@ fn wrong_version_and_oversized_messages_are_refused() {
     let c = Proc::start(cmd);
     let url = listening_url(&c);
     rt().block_on(async {
-        let e = join(&url, pb::Hello { protocol_version: PROTOCOL_VERSION + 1, name: "old".into() }).await.unwrap_err();
+        let e = join(&url, Hello { protocol_version: PROTOCOL_VERSION + 1, name: "old".into() }).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
         assert!(e.message().contains("protocol version"), "{e}");
-        let e =
-            join(&url, pb::Hello { protocol_version: PROTOCOL_VERSION, name: "x".repeat(65 << 20) }).await.unwrap_err();
+        let e = join(&url, Hello { protocol_version: PROTOCOL_VERSION, name: "x".repeat(65 << 20) }).await.unwrap_err();
         assert!(
             matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal),
             "{e}"
@@ -100,28 +88,36 @@ fn nan_gradients(shared: bool) {
         let url = url.clone();
         move || {
             rt().block_on(async {
-                let (tx, mut inbound, welcome) =
-                    join(&url, pb::Hello { protocol_version: PROTOCOL_VERSION, name: "evil".into() }).await.unwrap();
-                let mut slots = if shared { Some(attach(&welcome.unwrap(), &tx).await) } else { None };
+                let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "evil".into() };
+                let (mut conn, welcome) = join(&url, hello).await.unwrap();
+                let mut slots = if shared { Some(attach(&welcome.unwrap(), &conn).await) } else { None };
                 while let Ok(Some(m)) =
-                    tokio::time::timeout(Duration::from_secs(30), inbound.message()).await.unwrap_or(Ok(None))
+                    tokio::time::timeout(Duration::from_secs(30), conn.next()).await.unwrap_or(Ok(None))
                 {
-                    if let Some(Out::Work(w)) = m.kind {
-                        assert_eq!(w.params_shared, shared);
-                        let n = w.params.len() / 4;
+                    if let ToWorker::Work(w) = m {
+                        let n = match &w.params {
+                            Tensor::Inline(bytes) => bytes.len() / 4,
+                            Tensor::Shared => 0,
+                        };
+                        assert_eq!(n == 0, shared, "parameters in shared memory exactly when offered");
                         for s in w.shards {
                             let gradient = match slots.as_mut() {
                                 Some(slots) => {
-                                    slots.region_mut(s.index as usize).unwrap().fill(f32::NAN);
-                                    None
+                                    slots.region_mut(s.index() as usize).unwrap().fill(f32::NAN);
+                                    Tensor::Shared
                                 }
-                                None => Some(dtrain_proto::f32_bytes(&vec![f32::NAN; n])),
+                                None => Tensor::Inline(dtrain_proto::f32_bytes(&vec![f32::NAN; n])),
                             };
                             // Plausible sums: only the gradient is wrong.
-                            let stats =
-                                dtrain_nn::ShardStats { loss_sum: 1.0, activity: 0.0, correct: 0, rows: s.rows.into() };
-                            let r = dtrain_proto::result_to_wire(w.step, s.index, gradient, &stats, 1);
-                            let _ = tx.send(pb::WorkerMessage { kind: Some(In::Result(r)) }).await;
+                            let claimed = dtrain_nn::ShardStats {
+                                loss_sum: 1.0,
+                                activity: 0.0,
+                                correct: 0,
+                                rows: s.rows().into(),
+                            };
+                            let r =
+                                ShardResult { step: w.step, index: s.index(), gradient, claimed, compute_micros: 1 };
+                            let _ = conn.send(FromWorker::Result(r)).await;
                         }
                     }
                 }

@@ -12,9 +12,9 @@ use crate::shm::SharedFile;
 use dtrain_data::Dataset;
 use dtrain_fit::Engine;
 use dtrain_nn::ShardStats;
-use dtrain_proto::pb::{self, coordinator_message::Kind as Out};
-use dtrain_proto::{check_finite, copy_f32s, result_from_wire, shard_to_wire, WireTensor};
-use prost::bytes::Bytes;
+use dtrain_proto::{
+    check_finite, copy_f32s, shard_to_wire, ShardResult, Tensor, ToWorker, WireShard, WireTensor, Work,
+};
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
@@ -61,7 +61,7 @@ struct Telemetry<'a> {
 #[derive(Default)]
 struct Prefetch {
     next_batch: Vec<u32>,
-    prebuilt: Option<(Vec<u32>, Vec<pb::Shard>)>,
+    prebuilt: Option<(Vec<u32>, Vec<WireShard>)>,
 }
 
 /// Buffers reused from step to step.
@@ -151,11 +151,11 @@ enum Landed {
 struct Outgoing<'s> {
     params: &'s [f32],
     global_batch: u32,
-    wire: Vec<pb::Shard>,
+    wire: Vec<WireShard>,
     /// Whether the parameters are in shared memory; as message bytes, made once if a worker
     /// needs them.
     shared: bool,
-    inline: Option<Bytes>,
+    inline: Option<Tensor>,
 }
 
 /// One step's results as they come in.
@@ -238,7 +238,7 @@ impl ClusterEngine<'_> {
             None => {
                 let wire = &mut self.buffers.params;
                 let finite = dtrain_nn::simd::sum_into(wire.fill(params.len()), &[params]);
-                (finite, false, Some(wire.share()))
+                (finite, false, Some(Tensor::Inline(wire.share())))
             }
         };
         if !finite {
@@ -309,20 +309,17 @@ impl ClusterEngine<'_> {
 
     /// Queues `shards` of this step for `worker`; false if it is gone or not keeping up.
     fn send(&mut self, worker: WorkerId, shards: &[ShardIndex], step: u64, out: &mut Outgoing<'_>) -> bool {
-        let mut work = pb::Work {
+        let work = Work {
             step,
-            params: Bytes::new(),
+            params: self.params_for(worker, out),
             global_batch: out.global_batch,
             shards: shards.iter().map(|k| out.wire[k.0].clone()).collect(),
-            params_shared: false,
         };
-        self.attach_params(worker, &mut work, out);
-        let size = prost::Message::encoded_len(&work) as u64;
-        let sent = self.net.hub.send(worker, pb::CoordinatorMessage { kind: Some(Out::Work(work)) });
-        if sent {
-            self.telemetry.epoch.bytes_out += size;
+        let sent = self.net.hub.send(worker, ToWorker::Work(work));
+        if let Some(size) = sent {
+            self.telemetry.epoch.bytes_out += size as u64;
         }
-        sent
+        sent.is_some()
     }
 
     /// Waits for the next result or departure until `deadline`, and hands it to the round.
@@ -333,12 +330,12 @@ impl ClusterEngine<'_> {
         deadline: Instant,
     ) -> Result<Vec<Action>, String> {
         match tokio::time::timeout_at(deadline.into(), self.net.events.recv()).await {
-            Ok(Some(Event::Result { id, result })) => {
+            Ok(Some(Event::Result { id, result, size })) => {
                 let k = ShardIndex(result.index as usize);
                 if !round.expects(id, result.step, k) {
                     return Ok(vec![]); // a late reply from a worker this shard was taken from
                 }
-                self.telemetry.epoch.bytes_in += prost::Message::encoded_len(&result) as u64;
+                self.telemetry.epoch.bytes_in += size as u64;
                 if let Some(t) = round.sent_at(id) {
                     self.telemetry.epoch.round_trip(id, t.elapsed(), result.compute_micros);
                 }
@@ -367,22 +364,19 @@ impl ClusterEngine<'_> {
         joined.map_err(|_| format!("no worker joined within {wait:?}; the last checkpoint is kept"))
     }
 
-    /// Puts this step's parameters (known to be finite) in `work`: in shared memory if they are
-    /// there and the worker has it, else in the message (one copy of them, made on first need,
-    /// serves every worker).
-    fn attach_params(&mut self, id: WorkerId, work: &mut pb::Work, out: &mut Outgoing<'_>) {
-        if out.shared && self.net.hub.slots(id).is_some() {
-            work.params_shared = true;
-            return;
+    /// Where `worker` finds this step's parameters (known to be finite): in shared memory if
+    /// they are there and the worker has it, else in the message (one copy of them, made on
+    /// first need, serves every worker).
+    fn params_for(&mut self, worker: WorkerId, out: &mut Outgoing<'_>) -> Tensor {
+        if out.shared && self.net.hub.slots(worker).is_some() {
+            return Tensor::Shared;
         }
         let (params, wire) = (out.params, &mut self.buffers.params);
-        work.params = out
-            .inline
-            .get_or_insert_with(|| {
-                wire.fill(params.len()).copy_from_slice(params);
-                wire.share()
-            })
-            .clone();
+        let inline = out.inline.get_or_insert_with(|| {
+            wire.fill(params.len()).copy_from_slice(params);
+            Tensor::Inline(wire.share())
+        });
+        inline.clone()
     }
 
     /// A result's sums, and where its gradient is: in the worker's shared memory, or copied
@@ -390,24 +384,27 @@ impl ClusterEngine<'_> {
     fn receive(
         &mut self,
         id: WorkerId,
-        result: &pb::ShardResult,
+        result: &ShardResult,
         rows: u64,
         n: usize,
     ) -> Result<(ShardStats, Landed), String> {
-        let stats = result_from_wire(result, rows).map_err(|e| e.to_string())?;
+        let stats = result.stats(rows).map_err(|e| e.to_string())?;
         let k = result.index as usize;
-        if result.gradient_shared {
-            let slots = self.net.hub.slots(id).ok_or("a gradient in shared memory it does not have")?;
-            slots.region(k).ok_or("a shared-memory slot out of range")?;
-            return Ok((stats, Landed::Slot(slots)));
-        }
+        let gradient = match &result.gradient {
+            Tensor::Inline(bytes) => bytes,
+            Tensor::Shared => {
+                let slots = self.net.hub.slots(id).ok_or("a gradient in shared memory it does not have")?;
+                slots.region(k).ok_or("a shared-memory slot out of range")?;
+                return Ok((stats, Landed::Slot(slots)));
+            }
+        };
         let received = &mut self.buffers.received;
         if received.len() <= k {
             received.resize_with(k + 1, Vec::new);
         }
         let buf = &mut received[k];
         buf.resize(n, 0.0);
-        copy_f32s("gradient", &result.gradient, buf).map_err(|e| e.to_string())?;
+        copy_f32s("gradient", gradient, buf).map_err(|e| e.to_string())?;
         Ok((stats, Landed::Copied))
     }
 
@@ -438,7 +435,7 @@ impl ClusterEngine<'_> {
     }
 
     /// Each shard's samples as they travel (empty shards too, never sent).
-    fn shards_to_wire(&self, batch: &[u32], shards: &[Range<usize>]) -> Vec<pb::Shard> {
+    fn shards_to_wire(&self, batch: &[u32], shards: &[Range<usize>]) -> Vec<WireShard> {
         let wire =
             |(k, r): (usize, &Range<usize>)| shard_to_wire(k as u32, r.start as u32, self.data, &batch[r.clone()]);
         shards.iter().enumerate().map(wire).collect()

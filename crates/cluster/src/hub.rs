@@ -3,29 +3,34 @@
 
 use crate::ids::WorkerId;
 use crate::shm::{self, FileName, SharedFile};
-use dtrain_proto::pb;
-use dtrain_proto::pb::coordinator_message::Kind as Out;
-use dtrain_proto::pb::worker_message::Kind as In;
+use dtrain_proto::{FromWorker, Inbox, Outbox, ShardResult, SharedMemoryOffer, ToWorker, ToWorkerStream, Welcome};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tonic::{Status, Streaming};
-
-pub type Outbound = mpsc::Sender<Result<pb::CoordinatorMessage, Status>>;
+use tonic::Status;
 
 #[derive(Debug)]
 pub enum Event {
-    Joined { id: WorkerId },
-    Result { id: WorkerId, result: pb::ShardResult },
-    Left { id: WorkerId },
+    Joined {
+        id: WorkerId,
+    },
+    /// A shard's result, and its size on the wire.
+    Result {
+        id: WorkerId,
+        result: ShardResult,
+        size: usize,
+    },
+    Left {
+        id: WorkerId,
+    },
 }
 
 struct Worker {
     name: String,
-    tx: Outbound,
+    tx: Outbox,
     /// Its gradient slots in shared memory (see `shm`), used once it says it attached; the
     /// name is removed then.
     slots: Option<Slots>,
@@ -104,13 +109,8 @@ impl Hub {
     /// Registers a worker that said hello: sends it the job (and shared memory if it is `local`),
     /// then forwards what it sends as events until its stream ends. Returns the stream of
     /// messages to it.
-    pub fn accept(
-        self: &Arc<Self>,
-        name: String,
-        inbound: Streaming<pb::WorkerMessage>,
-        local: bool,
-    ) -> mpsc::Receiver<Result<pb::CoordinatorMessage, Status>> {
-        let (tx, rx) = mpsc::channel(8);
+    pub fn accept(self: &Arc<Self>, name: String, inbound: Inbox, local: bool) -> ToWorkerStream {
+        let (tx, rx) = Outbox::channel(8);
         let id = {
             let mut m = self.lock();
             m.last_id += 1;
@@ -119,15 +119,9 @@ impl Hub {
             id
         };
         let (offered, slots) = if local { self.offer_shared_memory(id) } else { (None, None) };
-        let welcome = pb::CoordinatorMessage {
-            kind: Some(Out::Welcome(pb::Welcome {
-                job_toml: self.job_toml.clone(),
-                worker_id: id.0,
-                shared_memory: offered,
-            })),
-        };
+        let welcome = Welcome { job_toml: self.job_toml.clone(), worker_id: id.0, shared_memory: offered };
         // Welcome first, then visible to the engine: its work must never overtake the welcome.
-        let _ = tx.try_send(Ok(welcome));
+        let _ = tx.try_send(ToWorker::Welcome(welcome));
         self.members(|w| {
             w.insert(id, Worker { name: name.clone(), tx, slots, attached: false });
         });
@@ -142,13 +136,13 @@ impl Hub {
         rx
     }
 
-    async fn pump(&self, id: WorkerId, mut inbound: Streaming<pb::WorkerMessage>) {
+    async fn pump(&self, id: WorkerId, mut inbound: Inbox) {
         let reason = loop {
-            match inbound.message().await {
-                Ok(Some(pb::WorkerMessage { kind: Some(In::Result(result)) })) => {
-                    let _ = self.events.send(Event::Result { id, result });
+            match inbound.next().await {
+                Ok(Some((FromWorker::Result(result), size))) => {
+                    let _ = self.events.send(Event::Result { id, result, size });
                 }
-                Ok(Some(pb::WorkerMessage { kind: Some(In::Attached(_)) })) => {
+                Ok(Some((FromWorker::Attached, _))) => {
                     if !self.attach(id) {
                         break "attached to shared memory it was not offered".to_string();
                     }
@@ -166,7 +160,7 @@ impl Hub {
 
     /// Shared memory for a worker on this host: the parameters' file (made for the first such
     /// worker) and its own gradient slots; none (and a log line) if they cannot be made.
-    fn offer_shared_memory(&self, id: WorkerId) -> (Option<pb::SharedMemory>, Option<Slots>) {
+    fn offer_shared_memory(&self, id: WorkerId) -> (Option<SharedMemoryOffer>, Option<Slots>) {
         let (Some(offer), Some(dir)) = (self.offer, shm::dir()) else { return (None, None) };
         match self.make_shared_memory(&dir, offer, id) {
             Ok((offered, slots)) => (Some(offered), Some(slots)),
@@ -177,7 +171,12 @@ impl Hub {
         }
     }
 
-    fn make_shared_memory(&self, dir: &Path, offer: Offer, id: WorkerId) -> std::io::Result<(pb::SharedMemory, Slots)> {
+    fn make_shared_memory(
+        &self,
+        dir: &Path,
+        offer: Offer,
+        id: WorkerId,
+    ) -> std::io::Result<(SharedMemoryOffer, Slots)> {
         let mut params = lock(&self.params);
         let params = match &mut *params {
             Some(p) => p,
@@ -192,7 +191,7 @@ impl Hub {
         let nonce = shm::nonce();
         let (slots, name) =
             SharedFile::create(dir, &shm::file_name(&format!("w{}", id.0)), nonce, offer.params, offer.slots)?;
-        let offered = pb::SharedMemory {
+        let offered = SharedMemoryOffer {
             path: name.path(),
             nonce,
             slots: offer.slots as u32,
@@ -239,16 +238,17 @@ impl Hub {
         self.lock().names.get(&id).map_or_else(|| id.to_string(), |name| format!("{name} ({id})"))
     }
 
-    /// Queues a message to a worker; false if it is gone or not keeping up.
-    pub fn send(&self, id: WorkerId, msg: pb::CoordinatorMessage) -> bool {
+    /// Queues a message to a worker: its size on the wire, or `None` if the worker is gone or
+    /// not keeping up.
+    pub fn send(&self, id: WorkerId, msg: ToWorker) -> Option<usize> {
         let tx = self.lock().live.get(&id).map(|w| w.tx.clone());
-        tx.is_some_and(|tx| tx.try_send(Ok(msg)).is_ok())
+        tx.and_then(|tx| tx.try_send(msg))
     }
 
     /// Drops a worker (hung or faulty): its stream is closed with `status`.
     pub fn drop_worker(&self, id: WorkerId, status: Status) {
         if let Some(w) = self.members(|w| w.remove(&id)) {
-            let _ = w.tx.try_send(Err(status));
+            w.tx.close_with(status);
         }
     }
 
@@ -257,9 +257,8 @@ impl Hub {
         self.stopped.store(true, Ordering::SeqCst);
         *lock(&self.params) = None; // its name is removed; workers keep their mappings
         let workers = self.members(std::mem::take);
-        let stop = || pb::CoordinatorMessage { kind: Some(Out::Stop(pb::Stop { reason: reason.into() })) };
         for w in workers.values() {
-            let _ = w.tx.try_send(Ok(stop()));
+            let _ = w.tx.try_send(ToWorker::Stop { reason: reason.into() });
         }
         drop(workers);
         let mut open = self.open.subscribe();

@@ -9,7 +9,6 @@ use crate::{ClusterError, MESSAGE_LIMIT};
 use dtrain_data::Dataset;
 use dtrain_fit::session::{train_with, EngineFactory, TrainOptions};
 use dtrain_fit::{Engine, FitError, Job, Observer, Report};
-use dtrain_proto::pb::coordinator_server::CoordinatorServer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,9 +107,7 @@ impl EngineFactory for Cluster<'_> {
         let addr = listener.local_addr().map_err(|e| err(e.to_string()))?;
         log(&format!("listening on {addr}"));
         let service = CoordinatorService { hub: Arc::clone(&hub), token: self.opts.token.clone() };
-        let server = CoordinatorServer::new(service)
-            .max_decoding_message_size(MESSAGE_LIMIT)
-            .max_encoding_message_size(MESSAGE_LIMIT);
+        let server = dtrain_proto::coordinator_service(service, MESSAGE_LIMIT);
         // tonic's serve_with_incoming ignores the builder's nodelay: set it on every socket.
         let incoming = TcpListenerStream::new(listener).map(|s| {
             s.inspect(|s| {
@@ -118,7 +115,8 @@ impl EngineFactory for Cluster<'_> {
             })
         });
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        self.rt.block_on(health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>());
+        let serving = tonic_health::ServingStatus::Serving;
+        self.rt.block_on(health_reporter.set_service_status(dtrain_proto::COORDINATOR_SERVICE, serving));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &self.opts.tls {
             builder = builder.tls_config(tls.config().map_err(err)?).map_err(|e| err(format!("TLS: {e}")))?;

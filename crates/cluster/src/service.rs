@@ -1,12 +1,10 @@
-//! The Coordinator gRPC service: checks the caller, then hands the stream to the hub.
+//! The coordinator's side of a join: checks the caller and its Hello, then hands the stream
+//! to the hub.
 
 use crate::hub::Hub;
-use dtrain_proto::pb::coordinator_server::Coordinator;
-use dtrain_proto::pb::{self, worker_message::Kind};
-use dtrain_proto::PROTOCOL_VERSION;
+use dtrain_proto::{FromWorker, Join, JoinHandler, ToWorkerStream, PROTOCOL_VERSION};
 use std::sync::Arc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
 pub struct CoordinatorService {
     pub hub: Arc<Hub>,
@@ -14,16 +12,13 @@ pub struct CoordinatorService {
 }
 
 #[tonic::async_trait]
-impl Coordinator for CoordinatorService {
-    type JoinStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
-
-    async fn join(&self, req: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<Self::JoinStream>, Status> {
-        crate::auth::check(req.metadata(), self.token.as_deref())?;
+impl JoinHandler for CoordinatorService {
+    async fn join(&self, mut call: Join) -> Result<ToWorkerStream, Status> {
+        crate::auth::check(&call.metadata, self.token.as_deref())?;
         // Only a worker that dialed over loopback can be on this host (shared memory).
-        let local = req.remote_addr().is_some_and(|a| a.ip().is_loopback());
-        let mut inbound = req.into_inner();
-        let hello = match inbound.message().await? {
-            Some(pb::WorkerMessage { kind: Some(Kind::Hello(h)) }) => h,
+        let local = call.remote.is_some_and(|a| a.ip().is_loopback());
+        let hello = match call.inbound.next().await? {
+            Some((FromWorker::Hello(h), _)) => h,
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
         if hello.protocol_version != PROTOCOL_VERSION {
@@ -32,6 +27,6 @@ impl Coordinator for CoordinatorService {
                 hello.protocol_version
             )));
         }
-        Ok(Response::new(ReceiverStream::new(self.hub.accept(hello.name, inbound, local))))
+        Ok(self.hub.accept(hello.name, call.inbound, local))
     }
 }

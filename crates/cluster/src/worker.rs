@@ -8,15 +8,14 @@ use dtrain_fit::config::JobConfig;
 use dtrain_fit::engine::ShardBuffers;
 use dtrain_fit::Job;
 use dtrain_nn::Mode;
-use dtrain_proto::pb::coordinator_client::CoordinatorClient;
-use dtrain_proto::pb::{self, coordinator_message::Kind as Out, worker_message::Kind as In};
-use dtrain_proto::{read_f32s, result_to_wire, shard_from_wire, WireError, WireTensor, PROTOCOL_VERSION};
+use dtrain_proto::{
+    read_f32s, shard_from_wire, Connection, FromWorker, Hello, ShardResult, SharedMemoryOffer, Tensor, ToWorker,
+    WireError, WireTensor, Work, PROTOCOL_VERSION,
+};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
@@ -123,22 +122,11 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
         .initial_connection_window_size(8 << 20)
         .max_frame_size(crate::run::FRAME);
     let channel = endpoint.connect().await.map_err(|e| Status::unavailable(e.to_string()))?;
-    let mut client = CoordinatorClient::new(channel)
-        .max_decoding_message_size(crate::MESSAGE_LIMIT)
-        .max_encoding_message_size(crate::MESSAGE_LIMIT);
-    let (tx, rx) = mpsc::channel(8);
-    let hello = pb::Hello { protocol_version: PROTOCOL_VERSION, name: opts.name.clone() };
-    tx.send(pb::WorkerMessage { kind: Some(In::Hello(hello)) }).await.map_err(|_| Status::internal("send"))?;
-    let mut req = Request::new(ReceiverStream::new(rx));
-    if let Some(t) = &opts.token {
-        let v = crate::auth::bearer(t)
-            .parse()
-            .map_err(|_| Status::invalid_argument("the token is not valid header text"))?;
-        req.metadata_mut().insert(crate::auth::HEADER, v);
-    }
-    let mut inbound = client.join(req).await?.into_inner();
-    let (job, offer) = match inbound.message().await? {
-        Some(pb::CoordinatorMessage { kind: Some(Out::Welcome(w)) }) => {
+    let headers: Vec<_> = opts.token.iter().map(|t| (crate::auth::HEADER, crate::auth::bearer(t))).collect();
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, name: opts.name.clone() };
+    let mut conn = Connection::open(channel, crate::MESSAGE_LIMIT, &headers, hello).await?;
+    let (job, offer) = match conn.next().await? {
+        Some(ToWorker::Welcome(w)) => {
             let config: JobConfig =
                 toml::from_str(&w.job_toml).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
             let job = Job::build(config, PathBuf::new()).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
@@ -152,9 +140,7 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
     if let Some(o) = offer {
         match attach(&o, job.model.num_params()) {
             Ok(files) => {
-                tx.send(pb::WorkerMessage { kind: Some(In::Attached(pb::Attached {})) })
-                    .await
-                    .map_err(|_| Status::unavailable("stream closed"))?;
+                conn.send(FromWorker::Attached).await?;
                 log("on the coordinator's host: parameters and gradients go through shared memory");
                 shared = Some(files);
             }
@@ -163,27 +149,25 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
     }
     let mut compute =
         Compute { job, buffers: ShardBuffers::default(), params: vec![], grad: WireTensor::default(), shared };
-    while let Some(msg) = inbound.message().await? {
+    while let Some(msg) = conn.next().await? {
         *last_ok = Instant::now();
-        match msg.kind {
-            Some(Out::Work(w)) => {
+        match msg {
+            ToWorker::Work(w) => {
                 // Computed right here: this runtime serves only this stream, and a hand-off to
                 // another thread would cost two context switches a step.
                 for r in compute.run(w)? {
-                    tx.send(pb::WorkerMessage { kind: Some(In::Result(r)) })
-                        .await
-                        .map_err(|_| Status::unavailable("stream closed"))?;
+                    conn.send(FromWorker::Result(r)).await?;
                 }
             }
-            Some(Out::Stop(s)) => return Ok(End::Stopped(s.reason)),
-            _ => return Err(Status::internal("unexpected message")),
+            ToWorker::Stop { reason } => return Ok(End::Stopped(reason)),
+            ToWorker::Welcome(_) => return Err(Status::internal("unexpected message")),
         }
     }
     Err(Status::unavailable("the coordinator closed the stream"))
 }
 
 /// Opens the offered shared memory: the parameters read-only, the gradient slots to write.
-fn attach(o: &pb::SharedMemory, n: usize) -> std::io::Result<Shared> {
+fn attach(o: &SharedMemoryOffer, n: usize) -> std::io::Result<Shared> {
     let params = SharedFile::open(std::path::Path::new(&o.params_path), o.params_nonce, n, 1, false)?;
     let slots = SharedFile::open(std::path::Path::new(&o.path), o.nonce, n, o.slots as usize, true)?;
     Ok(Shared { params, slots })
@@ -206,21 +190,21 @@ struct Compute {
 }
 
 impl Compute {
-    fn run(&mut self, w: pb::Work) -> Result<Vec<pb::ShardResult>, Status> {
+    fn run(&mut self, w: Work) -> Result<Vec<ShardResult>, Status> {
         let model = &self.job.model;
         let n = model.num_params();
         let bad = |e: WireError| Status::invalid_argument(e.to_string());
-        let (params, mut slots) = match (&mut self.shared, w.params_shared) {
+        let (params, mut slots) = match (&mut self.shared, &w.params) {
             // Written only by the coordinator, which checked them (`Hub::share_params`).
-            (Some(Shared { params, slots }), true) => {
+            (Some(Shared { params, slots }), Tensor::Shared) => {
                 (params.region(0).ok_or_else(|| Status::internal("no parameter region"))?, Some(slots))
             }
-            (None, true) => {
+            (None, Tensor::Shared) => {
                 return Err(Status::invalid_argument("parameters in shared memory this worker does not have"))
             }
-            (shared, false) => {
+            (shared, Tensor::Inline(bytes)) => {
                 self.params.resize(n, 0.0);
-                read_f32s("params", &w.params, &mut self.params).map_err(bad)?;
+                read_f32s("params", bytes, &mut self.params).map_err(bad)?;
                 (&self.params[..], shared.as_mut().map(|s| &mut s.slots))
             }
         };
@@ -233,14 +217,15 @@ impl Compute {
             let mode =
                 Mode::Train { seed: self.job.seed, step: w.step, first_position: first, global_batch: w.global_batch };
             // In place in the shard's shared-memory slot if there is one, else into a message.
-            let (stats, gradient) = match slots.as_mut().and_then(|s| s.region_mut(index as usize)) {
-                Some(g) => (self.buffers.gradient(model, &data, params, &idx, mode, g), None),
+            let (claimed, gradient) = match slots.as_mut().and_then(|s| s.region_mut(index as usize)) {
+                Some(g) => (self.buffers.gradient(model, &data, params, &idx, mode, g), Tensor::Shared),
                 None => {
                     let stats = self.buffers.gradient(model, &data, params, &idx, mode, self.grad.fill(n));
-                    (stats, Some(self.grad.share()))
+                    (stats, Tensor::Inline(self.grad.share()))
                 }
             };
-            out.push(result_to_wire(w.step, index, gradient, &stats, t0.elapsed().as_micros() as u64));
+            let compute_micros = t0.elapsed().as_micros() as u64;
+            out.push(ShardResult { step: w.step, index, gradient, claimed, compute_micros });
         }
         Ok(out)
     }

@@ -1,16 +1,23 @@
 //! dtrain-proto: the generated protocol, and the conversions between wire and domain types.
-//! Nothing else in dtrain touches generated types; everything received is checked here
+//! Nothing else in dtrain touches generated types (the `pb` module is private): the rest of
+//! dtrain speaks `messages` over `transport`, and everything received is checked here
 //! (lengths, shapes, finite values) before anyone uses it.
 
+mod messages;
 mod tensor;
+mod transport;
+pub use messages::{FromWorker, Hello, ShardResult, SharedMemoryOffer, Tensor, ToWorker, Welcome, WireShard, Work};
 pub use tensor::WireTensor;
+pub use transport::{
+    coordinator_service, Connection, Inbox, Join, JoinHandler, Outbox, ToWorkerStream, COORDINATOR_SERVICE,
+};
 
-pub mod pb {
+#[allow(missing_docs, clippy::all)]
+mod pb {
     tonic::include_proto!("dtrain.v1");
 }
 
 use dtrain_data::{Dataset, Features, Labels};
-use dtrain_nn::ShardStats;
 use prost::bytes::Bytes;
 
 /// Bumped on any incompatible change; checked when a worker joins.
@@ -72,7 +79,7 @@ pub fn check_finite(what: &'static str, v: &[f32]) -> Result<(), WireError> {
 }
 
 /// A shard of a step as it travels: the rows of `data` at `rows`, stored as stored.
-pub fn shard_to_wire(index: u32, first_position: u32, data: &Dataset, rows: &[u32]) -> pb::Shard {
+pub fn shard_to_wire(index: u32, first_position: u32, data: &Dataset, rows: &[u32]) -> WireShard {
     let sub = data.subset(rows);
     let features = match sub.features {
         Features::U8(v) => pb::shard::Features::U8(Bytes::from(v)),
@@ -82,7 +89,7 @@ pub fn shard_to_wire(index: u32, first_position: u32, data: &Dataset, rows: &[u3
         Labels::Classes(c) => (c, Bytes::new(), 0),
         Labels::Values { data, width } => (vec![], f32_bytes(&data), width as u32),
     };
-    pb::Shard {
+    WireShard(pb::Shard {
         index,
         first_position,
         rows: rows.len() as u32,
@@ -91,12 +98,13 @@ pub fn shard_to_wire(index: u32, first_position: u32, data: &Dataset, rows: &[u3
         classes,
         values,
         target_width,
-    }
+    })
 }
 
 /// A received shard: (index, first position, its rows as a dataset), checked against the
 /// model's sample shape and output width.
-pub fn shard_from_wire(s: pb::Shard, sample_shape: &[usize], outputs: usize) -> Result<(u32, u32, Dataset), WireError> {
+pub fn shard_from_wire(s: WireShard, sample_shape: &[usize], outputs: usize) -> Result<(u32, u32, Dataset), WireError> {
+    let s = s.0;
     let rows = s.rows as usize;
     let width: usize = sample_shape.iter().product();
     let features = match s.features {
@@ -136,44 +144,10 @@ pub fn shard_from_wire(s: pb::Shard, sample_shape: &[usize], outputs: usize) -> 
     Ok((s.index, s.first_position, data))
 }
 
-/// A shard's result as it travels; `gradient` is little-endian f32 (`f32_bytes`, `WireTensor`),
-/// or `None` when it is in the worker's shared-memory slot for the shard.
-pub fn result_to_wire(
-    step: u64,
-    index: u32,
-    gradient: Option<Bytes>,
-    stats: &ShardStats,
-    compute_micros: u64,
-) -> pb::ShardResult {
-    pb::ShardResult {
-        step,
-        index,
-        gradient_shared: gradient.is_none(),
-        gradient: gradient.unwrap_or_default(),
-        loss_sum: stats.loss_sum,
-        activity: stats.activity,
-        correct: stats.correct,
-        rows: stats.rows,
-        compute_micros,
-    }
-}
-
-/// A received result's sums; rejects counts that do not fit the shard. Its sums and gradient
-/// (read with `copy_f32s`, or in shared memory) are checked for finite values where the step
-/// uses them: a diverging model makes them non-finite on any worker.
-pub fn result_from_wire(r: &pb::ShardResult, rows: u64) -> Result<ShardStats, WireError> {
-    if r.rows != rows || r.correct > rows {
-        return Err(WireError::Invalid(format!(
-            "result counts {} rows ({} correct) for a shard of {rows}",
-            r.rows, r.correct
-        )));
-    }
-    Ok(ShardStats { loss_sum: r.loss_sum, activity: r.activity, correct: r.correct, rows: r.rows })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dtrain_nn::ShardStats;
 
     #[test]
     fn shards_round_trip_and_bad_tensors_are_refused() {
@@ -185,29 +159,33 @@ mod tests {
         assert_eq!((i, first), (3, 7));
         assert_eq!(got, d.subset(&[2, 0]));
         let mut bad = wire.clone();
-        bad.rows = 3;
+        bad.0.rows = 3;
         assert!(matches!(shard_from_wire(bad, &[2, 2], 3), Err(WireError::Length { .. })));
         let mut bad = wire;
-        bad.classes = vec![0, 9];
+        bad.0.classes = vec![0, 9];
         assert!(shard_from_wire(bad, &[2, 2], 3).unwrap_err().to_string().contains("class 9"));
 
         let stats = ShardStats { loss_sum: 1.5, activity: 0.25, correct: 1, rows: 2 };
-        let r = result_to_wire(4, 1, Some(f32_bytes(&[1.0, -2.0])), &stats, 10);
-        assert_eq!(
-            result_from_wire(&r, 3,).unwrap_err().to_string(),
-            "result counts 2 rows (1 correct) for a shard of 3"
-        );
-        assert_eq!(result_from_wire(&r, 2).unwrap(), stats);
+        let gradient = f32_bytes(&[1.0, -2.0]);
+        let r = ShardResult {
+            step: 4,
+            index: 1,
+            gradient: Tensor::Inline(gradient.clone()),
+            claimed: stats,
+            compute_micros: 10,
+        };
+        assert_eq!(r.stats(3).unwrap_err().to_string(), "result counts 2 rows (1 correct) for a shard of 3");
+        assert_eq!(r.stats(2).unwrap(), stats);
         let mut g = [0.0; 2];
-        copy_f32s("gradient", &r.gradient, &mut g).unwrap();
+        copy_f32s("gradient", &gradient, &mut g).unwrap();
         assert_eq!(g, [1.0, -2.0]);
         let mut g3 = [0.0; 3];
         assert_eq!(
-            copy_f32s("gradient", &r.gradient, &mut g3).unwrap_err(),
+            copy_f32s("gradient", &gradient, &mut g3).unwrap_err(),
             WireError::Length { what: "gradient", got: 2, want: 3 }
         );
         assert_eq!(
-            copy_f32s("gradient", &r.gradient[1..], &mut g).unwrap_err(),
+            copy_f32s("gradient", &gradient[1..], &mut g).unwrap_err(),
             WireError::Ragged { what: "gradient", len: 7 }
         );
         let nan = f32_bytes(&[1.0, f32::NAN]);

@@ -11,6 +11,7 @@ use crate::run::ClusterOptions;
 use crate::shm::SharedFile;
 use dtrain_data::Dataset;
 use dtrain_fit::Engine;
+use dtrain_nn::simd::Part;
 use dtrain_nn::ShardStats;
 use dtrain_proto::{
     check_finite, copy_f32s, shard_to_wire, ShardResult, Tensor, ToWorker, WireShard, WireTensor, Work,
@@ -237,7 +238,7 @@ impl ClusterEngine<'_> {
             Some(finite) => (finite, true, None),
             None => {
                 let wire = &mut self.buffers.params;
-                let finite = dtrain_nn::simd::sum_into(wire.fill(params.len()), &[params]);
+                let finite = dtrain_nn::simd::copy_checked(wire.fill(params.len()), params);
                 (finite, false, Some(Tensor::Inline(wire.share())))
             }
         };
@@ -394,7 +395,7 @@ impl ClusterEngine<'_> {
             Tensor::Inline(bytes) => bytes,
             Tensor::Shared => {
                 let slots = self.net.hub.slots(id).ok_or("a gradient in shared memory it does not have")?;
-                slots.region(k).ok_or("a shared-memory slot out of range")?;
+                slots.shared(k).ok_or("a shared-memory slot out of range")?;
                 return Ok((stats, Landed::Slot(slots)));
             }
         };
@@ -414,24 +415,37 @@ impl ClusterEngine<'_> {
     fn reduce(&mut self, inbox: &Inbox, grad: &mut [f32]) -> BTreeMap<ShardIndex, String> {
         let Buffers { zeros, received, .. } = &mut self.buffers;
         zeros.resize(grad.len(), 0.0);
-        let parts: Vec<&[f32]> = inbox
+        let parts: Vec<Part<'_>> = inbox
             .landed
             .iter()
             .enumerate()
             .map(|(k, l)| match l {
-                None | Some(Landed::Empty) => &zeros[..],
-                Some(Landed::Slot(slots)) => slots.region(k).expect("checked when the result arrived"),
-                Some(Landed::Copied) => &received[k][..],
+                None | Some(Landed::Empty) => Part::Own(&zeros[..]),
+                Some(Landed::Slot(slots)) => Part::Shared(slots.shared(k).expect("checked when the result arrived")),
+                Some(Landed::Copied) => Part::Own(&received[k][..]),
             })
             .collect();
         let sum_finite = dtrain_nn::simd::sum_into(grad, &parts);
-        let not_finite = |(k, (p, s)): (usize, (&&[f32], &ShardStats))| {
+        let mut copy = vec![];
+        let mut not_finite = |(k, (p, s)): (usize, (&Part<'_>, &ShardStats))| {
             if !(s.loss_sum.is_finite() && s.activity.is_finite()) {
                 return Some((ShardIndex(k), "loss sums are not finite".to_string()));
             }
-            (!sum_finite).then(|| check_finite("gradient", p).err().map(|e| (ShardIndex(k), e.to_string()))).flatten()
+            if sum_finite {
+                return None;
+            }
+            // Rare (a diverging run or a faulty worker): check the shard's gradient on its own.
+            let values = match *p {
+                Part::Own(v) => v,
+                Part::Shared(v) => {
+                    copy.resize(v.len(), 0.0);
+                    v.read_into(&mut copy);
+                    &copy[..]
+                }
+            };
+            check_finite("gradient", values).err().map(|e| (ShardIndex(k), e.to_string()))
         };
-        parts.iter().zip(&inbox.stats).enumerate().filter_map(not_finite).collect()
+        parts.iter().zip(&inbox.stats).enumerate().filter_map(&mut not_finite).collect()
     }
 
     /// Each shard's samples as they travel (empty shards too, never sent).

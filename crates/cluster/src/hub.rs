@@ -209,7 +209,7 @@ impl Hub {
         let p = params.as_mut()?;
         if p.step != Some(step) {
             let region = p.file.region_mut(0)?;
-            p.step = dtrain_nn::simd::sum_into(region, &[values]).then_some(step);
+            p.step = dtrain_nn::simd::copy_checked(region, values).then_some(step);
         }
         Some(p.step == Some(step))
     }

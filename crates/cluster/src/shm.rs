@@ -8,12 +8,18 @@
 //! can open them and finds the nonce says `Attached`, and the slots' name is removed at once.
 //! The parameters' name stays while the coordinator runs (workers may join later); a
 //! coordinator that was killed leaves it, and the next coordinator on the host removes it.
-//! Phases never overlap: the coordinator writes the parameters only while no work is
-//! outstanding, and reads slot k only after the result for shard k arrived.
+//! Phases never overlap for honest peers: the coordinator writes the parameters only while no
+//! work is outstanding, and reads slot k only after the result for shard k arrived. A worker
+//! dropped for lateness may still be reading the parameters while the next step's are written,
+//! and a hostile worker may write its slots at any time; so whatever another process writes is
+//! read only with volatile loads (`simd::Volatile`), never through a slice: a worker copies
+//! the parameters out before computing, and the coordinator sums slots with volatile loads.
+//! Each side writes through a slice only what no other process writes.
 //!
 //! Layout: a 64-byte header (magic, nonce, values per region, region count), then the
 //! regions, each starting on a 64-byte boundary.
 
+use dtrain_nn::simd::Volatile;
 use memmap2::{MmapOptions, MmapRaw};
 use std::fs::OpenOptions;
 use std::io;
@@ -137,19 +143,20 @@ impl SharedFile {
         HEADER + region_bytes(self.values) * i
     }
 
-    /// Region `i`.
-    pub fn region(&self, i: usize) -> Option<&[f32]> {
+    /// Region `i`, as written by the other process: read it only through the volatile view.
+    pub fn shared(&self, i: usize) -> Option<Volatile<'_>> {
         // SAFETY: regions start on 64-byte boundaries of a page-aligned mapping of exactly
-        // `file_len` bytes and hold `values` values each; any bits are an f32. The other
-        // process writes only in its phase (see above). Values are checked by the coordinator:
-        // parameters as it writes them, gradients as it sums them.
-        (i < self.regions)
-            .then(|| unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.start(i)).cast(), self.values) })
+        // `file_len` bytes that stays mapped while `self` lives, and hold `values` values each;
+        // any bits are an f32. The mapping is no Rust allocation.
+        (i < self.regions).then(|| unsafe { Volatile::new(self.map.as_ptr().add(self.start(i)).cast(), self.values) })
     }
 
-    /// Region `i`, to write; `None` if out of range or mapped read-only.
+    /// Region `i`, to write; `None` if out of range or mapped read-only. Only for a region no
+    /// other process writes (the coordinator's parameters, a worker's own slots).
     pub fn region_mut(&mut self, i: usize) -> Option<&mut [f32]> {
-        // SAFETY: as in `region`; `&mut self` makes this the only view of it in this process.
+        // SAFETY: laid out as in `shared`; `&mut self` makes this the only view of it in this
+        // process, and no other process writes it (other processes reading it cannot change
+        // what this process sees).
         (self.writable && i < self.regions).then(|| unsafe {
             std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(self.start(i)).cast(), self.values)
         })
@@ -173,12 +180,17 @@ mod tests {
         let mut r = SharedFile::open(&path, 7, 5, 2, false).unwrap();
         assert!(r.region_mut(1).is_none(), "a read-only mapping is never written");
         w.region_mut(1).unwrap().copy_from_slice(&[-1.0, -2.0, -3.0, -4.0, -5.0]);
-        assert!(w.region_mut(2).is_none() && w.region(2).is_none());
-        assert_eq!(c.region(1).unwrap(), &[-1.0, -2.0, -3.0, -4.0, -5.0]);
-        assert_eq!(r.region(1).unwrap(), &[-1.0, -2.0, -3.0, -4.0, -5.0]);
+        assert!(w.region_mut(2).is_none() && w.shared(2).is_none());
+        let read = |f: &SharedFile, i| {
+            let mut v = [0.0; 5];
+            f.shared(i).unwrap().read_into(&mut v);
+            v
+        };
+        assert_eq!(read(&c, 1), [-1.0, -2.0, -3.0, -4.0, -5.0]);
+        assert_eq!(read(&r, 1), [-1.0, -2.0, -3.0, -4.0, -5.0]);
         drop(name);
         assert!(!path.exists());
-        assert_eq!(r.region(0).unwrap(), &[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(read(&r, 0), [1.0, 2.0, 3.0, 4.0, 5.0]);
     }
 
     #[test]

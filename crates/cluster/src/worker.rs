@@ -195,9 +195,14 @@ impl Compute {
         let n = model.num_params();
         let bad = |e: WireError| Status::invalid_argument(e.to_string());
         let (params, mut slots) = match (&mut self.shared, &w.params) {
-            // Written only by the coordinator, which checked them (`Hub::share_params`).
+            // Written only by the coordinator, which checked them (`Hub::share_params`). Copied
+            // out first: once this worker is dropped (late), the next step's may be written there
+            // while it still computes.
             (Some(Shared { params, slots }), Tensor::Shared) => {
-                (params.region(0).ok_or_else(|| Status::internal("no parameter region"))?, Some(slots))
+                let shared = params.shared(0).ok_or_else(|| Status::internal("no parameter region"))?;
+                self.params.resize(n, 0.0);
+                shared.read_into(&mut self.params);
+                (&self.params[..], Some(slots))
             }
             (None, Tensor::Shared) => {
                 return Err(Status::invalid_argument("parameters in shared memory this worker does not have"))

@@ -184,7 +184,7 @@ impl Engine for LocalEngine<'_> {
         };
         meanwhile();
         if shards.len() > 1 {
-            let parts: Vec<&[f32]> = self.grads.iter().map(|g| &g[..]).collect();
+            let parts: Vec<_> = self.grads.iter().map(|g| dtrain_nn::simd::Part::Own(&g[..])).collect();
             dtrain_nn::simd::sum_into(grad, &parts);
         }
         Ok(stats)

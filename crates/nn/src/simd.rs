@@ -61,17 +61,147 @@ avx2_dispatch! {
     }
 }
 
+/// A vector in memory another process may write at any time (shared memory). It is read only
+/// with volatile loads, never through a reference, so a concurrent write can at worst tear
+/// values (which the reader then checks), never invalidate what this process assumes.
+#[derive(Clone, Copy, Debug)]
+pub struct Volatile<'a> {
+    ptr: *const f32,
+    len: usize,
+    _mapping: std::marker::PhantomData<&'a [f32]>,
+}
+
+// SAFETY: a `Volatile` only ever performs volatile reads of plain f32 values, which any thread
+// may do at any time; the mapping it points into outlives it ('a).
+unsafe impl Send for Volatile<'_> {}
+// SAFETY: as for Send: shared use is volatile reads only.
+unsafe impl Sync for Volatile<'_> {}
+
+impl<'a> Volatile<'a> {
+    /// # Safety
+    /// `ptr` must be 4-byte aligned and valid for reads of `len` f32 values for 'a (a mapping
+    /// that stays mapped), outside any Rust allocation.
+    pub unsafe fn new(ptr: *const f32, len: usize) -> Self {
+        Volatile { ptr, len, _mapping: std::marker::PhantomData }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn split_at(self, mid: usize) -> (Self, Self) {
+        assert!(mid <= self.len);
+        // SAFETY: both halves lie within the original range.
+        unsafe { (Volatile::new(self.ptr, mid), Volatile::new(self.ptr.add(mid), self.len - mid)) }
+    }
+
+    /// Hands `each` the values of `range` in order, as (offset in the range, up to 8 values),
+    /// read with volatile loads: one by one up to a 32-byte boundary, then eight at a time.
+    #[inline(always)]
+    fn load(self, range: std::ops::Range<usize>, mut each: impl FnMut(usize, &[f32])) {
+        assert!(range.end <= self.len);
+        let mut i = range.start;
+        // One vector load per 8 values needs the vector's alignment (the type `[f32; 8]` would
+        // be read element by element: volatile aggregate loads are never merged).
+        while i < range.end && !(self.ptr.wrapping_add(i) as usize).is_multiple_of(32) {
+            // SAFETY: i < len, in bounds per `new`.
+            each(i - range.start, &[unsafe { std::ptr::read_volatile(self.ptr.add(i)) }]);
+            i += 1;
+        }
+        while i + 8 <= range.end {
+            let v = read8(self.ptr.wrapping_add(i));
+            each(i - range.start, &v);
+            i += 8;
+        }
+        while i < range.end {
+            // SAFETY: i < len, in bounds per `new`.
+            each(i - range.start, &[unsafe { std::ptr::read_volatile(self.ptr.add(i)) }]);
+            i += 1;
+        }
+    }
+}
+
+/// Eight values at `p` (32-byte aligned, in bounds) with one volatile vector load.
+#[inline(always)]
+fn read8(p: *const f32) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__m256;
+        // SAFETY: `p` is 32-byte aligned (`load` checks) with 8 values in bounds; __m256 and
+        // [f32; 8] have the same size and any bits are valid f32s.
+        unsafe { std::mem::transmute::<__m256, [f32; 8]>(std::ptr::read_volatile(p.cast::<__m256>())) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        // SAFETY: as above; [f32; 8] needs only f32's alignment.
+        unsafe { std::ptr::read_volatile(p.cast::<[f32; 8]>()) }
+    }
+}
+
+avx2_dispatch! {
+    fn volatile_copy(src: Volatile<'_>, dst: &mut [f32]) {
+        src.load(0..src.len, |i, v| dst[i..i + v.len()].copy_from_slice(v));
+    }
+}
+
+impl Volatile<'_> {
+    /// A private copy of the values.
+    pub fn read_into(self, dst: &mut [f32]) {
+        assert_eq!(dst.len(), self.len, "a copy of the whole vector");
+        volatile_copy(self, dst);
+    }
+}
+
+/// One term of `sum_into`: this process's own values, or shared memory another process writes.
+#[derive(Clone, Copy, Debug)]
+pub enum Part<'a> {
+    Own(&'a [f32]),
+    Shared(Volatile<'a>),
+}
+
+impl<'a> Part<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Part::Own(s) => s.len(),
+            Part::Shared(v) => v.len(),
+        }
+    }
+
+    fn split_at(self, mid: usize) -> (Part<'a>, Part<'a>) {
+        match self {
+            Part::Own(s) => {
+                let (a, b) = s.split_at(mid);
+                (Part::Own(a), Part::Own(b))
+            }
+            Part::Shared(v) => {
+                let (a, b) = v.split_at(mid);
+                (Part::Shared(a), Part::Shared(b))
+            }
+        }
+    }
+}
+
 /// Values per block of `sum_into`: the block's result stays in L1 while every part is added.
 const BLOCK: usize = 1024;
 
 avx2_dispatch! {
-    fn sum_serial(dst: &mut [f32], parts: &[&[f32]]) -> bool {
+    fn sum_serial(dst: &mut [f32], parts: &[Part<'_>]) -> bool {
         let mut bad = 0u32;
         for (b, d) in dst.chunks_mut(BLOCK).enumerate() {
             let block = b * BLOCK..b * BLOCK + d.len();
-            d.copy_from_slice(&parts[0][block.clone()]);
-            for p in &parts[1..] {
-                d.iter_mut().zip(&p[block.clone()]).for_each(|(d, s)| *d += s);
+            for (k, p) in parts.iter().enumerate() {
+                match (*p, k) {
+                    (Part::Own(p), 0) => d.copy_from_slice(&p[block.clone()]),
+                    (Part::Own(p), _) => d.iter_mut().zip(&p[block.clone()]).for_each(|(d, s)| *d += s),
+                    (Part::Shared(v), 0) => v.load(block.clone(), |i, x| d[i..i + x.len()].copy_from_slice(x)),
+                    (Part::Shared(v), _) => v.load(block.clone(), |i, x| {
+                        d[i..i + x.len()].iter_mut().zip(x).for_each(|(d, s)| *d += s)
+                    }),
+                }
             }
             bad |= d.iter().fold(0, |acc, x| acc | not_finite(x));
         }
@@ -82,16 +212,21 @@ avx2_dispatch! {
 /// `dst = parts[0] + parts[1] + ...`, added in that order for every element (the same bits
 /// as adding the parts one after another). Returns whether every sum is finite: false if a
 /// part holds a NaN or an infinity, or if a sum overflows. Every part is `dst`'s length.
-pub fn sum_into(dst: &mut [f32], parts: &[&[f32]]) -> bool {
+pub fn sum_into(dst: &mut [f32], parts: &[Part<'_>]) -> bool {
     assert!(!parts.is_empty() && parts.iter().all(|p| p.len() == dst.len()), "parts of the sum's length");
     if dst.len() < PARALLEL_MIN {
         return sum_serial(dst, parts);
     }
     let mid = dst.len() / 2;
     let (d0, d1) = dst.split_at_mut(mid);
-    let (p0, p1): (Vec<&[f32]>, Vec<&[f32]>) = parts.iter().map(|p| p.split_at(mid)).unzip();
+    let (p0, p1): (Vec<Part<'_>>, Vec<Part<'_>>) = parts.iter().map(|p| p.split_at(mid)).unzip();
     let (a, b) = rayon::join(|| sum_into(d0, &p0), || sum_into(d1, &p1));
     a && b
+}
+
+/// `dst = src`, in the same pass telling whether every value is finite.
+pub fn copy_checked(dst: &mut [f32], src: &[f32]) -> bool {
+    sum_into(dst, &[Part::Own(src)])
 }
 
 #[cfg(test)]
@@ -105,7 +240,7 @@ mod tests {
         let part =
             |k: u32| -> Vec<f32> { (0..n as u32).map(|i| ((i * 7 + k * 13) % 101) as f32 * 0.37 - 17.0).collect() };
         let parts = [part(0), part(1), part(2)];
-        let views: Vec<&[f32]> = parts.iter().map(|p| &p[..]).collect();
+        let views: Vec<Part<'_>> = parts.iter().map(|p| Part::Own(&p[..])).collect();
         let mut want = parts[0].clone();
         for p in &parts[1..] {
             want.iter_mut().zip(p).for_each(|(w, x)| *w += x);
@@ -113,15 +248,34 @@ mod tests {
         let mut got = vec![0.0; n];
         assert!(sum_into(&mut got, &views));
         assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
-        assert!(sum_into(&mut got, &views[..1]));
+        assert!(copy_checked(&mut got, &parts[0]));
         assert_eq!(got, parts[0]);
+        // Parts read from shared memory (volatile loads) give the same bits.
+        // SAFETY: the vectors outlive the views and are not written meanwhile.
+        let shared: Vec<Part<'_>> =
+            parts.iter().map(|p| Part::Shared(unsafe { Volatile::new(p.as_ptr(), p.len()) })).collect();
+        let mut mixed = vec![0.0; n];
+        assert!(sum_into(&mut mixed, &[views[0], shared[1], shared[2]]));
+        assert!(mixed.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let mut copy = vec![0.0; n];
+        let Part::Shared(v) = shared[1] else { unreachable!() };
+        v.read_into(&mut copy);
+        assert_eq!(copy, parts[1]);
+        // Every start offset: values before a 32-byte boundary are read one by one.
+        for skip in 0..9 {
+            // SAFETY: in bounds of parts[1], which is not written meanwhile.
+            let v = unsafe { Volatile::new(parts[1].as_ptr().add(skip), 21) };
+            let mut some = vec![0.0; 21];
+            v.read_into(&mut some);
+            assert_eq!(some, parts[1][skip..skip + 21]);
+        }
 
         let mut bad = parts[2].clone();
         bad[n - 1] = f32::NAN;
-        assert!(!sum_into(&mut got, &[&parts[0], &bad]));
+        assert!(!sum_into(&mut got, &[Part::Own(&parts[0]), Part::Own(&bad)]));
         let (huge, mut small) = (vec![f32::MAX; n], vec![0.0; n]);
         small[5] = f32::MAX; // overflows to infinity: not finite either
-        assert!(!sum_into(&mut got, &[&huge, &small]));
+        assert!(!sum_into(&mut got, &[Part::Own(&huge), Part::Own(&small)]));
         assert!(got[5].is_infinite());
     }
 }

@@ -126,6 +126,22 @@ fn evaluate_predict_summary_and_json_logs() {
 
     let o = run(&["summary", "--config", job]);
     assert!(String::from_utf8(o.stdout).unwrap().contains("Total params: 67 (268.00 B)"));
+
+    // `predict | head -1`: the reader goes away after one line; predict exits 0, silently.
+    let many = dir.path().join("many.csv");
+    std::fs::write(&many, "0.1,0.2,0.3,0.4\n".repeat(50_000)).unwrap();
+    let mut child = coordinator()
+        .args(["predict", "--config", job, "--weights", w.to_str().unwrap(), "--input", many.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    assert!(first.starts_with("class,output_0"), "{first}");
+    let o = child.wait_with_output().unwrap(); // stdout was dropped above: later writes fail
+    assert!(o.status.success(), "a closed pipe is not an error: {}", stderr(&o));
+    assert_eq!(stderr(&o), "", "nothing to say about a closed pipe");
 }
 
 /// The seed job on the real Fashion-MNIST files, one epoch: it loads, trains and checkpoints.

@@ -1,11 +1,12 @@
 //! `coordinator`: trains, evaluates and predicts from a job file. Flags in, exit code out;
 //! the work is in dtrain-fit.
 
+use anyhow::Context;
 use clap::Parser;
 use dtrain_cluster::run::{ClusterOptions, ServerTls};
 use dtrain_fit::metrics::Metrics;
 use dtrain_fit::session::{self, TrainOptions};
-use dtrain_fit::{Console, FitError, LogFormat};
+use dtrain_fit::{Console, LogFormat};
 use std::io::Write;
 
 #[path = "coordinator_cli.rs"]
@@ -21,14 +22,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `coordinator predict ... | head`: the reader has all it wanted.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Train(a) => {
@@ -52,12 +59,12 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
             let interrupt = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, Arc::clone(&interrupt))
-                    .map_err(|e| FitError::Config(format!("cannot handle signal {sig}: {e}")))?;
+                    .with_context(|| format!("cannot handle signal {sig}"))?;
             }
             let mut console = Console::new(format).with_interrupt(interrupt);
             let metrics = Arc::new(Metrics::default());
             if let Some(addr) = a.metrics_listen {
-                let at = dtrain_cluster::metrics_http::serve(addr, Arc::clone(&metrics)).map_err(FitError::Config)?;
+                let at = dtrain_cluster::metrics_http::serve(addr, Arc::clone(&metrics))?;
                 eprintln!("coordinator: metrics on http://{at}/metrics");
                 console = console.with_metrics(Arc::clone(&metrics));
             }
@@ -65,12 +72,11 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                 session::train(&opts, &mut console)?;
             } else {
                 let token = match (&a.token_file, a.token) {
-                    (Some(f), _) => Some(dtrain_cluster::auth::read_token_file(f).map_err(FitError::Config)?),
+                    (Some(f), _) => Some(dtrain_cluster::auth::read_token_file(f)?),
                     (None, t) => t,
                 };
                 let secs = |what: &str, s: f64| {
-                    Duration::try_from_secs_f64(s)
-                        .map_err(|_| FitError::Config(format!("--{what}: {s} is not a duration")))
+                    Duration::try_from_secs_f64(s).map_err(|_| anyhow::anyhow!("--{what}: {s} is not a duration"))
                 };
                 let cluster = ClusterOptions {
                     listen: a.listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("a valid address")),
@@ -87,19 +93,16 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                         _ => None,
                     },
                 };
-                dtrain_cluster::run::train(&opts, &cluster, &mut console).map_err(|e| match e {
-                    dtrain_cluster::ClusterError::Fit(f) => f,
-                    other => FitError::Engine(other.to_string()),
-                })?;
+                dtrain_cluster::run::train(&opts, &cluster, &mut console)?;
             }
         }
         Command::Evaluate { config, weights, json } => {
             let (e, which, n) = session::evaluate_weights(&config, &weights)?;
             if json {
                 let v = serde_json::json!({"loss": e.loss, "accuracy": e.accuracy, "data": which, "samples": n});
-                let _ = writeln!(out, "{v}");
+                writeln!(out, "{v}")?;
             } else {
-                let _ = writeln!(out, "{which} data ({n} samples): loss {:.6} - accuracy {:.4}", e.loss, e.accuracy);
+                writeln!(out, "{which} data ({n} samples): loss {:.6} - accuracy {:.4}", e.loss, e.accuracy)?;
             }
         }
         Command::Predict { config, weights, input, json } => {
@@ -113,19 +116,20 @@ fn run(cli: Cli) -> Result<(), dtrain_fit::FitError> {
                     .into_iter()
                     .map(|r| serde_json::json!({"class": argmax(r), "output": r.to_vec()}))
                     .collect();
-                let _ = writeln!(out, "{}", serde_json::json!({ "predictions": rows }));
+                writeln!(out, "{}", serde_json::json!({ "predictions": rows }))?;
             } else {
                 let head: Vec<String> = (0..p.ncols()).map(|i| format!("output_{i}")).collect();
-                let _ = writeln!(out, "class,{}", head.join(","));
+                writeln!(out, "class,{}", head.join(","))?;
                 for r in p.rows() {
                     let vals: Vec<String> = r.iter().map(|v| v.to_string()).collect();
-                    let _ = writeln!(out, "{},{}", argmax(r), vals.join(","));
+                    writeln!(out, "{},{}", argmax(r), vals.join(","))?;
                 }
             }
         }
         Command::Summary { config } => {
-            let _ = write!(out, "{}", session::summary(&config)?);
+            write!(out, "{}", session::summary(&config)?)?;
         }
     }
+    out.flush()?;
     Ok(())
 }

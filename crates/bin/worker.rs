@@ -12,15 +12,18 @@ use worker_cli::Cli;
 
 fn main() -> ExitCode {
     dtrain_nn::reexec_with_pinned_blas();
-    let cli = Cli::parse();
+    match run_worker(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_worker(cli: Cli) -> anyhow::Result<()> {
     let token = match (&cli.token_file, cli.token) {
-        (Some(f), _) => match dtrain_cluster::auth::read_token_file(f) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
+        (Some(f), _) => Some(dtrain_cluster::auth::read_token_file(f)?),
         (None, t) => t,
     };
     let name = cli
@@ -34,18 +37,10 @@ fn main() -> ExitCode {
         health_listen: cli.health_listen,
         tls: cli.tls_ca.map(|ca| ClientTls { ca, identity: cli.tls_cert.zip(cli.tls_key), domain: cli.tls_domain }),
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the network runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(opts, |m| eprintln!("worker: {m}"))) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|cause| anyhow::anyhow!("cannot start the network runtime: {cause}"))?;
+    rt.block_on(run(opts, |m| eprintln!("worker: {m}")))?;
+    Ok(())
 }

@@ -25,12 +25,14 @@ pub fn check(metadata: &MetadataMap, token: Option<&str>) -> Result<(), Status> 
     }
 }
 
-/// Reads a token from a file (trimmed); `Err` names the file.
-pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
-    let t = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read the token: {e}", path.display()))?;
+/// Reads a token from a file (trimmed); an error names the file.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, crate::ClusterError> {
+    let t = std::fs::read_to_string(path)
+        .map_err(dtrain_fit::IoError::on(path, "read the token"))
+        .map_err(|e| crate::ClusterError::Fit(e.into()))?;
     let t = t.trim().to_string();
     if t.is_empty() {
-        return Err(format!("{}: the token file is empty", path.display()));
+        return Err(crate::ClusterError::Config(format!("{}: the token file is empty", path.display())));
     }
     Ok(t)
 }

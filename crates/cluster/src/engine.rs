@@ -6,11 +6,11 @@
 use crate::epoch_stats::EpochStats;
 use crate::hub::{Event, Hub};
 use crate::ids::{ShardIndex, WorkerId};
-use crate::round::{Action, Cause, FaultLedger, Phase, Round};
+use crate::round::{Action, Cause, FaultLedger, Phase, Refusal, Round};
 use crate::run::ClusterOptions;
 use crate::shm::SharedFile;
 use dtrain_data::Dataset;
-use dtrain_fit::Engine;
+use dtrain_fit::{Engine, EngineError};
 use dtrain_nn::simd::Part;
 use dtrain_nn::ShardStats;
 use dtrain_proto::{
@@ -109,7 +109,7 @@ impl Engine for ClusterEngine<'_> {
         shards: &[Range<usize>],
         grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
-    ) -> Result<Vec<ShardStats>, String> {
+    ) -> Result<Vec<ShardStats>, EngineError> {
         let rt = self.net.rt.clone();
         let epoch = &mut self.telemetry.epoch;
         epoch.step_starts();
@@ -179,7 +179,7 @@ impl ClusterEngine<'_> {
         shards: &[Range<usize>],
         grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
-    ) -> Result<Vec<ShardStats>, String> {
+    ) -> Result<Vec<ShardStats>, EngineError> {
         let t0 = Instant::now();
         // Parameters that are not finite (a diverging run) give a loss that is not finite, as
         // in process; workers would refuse them, so none is asked.
@@ -264,7 +264,12 @@ impl ClusterEngine<'_> {
     }
 
     /// Carries out the round's actions (a send that fails gives more).
-    async fn act(&mut self, actions: Vec<Action>, round: &mut Round, out: &mut Outgoing<'_>) -> Result<(), String> {
+    async fn act(
+        &mut self,
+        actions: Vec<Action>,
+        round: &mut Round,
+        out: &mut Outgoing<'_>,
+    ) -> Result<(), EngineError> {
         let mut queue = VecDeque::from(actions);
         while let Some(action) = queue.pop_front() {
             match action {
@@ -329,7 +334,7 @@ impl ClusterEngine<'_> {
         round: &mut Round,
         inbox: &mut Inbox,
         deadline: Instant,
-    ) -> Result<Vec<Action>, String> {
+    ) -> Result<Vec<Action>, EngineError> {
         match tokio::time::timeout_at(deadline.into(), self.net.events.recv()).await {
             Ok(Some(Event::Result { id, result, size })) => {
                 let k = ShardIndex(result.index as usize);
@@ -352,17 +357,17 @@ impl ClusterEngine<'_> {
             }
             Ok(Some(Event::Left { id })) => Ok(round.left(id)),
             Ok(Some(Event::Joined { .. })) => Ok(vec![]),
-            Ok(None) => Err("the coordinator's worker hub stopped".into()),
+            Ok(None) => Err(EngineError::Stopped),
             Err(_) => Ok(round.deadline_passed(Instant::now().max(deadline))),
         }
     }
 
     /// Returns once at least one worker is alive, or fails after `worker_wait`.
-    async fn await_workers(&mut self) -> Result<(), String> {
+    async fn await_workers(&mut self) -> Result<(), EngineError> {
         let wait = self.policy.worker_wait;
         self.telemetry.log(&format!("no live worker; waiting up to {wait:?} for one to join"));
         let joined = self.net.hub.wait_for_workers(1, wait).await;
-        joined.map_err(|_| format!("no worker joined within {wait:?}; the last checkpoint is kept"))
+        joined.map_err(|_| EngineError::NoWorkers { waited: wait })
     }
 
     /// Where `worker` finds this step's parameters (known to be finite): in shared memory if
@@ -388,14 +393,14 @@ impl ClusterEngine<'_> {
         result: &ShardResult,
         rows: u64,
         n: usize,
-    ) -> Result<(ShardStats, Landed), String> {
-        let stats = result.stats(rows).map_err(|e| e.to_string())?;
+    ) -> Result<(ShardStats, Landed), Refusal> {
+        let stats = result.stats(rows)?;
         let k = result.index as usize;
         let gradient = match &result.gradient {
             Tensor::Inline(bytes) => bytes,
             Tensor::Shared => {
-                let slots = self.net.hub.slots(id).ok_or("a gradient in shared memory it does not have")?;
-                slots.shared(k).ok_or("a shared-memory slot out of range")?;
+                let slots = self.net.hub.slots(id).ok_or(Refusal::NoSharedMemory)?;
+                slots.shared(k).ok_or(Refusal::SlotOutOfRange)?;
                 return Ok((stats, Landed::Slot(slots)));
             }
         };
@@ -405,14 +410,14 @@ impl ClusterEngine<'_> {
         }
         let buf = &mut received[k];
         buf.resize(n, 0.0);
-        copy_f32s("gradient", gradient, buf).map_err(|e| e.to_string())?;
+        copy_f32s("gradient", gradient, buf)?;
         Ok((stats, Landed::Copied))
     }
 
     /// `grad` = the shards' gradients summed in shard order; returns the shards whose result is
     /// not finite (its sums, or its gradient when the sum is not finite: an overflowing sum of
     /// finite gradients is kept, as in process).
-    fn reduce(&mut self, inbox: &Inbox, grad: &mut [f32]) -> BTreeMap<ShardIndex, String> {
+    fn reduce(&mut self, inbox: &Inbox, grad: &mut [f32]) -> BTreeMap<ShardIndex, Refusal> {
         let Buffers { zeros, received, .. } = &mut self.buffers;
         zeros.resize(grad.len(), 0.0);
         let parts: Vec<Part<'_>> = inbox
@@ -429,7 +434,7 @@ impl ClusterEngine<'_> {
         let mut copy = vec![];
         let mut not_finite = |(k, (p, s)): (usize, (&Part<'_>, &ShardStats))| {
             if !(s.loss_sum.is_finite() && s.activity.is_finite()) {
-                return Some((ShardIndex(k), "loss sums are not finite".to_string()));
+                return Some((ShardIndex(k), Refusal::SumsNotFinite));
             }
             if sum_finite {
                 return None;
@@ -443,7 +448,7 @@ impl ClusterEngine<'_> {
                     &copy[..]
                 }
             };
-            check_finite("gradient", values).err().map(|e| (ShardIndex(k), e.to_string()))
+            check_finite("gradient", values).err().map(|e| (ShardIndex(k), Refusal::Wire(e)))
         };
         parts.iter().zip(&inbox.stats).enumerate().filter_map(&mut not_finite).collect()
     }
@@ -509,6 +514,7 @@ mod tests {
         assert_eq!(stats.iter().map(|s| s.rows).collect::<Vec<_>>(), [2, 1, 0]);
         // Finite parameters need a worker: with none, it waits `worker_wait` and says so.
         let err = e.gradients(&[1.0, 2.0, 0.0], 1, &batch, &shards, &mut grad, &mut || ()).unwrap_err();
-        assert!(err.contains("no worker joined within 10ms"), "{err}");
+        assert!(matches!(err, EngineError::NoWorkers { .. }), "{err}");
+        assert_eq!(err.to_string(), "no worker joined within 10ms; the last checkpoint is kept");
     }
 }

@@ -22,14 +22,20 @@ pub mod worker;
 /// Largest message either side accepts or sends (the wide model's parameters are 2.7 MB).
 pub const MESSAGE_LIMIT: usize = 64 << 20;
 
+/// What ends a coordinator or worker run.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// A flag or setting: what is wrong and what to do.
     #[error("{0}")]
     Config(String),
-    #[error("{0}")]
-    Io(String),
+    /// A system resource (a socket, a runtime) this process could not get.
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
     #[error(transparent)]
     Fit(#[from] dtrain_fit::FitError),
+    /// The coordinator refused this worker (token, protocol version): retrying cannot help.
     #[error("rejected by the coordinator: {0}")]
     Rejected(String),
+    #[error("cannot reach the coordinator at {coordinator} for {waited:?}: {why}")]
+    Unreachable { coordinator: String, waited: std::time::Duration, why: String },
 }

@@ -2,6 +2,7 @@
 //! other methods 405). A plain HTTP/1.1 responder on its own thread, so it answers even while
 //! the trainer is busy between steps.
 
+use crate::ClusterError;
 use dtrain_fit::metrics::Metrics;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Starts serving; returns the bound address (port 0 picks a free one).
-pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, String> {
-    let listener = TcpListener::bind(addr).map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
+pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, ClusterError> {
+    let io = |what: String| move |cause| ClusterError::Io { what, cause };
+    let listener = TcpListener::bind(addr).map_err(io(format!("--metrics-listen {addr}")))?;
+    let local = listener.local_addr().map_err(io(format!("--metrics-listen {addr}")))?;
     std::thread::Builder::new()
         .name("dtrain-metrics".into())
         .spawn(move || {
@@ -19,7 +21,7 @@ pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, Stri
                 let _ = answer(conn, &metrics);
             }
         })
-        .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
+        .map_err(io("cannot start the metrics thread".into()))?;
     Ok(local)
 }
 

@@ -11,6 +11,20 @@ use std::time::{Duration, Instant};
 /// Faulty results a worker may send before it is dropped.
 pub const MAX_FAULTS: u32 = 3;
 
+/// Why a result is refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    /// Malformed: wrong sizes or counts.
+    #[error(transparent)]
+    Wire(#[from] dtrain_proto::WireError),
+    #[error("a gradient in shared memory it does not have")]
+    NoSharedMemory,
+    #[error("a shared-memory slot out of range")]
+    SlotOutOfRange,
+    #[error("loss sums are not finite")]
+    SumsNotFinite,
+}
+
 /// Why a worker's shards are computed again by someone else.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cause {
@@ -39,7 +53,7 @@ pub enum Action {
     /// Close this worker's stream; it is gone for the rest of the run.
     Drop { worker: WorkerId, cause: Cause },
     /// This worker sent a wrong result for `shard`: count it against the worker.
-    Fault { worker: WorkerId, shard: ShardIndex, why: String },
+    Fault { worker: WorkerId, shard: ShardIndex, why: Refusal },
     /// These shards, taken from `from`, will be computed again.
     Recompute { from: WorkerId, shards: Vec<ShardIndex>, cause: Cause },
 }
@@ -71,7 +85,7 @@ pub struct Round {
     sent_at: BTreeMap<WorkerId, Instant>,
     /// Shards whose first result was not finite: who sent it and what was wrong, until a
     /// second opinion says whether it was the worker or the model.
-    doubts: BTreeMap<ShardIndex, (WorkerId, String)>,
+    doubts: BTreeMap<ShardIndex, (WorkerId, Refusal)>,
     done: bool,
 }
 
@@ -153,7 +167,7 @@ impl Round {
     }
 
     /// An expected result arrived and was checked (`Err` says what is wrong with it).
-    pub fn result(&mut self, worker: WorkerId, shard: ShardIndex, checked: Result<(), String>) -> Vec<Action> {
+    pub fn result(&mut self, worker: WorkerId, shard: ShardIndex, checked: Result<(), Refusal>) -> Vec<Action> {
         if !self.expects(worker, self.step, shard) {
             return vec![];
         }
@@ -207,7 +221,7 @@ impl Round {
     /// wrong. A first non-finite result is doubted and computed again by another worker; if that
     /// one is not finite either, it is the model's value (a diverging run stops as in process);
     /// if it is, the first worker was at fault.
-    pub fn reduced(&mut self, not_finite: &BTreeMap<ShardIndex, String>) -> Vec<Action> {
+    pub fn reduced(&mut self, not_finite: &BTreeMap<ShardIndex, Refusal>) -> Vec<Action> {
         let previous = std::mem::take(&mut self.doubts);
         let mut actions = vec![];
         for (&shard, (first, why)) in &previous {
@@ -373,7 +387,7 @@ mod tests {
     #[test]
     fn a_refused_result_is_a_fault_and_the_shard_is_computed_again() {
         let mut r = dispatched(Instant::now());
-        let why = "gradient: 3 values, expected 4".to_string();
+        let why = Refusal::Wire(dtrain_proto::WireError::Length { what: "gradient", got: 3, want: 4 });
         assert_eq!(
             r.result(w(2), k(3), Err(why.clone())),
             vec![Action::Fault { worker: w(2), shard: k(3), why }, recompute(2, &[3], Cause::BadResult)]
@@ -385,7 +399,8 @@ mod tests {
     fn a_non_finite_result_confirmed_by_another_worker_is_the_models() {
         let mut r = dispatched(Instant::now());
         all_in(&mut r, &[(1, 0), (1, 1), (2, 2), (2, 3)]);
-        let nan = BTreeMap::from([(k(2), "gradient: value 0 is not finite".to_string())]);
+        let nan =
+            BTreeMap::from([(k(2), Refusal::Wire(dtrain_proto::WireError::NotFinite { what: "gradient", index: 0 }))]);
         assert_eq!(r.reduced(&nan), vec![recompute(2, &[2], Cause::SecondOpinion)]);
         // The second opinion goes to worker 1, not to the worker that sent the first.
         assert_eq!(r.dispatch(&[w(1), w(2)], Instant::now()), vec![send(1, &[2])]);
@@ -398,7 +413,7 @@ mod tests {
     fn a_non_finite_result_contradicted_by_another_worker_is_the_first_workers_fault() {
         let mut r = dispatched(Instant::now());
         all_in(&mut r, &[(1, 0), (1, 1), (2, 2), (2, 3)]);
-        let why = "loss sums are not finite".to_string();
+        let why = Refusal::SumsNotFinite;
         r.reduced(&BTreeMap::from([(k(3), why.clone())]));
         assert_eq!(r.dispatch(&[w(1), w(2)], Instant::now()), vec![send(1, &[3])]);
         all_in(&mut r, &[(1, 3)]);

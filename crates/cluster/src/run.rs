@@ -8,7 +8,7 @@ use crate::spawn::LocalWorkers;
 use crate::{ClusterError, MESSAGE_LIMIT};
 use dtrain_data::Dataset;
 use dtrain_fit::session::{train_with, EngineFactory, TrainOptions};
-use dtrain_fit::{Engine, FitError, Job, Observer, Report};
+use dtrain_fit::{Engine, EngineError, FitError, IoError, Job, Observer, Report};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,12 +44,12 @@ pub struct ServerTls {
     pub client_ca: Option<std::path::PathBuf>,
 }
 
-fn pem(p: &std::path::Path) -> Result<Vec<u8>, String> {
-    std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))
+fn pem(p: &std::path::Path) -> Result<Vec<u8>, IoError> {
+    std::fs::read(p).map_err(IoError::on(p, "read"))
 }
 
 impl ServerTls {
-    fn config(&self) -> Result<tonic::transport::ServerTlsConfig, String> {
+    fn config(&self) -> Result<tonic::transport::ServerTlsConfig, IoError> {
         use tonic::transport::{Certificate, Identity, ServerTlsConfig};
         let mut c = ServerTlsConfig::new().identity(Identity::from_pem(pem(&self.cert)?, pem(&self.key)?));
         if let Some(ca) = &self.client_ca {
@@ -97,7 +97,7 @@ struct Cluster<'o> {
 
 impl EngineFactory for Cluster<'_> {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
-        let err = |e: String| FitError::Engine(e);
+        let err = |e: String| FitError::Engine(EngineError::Setup(e));
         let offer = self.opts.shared_memory.then(|| Offer { params: job.model.num_params(), slots: job.fit.shards });
         let (hub, events) = Hub::new(job.config.to_toml(), offer, log);
         let listener = self
@@ -119,7 +119,7 @@ impl EngineFactory for Cluster<'_> {
         self.rt.block_on(health_reporter.set_service_status(dtrain_proto::COORDINATOR_SERVICE, serving));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &self.opts.tls {
-            builder = builder.tls_config(tls.config().map_err(err)?).map_err(|e| err(format!("TLS: {e}")))?;
+            builder = builder.tls_config(tls.config()?).map_err(|e| err(format!("TLS: {e}")))?;
         }
         self.rt.spawn(
             builder
@@ -132,8 +132,7 @@ impl EngineFactory for Cluster<'_> {
         );
         if self.opts.spawn_workers > 0 {
             let url = format!("http://{addr}");
-            self.workers =
-                Some(LocalWorkers::spawn(self.opts.spawn_workers, &url, self.opts.token.as_deref()).map_err(err)?);
+            self.workers = Some(LocalWorkers::spawn(self.opts.spawn_workers, &url, self.opts.token.as_deref())?);
         }
         let (workers, shards) = (self.opts.spawn_workers.max(self.opts.min_workers), job.fit.shards);
         if workers > shards {
@@ -145,9 +144,11 @@ impl EngineFactory for Cluster<'_> {
         let need = self.opts.min_workers;
         log(&format!("waiting for {need} worker(s)"));
         let wait = self.opts.worker_wait;
-        self.rt
-            .block_on(hub.wait_for_workers(need, wait))
-            .map_err(|n| err(format!("only {n} of {need} worker(s) joined within {wait:?}")))?;
+        self.rt.block_on(hub.wait_for_workers(need, wait)).map_err(|joined| EngineError::TooFewWorkers {
+            joined,
+            needed: need,
+            waited: wait,
+        })?;
         Ok(Box::new(ClusterEngine::new(train, Arc::clone(&self.rt), hub, events, self.opts, Box::new(log))))
     }
 }
@@ -160,7 +161,7 @@ pub fn train(opts: &TrainOptions, cluster: &ClusterOptions, obs: &mut dyn Observ
         .worker_threads(1)
         .enable_all()
         .build()
-        .map_err(|e| ClusterError::Io(format!("cannot start the network runtime: {e}")))?;
+        .map_err(|cause| ClusterError::Io { what: "cannot start the network runtime".into(), cause })?;
     let mut factory = Cluster { opts: cluster, rt: Arc::new(rt), workers: None };
     let report = train_with(opts, &mut factory, obs)?;
     Ok(report)

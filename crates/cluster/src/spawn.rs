@@ -1,5 +1,6 @@
 //! `--spawn-workers N`: local worker processes, killed when the coordinator is done with them.
 
+use dtrain_fit::IoError;
 use std::process::{Child, Command, Stdio};
 
 pub struct LocalWorkers {
@@ -8,8 +9,8 @@ pub struct LocalWorkers {
 
 impl LocalWorkers {
     /// Starts `n` copies of the `worker` binary that sits beside this executable.
-    pub fn spawn(n: usize, coordinator: &str, token: Option<&str>) -> Result<LocalWorkers, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    pub fn spawn(n: usize, coordinator: &str, token: Option<&str>) -> Result<LocalWorkers, IoError> {
+        let exe = std::env::current_exe().map_err(IoError::on(std::path::Path::new("/proc/self/exe"), "resolve"))?;
         let worker = exe.with_file_name("worker");
         let mut children = Vec::new();
         for i in 0..n {
@@ -21,7 +22,7 @@ impl LocalWorkers {
                 cmd.env("DTRAIN_TOKEN", t);
             }
             die_with_parent(&mut cmd);
-            let child = cmd.spawn().map_err(|e| format!("{}: cannot start a worker: {e}", worker.display()))?;
+            let child = cmd.spawn().map_err(IoError::on(&worker, "start a worker"))?;
             children.push(child);
         }
         Ok(LocalWorkers { children })

@@ -61,7 +61,7 @@ async fn serve_health(addr: std::net::SocketAddr) -> Result<(), ClusterError> {
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| ClusterError::Io(format!("--health-listen {addr}: {e}")))?;
+        .map_err(|cause| ClusterError::Io { what: format!("--health-listen {addr}"), cause })?;
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -94,12 +94,11 @@ pub async fn run(opts: WorkerOptions, log: impl Fn(&str)) -> Result<(), ClusterE
             }
             Err(e) => {
                 if last_ok.elapsed() > opts.retry_for {
-                    return Err(ClusterError::Io(format!(
-                        "cannot reach the coordinator at {} for {:?}: {}",
-                        opts.coordinator,
-                        opts.retry_for,
-                        e.message()
-                    )));
+                    return Err(ClusterError::Unreachable {
+                        coordinator: opts.coordinator.clone(),
+                        waited: opts.retry_for,
+                        why: e.message().to_string(),
+                    });
                 }
                 log(&format!("connection to {} lost or refused ({}); retrying", opts.coordinator, e.message()));
                 tokio::time::sleep(backoff).await;

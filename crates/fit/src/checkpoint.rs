@@ -4,6 +4,7 @@
 use crate::callbacks::Callbacks;
 use crate::config::JobConfig;
 use crate::logs::{EpochLogs, Mean};
+use crate::{CheckpointError, IoError};
 use dtrain_nn::Sequential;
 use dtrain_optim::{Optimizer, OptimizerConfig, OptimizerState, Slots};
 use safetensors::tensor::{Dtype, TensorView};
@@ -13,8 +14,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let err = |e: std::io::Error| format!("{}: cannot write: {e}", path.display());
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
+    let err = IoError::on(path, "write");
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
@@ -50,35 +51,28 @@ pub fn weights_bytes(model: &Sequential, params: &[f32]) -> Vec<u8> {
     )
 }
 
-fn f32s(path: &Path, name: &str, t: &safetensors::tensor::TensorView) -> Result<Vec<f32>, String> {
+fn f32s(path: &Path, name: &str, t: &safetensors::tensor::TensorView) -> Result<Vec<f32>, CheckpointError> {
     if t.dtype() != Dtype::F32 {
-        return Err(format!("{}: tensor {name} is {:?}, expected F32", path.display(), t.dtype()));
+        return Err(CheckpointError::invalid(path, format!("tensor {name} is {:?}, expected F32", t.dtype())));
     }
     Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 /// Reads weights written by `weights_bytes` (or by Keras via safetensors with the same names),
 /// refusing missing, extra, mis-shaped or non-finite tensors.
-pub fn read_weights(path: &Path, model: &Sequential) -> Result<Vec<f32>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| format!("{}: not a valid safetensors file: {e}", path.display()))?;
+pub fn read_weights(path: &Path, model: &Sequential) -> Result<Vec<f32>, CheckpointError> {
+    let bad = |why: String| CheckpointError::invalid(path, why);
+    let bytes = std::fs::read(path).map_err(IoError::on(path, "read"))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut params = vec![0.0; model.num_params()];
     for v in model.variables() {
-        let t =
-            st.tensor(&v.name).map_err(|_| format!("{}: missing tensor {} {:?}", path.display(), v.name, v.shape))?;
+        let t = st.tensor(&v.name).map_err(|_| bad(format!("missing tensor {} {:?}", v.name, v.shape)))?;
         if t.shape() != v.shape.as_slice() {
-            return Err(format!(
-                "{}: tensor {} has shape {:?}, the model needs {:?}",
-                path.display(),
-                v.name,
-                t.shape(),
-                v.shape
-            ));
+            return Err(bad(format!("tensor {} has shape {:?}, the model needs {:?}", v.name, t.shape(), v.shape)));
         }
         let data = f32s(path, &v.name, &t)?;
         if data.iter().any(|x| !x.is_finite()) {
-            return Err(format!("{}: tensor {} holds NaN or infinite values", path.display(), v.name));
+            return Err(bad(format!("tensor {} holds NaN or infinite values", v.name)));
         }
         params[v.range()].copy_from_slice(&data);
     }
@@ -86,7 +80,7 @@ pub fn read_weights(path: &Path, model: &Sequential) -> Result<Vec<f32>, String>
     let mut extra: Vec<String> = st.names().into_iter().filter(|n| !known.contains(n)).map(str::to_string).collect();
     if !extra.is_empty() {
         extra.sort();
-        return Err(format!("{}: tensors {extra:?} are not in the model (it has {known:?})", path.display()));
+        return Err(bad(format!("tensors {extra:?} are not in the model (it has {known:?})")));
     }
     Ok(params)
 }
@@ -168,7 +162,7 @@ fn fnv1a64(bytes: &[u8]) -> String {
 
 /// Writes the state: first a new tensor file named by step, then the manifest pointing to it
 /// (atomically), then removes older tensor files. A crash never leaves a torn pair.
-pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(), String> {
+pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(), IoError> {
     let n = state.params.len();
     let mut tensors = vec![("params".to_string(), vec![n], le_bytes(&state.params))];
     let os = state.optimizer.state();
@@ -219,53 +213,39 @@ pub fn load_state(
     job: &JobConfig,
     model: &Sequential,
     optimizer: &OptimizerConfig,
-) -> Result<TrainState, String> {
+) -> Result<TrainState, CheckpointError> {
     let mpath = dir.join(STATE_FILE);
-    let text = std::fs::read(&mpath).map_err(|e| format!("{}: cannot read the resume state: {e}", mpath.display()))?;
-    let m: Manifest =
-        serde_json::from_slice(&text).map_err(|e| format!("{}: damaged resume state: {e}", mpath.display()))?;
+    let text = std::fs::read(&mpath).map_err(IoError::on(&mpath, "read the resume state"))?;
+    let m: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| CheckpointError::invalid(&mpath, format!("damaged resume state: {e}")))?;
     if m.format != STATE_FORMAT {
-        return Err(format!(
-            "{}: state format {} is not this dtrain's {STATE_FORMAT}; continue the run with the dtrain that started it",
-            mpath.display(),
-            m.format
-        ));
+        return Err(CheckpointError::Format { path: mpath, found: m.format, supported: STATE_FORMAT });
     }
     let mut same = m.job.clone();
     same.fit.epochs = job.fit.epochs;
     if &same != job {
-        return Err(format!(
-            "{}: this run was started from a different job file; resume it with the job in {} (only fit.epochs may change)",
-            mpath.display(),
-            dir.join(crate::run::JOB_FILE).display()
-        ));
+        return Err(CheckpointError::OtherJob { path: mpath, job: dir.join(crate::run::JOB_FILE) });
     }
     let tpath: PathBuf = dir.join(&m.tensors);
-    let bytes = std::fs::read(&tpath).map_err(|e| format!("{}: cannot read: {e}", tpath.display()))?;
+    let bytes = std::fs::read(&tpath).map_err(IoError::on(&tpath, "read"))?;
     if bytes.len() as u64 != m.tensors_len || fnv1a64(&bytes) != m.tensors_fnv1a64 {
-        return Err(format!("{}: checksum mismatch, the file is damaged", tpath.display()));
+        return Err(CheckpointError::invalid(&tpath, "checksum mismatch, the file is damaged"));
     }
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: damaged: {e}", tpath.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| CheckpointError::invalid(&tpath, format!("damaged: {e}")))?;
     let n = model.num_params();
-    let get = |name: &str| -> Result<Vec<f32>, String> {
-        let t = st.tensor(name).map_err(|_| format!("{}: missing tensor {name}", tpath.display()))?;
+    let get = |name: &str| -> Result<Vec<f32>, CheckpointError> {
+        let t = st.tensor(name).map_err(|_| CheckpointError::invalid(&tpath, format!("missing tensor {name}")))?;
         let v = f32s(&tpath, name, &t)?;
         if v.len() != n {
-            return Err(format!(
-                "{}: tensor {name} has {} values, the model has {n} parameters",
-                tpath.display(),
-                v.len()
-            ));
+            let why = format!("tensor {name} has {} values, the model has {n} parameters", v.len());
+            return Err(CheckpointError::invalid(&tpath, why));
         }
         Ok(v)
     };
     let want: Vec<&str> = Slots::new(&optimizer.algorithm, 0).named().iter().map(|(name, _)| *name).collect();
     if m.slots != want {
-        return Err(format!(
-            "{}: optimizer slots {:?} do not match this optimizer's {want:?}",
-            mpath.display(),
-            m.slots
-        ));
+        let why = format!("optimizer slots {:?} do not match this optimizer's {want:?}", m.slots);
+        return Err(CheckpointError::invalid(&mpath, why));
     }
     let mut read_err = None;
     let slots = Slots::restore(&optimizer.algorithm, n, |name| {
@@ -273,7 +253,7 @@ pub fn load_state(
     });
     let slots = match (slots, read_err) {
         (_, Some(e)) => return Err(e),
-        (s, None) => s.map_err(|e| format!("{}: {e}", tpath.display()))?,
+        (s, None) => s.map_err(|e| CheckpointError::invalid(&tpath, e.to_string()))?,
     };
     let os = OptimizerState { iterations: m.iterations, lr_override: m.lr_override, slots };
     let optimizer = Optimizer::with_state(optimizer.clone(), os);

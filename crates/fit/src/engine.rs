@@ -1,6 +1,7 @@
 //! Who computes the shard gradients of a step: this process (`LocalEngine`), or workers
 //! elsewhere (the cluster implements `Engine` over the network).
 
+use crate::EngineError;
 use dtrain_data::{Dataset, Labels};
 use dtrain_nn::{Mode, Sequential, ShardStats, Targets, Workspace};
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -28,7 +29,7 @@ pub trait Engine {
         shards: &[Range<usize>],
         grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
-    ) -> Result<Vec<ShardStats>, String>;
+    ) -> Result<Vec<ShardStats>, EngineError>;
 
     /// A hint: `batch` comes next. The local engine starts loading its rows into cache.
     fn prefetch(&mut self, _batch: &[u32]) {}
@@ -129,7 +130,7 @@ pub struct LocalEngine<'a> {
 
 impl<'a> LocalEngine<'a> {
     /// `threads`: how many shards run at once (1 computes them in order on this thread).
-    pub fn new(model: &'a Sequential, data: &'a Dataset, seed: u64, threads: usize) -> Result<Self, String> {
+    pub fn new(model: &'a Sequential, data: &'a Dataset, seed: u64, threads: usize) -> Result<Self, EngineError> {
         dtrain_nn::set_blas_threads(1);
         let pool = if threads > 1 {
             Some(
@@ -137,7 +138,7 @@ impl<'a> LocalEngine<'a> {
                     .num_threads(threads)
                     .thread_name(|i| format!("dtrain-shard-{i}"))
                     .build()
-                    .map_err(|e| format!("cannot start {threads} compute threads: {e}"))?,
+                    .map_err(|cause| EngineError::Threads { threads, cause })?,
             )
         } else {
             None
@@ -159,7 +160,7 @@ impl Engine for LocalEngine<'_> {
         shards: &[Range<usize>],
         grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
-    ) -> Result<Vec<ShardStats>, String> {
+    ) -> Result<Vec<ShardStats>, EngineError> {
         self.buffers.resize_with(shards.len(), ShardBuffers::default);
         let (model, data, seed) = (self.model, self.data, self.seed);
         let global_batch = batch.len() as u32;

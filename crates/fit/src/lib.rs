@@ -8,6 +8,7 @@ pub mod config;
 pub mod curves;
 pub mod dataload;
 pub mod engine;
+mod error;
 pub mod evaluate;
 pub mod logs;
 pub mod metrics;
@@ -21,20 +22,4 @@ pub use build::Job;
 pub use engine::{shard_ranges, Engine, LocalEngine};
 pub use progress::{Console, LogFormat, Observer, Report};
 
-#[derive(Debug, thiserror::Error)]
-pub enum FitError {
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Data(String),
-    #[error("{0}")]
-    Checkpoint(String),
-    #[error("{0}")]
-    Engine(String),
-    #[error("loss became {loss} at epoch {epoch}, batch {batch}; training stopped, the last saved state and weights are kept")]
-    NonFinite { epoch: usize, batch: usize, loss: f32 },
-    #[error(
-        "interrupted at epoch {epoch}, batch {batch}; the state is saved: continue with --resume --run-dir {run_dir}"
-    )]
-    Interrupted { epoch: usize, batch: usize, run_dir: String },
-}
+pub use error::{CheckpointError, EngineError, FitError, IoError};

@@ -1,5 +1,6 @@
 //! The run directory: resolved job, history, weights and resume state of one training run.
 
+use crate::{CheckpointError, IoError};
 use std::path::{Path, PathBuf};
 
 pub const JOB_FILE: &str = "job.toml";
@@ -14,42 +15,32 @@ pub struct RunDir {
 impl RunDir {
     /// Creates a fresh run directory: `explicit` if given (it must not hold files), else the
     /// first free `runs/<stem>-NNN`. Never reuses a directory that holds a run.
-    pub fn create(explicit: Option<&Path>, stem: &str) -> Result<RunDir, String> {
+    pub fn create(explicit: Option<&Path>, stem: &str) -> Result<RunDir, CheckpointError> {
         if let Some(p) = explicit {
-            if p.exists() {
-                let occupied =
-                    std::fs::read_dir(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))?.next().is_some();
-                if occupied {
-                    return Err(format!(
-                        "{}: the run directory is not empty; pass --resume to continue that run, or choose another --run-dir",
-                        p.display()
-                    ));
-                }
+            if p.exists() && std::fs::read_dir(p).map_err(IoError::on(p, "read"))?.next().is_some() {
+                return Err(CheckpointError::Occupied { dir: p.to_path_buf() });
             }
-            std::fs::create_dir_all(p).map_err(|e| format!("{}: cannot create: {e}", p.display()))?;
+            std::fs::create_dir_all(p).map_err(IoError::on(p, "create"))?;
             return Ok(RunDir { path: p.to_path_buf() });
         }
         let root = Path::new("runs");
-        std::fs::create_dir_all(root).map_err(|e| format!("{}: cannot create: {e}", root.display()))?;
-        for n in 1..100_000 {
+        std::fs::create_dir_all(root).map_err(IoError::on(root, "create"))?;
+        let mut n = 1;
+        loop {
             let p = root.join(format!("{stem}-{n:03}"));
             match std::fs::create_dir(&p) {
                 Ok(()) => return Ok(RunDir { path: p }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(format!("{}: cannot create: {e}", p.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 100_000 => n += 1,
+                Err(e) => return Err(IoError::on(&p, "create")(e).into()),
             }
         }
-        Err(format!("{}: no free run directory name for {stem}", root.display()))
     }
 
     /// An existing run directory to resume.
-    pub fn existing(p: &Path) -> Result<RunDir, String> {
-        if !p.join(crate::checkpoint::STATE_FILE).is_file() {
-            return Err(format!(
-                "{}: no resume state here ({} is missing)",
-                p.display(),
-                crate::checkpoint::STATE_FILE
-            ));
+    pub fn existing(p: &Path) -> Result<RunDir, CheckpointError> {
+        let file = crate::checkpoint::STATE_FILE;
+        if !p.join(file).is_file() {
+            return Err(CheckpointError::NoState { dir: p.to_path_buf(), file });
         }
         Ok(RunDir { path: p.to_path_buf() })
     }

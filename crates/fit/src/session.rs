@@ -84,8 +84,7 @@ pub struct Local {
 
 impl EngineFactory for Local {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
-        let engine =
-            LocalEngine::new(&job.model, train, job.seed, threads_for(job, self.threads)).map_err(FitError::Engine)?;
+        let engine = LocalEngine::new(&job.model, train, job.seed, threads_for(job, self.threads))?;
         Ok(Box::new(engine))
     }
 }
@@ -117,24 +116,23 @@ pub fn train_with(
     let (train, val) = load_data(&job).map_err(FitError::Data)?;
     let (run, mut state) = if opts.resume {
         let dir = opts.run_dir.as_deref().expect("checked above");
-        let run = RunDir::existing(dir).map_err(FitError::Checkpoint)?;
+        let run = RunDir::existing(dir)?;
         if opts.init_weights.is_some() {
             return Err(FitError::Config("--init-weights cannot be combined with --resume".into()));
         }
-        let state = load_state(run.path(), &job.config, &job.model, &job.optimizer).map_err(FitError::Checkpoint)?;
+        let state = load_state(run.path(), &job.config, &job.model, &job.optimizer)?;
         (run, state)
     } else {
         let params = match &opts.init_weights {
-            Some(w) => read_weights(w, &job.model).map_err(FitError::Checkpoint)?,
+            Some(w) => read_weights(w, &job.model)?,
             None => job.model.init_params(job.seed),
         };
         let stem = config_path.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
-        let run = RunDir::create(opts.run_dir.as_deref(), &stem).map_err(FitError::Checkpoint)?;
-        crate::checkpoint::write_atomic(&run.file(JOB_FILE), job.config.to_toml().as_bytes())
-            .map_err(FitError::Checkpoint)?;
+        let run = RunDir::create(opts.run_dir.as_deref(), &stem)?;
+        crate::checkpoint::write_atomic(&run.file(JOB_FILE), job.config.to_toml().as_bytes())?;
         let state = TrainState::new(params, job.optimizer.clone(), job.fit.initial_epoch, job.callbacks.clone());
         // Saved before the first step, so a run killed at any point can be resumed.
-        crate::checkpoint::save_state(run.path(), &state, &job.config).map_err(FitError::Checkpoint)?;
+        crate::checkpoint::save_state(run.path(), &state, &job.config)?;
         (run, state)
     };
     obs.train_begin(
@@ -156,7 +154,7 @@ pub fn train_with(
 /// on the job's validation data, or on its training data when it has none.
 pub fn evaluate_weights(config: &Path, weights: &Path) -> Result<(Evaluation, &'static str, usize), FitError> {
     let job = load_job(config, None, None, None)?;
-    let params = read_weights(weights, &job.model).map_err(FitError::Checkpoint)?;
+    let params = read_weights(weights, &job.model)?;
     let (train, val) = load_data(&job).map_err(FitError::Data)?;
     let (data, which) = match val {
         Some(v) => (v, "validation"),
@@ -169,7 +167,7 @@ pub fn evaluate_weights(config: &Path, weights: &Path) -> Result<(Evaluation, &'
 /// `coordinator predict`: the model's outputs for every sample of `input`.
 pub fn predict_file(config: &Path, weights: &Path, input: &Path) -> Result<Array2<f32>, FitError> {
     let job = load_job(config, None, None, None)?;
-    let params = read_weights(weights, &job.model).map_err(FitError::Checkpoint)?;
+    let params = read_weights(weights, &job.model)?;
     let data = load_features(input, job.model.input_shape())
         .map_err(|e| FitError::Data(e.to_string()))?
         .with_rescale(job.config.data.rescale);

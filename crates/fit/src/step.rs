@@ -44,7 +44,7 @@ impl Stepper {
         optimizer: &mut Optimizer,
         step: u64,
         batch: &[u32],
-    ) -> Result<StepOutcome, String> {
+    ) -> Result<StepOutcome, crate::EngineError> {
         let shards = shard_ranges(batch.len(), self.shards);
         let mut penalty = 0.0;
         let (now, terms) = (&*params, &mut self.penalty_terms);

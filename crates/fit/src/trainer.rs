@@ -94,10 +94,14 @@ impl Trainer<'_> {
     fn run_batch(&mut self, state: &mut TrainState, batch: &[u32]) -> Result<(), FitError> {
         let (b, epoch) = (state.batch, state.epoch);
         let t_step = Instant::now();
-        let out = self
-            .stepper
-            .step(&self.job.model, self.engine, &mut state.params, &mut state.optimizer, state.step, batch)
-            .map_err(FitError::Engine)?;
+        let out = self.stepper.step(
+            &self.job.model,
+            self.engine,
+            &mut state.params,
+            &mut state.optimizer,
+            state.step,
+            batch,
+        )?;
         if !out.applied {
             return Err(FitError::NonFinite { epoch: epoch + 1, batch: b + 1, loss: out.loss });
         }
@@ -114,7 +118,7 @@ impl Trainer<'_> {
         let last_in_epoch = b + 1 == self.steps;
         let at = BatchEnd { step: state.step, epoch, batch: b, last_in_epoch, logs: &logs };
         for i in 0..state.callbacks.list.len() {
-            let actions = state.callbacks.list[i].on_batch_end(&at).map_err(FitError::Checkpoint)?;
+            let actions = state.callbacks.list[i].on_batch_end(&at).map_err(FitError::Config)?;
             self.apply(state, actions)?;
         }
         if self.obs.interrupted() && !last_in_epoch {
@@ -148,7 +152,7 @@ impl Trainer<'_> {
         let logs = self.logs(state, ev);
         for i in 0..state.callbacks.list.len() {
             let has_snapshot = state.best_weights.is_some();
-            let actions = state.callbacks.list[i].on_epoch_end(&logs, has_snapshot).map_err(FitError::Checkpoint)?;
+            let actions = state.callbacks.list[i].on_epoch_end(&logs, has_snapshot).map_err(FitError::Config)?;
             self.apply(state, actions)?;
         }
         if let Some(m) = &self.metrics {
@@ -157,7 +161,7 @@ impl Trainer<'_> {
         }
         state.history.push(logs.clone());
         let csv = state.callbacks.csv.render(&state.history);
-        write_atomic(&self.run.file(&state.callbacks.csv.filename), csv.as_bytes()).map_err(FitError::Checkpoint)?;
+        write_atomic(&self.run.file(&state.callbacks.csv.filename), csv.as_bytes())?;
         // A picture is a convenience: failing to draw it never stops training.
         if let Err(e) = crate::curves::draw(&self.run.file(CURVES), &state.history) {
             self.obs.note(&format!("could not draw {CURVES}: {e}"));
@@ -183,7 +187,7 @@ impl Trainer<'_> {
             _ => &state.params,
         };
         let bytes = weights_bytes(&self.job.model, weights);
-        write_atomic(&self.run.file(FINAL_WEIGHTS), &bytes).map_err(FitError::Checkpoint)
+        write_atomic(&self.run.file(FINAL_WEIGHTS), &bytes).map_err(FitError::from)
     }
 
     /// Carries out what a callback asked for.
@@ -195,7 +199,7 @@ impl Trainer<'_> {
                 Action::SetLearningRate(lr) => state.optimizer.set_learning_rate(lr),
                 Action::SaveWeights(name) => {
                     let bytes = weights_bytes(&self.job.model, &state.params);
-                    write_atomic(&self.run.file(&name), &bytes).map_err(FitError::Checkpoint)?;
+                    write_atomic(&self.run.file(&name), &bytes)?;
                     if !self.written.contains(&name) {
                         self.written.push(name);
                     }
@@ -209,7 +213,7 @@ impl Trainer<'_> {
     }
 
     fn save(&self, state: &TrainState) -> Result<(), FitError> {
-        save_state(self.run.path(), state, &self.job.config).map_err(FitError::Checkpoint)
+        save_state(self.run.path(), state, &self.job.config).map_err(FitError::from)
     }
 
     fn report(&self, state: &TrainState) -> Report {

@@ -59,9 +59,9 @@ impl Engine for DiesAt<'_> {
         s: &[Range<usize>],
         o: &mut [f32],
         meanwhile: &mut dyn FnMut(),
-    ) -> Result<Vec<ShardStats>, String> {
+    ) -> Result<Vec<ShardStats>, dtrain_fit::EngineError> {
         if step == self.step {
-            return Err("killed".into());
+            return Err(dtrain_fit::EngineError::Stopped);
         }
         self.inner.gradients(p, step, b, s, o, meanwhile)
     }
@@ -85,7 +85,7 @@ fn dies_mid_epoch_and_resumes_bit_identically() {
     let mut b = TrainState::new(job.model.init_params(job.seed), job.optimizer.clone(), 0, job.callbacks.clone());
     let mut dies = DiesAt { inner: LocalEngine::new(&job.model, &train, job.seed, 1).unwrap(), step: 14 };
     let err = dtrain_fit::trainer::fit(&job, &train, None, &broken, &mut b, &mut dies, &mut quiet()).unwrap_err();
-    assert_eq!(err.to_string(), "killed");
+    assert!(matches!(err, dtrain_fit::FitError::Engine(dtrain_fit::EngineError::Stopped)), "{err}");
 
     let mut resumed = load_state(broken.path(), &job.config, &job.model, &job.optimizer).unwrap();
     assert_eq!((resumed.epoch, resumed.batch, resumed.step), (1, 2, 12));

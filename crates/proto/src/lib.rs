@@ -23,7 +23,7 @@ use prost::bytes::Bytes;
 /// Bumped on any incompatible change; checked when a worker joins.
 pub const PROTOCOL_VERSION: u32 = 2;
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
 pub enum WireError {
     #[error("{what}: {len} bytes is not a whole number of f32 values")]
     Ragged { what: &'static str, len: usize },

@@ -61,11 +61,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 signal_hook::flag::register(sig, Arc::clone(&interrupt))
                     .with_context(|| format!("cannot handle signal {sig}"))?;
             }
+            dtrain_fit::logging::init("coordinator", format);
             let mut console = Console::new(format).with_interrupt(interrupt);
             let metrics = Arc::new(Metrics::default());
             if let Some(addr) = a.metrics_listen {
                 let at = dtrain_cluster::metrics_http::serve(addr, Arc::clone(&metrics))?;
-                eprintln!("coordinator: metrics on http://{at}/metrics");
+                tracing::info!("metrics on http://{at}/metrics");
                 console = console.with_metrics(Arc::clone(&metrics));
             }
             if a.local || (a.listen.is_none() && a.spawn_workers == 0) {

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
 }
 
 fn run_worker(cli: Cli) -> anyhow::Result<()> {
+    dtrain_fit::logging::init("worker", dtrain_fit::LogFormat::Text);
     let token = match (&cli.token_file, cli.token) {
         (Some(f), _) => Some(dtrain_cluster::auth::read_token_file(f)?),
         (None, t) => t,
@@ -41,6 +42,6 @@ fn run_worker(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .map_err(|cause| anyhow::anyhow!("cannot start the network runtime: {cause}"))?;
-    rt.block_on(run(opts, |m| eprintln!("worker: {m}")))?;
+    rt.block_on(run(opts))?;
     Ok(())
 }

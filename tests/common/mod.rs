@@ -171,8 +171,10 @@ pub fn worker(coordinator: &str, extra: &[&str]) -> Proc {
     Proc::start(cmd)
 }
 
-/// The port in a `coordinator: listening on 127.0.0.1:PORT` line.
+/// The address in the coordinator's `listening on 127.0.0.1:PORT` log line (text or JSON).
 pub fn listening_url(p: &Proc) -> String {
-    let line = p.wait_for("listening on", 30);
-    format!("http://{}", line.rsplit(' ').next().unwrap())
+    let line = p.wait_for("listening on ", 30);
+    let addr = line.split("listening on ").nth(1).unwrap();
+    let addr: String = addr.chars().take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c)).collect();
+    format!("http://{addr}")
 }

@@ -3,8 +3,10 @@
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
+/// The metadata key the token travels in.
 pub const HEADER: &str = "authorization";
 
+/// The header value for `token`.
 pub fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }

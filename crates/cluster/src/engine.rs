@@ -28,7 +28,7 @@ pub struct ClusterEngine<'a> {
     data: &'a Dataset,
     net: Network,
     policy: Policy,
-    telemetry: Telemetry<'a>,
+    telemetry: Telemetry,
     prefetch: Prefetch,
     buffers: Buffers,
 }
@@ -51,9 +51,8 @@ struct Policy {
     faults: FaultLedger,
 }
 
-/// What the run shows: log lines, the epoch's cluster line, the metrics endpoint.
-struct Telemetry<'a> {
-    log: Box<dyn FnMut(&str) + Send + 'a>,
+/// What the run shows: the epoch's cluster line and the metrics endpoint.
+struct Telemetry {
     epoch: EpochStats,
     metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
 }
@@ -83,7 +82,6 @@ impl<'a> ClusterEngine<'a> {
         hub: Arc<Hub>,
         events: mpsc::UnboundedReceiver<Event>,
         opts: &ClusterOptions,
-        log: Box<dyn FnMut(&str) + Send + 'a>,
     ) -> Self {
         ClusterEngine {
             data,
@@ -93,7 +91,7 @@ impl<'a> ClusterEngine<'a> {
                 worker_wait: opts.worker_wait,
                 faults: FaultLedger::default(),
             },
-            telemetry: Telemetry { log, epoch: EpochStats::default(), metrics: opts.metrics.clone() },
+            telemetry: Telemetry { epoch: EpochStats::default(), metrics: opts.metrics.clone() },
             prefetch: Prefetch::default(),
             buffers: Buffers::default(),
         }
@@ -283,10 +281,9 @@ impl ClusterEngine<'_> {
                 Action::Fault { worker, shard, why } => {
                     let name = self.net.hub.name(worker);
                     self.telemetry.metrics.iter().for_each(|m| m.rejected());
-                    self.telemetry
-                        .log(&format!("{name} sent a bad result for shard {shard} of step {}: {why}", round.step()));
+                    tracing::warn!("{name} sent a bad result for shard {shard} of step {}: {why}", round.step());
                     if let Some(n) = self.policy.faults.record(worker) {
-                        self.telemetry.log(&format!("dropping {name} after {n} faulty results"));
+                        tracing::warn!("dropping {name} after {n} faulty results");
                         queue.push_back(Action::Drop { worker, cause: Cause::TooManyFaults });
                     }
                 }
@@ -306,7 +303,7 @@ impl ClusterEngine<'_> {
                         }
                         Cause::BadResult | Cause::SecondOpinion | Cause::TooManyFaults => continue,
                     };
-                    self.telemetry.log(&line);
+                    tracing::warn!("{line}");
                 }
             }
         }
@@ -365,7 +362,7 @@ impl ClusterEngine<'_> {
     /// Returns once at least one worker is alive, or fails after `worker_wait`.
     async fn await_workers(&mut self) -> Result<(), EngineError> {
         let wait = self.policy.worker_wait;
-        self.telemetry.log(&format!("no live worker; waiting up to {wait:?} for one to join"));
+        tracing::warn!("no live worker; waiting up to {wait:?} for one to join");
         let joined = self.net.hub.wait_for_workers(1, wait).await;
         joined.map_err(|_| EngineError::NoWorkers { waited: wait })
     }
@@ -461,12 +458,6 @@ impl ClusterEngine<'_> {
     }
 }
 
-impl Telemetry<'_> {
-    fn log(&mut self, line: &str) {
-        (self.log)(line);
-    }
-}
-
 /// How a dropped worker's stream is closed.
 fn drop_status(cause: Cause) -> Status {
     match cause {
@@ -501,9 +492,9 @@ mod tests {
     fn parameters_that_are_not_finite_give_a_loss_that_is_not_finite_without_asking_workers() {
         let data = Dataset::new(Features::F32(vec![0.5; 8]), vec![2], Labels::Classes(vec![0, 1, 0, 1])).unwrap();
         let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap());
-        let (hub, events) = Hub::new(String::new(), None, |_| {});
+        let (hub, events) = Hub::new(String::new(), None);
         let opts = options(Duration::from_millis(10));
-        let mut e = ClusterEngine::new(&data, rt, hub, events, &opts, Box::new(|_| {}));
+        let mut e = ClusterEngine::new(&data, rt, hub, events, &opts);
         let (batch, shards) = ([0, 1, 2, 3], [0..2, 2..3, 3..3]);
         let mut grad = vec![0.0; 3];
         let mut ran = 0;

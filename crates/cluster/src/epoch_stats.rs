@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 #[derive(Default)]
+/// Step times, round trips and bytes of the epoch so far.
 pub struct EpochStats {
     steps: u64,
+    /// Bytes sent to workers.
     pub bytes_out: u64,
+    /// Bytes received from workers.
     pub bytes_in: u64,
     /// Per worker: time from sending its work to each shard's result arriving, in µs.
     round_trips: BTreeMap<WorkerId, Vec<u32>>,
@@ -43,6 +46,7 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 impl EpochStats {
+    /// A step begins: the time since the last one ended was the coordinator's own update.
     pub fn step_starts(&mut self) {
         if let Some(t) = self.last_return {
             self.update.push(micros(t.elapsed()));
@@ -50,6 +54,7 @@ impl EpochStats {
         self.steps += 1;
     }
 
+    /// A step's gradients were handed back to the trainer.
     pub fn step_ends(&mut self) {
         self.last_return = Some(Instant::now());
     }

@@ -13,17 +13,25 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 #[derive(Debug)]
+/// What happens on the workers' streams, in the order it happened.
 pub enum Event {
+    /// A worker said hello and got the job.
     Joined {
+        /// Its id.
         id: WorkerId,
     },
     /// A shard's result, and its size on the wire.
     Result {
+        /// Who sent it.
         id: WorkerId,
+        /// The result, unchecked.
         result: ShardResult,
+        /// Its size on the wire.
         size: usize,
     },
+    /// A worker's stream ended (or it was dropped).
     Left {
+        /// Its id.
         id: WorkerId,
     },
 }
@@ -61,13 +69,15 @@ struct SharedParams {
 /// What shared memory workers on this host are offered: the parameters, and gradient slots.
 #[derive(Clone, Copy, Debug)]
 pub struct Offer {
+    /// Values of the parameters (and of each gradient slot).
     pub params: usize,
+    /// Gradient slots per worker: one per shard.
     pub slots: usize,
 }
 
+/// The live workers and their streams; one per coordinator.
 pub struct Hub {
     job_toml: String,
-    log: fn(&str),
     /// Streams still open (a stopped worker's stream closes when it has read Stop).
     open: watch::Sender<usize>,
     workers: Mutex<Members>,
@@ -82,14 +92,12 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// `log` gets a line when a worker joins or leaves; `offer`: shared memory for workers
-    /// on this host.
-    pub fn new(job_toml: String, offer: Option<Offer>, log: fn(&str)) -> (Arc<Hub>, mpsc::UnboundedReceiver<Event>) {
+    /// `offer`: shared memory for workers on this host.
+    pub fn new(job_toml: String, offer: Option<Offer>) -> (Arc<Hub>, mpsc::UnboundedReceiver<Event>) {
         let (events, rx) = mpsc::unbounded_channel();
         (
             Arc::new(Hub {
                 job_toml,
-                log,
                 open: watch::Sender::new(0),
                 workers: Mutex::new(Members::default()),
                 alive: watch::Sender::new(0),
@@ -125,7 +133,7 @@ impl Hub {
         self.members(|w| {
             w.insert(id, Worker { name: name.clone(), tx, slots, attached: false });
         });
-        (self.log)(&format!("{id} ({name}) joined"));
+        tracing::info!("{id} ({name}) joined");
         let _ = self.events.send(Event::Joined { id });
         let hub = Arc::clone(self);
         self.open.send_modify(|n| *n += 1);
@@ -153,7 +161,7 @@ impl Hub {
             }
         };
         if let Some(w) = self.members(|w| w.remove(&id)) {
-            (self.log)(&format!("{id} ({}) left: {reason}", w.name));
+            tracing::info!("{id} ({}) left: {reason}", w.name);
             let _ = self.events.send(Event::Left { id });
         }
     }
@@ -165,7 +173,7 @@ impl Hub {
         match self.make_shared_memory(&dir, offer, id) {
             Ok((offered, slots)) => (Some(offered), Some(slots)),
             Err(e) => {
-                (self.log)(&format!("no shared memory for worker {id}: {}: {e}", dir.display()));
+                tracing::warn!("no shared memory for {id}: {}: {e}", dir.display());
                 (None, None)
             }
         }

@@ -30,12 +30,26 @@ pub enum ClusterError {
     Config(String),
     /// A system resource (a socket, a runtime) this process could not get.
     #[error("{what}: {cause}")]
-    Io { what: String, cause: std::io::Error },
+    Io {
+        /// What this process tried.
+        what: String,
+        /// The system's error.
+        cause: std::io::Error,
+    },
+    /// The trainer's error.
     #[error(transparent)]
     Fit(#[from] dtrain_fit::FitError),
     /// The coordinator refused this worker (token, protocol version): retrying cannot help.
     #[error("rejected by the coordinator: {0}")]
     Rejected(String),
+    /// The coordinator could not be reached for the whole retry period.
     #[error("cannot reach the coordinator at {coordinator} for {waited:?}: {why}")]
-    Unreachable { coordinator: String, waited: std::time::Duration, why: String },
+    Unreachable {
+        /// The coordinator's URL.
+        coordinator: String,
+        /// How long this worker kept trying.
+        waited: std::time::Duration,
+        /// The last failure.
+        why: String,
+    },
 }

@@ -17,10 +17,13 @@ pub enum Refusal {
     /// Malformed: wrong sizes or counts.
     #[error(transparent)]
     Wire(#[from] dtrain_proto::WireError),
+    /// It says its gradient is in shared memory, but it has none.
     #[error("a gradient in shared memory it does not have")]
     NoSharedMemory,
+    /// It names a shard beyond its slots.
     #[error("a shared-memory slot out of range")]
     SlotOutOfRange,
+    /// Its loss or activity sums are NaN or infinite.
     #[error("loss sums are not finite")]
     SumsNotFinite,
 }
@@ -47,15 +50,39 @@ pub enum Cause {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
     /// Send these shards (in order) to this worker.
-    Send { worker: WorkerId, shards: Vec<ShardIndex> },
+    Send {
+        /// To whom.
+        worker: WorkerId,
+        /// Which shards, in shard order.
+        shards: Vec<ShardIndex>,
+    },
     /// No worker is alive: wait for one to join, then dispatch again.
     AwaitWorkers,
     /// Close this worker's stream; it is gone for the rest of the run.
-    Drop { worker: WorkerId, cause: Cause },
+    Drop {
+        /// Who.
+        worker: WorkerId,
+        /// Why.
+        cause: Cause,
+    },
     /// This worker sent a wrong result for `shard`: count it against the worker.
-    Fault { worker: WorkerId, shard: ShardIndex, why: Refusal },
+    Fault {
+        /// Who sent it.
+        worker: WorkerId,
+        /// For which shard.
+        shard: ShardIndex,
+        /// What was wrong.
+        why: Refusal,
+    },
     /// These shards, taken from `from`, will be computed again.
-    Recompute { from: WorkerId, shards: Vec<ShardIndex>, cause: Cause },
+    Recompute {
+        /// The worker they were taken from.
+        from: WorkerId,
+        /// The shards.
+        shards: Vec<ShardIndex>,
+        /// Why.
+        cause: Cause,
+    },
 }
 
 /// Where the step stands; tells the engine what to do next.
@@ -64,7 +91,10 @@ pub enum Phase {
     /// Some shards have no worker: call `dispatch`.
     Dispatch,
     /// Shards are out: wait for an event, or call `deadline_passed` at `deadline`.
-    Wait { deadline: Instant },
+    Wait {
+        /// When the first worker with shards out is late.
+        deadline: Instant,
+    },
     /// Every shard is in: sum them and call `reduced` with the shards whose result is not finite.
     Reduce,
     /// The step's gradient is complete.

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
 #[derive(Clone, Debug)]
+/// How the coordinator serves its workers (the `train` flags).
 pub struct ClusterOptions {
     /// Where workers dial in (port 0: any free port, printed at start).
     pub listen: SocketAddr,
@@ -23,10 +24,13 @@ pub struct ClusterOptions {
     pub spawn_workers: usize,
     /// Workers to wait for before the first step.
     pub min_workers: usize,
+    /// The job token workers must present (none: loopback only, unless `insecure`).
     pub token: Option<String>,
     /// Allow listening beyond loopback without a token.
     pub insecure: bool,
+    /// A worker that has not answered this long after getting work is dropped.
     pub step_timeout: Duration,
+    /// How long to wait for workers, at start or when none is left.
     pub worker_wait: Duration,
     /// Serve TLS with this certificate and key (PEM); with `client_ca`, also require client
     /// certificates signed by it (mutual TLS).
@@ -38,9 +42,13 @@ pub struct ClusterOptions {
 }
 
 #[derive(Clone, Debug)]
+/// The coordinator's TLS: its certificate and key, and the CA of client certificates for mutual TLS.
 pub struct ServerTls {
+    /// PEM certificate chain.
     pub cert: std::path::PathBuf,
+    /// PEM private key.
     pub key: std::path::PathBuf,
+    /// PEM CA that signs workers' certificates (mutual TLS).
     pub client_ca: Option<std::path::PathBuf>,
 }
 
@@ -85,10 +93,6 @@ impl ClusterOptions {
 /// in one frame instead of thirteen.
 pub const FRAME: u32 = 1 << 20;
 
-fn log(msg: &str) {
-    eprintln!("coordinator: {msg}");
-}
-
 struct Cluster<'o> {
     opts: &'o ClusterOptions,
     rt: Arc<tokio::runtime::Runtime>,
@@ -99,13 +103,13 @@ impl EngineFactory for Cluster<'_> {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
         let err = |e: String| FitError::Engine(EngineError::Setup(e));
         let offer = self.opts.shared_memory.then(|| Offer { params: job.model.num_params(), slots: job.fit.shards });
-        let (hub, events) = Hub::new(job.config.to_toml(), offer, log);
+        let (hub, events) = Hub::new(job.config.to_toml(), offer);
         let listener = self
             .rt
             .block_on(tokio::net::TcpListener::bind(self.opts.listen))
             .map_err(|e| err(format!("cannot listen on {}: {e}", self.opts.listen)))?;
         let addr = listener.local_addr().map_err(|e| err(e.to_string()))?;
-        log(&format!("listening on {addr}"));
+        tracing::info!("listening on {addr}");
         let service = CoordinatorService { hub: Arc::clone(&hub), token: self.opts.token.clone() };
         let server = dtrain_proto::coordinator_service(service, MESSAGE_LIMIT);
         // tonic's serve_with_incoming ignores the builder's nodelay: set it on every socket.
@@ -136,20 +140,20 @@ impl EngineFactory for Cluster<'_> {
         }
         let (workers, shards) = (self.opts.spawn_workers.max(self.opts.min_workers), job.fit.shards);
         if workers > shards {
-            log(&format!(
+            tracing::info!(
                 "fit.shards is {shards}: at most {shards} of the {workers} workers compute each step (the others \
                  stand by in case one fails); set fit.shards in the job to use more (the result depends on it)"
-            ));
+            );
         }
         let need = self.opts.min_workers;
-        log(&format!("waiting for {need} worker(s)"));
+        tracing::info!("waiting for {need} worker(s)");
         let wait = self.opts.worker_wait;
         self.rt.block_on(hub.wait_for_workers(need, wait)).map_err(|joined| EngineError::TooFewWorkers {
             joined,
             needed: need,
             waited: wait,
         })?;
-        Ok(Box::new(ClusterEngine::new(train, Arc::clone(&self.rt), hub, events, self.opts, Box::new(log))))
+        Ok(Box::new(ClusterEngine::new(train, Arc::clone(&self.rt), hub, events, self.opts)))
     }
 }
 

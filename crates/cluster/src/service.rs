@@ -6,8 +6,11 @@ use dtrain_proto::{FromWorker, Join, JoinHandler, ToWorkerStream, PROTOCOL_VERSI
 use std::sync::Arc;
 use tonic::Status;
 
+/// Admits workers: checks the token and the Hello, then hands the stream to the hub.
 pub struct CoordinatorService {
+    /// Where admitted workers go.
     pub hub: Arc<Hub>,
+    /// The job token, if one is required.
     pub token: Option<String>,
 }
 

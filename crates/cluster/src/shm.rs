@@ -30,6 +30,7 @@ const HEADER: usize = 64;
 /// Every file the coordinator makes is named `PREFIX<pid>-...`.
 const PREFIX: &str = "dtrain-";
 
+/// A mapped shared-memory file: a header and equal regions of f32 values.
 pub struct SharedFile {
     map: MmapRaw,
     /// Values per region, and regions.
@@ -48,6 +49,7 @@ impl Drop for FileName {
 }
 
 impl FileName {
+    /// The file's path, as offered to a worker.
     pub fn path(&self) -> String {
         self.0.to_string_lossy().into_owned()
     }

@@ -3,6 +3,7 @@
 use dtrain_fit::IoError;
 use std::process::{Child, Command, Stdio};
 
+/// Worker processes this coordinator started; stopped when dropped.
 pub struct LocalWorkers {
     children: Vec<Child>,
 }

@@ -18,15 +18,19 @@ use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 #[derive(Clone, Debug)]
+/// How a worker reaches its coordinator (the `worker` flags).
 pub struct WorkerOptions {
     /// e.g. http://coordinator:50051
     pub coordinator: String,
+    /// The job token.
     pub token: Option<String>,
+    /// The name it joins under (in the coordinator's log lines).
     pub name: String,
     /// Keep trying to (re)connect this long before giving up.
     pub retry_for: Duration,
     /// Serve the gRPC health service here (for Kubernetes probes).
     pub health_listen: Option<std::net::SocketAddr>,
+    /// TLS to the coordinator, for an https:// URL.
     pub tls: Option<ClientTls>,
 }
 
@@ -34,8 +38,11 @@ pub struct WorkerOptions {
 /// client certificate and key for mutual TLS, and the name to verify if not the URL's host.
 #[derive(Clone, Debug)]
 pub struct ClientTls {
+    /// PEM CA that signed the coordinator's certificate.
     pub ca: PathBuf,
+    /// PEM certificate and key of this worker, for mutual TLS.
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name to verify in the coordinator's certificate, if not the URL's host.
     pub domain: Option<String>,
 }
 
@@ -76,7 +83,7 @@ enum End {
 
 /// Runs until the coordinator says stop (Ok) or cannot be reached for `retry_for` (Err).
 /// Meant for a current-thread runtime: shards are computed on the runtime's own thread.
-pub async fn run(opts: WorkerOptions, log: impl Fn(&str)) -> Result<(), ClusterError> {
+pub async fn run(opts: WorkerOptions) -> Result<(), ClusterError> {
     dtrain_nn::set_blas_threads(1);
     if let Some(addr) = opts.health_listen {
         serve_health(addr).await?;
@@ -84,9 +91,9 @@ pub async fn run(opts: WorkerOptions, log: impl Fn(&str)) -> Result<(), ClusterE
     let mut last_ok = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&opts, &log, &mut last_ok).await {
+        match session(&opts, &mut last_ok).await {
             Ok(End::Stopped(reason)) => {
-                log(&format!("stopping: {reason}"));
+                tracing::info!("stopping: {reason}");
                 return Ok(());
             }
             Err(e) if matches!(e.code(), Code::Unauthenticated | Code::FailedPrecondition | Code::InvalidArgument) => {
@@ -100,7 +107,7 @@ pub async fn run(opts: WorkerOptions, log: impl Fn(&str)) -> Result<(), ClusterE
                         why: e.message().to_string(),
                     });
                 }
-                log(&format!("connection to {} lost or refused ({}); retrying", opts.coordinator, e.message()));
+                tracing::warn!("connection to {} lost or refused ({}); retrying", opts.coordinator, e.message());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -108,7 +115,7 @@ pub async fn run(opts: WorkerOptions, log: impl Fn(&str)) -> Result<(), ClusterE
     }
 }
 
-async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instant) -> Result<End, Status> {
+async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Status> {
     let mut endpoint = Endpoint::from_shared(opts.coordinator.clone())
         .map_err(|e| Status::invalid_argument(format!("--coordinator {}: {e}", opts.coordinator)))?;
     if let Some(tls) = &opts.tls {
@@ -129,7 +136,7 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
             let config: JobConfig =
                 toml::from_str(&w.job_toml).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
             let job = Job::build(config, PathBuf::new()).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
-            log(&format!("joined as worker {}: {} parameters", w.worker_id, job.model.num_params()));
+            tracing::info!("joined as worker {}: {} parameters", w.worker_id, job.model.num_params());
             (job, w.shared_memory)
         }
         _ => return Err(Status::internal("expected Welcome")),
@@ -140,10 +147,10 @@ async fn session(opts: &WorkerOptions, log: &impl Fn(&str), last_ok: &mut Instan
         match attach(&o, job.model.num_params()) {
             Ok(files) => {
                 conn.send(FromWorker::Attached).await?;
-                log("on the coordinator's host: parameters and gradients go through shared memory");
+                tracing::info!("on the coordinator's host: parameters and gradients go through shared memory");
                 shared = Some(files);
             }
-            Err(e) => log(&format!("shared memory offered but not usable here ({e}); tensors go over the stream")),
+            Err(e) => tracing::warn!("shared memory offered but not usable here ({e}); tensors go over the stream"),
         }
     }
     let mut compute =

@@ -1,6 +1,9 @@
 //! dtrain-fit: the job file, the training loop (Keras's `fit`), callbacks, history,
 //! checkpoints and the run directory, over any `Engine` that computes shard gradients.
 
+// Not every public item is documented yet: this crate opts out of the workspace lint until it is.
+#![allow(missing_docs)]
+
 pub mod build;
 pub mod callbacks;
 pub mod checkpoint;
@@ -10,6 +13,7 @@ pub mod dataload;
 pub mod engine;
 mod error;
 pub mod evaluate;
+pub mod logging;
 pub mod logs;
 pub mod metrics;
 pub mod progress;

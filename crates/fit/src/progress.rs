@@ -10,7 +10,6 @@ pub trait Observer {
     fn epoch_begin(&mut self, _epoch: usize, _epochs: usize, _steps: usize) {}
     fn batch_end(&mut self, _batch: usize, _steps: usize, _loss: f32, _accuracy: Option<f32>) {}
     fn epoch_end(&mut self, _logs: &EpochLogs, _epochs: usize, _steps: usize, _seconds: f64) {}
-    fn note(&mut self, _msg: &str) {}
     fn train_end(&mut self, _report: &Report) {}
     /// Checked after every step: true stops training after saving the state (SIGTERM).
     fn interrupted(&mut self) -> bool {
@@ -170,14 +169,6 @@ impl Observer for Console {
                 json_num(logs.val_accuracy),
                 json_num(Some(logs.learning_rate)),
             ),
-            LogFormat::Quiet => {}
-        }
-    }
-
-    fn note(&mut self, msg: &str) {
-        match self.format {
-            LogFormat::Text => println!("{msg}"),
-            LogFormat::Json => println!("{{\"event\":\"note\",\"message\":{}}}", serde_json::Value::from(msg)),
             LogFormat::Quiet => {}
         }
     }

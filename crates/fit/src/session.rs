@@ -142,7 +142,8 @@ pub fn train_with(
         val.as_ref().map_or(0, Dataset::len),
     );
     if opts.resume {
-        obs.note(&format!("Resuming at epoch {}, batch {} (step {})", state.epoch + 1, state.batch, state.step));
+        let (epoch, batch, step) = (state.epoch + 1, state.batch, state.step);
+        tracing::info!(target: crate::logging::NOTE, "Resuming at epoch {epoch}, batch {batch} (step {step})");
     }
     let mut engine = engines.engine(&job, &train)?;
     let report = crate::trainer::fit(&job, &train, val.as_ref(), &run, &mut state, engine.as_mut(), obs)?;

@@ -6,6 +6,7 @@ use crate::callbacks::{Action, BatchEnd};
 use crate::checkpoint::{save_state, weights_bytes, write_atomic, TrainState};
 use crate::engine::Engine;
 use crate::evaluate::evaluate;
+use crate::logging::NOTE;
 use crate::logs::{EpochLogs, Mean};
 use crate::metrics::Metrics;
 use crate::progress::{Observer, Report};
@@ -146,7 +147,7 @@ impl Trainer<'_> {
     /// (or an early stop) the final weights.
     fn end_epoch(&mut self, state: &mut TrainState) -> Result<EpochLogs, FitError> {
         if let Some(r) = self.engine.epoch_report() {
-            self.obs.note(&r);
+            tracing::info!(target: NOTE, "{r}");
         }
         let ev = self.val.map(|v| evaluate(&self.job.model, &state.params, v, self.fit.validation_batch_size));
         let logs = self.logs(state, ev);
@@ -164,7 +165,7 @@ impl Trainer<'_> {
         write_atomic(&self.run.file(&state.callbacks.csv.filename), csv.as_bytes())?;
         // A picture is a convenience: failing to draw it never stops training.
         if let Err(e) = crate::curves::draw(&self.run.file(CURVES), &state.history) {
-            self.obs.note(&format!("could not draw {CURVES}: {e}"));
+            tracing::warn!(target: NOTE, "could not draw {CURVES}: {e}");
         }
         state.epoch += 1;
         state.batch = 0;
@@ -206,7 +207,7 @@ impl Trainer<'_> {
                 }
                 Action::SaveState => self.save(state)?,
                 Action::RestoreSnapshot => {} // only at the end, by `finish`
-                Action::Log(line) => self.obs.note(&line),
+                Action::Log(line) => tracing::info!(target: NOTE, "{line}"),
             }
         }
         Ok(())

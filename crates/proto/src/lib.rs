@@ -24,13 +24,35 @@ use prost::bytes::Bytes;
 pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
+/// Why a message, or a part of one, is refused.
 pub enum WireError {
+    /// A tensor's bytes are not a whole number of f32 values.
     #[error("{what}: {len} bytes is not a whole number of f32 values")]
-    Ragged { what: &'static str, len: usize },
+    Ragged {
+        /// Which tensor.
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A tensor or list has the wrong number of values.
     #[error("{what}: {got} values, expected {want}")]
-    Length { what: &'static str, got: usize, want: usize },
+    Length {
+        /// Which tensor.
+        what: &'static str,
+        /// What arrived.
+        got: usize,
+        /// What the model needs.
+        want: usize,
+    },
+    /// A value is NaN or infinite.
     #[error("{what}: value {index} is not finite")]
-    NotFinite { what: &'static str, index: usize },
+    NotFinite {
+        /// Which tensor.
+        what: &'static str,
+        /// The first such value.
+        index: usize,
+    },
+    /// Anything else that does not fit the protocol or the job, as the message says.
     #[error("{0}")]
     Invalid(String),
 }

@@ -9,7 +9,9 @@ use prost::bytes::Bytes;
 /// shared memory both sides have mapped.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Tensor {
+    /// Little-endian f32 bytes in the message.
     Inline(Bytes),
+    /// In the shared-memory region for this tensor.
     Shared,
 }
 
@@ -33,7 +35,9 @@ impl Tensor {
 /// A worker's first message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Hello {
+    /// `PROTOCOL_VERSION` of the worker's build.
     pub protocol_version: u32,
+    /// The worker's name, for log lines.
     pub name: String,
 }
 
@@ -41,27 +45,39 @@ pub struct Hello {
 /// parameters every local worker reads; each file named by path and checked by a nonce.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SharedMemoryOffer {
+    /// The worker's gradient slots file, and the nonce in its header.
     pub path: String,
+    /// The slots file's nonce.
     pub nonce: u64,
+    /// Slots in the file (one per shard).
     pub slots: u32,
+    /// The parameters file every local worker reads, and its nonce.
     pub params_path: String,
+    /// The parameters file's nonce.
     pub params_nonce: u64,
 }
 
 /// The coordinator's answer to Hello: the job, the worker's id, shared memory if offered.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Welcome {
+    /// The job file, with every default filled in.
     pub job_toml: String,
+    /// The id the coordinator gave this worker.
     pub worker_id: u32,
+    /// Shared memory, if the worker dialed over loopback.
     pub shared_memory: Option<SharedMemoryOffer>,
 }
 
 /// A step's shards for one worker, with the step's parameters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Work {
+    /// The optimizer step (keys the dropout masks).
     pub step: u64,
+    /// The step's parameters.
     pub params: Tensor,
+    /// The step's batch size B: losses are divided by it.
     pub global_batch: u32,
+    /// The shards to compute, in shard order.
     pub shards: Vec<WireShard>,
 }
 
@@ -85,10 +101,15 @@ impl WireShard {
 /// gradient, and how long the worker computed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ShardResult {
+    /// The step it belongs to.
     pub step: u64,
+    /// The shard's index in the step.
     pub index: u32,
+    /// The shard's gradient.
     pub gradient: Tensor,
+    /// The sums as the worker reports them.
     pub claimed: ShardStats,
+    /// The worker's compute time for the shard.
     pub compute_micros: u64,
 }
 
@@ -111,7 +132,9 @@ impl ShardResult {
 /// What a worker sends on its stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FromWorker {
+    /// Its first message.
     Hello(Hello),
+    /// A shard's result.
     Result(ShardResult),
     /// It mapped the shared memory it was offered.
     Attached,
@@ -120,9 +143,15 @@ pub enum FromWorker {
 /// What the coordinator sends on a worker's stream.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ToWorker {
+    /// The answer to Hello.
     Welcome(Welcome),
+    /// Shards to compute.
     Work(Work),
-    Stop { reason: String },
+    /// Training is over (or the coordinator is stopping).
+    Stop {
+        /// Why, for the worker's log.
+        reason: String,
+    },
 }
 
 impl From<FromWorker> for pb::WorkerMessage {

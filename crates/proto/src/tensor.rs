@@ -5,6 +5,7 @@ use prost::bytes::Bytes;
 use std::sync::Arc;
 
 #[derive(Default)]
+/// A reusable buffer of f32 values that messages share without copying.
 pub struct WireTensor(Arc<Vec<f32>>);
 
 /// Shares a buffer whose values are stored little-endian (see `WireTensor::share`).

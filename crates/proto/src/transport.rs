@@ -58,8 +58,11 @@ impl Inbox {
 
 /// A worker dialing in: its call's metadata, its address, and its stream.
 pub struct Join {
+    /// The call's metadata (the token).
     pub metadata: MetadataMap,
+    /// The worker's address, if known (loopback means this host).
     pub remote: Option<SocketAddr>,
+    /// Its messages, Hello first.
     pub inbound: Inbox,
 }
 

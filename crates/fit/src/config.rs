@@ -175,7 +175,7 @@ fn minval() -> f32 {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged, expecting = "a regularizer: \"l1\", \"l2\", \"l1_l2\" or a table { l1 = 0.01, l2 = 0.01 }")]
+#[serde(untagged, expecting = "a regularizer: \"l1\", \"l2\", \"l1l2\" or a table { l1 = 0.01, l2 = 0.01 }")]
 pub enum RegularizerConfig {
     Name(String),
     Factors(RegularizerFactors),

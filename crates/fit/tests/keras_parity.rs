@@ -21,6 +21,15 @@ fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The cases of `section` in keras_parity.json and keras_more.json (gen_keras_more.py).
+fn cases(section: &str) -> Vec<Value> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keras_more.json");
+    let more: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut all = fixture()[section].as_array().unwrap().clone();
+    all.extend(more[section].as_array().unwrap().iter().cloned());
+    all
+}
+
 fn floats(v: &Value) -> Vec<f32> {
     match v {
         Value::Array(a) => a.iter().flat_map(floats).collect(),
@@ -36,7 +45,8 @@ fn matrix(v: &Value) -> Array2<f32> {
 }
 
 /// A job around the fixture's layers; data paths are placeholders (data is passed directly).
-fn job(model: &Value, inputs: usize, loss: &str, optimizer: Value, epochs: usize, batch: usize) -> Job {
+fn job(model: &Value, inputs: usize, loss: impl Into<Value>, optimizer: Value, epochs: usize, batch: usize) -> Job {
+    let loss: Value = loss.into();
     let cfg = json!({
         "seed": 1,
         "data": {"format": "npy", "x": "unused.npy", "y": "unused.npy"},
@@ -80,11 +90,11 @@ fn assert_all_close(what: &str, got: &[f32], want: &[f32], abs: f32, rel: f32) {
 /// last batch. Tolerances: outputs 1e-6 + 1e-5 rel; losses 1e-5 rel; gradients 1e-6 + 1e-4 rel.
 #[test]
 fn forward_loss_and_gradients() {
-    for case in fixture()["forward"].as_array().unwrap() {
+    for case in &cases("forward") {
         let name = case["name"].as_str().unwrap();
         let x = matrix(&case["x"]);
         let data = dataset(&case["x"], &case["y"]);
-        let j = job(&case["model"], x.ncols(), case["loss"].as_str().unwrap(), json!("sgd"), 1, 6);
+        let j = job(&case["model"], x.ncols(), case["loss"].clone(), json!("sgd"), 1, 6);
         let m = &j.model;
         let p = params(&case["model"]);
         let mut ws = Workspace::default();
@@ -137,7 +147,7 @@ fn run_fit(j: &Job, p: Vec<f32>, train: &Dataset, val: Option<&Dataset>) -> (Tra
 /// Tolerances: weights 2e-6 + 1e-4 rel; loss 1e-5 rel; learning rate 1e-6 rel.
 #[test]
 fn optimizer_steps_with_constraints() {
-    for case in fixture()["steps"].as_array().unwrap() {
+    for case in &cases("steps") {
         let name = case["name"].as_str().unwrap();
         let data = dataset(&case["x"], &case["y"]);
         let losses = floats(&case["losses"]);

@@ -1,10 +1,15 @@
 //! Finite-difference checks of every analytic gradient: activations, losses, regularizers
 //! (kernel, bias, activity), dropout and the Activation layer, through the whole model.
-//! Tolerance: |analytic - numeric| <= 3e-3 + 3e-2 |numeric| (central differences in f32, h = 1e-3).
+//! Tolerance: |analytic - numeric| <= 3e-4 + 3e-3 |numeric| (central differences of the f32
+//! loss, h = 1e-3; every case passes at a third of that); each case also shows that the check
+//! rejects a wrong sign and a missing factor on every variable with a gradient worth checking.
 
 use dtrain_nn::rng::Stream;
 use dtrain_nn::*;
 use ndarray::Array2;
+
+/// (absolute, relative) tolerance of a gradient against its central difference.
+const TOLERANCE: (f64, f64) = (3e-4, 3e-3);
 
 fn dense(units: usize, activation: Activation) -> DenseSpec {
     DenseSpec { activation, ..DenseSpec::new(units) }
@@ -41,19 +46,41 @@ fn check(specs: Vec<LayerSpec>, loss: Loss, targets_dense: bool) {
     m.gradient(&p, x.view(), t, mode, &mut ws, &mut g);
     m.weight_penalty_and_grad(&p, &mut g);
     let h = 1e-3f32;
-    for i in 0..p.len() {
-        let mut q = p.clone();
-        q[i] = p[i] + h;
-        let up = total_loss(&m, &q, &x, t, mode);
-        q[i] = p[i] - h;
-        let down = total_loss(&m, &q, &x, t, mode);
-        let num = (up - down) / (2.0 * f64::from(h));
-        let ana = f64::from(g[i]);
-        assert!(
-            (ana - num).abs() <= 3e-3 + 3e-2 * num.abs(),
-            "{specs:?} {loss:?}: param {i}: analytic {ana} vs numeric {num}"
-        );
+    let num: Vec<f64> = (0..p.len())
+        .map(|i| {
+            let mut q = p.clone();
+            q[i] = p[i] + h;
+            let up = total_loss(&m, &q, &x, t, mode);
+            q[i] = p[i] - h;
+            let down = total_loss(&m, &q, &x, t, mode);
+            (up - down) / (2.0 * f64::from(h))
+        })
+        .collect();
+    if let Some(i) = disagreement(&g, &num) {
+        panic!("{specs:?} {loss:?}: param {i}: analytic {} vs numeric {}", g[i], num[i]);
     }
+    // The check can fail: on every variable whose gradient is worth checking, a wrong sign or a
+    // missing factor (0.7, as a forgotten 1/(1 - rate) or a halved penalty would give) is caught.
+    let mut sensitive = 0;
+    for v in m.variables() {
+        if num[v.range()].iter().all(|n| n.abs() < 0.005) {
+            continue; // too small to tell from numeric noise; other cases exercise it
+        }
+        for (what, factor) in [("sign", -1.0), ("factor 0.7", 0.7)] {
+            let mut wrong = g.clone();
+            wrong[v.range()].iter_mut().for_each(|w| *w *= factor);
+            assert!(disagreement(&wrong, &num).is_some(), "{specs:?} {loss:?}: a wrong {what} on {} passes", v.name);
+        }
+        sensitive += 1;
+    }
+    assert!(sensitive > 0, "{specs:?} {loss:?}: no variable's gradient was large enough to check");
+}
+
+/// The first parameter whose analytic gradient is off its central difference by more than
+/// TOLERANCE (see the file's header).
+fn disagreement(analytic: &[f32], numeric: &[f64]) -> Option<usize> {
+    let (abs, rel) = TOLERANCE;
+    analytic.iter().zip(numeric).position(|(&a, &n)| (f64::from(a) - n).abs() > abs + rel * n.abs())
 }
 
 fn sparse() -> Loss {

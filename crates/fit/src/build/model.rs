@@ -58,8 +58,14 @@ fn regularizer(r: &RegularizerConfig) -> R<Regularizer> {
         RegularizerConfig::Name(n) => match n.as_str() {
             "l1" => Regularizer { l1: 0.01, l2: 0.0 },
             "l2" => Regularizer { l1: 0.0, l2: 0.01 },
-            "l1_l2" => Regularizer { l1: 0.01, l2: 0.01 },
-            other => return Err(format!("unknown regularizer {other:?} (known: l1, l2, l1_l2)")),
+            // Keras 3's `regularizers.get`: "l1l2" is L1L2() with its defaults, no penalty at all.
+            "l1l2" => Regularizer { l1: 0.0, l2: 0.0 },
+            "l1_l2" => {
+                return Err("\"l1_l2\" is not a Keras regularizer name (Keras 3 knows l1, l2 and l1l2, which is \
+                     L1L2(l1=0, l2=0)); write { l1 = 0.01, l2 = 0.01 }"
+                    .into())
+            }
+            other => return Err(format!("unknown regularizer {other:?} (known: l1, l2, l1l2)")),
         },
         RegularizerConfig::Factors(f) => Regularizer { l1: f.l1, l2: f.l2 },
     };
@@ -134,5 +140,19 @@ pub(super) fn loss(l: &LossConfig) -> R<Loss> {
                 Loss { kind: LossKind::Huber { delta }, from_logits: false }
             }
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regularizer_names_mean_what_keras_3_reads() {
+        let named = |n: &str| regularizer(&RegularizerConfig::Name(n.into()));
+        assert_eq!(named("l1"), Ok(Regularizer { l1: 0.01, l2: 0.0 }));
+        assert_eq!(named("l2"), Ok(Regularizer { l1: 0.0, l2: 0.01 }));
+        assert_eq!(named("l1l2"), Ok(Regularizer { l1: 0.0, l2: 0.0 }), "L1L2() defaults to no penalty");
+        assert!(named("l1_l2").unwrap_err().contains("write { l1 = 0.01, l2 = 0.01 }"));
     }
 }

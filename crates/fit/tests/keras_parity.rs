@@ -312,3 +312,64 @@ fn model_checkpoint_traces() {
         assert_eq!(saved, want, "{name}: saved epochs");
     }
 }
+
+/// A real Keras fit (keras_more.json, "fit"): validation_split 0.3 with validation_batch_size 3,
+/// initial_epoch 1, EarlyStopping(patience 2, restore_best_weights) and a ModelCheckpoint every 3
+/// batches named `w-{epoch:02d}-{batch:03d}`: the same epochs run, the same history, the same
+/// checkpoint names, and final weights that are the best epoch's. Tolerances: history 2e-5 rel
+/// (+1e-6); weights 5e-6 + 1e-4 rel.
+#[test]
+fn fit_with_validation_split_initial_epoch_restored_best_weights_and_batch_checkpoints() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keras_more.json");
+    let more: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let case = &more["fit"];
+    let cfg = json!({
+        "seed": 1,
+        "data": {"format": "npy", "x": "unused.npy", "y": "unused.npy"},
+        "model": {"input_shape": [4], "layers": case["model"]["layers"]},
+        "compile": {"optimizer": case["optimizer"], "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]},
+        "fit": {"batch_size": case["batch_size"], "epochs": case["epochs"], "shuffle": false,
+                "initial_epoch": case["initial_epoch"], "validation_split": case["validation_split"],
+                "validation_batch_size": case["validation_batch_size"]},
+        "callbacks": [
+            {"ModelCheckpoint": {"filepath": "w-{epoch:02d}-{batch:03d}.safetensors", "save_freq": 3}},
+            {"EarlyStopping": {"monitor": "val_loss", "patience": 2, "restore_best_weights": true}},
+        ],
+    });
+    let j = Job::build(serde_json::from_value::<JobConfig>(cfg).unwrap(), PathBuf::new()).unwrap();
+    let (train, val) = dataset(&case["x"], &case["y"]).split_tail(j.fit.validation_split);
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::create(Some(&dir.path().join("run")), "t").unwrap();
+    let mut state =
+        TrainState::new(params(&case["model"]), j.optimizer.clone(), j.fit.initial_epoch, j.callbacks.clone());
+    let mut engine = LocalEngine::new(&j.model, &train, j.seed, 1).unwrap();
+    let mut quiet = Console::new(LogFormat::Quiet);
+    dtrain_fit::trainer::fit(&j, &train, Some(&val), &run, &mut state, &mut engine, &mut quiet).unwrap();
+
+    let hist = &case["history"];
+    assert_eq!(state.history.len(), hist["loss"].as_array().unwrap().len(), "epochs run before the early stop");
+    for (e, logs) in state.history.iter().enumerate() {
+        assert_eq!(logs.epoch, e + 1, "epochs count from initial_epoch");
+        for (key, got) in [
+            ("loss", logs.loss),
+            ("accuracy", logs.accuracy.unwrap()),
+            ("val_loss", logs.val_loss.unwrap()),
+            ("val_accuracy", logs.val_accuracy.unwrap()),
+        ] {
+            let want = hist[key][e].as_f64().unwrap() as f32;
+            assert!(close(got, want, 1e-6, 2e-5), "epoch {} {key}: dtrain {got} vs keras {want}", e + 1);
+        }
+    }
+    let mut written: Vec<String> = std::fs::read_dir(run.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("w-"))
+        .collect();
+    written.sort();
+    let want: Vec<String> =
+        case["checkpoints"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().into()).collect();
+    assert_eq!(written, want, "batch-level checkpoint names");
+    let final_weights = dtrain_fit::checkpoint::read_weights(&run.file("final.safetensors"), &j.model).unwrap();
+    assert_all_close("restored best weights", &final_weights, &floats(&case["final_weights"]), 5e-6, 1e-4);
+    assert!(final_weights != state.params, "the final weights are the best epoch's, not the last");
+}

@@ -3,31 +3,44 @@
 use crate::DataError;
 
 #[derive(Clone, Debug, PartialEq)]
+/// Samples' features as stored: pixels stay u8 until a batch is gathered.
 pub enum Features {
     /// Raw bytes, as in IDX files; `x * rescale` is computed when rows are gathered.
     U8(Vec<u8>),
+    /// Features that are already floats.
     F32(Vec<f32>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
+/// Targets: class indices, or rows of values.
 pub enum Labels {
     /// Class indices.
     Classes(Vec<u32>),
     /// `width` float targets per sample.
-    Values { data: Vec<f32>, width: usize },
+    /// `width` values per sample, row after row.
+    Values {
+        /// The values, sample after sample.
+        data: Vec<f32>,
+        /// Values per sample.
+        width: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
+/// Samples in memory: features, their shape, labels, and the rescale applied when gathered.
 pub struct Dataset {
+    /// All samples' features, sample after sample.
     pub features: Features,
     /// Shape of one sample (e.g. [28, 28]).
     pub sample_shape: Vec<usize>,
+    /// One label (or row of targets) per sample.
     pub labels: Labels,
     /// Multiplier applied to every feature when gathered (Keras users divide by 255).
     pub rescale: f64,
 }
 
 impl Dataset {
+    /// Samples from their parts; an error if the lengths do not agree with the shape.
     pub fn new(features: Features, sample_shape: Vec<usize>, labels: Labels) -> Result<Self, DataError> {
         let d = Dataset { features, sample_shape, labels, rescale: 1.0 };
         let width = d.width();
@@ -49,6 +62,7 @@ impl Dataset {
         Ok(d)
     }
 
+    /// The same samples, multiplied by `rescale` when gathered (Keras's Rescaling, 1/255 for pixels).
     pub fn with_rescale(mut self, rescale: f64) -> Self {
         self.rescale = rescale;
         self
@@ -61,10 +75,12 @@ impl Dataset {
         }
     }
 
+    /// The number of samples.
     pub fn len(&self) -> usize {
         self.num_labels()
     }
 
+    /// Whether there are no samples.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -4,6 +4,7 @@ use crate::dataset::{Dataset, Features, Labels};
 use crate::{file_err, DataError};
 use std::path::Path;
 
+/// Features without labels (for predict) from .npy, .csv or an IDX image file, checked against `sample_shape`.
 pub fn load_features(path: &Path, sample_shape: &[usize]) -> Result<Dataset, DataError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let (features, n) = if name.ends_with(".npy") {

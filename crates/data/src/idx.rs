@@ -5,8 +5,11 @@ use crate::{file_err, read_maybe_gz, DataError};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which IDX files of a directory: `train-*` or `t10k-*`.
 pub enum IdxSplit {
+    /// `train-images-idx3-ubyte` and `train-labels-idx1-ubyte` (raw or .gz).
     Train,
+    /// `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte` (raw or .gz).
     Test,
 }
 

@@ -1,9 +1,6 @@
 //! dtrain-data: datasets in memory (pixels stay u8 and are rescaled when a batch is
 //! gathered), loaders for IDX, CSV and NPY files, and the epoch permutation.
 
-// Not every public item is documented yet: this crate opts out of the workspace lint until it is.
-#![allow(missing_docs)]
-
 mod csv;
 mod dataset;
 mod features;
@@ -21,10 +18,18 @@ pub use order::epoch_permutation;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
+/// Why data could not be loaded.
 pub enum DataError {
     #[error("{}: {msg}", path.display())]
-    File { path: PathBuf, msg: String },
+    /// A file's contents are wrong or unreadable: the file and what is wrong (line and column where known).
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
     #[error("{0}")]
+    /// Data that does not fit together, as the message says.
     Invalid(String),
 }
 

@@ -4,23 +4,33 @@ use ndarray::{ArrayView2, ArrayViewMut2, Axis, Zip};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// Keras's activation functions, with their Keras defaults.
 pub enum Activation {
+    /// The identity.
     Linear,
+    /// `max(x, 0)`.
     Relu,
     /// `keras.activations.leaky_relu` (default negative_slope 0.2).
     LeakyRelu {
+        /// Slope for negative inputs (Keras: 0.2).
         negative_slope: f32,
     },
     /// `keras.activations.elu` (default alpha 1.0).
     Elu {
+        /// Scale of the negative part (Keras: 1).
         alpha: f32,
     },
+    /// Hyperbolic tangent.
     Tanh,
+    /// `1 / (1 + e^-x)`.
     Sigmoid,
+    /// Over each sample's units; with a crossentropy loss the gradient takes the logits path.
     Softmax,
+    /// `ln(1 + e^x)`.
     Softplus,
     /// `keras.activations.gelu` (default approximate = false: the erf form).
     Gelu {
+        /// The tanh approximation instead of the exact erf form.
         approximate: bool,
     },
     /// silu, also known as swish.
@@ -45,9 +55,11 @@ impl Activation {
         })
     }
 
+    /// Every name `from_name` knows, for error messages.
     pub const NAMES: &'static str =
         "linear, relu, leaky_relu, elu, tanh, sigmoid, softmax, softplus, gelu, silu, swish";
 
+    /// Keras's name for it.
     pub fn name(&self) -> &'static str {
         match self {
             Activation::Linear => "linear",
@@ -178,6 +190,7 @@ impl Activation {
 
 const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi)
 
+/// `1 / (1 + e^-x)`, without overflow for large negative x.
 pub fn sigmoid(x: f32) -> f32 {
     if x >= 0.0 {
         1.0 / (1.0 + (-x).exp())

@@ -5,11 +5,33 @@ use serde::{Deserialize, Serialize};
 const EPSILON: f32 = 1e-7;
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// Keras's weight constraints, applied after every update.
 pub enum Constraint {
-    MaxNorm { max_value: f32, axis: i32 },
+    /// Scales each unit's weights down to an L2 norm of at most `max_value`.
+    MaxNorm {
+        /// The largest norm.
+        max_value: f32,
+        /// The axis the norm is over (0: each unit's incoming weights).
+        axis: i32,
+    },
+    /// Negative weights become zero.
     NonNeg,
-    UnitNorm { axis: i32 },
-    MinMaxNorm { min_value: f32, max_value: f32, rate: f32, axis: i32 },
+    /// Scales each unit's weights to norm 1.
+    UnitNorm {
+        /// The axis the norm is over.
+        axis: i32,
+    },
+    /// Moves each unit's norm into `[min_value, max_value]`, by `rate` of the way.
+    MinMaxNorm {
+        /// The smallest norm.
+        min_value: f32,
+        /// The largest norm.
+        max_value: f32,
+        /// How far to move (1: all the way).
+        rate: f32,
+        /// The axis the norm is over.
+        axis: i32,
+    },
 }
 
 impl Constraint {

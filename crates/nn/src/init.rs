@@ -5,25 +5,57 @@ use crate::rng::Stream;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// Keras's weight initializers.
 pub enum Initializer {
+    /// Uniform in ±sqrt(6 / (fan_in + fan_out)).
     GlorotUniform,
+    /// Normal, truncated at 2 sigma, of variance 2 / (fan_in + fan_out).
     GlorotNormal,
+    /// Uniform in ±sqrt(6 / fan_in).
     HeUniform,
+    /// Normal, truncated at 2 sigma, of variance 2 / fan_in.
     HeNormal,
+    /// Uniform in ±sqrt(3 / fan_in).
     LecunUniform,
+    /// Normal, truncated at 2 sigma, of variance 1 / fan_in.
     LecunNormal,
-    RandomNormal { mean: f32, stddev: f32 },
-    RandomUniform { minval: f32, maxval: f32 },
-    TruncatedNormal { mean: f32, stddev: f32 },
+    /// Normal.
+    RandomNormal {
+        /// Its mean.
+        mean: f32,
+        /// Its standard deviation.
+        stddev: f32,
+    },
+    /// Uniform in `[minval, maxval)`.
+    RandomUniform {
+        /// Lower bound.
+        minval: f32,
+        /// Upper bound.
+        maxval: f32,
+    },
+    /// Normal, redrawn outside two standard deviations (the sample's deviation is then 0.88 of it).
+    TruncatedNormal {
+        /// Its mean.
+        mean: f32,
+        /// The standard deviation before truncation.
+        stddev: f32,
+    },
+    /// All zeros.
     Zeros,
+    /// All ones.
     Ones,
-    Constant { value: f32 },
+    /// Every value the same.
+    Constant {
+        /// The value.
+        value: f32,
+    },
 }
 
 /// `stddev` of a unit normal truncated at two standard deviations.
 const TRUNC_STDDEV: f64 = 0.879_625_661_034_239_8;
 
 impl Initializer {
+    /// The initializer a Keras name stands for (with Keras's default arguments).
     pub fn from_name(name: &str) -> Option<Self> {
         Some(match name {
             "glorot_uniform" => Initializer::GlorotUniform,
@@ -41,6 +73,7 @@ impl Initializer {
         })
     }
 
+    /// Every name `from_name` knows, for error messages.
     pub const NAMES: &'static str = "glorot_uniform, glorot_normal, he_uniform, he_normal, \
         lecun_uniform, lecun_normal, random_normal, random_uniform, truncated_normal, zeros, ones";
 

@@ -4,16 +4,27 @@ use crate::{Activation, Constraint, Initializer, Regularizer};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A Dense layer with Keras's arguments.
 pub struct DenseSpec {
+    /// Output width.
     pub units: usize,
+    /// Applied to the output.
     pub activation: Activation,
+    /// Whether it has a bias.
     pub use_bias: bool,
+    /// How the kernel starts.
     pub kernel_initializer: Initializer,
+    /// How the bias starts.
     pub bias_initializer: Initializer,
+    /// Penalty on the kernel.
     pub kernel_regularizer: Option<Regularizer>,
+    /// Penalty on the bias.
     pub bias_regularizer: Option<Regularizer>,
+    /// Penalty on the layer's output.
     pub activity_regularizer: Option<Regularizer>,
+    /// Applied to the kernel after every update.
     pub kernel_constraint: Option<Constraint>,
+    /// Applied to the bias after every update.
     pub bias_constraint: Option<Constraint>,
 }
 
@@ -36,14 +47,20 @@ impl DenseSpec {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// One layer of a Sequential model.
 pub enum LayerSpec {
+    /// Reshapes each sample to a vector.
     Flatten,
+    /// A fully connected layer.
     Dense(DenseSpec),
     /// Inverted dropout; `seed` keys the masks (the job seed when absent).
     Dropout {
+        /// Fraction of units dropped in training.
         rate: f32,
+        /// The layer's own seed for its masks (else the job's).
         seed: Option<u64>,
     },
+    /// An activation on its own.
     Activation(Activation),
 }
 

@@ -2,9 +2,6 @@
 //! initializers, regularizers, constraints and losses, and the Sequential model's forward
 //! and backward pass on one shard of a batch.
 
-// Not every public item is documented yet: this crate opts out of the workspace lint until it is.
-#![allow(missing_docs)]
-
 // Links OpenBLAS (Debian's libopenblas through pkg-config) for ndarray's matrix products.
 extern crate blas_src;
 
@@ -29,8 +26,10 @@ pub use regularizer::Regularizer;
 pub use summary::thousands;
 
 #[derive(Debug, thiserror::Error)]
+/// Why a model cannot be built.
 pub enum NnError {
     #[error("{0}")]
+    /// The model's layers do not fit together, as the message says.
     Model(String),
 }
 

@@ -7,17 +7,29 @@ use serde::{Deserialize, Serialize};
 const EPSILON: f32 = 1e-7;
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// Keras's losses.
 pub enum LossKind {
+    /// Crossentropy of class indices.
     SparseCategoricalCrossentropy,
+    /// Crossentropy of one-hot (or soft) targets.
     CategoricalCrossentropy,
+    /// Crossentropy of independent binary targets.
     BinaryCrossentropy,
+    /// Mean of squared differences over the outputs.
     MeanSquaredError,
+    /// Mean of absolute differences over the outputs.
     MeanAbsoluteError,
-    Huber { delta: f32 },
+    /// Squared below `delta`, linear above.
+    Huber {
+        /// Where the quadratic part ends.
+        delta: f32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// A loss and whether the model's outputs are logits.
 pub struct Loss {
+    /// Which loss.
     pub kind: LossKind,
     /// The model outputs logits (Keras `from_logits=True`).
     pub from_logits: bool,
@@ -26,7 +38,9 @@ pub struct Loss {
 /// One sample's target: a class index, or one value per output unit.
 #[derive(Clone, Copy, Debug)]
 pub enum Target<'a> {
+    /// A class index.
     Class(u32),
+    /// A row of target values.
     Values(&'a [f32]),
 }
 
@@ -43,6 +57,7 @@ impl Target<'_> {
 }
 
 impl Loss {
+    /// The loss a Keras name stands for.
     pub fn from_name(name: &str) -> Option<LossKind> {
         Some(match name {
             "sparse_categorical_crossentropy" => LossKind::SparseCategoricalCrossentropy,
@@ -55,6 +70,7 @@ impl Loss {
         })
     }
 
+    /// Every name `from_name` knows, for error messages.
     pub const NAMES: &'static str = "sparse_categorical_crossentropy, categorical_crossentropy, \
         binary_crossentropy, mean_squared_error (mse), mean_absolute_error (mae), huber";
 

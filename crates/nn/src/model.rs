@@ -13,23 +13,30 @@ use std::ops::Range;
 pub struct Variable {
     /// `<layer name>/kernel` or `<layer name>/bias`.
     pub name: String,
+    /// Keras's shape of it (`[inputs, units]` for a kernel).
     pub shape: Vec<usize>,
+    /// Where it starts in the flat parameter buffer.
     pub offset: usize,
+    /// Its weight penalty, if any.
     pub regularizer: Option<Regularizer>,
+    /// Its constraint, if any.
     pub constraint: Option<Constraint>,
     initializer: Initializer,
     fans: (usize, usize),
 }
 
 impl Variable {
+    /// Its number of values.
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
 
+    /// Whether it has no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Its values' range in the flat parameter buffer.
     pub fn range(&self) -> Range<usize> {
         self.offset..self.offset + self.len()
     }
@@ -46,13 +53,18 @@ enum Op {
 /// A row of the model summary.
 #[derive(Clone, Debug)]
 pub struct LayerInfo {
+    /// Keras's layer name (`dense`, `dense_1`, ...).
     pub name: String,
+    /// Keras's class name (`Dense`, `Dropout`, ...).
     pub class_name: &'static str,
+    /// Output shape without the batch dimension.
     pub output_shape: Vec<usize>,
+    /// Its parameter count.
     pub params: usize,
 }
 
 #[derive(Clone, Debug)]
+/// A Keras Sequential model: its layers as ops over one flat parameter buffer, and its loss.
 pub struct Sequential {
     input_shape: Vec<usize>,
     layers: Vec<LayerInfo>,
@@ -71,7 +83,16 @@ pub struct Sequential {
 pub enum Mode {
     /// Dropout on, its masks keyed by (seed, layer, step, position in the global batch); the
     /// shard's rows start at `first_position` of a global batch of `global_batch` samples.
-    Train { seed: u64, step: u64, first_position: u32, global_batch: u32 },
+    Train {
+        /// The job's seed (a Dropout layer's own seed takes precedence).
+        seed: u64,
+        /// The optimizer step.
+        step: u64,
+        /// The shard's first row's position in the global batch.
+        first_position: u32,
+        /// The global batch's size.
+        global_batch: u32,
+    },
     /// Dropout off.
     Infer,
 }
@@ -79,11 +100,14 @@ pub enum Mode {
 /// Targets of the rows of a shard.
 #[derive(Clone, Copy, Debug)]
 pub enum Targets<'a> {
+    /// Class indices.
     Classes(&'a [u32]),
+    /// Rows of target values.
     Values(ArrayView2<'a, f32>),
 }
 
 impl Targets<'_> {
+    /// Row `i`'s target.
     pub fn row(&self, i: usize) -> Target<'_> {
         match self {
             Targets::Classes(c) => Target::Class(c[i]),
@@ -99,11 +123,14 @@ pub struct ShardStats {
     pub loss_sum: f64,
     /// Sum of the activity penalties, not yet divided by the batch size.
     pub activity: f64,
+    /// Samples whose prediction was right (accuracy's numerator).
     pub correct: u64,
+    /// Samples.
     pub rows: u64,
 }
 
 impl ShardStats {
+    /// Adds another shard's sums.
     pub fn add(&mut self, o: &ShardStats) {
         self.loss_sum += o.loss_sum;
         self.activity += o.activity;
@@ -128,6 +155,7 @@ fn ensure(buf: &mut Array2<f32>, rows: usize, cols: usize) {
 }
 
 impl Sequential {
+    /// The model for `specs` on samples of `input_shape`, with its variables named as Keras names them.
     pub fn new(input_shape: &[usize], specs: &[LayerSpec], loss: Loss) -> Result<Self, NnError> {
         if input_shape.is_empty() || input_shape.contains(&0) {
             return Err(NnError::Model(format!("input_shape {input_shape:?} must be non-empty with no zero")));
@@ -216,30 +244,37 @@ impl Sequential {
         })
     }
 
+    /// A sample's shape.
     pub fn input_shape(&self) -> &[usize] {
         &self.input_shape
     }
 
+    /// A sample's number of features.
     pub fn input_width(&self) -> usize {
         self.input_shape.iter().product()
     }
 
+    /// The last layer's width.
     pub fn output_width(&self) -> usize {
         *self.widths.last().expect("a model has at least one op")
     }
 
+    /// The layers, for the summary.
     pub fn layers(&self) -> &[LayerInfo] {
         &self.layers
     }
 
+    /// The trainable variables, in Keras's order (kernel, bias per layer).
     pub fn variables(&self) -> &[Variable] {
         &self.vars
     }
 
+    /// The total number of parameters.
     pub fn num_params(&self) -> usize {
         self.num_params
     }
 
+    /// The loss.
     pub fn loss(&self) -> Loss {
         self.loss
     }

@@ -3,8 +3,11 @@
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Keras's L1/L2 penalty: `l1 * sum|w| + l2 * sum w^2`.
 pub struct Regularizer {
+    /// Factor of the sum of absolute values.
     pub l1: f32,
+    /// Factor of the sum of squares.
     pub l2: f32,
 }
 

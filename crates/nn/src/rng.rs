@@ -92,10 +92,12 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// Stream `stream` of `seed`, from its first draw.
     pub fn new(seed: u64, stream: u64) -> Self {
         Stream { key: key_of(seed), stream, counter: 0, buf: [0; 4], used: 4 }
     }
 
+    /// The next 32 random bits.
     pub fn next_u32(&mut self) -> u32 {
         if self.used == 4 {
             let c = self.counter;

@@ -85,10 +85,12 @@ impl<'a> Volatile<'a> {
         Volatile { ptr, len, _mapping: std::marker::PhantomData }
     }
 
+    /// Its number of values.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether it has no values.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -159,7 +161,9 @@ impl Volatile<'_> {
 /// One term of `sum_into`: this process's own values, or shared memory another process writes.
 #[derive(Clone, Copy, Debug)]
 pub enum Part<'a> {
+    /// A slice this process owns.
     Own(&'a [f32]),
+    /// Shared memory another process writes.
     Shared(Volatile<'a>),
 }
 

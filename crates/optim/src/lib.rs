@@ -1,9 +1,6 @@
 //! dtrain-optim: Keras's optimizers (SGD, Adam, AdamW, RMSprop, Adagrad), gradient clipping
 //! and learning-rate schedules, over one flat parameter buffer, with explicit state records.
 
-// Not every public item is documented yet: this crate opts out of the workspace lint until it is.
-#![allow(missing_docs)]
-
 pub mod optimizer;
 pub mod schedule;
 

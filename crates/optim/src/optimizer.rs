@@ -5,16 +5,52 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The update rule, with Keras's arguments.
 pub enum Algorithm {
-    Sgd { momentum: f64, nesterov: bool },
-    Adam { beta_1: f64, beta_2: f64, epsilon: f64, amsgrad: bool },
-    Rmsprop { rho: f64, momentum: f64, epsilon: f64, centered: bool },
-    Adagrad { initial_accumulator_value: f32, epsilon: f64 },
+    /// SGD, with optional (Nesterov) momentum.
+    Sgd {
+        /// Velocity decay (0: plain SGD).
+        momentum: f64,
+        /// Nesterov momentum.
+        nesterov: bool,
+    },
+    /// Adam (AdamW is Adam with weight decay), optionally amsgrad.
+    Adam {
+        /// Decay of the first moment.
+        beta_1: f64,
+        /// Decay of the second moment.
+        beta_2: f64,
+        /// Added to the denominator.
+        epsilon: f64,
+        /// Use the running maximum of the second moment.
+        amsgrad: bool,
+    },
+    /// RMSprop, optionally with momentum and centered.
+    Rmsprop {
+        /// Decay of the mean square.
+        rho: f64,
+        /// Momentum (0: none).
+        momentum: f64,
+        /// Added inside the square root.
+        epsilon: f64,
+        /// Subtract the squared mean gradient.
+        centered: bool,
+    },
+    /// Adagrad.
+    Adagrad {
+        /// The accumulator's starting value.
+        initial_accumulator_value: f32,
+        /// Added inside the square root.
+        epsilon: f64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A fixed learning rate or a schedule of the step.
 pub enum LearningRate {
+    /// The same rate at every step.
     Constant(f32),
+    /// A rate that depends on the step (Keras's `LearningRateSchedule`).
     Schedule(Schedule),
 }
 
@@ -30,11 +66,15 @@ pub enum Clip {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// An optimizer as the job describes it: algorithm, learning rate, weight decay, clipping.
 pub struct OptimizerConfig {
+    /// The update rule.
     pub algorithm: Algorithm,
+    /// The learning rate or its schedule.
     pub learning_rate: LearningRate,
     /// Decoupled weight decay (AdamW's, or any optimizer's `weight_decay=`).
     pub weight_decay: Option<f32>,
+    /// Gradient clipping, if any.
     pub clip: Option<Clip>,
 }
 
@@ -45,6 +85,7 @@ pub struct OptimizerState {
     pub iterations: u64,
     /// A learning rate set at run time (ReduceLROnPlateau); replaces a constant rate.
     pub lr_override: Option<f32>,
+    /// The per-parameter buffers.
     pub slots: Slots,
 }
 
@@ -54,21 +95,30 @@ pub struct OptimizerState {
 pub enum Slots {
     /// SGD keeps a velocity only with momentum.
     Sgd {
+        /// The velocity (Keras's `momentum` variable), with momentum only.
         momentum: Option<Vec<f32>>,
     },
     /// Adam's first and second moments, and the running maximum of the second with amsgrad.
     Adam {
+        /// First moment.
         m: Vec<f32>,
+        /// Second moment.
         v: Vec<f32>,
+        /// Running maximum of the second moment (amsgrad).
         v_hat: Option<Vec<f32>>,
     },
     /// RMSprop's mean square, its momentum (momentum > 0) and mean gradient (centered).
     Rmsprop {
+        /// Mean square of the gradient.
         velocity: Vec<f32>,
+        /// Momentum buffer (momentum > 0).
         momentum: Option<Vec<f32>>,
+        /// Mean gradient (centered).
         average_gradient: Option<Vec<f32>>,
     },
+    /// Adagrad's sum of squared gradients, from `initial_accumulator_value`.
     Adagrad {
+        /// The accumulator.
         accumulator: Vec<f32>,
     },
 }
@@ -77,9 +127,18 @@ pub enum Slots {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SlotError {
     #[error("optimizer slot {0} is missing")]
+    /// A buffer the algorithm needs is not in the checkpoint.
     Missing(&'static str),
     #[error("optimizer slot {name} has {got} values, the model has {want} parameters")]
-    Length { name: &'static str, got: usize, want: usize },
+    /// A buffer has the wrong length.
+    Length {
+        /// Which buffer.
+        name: &'static str,
+        /// Its length.
+        got: usize,
+        /// The model's parameter count.
+        want: usize,
+    },
 }
 
 impl Slots {
@@ -197,12 +256,14 @@ impl<'a> SlotsMut<'a> {
 }
 
 #[derive(Clone, Debug)]
+/// An optimizer and its state: applies one update per step.
 pub struct Optimizer {
     config: OptimizerConfig,
     state: OptimizerState,
 }
 
 impl Optimizer {
+    /// A fresh optimizer over `num_params` parameters.
     pub fn new(config: OptimizerConfig, num_params: usize) -> Self {
         let slots = Slots::new(&config.algorithm, num_params);
         Optimizer { config, state: OptimizerState { iterations: 0, lr_override: None, slots } }
@@ -214,10 +275,12 @@ impl Optimizer {
         Optimizer { config, state }
     }
 
+    /// Its state, for checkpoints.
     pub fn state(&self) -> &OptimizerState {
         &self.state
     }
 
+    /// Its configuration.
     pub fn config(&self) -> &OptimizerConfig {
         &self.config
     }

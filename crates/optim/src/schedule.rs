@@ -7,52 +7,83 @@ use std::f32::consts::PI;
 /// Keras's schedules with Keras's argument names and defaults (as a job file spells them).
 #[serde(deny_unknown_fields)]
 pub enum Schedule {
+    /// `initial_learning_rate * decay_rate ^ (step / decay_steps)`.
     ExponentialDecay {
+        /// The rate at step 0.
         initial_learning_rate: f32,
+        /// Steps per decay period.
         decay_steps: u64,
+        /// Factor per period.
         decay_rate: f32,
         #[serde(default)]
+        /// Decay in whole periods (`floor(step / decay_steps)`).
         staircase: bool,
     },
+    /// `values[i]` while the step is at most `boundaries[i]` (and past the last, the last value).
     PiecewiseConstantDecay {
+        /// Step boundaries, increasing.
         boundaries: Vec<u64>,
+        /// One more value than boundaries.
         values: Vec<f32>,
     },
+    /// From `initial_learning_rate` to `end_learning_rate` along `(1 - step / decay_steps) ^ power`.
     PolynomialDecay {
+        /// The rate at step 0.
         initial_learning_rate: f32,
+        /// Steps to reach the end rate.
         decay_steps: u64,
         #[serde(default = "end_lr")]
+        /// The rate from `decay_steps` on.
         end_learning_rate: f32,
         #[serde(default = "one")]
+        /// The polynomial's power.
         power: f32,
         #[serde(default)]
+        /// Start over past `decay_steps`, each cycle longer.
         cycle: bool,
     },
+    /// `initial_learning_rate / (1 + decay_rate * step / decay_steps)`.
     InverseTimeDecay {
+        /// The rate at step 0.
         initial_learning_rate: f32,
+        /// Steps per unit of decay.
         decay_steps: u64,
+        /// Decay per unit.
         decay_rate: f32,
         #[serde(default)]
+        /// Decay in whole units.
         staircase: bool,
     },
+    /// Half a cosine from `initial_learning_rate` down to `alpha` times it, after an optional linear warmup.
     CosineDecay {
+        /// The rate at step 0 (or where the warmup starts).
         initial_learning_rate: f32,
+        /// Steps of the cosine after the warmup.
         decay_steps: u64,
         #[serde(default)]
+        /// The floor, as a fraction of the peak.
         alpha: f32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// The peak after the warmup, if there is one.
         warmup_target: Option<f32>,
         #[serde(default)]
+        /// Steps of linear warmup.
         warmup_steps: u64,
     },
+    /// Cosine decay that restarts, each period `t_mul` times longer and `m_mul` times lower.
     CosineDecayRestarts {
+        /// The rate at step 0.
         initial_learning_rate: f32,
+        /// Steps of the first period.
         first_decay_steps: u64,
         #[serde(default = "two")]
+        /// Each period is this many times longer than the last.
         t_mul: f32,
         #[serde(default = "one")]
+        /// Each period starts this many times lower.
         m_mul: f32,
         #[serde(default)]
+        /// The floor, as a fraction of the period's start.
         alpha: f32,
     },
 }

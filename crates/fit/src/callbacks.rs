@@ -9,14 +9,19 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Monitor {
     #[serde(rename = "loss")]
+    /// The training loss (running mean over the epoch).
     Loss,
     #[serde(rename = "accuracy", alias = "acc")]
+    /// The training accuracy.
     Accuracy,
     #[serde(rename = "val_loss")]
+    /// The validation loss.
     ValLoss,
     #[serde(rename = "val_accuracy", alias = "val_acc")]
+    /// The validation accuracy.
     ValAccuracy,
     #[serde(rename = "learning_rate", alias = "lr")]
+    /// The learning rate the next step uses.
     LearningRate,
 }
 
@@ -95,15 +100,20 @@ pub struct BatchEnd<'a> {
     pub step: u64,
     /// The epoch and batch (0-based), and whether it is the epoch's last batch.
     pub epoch: usize,
+    /// The batch within the epoch (0-based).
     pub batch: usize,
+    /// Whether it is the epoch's last.
     pub last_in_epoch: bool,
     /// The epoch's running values so far (no validation values yet).
     pub logs: &'a EpochLogs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Which way a monitored value improves.
 pub enum Direction {
+    /// Lower is better.
     Min,
+    /// Higher is better.
     Max,
 }
 
@@ -133,18 +143,30 @@ impl Direction {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Keras's EarlyStopping: its arguments, then its state.
 pub struct EarlyStopping {
+    /// The value watched.
     pub monitor: Monitor,
+    /// Which way it improves.
     pub direction: Direction,
+    /// The least change that counts as an improvement.
     pub min_delta: f64,
+    /// Epochs without improvement before stopping.
     pub patience: usize,
+    /// A value to beat before waiting counts as improving.
     pub baseline: Option<f64>,
+    /// End with the best epoch's weights.
     pub restore_best_weights: bool,
+    /// Epochs before watching starts.
     pub start_from_epoch: usize,
     // state
+    /// State: epochs since the last improvement.
     pub wait: usize,
+    /// State: the epoch it stopped at (0: none).
     pub stopped_epoch: usize,
+    /// State: the best value so far.
     pub best: Option<f64>,
+    /// State: the epoch of the best value.
     pub best_epoch: usize,
 }
 
@@ -196,13 +218,19 @@ impl EarlyStopping {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Keras's ModelCheckpoint (weights only): its arguments, then its state.
 pub struct ModelCheckpoint {
+    /// A file name in the run directory, with `{epoch}`-style fields.
     pub filepath: String,
+    /// The value `save_best_only` watches.
     pub monitor: Monitor,
+    /// Which way it improves.
     pub direction: Direction,
+    /// Save only when the value improves.
     pub save_best_only: bool,
     /// Every N batches instead of at epoch ends.
     pub every_batches: Option<u64>,
+    /// State: the best value so far (starts at `initial_value_threshold`).
     pub best: Option<f64>,
 }
 
@@ -233,8 +261,11 @@ impl ModelCheckpoint {
 }
 
 #[derive(Clone, Copy, Debug)]
+/// A value for a file name field.
 pub enum Field {
+    /// An integer (epoch, batch).
     Int(i64),
+    /// A logged value.
     Float(f64),
 }
 
@@ -284,17 +315,28 @@ fn parse_spec(spec: &str) -> Option<(usize, Option<usize>, char)> {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Keras's ReduceLROnPlateau: its arguments, then its state.
 pub struct ReduceLrOnPlateau {
+    /// The value watched.
     pub monitor: Monitor,
+    /// Which way it improves.
     pub direction: Direction,
+    /// The new rate is the old one times this.
     pub factor: f64,
+    /// Epochs without improvement before reducing.
     pub patience: usize,
+    /// The least change that counts as an improvement.
     pub min_delta: f64,
+    /// Epochs to wait after a reduction.
     pub cooldown: usize,
+    /// The rate never goes below this.
     pub min_lr: f64,
     // state
+    /// State: epochs since the last improvement.
     pub wait: usize,
+    /// State: cooldown epochs left.
     pub cooldown_counter: usize,
+    /// State: the best value so far.
     pub best: Option<f64>,
 }
 
@@ -325,7 +367,9 @@ impl ReduceLrOnPlateau {
 /// Keras's CSVLogger: the history file's name and separator.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CsvLogger {
+    /// The file, in the run directory.
     pub filename: String,
+    /// Between columns.
     pub separator: String,
 }
 
@@ -356,6 +400,7 @@ impl CsvLogger {
 /// All configured callbacks, in the order the job file lists them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Callbacks {
+    /// The callbacks that act, in the job file's order.
     pub list: Vec<Callback>,
     /// The history file (CSVLogger's, or the default `history.csv`).
     pub csv: CsvLogger,
@@ -364,11 +409,15 @@ pub struct Callbacks {
 /// One callback and its state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Callback {
+    /// Keras's EarlyStopping.
     EarlyStopping(EarlyStopping),
+    /// Keras's ModelCheckpoint.
     ModelCheckpoint(ModelCheckpoint),
+    /// Keras's ReduceLROnPlateau.
     ReduceLrOnPlateau(ReduceLrOnPlateau),
     /// Save the resume state every N batches as well as at every epoch end.
     BackupAndRestore {
+        /// Batches between saves.
         every_batches: u64,
     },
 }

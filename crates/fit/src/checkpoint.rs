@@ -88,23 +88,32 @@ pub fn read_weights(path: &Path, model: &Sequential) -> Result<Vec<f32>, Checkpo
 /// Everything a run needs to continue bit-identically.
 #[derive(Clone, Debug)]
 pub struct TrainState {
+    /// The model's parameters.
     pub params: Vec<f32>,
+    /// The optimizer with its slots.
     pub optimizer: Optimizer,
     /// The epoch in progress (0-based) and the batches of it already applied.
     pub epoch: usize,
+    /// Batches of `epoch` already applied.
     pub batch: usize,
     /// Optimizer steps taken; keys the dropout masks.
     pub step: u64,
+    /// The epoch's running loss.
     pub loss_mean: Mean,
+    /// The epoch's running accuracy.
     pub acc_mean: Mean,
+    /// Every finished epoch's logs.
     pub history: Vec<EpochLogs>,
+    /// The callbacks and their state.
     pub callbacks: Callbacks,
+    /// EarlyStopping's best weights, when it restores them.
     pub best_weights: Option<Vec<f32>>,
     /// EarlyStopping ended the run; more epochs will not continue it.
     pub stopped_early: bool,
 }
 
 impl TrainState {
+    /// A run's state before its first step.
     pub fn new(params: Vec<f32>, optimizer: OptimizerConfig, initial_epoch: usize, callbacks: Callbacks) -> Self {
         let n = params.len();
         TrainState {
@@ -144,6 +153,7 @@ struct Manifest {
     job: JobConfig,
 }
 
+/// The resume state's manifest in the run directory.
 pub const STATE_FILE: &str = "state.json";
 
 /// The resume state's format; 2 since callbacks name their monitor and BackupAndRestore is a

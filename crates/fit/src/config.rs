@@ -7,39 +7,53 @@ use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A job file as written: the data, the model, compile and fit arguments, and callbacks.
 pub struct JobConfig {
     /// Seeds initial weights, the epoch order and dropout masks.
     #[serde(default)]
     pub seed: u64,
+    /// `[data]`: where the samples are.
     pub data: DataConfig,
+    /// `[model]`: the Sequential model's layers.
     pub model: ModelConfig,
+    /// `[compile]`: optimizer, loss, metrics.
     pub compile: CompileConfig,
     #[serde(default)]
+    /// `[fit]`: Keras's fit arguments.
     pub fit: FitConfig,
     #[serde(default)]
+    /// `[[callbacks]]`, in order.
     pub callbacks: Vec<CallbackConfig>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+/// The data files' format.
 pub enum DataFormat {
+    /// A directory of IDX files (MNIST, Fashion-MNIST).
     Idx,
+    /// CSV files, the label in one column.
     Csv,
+    /// NumPy .npy files of features and labels.
     Npy,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+/// Where validation data comes from (besides fit.validation_split).
 pub enum Validation {
     /// The format's test split: validation_data = (x_test, y_test).
     Test,
     #[default]
+    /// No validation data.
     None,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[data]`.
 pub struct DataConfig {
+    /// The files' format.
     pub format: DataFormat,
     /// idx: the directory with train-*/t10k-* files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,6 +62,7 @@ pub struct DataConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// csv: the test (validation) file.
     pub test: Option<PathBuf>,
     /// csv: index of the label column (negative counts from the end).
     #[serde(default)]
@@ -56,14 +71,19 @@ pub struct DataConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// npy: labels.
     pub y: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// npy: validation features.
     pub test_x: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// npy: validation labels.
     pub test_y: Option<PathBuf>,
     #[serde(default = "one")]
+    /// Features are multiplied by this when a batch is gathered (1/255 for pixels).
     pub rescale: f64,
     #[serde(default)]
+    /// Where validation data comes from.
     pub validation: Validation,
 }
 
@@ -73,47 +93,69 @@ fn one() -> f64 {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[model]`.
 pub struct ModelConfig {
+    /// A sample's shape (without the batch dimension).
     pub input_shape: Vec<usize>,
+    /// The layers, in order.
     pub layers: Vec<LayerConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", deny_unknown_fields)]
+/// A layer as the job file writes it (`type = "Dense"`, ...).
 pub enum LayerConfig {
+    /// `keras.layers.Flatten()`.
     Flatten {},
+    /// `keras.layers.Dense(...)`.
     Dense(Box<DenseConfig>),
+    /// `keras.layers.Dropout(rate, seed)`.
     Dropout {
+        /// Fraction of units dropped in training.
         rate: f32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
+        /// The layer's own mask seed.
         seed: Option<u64>,
     },
+    /// `keras.layers.Activation(activation)`.
     Activation {
+        /// The activation's name.
         activation: String,
     },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `keras.layers.Dense`'s arguments, with Keras's defaults.
 pub struct DenseConfig {
+    /// Output width.
     pub units: usize,
     #[serde(default = "linear")]
+    /// Activation name ("linear").
     pub activation: String,
     #[serde(default = "yes")]
+    /// Whether it has a bias (true).
     pub use_bias: bool,
     #[serde(default = "glorot")]
+    /// Kernel initializer ("glorot_uniform").
     pub kernel_initializer: InitializerConfig,
     #[serde(default = "zeros")]
+    /// Bias initializer ("zeros").
     pub bias_initializer: InitializerConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Penalty on the kernel.
     pub kernel_regularizer: Option<RegularizerConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Penalty on the bias.
     pub bias_regularizer: Option<RegularizerConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Penalty on the layer's output.
     pub activity_regularizer: Option<RegularizerConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Constraint on the kernel.
     pub kernel_constraint: Option<ConstraintConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Constraint on the bias.
     pub bias_constraint: Option<ConstraintConfig>,
 }
 
@@ -135,34 +177,49 @@ fn zeros() -> InitializerConfig {
     untagged,
     expecting = "an initializer name such as \"he_normal\" or a table such as { RandomNormal = { stddev = 0.1 } }"
 )]
+/// An initializer: a Keras name or a table with arguments.
 pub enum InitializerConfig {
+    /// `"glorot_uniform"`, ...
     Name(String),
+    /// `{ RandomNormal = { mean, stddev } }`, ...
     Spec(InitializerSpec),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// An initializer with arguments.
 pub enum InitializerSpec {
+    /// `keras.initializers.RandomNormal`.
     RandomNormal {
         #[serde(default)]
+        /// Mean (0).
         mean: f32,
         #[serde(default = "stddev")]
+        /// Standard deviation (0.05).
         stddev: f32,
     },
+    /// `keras.initializers.TruncatedNormal`.
     TruncatedNormal {
         #[serde(default)]
+        /// Mean (0).
         mean: f32,
         #[serde(default = "stddev")]
+        /// Standard deviation before truncation (0.05).
         stddev: f32,
     },
+    /// `keras.initializers.RandomUniform`.
     RandomUniform {
         #[serde(default = "minval")]
+        /// Lower bound (-0.05).
         minval: f32,
         #[serde(default = "stddev")]
+        /// Upper bound (0.05).
         maxval: f32,
     },
+    /// `keras.initializers.Constant`.
     Constant {
         #[serde(default)]
+        /// The value.
         value: f32,
     },
 }
@@ -176,17 +233,23 @@ fn minval() -> f32 {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged, expecting = "a regularizer: \"l1\", \"l2\", \"l1l2\" or a table { l1 = 0.01, l2 = 0.01 }")]
+/// A regularizer: a Keras name or factors.
 pub enum RegularizerConfig {
+    /// `"l1"`, `"l2"`, `"l1l2"`.
     Name(String),
+    /// `{ l1 = .., l2 = .. }`.
     Factors(RegularizerFactors),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// L1 and L2 factors.
 pub struct RegularizerFactors {
     #[serde(default)]
+    /// Factor of the sum of absolute values (0).
     pub l1: f32,
     #[serde(default)]
+    /// Factor of the sum of squares (0).
     pub l2: f32,
 }
 
@@ -195,33 +258,48 @@ pub struct RegularizerFactors {
     untagged,
     expecting = "a constraint: \"max_norm\", \"non_neg\", \"unit_norm\", \"min_max_norm\" or a table such as { MaxNorm = { max_value = 2.0 } }"
 )]
+/// A constraint: a Keras name or a table with arguments.
 pub enum ConstraintConfig {
+    /// `"max_norm"`, `"non_neg"`, `"unit_norm"`, `"min_max_norm"`.
     Name(String),
+    /// `{ MaxNorm = { max_value, axis } }`, ...
     Spec(ConstraintSpec),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A constraint with arguments.
 pub enum ConstraintSpec {
+    /// `keras.constraints.MaxNorm`.
     MaxNorm {
         #[serde(default = "two")]
+        /// The largest norm (2).
         max_value: f32,
         #[serde(default)]
+        /// The axis of the norm (0).
         axis: i32,
     },
+    /// `keras.constraints.NonNeg`.
     NonNeg {},
+    /// `keras.constraints.UnitNorm`.
     UnitNorm {
         #[serde(default)]
+        /// The axis of the norm (0).
         axis: i32,
     },
+    /// `keras.constraints.MinMaxNorm`.
     MinMaxNorm {
         #[serde(default)]
+        /// The smallest norm (0).
         min_value: f32,
         #[serde(default = "onef")]
+        /// The largest norm (1).
         max_value: f32,
         #[serde(default = "onef")]
+        /// How far to move toward the range (1).
         rate: f32,
         #[serde(default)]
+        /// The axis of the norm (0).
         axis: i32,
     },
 }
@@ -235,10 +313,14 @@ fn onef() -> f32 {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[compile]`.
 pub struct CompileConfig {
+    /// The optimizer.
     pub optimizer: OptimizerConfigFile,
+    /// The loss.
     pub loss: LossConfig,
     #[serde(default)]
+    /// `["accuracy"]` or none.
     pub metrics: Vec<String>,
 }
 
@@ -247,18 +329,27 @@ pub struct CompileConfig {
     untagged,
     expecting = "an optimizer name such as \"adam\" or a table such as { Adam = { learning_rate = 0.001 } }"
 )]
+/// An optimizer: a Keras name or a table with arguments.
 pub enum OptimizerConfigFile {
+    /// `"adam"`, `"sgd"`, ... with Keras's defaults.
     Name(String),
+    /// `{ Adam = { learning_rate = 0.001 } }`, ...
     Spec(OptimizerSpec),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// An optimizer with arguments.
 pub enum OptimizerSpec {
+    /// `keras.optimizers.Adam`.
     Adam(OptimizerArgs),
+    /// `keras.optimizers.AdamW`.
     AdamW(OptimizerArgs),
+    /// `keras.optimizers.SGD`.
     SGD(OptimizerArgs),
+    /// `keras.optimizers.RMSprop`.
     RMSprop(OptimizerArgs),
+    /// `keras.optimizers.Adagrad`.
     Adagrad(OptimizerArgs),
 }
 
@@ -267,32 +358,46 @@ pub enum OptimizerSpec {
 #[serde(deny_unknown_fields)]
 pub struct OptimizerArgs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A number or a schedule.
     pub learning_rate: Option<LearningRateConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Adam's first-moment decay.
     pub beta_1: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Adam's second-moment decay.
     pub beta_2: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Added to denominators (1e-7).
     pub epsilon: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Adam's amsgrad.
     pub amsgrad: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// SGD's or RMSprop's momentum.
     pub momentum: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// SGD's Nesterov momentum.
     pub nesterov: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// RMSprop's mean-square decay.
     pub rho: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// RMSprop's centered variant.
     pub centered: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Adagrad's starting accumulator.
     pub initial_accumulator_value: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Decoupled weight decay (AdamW: 0.004).
     pub weight_decay: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Clip each variable's gradient norm.
     pub clipnorm: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Clip each gradient value.
     pub clipvalue: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Clip the norm of all gradients together.
     pub global_clipnorm: Option<f32>,
 }
 
@@ -301,8 +406,11 @@ pub struct OptimizerArgs {
     untagged,
     expecting = "a number or a schedule table such as { ExponentialDecay = { initial_learning_rate = 0.1, decay_steps = 1000, decay_rate = 0.96 } }"
 )]
+/// A learning rate: a number or a schedule table.
 pub enum LearningRateConfig {
+    /// A constant rate.
     Value(f32),
+    /// A schedule of the step.
     Schedule(Schedule),
 }
 
@@ -311,30 +419,44 @@ pub enum LearningRateConfig {
     untagged,
     expecting = "a loss name such as \"sparse_categorical_crossentropy\" or a table such as { SparseCategoricalCrossentropy = { from_logits = true } }"
 )]
+/// A loss: a Keras name or a table with arguments.
 pub enum LossConfig {
+    /// `"sparse_categorical_crossentropy"`, ...
     Name(String),
+    /// `{ SparseCategoricalCrossentropy = { from_logits = true } }`, ...
     Spec(LossSpec),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A loss with arguments.
 pub enum LossSpec {
+    /// `keras.losses.SparseCategoricalCrossentropy`.
     SparseCategoricalCrossentropy {
         #[serde(default)]
+        /// The model outputs logits.
         from_logits: bool,
     },
+    /// `keras.losses.CategoricalCrossentropy`.
     CategoricalCrossentropy {
         #[serde(default)]
+        /// The model outputs logits.
         from_logits: bool,
     },
+    /// `keras.losses.BinaryCrossentropy`.
     BinaryCrossentropy {
         #[serde(default)]
+        /// The model outputs logits.
         from_logits: bool,
     },
+    /// `keras.losses.MeanSquaredError`.
     MeanSquaredError {},
+    /// `keras.losses.MeanAbsoluteError`.
     MeanAbsoluteError {},
+    /// `keras.losses.Huber`.
     Huber {
         #[serde(default = "onef")]
+        /// Where the quadratic part ends (1).
         delta: f32,
     },
 }
@@ -343,12 +465,18 @@ pub enum LossSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FitConfig {
+    /// Samples per step (32).
     pub batch_size: usize,
+    /// Epochs (1).
     pub epochs: usize,
+    /// A new sample order every epoch (true).
     pub shuffle: bool,
+    /// Fraction of the training samples, from the end, held out for validation (0).
     pub validation_split: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Batch size for validation (the batch size).
     pub validation_batch_size: Option<usize>,
+    /// Epochs counted as done (0).
     pub initial_epoch: usize,
     /// dtrain: the number of shards S each batch is split into (fixed for a run; results
     /// depend on S, never on how many workers compute the shards).
@@ -371,25 +499,40 @@ impl Default for FitConfig {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// A callback as the job file writes it.
 pub enum CallbackConfig {
+    /// `keras.callbacks.EarlyStopping`.
     EarlyStopping(EarlyStoppingConfig),
+    /// `keras.callbacks.ModelCheckpoint` (weights only).
     ModelCheckpoint(ModelCheckpointConfig),
+    /// `keras.callbacks.ReduceLROnPlateau`.
     ReduceLROnPlateau(ReduceLrConfig),
+    /// `keras.callbacks.CSVLogger`.
     CSVLogger(CsvLoggerConfig),
+    /// `keras.callbacks.TerminateOnNaN` (always on).
     TerminateOnNaN {},
+    /// `keras.callbacks.BackupAndRestore` (the resume state is always saved at epoch ends).
     BackupAndRestore(BackupConfig),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+/// `EarlyStopping`'s arguments.
 pub struct EarlyStoppingConfig {
+    /// The value watched ("val_loss").
     pub monitor: String,
+    /// The least change that counts (0).
     pub min_delta: f64,
+    /// Epochs without improvement before stopping (0).
     pub patience: usize,
+    /// "auto", "min" or "max".
     pub mode: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// A value to beat.
     pub baseline: Option<f64>,
+    /// End with the best epoch's weights (false).
     pub restore_best_weights: bool,
+    /// Epochs before watching starts (0).
     pub start_from_epoch: usize,
 }
 
@@ -409,20 +552,27 @@ impl Default for EarlyStoppingConfig {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `ModelCheckpoint`'s arguments.
 pub struct ModelCheckpointConfig {
     /// Relative to the run directory; may contain {epoch} and {val_loss:.4f}-style fields.
     pub filepath: String,
     #[serde(default = "val_loss")]
+    /// The value `save_best_only` watches ("val_loss").
     pub monitor: String,
     #[serde(default)]
+    /// Save only when it improves (false).
     pub save_best_only: bool,
     #[serde(default)]
+    /// Accepted for Keras compatibility: dtrain saves weights only.
     pub save_weights_only: bool,
     #[serde(default = "auto")]
+    /// "auto", "min" or "max".
     pub mode: String,
     #[serde(default)]
+    /// "epoch" or every N batches.
     pub save_freq: SaveFreq,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The value to beat first.
     pub initial_value_threshold: Option<f64>,
 }
 
@@ -430,7 +580,9 @@ pub struct ModelCheckpointConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged, expecting = "\"epoch\" or a number of batches")]
 pub enum SaveFreq {
+    /// `"epoch"`.
     Word(String),
+    /// Every N batches.
     Batches(u64),
 }
 
@@ -442,13 +594,21 @@ impl Default for SaveFreq {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+/// `ReduceLROnPlateau`'s arguments.
 pub struct ReduceLrConfig {
+    /// The value watched ("val_loss").
     pub monitor: String,
+    /// New rate = old rate times this (0.1).
     pub factor: f64,
+    /// Epochs without improvement before reducing (10).
     pub patience: usize,
+    /// "auto", "min" or "max".
     pub mode: String,
+    /// The least change that counts (1e-4).
     pub min_delta: f64,
+    /// Epochs to wait after a reduction (0).
     pub cooldown: usize,
+    /// The lowest rate (0).
     pub min_lr: f64,
 }
 
@@ -468,9 +628,13 @@ impl Default for ReduceLrConfig {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+/// `CSVLogger`'s arguments.
 pub struct CsvLoggerConfig {
+    /// The history file ("history.csv").
     pub filename: String,
+    /// Between columns (",").
     pub separator: String,
+    /// Accepted; the file always holds the whole run.
     pub append: bool,
 }
 
@@ -482,8 +646,10 @@ impl Default for CsvLoggerConfig {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `BackupAndRestore`'s arguments.
 pub struct BackupConfig {
     #[serde(default)]
+    /// Also save the resume state every N batches.
     pub save_freq: SaveFreq,
 }
 
@@ -515,6 +681,7 @@ impl JobConfig {
         Self::parse(path, &text)
     }
 
+    /// Parses job-file text; `path` names the file in errors (and .json selects JSON).
     pub fn parse(path: &Path, text: &str) -> Result<Self, String> {
         if path.extension().is_some_and(|e| e == "json") {
             return serde_json::from_str(text)

@@ -13,6 +13,7 @@ pub fn shard_ranges(len: usize, shards: usize) -> Vec<Range<usize>> {
     (0..shards).map(|k| k * len / shards..(k + 1) * len / shards).collect()
 }
 
+/// Computes the summed shard gradients of a step; in this process or on workers.
 pub trait Engine {
     /// Writes to `grad` (the model's size) the sum of the shards' gradients, where shard k is
     /// `shards[k]` of `batch` (sample indices) at step `step`, scaled by 1 / batch.len(), and

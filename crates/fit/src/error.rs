@@ -8,8 +8,11 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[error("{}: cannot {action}: {cause}", path.display())]
 pub struct IoError {
+    /// The file.
     pub path: PathBuf,
+    /// What was tried ("read", "write", "create").
     pub action: &'static str,
+    /// The system's error.
     pub cause: std::io::Error,
 }
 
@@ -24,19 +27,49 @@ impl IoError {
 /// A weights file or resume state that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
+    /// The file could not be read or written.
     #[error(transparent)]
     Io(#[from] IoError),
     /// The file is there but its contents do not fit (damaged, another model, bad values).
     #[error("{}: {why}", path.display())]
-    Invalid { path: PathBuf, why: String },
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The resume state was written by a dtrain with another state format.
     #[error("{}: state format {found} is not this dtrain's {supported}; continue the run with the dtrain that started it", path.display())]
-    Format { path: PathBuf, found: u32, supported: u32 },
+    Format {
+        /// The manifest.
+        path: PathBuf,
+        /// Its format.
+        found: u32,
+        /// This dtrain's.
+        supported: u32,
+    },
+    /// The resume state belongs to another job.
     #[error("{}: this run was started from a different job file; resume it with the job in {} (only fit.epochs may change)", path.display(), job.display())]
-    OtherJob { path: PathBuf, job: PathBuf },
+    OtherJob {
+        /// The manifest.
+        path: PathBuf,
+        /// The run's own job file.
+        job: PathBuf,
+    },
+    /// `--resume` of a directory without a resume state.
     #[error("{}: no resume state here ({file} is missing)", dir.display())]
-    NoState { dir: PathBuf, file: &'static str },
+    NoState {
+        /// The directory.
+        dir: PathBuf,
+        /// The missing file.
+        file: &'static str,
+    },
+    /// A new run in a directory that holds files.
     #[error("{}: the run directory is not empty; pass --resume to continue that run, or choose another --run-dir", dir.display())]
-    Occupied { dir: PathBuf },
+    Occupied {
+        /// The directory.
+        dir: PathBuf,
+    },
 }
 
 impl CheckpointError {
@@ -49,15 +82,34 @@ impl CheckpointError {
 /// Why an engine could not compute a step's gradients.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The compute threads could not be started.
     #[error("cannot start {threads} compute threads: {cause}")]
-    Threads { threads: usize, cause: rayon::ThreadPoolBuildError },
+    Threads {
+        /// How many were asked for.
+        threads: usize,
+        /// Why they could not start.
+        cause: rayon::ThreadPoolBuildError,
+    },
+    /// Every worker left and none joined in time.
     #[error("no worker joined within {waited:?}; the last checkpoint is kept")]
-    NoWorkers { waited: Duration },
+    NoWorkers {
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// Too few workers joined before the first step.
     #[error("only {joined} of {needed} worker(s) joined within {waited:?}")]
-    TooFewWorkers { joined: usize, needed: usize, waited: Duration },
+    TooFewWorkers {
+        /// How many joined.
+        joined: usize,
+        /// How many were needed.
+        needed: usize,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// The engine could not be set up (listen, TLS, start workers), as the message says.
     #[error("{0}")]
     Setup(String),
+    /// The connection to the workers ended.
     #[error("the connection to the workers stopped")]
     Stopped,
 }
@@ -71,16 +123,35 @@ pub enum FitError {
     /// A data file: names the file and, where it can, the line.
     #[error("{0}")]
     Data(String),
+    /// A file of the run could not be read or written.
     #[error(transparent)]
     Io(#[from] IoError),
+    /// Weights or a resume state cannot be used.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The gradients could not be computed.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The loss became NaN or infinite (Keras's TerminateOnNaN).
     #[error("loss became {loss} at epoch {epoch}, batch {batch}; training stopped, the last saved state and weights are kept")]
-    NonFinite { epoch: usize, batch: usize, loss: f32 },
+    NonFinite {
+        /// The epoch (1-based).
+        epoch: usize,
+        /// The batch (1-based).
+        batch: usize,
+        /// The loss.
+        loss: f32,
+    },
+    /// SIGTERM or Ctrl-C: the state was saved mid-epoch.
     #[error(
         "interrupted at epoch {epoch}, batch {batch}; the state is saved: continue with --resume --run-dir {run_dir}"
     )]
-    Interrupted { epoch: usize, batch: usize, run_dir: String },
+    Interrupted {
+        /// The epoch (1-based).
+        epoch: usize,
+        /// The last batch applied (1-based).
+        batch: usize,
+        /// The run directory to resume.
+        run_dir: String,
+    },
 }

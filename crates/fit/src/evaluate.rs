@@ -8,9 +8,11 @@ use ndarray::Array2;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
+/// Keras's `evaluate`: loss with every regularization term, and accuracy.
 pub struct Evaluation {
     /// Crossentropy (or other loss) + activity penalties / batch + weight penalties.
     pub loss: f32,
+    /// Fraction of samples predicted right.
     pub accuracy: f32,
 }
 

@@ -1,9 +1,6 @@
 //! dtrain-fit: the job file, the training loop (Keras's `fit`), callbacks, history,
 //! checkpoints and the run directory, over any `Engine` that computes shard gradients.
 
-// Not every public item is documented yet: this crate opts out of the workspace lint until it is.
-#![allow(missing_docs)]
-
 pub mod build;
 pub mod callbacks;
 pub mod checkpoint;

@@ -5,11 +5,17 @@ use serde::{Deserialize, Serialize};
 /// One epoch's results; missing values are `None` (no validation data, no accuracy metric).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EpochLogs {
+    /// The epoch (0-based).
     pub epoch: usize,
+    /// Mean training loss.
     pub loss: f32,
+    /// Mean training accuracy, if a metric.
     pub accuracy: Option<f32>,
+    /// Validation loss, with validation data.
     pub val_loss: Option<f32>,
+    /// Validation accuracy, with validation data and the metric.
     pub val_accuracy: Option<f32>,
+    /// The learning rate the next step uses.
     pub learning_rate: f32,
 }
 
@@ -32,6 +38,7 @@ impl EpochLogs {
         self.columns().iter().map(|(k, _)| *k).collect::<Vec<_>>().join(sep)
     }
 
+    /// One CSVLogger row, in `csv_header`'s column order.
     pub fn csv_row(&self, sep: &str) -> String {
         self.columns().iter().map(|(_, v)| v.clone()).collect::<Vec<_>>().join(sep)
     }
@@ -57,16 +64,20 @@ impl EpochLogs {
 /// Keras's `metrics.Mean` with batch-size weights, in float32 like Keras.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Mean {
+    /// Weighted sum of the values.
     pub total: f32,
+    /// Sum of the weights.
     pub count: f32,
 }
 
 impl Mean {
+    /// Adds `value` with `weight` (its batch's size).
     pub fn add(&mut self, value: f32, weight: f32) {
         self.total += value * weight;
         self.count += weight;
     }
 
+    /// The mean (0 before any value).
     pub fn result(&self) -> f32 {
         if self.count == 0.0 {
             0.0

@@ -26,6 +26,7 @@ struct Values {
 }
 
 #[derive(Debug, Default)]
+/// The values the metrics endpoint serves, updated by the trainer and the cluster.
 pub struct Metrics {
     v: Mutex<Values>,
 }
@@ -35,6 +36,7 @@ impl Metrics {
         f(&mut self.v.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
+    /// A step finished: its number, duration, the running loss and accuracy, the next rate.
     pub fn step(&self, step: u64, seconds: f64, running_loss: f32, accuracy: Option<f32>, next_lr: f32) {
         self.with(|v| {
             v.step = step;
@@ -51,6 +53,7 @@ impl Metrics {
         });
     }
 
+    /// An epoch finished, with its logs.
     pub fn epoch(&self, epoch: u64, logs: &crate::logs::EpochLogs) {
         self.with(|v| {
             v.epoch = epoch;
@@ -62,14 +65,17 @@ impl Metrics {
         });
     }
 
+    /// The learning rate now.
     pub fn learning_rate(&self, lr: f32) {
         self.with(|v| v.learning_rate = lr.into());
     }
 
+    /// Workers alive.
     pub fn workers(&self, alive: u64) {
         self.with(|v| v.workers_alive = Some(alive));
     }
 
+    /// Bytes sent to and received from workers in a step.
     pub fn wire(&self, sent: u64, received: u64) {
         self.with(|v| {
             v.bytes_sent += sent;
@@ -77,10 +83,12 @@ impl Metrics {
         });
     }
 
+    /// Shards computed again (lost, late or refused).
     pub fn recomputed(&self, shards: u64) {
         self.with(|v| v.recomputed_shards += shards);
     }
 
+    /// A refused message.
     pub fn rejected(&self) {
         self.with(|v| v.rejected_messages += 1);
     }

@@ -5,11 +5,17 @@ use crate::logs::EpochLogs;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
+/// What a run shows as it trains (the progress bar, epoch lines, JSON events).
 pub trait Observer {
+    /// Training starts: the model summary, the run directory, samples.
     fn train_begin(&mut self, _summary: &str, _run_dir: &str, _samples: usize, _val: usize) {}
+    /// An epoch starts.
     fn epoch_begin(&mut self, _epoch: usize, _epochs: usize, _steps: usize) {}
+    /// A batch's step was applied.
     fn batch_end(&mut self, _batch: usize, _steps: usize, _loss: f32, _accuracy: Option<f32>) {}
+    /// An epoch ended, with its logs.
     fn epoch_end(&mut self, _logs: &EpochLogs, _epochs: usize, _steps: usize, _seconds: f64) {}
+    /// Training ended.
     fn train_end(&mut self, _report: &Report) {}
     /// Checked after every step: true stops training after saving the state (SIGTERM).
     fn interrupted(&mut self) -> bool {
@@ -24,22 +30,34 @@ pub trait Observer {
 /// The end-of-run report.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
+    /// Epochs run by this call.
     pub epochs_run: usize,
+    /// Whether EarlyStopping ended it.
     pub stopped_early: bool,
+    /// The epoch with the lowest validation loss, and its logs.
     pub best: Option<(usize, EpochLogs)>,
+    /// The final weights' file.
     pub final_weights: String,
+    /// The checkpoint files written.
     pub checkpoints: Vec<String>,
+    /// Wall time of training.
     pub seconds: f64,
+    /// Training samples per second.
     pub samples_per_second: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a run reports.
 pub enum LogFormat {
+    /// Keras-like progress and epoch lines.
     Text,
+    /// One JSON object per event.
     Json,
+    /// Nothing but errors.
     Quiet,
 }
 
+/// The terminal (or log collector) as an `Observer`.
 pub struct Console {
     format: LogFormat,
     tty: bool,
@@ -50,6 +68,7 @@ pub struct Console {
 }
 
 impl Console {
+    /// Reports in `format`.
     pub fn new(format: LogFormat) -> Self {
         Console {
             format,

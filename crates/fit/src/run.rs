@@ -3,11 +3,15 @@
 use crate::{CheckpointError, IoError};
 use std::path::{Path, PathBuf};
 
+/// The job with every default filled in, as the run used it.
 pub const JOB_FILE: &str = "job.toml";
+/// The weights at the end of training (the best epoch's with restore_best_weights).
 pub const FINAL_WEIGHTS: &str = "final.safetensors";
+/// Loss, accuracy and learning-rate curves.
 pub const CURVES: &str = "curves.png";
 
 #[derive(Clone, Debug)]
+/// A run's directory.
 pub struct RunDir {
     path: PathBuf,
 }
@@ -45,10 +49,12 @@ impl RunDir {
         Ok(RunDir { path: p.to_path_buf() })
     }
 
+    /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// A file in it.
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }

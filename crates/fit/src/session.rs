@@ -15,16 +15,24 @@ use ndarray::Array2;
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, Default)]
+/// What `coordinator train` was asked (its flags).
 pub struct TrainOptions {
+    /// The job file (on resume, the run's own copy if absent).
     pub config: Option<PathBuf>,
+    /// Where the run goes (default: a new `runs/<job>-NNN`).
     pub run_dir: Option<PathBuf>,
+    /// Initial weights (safetensors) instead of the initializers'.
     pub init_weights: Option<PathBuf>,
+    /// Continue the run in `run_dir`.
     pub resume: bool,
     /// Resume when `run_dir` holds a saved state, start a new run there otherwise (what a
     /// restarted Kubernetes Job wants).
     pub auto_resume: bool,
+    /// Overrides fit.epochs.
     pub epochs: Option<usize>,
+    /// Overrides fit.batch_size.
     pub batch_size: Option<usize>,
+    /// Overrides the seed.
     pub seed: Option<u64>,
     /// Shards computed at once in this process (default: min(shards, cores)).
     pub threads: Option<usize>,
@@ -73,6 +81,7 @@ fn threads_for(job: &Job, threads: Option<usize>) -> usize {
 
 /// Makes the engine that computes a run's shard gradients, once the job and data are loaded.
 pub trait EngineFactory {
+    /// The engine for this job and training data.
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError>;
 }
 

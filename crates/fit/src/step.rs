@@ -16,15 +16,18 @@ pub struct Stepper {
 }
 
 #[derive(Clone, Copy, Debug)]
+/// What one step did.
 pub struct StepOutcome {
     /// Keras's batch loss, at the weights before the update.
     pub loss: f32,
+    /// The shards' sums.
     pub stats: ShardStats,
     /// False when the loss was not finite: then nothing was updated.
     pub applied: bool,
 }
 
 impl Stepper {
+    /// Buffers for `model`'s steps with `shards` shards.
     pub fn new(model: &Sequential, shards: usize) -> Self {
         let p = model.num_params();
         Stepper {

@@ -29,6 +29,7 @@ fn run_file_name(key: &str, name: &str) -> R<()> {
     Ok(())
 }
 
+/// The job's callbacks, validated, in the order listed, with the history file (CSVLogger's or the default).
 pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks> {
     let mut out = Callbacks::default();
     for (i, c) in list.iter().enumerate() {

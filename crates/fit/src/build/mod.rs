@@ -16,12 +16,17 @@ use std::path::{Path, PathBuf};
 /// `[fit]`, validated: what the trainer reads.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FitSettings {
+    /// Samples per optimizer step.
     pub batch_size: usize,
+    /// The epoch to stop after (counting from 1; `initial_epoch` ones are skipped).
     pub epochs: usize,
+    /// A new sample order every epoch.
     pub shuffle: bool,
+    /// The fraction of the training samples, taken from the end, used for validation.
     pub validation_split: f64,
     /// `validation_batch_size`, or the batch size when it is not set.
     pub validation_batch_size: usize,
+    /// Epochs counted as done before training starts.
     pub initial_epoch: usize,
     /// The number of shards S each batch is split into (results depend on S only).
     pub shards: usize,
@@ -32,13 +37,19 @@ pub struct FitSettings {
 pub struct Job {
     /// The job file as read (written to the run directory and checked at resume).
     pub config: JobConfig,
+    /// `[fit]`, validated.
     pub fit: FitSettings,
     /// The job file's directory; relative data paths resolve against it.
     pub base_dir: PathBuf,
+    /// Seeds initial weights, the epoch order and dropout masks.
     pub seed: u64,
+    /// The model, with its loss.
     pub model: Sequential,
+    /// The optimizer, with its schedule and clipping.
     pub optimizer: OptimizerConfig,
+    /// Whether accuracy is a metric.
     pub accuracy: bool,
+    /// The callbacks, in their initial state.
     pub callbacks: Callbacks,
 }
 

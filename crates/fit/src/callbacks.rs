@@ -251,7 +251,7 @@ impl ModelCheckpoint {
     }
 
     /// The file name with `{epoch}` (1-based) and `{name:.4f}`-style fields filled in.
-    pub fn path_for(&self, epoch: usize, batch: Option<usize>, logs: &EpochLogs) -> Result<String, String> {
+    pub fn path_for(&self, epoch: usize, batch: Option<usize>, logs: &EpochLogs) -> Result<String, TemplateError> {
         format_fields(&self.filepath, |name| match name {
             "epoch" => Some(Field::Int(epoch as i64 + 1)),
             "batch" => batch.map(|b| Field::Int(b as i64 + 1)),
@@ -269,18 +269,45 @@ pub enum Field {
     Float(f64),
 }
 
+/// Why a file name template cannot be filled in.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum TemplateError {
+    /// A `{` without its `}`.
+    #[error("filepath {template:?}: unclosed '{{'")]
+    Unclosed {
+        /// The template.
+        template: String,
+    },
+    /// A field that names no logged value.
+    #[error("filepath {template:?}: no value named {name:?} to fill in")]
+    NoValue {
+        /// The template.
+        template: String,
+        /// The field's name.
+        name: String,
+    },
+    /// A format other than `d` or `f` with a width and precision of at most 64.
+    #[error("filepath {template:?}: format {spec:?} is not supported")]
+    Format {
+        /// The template.
+        template: String,
+        /// The field's format.
+        spec: String,
+    },
+}
+
 /// Python-style `{name}` / `{name:.4f}` / `{name:02d}` replacement.
-pub fn format_fields(template: &str, value: impl Fn(&str) -> Option<Field>) -> Result<String, String> {
+pub fn format_fields(template: &str, value: impl Fn(&str) -> Option<Field>) -> Result<String, TemplateError> {
     let mut out = String::new();
     let mut rest = template;
     while let Some(open) = rest.find('{') {
         out += &rest[..open];
-        let close = rest[open..].find('}').ok_or_else(|| format!("filepath {template:?}: unclosed '{{'"))? + open;
+        let close = rest[open..].find('}').ok_or_else(|| TemplateError::Unclosed { template: template.into() })? + open;
         let field = &rest[open + 1..close];
         let (name, spec) = field.split_once(':').unwrap_or((field, ""));
-        let v = value(name).ok_or_else(|| format!("filepath {template:?}: no value named {name:?} to fill in"))?;
+        let v = value(name).ok_or_else(|| TemplateError::NoValue { template: template.into(), name: name.into() })?;
         let (width, prec, kind) =
-            parse_spec(spec).ok_or_else(|| format!("filepath {template:?}: format {spec:?} is not supported"))?;
+            parse_spec(spec).ok_or_else(|| TemplateError::Format { template: template.into(), spec: spec.into() })?;
         let s = match (v, kind) {
             (Field::Int(i), 'f') => format!("{:0width$.prec$}", i as f64, prec = prec.unwrap_or(6)),
             (Field::Int(i), _) => format!("{i:0width$}"),
@@ -311,7 +338,8 @@ fn parse_spec(spec: &str) -> Option<(usize, Option<usize>, char)> {
         Some(p) => Some(p.parse().ok()?),
         None => None,
     };
-    Some((width, prec, kind))
+    // Wider than any file name: refused (Python would build the string; a file system would not take it).
+    (width <= 64 && prec.is_none_or(|p| p <= 64)).then_some((width, prec, kind))
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -424,7 +452,7 @@ pub enum Callback {
 
 impl Callback {
     /// After each optimizer step.
-    pub fn on_batch_end(&mut self, at: &BatchEnd<'_>) -> Result<Vec<Action>, String> {
+    pub fn on_batch_end(&mut self, at: &BatchEnd<'_>) -> Result<Vec<Action>, TemplateError> {
         match self {
             Callback::ModelCheckpoint(c) if c.every_batches.is_some_and(|k| at.step.is_multiple_of(k)) => {
                 Ok(match c.should_save(at.logs) {
@@ -441,7 +469,7 @@ impl Callback {
     }
 
     /// After each epoch, with its validation values; `has_snapshot`: whether best weights are held.
-    pub fn on_epoch_end(&mut self, logs: &EpochLogs, has_snapshot: bool) -> Result<Vec<Action>, String> {
+    pub fn on_epoch_end(&mut self, logs: &EpochLogs, has_snapshot: bool) -> Result<Vec<Action>, TemplateError> {
         Ok(match self {
             Callback::EarlyStopping(es) => es.on_epoch_end(logs, has_snapshot),
             Callback::ModelCheckpoint(c) if c.every_batches.is_none() => match c.should_save(logs) {
@@ -481,8 +509,10 @@ mod tests {
         };
         assert_eq!(format_fields("w-{epoch:02d}-{val_loss:.4f}.safetensors", f).unwrap(), "w-03-0.1235.safetensors");
         assert_eq!(format_fields("{epoch}", f).unwrap(), "3");
-        assert!(format_fields("{nope}", f).unwrap_err().contains("no value named \"nope\""));
-        assert!(format_fields("{epoch", f).is_err());
+        assert!(format_fields("{nope}", f).unwrap_err().to_string().contains("no value named \"nope\""));
+        assert!(matches!(format_fields("{epoch", f), Err(TemplateError::Unclosed { .. })));
+        assert!(matches!(format_fields("{epoch:070000d}", f), Err(TemplateError::Format { .. })), "bounded width");
+        assert!(matches!(format_fields("{val_loss:.99f}", f), Err(TemplateError::Format { .. })), "bounded precision");
     }
 
     #[test]

@@ -18,14 +18,24 @@ fn register_font() {
 /// A named line of (epoch, value) points.
 type Series<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
 
+/// Why the picture could not be drawn (plotters' error, whatever its backend).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DrawError(Box<dyn std::error::Error + Send + Sync>);
+
+impl DrawError {
+    fn of(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        DrawError(Box::new(e))
+    }
+}
+
 /// One panel: a title and its series.
 fn panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
     title: &str,
     series: &[Series],
     epochs: usize,
-) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| e.to_string();
+) -> Result<(), DrawError> {
     let ys: Vec<f64> =
         series.iter().flat_map(|(_, p, _)| p.iter().map(|&(_, y)| y)).filter(|y| y.is_finite()).collect();
     let (lo, hi) = ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| (a.min(y), b.max(y)));
@@ -38,7 +48,7 @@ fn panel(
         .x_label_area_size(36)
         .y_label_area_size(64)
         .build_cartesian_2d(0.5f64..(epochs.max(1) as f64 + 0.5), (lo - pad)..(hi + pad))
-        .map_err(|e| err(&e))?;
+        .map_err(DrawError::of)?;
     chart
         .configure_mesh()
         .x_desc("epoch")
@@ -47,7 +57,7 @@ fn panel(
         .y_label_formatter(&|y| if hi.abs() >= 0.01 { format!("{y:.3}") } else { format!("{y:.2e}") })
         .label_style((FONT, 14))
         .draw()
-        .map_err(|e| err(&e))?;
+        .map_err(DrawError::of)?;
     for (name, points, color) in series {
         if points.is_empty() {
             continue;
@@ -55,10 +65,10 @@ fn panel(
         let style = ShapeStyle::from(*color).stroke_width(3);
         chart
             .draw_series(LineSeries::new(points.clone(), style))
-            .map_err(|e| err(&e))?
+            .map_err(DrawError::of)?
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
-        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| err(&e))?;
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(DrawError::of)?;
     }
     chart
         .configure_series_labels()
@@ -67,14 +77,14 @@ fn panel(
         .border_style(BLACK)
         .label_font((FONT, 14))
         .draw()
-        .map_err(|e| err(&e))
+        .map_err(DrawError::of)
 }
 
 /// Draws the history into `path` (PNG, 1500 x 450).
-pub fn draw(path: &Path, history: &[EpochLogs]) -> Result<(), String> {
+pub fn draw(path: &Path, history: &[EpochLogs]) -> Result<(), DrawError> {
     register_font();
     let root = BitMapBackend::new(path, (1500, 450)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    root.fill(&WHITE).map_err(DrawError::of)?;
     let areas = root.split_evenly((1, 3));
     let pts = |f: &dyn Fn(&EpochLogs) -> Option<f32>| -> Vec<(f64, f64)> {
         history.iter().filter_map(|l| f(l).map(|v| (l.epoch as f64 + 1.0, f64::from(v)))).collect()
@@ -99,5 +109,5 @@ pub fn draw(path: &Path, history: &[EpochLogs]) -> Result<(), String> {
         &[("learning rate", pts(&|l| Some(l.learning_rate)), RGBColor(44, 160, 44))],
         n,
     )?;
-    root.present().map_err(|e| format!("{}: {e}", path.display()))
+    root.present().map_err(DrawError::of)
 }

@@ -121,8 +121,11 @@ pub enum FitError {
     #[error("{0}")]
     Config(String),
     /// A data file: names the file and, where it can, the line.
-    #[error("{0}")]
-    Data(String),
+    #[error(transparent)]
+    Data(#[from] dtrain_data::DataError),
+    /// A callback's file name could not be filled in.
+    #[error(transparent)]
+    Template(#[from] crate::callbacks::TemplateError),
     /// A file of the run could not be read or written.
     #[error(transparent)]
     Io(#[from] IoError),

@@ -122,7 +122,7 @@ pub fn train_with(
         (None, false, _) => return Err(FitError::Config("--config FILE is required".into())),
     };
     let job = load_job(&config_path, opts.epochs, opts.batch_size, opts.seed)?;
-    let (train, val) = load_data(&job).map_err(FitError::Data)?;
+    let (train, val) = load_data(&job)?;
     let (run, mut state) = if opts.resume {
         let dir = opts.run_dir.as_deref().expect("checked above");
         let run = RunDir::existing(dir)?;
@@ -165,7 +165,7 @@ pub fn train_with(
 pub fn evaluate_weights(config: &Path, weights: &Path) -> Result<(Evaluation, &'static str, usize), FitError> {
     let job = load_job(config, None, None, None)?;
     let params = read_weights(weights, &job.model)?;
-    let (train, val) = load_data(&job).map_err(FitError::Data)?;
+    let (train, val) = load_data(&job)?;
     let (data, which) = match val {
         Some(v) => (v, "validation"),
         None => (train, "training"),
@@ -178,10 +178,8 @@ pub fn evaluate_weights(config: &Path, weights: &Path) -> Result<(Evaluation, &'
 pub fn predict_file(config: &Path, weights: &Path, input: &Path) -> Result<Array2<f32>, FitError> {
     let job = load_job(config, None, None, None)?;
     let params = read_weights(weights, &job.model)?;
-    let data = load_features(input, job.model.input_shape())
-        .map_err(|e| FitError::Data(e.to_string()))?
-        .with_rescale(job.config.data.rescale);
-    crate::dataload::check_width(&job, &data, input).map_err(FitError::Data)?;
+    let data = load_features(input, job.model.input_shape())?.with_rescale(job.config.data.rescale);
+    crate::dataload::check_width(&job, &data, input)?;
     Ok(predict(&job.model, &params, &data, job.fit.batch_size.max(256)))
 }
 

@@ -119,7 +119,7 @@ impl Trainer<'_> {
         let last_in_epoch = b + 1 == self.steps;
         let at = BatchEnd { step: state.step, epoch, batch: b, last_in_epoch, logs: &logs };
         for i in 0..state.callbacks.list.len() {
-            let actions = state.callbacks.list[i].on_batch_end(&at).map_err(FitError::Config)?;
+            let actions = state.callbacks.list[i].on_batch_end(&at)?;
             self.apply(state, actions)?;
         }
         if self.obs.interrupted() && !last_in_epoch {
@@ -153,7 +153,7 @@ impl Trainer<'_> {
         let logs = self.logs(state, ev);
         for i in 0..state.callbacks.list.len() {
             let has_snapshot = state.best_weights.is_some();
-            let actions = state.callbacks.list[i].on_epoch_end(&logs, has_snapshot).map_err(FitError::Config)?;
+            let actions = state.callbacks.list[i].on_epoch_end(&logs, has_snapshot)?;
             self.apply(state, actions)?;
         }
         if let Some(m) = &self.metrics {

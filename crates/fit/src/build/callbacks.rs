@@ -72,7 +72,7 @@ pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks>
                     val_accuracy: Some(0.0),
                     ..Default::default()
                 };
-                at(&key("ModelCheckpoint", "filepath"), cp.path_for(0, Some(0), &sample))?;
+                at(&key("ModelCheckpoint", "filepath"), cp.path_for(0, Some(0), &sample).map_err(|e| e.to_string()))?;
                 out.list.push(Callback::ModelCheckpoint(cp));
             }
             CallbackConfig::ReduceLROnPlateau(r) => {

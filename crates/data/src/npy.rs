@@ -57,14 +57,18 @@ fn parse(path: &Path) -> Result<Array, DataError> {
             format!("dtype {descr:?} is not supported (use uint8, int*, float32 or float64, little-endian)"),
         ));
     }
-    let count: usize = shape.iter().product();
-    let data = bytes[start + hlen..].to_vec();
-    if data.len() != count * size {
-        return Err(file_err(
-            path,
-            format!("shape {shape:?} needs {} bytes of data, the file has {}", count * size, data.len()),
-        ));
+    // The header is the file's word: its product is checked, never trusted to fit.
+    let need = shape.iter().try_fold(size, |n, &d| n.checked_mul(d));
+    let data = &bytes[start + hlen..]; // the header's end was checked above
+    match need {
+        Some(need) if need == data.len() => {}
+        Some(need) => {
+            let msg = format!("shape {shape:?} needs {need} bytes of data, the file has {}", data.len());
+            return Err(file_err(path, msg));
+        }
+        None => return Err(file_err(path, format!("shape {shape:?} is larger than any file"))),
     }
+    let data = data.to_vec();
     Ok(Array { shape, kind, size, data })
 }
 
@@ -157,5 +161,9 @@ mod tests {
         assert!(load_npy(&x, &y).unwrap_err().to_string().contains("x.npy: value NaN (flat index 0) is not finite"));
         std::fs::write(&x, npy("|u1", "2, 3", &[1, 2])).unwrap();
         assert!(load_npy(&x, &y).unwrap_err().to_string().contains("needs 6 bytes of data, the file has 2"));
+        // A shape whose product overflows is refused, not wrapped around to the data's length.
+        std::fs::write(&x, npy("|u1", "8, 7, 7905747460161236407", &[0; 56])).unwrap();
+        let e = load_npy(&x, &y).unwrap_err().to_string();
+        assert!(e.contains("is larger than any file"), "{e}");
     }
 }

@@ -154,11 +154,24 @@ fn ensure(buf: &mut Array2<f32>, rows: usize, cols: usize) {
     }
 }
 
+/// The widest sample or layer dtrain builds (16M values): sizes come from files, and an
+/// absurd one must be an error, not an abort when the buffers are allocated.
+pub const MAX_WIDTH: usize = 1 << 24;
+
+/// The most parameters a model may have (2^31: 8 GiB of f32 for the weights alone).
+pub const MAX_PARAMS: usize = 1 << 31;
+
 impl Sequential {
     /// The model for `specs` on samples of `input_shape`, with its variables named as Keras names them.
     pub fn new(input_shape: &[usize], specs: &[LayerSpec], loss: Loss) -> Result<Self, NnError> {
         if input_shape.is_empty() || input_shape.contains(&0) {
             return Err(NnError::Model(format!("input_shape {input_shape:?} must be non-empty with no zero")));
+        }
+        let width = input_shape.iter().try_fold(1usize, |w, &d| w.checked_mul(d));
+        if width.is_none_or(|w| w > MAX_WIDTH) {
+            return Err(NnError::Model(format!(
+                "input_shape {input_shape:?} has more than {MAX_WIDTH} values per sample"
+            )));
         }
         let names = default_names(specs);
         let mut shape = input_shape.to_vec();
@@ -175,8 +188,18 @@ impl Sequential {
                             "layer {idx} ({name}): Dense needs flat input but gets shape {shape:?}; add a Flatten layer before it"
                         )));
                     };
-                    if d.units == 0 {
-                        return Err(NnError::Model(format!("layer {idx} ({name}): units must be at least 1")));
+                    if d.units == 0 || d.units > MAX_WIDTH {
+                        return Err(NnError::Model(format!(
+                            "layer {idx} ({name}): units {} is outside 1..={MAX_WIDTH}",
+                            d.units
+                        )));
+                    }
+                    // Both factors are at most 2^24, so the product fits; the sum is checked.
+                    let layer_params = inputs * d.units + if d.use_bias { d.units } else { 0 };
+                    if offset.checked_add(layer_params).is_none_or(|total| total > MAX_PARAMS) {
+                        return Err(NnError::Model(format!(
+                            "layer {idx} ({name}): the model would have more than {MAX_PARAMS} parameters"
+                        )));
                     }
                     let mut add = |suffix: &str, shape: Vec<usize>, init, reg, con| {
                         vars.push(Variable {

@@ -21,10 +21,22 @@ fn monitor(key: &str, m: &str) -> R<Monitor> {
     at(key, Monitor::parse(m))
 }
 
-/// A file the run writes, named by the job: a plain name inside the run directory.
+/// A file the run writes, named by the job: a plain name inside the run directory that is not
+/// one of the run's own files (overwriting `state.json` or `job.toml` would break `--resume`).
 fn run_file_name(key: &str, name: &str) -> R<()> {
-    if name.is_empty() || Path::new(name).is_absolute() || name.contains("..") {
-        return Err(format!("{key}: {name:?} must be a file name inside the run directory"));
+    use crate::checkpoint::STATE_FILE;
+    use crate::run::{CURVES, FINAL_WEIGHTS, JOB_FILE};
+    if name.is_empty() || Path::new(name).is_absolute() || name.contains("..") || name.contains(['/', '\\']) {
+        return Err(format!("{key}: {name:?} must be a file name inside the run directory (no directories)"));
+    }
+    if [JOB_FILE, STATE_FILE, FINAL_WEIGHTS, CURVES].contains(&name)
+        || name.starts_with("state-")
+        || name.starts_with('.')
+    {
+        return Err(format!(
+            "{key}: {name:?} is a name the run uses for its own files ({JOB_FILE}, {STATE_FILE}, state-*, \
+             {FINAL_WEIGHTS}, {CURVES}, hidden temporary files); choose another"
+        ));
     }
     Ok(())
 }
@@ -112,4 +124,24 @@ pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks>
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callbacks_cannot_write_over_the_runs_own_files() {
+        for name in
+            ["state.json", "job.toml", "final.safetensors", "curves.png", "state-0000000001-0.safetensors", ".x"]
+        {
+            let e = run_file_name("k", name).unwrap_err();
+            assert!(e.contains("a name the run uses for its own files"), "{name}: {e}");
+        }
+        for name in ["sub/best.safetensors", "../x", "/tmp/x", ""] {
+            assert!(run_file_name("k", name).unwrap_err().contains("inside the run directory"), "{name}");
+        }
+        assert_eq!(run_file_name("k", "best-{epoch:02d}.safetensors"), Ok(()));
+        assert_eq!(run_file_name("k", "history.csv"), Ok(()));
+    }
 }

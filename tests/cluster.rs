@@ -184,6 +184,31 @@ fn wrong_token_is_refused() {
     assert!(ok, "{out}");
 }
 
+/// `--spawn-workers` without a token: the coordinator makes one for the run and gives it to its
+/// own workers, so another local process cannot join (nor read the job and its rows); an empty
+/// token is refused outright.
+#[test]
+fn spawned_workers_get_a_run_token_and_strangers_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let rd = dir.path().join("run");
+    let c = coordinator_proc(&job, &rd, "30", &["--spawn-workers", "1"]);
+    let url = listening_url(&c);
+    let mut stranger = worker(&url, &["--name", "stranger"]);
+    let (ok, out) = stranger.finish(30);
+    assert!(!ok && out.contains("missing or wrong job token"), "{out}");
+    let mut c = c;
+    let (ok, out) = c.finish(120);
+    assert!(ok, "{out}");
+    assert!(computed(&out, "local-0"), "the spawned worker computed: {out}");
+    assert!(!out.contains("(stranger) joined"), "{out}");
+
+    let mut cmd = train(job.as_ref(), &dir.path().join("r2"));
+    cmd.args(["--listen", "0.0.0.0:0"]).env("DTRAIN_TOKEN", " ");
+    let (ok, out) = Proc::start(cmd).finish(30);
+    assert!(!ok && out.contains("the job token is empty"), "{out}");
+}
+
 /// Without a token the coordinator only listens on loopback unless told --insecure.
 #[test]
 fn no_token_means_loopback_only() {

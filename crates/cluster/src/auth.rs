@@ -27,6 +27,14 @@ pub fn check(metadata: &MetadataMap, token: Option<&str>) -> Result<(), Status> 
     }
 }
 
+/// A fresh token of 32 random bytes (hex), from the operating system's generator.
+pub fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Reads a token from a file (trimmed); an error names the file.
 pub fn read_token_file(path: &std::path::Path) -> Result<String, crate::ClusterError> {
     let t = std::fs::read_to_string(path)

@@ -70,6 +70,11 @@ impl ServerTls {
 impl ClusterOptions {
     /// A token is required unless the listener is loopback-only or `insecure` says otherwise.
     pub fn check(&self) -> Result<(), ClusterError> {
+        if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(ClusterError::Config(
+                "the job token is empty: set a non-empty --token-file or DTRAIN_TOKEN (or none, on loopback)".into(),
+            ));
+        }
         let mutual_tls = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         if self.token.is_none() && !mutual_tls && !self.listen.ip().is_loopback() && !self.insecure {
             return Err(ClusterError::Config(format!(
@@ -161,6 +166,15 @@ impl EngineFactory for Cluster<'_> {
 /// for the same `fit.shards`).
 pub fn train(opts: &TrainOptions, cluster: &ClusterOptions, obs: &mut dyn Observer) -> Result<Report, ClusterError> {
     cluster.check()?;
+    // Workers this coordinator starts get a token made for this run, so that no other local
+    // user's process can join (and read the job and its training rows) uninvited.
+    let mut cluster = cluster.clone();
+    if cluster.spawn_workers > 0 && cluster.token.is_none() {
+        let token = crate::auth::random_token()
+            .map_err(|cause| ClusterError::Io { what: "cannot make a job token (/dev/urandom)".into(), cause })?;
+        cluster.token = Some(token);
+    }
+    let cluster = &cluster;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

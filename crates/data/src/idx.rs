@@ -40,9 +40,19 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), DataError> 
     }
 }
 
-/// One IDX file of bytes: (dims, data).
+/// One IDX file of bytes: (dims, data). A gzipped one is decompressed no further than its
+/// header's dimensions promise.
 pub(crate) fn load_file(path: &Path) -> Result<(Vec<usize>, Vec<u8>), DataError> {
-    parse(path, &read_maybe_gz(path)?)
+    // The header: 4 bytes, then 4 per dimension (at most 255 dimensions).
+    let size = |head: &[u8]| -> Result<usize, DataError> {
+        let ndim = head.get(3).map_or(0, |&n| n as usize);
+        let dims = head.get(4..4 + 4 * ndim).ok_or_else(|| file_err(path, "truncated IDX header"))?;
+        let body = dims
+            .chunks_exact(4)
+            .try_fold(1usize, |a, c| a.checked_mul(u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize));
+        body.and_then(|b| b.checked_add(4 + 4 * ndim)).ok_or_else(|| file_err(path, "IDX dimensions are too large"))
+    };
+    parse(path, &read_maybe_gz(path, 4 + 4 * 255, size)?)
 }
 
 /// Finds `<stem>` or `<stem>.gz` in `dir`.
@@ -123,5 +133,22 @@ mod tests {
 
         let e = load_idx_dir(dir.path(), IdxSplit::Test).unwrap_err().to_string();
         assert!(e.contains("no t10k-images-idx3-ubyte"), "{e}");
+    }
+
+    #[test]
+    fn a_gzip_stream_that_expands_past_its_header_is_stopped() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bomb.gz");
+        // The header promises 2 label bytes; the stream holds 64 MiB of zeros (64 KiB compressed).
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&idx(&[2], &[1, 2])).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        (0..64).for_each(|_| gz.write_all(&zeros).unwrap());
+        let bytes = gz.finish().unwrap();
+        assert!(bytes.len() < 1 << 20, "a small file");
+        std::fs::write(&path, bytes).unwrap();
+        let e = load_file(&path).unwrap_err().to_string();
+        assert!(e.contains("expands past the 10 bytes its header promises"), "{e}");
     }
 }

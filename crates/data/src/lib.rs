@@ -37,17 +37,28 @@ pub(crate) fn file_err(path: &Path, msg: impl Into<String>) -> DataError {
     DataError::File { path: path.to_path_buf(), msg: msg.into() }
 }
 
-/// Reads a whole file, gunzipping it when it starts with the gzip magic bytes.
-pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
+/// Reads a file, gunzipping it when it starts with the gzip magic bytes. `size` reads the
+/// expected length from the first bytes (a header), so that a gzip stream that expands past
+/// what its own header promises is refused after at most one byte more, not held in memory.
+pub(crate) fn read_maybe_gz(
+    path: &Path,
+    header: usize,
+    size: impl Fn(&[u8]) -> Result<usize, DataError>,
+) -> Result<Vec<u8>, DataError> {
     use std::io::Read;
     let raw = std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-    if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        flate2::read::MultiGzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(|e| file_err(path, format!("corrupt gzip data: {e}")))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
     }
+    let corrupt = |e: std::io::Error| file_err(path, format!("corrupt gzip data: {e}"));
+    let mut gz = flate2::read::MultiGzDecoder::new(&raw[..]);
+    let mut out = Vec::new();
+    (&mut gz).take(header as u64).read_to_end(&mut out).map_err(corrupt)?;
+    let total = size(&out)?;
+    let rest = total.saturating_sub(out.len()) as u64 + 1;
+    gz.take(rest).read_to_end(&mut out).map_err(corrupt)?;
+    if out.len() > total {
+        return Err(file_err(path, format!("the gzip data expands past the {total} bytes its header promises")));
+    }
+    Ok(out)
 }

@@ -244,6 +244,39 @@ fn sigterm_saves_the_state_and_stops_workers() {
     assert!(finals(&rd) == want, "SIGTERM and resume changed the weights");
 }
 
+/// SIGTERM while the coordinator waits for workers (at start, and mid-run after its only worker
+/// died) ends the wait at once, not after --worker-wait; mid-run the state is saved and a resumed
+/// run ends with the uninterrupted run's weights.
+#[test]
+fn sigterm_ends_a_wait_for_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let started = std::time::Instant::now();
+    let c = coordinator_proc(&job, &dir.path().join("r0"), "3", &["--listen", "127.0.0.1:0", "--worker-wait", "300"]);
+    c.wait_for("waiting for 1 worker(s)", 30);
+    c.signal(libc::SIGTERM);
+    let mut c = c;
+    let (ok, out) = c.finish(30);
+    assert!(!ok && out.contains("interrupted while waiting for workers"), "{out}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "not after --worker-wait");
+
+    let want = local_run(dir.path(), &job, "100");
+    let rd = dir.path().join("run");
+    let c = coordinator_proc(&job, &rd, "100", &["--listen", "127.0.0.1:0", "--worker-wait", "300"]);
+    let url = listening_url(&c);
+    let w = worker(&url, &["--name", "only"]);
+    c.wait_for("\"epoch\":2,", 60);
+    w.signal(libc::SIGKILL);
+    c.wait_for("no live worker; waiting up to", 60);
+    c.signal(libc::SIGTERM);
+    let mut c = c;
+    let (ok, out) = c.finish(30);
+    assert!(!ok && out.contains("interrupted at epoch") && out.contains("--resume --run-dir"), "{out}");
+    let o = run(&["train", "--run-dir", rd.to_str().unwrap(), "--resume", "--spawn-workers", "1", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(finals(&rd) == want, "an interrupted wait and a resume changed the weights");
+}
+
 fn http_get(addr: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();

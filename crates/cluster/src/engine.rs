@@ -9,6 +9,7 @@ use crate::ids::{ShardIndex, WorkerId};
 use crate::round::{Action, Cause, FaultLedger, Phase, Refusal, Round};
 use crate::run::ClusterOptions;
 use crate::shm::SharedFile;
+use crate::termination::Termination;
 use dtrain_data::Dataset;
 use dtrain_fit::{Engine, EngineError};
 use dtrain_nn::simd::Part;
@@ -40,6 +41,8 @@ struct Network {
     rt: Arc<tokio::runtime::Runtime>,
     hub: Arc<Hub>,
     events: mpsc::UnboundedReceiver<Event>,
+    /// SIGTERM or Ctrl-C ends a wait for workers.
+    stop: Termination,
 }
 
 /// How long to wait, and whom to give up on.
@@ -82,10 +85,11 @@ impl<'a> ClusterEngine<'a> {
         hub: Arc<Hub>,
         events: mpsc::UnboundedReceiver<Event>,
         opts: &ClusterOptions,
+        stop: Termination,
     ) -> Self {
         ClusterEngine {
             data,
-            net: Network { rt, hub, events },
+            net: Network { rt, hub, events, stop },
             policy: Policy {
                 step_timeout: opts.step_timeout,
                 worker_wait: opts.worker_wait,
@@ -363,8 +367,11 @@ impl ClusterEngine<'_> {
     async fn await_workers(&mut self) -> Result<(), EngineError> {
         let wait = self.policy.worker_wait;
         tracing::warn!("no live worker; waiting up to {wait:?} for one to join");
-        let joined = self.net.hub.wait_for_workers(1, wait).await;
-        joined.map_err(|_| EngineError::NoWorkers { waited: wait })
+        let Network { hub, stop, .. } = &mut self.net;
+        tokio::select! {
+            joined = hub.wait_for_workers(1, wait) => joined.map_err(|_| EngineError::NoWorkers { waited: wait }),
+            () = stop.arrived() => Err(EngineError::Interrupted),
+        }
     }
 
     /// Where `worker` finds this step's parameters (known to be finite): in shared memory if
@@ -494,7 +501,8 @@ mod tests {
         let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap());
         let (hub, events) = Hub::new(String::new(), None);
         let opts = options(Duration::from_millis(10));
-        let mut e = ClusterEngine::new(&data, rt, hub, events, &opts);
+        let stop = rt.block_on(async { Termination::watch() });
+        let mut e = ClusterEngine::new(&data, rt, hub, events, &opts, stop);
         let (batch, shards) = ([0, 1, 2, 3], [0..2, 2..3, 3..3]);
         let mut grad = vec![0.0; 3];
         let mut ran = 0;

@@ -17,6 +17,7 @@ pub mod run;
 pub mod service;
 pub mod shm;
 pub mod spawn;
+pub mod termination;
 pub mod worker;
 
 /// Largest message either side accepts or sends (the wide model's parameters are 2.7 MB).

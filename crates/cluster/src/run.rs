@@ -5,6 +5,7 @@ use crate::engine::ClusterEngine;
 use crate::hub::{Hub, Offer};
 use crate::service::CoordinatorService;
 use crate::spawn::LocalWorkers;
+use crate::termination::Termination;
 use crate::{ClusterError, MESSAGE_LIMIT};
 use dtrain_data::Dataset;
 use dtrain_fit::session::{train_with, EngineFactory, TrainOptions};
@@ -107,6 +108,8 @@ struct Cluster<'o> {
 impl EngineFactory for Cluster<'_> {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
         let err = |e: String| FitError::Engine(EngineError::Setup(e));
+        // Watched from before anything is logged, so a signal sent on seeing "waiting for" counts.
+        let mut stop = self.rt.block_on(async { Termination::watch() });
         let offer = self.opts.shared_memory.then(|| Offer { params: job.model.num_params(), slots: job.fit.shards });
         let (hub, events) = Hub::new(job.config.to_toml(), offer);
         let listener = self
@@ -153,12 +156,15 @@ impl EngineFactory for Cluster<'_> {
         let need = self.opts.min_workers;
         tracing::info!("waiting for {need} worker(s)");
         let wait = self.opts.worker_wait;
-        self.rt.block_on(hub.wait_for_workers(need, wait)).map_err(|joined| EngineError::TooFewWorkers {
-            joined,
-            needed: need,
-            waited: wait,
+        self.rt.block_on(async {
+            tokio::select! {
+                joined = hub.wait_for_workers(need, wait) => {
+                    joined.map_err(|joined| EngineError::TooFewWorkers { joined, needed: need, waited: wait })
+                }
+                () = stop.arrived() => Err(EngineError::Interrupted),
+            }
         })?;
-        Ok(Box::new(ClusterEngine::new(train, Arc::clone(&self.rt), hub, events, self.opts)))
+        Ok(Box::new(ClusterEngine::new(train, Arc::clone(&self.rt), hub, events, self.opts, stop)))
     }
 }
 

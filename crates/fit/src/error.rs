@@ -112,6 +112,9 @@ pub enum EngineError {
     /// The connection to the workers ended.
     #[error("the connection to the workers stopped")]
     Stopped,
+    /// SIGTERM or Ctrl-C arrived while the engine waited (for workers): the step was not applied.
+    #[error("interrupted while waiting for workers")]
+    Interrupted,
 }
 
 /// What can end a run (or another command) early.

@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::progress::{Observer, Report};
 use crate::run::{RunDir, CURVES, FINAL_WEIGHTS};
 use crate::step::Stepper;
-use crate::FitError;
+use crate::{EngineError, FitError};
 use dtrain_data::{epoch_permutation, Dataset};
 use std::sync::Arc;
 use std::time::Instant;
@@ -95,14 +95,12 @@ impl Trainer<'_> {
     fn run_batch(&mut self, state: &mut TrainState, batch: &[u32]) -> Result<(), FitError> {
         let (b, epoch) = (state.batch, state.epoch);
         let t_step = Instant::now();
-        let out = self.stepper.step(
-            &self.job.model,
-            self.engine,
-            &mut state.params,
-            &mut state.optimizer,
-            state.step,
-            batch,
-        )?;
+        let (model, params, optimizer) = (&self.job.model, &mut state.params, &mut state.optimizer);
+        let out = match self.stepper.step(model, self.engine, params, optimizer, state.step, batch) {
+            // Nothing of this step was applied: the state is whole at the previous batch.
+            Err(EngineError::Interrupted) => return self.interrupted(state),
+            out => out?,
+        };
         if !out.applied {
             return Err(FitError::NonFinite { epoch: epoch + 1, batch: b + 1, loss: out.loss });
         }
@@ -123,11 +121,17 @@ impl Trainer<'_> {
             self.apply(state, actions)?;
         }
         if self.obs.interrupted() && !last_in_epoch {
-            self.save(state)?;
-            let run_dir = self.run.path().display().to_string();
-            return Err(FitError::Interrupted { epoch: epoch + 1, batch: b + 1, run_dir });
+            return self.interrupted(state);
         }
         Ok(())
+    }
+
+    /// SIGTERM or Ctrl-C: the state is saved where it is, and the run ends so that `--resume`
+    /// continues it.
+    fn interrupted(&mut self, state: &TrainState) -> Result<(), FitError> {
+        self.save(state)?;
+        let run_dir = self.run.path().display().to_string();
+        Err(FitError::Interrupted { epoch: state.epoch + 1, batch: state.batch, run_dir })
     }
 
     /// The epoch's logs (with validation values when `val` is given).

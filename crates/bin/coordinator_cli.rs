@@ -89,7 +89,8 @@ pub struct TrainArgs {
     /// Serve workers on this address (host:port; port 0 picks a free one).
     #[arg(long, env = "DTRAIN_LISTEN")]
     pub listen: Option<std::net::SocketAddr>,
-    /// Start this many local worker processes (the one-command local cluster).
+    /// Start this many local worker processes (the one-command local cluster); training waits
+    /// for all of them, and without a token they get one made for this run.
     #[arg(long, env = "DTRAIN_SPAWN_WORKERS", default_value_t = 0)]
     pub spawn_workers: usize,
     /// Workers to wait for before the first step.

@@ -53,14 +53,11 @@ fn die_with_parent(cmd: &mut Command) {
 impl Drop for LocalWorkers {
     fn drop(&mut self) {
         for c in &mut self.children {
-            // Workers were told to stop; give them a moment, then make sure.
-            for _ in 0..20 {
-                if matches!(c.try_wait(), Ok(Some(_))) {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(25));
+            // The engine has told every worker to stop and waited for their streams to close,
+            // so a worker still running now is stuck: it is killed, then reaped.
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
             }
-            let _ = c.kill();
             let _ = c.wait();
         }
     }

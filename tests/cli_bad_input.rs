@@ -185,6 +185,35 @@ fn weights_files_are_checked_and_runs_are_never_overwritten() {
     );
     assert_eq!(snapshot(&rd), before, "a failed resume changed the run directory");
 
+    // A resume state whose names point outside the run, or whose counters disagree, is refused
+    // (these checks come before the tensors are read, so the damaged tensor file is not reached).
+    let manifest = rd.join("state.json");
+    let good = std::fs::read_to_string(&manifest).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let tampered = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut t = v.clone();
+        f(&mut t);
+        std::fs::write(&manifest, serde_json::to_string(&t).unwrap()).unwrap();
+    };
+    for (what, change, needle) in [
+        (
+            "tensors",
+            &(|t: &mut serde_json::Value| t["tensors"] = "../../etc/passwd".into()) as &dyn Fn(&mut serde_json::Value),
+            "is not a state file of this run directory",
+        ),
+        (
+            "csv",
+            &|t: &mut serde_json::Value| t["callbacks"]["csv"]["filename"] = "../outside.csv".into(),
+            "must be a file name inside the run directory",
+        ),
+        ("epoch", &|t: &mut serde_json::Value| t["epoch"] = 7.into(), "does not follow from"),
+    ] {
+        tampered(change);
+        fails(&["train", "--config", job, "--run-dir", r, "--resume", "--epochs", "3"], &["state.json", needle]);
+        assert!(!dir.path().join("outside.csv").exists(), "{what}");
+    }
+    std::fs::write(&manifest, good).unwrap();
+
     // A different job cannot continue this run.
     fails(
         &["train", "--config", other.to_str().unwrap(), "--run-dir", r, "--resume"],

@@ -231,6 +231,17 @@ pub fn load_state(
     if m.format != STATE_FORMAT {
         return Err(CheckpointError::Format { path: mpath, found: m.format, supported: STATE_FORMAT });
     }
+    // Everything in the manifest is checked before use: it is a file like any other.
+    let plain = |n: &str| !n.contains(['/', '\\']) && !n.contains("..");
+    if !(m.tensors.starts_with("state-") && m.tensors.ends_with(".safetensors") && plain(&m.tensors)) {
+        let why = format!("tensors: {:?} is not a state file of this run directory", m.tensors);
+        return Err(CheckpointError::invalid(&mpath, why));
+    }
+    crate::build::check_saved_names(&m.callbacks).map_err(|e| CheckpointError::invalid(&mpath, e))?;
+    if m.history.len().checked_add(job.fit.initial_epoch) != Some(m.epoch) {
+        let why = format!("epoch {} does not follow from {} epochs of history", m.epoch, m.history.len());
+        return Err(CheckpointError::invalid(&mpath, why));
+    }
     let mut same = m.job.clone();
     same.fit.epochs = job.fit.epochs;
     if &same != job {

@@ -23,7 +23,7 @@ fn monitor(key: &str, m: &str) -> R<Monitor> {
 
 /// A file the run writes, named by the job: a plain name inside the run directory that is not
 /// one of the run's own files (overwriting `state.json` or `job.toml` would break `--resume`).
-fn run_file_name(key: &str, name: &str) -> R<()> {
+pub(crate) fn run_file_name(key: &str, name: &str) -> R<()> {
     use crate::checkpoint::STATE_FILE;
     use crate::run::{CURVES, FINAL_WEIGHTS, JOB_FILE};
     if name.is_empty() || Path::new(name).is_absolute() || name.contains("..") || name.contains(['/', '\\']) {
@@ -37,6 +37,17 @@ fn run_file_name(key: &str, name: &str) -> R<()> {
             "{key}: {name:?} is a name the run uses for its own files ({JOB_FILE}, {STATE_FILE}, state-*, \
              {FINAL_WEIGHTS}, {CURVES}, hidden temporary files); choose another"
         ));
+    }
+    Ok(())
+}
+
+/// The file names in callbacks read back from a resume state: as safe as the job's own.
+pub(crate) fn check_saved_names(c: &Callbacks) -> R<()> {
+    run_file_name("callbacks.csv.filename", &c.csv.filename)?;
+    for (i, cb) in c.list.iter().enumerate() {
+        if let Callback::ModelCheckpoint(m) = cb {
+            run_file_name(&format!("callbacks[{i}].ModelCheckpoint.filepath"), &m.filepath)?;
+        }
     }
     Ok(())
 }

@@ -209,6 +209,22 @@ fn spawned_workers_get_a_run_token_and_strangers_are_refused() {
     assert!(!ok && out.contains("the job token is empty"), "{out}");
 }
 
+/// A worker dialing something that accepts connections but never answers gives up after
+/// --retry-for (each attempt bounded), instead of waiting forever.
+#[test]
+fn a_worker_gives_up_on_a_peer_that_never_answers() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap(); // accepts (backlog), never reads
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_worker"));
+    cmd.args(["--coordinator", &url, "--retry-for", "2"]);
+    let (ok, out) = Proc::start(cmd).finish(60);
+    assert!(!ok && out.contains("cannot reach the coordinator"), "{out}");
+    assert!(out.contains("no answer within") || out.contains("no connection within"), "{out}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(40), "gave up in {:?}", started.elapsed());
+    drop(silent);
+}
+
 /// Without a token the coordinator only listens on loopback unless told --insecure.
 #[test]
 fn no_token_means_loopback_only() {

@@ -77,6 +77,9 @@ async fn serve_health(addr: std::net::SocketAddr) -> Result<(), ClusterError> {
     Ok(())
 }
 
+/// How long joining (dial, Hello, Welcome) may take before the attempt counts as failed.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
 enum End {
     Stopped(String),
 }
@@ -127,11 +130,19 @@ async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Sta
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(8 << 20)
         .max_frame_size(crate::run::FRAME);
-    let channel = endpoint.connect().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let channel = tokio::time::timeout(HANDSHAKE, endpoint.connect())
+        .await
+        .map_err(|_| Status::unavailable(format!("no connection within {HANDSHAKE:?}")))?
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     let headers: Vec<_> = opts.token.iter().map(|t| (crate::auth::HEADER, crate::auth::bearer(t))).collect();
     let hello = Hello { protocol_version: PROTOCOL_VERSION, name: opts.name.clone() };
-    let mut conn = Connection::open(channel, crate::MESSAGE_LIMIT, &headers, hello).await?;
-    let (job, offer) = match conn.next().await? {
+    // A peer that accepts the connection but never answers must not hold the worker forever:
+    // joining (up to the Welcome) has its own deadline, and a miss counts as a failed attempt.
+    let late = |_| Status::unavailable(format!("no answer within {HANDSHAKE:?}"));
+    let mut conn = tokio::time::timeout(HANDSHAKE, Connection::open(channel, crate::MESSAGE_LIMIT, &headers, hello))
+        .await
+        .map_err(late)??;
+    let (job, offer) = match tokio::time::timeout(HANDSHAKE, conn.next()).await.map_err(late)?? {
         Some(ToWorker::Welcome(w)) => {
             let config: JobConfig =
                 toml::from_str(&w.job_toml).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;

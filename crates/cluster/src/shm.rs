@@ -126,8 +126,25 @@ impl SharedFile {
 
     /// Opens what the coordinator offered; fails unless it is the same file (nonce and sizes).
     pub fn open(path: &Path, nonce: u64, values: usize, regions: usize, writable: bool) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(writable).open(path)?;
-        if file.metadata()?.len() != file_len(values, regions) as u64 {
+        use std::os::unix::fs::OpenOptionsExt;
+        // The path comes from a peer: a FIFO must not block the open, a symlink is not followed,
+        // and only a regular file is mapped.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        // Sizes from the peer's offer: checked, so that an absurd count cannot overflow.
+        let expected = values
+            .checked_mul(4)
+            .map(|b| b.div_ceil(64) * 64)
+            .and_then(|r| r.checked_mul(regions))
+            .and_then(|r| r.checked_add(HEADER));
+        if expected.is_none_or(|e| meta.len() != e as u64) {
             return Err(io::Error::other("size does not match the job"));
         }
         let options = MmapOptions::new();
@@ -193,6 +210,24 @@ mod tests {
         drop(name);
         assert!(!path.exists());
         assert_eq!(read(&r, 0), [1.0, 2.0, 3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn only_a_regular_file_is_opened_and_a_fifo_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo(3) reads the NUL-terminated path and touches nothing else.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let started = std::time::Instant::now();
+        let e = SharedFile::open(&fifo, 7, 5, 2, false).err().expect("a FIFO is refused");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let (_file, name) = SharedFile::create(dir.path(), "real", 7, 5, 2).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(name.path(), &link).unwrap();
+        assert!(SharedFile::open(&link, 7, 5, 2, false).is_err(), "a symlink is not followed");
+        assert!(SharedFile::open(Path::new(&name.path()), 7, 5, 2, false).is_ok());
     }
 
     #[test]

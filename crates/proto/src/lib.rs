@@ -129,15 +129,23 @@ pub fn shard_from_wire(s: WireShard, sample_shape: &[usize], outputs: usize) -> 
     let s = s.0;
     let rows = s.rows as usize;
     let width: usize = sample_shape.iter().product();
+    // Every size is checked against the bytes that arrived before anything is allocated: a
+    // message's row count alone must not decide how much memory this process takes.
+    let sized = |what: &'static str, per_row: usize, elem: usize, got: usize| -> Result<usize, WireError> {
+        let want = rows.checked_mul(per_row).filter(|n| n.checked_mul(elem).is_some());
+        match want {
+            Some(want) if want.checked_mul(elem) == Some(got) => Ok(want),
+            Some(want) => Err(WireError::Length { what, got: got / elem.max(1), want }),
+            None => Err(WireError::Invalid(format!("{what}: {rows} rows of {per_row} values is too large"))),
+        }
+    };
     let features = match s.features {
         Some(pb::shard::Features::U8(b)) => {
-            if b.len() != rows * width {
-                return Err(WireError::Length { what: "shard features", got: b.len(), want: rows * width });
-            }
+            sized("shard features", width, 1, b.len())?;
             Features::U8(b.to_vec())
         }
         Some(pb::shard::Features::F32(b)) => {
-            let mut v = vec![0.0; rows * width];
+            let mut v = vec![0.0; sized("shard features", width, 4, b.len())?];
             read_f32s("shard features", &b, &mut v)?;
             Features::F32(v)
         }
@@ -153,7 +161,10 @@ pub fn shard_from_wire(s: WireShard, sample_shape: &[usize], outputs: usize) -> 
         Labels::Classes(s.classes)
     } else {
         let w = s.target_width as usize;
-        let mut v = vec![0.0; rows * w];
+        if w != outputs {
+            return Err(WireError::Length { what: "shard target width", got: w, want: outputs });
+        }
+        let mut v = vec![0.0; sized("shard targets", w, 4, s.values.len())?];
         read_f32s("shard targets", &s.values, &mut v)?;
         Labels::Values { data: v, width: w }
     };
@@ -183,9 +194,14 @@ mod tests {
         let mut bad = wire.clone();
         bad.0.rows = 3;
         assert!(matches!(shard_from_wire(bad, &[2, 2], 3), Err(WireError::Length { .. })));
-        let mut bad = wire;
+        let mut bad = wire.clone();
         bad.0.classes = vec![0, 9];
         assert!(shard_from_wire(bad, &[2, 2], 3).unwrap_err().to_string().contains("class 9"));
+        // A row count far beyond the bytes is refused before any allocation (it used to allocate it).
+        let mut huge = wire;
+        huge.0.rows = u32::MAX;
+        huge.0.features = Some(pb::shard::Features::F32(Bytes::from_static(&[0; 16])));
+        assert!(matches!(shard_from_wire(huge, &[1 << 16, 1 << 10], 3), Err(WireError::Length { .. })));
 
         let stats = ShardStats { loss_sum: 1.5, activity: 0.25, correct: 1, rows: 2 };
         let gradient = f32_bytes(&[1.0, -2.0]);

@@ -327,6 +327,15 @@ fn metrics_endpoint_serves_only_metrics() {
     }
     assert_eq!(http_get(&addr, "/").0, "HTTP/1.1 404 Not Found");
     assert_eq!(http_get(&addr, "/metrics/x").0, "HTTP/1.1 404 Not Found");
+    // Idle and trickling clients do not hold the endpoint for others.
+    use std::io::Write;
+    let idle: Vec<_> = (0..4).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"GE").unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(http_get(&addr, "/metrics").0, "HTTP/1.1 200 OK");
+    assert!(t.elapsed() < std::time::Duration::from_secs(1), "answered in {:?} beside idle clients", t.elapsed());
+    drop((idle, slow));
 }
 
 /// A diverging run (the loss overflows at the second step) stops at the same step with the

@@ -37,9 +37,8 @@ pub fn random_token() -> std::io::Result<String> {
 
 /// Reads a token from a file (trimmed); an error names the file.
 pub fn read_token_file(path: &std::path::Path) -> Result<String, crate::ClusterError> {
-    let t = std::fs::read_to_string(path)
-        .map_err(dtrain_fit::IoError::on(path, "read the token"))
-        .map_err(|e| crate::ClusterError::Fit(e.into()))?;
+    let what = format!("{}: cannot read the token", path.display());
+    let t = std::fs::read_to_string(path).map_err(|cause| crate::ClusterError::Io { what, cause })?;
     let t = t.trim().to_string();
     if t.is_empty() {
         return Err(crate::ClusterError::Config(format!("{}: the token file is empty", path.display())));

@@ -357,7 +357,6 @@ impl ClusterEngine<'_> {
                 Ok(round.result(id, k, checked))
             }
             Ok(Some(Event::Left { id })) => Ok(round.left(id)),
-            Ok(Some(Event::Joined { .. })) => Ok(vec![]),
             Ok(None) => Err(EngineError::Stopped),
             Err(_) => Ok(round.deadline_passed(Instant::now().max(deadline))),
         }

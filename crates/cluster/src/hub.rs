@@ -13,13 +13,9 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 #[derive(Debug)]
-/// What happens on the workers' streams, in the order it happened.
+/// What happens on the workers' streams, in the order it happened. (Joins need no event:
+/// waits for workers watch the live count.)
 pub enum Event {
-    /// A worker said hello and got the job.
-    Joined {
-        /// Its id.
-        id: WorkerId,
-    },
     /// A shard's result, and its size on the wire.
     Result {
         /// Who sent it.
@@ -134,7 +130,6 @@ impl Hub {
             w.insert(id, Worker { name: name.clone(), tx, slots, attached: false });
         });
         tracing::info!("{id} ({name}) joined");
-        let _ = self.events.send(Event::Joined { id });
         let hub = Arc::clone(self);
         self.open.send_modify(|n| *n += 1);
         tokio::spawn(async move {

@@ -97,8 +97,10 @@ fn region_bytes(values: usize) -> usize {
     (values * 4).div_ceil(64) * 64
 }
 
-fn file_len(values: usize, regions: usize) -> usize {
-    HEADER + region_bytes(values) * regions
+/// The file's length; `None` if the sizes (which may come from a peer's offer) overflow.
+fn file_len(values: usize, regions: usize) -> Option<usize> {
+    let region = values.checked_mul(4)?.div_ceil(64).checked_mul(64)?;
+    region.checked_mul(regions)?.checked_add(HEADER)
 }
 
 fn header(nonce: u64, values: usize, regions: usize) -> [u8; 32] {
@@ -117,7 +119,8 @@ impl SharedFile {
         let path = FileName(dir.join(name));
         let mut file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path.0)?;
         // Written out, not just sized: a full /dev/shm fails here, not later as SIGBUS on a write.
-        let mut head = vec![0u8; file_len(values, regions)];
+        let len = file_len(values, regions).ok_or_else(|| io::Error::other("sizes overflow"))?;
+        let mut head = vec![0u8; len];
         head[..32].copy_from_slice(&header(nonce, values, regions));
         std::io::Write::write_all(&mut file, &head)?;
         let map = MmapOptions::new().map_raw(&file)?;
@@ -138,13 +141,7 @@ impl SharedFile {
         if !meta.is_file() {
             return Err(io::Error::other("not a regular file"));
         }
-        // Sizes from the peer's offer: checked, so that an absurd count cannot overflow.
-        let expected = values
-            .checked_mul(4)
-            .map(|b| b.div_ceil(64) * 64)
-            .and_then(|r| r.checked_mul(regions))
-            .and_then(|r| r.checked_add(HEADER));
-        if expected.is_none_or(|e| meta.len() != e as u64) {
+        if file_len(values, regions).is_none_or(|len| meta.len() != len as u64) {
             return Err(io::Error::other("size does not match the job"));
         }
         let options = MmapOptions::new();

@@ -268,14 +268,15 @@ pub fn load_state(
         let why = format!("optimizer slots {:?} do not match this optimizer's {want:?}", m.slots);
         return Err(CheckpointError::invalid(&mpath, why));
     }
-    let mut read_err = None;
+    // Read (and checked) first, by the names this optimizer has, then handed over by name.
+    let mut saved = want
+        .iter()
+        .map(|name| Ok((*name, get(&format!("optimizer/{name}"))?)))
+        .collect::<Result<Vec<_>, CheckpointError>>()?;
     let slots = Slots::restore(&optimizer.algorithm, n, |name| {
-        get(&format!("optimizer/{name}")).map_err(|e| read_err = Some(e)).ok()
-    });
-    let slots = match (slots, read_err) {
-        (_, Some(e)) => return Err(e),
-        (s, None) => s.map_err(|e| CheckpointError::invalid(&tpath, e.to_string()))?,
-    };
+        saved.iter().position(|(n, _)| *n == name).map(|i| saved.swap_remove(i).1)
+    })
+    .map_err(|e| CheckpointError::invalid(&tpath, e.to_string()))?;
     let os = OptimizerState { iterations: m.iterations, lr_override: m.lr_override, slots };
     let optimizer = Optimizer::with_state(optimizer.clone(), os);
     Ok(TrainState {

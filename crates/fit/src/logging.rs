@@ -32,23 +32,25 @@ struct Fields {
     rest: String,
 }
 
-impl Visit for Fields {
-    fn record_str(&mut self, field: &Field, value: &str) {
+impl Fields {
+    fn add(&mut self, field: &Field, text: std::fmt::Arguments<'_>) {
         match field.name() {
-            "message" => self.message = value.to_string(),
+            "message" => self.message = text.to_string(),
             name => {
-                let _ = write!(self.rest, " {name}={value}");
+                let _ = write!(self.rest, " {name}={text}");
             }
         }
     }
+}
+
+impl Visit for Fields {
+    // Strings as they are (Debug would quote them), everything else by Debug.
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.add(field, format_args!("{value}"));
+    }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        match field.name() {
-            "message" => self.message = format!("{value:?}"),
-            name => {
-                let _ = write!(self.rest, " {name}={value:?}");
-            }
-        }
+        self.add(field, format_args!("{value:?}"));
     }
 }
 

@@ -186,7 +186,7 @@ impl Trainer<'_> {
         let has_snapshot = state.best_weights.is_some();
         let actions: Vec<Action> = state.callbacks.list.iter().flat_map(|c| c.on_train_end(has_snapshot)).collect();
         let restore = actions.contains(&Action::RestoreSnapshot);
-        self.apply(state, actions.into_iter().filter(|a| *a != Action::RestoreSnapshot).collect())?;
+        self.apply(state, actions)?;
         let weights = match (&state.best_weights, restore) {
             (Some(best), true) => best,
             _ => &state.params,

@@ -21,12 +21,16 @@ fn fixture() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// The cases of `section` in keras_parity.json and keras_more.json (gen_keras_more.py).
-fn cases(section: &str) -> Vec<Value> {
+/// keras_more.json (gen_keras_more.py).
+fn more_fixture() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keras_more.json");
-    let more: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The cases of `section` in keras_parity.json and keras_more.json.
+fn cases(section: &str) -> Vec<Value> {
     let mut all = fixture()[section].as_array().unwrap().clone();
-    all.extend(more[section].as_array().unwrap().iter().cloned());
+    all.extend(more_fixture()[section].as_array().unwrap().iter().cloned());
     all
 }
 
@@ -320,8 +324,7 @@ fn model_checkpoint_traces() {
 /// (+1e-6); weights 5e-6 + 1e-4 rel.
 #[test]
 fn fit_with_validation_split_initial_epoch_restored_best_weights_and_batch_checkpoints() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keras_more.json");
-    let more: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let more = more_fixture();
     let case = &more["fit"];
     let cfg = json!({
         "seed": 1,

@@ -132,11 +132,11 @@ pub fn shard_from_wire(s: WireShard, sample_shape: &[usize], outputs: usize) -> 
     // Every size is checked against the bytes that arrived before anything is allocated: a
     // message's row count alone must not decide how much memory this process takes.
     let sized = |what: &'static str, per_row: usize, elem: usize, got: usize| -> Result<usize, WireError> {
-        let want = rows.checked_mul(per_row).filter(|n| n.checked_mul(elem).is_some());
-        match want {
-            Some(want) if want.checked_mul(elem) == Some(got) => Ok(want),
-            Some(want) => Err(WireError::Length { what, got: got / elem.max(1), want }),
-            None => Err(WireError::Invalid(format!("{what}: {rows} rows of {per_row} values is too large"))),
+        let want = rows.checked_mul(per_row);
+        match (want, want.and_then(|w| w.checked_mul(elem))) {
+            (Some(want), Some(bytes)) if bytes == got => Ok(want),
+            (Some(want), Some(_)) => Err(WireError::Length { what, got: got / elem, want }),
+            _ => Err(WireError::Invalid(format!("{what}: {rows} rows of {per_row} values is too large"))),
         }
     };
     let features = match s.features {

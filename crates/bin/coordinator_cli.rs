@@ -104,6 +104,11 @@ pub struct TrainArgs {
     /// Allow listening beyond loopback without a token.
     #[arg(long)]
     pub insecure: bool,
+    /// The fraction of shards a second worker computes too ("all", or 0 to 1; 0 turns checking
+    /// off; default: the job's fit.verify, else 0.02). A result that differs is recomputed by
+    /// the coordinator, and the worker it contradicts is evicted.
+    #[arg(long, env = "DTRAIN_VERIFY", value_parser = dtrain_cluster::verify::Fraction::parse)]
+    pub verify: Option<dtrain_cluster::verify::Fraction>,
     /// Seconds a worker may take for its shards of one step before they go elsewhere.
     #[arg(long, env = "DTRAIN_STEP_TIMEOUT", default_value_t = 30.0)]
     pub step_timeout: f64,

@@ -3,16 +3,17 @@
 use crate::ids::{ShardIndex, WorkerId};
 
 /// Contiguous groups of `todo`, one per worker of `alive` (in order), as even as can be (the
-/// first groups one longer when the count does not divide), except that a shard `avoid` names
-/// a worker for goes to the next worker if there is another: a result that needs a second
-/// opinion gets it from someone else. Returns only non-empty groups.
+/// first groups one longer when the count does not divide), except that a shard goes to the
+/// next worker (cyclically) that is `eligible` for it when its own is not: a second copy of a
+/// shard must come from someone else. Returns the non-empty groups, and the shards no live
+/// worker is eligible for.
 pub fn assign(
     todo: &[ShardIndex],
     alive: &[WorkerId],
-    avoid: impl Fn(ShardIndex) -> Option<WorkerId>,
-) -> Vec<(WorkerId, Vec<ShardIndex>)> {
+    eligible: impl Fn(ShardIndex, WorkerId) -> bool,
+) -> (Vec<(WorkerId, Vec<ShardIndex>)>, Vec<ShardIndex>) {
     if alive.is_empty() {
-        return vec![];
+        return (vec![], todo.to_vec());
     }
     let (base, longer) = (todo.len() / alive.len(), todo.len() % alive.len());
     // Position i's group: the `longer` groups of base + 1 come first, then groups of base.
@@ -21,15 +22,16 @@ pub fn assign(
         Some(rest) => longer + rest / base.max(1),
     };
     let mut plan: Vec<(WorkerId, Vec<ShardIndex>)> = alive.iter().map(|&id| (id, vec![])).collect();
+    let mut nobody = vec![];
     for (i, &k) in todo.iter().enumerate() {
-        let mut w = group(i);
-        if alive.len() > 1 && avoid(k) == Some(alive[w]) {
-            w = (w + 1) % alive.len();
+        let first = group(i);
+        match (0..alive.len()).map(|d| (first + d) % alive.len()).find(|&w| eligible(k, alive[w])) {
+            Some(w) => plan[w].1.push(k),
+            None => nobody.push(k),
         }
-        plan[w].1.push(k);
     }
     plan.retain(|(_, group)| !group.is_empty());
-    plan
+    (plan, nobody)
 }
 
 #[cfg(test)]
@@ -49,21 +51,24 @@ mod tests {
     }
 
     #[test]
-    fn contiguous_groups_and_second_opinions_from_someone_else() {
-        let none = |_| None;
-        assert_eq!(assign(&ks(&[0, 1, 2, 3]), &ws(&[7, 9]), none), plan(&[(7, &[0, 1]), (9, &[2, 3])]));
+    fn contiguous_groups_and_second_copies_from_someone_else() {
+        let any = |_, _| true;
+        let go = |todo: &[usize], alive: &[u32], eligible: &dyn Fn(ShardIndex, WorkerId) -> bool| {
+            assign(&ks(todo), &ws(alive), eligible)
+        };
+        assert_eq!(go(&[0, 1, 2, 3], &[7, 9], &any), (plan(&[(7, &[0, 1]), (9, &[2, 3])]), vec![]));
         // Three workers, four shards: every worker computes.
-        assert_eq!(assign(&ks(&[0, 1, 2, 3]), &ws(&[4, 5, 6]), none), plan(&[(4, &[0, 1]), (5, &[2]), (6, &[3])]));
-        let five = assign(&ks(&[0, 1, 2, 3, 4, 5, 6]), &ws(&[1, 2, 3]), none);
-        assert_eq!(five, plan(&[(1, &[0, 1, 2]), (2, &[3, 4]), (3, &[5, 6])]));
-        assert_eq!(assign(&ks(&[0, 1]), &ws(&[1, 2, 3]), none), plan(&[(1, &[0]), (2, &[1])]));
-        assert_eq!(assign(&ks(&[2]), &ws(&[4, 5]), none), plan(&[(4, &[2])]));
-        assert_eq!(assign(&ks(&[2]), &[], none), vec![]);
-        // Shard 2's first result came from worker 4: worker 5 checks it.
-        let from = |w: u32, shard: usize| move |k: ShardIndex| (k.0 == shard).then_some(WorkerId(w));
-        assert_eq!(assign(&ks(&[2]), &ws(&[4, 5]), from(4, 2)), plan(&[(5, &[2])]));
-        assert_eq!(assign(&ks(&[0, 1]), &ws(&[4, 5]), from(5, 1)), plan(&[(4, &[0, 1])]));
-        // Alone, a worker gives the second opinion itself.
-        assert_eq!(assign(&ks(&[2]), &ws(&[4]), from(4, 2)), plan(&[(4, &[2])]));
+        assert_eq!(go(&[0, 1, 2, 3], &[4, 5, 6], &any).0, plan(&[(4, &[0, 1]), (5, &[2]), (6, &[3])]));
+        let seven = go(&[0, 1, 2, 3, 4, 5, 6], &[1, 2, 3], &any).0;
+        assert_eq!(seven, plan(&[(1, &[0, 1, 2]), (2, &[3, 4]), (3, &[5, 6])]));
+        assert_eq!(go(&[0, 1], &[1, 2, 3], &any).0, plan(&[(1, &[0]), (2, &[1])]));
+        assert_eq!(go(&[2], &[4, 5], &any).0, plan(&[(4, &[2])]));
+        assert_eq!(go(&[2], &[], &any), (vec![], ks(&[2])));
+        // Worker 4 already has shard 2: worker 5 computes the second copy.
+        let not = |w: u32, shard: usize| move |k: ShardIndex, x: WorkerId| !(k.0 == shard && x == WorkerId(w));
+        assert_eq!(go(&[2], &[4, 5], &not(4, 2)).0, plan(&[(5, &[2])]));
+        assert_eq!(go(&[0, 1], &[4, 5], &not(5, 1)).0, plan(&[(4, &[0, 1])]));
+        // Alone, a worker cannot give a second opinion on its own result.
+        assert_eq!(go(&[2], &[4], &not(4, 2)), (vec![], ks(&[2])));
     }
 }

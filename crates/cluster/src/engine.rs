@@ -1,23 +1,28 @@
 //! `Engine` over the network: each step's shards go to live workers; gradients come back and
 //! land in shard order. Lost, hung or faulty workers' shards are recomputed by others within
-//! the same step, so the step is applied once, with the same bits as in-process. Every decision
-//! is the `Round`'s (`round.rs`, pure); this file moves messages and tensors.
+//! the same step, so the step is applied once, with the same bits as in-process. Some shards
+//! are checked by a second party, and the coordinator recomputes any shard whose copies
+//! disagree or whose result is not finite (the referee); a worker it contradicts is evicted and,
+//! if its unchecked results were already used, training goes back and replays without it.
+//! Every decision is the `Round`'s (`round.rs`) or the `Audit`'s (`verify.rs`), both pure; this
+//! file moves messages and tensors.
 
 use crate::epoch_stats::EpochStats;
 use crate::hub::{Event, Hub};
-use crate::ids::{ShardIndex, WorkerId};
+use crate::ids::{PartyId, ShardIndex, WorkerId};
 use crate::round::{Action, Cause, FaultLedger, Phase, Refusal, Round};
 use crate::run::ClusterOptions;
 use crate::shm::SharedFile;
 use crate::termination::Termination;
+use crate::verify::{Audit, Fraction, DEFAULT_VERIFY, WINDOW};
 use dtrain_data::Dataset;
-use dtrain_fit::{Engine, EngineError};
+use dtrain_fit::engine::ShardBuffers;
+use dtrain_fit::metrics::Verification;
+use dtrain_fit::{Engine, EngineError, Job};
 use dtrain_nn::simd::Part;
-use dtrain_nn::ShardStats;
-use dtrain_proto::{
-    check_finite, copy_f32s, shard_to_wire, ShardResult, Tensor, ToWorker, WireShard, WireTensor, Work,
-};
-use std::collections::{BTreeMap, VecDeque};
+use dtrain_nn::{Mode, ShardStats};
+use dtrain_proto::{copy_f32s, shard_to_wire, ShardResult, Tensor, ToWorker, WireShard, WireTensor, Work};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +31,7 @@ use tonic::Status;
 
 /// The coordinator's side of the cluster, as an `Engine` the trainer drives.
 pub struct ClusterEngine<'a> {
+    job: &'a Job,
     data: &'a Dataset,
     net: Network,
     policy: Policy,
@@ -45,13 +51,18 @@ struct Network {
     stop: Termination,
 }
 
-/// How long to wait, and whom to give up on.
+/// How long to wait, whom to give up on, and whom to check.
 struct Policy {
     /// A worker that has not answered this long after getting work is dropped.
     step_timeout: Duration,
     /// With no worker left, wait this long for one to join, then fail.
     worker_wait: Duration,
     faults: FaultLedger,
+    audit: Audit,
+    /// The last step computed: a step at or before it means training went back.
+    last_step: Option<u64>,
+    /// A liar's unchecked results were used from this step on: undo them (and why).
+    roll_back: Option<(u64, String)>,
 }
 
 /// What the run shows: the epoch's cluster line and the metrics endpoint.
@@ -72,14 +83,26 @@ struct Prefetch {
 struct Buffers {
     /// The parameters as they travel (one buffer shared by every worker's message).
     params: WireTensor,
-    /// Gradients received in messages, by shard.
-    received: Vec<Vec<f32>>,
+    /// Gradient buffers not in use (results copied from messages, or out of shared memory to be
+    /// compared, and the referee's).
+    free: Vec<Vec<f32>>,
     /// The gradient of an empty shard.
     zeros: Vec<f32>,
+    /// The referee's computation.
+    referee: ShardBuffers,
+}
+
+impl Buffers {
+    fn take(&mut self, n: usize) -> Vec<f32> {
+        let mut v = self.free.pop().unwrap_or_default();
+        v.resize(n, 0.0);
+        v
+    }
 }
 
 impl<'a> ClusterEngine<'a> {
     pub(crate) fn new(
+        job: &'a Job,
         data: &'a Dataset,
         rt: Arc<tokio::runtime::Runtime>,
         hub: Arc<Hub>,
@@ -88,12 +111,16 @@ impl<'a> ClusterEngine<'a> {
         stop: Termination,
     ) -> Self {
         ClusterEngine {
+            job,
             data,
             net: Network { rt, hub, events, stop },
             policy: Policy {
                 step_timeout: opts.step_timeout,
                 worker_wait: opts.worker_wait,
                 faults: FaultLedger::default(),
+                audit: Audit::new(verify_fraction(opts, job), job.seed),
+                last_step: None,
+                roll_back: None,
             },
             telemetry: Telemetry { epoch: EpochStats::default(), metrics: opts.metrics.clone() },
             prefetch: Prefetch::default(),
@@ -112,16 +139,37 @@ impl Engine for ClusterEngine<'_> {
         grad: &mut [f32],
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, EngineError> {
+        if self.policy.last_step.is_some_and(|last| step <= last) {
+            // Training went back: what was used after `step` no longer counts, and the
+            // parameters in shared memory are not this step's.
+            self.policy.audit.rolled_back(step);
+            self.net.hub.forget_params();
+        }
+        self.policy.last_step = Some(step);
         let rt = self.net.rt.clone();
         let epoch = &mut self.telemetry.epoch;
         epoch.step_starts();
-        let (sent, received) = (epoch.bytes_out, epoch.bytes_in);
+        let (sent, received, verified) = (epoch.bytes_out, epoch.bytes_in, epoch.verification);
         let r = rt.block_on(self.step(params, step, batch, shards, grad, meanwhile));
         let epoch = &mut self.telemetry.epoch;
         epoch.step_ends();
+        let r = match (r, self.policy.roll_back.take()) {
+            (Ok(_), Some((to_step, why))) => {
+                epoch.verification.rollbacks += 1;
+                Err(EngineError::Rollback { to_step, why })
+            }
+            (r, _) => r,
+        };
         if let Some(m) = &self.telemetry.metrics {
             m.workers(self.net.hub.alive().len() as u64);
             m.wire(epoch.bytes_out - sent, epoch.bytes_in - received);
+            let v = &epoch.verification;
+            m.verified(&Verification {
+                checked: v.checked - verified.checked,
+                refereed: v.refereed - verified.refereed,
+                evicted: v.evicted - verified.evicted,
+                rollbacks: v.rollbacks - verified.rollbacks,
+            });
         }
         r
     }
@@ -134,6 +182,10 @@ impl Engine for ClusterEngine<'_> {
     fn epoch_report(&mut self) -> Option<String> {
         std::mem::take(&mut self.telemetry.epoch).report(&self.net.hub)
     }
+
+    fn snapshot_every(&self) -> Option<u64> {
+        Some(WINDOW)
+    }
 }
 
 impl Drop for ClusterEngine<'_> {
@@ -142,12 +194,18 @@ impl Drop for ClusterEngine<'_> {
     }
 }
 
-/// Where a shard's gradient is once its result arrived: in the worker's shared-memory slot
-/// (kept mapped here even if the worker leaves), or copied from the message.
+/// Where a result's gradient is: in the worker's shared-memory slot (kept mapped here even if
+/// the worker leaves), or in a buffer of ours (copied from the message, or out of the slot to be
+/// compared: what is compared is what is summed).
 enum Landed {
-    Empty,
     Slot(Arc<SharedFile>),
-    Copied,
+    Copied(Vec<f32>),
+}
+
+/// One result of a shard.
+struct Received {
+    stats: ShardStats,
+    landed: Landed,
 }
 
 /// One step's work as it goes out: the samples of each shard, and the parameters.
@@ -161,15 +219,34 @@ struct Outgoing<'s> {
     inline: Option<Tensor>,
 }
 
+/// What the referee needs to compute a shard itself.
+struct StepInputs<'s> {
+    params: &'s [f32],
+    step: u64,
+    batch: &'s [u32],
+    shards: &'s [Range<usize>],
+}
+
 /// One step's results as they come in.
 struct Inbox {
     /// Each shard's rows, and the gradient's length: what a result must match.
     rows: Vec<u64>,
     width: usize,
-    stats: Vec<ShardStats>,
-    landed: Vec<Option<Landed>>,
-    /// Time spent reading, checking and summing results.
+    /// Each shard's results, by sender.
+    results: Vec<BTreeMap<WorkerId, Received>>,
+    /// The referee's result, where it computed the shard.
+    refereed: BTreeMap<ShardIndex, Received>,
+    /// Workers with a result confirmed by another party or the referee this step.
+    confirmed: BTreeSet<WorkerId>,
+    /// Time spent reading, checking, comparing and summing results.
     reduce: Duration,
+}
+
+impl Inbox {
+    /// The result that stands for shard `k`: the referee's, else the first that arrived.
+    fn chosen<'r>(&'r self, round: &Round, k: ShardIndex) -> Option<&'r Received> {
+        self.refereed.get(&k).or_else(|| round.results(k).first().and_then(|w| self.results[k.0].get(w)))
+    }
 }
 
 impl ClusterEngine<'_> {
@@ -191,25 +268,30 @@ impl ClusterEngine<'_> {
             let nan = |r: &Range<usize>| ShardStats { loss_sum: f64::NAN, rows: r.len() as u64, ..Default::default() };
             return Ok(shards.iter().map(nan).collect());
         };
+        let inputs = StepInputs { params, step, batch, shards };
         let mut round = Round::new(step, shards.iter().map(|r| r.len()), self.policy.step_timeout);
         let mut inbox = Inbox {
             rows: shards.iter().map(|r| r.len() as u64).collect(),
             width: params.len(),
-            stats: vec![ShardStats::default(); shards.len()],
-            landed: shards.iter().map(|r| r.is_empty().then_some(Landed::Empty)).collect(),
+            results: shards.iter().map(|_| BTreeMap::new()).collect(),
+            refereed: BTreeMap::new(),
+            confirmed: BTreeSet::new(),
             reduce: Duration::ZERO,
         };
         let mut meanwhile = Some(meanwhile);
         let mut sent_all = None;
         loop {
             let actions = match round.phase() {
-                Phase::Dispatch => round.dispatch(&self.net.hub.alive(), Instant::now()),
+                Phase::Dispatch => {
+                    let audit = &mut self.policy.audit;
+                    round.dispatch(&self.net.hub.alive(), Instant::now(), &mut |k, w| audit.wants_check(step, k, w))
+                }
                 Phase::Wait { deadline } => self.next_event(&mut round, &mut inbox, deadline).await?,
                 Phase::Reduce => {
                     let r0 = Instant::now();
-                    let not_finite = self.reduce(&inbox, grad);
+                    let refereed = self.settle(&round, &mut inbox, &inputs, grad);
                     inbox.reduce += r0.elapsed();
-                    round.reduced(&not_finite)
+                    round.reduced(&refereed)
                 }
                 Phase::Done => break,
             };
@@ -223,7 +305,37 @@ impl ClusterEngine<'_> {
         meanwhile.take().into_iter().for_each(|f| f()); // every shard was empty
         let sent_all = sent_all.unwrap_or(t0);
         self.telemetry.epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(inbox.reduce), inbox.reduce);
-        Ok(inbox.stats)
+        let stats = (0..shards.len()).map(|k| inbox.chosen(&round, ShardIndex(k)).map(|r| r.stats).unwrap_or_default());
+        let stats = stats.collect();
+        self.record(&round, &inbox);
+        self.recycle(inbox);
+        Ok(stats)
+    }
+
+    /// Tells the audit who was checked this step, and whose unchecked results were used.
+    fn record(&mut self, round: &Round, inbox: &Inbox) {
+        let mut unchecked: Vec<PartyId> = vec![];
+        for k in (0..round.shard_count()).map(ShardIndex) {
+            if inbox.refereed.contains_key(&k) {
+                continue; // the coordinator's own value stands
+            }
+            let sender = round.results(k).first();
+            if let Some(w) = sender.filter(|w| !inbox.confirmed.contains(w) || round.results(k).len() < 2) {
+                unchecked.extend(self.net.hub.party(*w));
+            }
+        }
+        let checked: Vec<WorkerId> = inbox.confirmed.iter().copied().collect();
+        self.policy.audit.record(round.step(), &checked, &unchecked);
+    }
+
+    /// Returns the step's gradient buffers for reuse.
+    fn recycle(&mut self, inbox: Inbox) {
+        let landed = inbox.results.into_iter().flat_map(BTreeMap::into_values).chain(inbox.refereed.into_values());
+        for r in landed {
+            if let Landed::Copied(v) = r.landed {
+                self.buffers.free.push(v);
+            }
+        }
     }
 
     /// The step's parameters where workers read them, checked as they are copied (into shared
@@ -281,16 +393,21 @@ impl ClusterEngine<'_> {
                     }
                 }
                 Action::AwaitWorkers => self.await_workers().await?,
-                Action::Drop { worker, cause } => self.net.hub.drop_worker(worker, drop_status(cause)),
+                Action::Drop { worker, cause } => {
+                    self.net.hub.drop_worker(worker, drop_status(cause));
+                    if cause == Cause::MissedDeadline {
+                        self.count_fault(worker, "missed deadlines");
+                    }
+                }
                 Action::Fault { worker, shard, why } => {
                     let name = self.net.hub.name(worker);
                     self.telemetry.metrics.iter().for_each(|m| m.rejected());
                     tracing::warn!("{name} sent a bad result for shard {shard} of step {}: {why}", round.step());
-                    if let Some(n) = self.policy.faults.record(worker) {
-                        tracing::warn!("dropping {name} after {n} faulty results");
+                    if self.count_fault(worker, "faulty results") {
                         queue.push_back(Action::Drop { worker, cause: Cause::TooManyFaults });
                     }
                 }
+                Action::Lied { worker, shard } => self.evict_liar(worker, shard, round.step()),
                 Action::Recompute { from, shards, cause } => {
                     self.telemetry.metrics.iter().for_each(|m| m.recomputed(shards.len() as u64));
                     let (name, n) = (self.net.hub.name(from), shards.len());
@@ -305,13 +422,42 @@ impl ClusterEngine<'_> {
                                 "{name} is not keeping up with its work queue; dropping it, {n} shard(s) go to others"
                             )
                         }
-                        Cause::BadResult | Cause::SecondOpinion | Cause::TooManyFaults => continue,
+                        Cause::Lied => format!("shard(s) {shards:?} of {name} are computed again by others"),
+                        Cause::BadResult | Cause::TooManyFaults => continue,
                     };
                     tracing::warn!("{line}");
                 }
             }
         }
         Ok(())
+    }
+
+    /// Counts a fault against the party behind `worker`; at `MAX_FAULTS` the party is refused
+    /// for a while (true).
+    fn count_fault(&mut self, worker: WorkerId, what: &str) -> bool {
+        let Some(party) = self.net.hub.party(worker) else { return false };
+        let Some(n) = self.policy.faults.record(party) else { return false };
+        let refused = self.net.hub.evict(party, &drop_status(Cause::TooManyFaults));
+        tracing::warn!("dropping {} after {n} {what}; its party is refused for {refused:?}", self.net.hub.name(worker));
+        true
+    }
+
+    /// The referee contradicted `worker` on `shard`: its party is refused for a while, and if
+    /// results of it that nobody checked went into earlier steps, they are undone.
+    fn evict_liar(&mut self, worker: WorkerId, shard: ShardIndex, step: u64) {
+        let name = self.net.hub.name(worker);
+        self.telemetry.epoch.verification.evicted += 1;
+        let Some(party) = self.net.hub.party(worker) else { return };
+        let refused = self.net.hub.evict(party, &drop_status(Cause::Lied));
+        tracing::warn!(
+            "{name} sent a result for shard {shard} of step {step} that differs from the coordinator's \
+             recomputation; evicting it (its party is refused for {refused:?})"
+        );
+        if let Some(first) = self.policy.audit.first_unchecked(party).filter(|&first| first < step) {
+            let why = format!("unchecked results of {name} went into steps {first} to {}", step - 1);
+            let earliest = self.policy.roll_back.as_ref().map_or(first, |(s, _)| first.min(*s));
+            self.policy.roll_back = Some((earliest, why));
+        }
     }
 
     /// Queues `shards` of this step for `worker`; false if it is gone or not keeping up.
@@ -350,9 +496,8 @@ impl ClusterEngine<'_> {
                 let rows = inbox.rows.get(k.0).copied().unwrap_or_default();
                 let received = self.receive(id, &result, rows, inbox.width);
                 inbox.reduce += r0.elapsed();
-                let checked = received.map(|(stats, landed)| {
-                    inbox.stats[k.0] = stats;
-                    inbox.landed[k.0] = Some(landed);
+                let checked = received.map(|r| {
+                    inbox.results[k.0].insert(id, r);
                 });
                 Ok(round.result(id, k, checked))
             }
@@ -389,14 +534,8 @@ impl ClusterEngine<'_> {
     }
 
     /// A result's sums, and where its gradient is: in the worker's shared memory, or copied
-    /// from the message into this shard's buffer. Checked except for finite values (`reduce`).
-    fn receive(
-        &mut self,
-        id: WorkerId,
-        result: &ShardResult,
-        rows: u64,
-        n: usize,
-    ) -> Result<(ShardStats, Landed), Refusal> {
+    /// from the message into a buffer of ours. Checked except for finite values (`settle`).
+    fn receive(&mut self, id: WorkerId, result: &ShardResult, rows: u64, n: usize) -> Result<Received, Refusal> {
         let stats = result.stats(rows)?;
         let k = result.index as usize;
         let gradient = match &result.gradient {
@@ -404,56 +543,131 @@ impl ClusterEngine<'_> {
             Tensor::Shared => {
                 let slots = self.net.hub.slots(id).ok_or(Refusal::NoSharedMemory)?;
                 slots.shared(k).ok_or(Refusal::SlotOutOfRange)?;
-                return Ok((stats, Landed::Slot(slots)));
+                return Ok(Received { stats, landed: Landed::Slot(slots) });
             }
         };
-        let received = &mut self.buffers.received;
-        if received.len() <= k {
-            received.resize_with(k + 1, Vec::new);
+        let mut buf = self.buffers.take(n);
+        if let Err(e) = copy_f32s("gradient", gradient, &mut buf) {
+            self.buffers.free.push(buf);
+            return Err(e.into());
         }
-        let buf = &mut received[k];
-        buf.resize(n, 0.0);
-        copy_f32s("gradient", gradient, buf)?;
-        Ok((stats, Landed::Copied))
+        Ok(Received { stats, landed: Landed::Copied(buf) })
     }
 
-    /// `grad` = the shards' gradients summed in shard order; returns the shards whose result is
-    /// not finite (its sums, or its gradient when the sum is not finite: an overflowing sum of
-    /// finite gradients is kept, as in process).
-    fn reduce(&mut self, inbox: &Inbox, grad: &mut [f32]) -> BTreeMap<ShardIndex, Refusal> {
-        let Buffers { zeros, received, .. } = &mut self.buffers;
+    /// Every result is in: compares the copies of checked shards, has the referee recompute
+    /// what needs it, and sums the standing results into `grad` in shard order. Returns the
+    /// shards the referee computed, each with the workers whose result differs from its own.
+    fn settle(
+        &mut self,
+        round: &Round,
+        inbox: &mut Inbox,
+        inputs: &StepInputs<'_>,
+        grad: &mut [f32],
+    ) -> BTreeMap<ShardIndex, Vec<WorkerId>> {
+        let mut refereed = BTreeMap::new();
+        let open = |k: &ShardIndex| inbox.rows[k.0] > 0 && !round.refereed(*k);
+        let open: Vec<ShardIndex> = (0..round.shard_count()).map(ShardIndex).filter(open).collect();
+        let mut paired = BTreeSet::new();
+        for &k in &open {
+            let senders = round.results(k);
+            let disputed = if senders.len() >= 2 {
+                self.own(inbox, k);
+                let agree = senders.windows(2).all(|p| same(&inbox.results[k.0][&p[0]], &inbox.results[k.0][&p[1]]));
+                if agree {
+                    inbox.confirmed.extend(senders);
+                    self.telemetry.epoch.verification.checked += 1;
+                    paired.insert(k);
+                }
+                !agree
+            } else {
+                round.check_here(k)
+            };
+            if disputed {
+                refereed.insert(k, self.referee(round, inbox, inputs, k));
+            }
+        }
+        if self.sum(round, inbox, grad) {
+            return refereed;
+        }
+        // Not finite: a diverging model, or a worker that sent non-finite values or finite ones
+        // that overflow. Whatever a second party did not confirm, the referee recomputes.
+        let doubtful: Vec<ShardIndex> =
+            open.into_iter().filter(|k| !paired.contains(k) && !refereed.contains_key(k)).collect();
+        let suspects: Vec<ShardIndex> = match doubtful.iter().copied().filter(|&k| !finite(inbox, round, k)).collect() {
+            none if Vec::is_empty(&none) => doubtful,
+            some => some,
+        };
+        for &k in &suspects {
+            refereed.insert(k, self.referee(round, inbox, inputs, k));
+        }
+        if !suspects.is_empty() {
+            self.sum(round, inbox, grad);
+        }
+        refereed
+    }
+
+    /// Copies shard `k`'s results out of shared memory, so that what is compared is what is
+    /// summed (the worker cannot change it in between).
+    fn own(&mut self, inbox: &mut Inbox, k: ShardIndex) {
+        for r in inbox.results[k.0].values_mut() {
+            if let Landed::Slot(slots) = &r.landed {
+                let mut buf = self.buffers.take(inbox.width);
+                if let Some(v) = slots.shared(k.0) {
+                    v.read_into(&mut buf);
+                }
+                r.landed = Landed::Copied(buf);
+            }
+        }
+    }
+
+    /// The coordinator computes shard `k` itself; its result stands. Returns the workers whose
+    /// result differs from it.
+    fn referee(&mut self, round: &Round, inbox: &mut Inbox, inputs: &StepInputs<'_>, k: ShardIndex) -> Vec<WorkerId> {
+        self.own(inbox, k);
+        let range = inputs.shards[k.0].clone();
+        let mode = Mode::Train {
+            seed: self.job.seed,
+            step: inputs.step,
+            first_position: range.start as u32,
+            global_batch: inputs.batch.len() as u32,
+        };
+        let mut g = self.buffers.take(inbox.width);
+        let stats = self.buffers.referee.gradient(
+            &self.job.model,
+            self.data,
+            inputs.params,
+            &inputs.batch[range],
+            mode,
+            &mut g,
+        );
+        let mine = Received { stats, landed: Landed::Copied(g) };
+        let (agree, differ): (Vec<WorkerId>, Vec<WorkerId>) =
+            round.results(k).iter().partition(|w| same(&inbox.results[k.0][w], &mine));
+        inbox.confirmed.extend(agree);
+        self.telemetry.epoch.verification.refereed += 1;
+        if let Some(old) = inbox.refereed.insert(k, mine) {
+            if let Landed::Copied(v) = old.landed {
+                self.buffers.free.push(v);
+            }
+        }
+        differ
+    }
+
+    /// `grad` = the standing results' gradients summed in shard order (an empty shard counts as
+    /// zeros); whether the sum is finite.
+    fn sum(&mut self, round: &Round, inbox: &Inbox, grad: &mut [f32]) -> bool {
+        let zeros = &mut self.buffers.zeros;
         zeros.resize(grad.len(), 0.0);
-        let parts: Vec<Part<'_>> = inbox
-            .landed
-            .iter()
-            .enumerate()
-            .map(|(k, l)| match l {
-                None | Some(Landed::Empty) => Part::Own(&zeros[..]),
-                Some(Landed::Slot(slots)) => Part::Shared(slots.shared(k).expect("checked when the result arrived")),
-                Some(Landed::Copied) => Part::Own(&received[k][..]),
+        let parts: Vec<Part<'_>> = (0..round.shard_count())
+            .map(|k| match inbox.chosen(round, ShardIndex(k)) {
+                None => Part::Own(&zeros[..]),
+                Some(r) => part(&r.landed, ShardIndex(k)),
             })
             .collect();
-        let sum_finite = dtrain_nn::simd::sum_into(grad, &parts);
-        let mut copy = vec![];
-        let mut not_finite = |(k, (p, s)): (usize, (&Part<'_>, &ShardStats))| {
-            if !(s.loss_sum.is_finite() && s.activity.is_finite()) {
-                return Some((ShardIndex(k), Refusal::SumsNotFinite));
-            }
-            if sum_finite {
-                return None;
-            }
-            // Rare (a diverging run or a faulty worker): check the shard's gradient on its own.
-            let values = match *p {
-                Part::Own(v) => v,
-                Part::Shared(v) => {
-                    copy.resize(v.len(), 0.0);
-                    v.read_into(&mut copy);
-                    &copy[..]
-                }
-            };
-            check_finite("gradient", values).err().map(|e| (ShardIndex(k), Refusal::Wire(e)))
-        };
-        parts.iter().zip(&inbox.stats).enumerate().filter_map(&mut not_finite).collect()
+        let sums_finite = (0..round.shard_count())
+            .filter_map(|k| inbox.chosen(round, ShardIndex(k)))
+            .all(|r| r.stats.loss_sum.is_finite() && r.stats.activity.is_finite());
+        dtrain_nn::simd::sum_into(grad, &parts) && sums_finite
     }
 
     /// Each shard's samples as they travel (empty shards too, never sent).
@@ -464,13 +678,57 @@ impl ClusterEngine<'_> {
     }
 }
 
+/// `--verify`, else `fit.verify`, else the default.
+fn verify_fraction(opts: &ClusterOptions, job: &Job) -> Fraction {
+    opts.verify.or_else(|| job.fit.verify.and_then(Fraction::new)).unwrap_or(DEFAULT_VERIFY)
+}
+
+/// A landed gradient as a part of the sum.
+fn part(landed: &Landed, k: ShardIndex) -> Part<'_> {
+    match landed {
+        Landed::Copied(v) => Part::Own(v),
+        // A slot that did not exist was refused when the result arrived; an empty view sums
+        // as a length mismatch, never as memory out of bounds.
+        Landed::Slot(slots) => slots.shared(k.0).map_or(Part::Own(&[]), Part::Shared),
+    }
+}
+
+/// Whether shard `k`'s standing result is finite (its sums and every gradient value).
+fn finite(inbox: &Inbox, round: &Round, k: ShardIndex) -> bool {
+    let Some(r) = inbox.chosen(round, k) else { return true };
+    let sums = r.stats.loss_sum.is_finite() && r.stats.activity.is_finite();
+    sums && match &r.landed {
+        Landed::Copied(v) => v.iter().all(|x| x.is_finite()),
+        Landed::Slot(slots) => slots.shared(k.0).is_some_and(|v| {
+            let mut copy = vec![0.0; v.len()];
+            v.read_into(&mut copy);
+            copy.iter().all(|x| x.is_finite())
+        }),
+    }
+}
+
+/// The same bits: sums, counts and every gradient value (both own copies).
+fn same(a: &Received, b: &Received) -> bool {
+    let (x, y) = (&a.stats, &b.stats);
+    let sums = x.loss_sum.to_bits() == y.loss_sum.to_bits()
+        && x.activity.to_bits() == y.activity.to_bits()
+        && x.correct == y.correct
+        && x.rows == y.rows;
+    let bits = |v: &[f32], w: &[f32]| v.len() == w.len() && v.iter().zip(w).all(|(p, q)| p.to_bits() == q.to_bits());
+    sums && match (&a.landed, &b.landed) {
+        (Landed::Copied(v), Landed::Copied(w)) => bits(v, w),
+        _ => false,
+    }
+}
+
 /// How a dropped worker's stream is closed.
 fn drop_status(cause: Cause) -> Status {
     match cause {
         Cause::MissedDeadline => Status::deadline_exceeded("missed the step deadline"),
         Cause::NotKeepingUp => Status::unavailable("not keeping up with its work queue"),
         Cause::TooManyFaults => Status::data_loss("too many faulty results"),
-        Cause::Left | Cause::BadResult | Cause::SecondOpinion => Status::aborted("dropped"),
+        Cause::Lied => Status::permission_denied("evicted: a result differs from the coordinator's recomputation"),
+        Cause::Left | Cause::BadResult => Status::aborted("dropped"),
     }
 }
 
@@ -490,6 +748,7 @@ mod tests {
             worker_wait,
             tls: None,
             shared_memory: false,
+            verify: None,
             metrics: None,
         }
     }
@@ -501,7 +760,12 @@ mod tests {
         let (hub, events) = Hub::new(String::new(), None);
         let opts = options(Duration::from_millis(10));
         let stop = rt.block_on(async { Termination::watch() });
-        let mut e = ClusterEngine::new(&data, rt, hub, events, &opts, stop);
+        let toml = "[data]\nformat = \"csv\"\ntrain = \"train.csv\"\nlabel_column = -1\n[model]\ninput_shape = [2]\n\
+                    layers = [{ type = \"Dense\", units = 1 }]\n[compile]\noptimizer = { Adam = { learning_rate = 0.01 } }\nloss = \"mean_squared_error\"\n";
+        let config = dtrain_fit::config::JobConfig::parse(std::path::Path::new("job.toml"), toml).unwrap();
+        let job = Job::build(config, Default::default()).unwrap();
+        assert_eq!(job.model.num_params(), 3);
+        let mut e = ClusterEngine::new(&job, &data, rt, hub, events, &opts, stop);
         let (batch, shards) = ([0, 1, 2, 3], [0..2, 2..3, 3..3]);
         let mut grad = vec![0.0; 3];
         let mut ran = 0;

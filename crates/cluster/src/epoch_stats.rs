@@ -13,6 +13,8 @@ pub struct EpochStats {
     pub bytes_out: u64,
     /// Bytes received from workers.
     pub bytes_in: u64,
+    /// What verification did.
+    pub verification: dtrain_fit::metrics::Verification,
     /// Per worker: time from sending its work to each shard's result arriving, in µs.
     round_trips: BTreeMap<WorkerId, Vec<u32>>,
     /// Per worker: its own compute time for each shard, in µs.
@@ -91,11 +93,16 @@ impl EpochStats {
             ));
         }
         let alive = hub.alive();
+        let v = &self.verification;
+        let verification = format!(
+            "; verified {} shard(s), refereed {}, evicted {}, rolled back {} time(s)",
+            v.checked, v.refereed, v.evicted, v.rollbacks
+        );
         Some(format!(
             "cluster: {} worker(s) alive ({} on shared memory); shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
              step p50: update {:.2} ms, encode {:.2}, wait {:.2}, reduce {:.2}",
             alive.len(),
-            alive.iter().filter(|&&id| hub.slots(id).is_some()).count(),
+            alive.iter().filter(|m| hub.slots(m.id).is_some()).count(),
             times.join(", "),
             self.bytes_out as f64 / self.steps as f64 / 1024.0,
             self.bytes_in as f64 / self.steps as f64 / 1024.0,
@@ -103,6 +110,6 @@ impl EpochStats {
             median_ms(&mut self.encode),
             median_ms(&mut self.wait),
             median_ms(&mut self.reduce),
-        ))
+        ) + &verification)
     }
 }

@@ -1,14 +1,14 @@
 //! Membership: the live workers, each with its outbound stream, and one queue of events
 //! (joined, result, left) that the engine consumes.
 
-use crate::ids::WorkerId;
+use crate::ids::{Member, PartyId, WorkerId};
 use crate::shm::{self, FileName, SharedFile};
 use dtrain_proto::{FromWorker, Inbox, Outbox, ShardResult, SharedMemoryOffer, ToWorker, ToWorkerStream, Welcome};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
@@ -34,6 +34,7 @@ pub enum Event {
 
 struct Worker {
     name: String,
+    party: PartyId,
     tx: Outbox,
     /// Its gradient slots in shared memory (see `shm`), used once it says it attached; the
     /// name is removed then.
@@ -41,13 +42,37 @@ struct Worker {
     attached: bool,
 }
 
-/// Who is connected, and the name of everyone who ever joined (for log lines about workers
-/// that already left).
+/// Who is connected, the name and party of everyone who ever joined (for log lines about
+/// workers that already left), and the parties refused for now.
 #[derive(Default)]
 struct Members {
     last_id: u32,
     live: BTreeMap<WorkerId, Worker>,
-    names: BTreeMap<WorkerId, String>,
+    names: BTreeMap<WorkerId, (String, PartyId)>,
+    parties: BTreeMap<String, PartyId>,
+    bans: BTreeMap<PartyId, Ban>,
+}
+
+/// A party's evictions, and until when it is refused.
+#[derive(Clone, Copy, Debug)]
+struct Ban {
+    strikes: u32,
+    until: Instant,
+}
+
+/// How long a party is refused after its `strikes`-th eviction: a minute, doubling each time,
+/// at most a day.
+pub fn ban_for(strikes: u32) -> Duration {
+    Duration::from_secs(60).saturating_mul(1 << strikes.saturating_sub(1).min(16)).min(Duration::from_secs(86_400))
+}
+
+/// The key of the party behind a worker: its name and address (a reconnect from another port
+/// is the same party). With mutual TLS the caller prefixes the certificate it presented.
+pub fn party_key(name: &str, remote: Option<std::net::IpAddr>) -> String {
+    match remote {
+        Some(ip) => format!("{name}@{ip}"),
+        None => name.to_string(),
+    }
 }
 
 /// A worker's gradient slots, and their name until it attached.
@@ -112,22 +137,36 @@ impl Hub {
 
     /// Registers a worker that said hello: sends it the job (and shared memory if it is `local`),
     /// then forwards what it sends as events until its stream ends. Returns the stream of
-    /// messages to it.
-    pub fn accept(self: &Arc<Self>, name: String, inbound: Inbox, local: bool) -> ToWorkerStream {
+    /// messages to it, or `PermissionDenied` while its party (`party_key`) is refused.
+    pub fn accept(
+        self: &Arc<Self>,
+        name: String,
+        party: String,
+        inbound: Inbox,
+        local: bool,
+    ) -> Result<ToWorkerStream, Status> {
         let (tx, rx) = Outbox::channel(8);
-        let id = {
+        let (id, party) = {
             let mut m = self.lock();
+            let next = PartyId(m.parties.len() as u32 + 1);
+            let party = *m.parties.entry(party).or_insert(next);
+            if let Some(ban) = m.bans.get(&party).filter(|b| b.until > Instant::now()) {
+                let left = ban.until.saturating_duration_since(Instant::now()).as_secs() + 1;
+                return Err(Status::permission_denied(format!(
+                    "{name} was evicted from this job; refused for another {left} s"
+                )));
+            }
             m.last_id += 1;
             let id = WorkerId(m.last_id);
-            m.names.insert(id, name.clone());
-            id
+            m.names.insert(id, (name.clone(), party));
+            (id, party)
         };
         let (offered, slots) = if local { self.offer_shared_memory(id) } else { (None, None) };
         let welcome = Welcome { job_toml: self.job_toml.clone(), worker_id: id.0, shared_memory: offered };
         // Welcome first, then visible to the engine: its work must never overtake the welcome.
         let _ = tx.try_send(ToWorker::Welcome(welcome));
         self.members(|w| {
-            w.insert(id, Worker { name: name.clone(), tx, slots, attached: false });
+            w.insert(id, Worker { name: name.clone(), party, tx, slots, attached: false });
         });
         tracing::info!("{id} ({name}) joined");
         let hub = Arc::clone(self);
@@ -136,7 +175,7 @@ impl Hub {
             hub.pump(id, inbound).await;
             hub.open.send_modify(|n| *n -= 1);
         });
-        rx
+        Ok(rx)
     }
 
     async fn pump(&self, id: WorkerId, mut inbound: Inbox) {
@@ -231,14 +270,43 @@ impl Hub {
         self.lock().live.get(&id).filter(|w| w.attached).and_then(|w| w.slots.as_ref()).map(|(f, _)| Arc::clone(f))
     }
 
-    /// Ids of the live workers, in joining order.
-    pub fn alive(&self) -> Vec<WorkerId> {
-        self.lock().live.keys().copied().collect()
+    /// The live workers, in joining order.
+    pub fn alive(&self) -> Vec<Member> {
+        self.lock().live.iter().map(|(&id, w)| Member { id, party: w.party }).collect()
     }
 
     /// `name (worker N)`, also after the worker left.
     pub fn name(&self, id: WorkerId) -> String {
-        self.lock().names.get(&id).map_or_else(|| id.to_string(), |name| format!("{name} ({id})"))
+        self.lock().names.get(&id).map_or_else(|| id.to_string(), |(name, _)| format!("{name} ({id})"))
+    }
+
+    /// The party behind a worker, also after it left.
+    pub fn party(&self, id: WorkerId) -> Option<PartyId> {
+        self.lock().names.get(&id).map(|&(_, party)| party)
+    }
+
+    /// Refuses `party` for a back-off that doubles with each eviction, and drops its live
+    /// workers; returns how long it is refused.
+    pub fn evict(&self, party: PartyId, status: &Status) -> Duration {
+        let mut m = self.lock();
+        let strikes = m.bans.get(&party).map_or(0, |b| b.strikes) + 1;
+        let refused = ban_for(strikes);
+        m.bans.insert(party, Ban { strikes, until: Instant::now() + refused });
+        let gone: Vec<WorkerId> = m.live.iter().filter(|(_, w)| w.party == party).map(|(&id, _)| id).collect();
+        for id in gone {
+            if let Some(w) = m.live.remove(&id) {
+                w.tx.close_with(status.clone());
+            }
+        }
+        self.alive.send_replace(m.live.len());
+        refused
+    }
+
+    /// The parameters in shared memory are no longer those of any step (training went back).
+    pub fn forget_params(&self) {
+        if let Some(p) = lock(&self.params).as_mut() {
+            p.step = None;
+        }
     }
 
     /// Queues a message to a worker: its size on the wire, or `None` if the worker is gone or
@@ -291,4 +359,46 @@ impl Hub {
 /// Locks a mutex whose holder may have panicked (the data is plain buffers).
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Longest worker name kept (in characters); longer ones are cut.
+pub const MAX_NAME: usize = 64;
+
+/// A worker's name as logs show it: at most `MAX_NAME` characters, control characters escaped
+/// (a name cannot start a new log line or move the cursor), never empty.
+pub fn display_name(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars().take(MAX_NAME) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if out.is_empty() {
+        out.push_str("(unnamed)");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_cut_and_escaped() {
+        assert_eq!(display_name("w-1"), "w-1");
+        assert_eq!(display_name("evil\nworker 2 joined\x1b[2J"), "evil\\nworker 2 joined\\u{1b}[2J");
+        assert_eq!(display_name(&"x".repeat(1000)).len(), MAX_NAME);
+        assert_eq!(display_name(""), "(unnamed)");
+    }
+
+    #[test]
+    fn evictions_double_the_time_a_party_is_refused() {
+        assert_eq!(ban_for(1), Duration::from_secs(60));
+        assert_eq!(ban_for(2), Duration::from_secs(120));
+        assert_eq!(ban_for(3), Duration::from_secs(240));
+        assert_eq!(ban_for(40), Duration::from_secs(86_400));
+        assert_eq!(party_key("w", Some([10, 0, 0, 1].into())), "w@10.0.0.1");
+    }
 }

@@ -22,3 +22,18 @@ impl fmt::Display for ShardIndex {
         write!(f, "{}", self.0)
     }
 }
+
+/// Who stands behind a worker across reconnects: its client certificate with mutual TLS, else
+/// its name and address (see `hub::Hub::party`). Faults, evictions and verification are
+/// accounted to it, and a second opinion always comes from another party.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PartyId(pub u32);
+
+/// A live worker and the party behind it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The connection.
+    pub id: WorkerId,
+    /// Who is behind it.
+    pub party: PartyId,
+}

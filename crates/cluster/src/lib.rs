@@ -18,6 +18,7 @@ pub mod service;
 pub mod shm;
 pub mod spawn;
 pub mod termination;
+pub mod verify;
 pub mod worker;
 
 /// Largest message either side accepts or sends (the wide model's parameters are 2.7 MB).

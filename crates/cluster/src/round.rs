@@ -4,7 +4,7 @@
 //! messages and hands in the time, so every decision here is tested with synthetic events.
 
 use crate::assign::assign;
-use crate::ids::{ShardIndex, WorkerId};
+use crate::ids::{Member, PartyId, ShardIndex, WorkerId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -39,9 +39,9 @@ pub enum Cause {
     NotKeepingUp,
     /// Its result was refused (wrong size, bad sums, unreadable).
     BadResult,
-    /// Its result was not finite: another worker computes the shard too, to tell a faulty
-    /// worker from a diverging model.
-    SecondOpinion,
+    /// The referee's recomputation of one of its shards differs from its result: it lied (or
+    /// its machine is broken). It is evicted; none of its results of this step is used.
+    Lied,
     /// It sent `MAX_FAULTS` wrong results; it is dropped.
     TooManyFaults,
 }
@@ -74,6 +74,13 @@ pub enum Action {
         /// What was wrong.
         why: Refusal,
     },
+    /// This worker's result for `shard` differs from the referee's: evict the party behind it.
+    Lied {
+        /// Who sent it.
+        worker: WorkerId,
+        /// The first shard it was caught on.
+        shard: ShardIndex,
+    },
     /// These shards, taken from `from`, will be computed again.
     Recompute {
         /// The worker they were taken from.
@@ -88,49 +95,59 @@ pub enum Action {
 /// Where the step stands; tells the engine what to do next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// Some shards have no worker: call `dispatch`.
+    /// Some shards lack a worker: call `dispatch`.
     Dispatch,
     /// Shards are out: wait for an event, or call `deadline_passed` at `deadline`.
     Wait {
         /// When the first worker with shards out is late.
         deadline: Instant,
     },
-    /// Every shard is in: sum them and call `reduced` with the shards whose result is not finite.
+    /// Every result is in: compare the copies, referee what needs it, sum, and call `reduced`.
     Reduce,
     /// The step's gradient is complete.
     Done,
 }
 
-/// One step's shards from dispatch to a complete, checked sum.
+/// One step's shards from dispatch to a complete, checked sum. A shard wants one result, or
+/// two from different parties when it is checked; when no other party is alive, the
+/// coordinator computes the check itself (`check_here`).
 #[derive(Debug)]
 pub struct Round {
     step: u64,
     timeout: Duration,
-    pending: BTreeSet<ShardIndex>,
-    assigned: BTreeMap<ShardIndex, WorkerId>,
-    /// Who computed each shard whose result is in (`None` for an empty shard, which nobody
-    /// computes, and for shards not in yet).
-    computed_by: Vec<Option<WorkerId>>,
+    /// Results wanted from workers per shard: 0 for an empty shard, 2 when checked.
+    want: Vec<u8>,
+    /// Whether the shard's check was decided (at its first dispatch).
+    decided: Vec<bool>,
+    /// The referee computes the shard's check: no other party was alive to.
+    check_here: Vec<bool>,
+    /// The referee's value stands for the shard.
+    refereed: Vec<bool>,
+    out: BTreeSet<(ShardIndex, WorkerId)>,
+    /// Who sent each shard's accepted results, in arrival order.
+    got: Vec<Vec<WorkerId>>,
+    parties: BTreeMap<WorkerId, PartyId>,
     /// When each worker was last sent work this step; its deadline is `timeout` after that.
     sent_at: BTreeMap<WorkerId, Instant>,
-    /// Shards whose first result was not finite: who sent it and what was wrong, until a
-    /// second opinion says whether it was the worker or the model.
-    doubts: BTreeMap<ShardIndex, (WorkerId, Refusal)>,
     done: bool,
 }
 
 impl Round {
     /// A step over shards of the given sizes (rows); empty shards count as in from the start.
     pub fn new(step: u64, shard_rows: impl IntoIterator<Item = usize>, timeout: Duration) -> Round {
-        let rows: Vec<usize> = shard_rows.into_iter().collect();
+        let want: Vec<u8> = shard_rows.into_iter().map(|rows| u8::from(rows > 0)).collect();
+        let n = want.len();
         Round {
             step,
             timeout,
-            pending: (0..rows.len()).filter(|&k| rows[k] > 0).map(ShardIndex).collect(),
-            assigned: BTreeMap::new(),
-            computed_by: vec![None; rows.len()],
+            want,
+            decided: vec![false; n],
+            check_here: vec![false; n],
+            refereed: vec![false; n],
+            out: BTreeSet::new(),
+            got: vec![vec![]; n],
+            parties: BTreeMap::new(),
             sent_at: BTreeMap::new(),
-            doubts: BTreeMap::new(),
             done: false,
         }
     }
@@ -144,7 +161,7 @@ impl Round {
     pub fn phase(&self) -> Phase {
         if self.done {
             Phase::Done
-        } else if !self.pending.is_empty() {
+        } else if (0..self.want.len()).any(|k| self.missing(ShardIndex(k)) > 0) {
             Phase::Dispatch
         } else if let Some(deadline) = self.deadline() {
             Phase::Wait { deadline }
@@ -153,29 +170,80 @@ impl Round {
         }
     }
 
+    /// Copies of shard `k` that no worker has yet.
+    fn missing(&self, k: ShardIndex) -> usize {
+        if self.refereed[k.0] {
+            return 0;
+        }
+        let out = self.out.range((k, WorkerId(0))..=(k, WorkerId(u32::MAX))).count();
+        usize::from(self.want[k.0]).saturating_sub(self.got[k.0].len() + out)
+    }
+
+    /// Workers holding or computing shard `k`.
+    fn holders(&self, k: ShardIndex) -> impl Iterator<Item = WorkerId> + '_ {
+        let out = self.out.range((k, WorkerId(0))..=(k, WorkerId(u32::MAX))).map(|&(_, w)| w);
+        self.got[k.0].iter().copied().chain(out)
+    }
+
+    /// `worker` may compute `k`: no party already has it.
+    fn eligible(&self, k: ShardIndex, worker: WorkerId) -> bool {
+        let party = self.parties.get(&worker);
+        self.holders(k).all(|h| h != worker && self.parties.get(&h) != party)
+    }
+
     /// The earliest deadline of a worker with shards out.
     fn deadline(&self) -> Option<Instant> {
-        let busy: BTreeSet<WorkerId> = self.assigned.values().copied().collect();
+        let busy: BTreeSet<WorkerId> = self.out.iter().map(|&(_, w)| w).collect();
         busy.iter().filter_map(|w| self.sent_at.get(w)).min().map(|&t| t + self.timeout)
     }
 
-    /// Hands the pending shards to `alive` workers (contiguous groups in joining order; a shard
-    /// in doubt goes to someone other than the worker that sent the doubtful result).
-    pub fn dispatch(&mut self, alive: &[WorkerId], now: Instant) -> Vec<Action> {
-        if self.pending.is_empty() {
+    /// Hands the shards that lack a worker to `alive` ones: first copies in contiguous groups
+    /// in joining order, then the checks `wants_check` asks for (decided once per shard, at its
+    /// first dispatch), each to a worker of another party, or to the referee if none is alive.
+    pub fn dispatch(
+        &mut self,
+        alive: &[Member],
+        now: Instant,
+        wants_check: &mut dyn FnMut(ShardIndex, WorkerId) -> bool,
+    ) -> Vec<Action> {
+        let lacking = |r: &Round| (0..r.want.len()).map(ShardIndex).filter(|&k| r.missing(k) > 0).collect::<Vec<_>>();
+        let firsts: Vec<ShardIndex> = lacking(self).into_iter().filter(|&k| self.holders(k).next().is_none()).collect();
+        if firsts.is_empty() && lacking(self).is_empty() {
             return vec![];
         }
         if alive.is_empty() {
             return vec![Action::AwaitWorkers];
         }
-        let todo: Vec<ShardIndex> = std::mem::take(&mut self.pending).into_iter().collect();
-        let doubts = &self.doubts;
-        let plan = assign(&todo, alive, |k| doubts.get(&k).map(|d| d.0));
-        let mut actions = Vec::with_capacity(plan.len());
-        for (worker, shards) in plan {
-            self.sent_at.insert(worker, now);
-            self.assigned.extend(shards.iter().map(|&k| (k, worker)));
-            actions.push(Action::Send { worker, shards });
+        self.parties.extend(alive.iter().map(|m| (m.id, m.party)));
+        let ids: Vec<WorkerId> = alive.iter().map(|m| m.id).collect();
+        let mut work: BTreeMap<WorkerId, BTreeSet<ShardIndex>> = BTreeMap::new();
+        let (plan, _) = assign(&firsts, &ids, |k, w| self.eligible(k, w));
+        for (w, ks) in plan {
+            for k in ks {
+                self.out.insert((k, w));
+                work.entry(w).or_default().insert(k);
+                if !std::mem::replace(&mut self.decided[k.0], true) && wants_check(k, w) {
+                    self.want[k.0] = 2;
+                }
+            }
+        }
+        let (plan, nobody) = assign(&lacking(self), &ids, |k, w| self.eligible(k, w));
+        for (w, ks) in plan {
+            for k in ks {
+                self.out.insert((k, w));
+                work.entry(w).or_default().insert(k);
+            }
+        }
+        for k in nobody {
+            self.want[k.0] -= 1;
+            self.check_here[k.0] = true;
+        }
+        let mut actions = Vec::with_capacity(work.len());
+        for id in ids {
+            if let Some(shards) = work.remove(&id) {
+                self.sent_at.insert(id, now);
+                actions.push(Action::Send { worker: id, shards: shards.into_iter().collect() });
+            }
         }
         actions
     }
@@ -193,27 +261,23 @@ impl Round {
     /// Whether a result from `worker` for shard `shard` of step `step` is one this round waits
     /// for (a late reply from a worker the shard was taken from is not).
     pub fn expects(&self, worker: WorkerId, step: u64, shard: ShardIndex) -> bool {
-        step == self.step && self.assigned.get(&shard) == Some(&worker)
+        step == self.step && self.out.contains(&(shard, worker))
     }
 
     /// An expected result arrived and was checked (`Err` says what is wrong with it).
     pub fn result(&mut self, worker: WorkerId, shard: ShardIndex, checked: Result<(), Refusal>) -> Vec<Action> {
-        if !self.expects(worker, self.step, shard) {
+        if !self.out.remove(&(shard, worker)) {
             return vec![];
         }
-        self.assigned.remove(&shard);
         match checked {
             Ok(()) => {
-                self.computed_by[shard.0] = Some(worker);
+                self.got[shard.0].push(worker);
                 vec![]
             }
-            Err(why) => {
-                self.pending.insert(shard);
-                vec![
-                    Action::Fault { worker, shard, why },
-                    Action::Recompute { from: worker, shards: vec![shard], cause: Cause::BadResult },
-                ]
-            }
+            Err(why) => vec![
+                Action::Fault { worker, shard, why },
+                Action::Recompute { from: worker, shards: vec![shard], cause: Cause::BadResult },
+            ],
         }
     }
 
@@ -225,18 +289,17 @@ impl Round {
     /// Drops every worker whose deadline passed by `now` and moves its shards.
     pub fn deadline_passed(&mut self, now: Instant) -> Vec<Action> {
         let late: BTreeSet<WorkerId> = self
-            .assigned
-            .values()
-            .copied()
+            .out
+            .iter()
+            .map(|&(_, w)| w)
             .filter(|w| self.sent_at.get(w).is_some_and(|&t| t + self.timeout <= now))
             .collect();
         late.into_iter().flat_map(|w| self.take_from(w, Cause::MissedDeadline, true)).collect()
     }
 
     fn take_from(&mut self, worker: WorkerId, cause: Cause, drop: bool) -> Vec<Action> {
-        let shards: Vec<ShardIndex> = self.assigned.iter().filter(|(_, &w)| w == worker).map(|(&k, _)| k).collect();
-        self.assigned.retain(|_, w| *w != worker);
-        self.pending.extend(&shards);
+        let shards: Vec<ShardIndex> = self.out.iter().filter(|&&(_, w)| w == worker).map(|&(k, _)| k).collect();
+        self.out.retain(|&(_, w)| w != worker);
         let mut actions = vec![];
         if !shards.is_empty() {
             actions.push(Action::Recompute { from: worker, shards, cause });
@@ -247,43 +310,80 @@ impl Round {
         actions
     }
 
-    /// The sum is made; `not_finite` names the shards whose result is not finite, with what is
-    /// wrong. A first non-finite result is doubted and computed again by another worker; if that
-    /// one is not finite either, it is the model's value (a diverging run stops as in process);
-    /// if it is, the first worker was at fault.
-    pub fn reduced(&mut self, not_finite: &BTreeMap<ShardIndex, Refusal>) -> Vec<Action> {
-        let previous = std::mem::take(&mut self.doubts);
+    /// The shards of the step (empty ones included).
+    pub fn shard_count(&self) -> usize {
+        self.want.len()
+    }
+
+    /// Who sent shard `k`'s accepted results, in arrival order.
+    pub fn results(&self, k: ShardIndex) -> &[WorkerId] {
+        &self.got[k.0]
+    }
+
+    /// Whether the referee computes shard `k`'s check (no other party was alive to).
+    pub fn check_here(&self, k: ShardIndex) -> bool {
+        self.check_here[k.0]
+    }
+
+    /// Whether the referee's value stands for shard `k`.
+    pub fn refereed(&self, k: ShardIndex) -> bool {
+        self.refereed[k.0]
+    }
+
+    /// The sum is made. `refereed` names the shards the coordinator recomputed (copies that
+    /// disagreed, checks no other party could make, results that were not finite), each with
+    /// the workers whose result differs from its own. Those workers lied: each is evicted and
+    /// none of its results of this step is used (a shard it alone computed is computed again);
+    /// the step is done when nobody lied.
+    pub fn reduced(&mut self, refereed: &BTreeMap<ShardIndex, Vec<WorkerId>>) -> Vec<Action> {
+        let mut liars: BTreeMap<WorkerId, ShardIndex> = BTreeMap::new();
+        for (&k, differ) in refereed {
+            self.refereed[k.0] = true;
+            self.check_here[k.0] = false;
+            for &w in differ {
+                liars.entry(w).or_insert(k);
+            }
+        }
+        if liars.is_empty() {
+            self.done = true;
+            return vec![];
+        }
         let mut actions = vec![];
-        for (&shard, (first, why)) in &previous {
-            if !not_finite.contains_key(&shard) {
-                actions.push(Action::Fault { worker: *first, shard, why: why.clone() });
+        for (&liar, &shard) in &liars {
+            actions.push(Action::Lied { worker: liar, shard });
+            // Nothing is out when the round reduces: the liar's results are all in `got`.
+            let mut redo: Vec<ShardIndex> = vec![];
+            for k in (0..self.got.len()).map(ShardIndex) {
+                let got = &mut self.got[k.0];
+                if got.contains(&liar) {
+                    got.retain(|&w| w != liar);
+                    // What another party sent stands (it was checked against this one, and it
+                    // will be checked again later); a shard the liar alone had is computed again.
+                    self.want[k.0] = self.want[k.0].min(got.len().max(1) as u8);
+                    if got.is_empty() && !self.refereed[k.0] {
+                        redo.push(k);
+                    }
+                }
             }
+            if !redo.is_empty() {
+                actions.push(Action::Recompute { from: liar, shards: redo, cause: Cause::Lied });
+            }
+            actions.push(Action::Drop { worker: liar, cause: Cause::Lied });
         }
-        for (&shard, why) in not_finite {
-            if previous.contains_key(&shard) {
-                continue; // two workers agree: it is the model's value
-            }
-            if let Some(worker) = self.computed_by.get_mut(shard.0).and_then(Option::take) {
-                self.doubts.insert(shard, (worker, why.clone()));
-                self.pending.insert(shard);
-                actions.push(Action::Recompute { from: worker, shards: vec![shard], cause: Cause::SecondOpinion });
-            }
-        }
-        self.done = self.pending.is_empty();
         actions
     }
 }
 
-/// Faulty results per worker, across steps.
+/// Faulty results and missed deadlines per party, across steps and reconnects.
 #[derive(Debug, Default)]
 pub struct FaultLedger {
-    counts: BTreeMap<WorkerId, u32>,
+    counts: BTreeMap<PartyId, u32>,
 }
 
 impl FaultLedger {
-    /// Counts a fault of `worker`; `Some(n)` when it has reached `MAX_FAULTS` and must go.
-    pub fn record(&mut self, worker: WorkerId) -> Option<u32> {
-        let n = self.counts.entry(worker).or_default();
+    /// Counts a fault of `party`; `Some(n)` when it has reached `MAX_FAULTS` and must go.
+    pub fn record(&mut self, party: PartyId) -> Option<u32> {
+        let n = self.counts.entry(party).or_default();
         *n += 1;
         (*n >= MAX_FAULTS).then_some(*n)
     }
@@ -307,6 +407,11 @@ mod tests {
         is.iter().map(|&i| ShardIndex(i)).collect()
     }
 
+    /// Workers of their own party each.
+    fn members(ids: &[u32]) -> Vec<Member> {
+        ids.iter().map(|&i| Member { id: WorkerId(i), party: PartyId(i) }).collect()
+    }
+
     fn send(worker: u32, shards: &[usize]) -> Action {
         Action::Send { worker: w(worker), shards: ks(shards) }
     }
@@ -315,11 +420,19 @@ mod tests {
         Action::Recompute { from: w(from), shards: ks(shards), cause }
     }
 
+    fn no_checks() -> impl FnMut(ShardIndex, WorkerId) -> bool {
+        |_, _| false
+    }
+
+    fn dispatch(r: &mut Round, ids: &[u32], now: Instant) -> Vec<Action> {
+        r.dispatch(&members(ids), now, &mut no_checks())
+    }
+
     /// A round of four one-row shards, dispatched to workers 1 and 2 at `t0`.
     fn dispatched(t0: Instant) -> Round {
         let mut r = Round::new(7, [1, 1, 1, 1], TIMEOUT);
         assert_eq!(r.phase(), Phase::Dispatch);
-        assert_eq!(r.dispatch(&[w(1), w(2)], t0), vec![send(1, &[0, 1]), send(2, &[2, 3])]);
+        assert_eq!(dispatch(&mut r, &[1, 2], t0), vec![send(1, &[0, 1]), send(2, &[2, 3])]);
         r
     }
 
@@ -345,7 +458,7 @@ mod tests {
     #[test]
     fn empty_shards_are_never_sent() {
         let mut r = Round::new(1, [2, 0, 1, 0], TIMEOUT);
-        assert_eq!(r.dispatch(&[w(1), w(2)], Instant::now()), vec![send(1, &[0]), send(2, &[2])]);
+        assert_eq!(dispatch(&mut r, &[1, 2], Instant::now()), vec![send(1, &[0]), send(2, &[2])]);
         let none = Round::new(1, [0, 0], TIMEOUT);
         assert_eq!(none.phase(), Phase::Reduce, "nothing to compute");
     }
@@ -353,9 +466,9 @@ mod tests {
     #[test]
     fn with_no_worker_alive_it_asks_to_wait_and_keeps_the_shards() {
         let mut r = Round::new(1, [1, 1], TIMEOUT);
-        assert_eq!(r.dispatch(&[], Instant::now()), vec![Action::AwaitWorkers]);
+        assert_eq!(dispatch(&mut r, &[], Instant::now()), vec![Action::AwaitWorkers]);
         assert_eq!(r.phase(), Phase::Dispatch);
-        assert_eq!(r.dispatch(&[w(5)], Instant::now()), vec![send(5, &[0, 1])]);
+        assert_eq!(dispatch(&mut r, &[5], Instant::now()), vec![send(5, &[0, 1])]);
     }
 
     #[test]
@@ -376,7 +489,7 @@ mod tests {
         assert_eq!(r.left(w(1)), vec![recompute(1, &[1], Cause::Left)]);
         assert_eq!(r.phase(), Phase::Dispatch);
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(r.dispatch(&[w(2)], t1), vec![send(2, &[1])]);
+        assert_eq!(dispatch(&mut r, &[2], t1), vec![send(2, &[1])]);
         assert_eq!(r.left(w(1)), vec![], "nothing more to take");
         all_in(&mut r, &[(2, 1), (2, 2), (2, 3)]);
         assert_eq!(r.phase(), Phase::Reduce);
@@ -390,7 +503,7 @@ mod tests {
         assert_eq!(r.left(w(1)), vec![recompute(1, &[1], Cause::Left)]);
         // Worker 2 got shard 1 ten seconds later, so its deadline moved with it.
         let t1 = t0 + Duration::from_secs(10);
-        assert_eq!(r.dispatch(&[w(2)], t1), vec![send(2, &[1])]);
+        assert_eq!(dispatch(&mut r, &[2], t1), vec![send(2, &[1])]);
         assert_eq!(r.phase(), Phase::Wait { deadline: t1 + TIMEOUT });
         assert_eq!(r.deadline_passed(t0 + TIMEOUT), vec![], "worker 2 still has time");
         let late = r.deadline_passed(t1 + TIMEOUT);
@@ -401,7 +514,7 @@ mod tests {
                 Action::Drop { worker: w(2), cause: Cause::MissedDeadline }
             ]
         );
-        assert_eq!(r.dispatch(&[w(3)], t1 + TIMEOUT), vec![send(3, &[1, 2, 3])]);
+        assert_eq!(dispatch(&mut r, &[3], t1 + TIMEOUT), vec![send(3, &[1, 2, 3])]);
     }
 
     #[test]
@@ -426,37 +539,73 @@ mod tests {
     }
 
     #[test]
-    fn a_non_finite_result_confirmed_by_another_worker_is_the_models() {
-        let mut r = dispatched(Instant::now());
+    fn a_checked_shard_goes_to_a_second_party_and_both_results_are_awaited() {
+        let mut r = Round::new(3, [1, 1, 1, 1], TIMEOUT);
+        let mut check_shard_1 = |s: ShardIndex, _| s == k(1);
+        let now = Instant::now();
+        let sends = r.dispatch(&members(&[1, 2]), now, &mut check_shard_1);
+        assert_eq!(sends, vec![send(1, &[0, 1]), send(2, &[1, 2, 3])]);
         all_in(&mut r, &[(1, 0), (1, 1), (2, 2), (2, 3)]);
-        let nan =
-            BTreeMap::from([(k(2), Refusal::Wire(dtrain_proto::WireError::NotFinite { what: "gradient", index: 0 }))]);
-        assert_eq!(r.reduced(&nan), vec![recompute(2, &[2], Cause::SecondOpinion)]);
-        // The second opinion goes to worker 1, not to the worker that sent the first.
-        assert_eq!(r.dispatch(&[w(1), w(2)], Instant::now()), vec![send(1, &[2])]);
-        all_in(&mut r, &[(1, 2)]);
-        assert_eq!(r.reduced(&nan), vec![], "two workers agree: nobody is at fault");
+        assert!(matches!(r.phase(), Phase::Wait { .. }), "the check is still out");
+        all_in(&mut r, &[(2, 1)]);
+        assert_eq!(r.phase(), Phase::Reduce);
+        assert_eq!(r.results(k(1)), &[w(1), w(2)]);
+        assert_eq!(r.reduced(&BTreeMap::new()), vec![]);
         assert_eq!(r.phase(), Phase::Done);
     }
 
     #[test]
-    fn a_non_finite_result_contradicted_by_another_worker_is_the_first_workers_fault() {
-        let mut r = dispatched(Instant::now());
-        all_in(&mut r, &[(1, 0), (1, 1), (2, 2), (2, 3)]);
-        let why = Refusal::SumsNotFinite;
-        r.reduced(&BTreeMap::from([(k(3), why.clone())]));
-        assert_eq!(r.dispatch(&[w(1), w(2)], Instant::now()), vec![send(1, &[3])]);
-        all_in(&mut r, &[(1, 3)]);
-        assert_eq!(r.reduced(&BTreeMap::new()), vec![Action::Fault { worker: w(2), shard: k(3), why }]);
+    fn a_check_never_goes_to_the_same_party_and_with_none_other_the_referee_makes_it() {
+        // Workers 1 and 2 are the same party (one identity, two streams).
+        let same = [Member { id: w(1), party: PartyId(9) }, Member { id: w(2), party: PartyId(9) }];
+        let mut r = Round::new(3, [1, 1], TIMEOUT);
+        let sends = r.dispatch(&same, Instant::now(), &mut |_, _| true);
+        assert_eq!(sends, vec![send(1, &[0]), send(2, &[1])], "no second copy to the same party");
+        assert!(r.check_here(k(0)) && r.check_here(k(1)));
+        all_in(&mut r, &[(1, 0), (2, 1)]);
+        assert_eq!(r.phase(), Phase::Reduce);
+    }
+
+    #[test]
+    fn a_liar_is_evicted_and_the_shards_only_it_computed_are_computed_again() {
+        let mut r = Round::new(3, [1, 1, 1, 1], TIMEOUT);
+        let now = Instant::now();
+        r.dispatch(&members(&[1, 2]), now, &mut |s, _| s == k(1));
+        all_in(&mut r, &[(1, 0), (1, 1), (2, 1), (2, 2), (2, 3)]);
+        // The copies of shard 1 differ; the referee agrees with worker 2.
+        let actions = r.reduced(&BTreeMap::from([(k(1), vec![w(1)])]));
+        assert_eq!(
+            actions,
+            vec![
+                Action::Lied { worker: w(1), shard: k(1) },
+                recompute(1, &[0], Cause::Lied),
+                Action::Drop { worker: w(1), cause: Cause::Lied }
+            ]
+        );
+        assert!(r.refereed(k(1)));
+        assert_eq!(r.phase(), Phase::Dispatch);
+        assert_eq!(dispatch(&mut r, &[2], now), vec![send(2, &[0])]);
+        all_in(&mut r, &[(2, 0)]);
+        assert_eq!(r.phase(), Phase::Reduce);
+        assert_eq!(r.reduced(&BTreeMap::new()), vec![]);
         assert_eq!(r.phase(), Phase::Done);
     }
 
     #[test]
-    fn a_worker_is_dropped_at_its_third_fault() {
+    fn a_result_the_referee_confirms_is_nobodys_fault() {
+        let mut r = dispatched(Instant::now());
+        all_in(&mut r, &[(1, 0), (1, 1), (2, 2), (2, 3)]);
+        assert_eq!(r.reduced(&BTreeMap::from([(k(2), vec![])])), vec![]);
+        assert_eq!(r.phase(), Phase::Done);
+    }
+
+    #[test]
+    fn a_party_is_dropped_at_its_third_fault() {
         let mut ledger = FaultLedger::default();
-        assert_eq!(ledger.record(w(1)), None);
-        assert_eq!(ledger.record(w(2)), None);
-        assert_eq!(ledger.record(w(1)), None);
-        assert_eq!(ledger.record(w(1)), Some(MAX_FAULTS));
+        let (p1, p2) = (PartyId(1), PartyId(2));
+        assert_eq!(ledger.record(p1), None);
+        assert_eq!(ledger.record(p2), None);
+        assert_eq!(ledger.record(p1), None);
+        assert_eq!(ledger.record(p1), Some(MAX_FAULTS));
     }
 }

@@ -38,6 +38,9 @@ pub struct ClusterOptions {
     pub tls: Option<ServerTls>,
     /// Offer workers on this host shared memory for parameters and gradients.
     pub shared_memory: bool,
+    /// The fraction of shards a second party computes too (`None`: the job's `fit.verify`,
+    /// else `DEFAULT_VERIFY`).
+    pub verify: Option<crate::verify::Fraction>,
     /// Where workers, bytes and recomputed shards are counted, if metrics are served.
     pub metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
 }
@@ -164,7 +167,7 @@ impl EngineFactory for Cluster<'_> {
                 () = stop.arrived() => Err(EngineError::Interrupted),
             }
         })?;
-        Ok(Box::new(ClusterEngine::new(train, Arc::clone(&self.rt), hub, events, self.opts, stop)))
+        Ok(Box::new(ClusterEngine::new(job, train, Arc::clone(&self.rt), hub, events, self.opts, stop)))
     }
 }
 

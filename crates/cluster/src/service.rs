@@ -30,6 +30,8 @@ impl JoinHandler for CoordinatorService {
                 hello.protocol_version
             )));
         }
-        Ok(self.hub.accept(hello.name, call.inbound, local))
+        let name = crate::hub::display_name(&hello.name);
+        let party = crate::hub::party_key(&name, call.remote.map(|a| a.ip()));
+        self.hub.accept(name, party, call.inbound, local)
     }
 }

@@ -164,8 +164,8 @@ async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Sta
             Err(e) => tracing::warn!("shared memory offered but not usable here ({e}); tensors go over the stream"),
         }
     }
-    let mut compute =
-        Compute { job, buffers: ShardBuffers::default(), params: vec![], grad: WireTensor::default(), shared };
+    let mut compute = Compute::new(job);
+    compute.shared = shared;
     while let Some(msg) = conn.next().await? {
         *last_ok = Instant::now();
         match msg {
@@ -196,8 +196,8 @@ struct Shared {
     slots: SharedFile,
 }
 
-/// One worker's compute state, reused across steps.
-struct Compute {
+/// One worker's compute state, reused across steps: what a worker does with `Work`.
+pub struct Compute {
     job: Job,
     buffers: ShardBuffers,
     params: Vec<f32>,
@@ -207,7 +207,14 @@ struct Compute {
 }
 
 impl Compute {
-    fn run(&mut self, w: Work) -> Result<Vec<ShardResult>, Status> {
+    /// For `job`, with tensors on the stream (shared memory is set once attached).
+    pub fn new(job: Job) -> Compute {
+        Compute { job, buffers: ShardBuffers::default(), params: vec![], grad: WireTensor::default(), shared: None }
+    }
+
+    /// Each shard's gradient and sums at the parameters `w` carries (as the stream's `Work`);
+    /// `Err` if the work is malformed.
+    pub fn run(&mut self, w: Work) -> Result<Vec<ShardResult>, Status> {
         let model = &self.job.model;
         let n = model.num_params();
         let bad = |e: WireError| Status::invalid_argument(e.to_string());

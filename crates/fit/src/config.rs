@@ -481,6 +481,32 @@ pub struct FitConfig {
     /// dtrain: the number of shards S each batch is split into (fixed for a run; results
     /// depend on S, never on how many workers compute the shards).
     pub shards: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// dtrain: the fraction of shards a second worker computes too, to catch wrong results
+    /// (a number in [0, 1], or "all"; 0.02). The coordinator's `--verify` overrides it.
+    pub verify: Option<VerifyConfig>,
+}
+
+/// `fit.verify` as written: a fraction, or the word "all".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VerifyConfig {
+    /// A fraction in [0, 1].
+    Fraction(f64),
+    /// "all".
+    Word(String),
+}
+
+impl VerifyConfig {
+    /// The fraction; `Err` says what is wrong.
+    pub fn fraction(&self) -> Result<f64, String> {
+        match self {
+            VerifyConfig::Fraction(f) if (0.0..=1.0).contains(f) => Ok(*f),
+            VerifyConfig::Word(w) if w == "all" => Ok(1.0),
+            VerifyConfig::Fraction(f) => Err(format!("{f} is outside [0, 1]")),
+            VerifyConfig::Word(w) => Err(format!("{w:?} is neither a fraction in [0, 1] nor \"all\"")),
+        }
+    }
 }
 
 impl Default for FitConfig {
@@ -493,6 +519,7 @@ impl Default for FitConfig {
             validation_batch_size: None,
             initial_epoch: 0,
             shards: 1,
+            verify: None,
         }
     }
 }

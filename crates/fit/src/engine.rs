@@ -39,6 +39,12 @@ pub trait Engine {
     fn epoch_report(&mut self) -> Option<String> {
         None
     }
+
+    /// Steps between the states the trainer keeps in memory so that `EngineError::Rollback`
+    /// can be undone; `None`: this engine never asks for a rollback.
+    fn snapshot_every(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Buffers one shard computation reuses from step to step.

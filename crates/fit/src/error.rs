@@ -115,6 +115,16 @@ pub enum EngineError {
     /// SIGTERM or Ctrl-C arrived while the engine waited (for workers): the step was not applied.
     #[error("interrupted while waiting for workers")]
     Interrupted,
+    /// A worker was caught lying, and gradients of steps from `to_step` on used results of it
+    /// that nobody checked: nothing of this step was applied, and training must go back to a
+    /// state from before `to_step` and replay without it.
+    #[error("results used since step {to_step} cannot be trusted: {why}")]
+    Rollback {
+        /// The first step whose gradient is in doubt.
+        to_step: u64,
+        /// Who was caught, and how.
+        why: String,
+    },
 }
 
 /// What can end a run (or another command) early.

@@ -23,6 +23,30 @@ struct Values {
     bytes_received: u64,
     recomputed_shards: u64,
     rejected_messages: u64,
+    verification: Verification,
+}
+
+/// What verification by recomputation did, as counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verification {
+    /// Shards whose result a second party (or the coordinator) confirmed.
+    pub checked: u64,
+    /// Shards the coordinator recomputed as the referee.
+    pub refereed: u64,
+    /// Parties evicted for a result the referee contradicted.
+    pub evicted: u64,
+    /// Times training went back to a kept state to undo a liar's results.
+    pub rollbacks: u64,
+}
+
+impl Verification {
+    /// Adds `o`'s counts.
+    pub fn add(&mut self, o: &Verification) {
+        self.checked += o.checked;
+        self.refereed += o.refereed;
+        self.evicted += o.evicted;
+        self.rollbacks += o.rollbacks;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +117,11 @@ impl Metrics {
         self.with(|v| v.rejected_messages += 1);
     }
 
+    /// Verification's counts of a step.
+    pub fn verified(&self, counts: &Verification) {
+        self.with(|v| v.verification.add(counts));
+    }
+
     /// The Prometheus text exposition (version 0.0.4).
     pub fn render(&self) -> String {
         let v = self.v.lock().unwrap_or_else(|p| p.into_inner());
@@ -112,18 +141,18 @@ impl Metrics {
         metric("workers_alive", "gauge", "Workers connected to the coordinator.", v.workers_alive.map(|w| w as f64));
         metric("wire_sent_bytes_total", "counter", "Bytes of work sent to workers.", Some(v.bytes_sent as f64));
         metric("wire_received_bytes_total", "counter", "Bytes of results received.", Some(v.bytes_received as f64));
-        metric(
-            "recomputed_shards_total",
-            "counter",
-            "Shards recomputed after a worker failed.",
-            Some(v.recomputed_shards as f64),
-        );
-        metric(
-            "rejected_messages_total",
-            "counter",
-            "Results rejected as malformed or not finite.",
-            Some(v.rejected_messages as f64),
-        );
+        let ver = &v.verification;
+        let counters = [
+            ("recomputed_shards_total", "Shards recomputed after a worker failed.", v.recomputed_shards),
+            ("rejected_messages_total", "Results rejected as malformed or not finite.", v.rejected_messages),
+            ("verified_shards_total", "Shard results confirmed by a second party.", ver.checked),
+            ("refereed_shards_total", "Shards the coordinator recomputed as referee.", ver.refereed),
+            ("evictions_total", "Parties evicted for results the referee contradicted.", ver.evicted),
+            ("rollbacks_total", "Rollbacks to undo an evicted party's results.", ver.rollbacks),
+        ];
+        for (name, help, n) in counters {
+            metric(name, "counter", help, Some(n as f64));
+        }
         out += "# HELP dtrain_step_seconds Time of one optimizer step.\n# TYPE dtrain_step_seconds histogram\n";
         for (c, b) in v.step_counts.iter().zip(BUCKETS) {
             out += &format!("dtrain_step_seconds_bucket{{le=\"{b}\"}} {c}\n");

@@ -14,6 +14,7 @@ use crate::run::{RunDir, CURVES, FINAL_WEIGHTS};
 use crate::step::Stepper;
 use crate::{EngineError, FitError};
 use dtrain_data::{epoch_permutation, Dataset};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,10 +44,13 @@ pub fn fit(
         started: Instant::now(),
         samples: 0,
         written: vec![],
+        kept: VecDeque::new(),
     };
     while state.epoch < t.fit.epochs && !state.stopped_early {
         let t0 = Instant::now();
-        t.run_epoch(state)?;
+        if t.run_epoch(state)? == Flow::RolledBack {
+            continue;
+        }
         let logs = t.end_epoch(state)?;
         t.obs.epoch_end(&logs, t.fit.epochs, t.steps, t0.elapsed().as_secs_f64());
     }
@@ -70,11 +74,23 @@ struct Trainer<'a> {
     samples: usize,
     /// Weight files callbacks wrote, in order, each once.
     written: Vec<String>,
+    /// States kept in memory (oldest first) for the engine's rollbacks.
+    kept: VecDeque<TrainState>,
+}
+
+/// States kept for rollbacks: a liar caught within this many windows is undone exactly.
+const KEPT_STATES: usize = 4;
+
+/// Whether training goes on from where it is, or went back to a kept state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    RolledBack,
 }
 
 impl Trainer<'_> {
     /// The epoch's remaining batches (all of them, unless resumed mid-epoch).
-    fn run_epoch(&mut self, state: &mut TrainState) -> Result<(), FitError> {
+    fn run_epoch(&mut self, state: &mut TrainState) -> Result<Flow, FitError> {
         let (n, bs) = (self.train.len(), self.fit.batch_size);
         let perm = epoch_permutation(self.job.seed, state.epoch as u64, n, self.fit.shuffle);
         self.obs.epoch_begin(state.epoch, self.fit.epochs, self.steps);
@@ -86,19 +102,23 @@ impl Trainer<'_> {
             if b + 1 < self.steps {
                 self.engine.prefetch(&perm[(b + 1) * bs..n.min((b + 2) * bs)]);
             }
-            self.run_batch(state, &perm[b * bs..n.min((b + 1) * bs)])?;
+            if self.run_batch(state, &perm[b * bs..n.min((b + 1) * bs)])? == Flow::RolledBack {
+                return Ok(Flow::RolledBack);
+            }
         }
-        Ok(())
+        Ok(Flow::Continue)
     }
 
     /// One optimizer step on `batch`, then the batch-end callbacks.
-    fn run_batch(&mut self, state: &mut TrainState, batch: &[u32]) -> Result<(), FitError> {
+    fn run_batch(&mut self, state: &mut TrainState, batch: &[u32]) -> Result<Flow, FitError> {
         let (b, epoch) = (state.batch, state.epoch);
         let t_step = Instant::now();
+        self.keep(state);
         let (model, params, optimizer) = (&self.job.model, &mut state.params, &mut state.optimizer);
         let out = match self.stepper.step(model, self.engine, params, optimizer, state.step, batch) {
             // Nothing of this step was applied: the state is whole at the previous batch.
-            Err(EngineError::Interrupted) => return self.interrupted(state),
+            Err(EngineError::Interrupted) => return self.interrupted(state).map(|()| Flow::Continue),
+            Err(EngineError::Rollback { to_step, why }) => return self.roll_back(state, to_step, why),
             out => out?,
         };
         if !out.applied {
@@ -121,9 +141,47 @@ impl Trainer<'_> {
             self.apply(state, actions)?;
         }
         if self.obs.interrupted() && !last_in_epoch {
-            return self.interrupted(state);
+            self.interrupted(state)?;
         }
-        Ok(())
+        Ok(Flow::Continue)
+    }
+
+    /// Keeps the state at the start of each of the engine's windows (and at the run's first
+    /// step), the last `KEPT_STATES` of them.
+    fn keep(&mut self, state: &TrainState) {
+        let Some(every) = self.engine.snapshot_every() else { return };
+        let due = state.step.is_multiple_of(every.max(1)) || self.kept.is_empty();
+        if due && self.kept.back().is_none_or(|k| k.step != state.step) {
+            if self.kept.len() == KEPT_STATES {
+                self.kept.pop_front();
+            }
+            self.kept.push_back(state.clone());
+        }
+    }
+
+    /// Goes back to the latest kept state from before `to_step` (or the oldest kept, saying
+    /// that earlier results stay), dropping the states after it. With none kept (an engine
+    /// that asks without saying `snapshot_every`), the run ends with the engine's error.
+    fn roll_back(&mut self, state: &mut TrainState, to_step: u64, why: String) -> Result<Flow, FitError> {
+        let at = self.kept.iter().rposition(|k| k.step <= to_step).unwrap_or(0);
+        self.kept.truncate(at + 1);
+        let Some(kept) = self.kept.back() else {
+            return Err(FitError::Engine(EngineError::Rollback { to_step, why }));
+        };
+        *state = kept.clone();
+        if state.step > to_step {
+            tracing::warn!(
+                "the state from before step {to_step} is no longer kept: results used between it and step {} stay",
+                state.step
+            );
+        }
+        tracing::warn!(
+            "{why}; going back to step {} (epoch {}, batch {}) and replaying without it",
+            state.step,
+            state.epoch + 1,
+            state.batch
+        );
+        Ok(Flow::RolledBack)
     }
 
     /// SIGTERM or Ctrl-C: the state is saved where it is, and the run ends so that `--resume`

@@ -31,6 +31,8 @@ pub struct FitSettings {
     pub initial_epoch: usize,
     /// The number of shards S each batch is split into (results depend on S only).
     pub shards: usize,
+    /// The fraction of shards a second worker computes too (`None`: the coordinator's default).
+    pub verify: Option<f64>,
 }
 
 /// A validated job, ready to run.
@@ -109,6 +111,7 @@ impl Job {
         if f.initial_epoch > f.epochs {
             return Err(format!("fit.initial_epoch: {} is after fit.epochs {}", f.initial_epoch, f.epochs));
         }
+        let verify = f.verify.as_ref().map(|v| v.fraction().map_err(|e| format!("fit.verify: {e}"))).transpose()?;
         data(&config.data)?;
         let callbacks = callbacks(&config.callbacks, &optimizer)?;
         let fit = FitSettings {
@@ -119,6 +122,7 @@ impl Job {
             validation_batch_size: f.validation_batch_size.unwrap_or(f.batch_size),
             initial_epoch: f.initial_epoch,
             shards: f.shards,
+            verify,
         };
         Ok(Job { seed: config.seed, base_dir, model, optimizer, accuracy, callbacks, fit, config })
     }

@@ -170,11 +170,11 @@ fn wrong_token_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
     let token = dir.path().join("token");
-    std::fs::write(&token, "right-token\n").unwrap();
+    std::fs::write(&token, "the-right-token-of-this-test\n").unwrap();
     let rd = dir.path().join("run");
     let c = coordinator_proc(&job, &rd, "3", &["--listen", "127.0.0.1:0", "--token-file", token.to_str().unwrap()]);
     let url = listening_url(&c);
-    let mut bad = worker(&url, &["--token", "wrong"]);
+    let mut bad = worker_with(&url, &[], Some("a-wrong-token-of-this-test"));
     let (ok, out) = bad.finish(30);
     assert!(!ok);
     assert!(out.contains("rejected by the coordinator: missing or wrong job token"), "{out}");
@@ -192,9 +192,11 @@ fn spawned_workers_get_a_run_token_and_strangers_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
     let rd = dir.path().join("run");
-    let c = coordinator_proc(&job, &rd, "30", &["--spawn-workers", "1"]);
+    let mut cmd = train(job.as_ref(), &rd);
+    cmd.args(["--epochs", "30", "--spawn-workers", "1"]).env_remove("DTRAIN_TOKEN");
+    let c = Proc::start(cmd);
     let url = listening_url(&c);
-    let mut stranger = worker(&url, &["--name", "stranger"]);
+    let mut stranger = worker_with(&url, &["--name", "stranger"], None);
     let (ok, out) = stranger.finish(30);
     assert!(!ok && out.contains("missing or wrong job token"), "{out}");
     let mut c = c;
@@ -203,10 +205,16 @@ fn spawned_workers_get_a_run_token_and_strangers_are_refused() {
     assert!(computed(&out, "local-0"), "the spawned worker computed: {out}");
     assert!(!out.contains("(stranger) joined"), "{out}");
 
-    let mut cmd = train(job.as_ref(), &dir.path().join("r2"));
-    cmd.args(["--listen", "0.0.0.0:0"]).env("DTRAIN_TOKEN", " ");
-    let (ok, out) = Proc::start(cmd).finish(30);
-    assert!(!ok && out.contains("the job token is empty"), "{out}");
+    for (token, says) in [
+        (" ", "the job token is empty"),
+        ("short-token", "the job token has 11 bytes; use at least 16"),
+        (dtrain_cluster::auth::PLACEHOLDER, "the manifests' placeholder"),
+    ] {
+        let mut cmd = train(job.as_ref(), &dir.path().join("r2"));
+        cmd.args(["--listen", "127.0.0.1:0"]).env("DTRAIN_TOKEN", token);
+        let (ok, out) = Proc::start(cmd).finish(30);
+        assert!(!ok && out.contains(says), "{out}");
+    }
 }
 
 /// A worker dialing something that accepts connections but never answers gives up after
@@ -225,15 +233,29 @@ fn a_worker_gives_up_on_a_peer_that_never_answers() {
     drop(silent);
 }
 
-/// Without a token the coordinator only listens on loopback unless told --insecure.
+/// Without a token (or mutual TLS) the coordinator does not listen, not even on loopback,
+/// unless told --insecure; and the token is never a flag (the process list shows flags).
 #[test]
-fn no_token_means_loopback_only() {
+fn no_token_no_listening() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
-    let o =
-        run(&["train", "--config", &job, "--listen", "0.0.0.0:0", "--run-dir", dir.path().join("r").to_str().unwrap()]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("refusing to listen on 0.0.0.0:0 without a job token"), "{}", stderr(&o));
+    for listen in ["0.0.0.0:0", "127.0.0.1:0"] {
+        let mut cmd = train(job.as_ref(), &dir.path().join("r"));
+        cmd.args(["--listen", listen]).env_remove("DTRAIN_TOKEN");
+        let o = cmd.output().unwrap();
+        assert!(!o.status.success());
+        let says = format!("refusing to listen on {listen} without a job token");
+        assert!(stderr(&o).contains(&says), "{}", stderr(&o));
+    }
+    let o = run(&["train", "--config", &job, "--listen", "127.0.0.1:0", "--token", "0123456789abcdef0123"]);
+    assert!(!o.status.success() && stderr(&o).contains("unexpected argument '--token'"), "{}", stderr(&o));
+    let mut cmd = train(job.as_ref(), &dir.path().join("r3"));
+    cmd.args(["--listen", "127.0.0.1:0", "--insecure", "--epochs", "1"]).env_remove("DTRAIN_TOKEN");
+    let c = Proc::start(cmd);
+    let _w = worker_with(&listening_url(&c), &[], None);
+    let mut c = c;
+    let (ok, out) = c.finish(60);
+    assert!(ok, "--insecure trains without a token: {out}");
 }
 
 /// SIGTERM: the coordinator saves its state mid-epoch, tells the workers to stop (they exit

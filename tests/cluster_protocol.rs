@@ -14,7 +14,8 @@ fn rt() -> tokio::runtime::Runtime {
 /// Joins as a hand-made worker (messages up to 256 MiB, beyond the coordinator's limit).
 async fn join(url: &str, hello: Hello) -> Result<(Connection, Option<Welcome>), tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
-    let mut conn = Connection::open(channel, 256 << 20, &[], hello).await?;
+    let token = dtrain_cluster::auth::bearer(TOKEN);
+    let mut conn = Connection::open(channel, 256 << 20, &[(dtrain_cluster::auth::HEADER, token)], hello).await?;
     let welcome = match conn.next().await? {
         Some(ToWorker::Welcome(w)) => Some(w),
         _ => None,

@@ -58,3 +58,16 @@ fn configmap_holds_a_valid_job() {
     let job = dtrain_fit::session::load_job(&path, None, None, None).unwrap_or_else(|e| panic!("job-config.yaml: {e}"));
     assert_eq!(job.model.num_params(), 50_890);
 }
+
+/// The Secret ships a placeholder the coordinator refuses, so a run whose Secret was not
+/// replaced stops at start with a line saying how to create it, instead of running with a token
+/// everyone who read the repository knows.
+#[test]
+fn the_secrets_placeholder_is_refused() {
+    let secret = manifest("token-secret.yaml");
+    let line = secret.lines().find(|l| l.trim_start().starts_with("token:")).expect("a token: line");
+    let shipped = line.trim_start().trim_start_matches("token:").trim();
+    assert_eq!(shipped, dtrain_cluster::auth::PLACEHOLDER);
+    let refused = dtrain_cluster::auth::validate(shipped).unwrap_err();
+    assert!(refused.contains("create the dtrain-token Secret"), "{refused}");
+}

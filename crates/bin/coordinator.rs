@@ -72,10 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if a.local || (a.listen.is_none() && a.spawn_workers == 0) {
                 session::train(&opts, &mut console)?;
             } else {
-                let token = match (&a.token_file, a.token) {
-                    (Some(f), _) => Some(dtrain_cluster::auth::read_token_file(f)?),
-                    (None, t) => t,
-                };
+                let token = dtrain_cluster::auth::token(a.token_file.as_deref())?;
                 let secs = |what: &str, s: f64| {
                     Duration::try_from_secs_f64(s).map_err(|_| anyhow::anyhow!("--{what}: {s} is not a duration"))
                 };

@@ -96,12 +96,12 @@ pub struct TrainArgs {
     /// Workers to wait for before the first step.
     #[arg(long, env = "DTRAIN_MIN_WORKERS", default_value_t = 1)]
     pub min_workers: usize,
-    /// File holding the job token workers must present (or set DTRAIN_TOKEN).
+    /// File holding the job token workers must present (or set DTRAIN_TOKEN; there is no
+    /// flag for the token itself, which the process list would show to every local user).
     #[arg(long, env = "DTRAIN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    #[arg(long = "token", env = "DTRAIN_TOKEN", hide = true, hide_env_values = true)]
-    pub token: Option<String>,
-    /// Allow listening beyond loopback without a token.
+    /// Allow listening without a token or mutual TLS (any local user, and on a public address
+    /// anyone, can then join and read the job and its data).
     #[arg(long)]
     pub insecure: bool,
     /// The fraction of shards a second worker computes too ("all", or 0 to 1; 0 turns checking

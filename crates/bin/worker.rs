@@ -23,10 +23,7 @@ fn main() -> ExitCode {
 
 fn run_worker(cli: Cli) -> anyhow::Result<()> {
     dtrain_fit::logging::init("worker", dtrain_fit::LogFormat::Text);
-    let token = match (&cli.token_file, cli.token) {
-        (Some(f), _) => Some(dtrain_cluster::auth::read_token_file(f)?),
-        (None, t) => t,
-    };
+    let token = dtrain_cluster::auth::token(cli.token_file.as_deref())?;
     let name = cli
         .name
         .unwrap_or_else(|| std::fs::read_to_string("/etc/hostname").map_or("worker".into(), |h| h.trim().into()));

@@ -9,12 +9,10 @@ pub struct Cli {
     /// The coordinator's address, e.g. http://coordinator:50051.
     #[arg(long, env = "DTRAIN_COORDINATOR")]
     pub coordinator: String,
-    /// File holding the job token (or set DTRAIN_TOKEN).
+    /// File holding the job token (or set DTRAIN_TOKEN; there is no flag for the token itself,
+    /// which the process list would show to every local user).
     #[arg(long, env = "DTRAIN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// The job token itself (prefer --token-file: environment variables can leak).
-    #[arg(long = "token", env = "DTRAIN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
     /// Shown in the coordinator's logs (default: the host name).
     #[arg(long, env = "DTRAIN_WORKER_NAME")]
     pub name: Option<String>,

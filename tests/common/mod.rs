@@ -4,8 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The job token the tests' coordinators and workers share (through DTRAIN_TOKEN).
+pub const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// The coordinator binary, with the tests' token in its environment.
 pub fn coordinator() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_coordinator"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_coordinator"));
+    cmd.env("DTRAIN_TOKEN", TOKEN);
+    cmd
 }
 
 /// `coordinator train --config job --run-dir run_dir`, to add flags to.
@@ -165,9 +171,19 @@ impl Drop for Proc {
     }
 }
 
+/// A worker process with the tests' token, dialing `coordinator`.
 pub fn worker(coordinator: &str, extra: &[&str]) -> Proc {
+    worker_with(coordinator, extra, Some(TOKEN))
+}
+
+/// A worker process with `token` (or none) in its environment.
+pub fn worker_with(coordinator: &str, extra: &[&str], token: Option<&str>) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));
     cmd.args(["--coordinator", coordinator, "--retry-for", "30"]).args(extra);
+    cmd.env_remove("DTRAIN_TOKEN");
+    if let Some(t) = token {
+        cmd.env("DTRAIN_TOKEN", t);
+    }
     Proc::start(cmd)
 }
 

@@ -27,6 +27,43 @@ pub fn check(metadata: &MetadataMap, token: Option<&str>) -> Result<(), Status> 
     }
 }
 
+/// Shortest token accepted: 16 bytes (a guessable token is no token).
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+/// The value `deploy/k8s/token-secret.yaml` ships with, refused so that a run whose Secret was
+/// not replaced does not start.
+pub const PLACEHOLDER: &str = "replace-me-with-a-random-token";
+
+/// Whether `token` may guard a job: at least `MIN_TOKEN_BYTES` bytes, not blank, not the
+/// manifests' placeholder. `Err` says what to do.
+pub fn validate(token: &str) -> Result<(), String> {
+    if token.trim().is_empty() {
+        return Err("the job token is empty".into());
+    }
+    if token.trim() == PLACEHOLDER {
+        return Err(format!(
+            "the job token is the manifests' placeholder {PLACEHOLDER:?}: create the dtrain-token Secret with a random \
+             token (deploy/README.md)"
+        ));
+    }
+    if token.len() < MIN_TOKEN_BYTES {
+        return Err(format!(
+            "the job token has {} bytes; use at least {MIN_TOKEN_BYTES} random ones (e.g. head -c 32 /dev/urandom | base64)",
+            token.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The job token: from `file` if given, else from the environment (`DTRAIN_TOKEN`), never
+/// from a command-line flag, which every local user can read in the process list.
+pub fn token(file: Option<&std::path::Path>) -> Result<Option<String>, crate::ClusterError> {
+    match file {
+        Some(f) => read_token_file(f).map(Some),
+        None => Ok(std::env::var("DTRAIN_TOKEN").ok()),
+    }
+}
+
 /// A fresh token of 32 random bytes (hex), from the operating system's generator.
 pub fn random_token() -> std::io::Result<String> {
     use std::io::Read;
@@ -49,6 +86,15 @@ pub fn read_token_file(path: &std::path::Path) -> Result<String, crate::ClusterE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_blank_and_placeholder_tokens_are_refused() {
+        assert!(validate("0123456789abcdef").is_ok());
+        assert!(validate("0123456789abcde").unwrap_err().contains("15 bytes"));
+        assert!(validate("   ").unwrap_err().contains("empty"));
+        assert!(validate(PLACEHOLDER).unwrap_err().contains("placeholder"));
+        assert!(validate(&random_token().unwrap()).is_ok());
+    }
 
     #[test]
     fn tokens() {

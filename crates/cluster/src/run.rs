@@ -25,9 +25,9 @@ pub struct ClusterOptions {
     pub spawn_workers: usize,
     /// Workers to wait for before the first step.
     pub min_workers: usize,
-    /// The job token workers must present (none: loopback only, unless `insecure`).
+    /// The job token workers must present (none: only with mutual TLS or `insecure`).
     pub token: Option<String>,
-    /// Allow listening beyond loopback without a token.
+    /// Allow listening without a token or mutual TLS.
     pub insecure: bool,
     /// A worker that has not answered this long after getting work is dropped.
     pub step_timeout: Duration,
@@ -72,17 +72,18 @@ impl ServerTls {
 }
 
 impl ClusterOptions {
-    /// A token is required unless the listener is loopback-only or `insecure` says otherwise.
+    /// A token (or mutual TLS) is required, on loopback too, unless `insecure` says otherwise;
+    /// a token must be long enough and not the manifests' placeholder.
     pub fn check(&self) -> Result<(), ClusterError> {
-        if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
-            return Err(ClusterError::Config(
-                "the job token is empty: set a non-empty --token-file or DTRAIN_TOKEN (or none, on loopback)".into(),
-            ));
+        if let Some(t) = &self.token {
+            crate::auth::validate(t)
+                .map_err(|e| ClusterError::Config(format!("{e} (--token-file or DTRAIN_TOKEN)")))?;
         }
         let mutual_tls = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
-        if self.token.is_none() && !mutual_tls && !self.listen.ip().is_loopback() && !self.insecure {
+        if self.token.is_none() && !mutual_tls && !self.insecure {
             return Err(ClusterError::Config(format!(
-                "refusing to listen on {} without a job token: set --token-file or DTRAIN_TOKEN, use mutual TLS (or pass --insecure)",
+                "refusing to listen on {} without a job token: any local user could join and read the job and its \
+                 data; set --token-file or DTRAIN_TOKEN, use mutual TLS, or pass --insecure",
                 self.listen
             )));
         }
@@ -174,15 +175,15 @@ impl EngineFactory for Cluster<'_> {
 /// Trains with workers; like `session::train` otherwise (same run directory, same results
 /// for the same `fit.shards`).
 pub fn train(opts: &TrainOptions, cluster: &ClusterOptions, obs: &mut dyn Observer) -> Result<Report, ClusterError> {
-    cluster.check()?;
     // Workers this coordinator starts get a token made for this run, so that no other local
     // user's process can join (and read the job and its training rows) uninvited.
     let mut cluster = cluster.clone();
-    if cluster.spawn_workers > 0 && cluster.token.is_none() {
+    if cluster.spawn_workers > 0 && cluster.token.is_none() && !cluster.insecure {
         let token = crate::auth::random_token()
             .map_err(|cause| ClusterError::Io { what: "cannot make a job token (/dev/urandom)".into(), cause })?;
         cluster.token = Some(token);
     }
+    cluster.check()?;
     let cluster = &cluster;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -121,11 +121,11 @@ fn hung_worker_is_detected_within_the_deadline() {
     assert!(finals(&rd) == want, "a hung worker changed the weights");
 }
 
-/// Files in /dev/shm of coordinator `pid`.
-fn shm_files(pid: u32) -> Vec<std::path::PathBuf> {
-    let prefix = format!("dtrain-{pid}-");
-    let files = std::fs::read_dir("/dev/shm").unwrap().map(|e| e.unwrap());
-    files.filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).map(|e| e.path()).collect()
+/// The sealed memory files process `pid` holds open (what its descriptors point to).
+fn memory_files(pid: u32) -> Vec<String> {
+    let fds =
+        std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().filter_map(|e| std::fs::read_link(e.ok()?.path()).ok());
+    fds.map(|t| t.to_string_lossy().into_owned()).filter(|t| t.contains("memfd:dtrain-")).collect()
 }
 
 fn free_port() -> u16 {
@@ -146,18 +146,21 @@ fn coordinator_killed_and_resumed() {
     let _a = worker(&url, &["--name", "a"]);
     let _b = worker(&url, &["--name", "b"]);
     c.wait_for("\"epoch\":3,", 60);
+    // The parameters are shared in a memory file, not a named file a killed coordinator would
+    // leave in /dev/shm: the kernel frees it with the last process that maps it.
+    let held = memory_files(c.child.id());
+    assert!(held.iter().any(|t| t.contains("memfd:dtrain-params")), "{held:?}");
+    assert!(!std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .any(|e| { e.unwrap().file_name().to_string_lossy().starts_with(&format!("dtrain-{}-", c.child.id())) }));
     c.signal(libc::SIGKILL);
-    // The killed coordinator's shared parameters are left behind; the next one removes them.
-    let left = shm_files(c.child.id());
     drop(c);
-    assert_eq!(left.len(), 1, "{left:?}");
     let mut cmd = coordinator();
     cmd.args(["train", "--run-dir", rd.to_str().unwrap(), "--resume", "--listen", &addr, "--min-workers", "2", "-q"]);
     let mut c = Proc::start(cmd);
     let (ok, out) = c.finish(120);
     assert!(ok, "{out}");
     assert!(finals(&rd) == want, "resuming the coordinator changed the weights");
-    assert!(!left[0].exists(), "{left:?} left in /dev/shm");
     let history = std::fs::read_to_string(rd.join("history.csv")).unwrap();
     let epochs: Vec<&str> = history.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
     assert_eq!(epochs, (0..30).map(|e| e.to_string()).collect::<Vec<_>>());

@@ -29,6 +29,9 @@ async fn attach(w: &Welcome, conn: &Connection) -> dtrain_cluster::shm::SharedFi
     let n = dtrain_fit::Job::build(config, Default::default()).unwrap().model.num_params();
     let o = w.shared_memory.as_ref().expect("shared memory offered over loopback");
     let slots = dtrain_cluster::shm::SharedFile::open(o.path.as_ref(), o.nonce, n, o.slots as usize, true).unwrap();
+    // Truncating the slots would kill the coordinator with SIGBUS as it reads them: sealed.
+    let file = std::fs::OpenOptions::new().write(true).open(&o.path).unwrap();
+    assert!(file.set_len(0).is_err(), "a worker truncated its slots");
     conn.send(FromWorker::Attached).await.unwrap();
     slots
 }

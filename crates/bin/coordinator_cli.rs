@@ -116,7 +116,7 @@ pub struct TrainArgs {
     #[arg(long, env = "DTRAIN_WORKER_WAIT", default_value_t = 300.0)]
     pub worker_wait: f64,
     /// Keep parameters and gradients on the gRPC stream even for workers on this host (by
-    /// default they go through shared memory in /dev/shm; the messages still go over gRPC).
+    /// default they go through sealed shared memory (memfd); the messages still go over gRPC).
     #[arg(long, env = "DTRAIN_NO_SHARED_MEMORY")]
     pub no_shared_memory: bool,
     /// Serve workers over TLS with this certificate (PEM); needs --tls-key.

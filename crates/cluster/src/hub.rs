@@ -5,7 +5,6 @@ use crate::ids::{Member, PartyId, WorkerId};
 use crate::shm::{self, FileName, SharedFile};
 use dtrain_proto::{FromWorker, Inbox, Outbox, ShardResult, SharedMemoryOffer, ToWorker, ToWorkerStream, Welcome};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,7 +36,7 @@ struct Worker {
     party: PartyId,
     tx: Outbox,
     /// Its gradient slots in shared memory (see `shm`), used once it says it attached; the
-    /// name is removed then.
+    /// descriptor is closed then (its mappings stay).
     slots: Option<Slots>,
     attached: bool,
 }
@@ -203,36 +202,29 @@ impl Hub {
     /// Shared memory for a worker on this host: the parameters' file (made for the first such
     /// worker) and its own gradient slots; none (and a log line) if they cannot be made.
     fn offer_shared_memory(&self, id: WorkerId) -> (Option<SharedMemoryOffer>, Option<Slots>) {
-        let (Some(offer), Some(dir)) = (self.offer, shm::dir()) else { return (None, None) };
-        match self.make_shared_memory(&dir, offer, id) {
+        let Some(offer) = self.offer.filter(|_| shm::available()) else { return (None, None) };
+        match self.make_shared_memory(offer, id) {
             Ok((offered, slots)) => (Some(offered), Some(slots)),
             Err(e) => {
-                tracing::warn!("no shared memory for {id}: {}: {e}", dir.display());
+                tracing::warn!("no shared memory for {id}: {e}");
                 (None, None)
             }
         }
     }
 
-    fn make_shared_memory(
-        &self,
-        dir: &Path,
-        offer: Offer,
-        id: WorkerId,
-    ) -> std::io::Result<(SharedMemoryOffer, Slots)> {
+    fn make_shared_memory(&self, offer: Offer, id: WorkerId) -> std::io::Result<(SharedMemoryOffer, Slots)> {
         let mut params = lock(&self.params);
         let params = match &mut *params {
             Some(p) => p,
             None if self.stopped.load(Ordering::SeqCst) => return Err(std::io::Error::other("training is over")),
             None => {
-                shm::remove_stale(dir);
                 let nonce = shm::nonce();
-                let (file, name) = SharedFile::create(dir, &shm::file_name("params"), nonce, offer.params, 1)?;
+                let (file, name) = SharedFile::create("params", nonce, offer.params, 1)?;
                 params.insert(SharedParams { file, name, nonce, step: None })
             }
         };
         let nonce = shm::nonce();
-        let (slots, name) =
-            SharedFile::create(dir, &shm::file_name(&format!("w{}", id.0)), nonce, offer.params, offer.slots)?;
+        let (slots, name) = SharedFile::create(&format!("slots-w{}", id.0), nonce, offer.params, offer.slots)?;
         let offered = SharedMemoryOffer {
             path: name.path(),
             nonce,
@@ -326,7 +318,7 @@ impl Hub {
     /// Tells every worker to stop, and waits (up to `patience`) until they have hung up.
     pub async fn stop_all(&self, reason: &str, patience: Duration) {
         self.stopped.store(true, Ordering::SeqCst);
-        *lock(&self.params) = None; // its name is removed; workers keep their mappings
+        *lock(&self.params) = None; // its descriptor is closed; workers keep their mappings
         let workers = self.members(std::mem::take);
         for w in workers.values() {
             let _ = w.tx.try_send(ToWorker::Stop { reason: reason.into() });

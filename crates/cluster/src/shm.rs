@@ -1,13 +1,21 @@
 //! Shared memory for workers on the coordinator's host: the parameters and the gradients of a
-//! step go through files in /dev/shm instead of through TCP, while gRPC still carries every
+//! step go through shared memory instead of through TCP, while gRPC still carries every
 //! message (so ordering, deadlines, faults and recomputation are unchanged).
 //!
-//! The coordinator writes each step's parameters once, into one file that every local worker
-//! maps read-only, and gives each worker a file of gradient slots (one per shard) that only
-//! that worker writes. Both are offered by path and a random nonce in `Welcome`; a worker that
-//! can open them and finds the nonce says `Attached`, and the slots' name is removed at once.
-//! The parameters' name stays while the coordinator runs (workers may join later); a
-//! coordinator that was killed leaves it, and the next coordinator on the host removes it.
+//! The coordinator writes each step's parameters once, into one region that every local worker
+//! maps read-only, and gives each worker its own gradient slots (one per shard) that only that
+//! worker writes. Each is an anonymous memory file (`memfd`) sealed against shrinking and
+//! growing, offered as the coordinator's descriptor path `/proc/<pid>/fd/<n>` with a random
+//! nonce in `Welcome`. A worker that can open it, finds it sealed and finds the nonce says
+//! `Attached`, and the coordinator closes the slots' descriptor at once (the mappings stay); the
+//! parameters' stays open while the coordinator runs (workers may join later). Nothing is left
+//! behind when a coordinator is killed: the memory goes with the last mapping.
+//!
+//! Why sealed: a worker may truncate a file it can write, and a process reading a mapping past
+//! the end of its file dies of SIGBUS; a sealed memfd cannot shrink, whoever holds it. Why a
+//! descriptor path: a worker only ever maps what the coordinator made, never a file on disk a
+//! hostile coordinator names (the worker checks the path's form and the seals).
+//!
 //! Phases never overlap for honest peers: the coordinator writes the parameters only while no
 //! work is outstanding, and reads slot k only after the result for shard k arrived. A worker
 //! dropped for lateness may still be reading the parameters while the next step's are written,
@@ -21,16 +29,19 @@
 
 use dtrain_nn::simd::Volatile;
 use memmap2::{MmapOptions, MmapRaw};
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, FromRawFd};
+#[cfg(test)]
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 const MAGIC: &[u8; 8] = b"DTRAINSM";
 const HEADER: usize = 64;
-/// Every file the coordinator makes is named `PREFIX<pid>-...`.
-const PREFIX: &str = "dtrain-";
+/// The seals every shared region carries: its size is fixed for good.
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 
-/// A mapped shared-memory file: a header and equal regions of f32 values.
+/// A mapped shared-memory region file: a header and equal regions of f32 values.
 pub struct SharedFile {
     map: MmapRaw,
     /// Values per region, and regions.
@@ -39,19 +50,17 @@ pub struct SharedFile {
     writable: bool,
 }
 
-/// A file's name, removed when this is dropped (mappings of the file stay valid).
-pub struct FileName(PathBuf);
-
-impl Drop for FileName {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// The name a shared-memory file is offered under (`/proc/<pid>/fd/<n>`), valid while this
+/// lives: dropping it closes the coordinator's descriptor (mappings of the file stay valid).
+pub struct FileName {
+    _file: File,
+    path: String,
 }
 
 impl FileName {
-    /// The file's path, as offered to a worker.
+    /// The path, as offered to a worker.
     pub fn path(&self) -> String {
-        self.0.to_string_lossy().into_owned()
+        self.path.clone()
     }
 }
 
@@ -63,34 +72,18 @@ pub fn nonce() -> u64 {
     h.finish()
 }
 
-/// The directory where the coordinator offers shared memory, if this host has one.
-pub fn dir() -> Option<PathBuf> {
-    // Values are shared in the host's byte order, which the checks read as little-endian.
-    let d = PathBuf::from("/dev/shm");
-    (cfg!(target_endian = "little") && d.is_dir()).then_some(d)
+/// Whether this host can share memory with local workers: Linux's memfd and /proc, and values
+/// in the byte order the checks read (little-endian).
+pub fn available() -> bool {
+    cfg!(target_os = "linux") && cfg!(target_endian = "little") && Path::new("/proc/self/fd").is_dir()
 }
 
-/// A name for a new file of this process in `dir`.
-pub fn file_name(what: &str) -> String {
-    format!("{PREFIX}{}-{what}-{:016x}", std::process::id(), nonce())
-}
-
-/// Removes files in `dir` left by coordinators that no longer run (killed before they could
-/// clean up). Does nothing where process ids cannot be checked.
-pub fn remove_stale(dir: &Path) {
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let pid = name.to_str().and_then(|n| n.strip_prefix(PREFIX)).and_then(|n| n.split('-').next());
-        if let Some(pid) = pid.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
-            if !Path::new("/proc").join(pid).exists() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
+/// Whether `path` has the form `/proc/<pid>/fd/<n>`: another process's descriptor.
+fn is_descriptor_path(path: &Path) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
+    let Some(s) = path.to_str() else { return false };
+    let parts: Vec<&str> = s.split('/').collect();
+    matches!(parts[..], ["", "proc", pid, "fd", n] if digits(pid) && digits(n))
 }
 
 fn region_bytes(values: usize) -> usize {
@@ -113,33 +106,50 @@ fn header(nonce: u64, values: usize, regions: usize) -> [u8; 32] {
 }
 
 impl SharedFile {
-    /// Creates `dir/name` with `regions` regions of `values` f32 each.
-    pub fn create(dir: &Path, name: &str, nonce: u64, values: usize, regions: usize) -> io::Result<(Self, FileName)> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = FileName(dir.join(name));
-        let mut file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(&path.0)?;
-        // Written out, not just sized: a full /dev/shm fails here, not later as SIGBUS on a write.
+    /// Makes a sealed memory file with `regions` regions of `values` f32 each; `what` names it
+    /// in /proc for people looking.
+    pub fn create(what: &str, nonce: u64, values: usize, regions: usize) -> io::Result<(Self, FileName)> {
         let len = file_len(values, regions).ok_or_else(|| io::Error::other("sizes overflow"))?;
+        let name = std::ffi::CString::new(format!("dtrain-{what}")).map_err(io::Error::other)?;
+        // SAFETY: memfd_create(2) reads the NUL-terminated name and returns a new descriptor or -1.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns; the File closes it.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        // Written out, not just sized: a full memory limit fails here, not later as SIGBUS.
         let mut head = vec![0u8; len];
         head[..32].copy_from_slice(&header(nonce, values, regions));
         std::io::Write::write_all(&mut file, &head)?;
+        // SAFETY: fcntl(2) on a descriptor of ours, with integer arguments only.
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, SEALS | libc::F_SEAL_SEAL) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         let map = MmapOptions::new().map_raw(&file)?;
-        Ok((SharedFile { map, values, regions, writable: true }, path))
+        let path = format!("/proc/{}/fd/{fd}", std::process::id());
+        Ok((SharedFile { map, values, regions, writable: true }, FileName { _file: file, path }))
     }
 
-    /// Opens what the coordinator offered; fails unless it is the same file (nonce and sizes).
+    /// Opens what the coordinator offered; fails unless it is a sealed memory file of the
+    /// coordinator's (a descriptor path) with the offered nonce and sizes.
     pub fn open(path: &Path, nonce: u64, values: usize, regions: usize, writable: bool) -> io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
-        // The path comes from a peer: a FIFO must not block the open, a symlink is not followed,
-        // and only a regular file is mapped.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-            .open(path)?;
+        // The path comes from a peer: only a descriptor path is opened (never a file on disk
+        // the worker could be made to overwrite), without blocking (a FIFO), and only a sealed
+        // memory file is mapped.
+        if !is_descriptor_path(path) {
+            return Err(io::Error::other("not a /proc/<pid>/fd/<n> path"));
+        }
+        let file = OpenOptions::new().read(true).write(writable).custom_flags(libc::O_NONBLOCK).open(path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(io::Error::other("not a regular file"));
+        }
+        // SAFETY: fcntl(2) on a descriptor of ours, with integer arguments only.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & SEALS != SEALS {
+            return Err(io::Error::other("not sealed shared memory"));
         }
         if file_len(values, regions).is_none_or(|len| meta.len() != len as u64) {
             return Err(io::Error::other("size does not match the job"));
@@ -147,7 +157,8 @@ impl SharedFile {
         let options = MmapOptions::new();
         let map = if writable { options.map_raw(&file)? } else { options.map_raw_read_only(&file)? };
         let shared = SharedFile { map, values, regions, writable };
-        // SAFETY: the mapping is at least HEADER bytes long (its length was checked).
+        // SAFETY: the mapping is at least HEADER bytes long (its length was checked) and sealed
+        // against shrinking.
         let head = unsafe { std::slice::from_raw_parts(shared.map.as_ptr(), 32) };
         if head != header(nonce, values, regions) {
             return Err(io::Error::other("not the offered file"));
@@ -183,12 +194,17 @@ impl SharedFile {
 mod tests {
     use super::*;
 
+    fn read(f: &SharedFile, i: usize) -> [f32; 5] {
+        let mut v = [0.0; 5];
+        f.shared(i).unwrap().read_into(&mut v);
+        v
+    }
+
     #[test]
     fn both_sides_see_each_others_writes_and_a_wrong_nonce_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut c, name) = SharedFile::create(dir.path(), "t", 7, 5, 2).unwrap();
+        let (mut c, name) = SharedFile::create("t", 7, 5, 2).unwrap();
         c.region_mut(0).unwrap().copy_from_slice(&[1.0, 2.0, 3.0, 4.0, 5.0]);
-        let path = dir.path().join("t");
+        let path = std::path::PathBuf::from(name.path());
         assert!(SharedFile::open(&path, 8, 5, 2, true).is_err());
         assert!(SharedFile::open(&path, 7, 6, 2, true).is_err());
         assert!(SharedFile::open(&path, 7, 5, 3, true).is_err());
@@ -197,20 +213,27 @@ mod tests {
         assert!(r.region_mut(1).is_none(), "a read-only mapping is never written");
         w.region_mut(1).unwrap().copy_from_slice(&[-1.0, -2.0, -3.0, -4.0, -5.0]);
         assert!(w.region_mut(2).is_none() && w.shared(2).is_none());
-        let read = |f: &SharedFile, i| {
-            let mut v = [0.0; 5];
-            f.shared(i).unwrap().read_into(&mut v);
-            v
-        };
         assert_eq!(read(&c, 1), [-1.0, -2.0, -3.0, -4.0, -5.0]);
         assert_eq!(read(&r, 1), [-1.0, -2.0, -3.0, -4.0, -5.0]);
         drop(name);
-        assert!(!path.exists());
-        assert_eq!(read(&r, 0), [1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert!(!path.exists(), "the offered name is gone with the coordinator's descriptor");
+        assert_eq!(read(&r, 0), [1.0, 2.0, 3.0, 4.0, 5.0], "mappings stay valid");
     }
 
     #[test]
-    fn only_a_regular_file_is_opened_and_a_fifo_does_not_block() {
+    fn a_worker_cannot_shrink_or_grow_the_memory_the_coordinator_reads() {
+        let (c, name) = SharedFile::create("t", 7, 5, 2).unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(name.path()).unwrap();
+        let len = f.metadata().unwrap().len();
+        assert!(f.set_len(0).is_err(), "truncating would kill readers with SIGBUS");
+        assert!(f.set_len(len + 4096).is_err());
+        // SAFETY: fcntl(2) on a descriptor of ours, with integer arguments only.
+        assert_ne!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, 0) }, 0, "the seals are sealed");
+        assert_eq!(read(&c, 1), [0.0; 5]);
+    }
+
+    #[test]
+    fn only_a_sealed_descriptor_path_is_opened_and_a_fifo_does_not_block() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
@@ -219,29 +242,24 @@ mod tests {
         let started = std::time::Instant::now();
         let e = SharedFile::open(&fifo, 7, 5, 2, false).err().expect("a FIFO is refused");
         assert!(started.elapsed() < std::time::Duration::from_secs(5), "{e}");
+        assert!(e.to_string().contains("not a /proc/<pid>/fd/<n> path"), "{e}");
+        // A descriptor of a FIFO: opened without blocking, then refused.
+        let held = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+        let path = format!("/proc/self/fd/{}", held.as_raw_fd());
+        assert!(!is_descriptor_path(Path::new(&path)), "self is not a pid");
+        let path = format!("/proc/{}/fd/{}", std::process::id(), held.as_raw_fd());
+        let e = SharedFile::open(Path::new(&path), 7, 5, 2, false).err().expect("a FIFO is refused");
         assert!(e.to_string().contains("not a regular file"), "{e}");
-        let (_file, name) = SharedFile::create(dir.path(), "real", 7, 5, 2).unwrap();
-        let link = dir.path().join("link");
-        std::os::unix::fs::symlink(name.path(), &link).unwrap();
-        assert!(SharedFile::open(&link, 7, 5, 2, false).is_err(), "a symlink is not followed");
-        assert!(SharedFile::open(Path::new(&name.path()), 7, 5, 2, false).is_ok());
-    }
-
-    #[test]
-    fn stale_files_of_dead_coordinators_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let mine = file_name("params");
-        // A process id that is not running (beyond the kernel's maximum).
-        let dead = format!("{PREFIX}4194305-params-0000000000000001");
-        for n in [&mine, &dead, &"other-file".to_string(), &format!("{PREFIX}x-1")] {
-            std::fs::write(dir.path().join(n), b"").unwrap();
+        // A descriptor of a file on disk (which a worker must never overwrite): refused.
+        let disk = tempfile::tempfile().unwrap();
+        disk.set_len(file_len(5, 2).unwrap() as u64).unwrap();
+        let path = format!("/proc/{}/fd/{}", std::process::id(), disk.as_raw_fd());
+        let e = SharedFile::open(Path::new(&path), 7, 5, 2, true).err().expect("an unsealed file is refused");
+        assert!(e.to_string().contains("not sealed"), "{e}");
+        for bad in ["/dev/shm/x", "/proc/1/fd/", "/proc/1/fd/x", "/proc/1/fd/3/..", "proc/1/fd/3", "/proc/1/cwd/3"] {
+            assert!(!is_descriptor_path(Path::new(bad)), "{bad}");
         }
-        remove_stale(dir.path());
-        let mut left: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        left.sort();
-        let mut want = vec![mine, "other-file".to_string(), format!("{PREFIX}x-1")];
-        want.sort();
-        assert_eq!(left, want);
+        let (_file, name) = SharedFile::create("real", 7, 5, 2).unwrap();
+        assert!(SharedFile::open(Path::new(&name.path()), 7, 5, 2, false).is_ok());
     }
 }

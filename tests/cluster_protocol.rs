@@ -215,6 +215,71 @@ fn a_finite_liar_is_caught_evicted_and_its_damage_undone() {
     );
 }
 
+/// A worker that answers its first work with 200 copies of its results is closed as a flood
+/// (the coordinator never queues more results than the work that is out), a party holds at
+/// most two streams at once, and training ends with an in-process run's weights.
+#[test]
+fn a_flooding_worker_is_closed_and_a_party_holds_at_most_two_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "shards = 2");
+    let job = job.to_str().unwrap();
+    let local = dir.path().join("local");
+    assert!(run(&["train", "--config", job, "--run-dir", local.to_str().unwrap(), "-q"]).status.success());
+    let rd = dir.path().join("run");
+    let mut cmd = train(job.as_ref(), &rd);
+    cmd.args(["--listen", "127.0.0.1:0", "--min-workers", "2"]);
+    let c = Proc::start(cmd);
+    let url = listening_url(&c);
+    let twins = rt().block_on(async {
+        let twin = || Hello { protocol_version: PROTOCOL_VERSION, name: "twin".into() };
+        let (a, b) = (join(&url, twin()).await.unwrap(), join(&url, twin()).await.unwrap());
+        let third = join(&url, twin()).await.map(|_| ()).unwrap_err();
+        assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{third}");
+        assert!(third.message().contains("2 stream(s) of this worker"), "{third}");
+        (a, b)
+    });
+    drop(twins);
+    let flood = std::thread::spawn({
+        let url = url.clone();
+        move || {
+            rt().block_on(async {
+                let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "flood".into() };
+                let (mut conn, welcome) = join(&url, hello).await.unwrap();
+                let config: dtrain_fit::config::JobConfig = toml::from_str(&welcome.unwrap().job_toml).unwrap();
+                let job = dtrain_fit::Job::build(config, Default::default()).unwrap();
+                let mut compute = dtrain_cluster::worker::Compute::new(job);
+                let mut sent = 0;
+                while let Ok(Some(m)) =
+                    tokio::time::timeout(Duration::from_secs(30), conn.next()).await.unwrap_or(Ok(None))
+                {
+                    let ToWorker::Work(w) = m else { continue };
+                    let results = compute.run(w).unwrap();
+                    for _ in 0..200 {
+                        for r in &results {
+                            let copy = ShardResult { gradient: r.gradient.clone(), ..*r };
+                            if conn.send(FromWorker::Result(copy)).await.is_err() {
+                                return sent;
+                            }
+                            sent += 1;
+                        }
+                    }
+                }
+                sent
+            })
+        }
+    });
+    c.wait_for("(flood) joined", 30);
+    let _good = worker(&url, &["--name", "good"]);
+    c.wait_for("(flood) left: sent more results than it was given work", 30);
+    let mut c = c;
+    let (ok, out) = c.finish(60);
+    assert!(ok, "{out}");
+    assert!(flood.join().unwrap() > 2, "the flood was sent");
+    assert!(
+        std::fs::read(rd.join("final.safetensors")).unwrap() == std::fs::read(local.join("final.safetensors")).unwrap()
+    );
+}
+
 /// The gRPC health service answers SERVING on the coordinator (for its service) and on a
 /// worker started with --health-listen, as Kubernetes probes expect.
 #[test]

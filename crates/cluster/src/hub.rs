@@ -34,6 +34,10 @@ pub enum Event {
 struct Worker {
     name: String,
     party: PartyId,
+    /// Shard results it was sent work for and has not returned: a result beyond them is a
+    /// flood, and its stream is closed, so the event queue never holds more than the work
+    /// that is out.
+    owed: usize,
     tx: Outbox,
     /// Its gradient slots in shared memory (see `shm`), used once it says it attached; the
     /// descriptor is closed then (its mappings stay).
@@ -51,6 +55,12 @@ struct Members {
     parties: BTreeMap<String, PartyId>,
     bans: BTreeMap<PartyId, Ban>,
 }
+
+/// Streams one party may hold at once (a reconnect may overlap the stream it replaces).
+pub const STREAMS_PER_PARTY: usize = 2;
+
+/// Streams the coordinator holds at once.
+pub const MAX_STREAMS: usize = 1024;
 
 /// A party's evictions, and until when it is refused.
 #[derive(Clone, Copy, Debug)]
@@ -155,6 +165,13 @@ impl Hub {
                     "{name} was evicted from this job; refused for another {left} s"
                 )));
             }
+            let streams = m.live.values().filter(|w| w.party == party).count();
+            if streams >= STREAMS_PER_PARTY || m.live.len() >= MAX_STREAMS {
+                return Err(Status::resource_exhausted(format!(
+                    "{name}: {streams} stream(s) of this worker and {} in all are open already",
+                    m.live.len()
+                )));
+            }
             m.last_id += 1;
             let id = WorkerId(m.last_id);
             m.names.insert(id, (name.clone(), party));
@@ -165,7 +182,7 @@ impl Hub {
         // Welcome first, then visible to the engine: its work must never overtake the welcome.
         let _ = tx.try_send(ToWorker::Welcome(welcome));
         self.members(|w| {
-            w.insert(id, Worker { name: name.clone(), party, tx, slots, attached: false });
+            w.insert(id, Worker { name: name.clone(), party, owed: 0, tx, slots, attached: false });
         });
         tracing::info!("{id} ({name}) joined");
         let hub = Arc::clone(self);
@@ -180,9 +197,14 @@ impl Hub {
     async fn pump(&self, id: WorkerId, mut inbound: Inbox) {
         let reason = loop {
             match inbound.next().await {
-                Ok(Some((FromWorker::Result(result), size))) => {
-                    let _ = self.events.send(Event::Result { id, result, size });
-                }
+                Ok(Some((FromWorker::Result(result), size))) => match self.owed_by(id) {
+                    // Dropped already: nobody waits for it, and it is not kept.
+                    None => continue,
+                    Some(false) => break "sent more results than it was given work".to_string(),
+                    Some(true) => {
+                        let _ = self.events.send(Event::Result { id, result, size });
+                    }
+                },
                 Ok(Some((FromWorker::Attached, _))) => {
                     if !self.attach(id) {
                         break "attached to shared memory it was not offered".to_string();
@@ -197,6 +219,13 @@ impl Hub {
             tracing::info!("{id} ({}) left: {reason}", w.name);
             let _ = self.events.send(Event::Left { id });
         }
+    }
+
+    /// Whether a result from `id` was owed (and counts it); `None` if it is not live.
+    fn owed_by(&self, id: WorkerId) -> Option<bool> {
+        let mut m = self.lock();
+        let w = m.live.get_mut(&id)?;
+        Some(w.owed.checked_sub(1).map(|left| w.owed = left).is_some())
     }
 
     /// Shared memory for a worker on this host: the parameters' file (made for the first such
@@ -304,8 +333,24 @@ impl Hub {
     /// Queues a message to a worker: its size on the wire, or `None` if the worker is gone or
     /// not keeping up.
     pub fn send(&self, id: WorkerId, msg: ToWorker) -> Option<usize> {
-        let tx = self.lock().live.get(&id).map(|w| w.tx.clone());
-        tx.and_then(|tx| tx.try_send(msg))
+        let shards = match &msg {
+            ToWorker::Work(w) => w.shards.len(),
+            _ => 0,
+        };
+        // Owed before it is queued: the answer may come back before this returns.
+        let tx = {
+            let mut m = self.lock();
+            let w = m.live.get_mut(&id)?;
+            w.owed += shards;
+            w.tx.clone()
+        };
+        let sent = tx.try_send(msg);
+        if sent.is_none() {
+            if let Some(w) = self.lock().live.get_mut(&id) {
+                w.owed = w.owed.saturating_sub(shards);
+            }
+        }
+        sent
     }
 
     /// Drops a worker (hung or faulty): its stream is closed with `status`.

@@ -5,6 +5,7 @@
 //! workers and collecting their gradients in shard order, recomputing elsewhere the shards of
 //! a worker that leaves, hangs past the step deadline or sends a bad result.
 
+pub mod admission;
 pub mod assign;
 pub mod auth;
 pub mod engine;

@@ -99,6 +99,13 @@ impl ClusterOptions {
     }
 }
 
+/// How often both ends ping an HTTP/2 connection. Generous, because a worker computes on its
+/// network thread and answers pings only between shards.
+pub const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// How long a ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// HTTP/2 frame size both ends accept: 1 MiB frames carry a step's 200 KB of parameters
 /// in one frame instead of thirteen.
 pub const FRAME: u32 = 1 << 20;
@@ -124,11 +131,13 @@ impl EngineFactory for Cluster<'_> {
         tracing::info!("listening on {addr}");
         let service = CoordinatorService { hub: Arc::clone(&hub), token: self.opts.token.clone() };
         let server = dtrain_proto::coordinator_service(service, MESSAGE_LIMIT);
-        // tonic's serve_with_incoming ignores the builder's nodelay: set it on every socket.
-        let incoming = TcpListenerStream::new(listener).map(|s| {
-            s.inspect(|s| {
-                let _ = s.set_nodelay(true);
-            })
+        // tonic's serve_with_incoming ignores the builder's nodelay: set it on every socket. A
+        // connection that would exceed the cap on unheard ones is closed at once.
+        let admission = crate::admission::Admission::default();
+        let incoming = TcpListenerStream::new(listener).filter_map(move |s| {
+            let s = s.ok()?;
+            let _ = s.set_nodelay(true);
+            admission.admit(s).map(Ok::<_, std::io::Error>)
         });
         let (health_reporter, health) = tonic_health::server::health_reporter();
         let serving = tonic_health::ServingStatus::Serving;
@@ -139,6 +148,11 @@ impl EngineFactory for Cluster<'_> {
         }
         self.rt.spawn(
             builder
+                // A peer that vanished without a FIN (a crashed host, a cut link) is noticed
+                // and its stream ends, instead of holding its place for ever.
+                .http2_keepalive_interval(Some(KEEPALIVE))
+                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .tcp_keepalive(Some(KEEPALIVE))
                 .initial_stream_window_size(4 << 20)
                 .initial_connection_window_size(8 << 20)
                 .max_frame_size(FRAME)

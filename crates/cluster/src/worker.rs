@@ -127,6 +127,9 @@ async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Sta
     let endpoint = endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(crate::run::KEEPALIVE)
+        .keep_alive_timeout(crate::run::KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(8 << 20)
         .max_frame_size(crate::run::FRAME);

@@ -36,6 +36,45 @@ async fn attach(w: &Welcome, conn: &Connection) -> dtrain_cluster::shm::SharedFi
     slots
 }
 
+/// A coordinator of the test job (`fit.shards` from `shards`) listening on loopback with
+/// `flags`, beside an in-process run of the same job as the reference.
+struct Scenario {
+    dir: tempfile::TempDir,
+    c: Proc,
+    url: String,
+}
+
+impl Scenario {
+    fn start(shards: &str, flags: &[&str]) -> Scenario {
+        let dir = tempfile::tempdir().unwrap();
+        let job = write_job(dir.path(), shards);
+        let local = dir.path().join("local");
+        let o = run(&["train", "--config", job.to_str().unwrap(), "--run-dir", local.to_str().unwrap(), "-q"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut cmd = train(&job, &dir.path().join("run"));
+        cmd.args(["--listen", "127.0.0.1:0"]).args(flags);
+        let c = Proc::start(cmd);
+        let url = listening_url(&c);
+        Scenario { dir, c, url }
+    }
+
+    /// Waits for the coordinator to succeed; true if its final weights are the in-process run's.
+    fn same_weights_as_in_process(mut self) -> bool {
+        let (ok, out) = self.c.finish(120);
+        assert!(ok, "{out}");
+        let read = |run: &str| std::fs::read(self.dir.path().join(run).join("final.safetensors")).unwrap();
+        read("run") == read("local")
+    }
+}
+
+/// Joins as `name` and builds the job's compute, as a real worker would.
+async fn join_computing(url: &str, name: &str) -> (Connection, dtrain_cluster::worker::Compute) {
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, name: name.into() };
+    let (conn, welcome) = join(url, hello).await.unwrap();
+    let config: dtrain_fit::config::JobConfig = toml::from_str(&welcome.unwrap().job_toml).unwrap();
+    (conn, dtrain_cluster::worker::Compute::new(dtrain_fit::Job::build(config, Default::default()).unwrap()))
+}
+
 #[test]
 fn wrong_version_and_oversized_messages_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,19 +114,9 @@ fn nan_gradients_in_shared_memory_are_recomputed_and_the_sender_dropped() {
 }
 
 fn nan_gradients(shared: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "shards = 2");
-    let job = job.to_str().unwrap();
-    let local = dir.path().join("local");
-    assert!(run(&["train", "--config", job, "--run-dir", local.to_str().unwrap(), "-q"]).status.success());
-    let rd = dir.path().join("run");
-    let mut cmd = train(job.as_ref(), &rd);
-    cmd.args(["--listen", "127.0.0.1:0", "--min-workers", "2"]);
-    if !shared {
-        cmd.arg("--no-shared-memory");
-    }
-    let c = Proc::start(cmd);
-    let url = listening_url(&c);
+    let flags: &[&str] = if shared { &["--min-workers", "2"] } else { &["--min-workers", "2", "--no-shared-memory"] };
+    let s = Scenario::start("shards = 2", flags);
+    let (c, url) = (&s.c, s.url.clone());
     let evil = std::thread::spawn({
         let url = url.clone();
         move || {
@@ -133,13 +162,8 @@ fn nan_gradients(shared: bool) {
     // The coordinator recomputes the shard as referee, and evicts the worker it contradicts.
     let line = c.wait_for("evil (worker 1) sent a result for shard", 30);
     assert!(line.contains("differs from the coordinator's recomputation; evicting it (its party is refused for 60s)"));
-    let mut c = c;
-    let (ok, out) = c.finish(60);
-    assert!(ok, "{out}");
+    assert!(s.same_weights_as_in_process());
     evil.join().unwrap();
-    assert!(
-        std::fs::read(rd.join("final.safetensors")).unwrap() == std::fs::read(local.join("final.safetensors")).unwrap()
-    );
 }
 
 /// A worker holding the token that computes honestly for its first steps, then sends finite
@@ -149,26 +173,13 @@ fn nan_gradients(shared: bool) {
 /// final weights equal an in-process run's bit for bit.
 #[test]
 fn a_finite_liar_is_caught_evicted_and_its_damage_undone() {
-    let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "shards = 3");
-    let job = job.to_str().unwrap();
-    let local = dir.path().join("local");
-    assert!(run(&["train", "--config", job, "--run-dir", local.to_str().unwrap(), "-q"]).status.success());
-    let rd = dir.path().join("run");
-    let mut cmd = train(job.as_ref(), &rd);
-    cmd.args(["--listen", "127.0.0.1:0", "--min-workers", "3", "--verify", "0.05"]);
-    let c = Proc::start(cmd);
-    let url = listening_url(&c);
+    let s = Scenario::start("shards = 3", &["--min-workers", "3", "--verify", "0.05"]);
     const HONEST_STEPS: u64 = 3;
     let liar = std::thread::spawn({
-        let url = url.clone();
+        let url = s.url.clone();
         move || {
             rt().block_on(async {
-                let hello = || Hello { protocol_version: PROTOCOL_VERSION, name: "liar".into() };
-                let (mut conn, welcome) = join(&url, hello()).await.unwrap();
-                let config: dtrain_fit::config::JobConfig = toml::from_str(&welcome.unwrap().job_toml).unwrap();
-                let mut compute =
-                    dtrain_cluster::worker::Compute::new(dtrain_fit::Job::build(config, Default::default()).unwrap());
+                let (mut conn, mut compute) = join_computing(&url, "liar").await;
                 let mut lies = 0;
                 while let Ok(Some(m)) =
                     tokio::time::timeout(Duration::from_secs(30), conn.next()).await.unwrap_or(Ok(None))
@@ -190,29 +201,24 @@ fn a_finite_liar_is_caught_evicted_and_its_damage_undone() {
                     }
                 }
                 // Evicted: the same name from the same address is refused.
-                let again = join(&url, hello()).await;
-                (lies, again.map(|_| ()).unwrap_err())
+                let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "liar".into() };
+                (lies, join(&url, hello).await.map(|_| ()).unwrap_err())
             })
         }
     });
-    c.wait_for("(liar) joined", 30);
-    let _good = [worker(&url, &["--name", "good-1"]), worker(&url, &["--name", "good-2"])];
-    let caught = c.wait_for("liar (worker 1) sent a result for shard", 60);
+    s.c.wait_for("(liar) joined", 30);
+    let _good = [worker(&s.url, &["--name", "good-1"]), worker(&s.url, &["--name", "good-2"])];
+    let caught = s.c.wait_for("liar (worker 1) sent a result for shard", 60);
     assert!(caught.contains("evicting it"), "{caught}");
-    let back = c.wait_for("going back to step", 60);
+    let back = s.c.wait_for("going back to step", 60);
     assert!(back.contains("unchecked results of liar (worker 1) went into steps"), "{back}");
     let (lies, refused) = liar.join().unwrap();
     assert!(lies > 0, "the liar sent wrong gradients before it was caught");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
     assert!(refused.message().contains("evicted"), "{refused}");
-    let mut c = c;
-    let (ok, out) = c.finish(120);
-    assert!(ok, "{out}");
-    assert!(out.contains("evicted 1, rolled back 1 time(s)"), "the cluster line counts it: {out}");
-    assert!(
-        std::fs::read(rd.join("final.safetensors")).unwrap() == std::fs::read(local.join("final.safetensors")).unwrap(),
-        "the final weights equal an honest in-process run's"
-    );
+    let counted = s.c.wait_for("evicted 1, rolled back 1 time(s)", 60);
+    assert!(counted.starts_with("cluster:"), "the cluster line counts it: {counted}");
+    assert!(s.same_weights_as_in_process(), "the final weights equal an honest in-process run's");
 }
 
 /// A worker that answers its first work with 200 copies of its results is closed as a flood
@@ -220,34 +226,21 @@ fn a_finite_liar_is_caught_evicted_and_its_damage_undone() {
 /// most two streams at once, and training ends with an in-process run's weights.
 #[test]
 fn a_flooding_worker_is_closed_and_a_party_holds_at_most_two_streams() {
-    let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "shards = 2");
-    let job = job.to_str().unwrap();
-    let local = dir.path().join("local");
-    assert!(run(&["train", "--config", job, "--run-dir", local.to_str().unwrap(), "-q"]).status.success());
-    let rd = dir.path().join("run");
-    let mut cmd = train(job.as_ref(), &rd);
-    cmd.args(["--listen", "127.0.0.1:0", "--min-workers", "2"]);
-    let c = Proc::start(cmd);
-    let url = listening_url(&c);
+    let s = Scenario::start("shards = 2", &["--min-workers", "2"]);
     let twins = rt().block_on(async {
         let twin = || Hello { protocol_version: PROTOCOL_VERSION, name: "twin".into() };
-        let (a, b) = (join(&url, twin()).await.unwrap(), join(&url, twin()).await.unwrap());
-        let third = join(&url, twin()).await.map(|_| ()).unwrap_err();
+        let (a, b) = (join(&s.url, twin()).await.unwrap(), join(&s.url, twin()).await.unwrap());
+        let third = join(&s.url, twin()).await.map(|_| ()).unwrap_err();
         assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{third}");
         assert!(third.message().contains("2 stream(s) of this worker"), "{third}");
         (a, b)
     });
     drop(twins);
     let flood = std::thread::spawn({
-        let url = url.clone();
+        let url = s.url.clone();
         move || {
             rt().block_on(async {
-                let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "flood".into() };
-                let (mut conn, welcome) = join(&url, hello).await.unwrap();
-                let config: dtrain_fit::config::JobConfig = toml::from_str(&welcome.unwrap().job_toml).unwrap();
-                let job = dtrain_fit::Job::build(config, Default::default()).unwrap();
-                let mut compute = dtrain_cluster::worker::Compute::new(job);
+                let (mut conn, mut compute) = join_computing(&url, "flood").await;
                 let mut sent = 0;
                 while let Ok(Some(m)) =
                     tokio::time::timeout(Duration::from_secs(30), conn.next()).await.unwrap_or(Ok(None))
@@ -268,16 +261,11 @@ fn a_flooding_worker_is_closed_and_a_party_holds_at_most_two_streams() {
             })
         }
     });
-    c.wait_for("(flood) joined", 30);
-    let _good = worker(&url, &["--name", "good"]);
-    c.wait_for("(flood) left: sent more results than it was given work", 30);
-    let mut c = c;
-    let (ok, out) = c.finish(60);
-    assert!(ok, "{out}");
+    s.c.wait_for("(flood) joined", 30);
+    let _good = worker(&s.url, &["--name", "good"]);
+    s.c.wait_for("(flood) left: sent more results than it was given work", 30);
+    assert!(s.same_weights_as_in_process());
     assert!(flood.join().unwrap() > 2, "the flood was sent");
-    assert!(
-        std::fs::read(rd.join("final.safetensors")).unwrap() == std::fs::read(local.join("final.safetensors")).unwrap()
-    );
 }
 
 /// The gRPC health service answers SERVING on the coordinator (for its service) and on a

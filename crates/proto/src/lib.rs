@@ -57,6 +57,29 @@ pub enum WireError {
     Invalid(String),
 }
 
+/// A worker's message as the coordinator's stream decodes it, from its protobuf bytes (the
+/// decoding the fuzz tests drive).
+pub fn worker_message_from_bytes(bytes: &[u8]) -> Result<FromWorker, WireError> {
+    let m: pb::WorkerMessage = prost::Message::decode(bytes).map_err(|e| WireError::Invalid(e.to_string()))?;
+    FromWorker::try_from(m)
+}
+
+/// A coordinator's message as a worker's stream decodes it, from its protobuf bytes.
+pub fn coordinator_message_from_bytes(bytes: &[u8]) -> Result<ToWorker, WireError> {
+    let m: pb::CoordinatorMessage = prost::Message::decode(bytes).map_err(|e| WireError::Invalid(e.to_string()))?;
+    ToWorker::try_from(m)
+}
+
+/// A worker's message as protobuf bytes.
+pub fn worker_message_to_bytes(m: FromWorker) -> Vec<u8> {
+    prost::Message::encode_to_vec(&pb::WorkerMessage::from(m))
+}
+
+/// A coordinator's message as protobuf bytes.
+pub fn coordinator_message_to_bytes(m: ToWorker) -> Vec<u8> {
+    prost::Message::encode_to_vec(&pb::CoordinatorMessage::from(m))
+}
+
 /// Little-endian f32 bytes, as tensors travel: on little-endian machines one copy.
 pub fn f32_bytes(v: &[f32]) -> Bytes {
     if cfg!(target_endian = "little") {

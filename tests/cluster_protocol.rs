@@ -105,17 +105,28 @@ fn wrong_version_and_oversized_messages_are_refused() {
 /// name at its first lie, and the weights equal an in-process run.
 #[test]
 fn nan_gradients_are_recomputed_and_the_sender_dropped() {
-    nan_gradients(false);
+    nan_gradients(false, false);
 }
 
 #[test]
 fn nan_gradients_in_shared_memory_are_recomputed_and_the_sender_dropped() {
-    nan_gradients(true);
+    nan_gradients(true, false);
 }
 
-fn nan_gradients(shared: bool) {
-    let flags: &[&str] = if shared { &["--min-workers", "2"] } else { &["--min-workers", "2", "--no-shared-memory"] };
-    let s = Scenario::start("shards = 2", flags);
+/// A NaN worker alone: the second opinion is the coordinator's own (never the same worker's),
+/// the worker is evicted, and training waits for an honest one.
+#[test]
+fn a_lone_nan_worker_is_contradicted_by_the_coordinator() {
+    nan_gradients(false, true);
+}
+
+fn nan_gradients(shared: bool, alone: bool) {
+    let min = if alone { "1" } else { "2" };
+    let mut flags = vec!["--min-workers", min];
+    if !shared {
+        flags.push("--no-shared-memory");
+    }
+    let s = Scenario::start("shards = 2", &flags);
     let (c, url) = (&s.c, s.url.clone());
     let evil = std::thread::spawn({
         let url = url.clone();
@@ -158,10 +169,14 @@ fn nan_gradients(shared: bool) {
         }
     });
     c.wait_for("(evil) joined", 30);
-    let _good = worker(&url, &["--name", "good"]);
+    let good = (!alone).then(|| worker(&url, &["--name", "good"]));
     // The coordinator recomputes the shard as referee, and evicts the worker it contradicts.
     let line = c.wait_for("evil (worker 1) sent a result for shard", 30);
     assert!(line.contains("differs from the coordinator's recomputation; evicting it (its party is refused for 60s)"));
+    let _good = good.unwrap_or_else(|| {
+        c.wait_for("no live worker; waiting", 30);
+        worker(&url, &["--name", "good"])
+    });
     assert!(s.same_weights_as_in_process());
     evil.join().unwrap();
 }
@@ -266,6 +281,41 @@ fn a_flooding_worker_is_closed_and_a_party_holds_at_most_two_streams() {
     s.c.wait_for("(flood) left: sent more results than it was given work", 30);
     assert!(s.same_weights_as_in_process());
     assert!(flood.join().unwrap() > 2, "the flood was sent");
+}
+
+/// A worker that takes work and never answers, then reconnects after each drop to stall the
+/// next step too: its missed deadlines count against its party across reconnects, and at the
+/// third it is refused; training ends with the in-process weights.
+#[test]
+fn a_worker_that_stalls_and_reconnects_is_refused_after_three_misses() {
+    let s = Scenario::start("shards = 2", &["--min-workers", "2", "--step-timeout", "1"]);
+    let staller = std::thread::spawn({
+        let url = s.url.clone();
+        move || {
+            rt().block_on(async {
+                let mut stalls = 0;
+                loop {
+                    let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "staller".into() };
+                    let mut conn = match join(&url, hello).await {
+                        Ok((conn, _)) => conn,
+                        Err(refused) => return (stalls, refused),
+                    };
+                    // Take work, answer nothing, until the coordinator drops this stream.
+                    while let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_secs(30), conn.next()).await {
+                        stalls += u32::from(matches!(m, ToWorker::Work(_)));
+                    }
+                }
+            })
+        }
+    });
+    s.c.wait_for("(staller) joined", 30);
+    let _good = worker(&s.url, &["--name", "good"]);
+    let line = s.c.wait_for("after 3 missed deadlines", 60);
+    assert!(line.contains("dropping staller (worker") && line.contains("its party is refused for 60s"), "{line}");
+    let (stalls, refused) = staller.join().unwrap();
+    assert!(stalls >= 3, "it stalled {stalls} steps");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    assert!(s.same_weights_as_in_process());
 }
 
 /// The gRPC health service answers SERVING on the coordinator (for its service) and on a

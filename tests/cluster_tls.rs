@@ -44,9 +44,11 @@ fn tls_and_mutual_tls() {
     let (ok, out) = c.finish(60);
     assert!(ok, "{out}");
 
-    // Mutual TLS: no client certificate, no entry; the right one trains (no token needed).
+    // Mutual TLS: no client certificate, no entry; the right one trains (no token needed), and
+    // its certificate is who it is for faults and evictions, whatever name it gives.
     let mut cmd = coordinator();
-    cmd.args(["train", "--config", job, "--run-dir", &p(d, "mtls"), "--listen", "127.0.0.1:0", "-q"]);
+    cmd.env_remove("DTRAIN_TOKEN");
+    cmd.args(["train", "--config", job, "--run-dir", &p(d, "mtls"), "--listen", "127.0.0.1:0"]);
     cmd.args(["--tls-cert", &p(d, "server.pem"), "--tls-key", &p(d, "server.key"), "--tls-client-ca", &p(d, "ca.pem")]);
     let c = Proc::start(cmd);
     let url = listening_url(&c).replace("http://127.0.0.1", "https://localhost");
@@ -55,10 +57,13 @@ fn tls_and_mutual_tls() {
     let mut anonymous = Proc::start(cmd);
     let (ok, out) = anonymous.finish(30);
     assert!(!ok && out.contains("cannot reach the coordinator"), "a worker without a client certificate got in: {out}");
-    let _w = worker(
+    let _w = worker_with(
         &url,
         &["--tls-ca", &p(d, "ca.pem"), "--tls-cert", &p(d, "client.pem"), "--tls-key", &p(d, "client.key")],
+        None,
     );
+    let joined = c.wait_for(") joined", 30);
+    assert!(joined.contains("joined as certificate "), "{joined}");
     let mut c = c;
     let (ok, out) = c.finish(60);
     assert!(ok, "{out}");

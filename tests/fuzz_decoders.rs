@@ -280,7 +280,11 @@ fn resume_states() {
     let manifest: serde_json::Value = serde_json::from_slice(&seed).unwrap();
     let tensors = run.join(manifest["tensors"].as_str().unwrap());
     let original = std::fs::read(&tensors).unwrap();
-    assert_eq!(manifest["tensors_fnv1a64"], serde_json::Value::from(fnv1a64(&original)), "the same checksum");
+    assert_eq!(
+        manifest["tensors_fnv1a64"],
+        serde_json::Value::from(dtrain_fit::checkpoint::fnv1a64(&original)),
+        "the same checksum"
+    );
     std::fs::write(&state, &seed).unwrap();
     if let Err(e) = dtrain_fit::checkpoint::load_state(&run, &job.config, &job.model, &job.optimizer) {
         panic!("the seed state loads: {e}");
@@ -288,17 +292,11 @@ fn resume_states() {
     fuzz("state-tensors", &[original], |bytes| {
         let mut m = manifest.clone();
         m["tensors_len"] = bytes.len().into();
-        m["tensors_fnv1a64"] = fnv1a64(bytes).into();
+        m["tensors_fnv1a64"] = dtrain_fit::checkpoint::fnv1a64(bytes).into();
         std::fs::write(&state, serde_json::to_vec(&m).unwrap()).unwrap();
         std::fs::write(&tensors, bytes).unwrap();
         load()
     });
-}
-
-/// The checksum `state.json` keeps of its tensors file (FNV-1a, 64 bits, in hex).
-fn fnv1a64(bytes: &[u8]) -> String {
-    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    format!("{h:016x}")
 }
 
 /// Sets one leaf of `v` (chosen at random) to an edge value; says which.

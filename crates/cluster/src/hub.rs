@@ -50,6 +50,7 @@ struct Worker {
 #[derive(Default)]
 struct Members {
     last_id: u32,
+    last_party: u32,
     live: BTreeMap<WorkerId, Worker>,
     names: BTreeMap<WorkerId, (String, PartyId)>,
     parties: BTreeMap<String, PartyId>,
@@ -61,6 +62,34 @@ pub const STREAMS_PER_PARTY: usize = 2;
 
 /// Streams the coordinator holds at once.
 pub const MAX_STREAMS: usize = 1024;
+
+/// Departed workers whose names (and parties) are remembered, at most: a peer that joins under
+/// ever new names cannot grow the coordinator's memory.
+pub const REMEMBERED: usize = 4096;
+
+impl Members {
+    /// Forgets the oldest departed workers beyond `REMEMBERED`, and parties nobody refers to
+    /// any more (neither a remembered worker nor a ban in force).
+    fn forget_the_oldest(&mut self) {
+        let departed = self.names.len().saturating_sub(self.live.len());
+        if departed <= REMEMBERED {
+            return;
+        }
+        let mut excess = departed - REMEMBERED / 2;
+        let live = &self.live;
+        self.names.retain(|id, _| {
+            let forget = excess > 0 && !live.contains_key(id);
+            excess -= usize::from(forget);
+            !forget
+        });
+        let now = Instant::now();
+        self.bans.retain(|_, b| b.until > now);
+        let (names, bans) = (&self.names, &self.bans);
+        let used: std::collections::BTreeSet<PartyId> =
+            names.values().map(|&(_, p)| p).chain(bans.keys().copied()).collect();
+        self.parties.retain(|_, p| used.contains(p));
+    }
+}
 
 /// A party's evictions, and until when it is refused.
 #[derive(Clone, Copy, Debug)]
@@ -75,12 +104,15 @@ pub fn ban_for(strikes: u32) -> Duration {
     Duration::from_secs(60).saturating_mul(1 << strikes.saturating_sub(1).min(16)).min(Duration::from_secs(86_400))
 }
 
-/// The key of the party behind a worker: its name and address (a reconnect from another port
-/// is the same party). With mutual TLS the caller prefixes the certificate it presented.
-pub fn party_key(name: &str, remote: Option<std::net::IpAddr>) -> String {
-    match remote {
-        Some(ip) => format!("{name}@{ip}"),
-        None => name.to_string(),
+/// The key of the party behind a worker: with mutual TLS the certificate it presented (a
+/// fingerprint of it: whatever name it gives, from wherever), else its name and address (a
+/// reconnect from another port is the same party).
+pub fn party_key(name: &str, remote: Option<std::net::IpAddr>, certificate: Option<&[u8]>) -> String {
+    match (certificate, remote) {
+        // A key, not a check: the TLS handshake verified the certificate.
+        (Some(der), _) => format!("certificate {}", dtrain_fit::checkpoint::fnv1a64(der)),
+        (None, Some(ip)) => format!("{name}@{ip}"),
+        (None, None) => name.to_string(),
     }
 }
 
@@ -155,10 +187,18 @@ impl Hub {
         local: bool,
     ) -> Result<ToWorkerStream, Status> {
         let (tx, rx) = Outbox::channel(8);
+        let party_name = party;
         let (id, party) = {
             let mut m = self.lock();
-            let next = PartyId(m.parties.len() as u32 + 1);
-            let party = *m.parties.entry(party).or_insert(next);
+            let party = match m.parties.get(&party_name) {
+                Some(&p) => p,
+                None => {
+                    m.last_party += 1;
+                    let p = PartyId(m.last_party);
+                    m.parties.insert(party_name.clone(), p);
+                    p
+                }
+            };
             if let Some(ban) = m.bans.get(&party).filter(|b| b.until > Instant::now()) {
                 let left = ban.until.saturating_duration_since(Instant::now()).as_secs() + 1;
                 return Err(Status::permission_denied(format!(
@@ -175,6 +215,7 @@ impl Hub {
             m.last_id += 1;
             let id = WorkerId(m.last_id);
             m.names.insert(id, (name.clone(), party));
+            m.forget_the_oldest();
             (id, party)
         };
         let (offered, slots) = if local { self.offer_shared_memory(id) } else { (None, None) };
@@ -184,7 +225,10 @@ impl Hub {
         self.members(|w| {
             w.insert(id, Worker { name: name.clone(), party, owed: 0, tx, slots, attached: false });
         });
-        tracing::info!("{id} ({name}) joined");
+        match party_name.strip_prefix("certificate ") {
+            Some(fingerprint) => tracing::info!("{id} ({name}) joined as certificate {fingerprint}"),
+            None => tracing::info!("{id} ({name}) joined"),
+        }
         let hub = Arc::clone(self);
         self.open.send_modify(|n| *n += 1);
         tokio::spawn(async move {
@@ -232,6 +276,13 @@ impl Hub {
     /// worker) and its own gradient slots; none (and a log line) if they cannot be made.
     fn offer_shared_memory(&self, id: WorkerId) -> (Option<SharedMemoryOffer>, Option<Slots>) {
         let Some(offer) = self.offer.filter(|_| shm::available()) else { return (None, None) };
+        // Each offer is memory made at once (a slot per shard): at most two workers per shard
+        // get it (more could not all compute anyway); the rest use the stream.
+        let sharing = self.lock().live.values().filter(|w| w.slots.is_some()).count();
+        if sharing >= 2 * offer.slots.max(1) {
+            tracing::info!("{id}: {sharing} workers share memory already; its tensors go over the stream");
+            return (None, None);
+        }
         match self.make_shared_memory(offer, id) {
             Ok((offered, slots)) => (Some(offered), Some(slots)),
             Err(e) => {
@@ -431,11 +482,30 @@ mod tests {
     }
 
     #[test]
+    fn departed_workers_and_their_parties_are_forgotten_beyond_a_bound() {
+        let mut m = Members::default();
+        let n = REMEMBERED as u32 + 10;
+        for i in 1..=n {
+            m.names.insert(WorkerId(i), (format!("w{i}"), PartyId(i)));
+            m.parties.insert(format!("w{i}@10.0.0.1"), PartyId(i));
+        }
+        m.bans.insert(PartyId(1), Ban { strikes: 1, until: Instant::now() + Duration::from_secs(60) });
+        m.forget_the_oldest();
+        assert_eq!(m.names.len(), REMEMBERED / 2);
+        assert!(m.names.contains_key(&WorkerId(n)), "the newest are kept");
+        assert!(m.parties.values().any(|&p| p == PartyId(1)), "a party refused for now is kept");
+        assert_eq!(m.parties.len(), REMEMBERED / 2 + 1);
+    }
+
+    #[test]
     fn evictions_double_the_time_a_party_is_refused() {
         assert_eq!(ban_for(1), Duration::from_secs(60));
         assert_eq!(ban_for(2), Duration::from_secs(120));
         assert_eq!(ban_for(3), Duration::from_secs(240));
         assert_eq!(ban_for(40), Duration::from_secs(86_400));
-        assert_eq!(party_key("w", Some([10, 0, 0, 1].into())), "w@10.0.0.1");
+        assert_eq!(party_key("w", Some([10, 0, 0, 1].into()), None), "w@10.0.0.1");
+        let cert = party_key("any-name", Some([10, 0, 0, 2].into()), Some(b"der"));
+        assert_eq!(cert, party_key("other-name", Some([10, 0, 0, 3].into()), Some(b"der")), "the certificate decides");
+        assert_ne!(cert, party_key("any-name", None, Some(b"der2")));
     }
 }

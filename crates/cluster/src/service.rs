@@ -31,7 +31,7 @@ impl JoinHandler for CoordinatorService {
             )));
         }
         let name = crate::hub::display_name(&hello.name);
-        let party = crate::hub::party_key(&name, call.remote.map(|a| a.ip()));
+        let party = crate::hub::party_key(&name, call.remote.map(|a| a.ip()), call.certificate.as_deref());
         self.hub.accept(name, party, call.inbound, local)
     }
 }

@@ -160,8 +160,9 @@ pub const STATE_FILE: &str = "state.json";
 /// callback (a run saved in format 1 is finished with the dtrain that started it).
 const STATE_FORMAT: u32 = 2;
 
-/// FNV-1a, 64 bits: catches truncation and bit rot in the state tensors.
-fn fnv1a64(bytes: &[u8]) -> String {
+/// FNV-1a, 64 bits, in hex: catches truncation and bit rot in the state tensors (a checksum,
+/// not a cryptographic hash).
+pub fn fnv1a64(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         h ^= u64::from(b);

@@ -62,6 +62,8 @@ pub struct Join {
     pub metadata: MetadataMap,
     /// The worker's address, if known (loopback means this host).
     pub remote: Option<SocketAddr>,
+    /// The client certificate it presented (DER), with mutual TLS.
+    pub certificate: Option<Vec<u8>>,
     /// Its messages, Hello first.
     pub inbound: Inbox,
 }
@@ -82,7 +84,8 @@ impl<H: JoinHandler> pb::coordinator_server::Coordinator for CoordinatorGrpc<H> 
 
     async fn join(&self, req: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<ToWorkerStream>, Status> {
         let (metadata, remote) = (req.metadata().clone(), req.remote_addr());
-        let call = Join { metadata, remote, inbound: Inbox(req.into_inner()) };
+        let certificate = req.peer_certs().and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+        let call = Join { metadata, remote, certificate, inbound: Inbox(req.into_inner()) };
         self.0.join(call).await.map(Response::new)
     }
 }

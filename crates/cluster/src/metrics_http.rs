@@ -1,82 +1,82 @@
 //! The coordinator's Prometheus endpoint: `GET /metrics` and nothing else (other paths 404,
-//! other methods 405). A plain HTTP/1.1 responder on its own thread, so it answers even while
-//! the trainer is busy between steps.
+//! other methods 405), served with hyper on its own thread and runtime, so it answers even
+//! while the trainer is busy between steps (and when training runs without workers).
 
 use crate::ClusterError;
-use dtrain_fit::metrics::Metrics;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use bytes::Bytes;
+use dtrain_fit::metrics::{Metrics, CONTENT_TYPE};
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::sync::Semaphore;
 
-/// Requests answered at once; a client beyond that is told 503 and closed.
+/// Connections answered at once; a client beyond that is told 503.
 const IN_FLIGHT: usize = 16;
 
-/// The most time one request may take, however slowly its client sends.
+/// The most time one connection may take, however slowly its client sends.
 const REQUEST_TIME: Duration = Duration::from_secs(2);
 
-/// Starts serving; returns the bound address (port 0 picks a free one). Each request is
-/// answered on its own thread, so a slow or idle client cannot hold the endpoint for others.
+/// Starts serving; returns the bound address (port 0 picks a free one). Each connection is its
+/// own task with a total deadline, so a slow or idle client cannot hold the endpoint for others.
 pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, ClusterError> {
     let io = |what: String| move |cause| ClusterError::Io { what, cause };
-    let listener = TcpListener::bind(addr).map_err(io(format!("--metrics-listen {addr}")))?;
+    let listener = std::net::TcpListener::bind(addr).map_err(io(format!("--metrics-listen {addr}")))?;
     let local = listener.local_addr().map_err(io(format!("--metrics-listen {addr}")))?;
-    let busy = Arc::new(AtomicUsize::new(0));
+    listener.set_nonblocking(true).map_err(io(format!("--metrics-listen {addr}")))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("cannot start the metrics runtime".into()))?;
     std::thread::Builder::new()
         .name("dtrain-metrics".into())
-        .spawn(move || {
-            for mut conn in listener.incoming().flatten() {
-                if busy.fetch_add(1, Ordering::SeqCst) >= IN_FLIGHT {
-                    busy.fetch_sub(1, Ordering::SeqCst);
-                    let _ = conn.set_write_timeout(Some(REQUEST_TIME));
-                    let _ = conn.write_all(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n");
-                    continue;
-                }
-                let (metrics, done) = (Arc::clone(&metrics), Arc::clone(&busy));
-                let spawned = std::thread::Builder::new().name("dtrain-metrics-conn".into()).spawn(move || {
-                    let _ = answer(conn, &metrics);
-                    done.fetch_sub(1, Ordering::SeqCst);
-                });
-                if spawned.is_err() {
-                    busy.fetch_sub(1, Ordering::SeqCst); // no thread: the connection is dropped
-                }
-            }
-        })
+        .spawn(move || rt.block_on(accept(listener, metrics)))
         .map_err(io("cannot start the metrics thread".into()))?;
     Ok(local)
 }
 
-fn answer(mut s: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let until = Instant::now() + REQUEST_TIME;
-    s.set_write_timeout(Some(REQUEST_TIME))?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        // A client sending a byte at a time still gets only REQUEST_TIME in all.
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
-        }
-        s.set_read_timeout(Some(left))?;
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
+async fn accept(listener: std::net::TcpListener, metrics: Arc<Metrics>) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+    let places = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let permit = Arc::clone(&places).try_acquire_owned().ok();
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let busy = permit.is_none();
+            let service = hyper::service::service_fn(move |req| {
+                let response = if busy { unavailable() } else { answer(&req, &metrics) };
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(REQUEST_TIME, conn).await;
+            drop(permit);
+        });
     }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found: only /metrics is served\n".into()),
-        _ => ("405 Method Not Allowed", "text/plain", "only GET /metrics is served\n".into()),
-    };
-    write!(
-        s,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+}
+
+fn response(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn unavailable() -> Response<Full<Bytes>> {
+    response(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "busy: try again\n".into())
+}
+
+fn answer<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => response(StatusCode::OK, CONTENT_TYPE, metrics.render()),
+        (&Method::GET, _) => {
+            response(StatusCode::NOT_FOUND, "text/plain", "not found: only /metrics is served\n".into())
+        }
+        _ => response(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET /metrics is served\n".into()),
+    }
 }

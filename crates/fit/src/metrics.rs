@@ -1,30 +1,19 @@
-//! Run metrics in Prometheus's text format: what the trainer and the cluster report, kept in
-//! one place that an HTTP endpoint can render at any time.
+//! Run metrics for Prometheus: what the trainer and the cluster report, as `prometheus-client`
+//! metrics in one registry that an HTTP endpoint can encode at any time (OpenMetrics text).
+//! Updates are atomic: no lock is held while a step runs or a scrape encodes.
 
-use std::sync::Mutex;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 /// Upper bounds of the step-time histogram buckets, in seconds.
 const BUCKETS: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0];
 
-#[derive(Debug, Default)]
-struct Values {
-    step: u64,
-    epoch: u64,
-    loss: f64,
-    accuracy: Option<f64>,
-    val_loss: Option<f64>,
-    val_accuracy: Option<f64>,
-    learning_rate: f64,
-    step_counts: [u64; BUCKETS.len()],
-    step_sum: f64,
-    step_count: u64,
-    workers_alive: Option<u64>,
-    bytes_sent: u64,
-    bytes_received: u64,
-    recomputed_shards: u64,
-    rejected_messages: u64,
-    verification: Verification,
-}
+/// The content type of `Metrics::render`'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What verification by recomputation did, as counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,116 +38,176 @@ impl Verification {
     }
 }
 
-#[derive(Debug, Default)]
-/// The values the metrics endpoint serves, updated by the trainer and the cluster.
+/// A gauge of floating-point values.
+type Value = Gauge<f64, AtomicU64>;
+
+/// The metrics the endpoint serves, updated by the trainer and the cluster. Values not known
+/// yet (validation before the first epoch ends, accuracy without the metric) are NaN.
+#[derive(Debug)]
 pub struct Metrics {
-    v: Mutex<Values>,
+    registry: Registry,
+    step: Gauge,
+    epoch: Gauge,
+    loss: Value,
+    accuracy: Value,
+    val_loss: Value,
+    val_accuracy: Value,
+    learning_rate: Value,
+    workers_alive: Gauge,
+    step_seconds: Histogram,
+    sent: Counter,
+    received: Counter,
+    recomputed: Counter,
+    rejected: Counter,
+    checked: Counter,
+    refereed: Counter,
+    evicted: Counter,
+    rollbacks: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let nan = || {
+            let g = Value::default();
+            g.set(f64::NAN);
+            g
+        };
+        let m = Metrics {
+            registry: Registry::with_prefix("dtrain"),
+            step: Gauge::default(),
+            epoch: Gauge::default(),
+            loss: nan(),
+            accuracy: nan(),
+            val_loss: nan(),
+            val_accuracy: nan(),
+            learning_rate: nan(),
+            workers_alive: Gauge::default(),
+            step_seconds: Histogram::new(BUCKETS),
+            sent: Counter::default(),
+            received: Counter::default(),
+            recomputed: Counter::default(),
+            rejected: Counter::default(),
+            checked: Counter::default(),
+            refereed: Counter::default(),
+            evicted: Counter::default(),
+            rollbacks: Counter::default(),
+        };
+        m.registered()
+    }
 }
 
 impl Metrics {
-    fn with(&self, f: impl FnOnce(&mut Values)) {
-        f(&mut self.v.lock().unwrap_or_else(|p| p.into_inner()));
+    /// Registers every metric (they share their values with the fields: clones are handles).
+    fn registered(mut self) -> Self {
+        let r = &mut self.registry;
+        r.register("step", "Optimizer steps taken", self.step.clone());
+        r.register("epoch", "Epochs completed", self.epoch.clone());
+        r.register("loss", "Training loss (running mean of the epoch)", self.loss.clone());
+        r.register("accuracy", "Training accuracy (running mean of the epoch)", self.accuracy.clone());
+        r.register("val_loss", "Validation loss of the last epoch", self.val_loss.clone());
+        r.register("val_accuracy", "Validation accuracy of the last epoch", self.val_accuracy.clone());
+        r.register("learning_rate", "Learning rate of the next step", self.learning_rate.clone());
+        r.register("workers_alive", "Workers connected to the coordinator", self.workers_alive.clone());
+        r.register("step_seconds", "Time of one optimizer step", self.step_seconds.clone());
+        r.register("wire_sent_bytes", "Bytes of work sent to workers", self.sent.clone());
+        r.register("wire_received_bytes", "Bytes of results received", self.received.clone());
+        r.register("recomputed_shards", "Shards recomputed after a worker failed", self.recomputed.clone());
+        r.register("rejected_messages", "Results rejected as malformed", self.rejected.clone());
+        r.register("verified_shards", "Shard results confirmed by a second party", self.checked.clone());
+        r.register("refereed_shards", "Shards the coordinator recomputed as referee", self.refereed.clone());
+        r.register("evictions", "Parties evicted for results the referee contradicted", self.evicted.clone());
+        r.register("rollbacks", "Rollbacks to undo an evicted party's results", self.rollbacks.clone());
+        self
     }
 
     /// A step finished: its number, duration, the running loss and accuracy, the next rate.
     pub fn step(&self, step: u64, seconds: f64, running_loss: f32, accuracy: Option<f32>, next_lr: f32) {
-        self.with(|v| {
-            v.step = step;
-            v.learning_rate = next_lr.into();
-            v.loss = running_loss.into();
-            v.accuracy = accuracy.map(f64::from);
-            v.step_sum += seconds;
-            v.step_count += 1;
-            for (c, &b) in v.step_counts.iter_mut().zip(&BUCKETS) {
-                if seconds <= b {
-                    *c += 1;
-                }
-            }
-        });
+        self.step.set(i64::try_from(step).unwrap_or(i64::MAX));
+        self.learning_rate.set(next_lr.into());
+        self.loss.set(running_loss.into());
+        self.accuracy.set(accuracy.map_or(f64::NAN, f64::from));
+        self.step_seconds.observe(seconds);
     }
 
     /// An epoch finished, with its logs.
     pub fn epoch(&self, epoch: u64, logs: &crate::logs::EpochLogs) {
-        self.with(|v| {
-            v.epoch = epoch;
-            v.loss = logs.loss.into();
-            v.accuracy = logs.accuracy.map(f64::from);
-            v.val_loss = logs.val_loss.map(f64::from);
-            v.val_accuracy = logs.val_accuracy.map(f64::from);
-            v.learning_rate = logs.learning_rate.into();
-        });
+        self.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
+        self.loss.set(logs.loss.into());
+        self.accuracy.set(logs.accuracy.map_or(f64::NAN, f64::from));
+        self.val_loss.set(logs.val_loss.map_or(f64::NAN, f64::from));
+        self.val_accuracy.set(logs.val_accuracy.map_or(f64::NAN, f64::from));
+        self.learning_rate.set(logs.learning_rate.into());
     }
 
     /// The learning rate now.
     pub fn learning_rate(&self, lr: f32) {
-        self.with(|v| v.learning_rate = lr.into());
+        self.learning_rate.set(lr.into());
     }
 
     /// Workers alive.
     pub fn workers(&self, alive: u64) {
-        self.with(|v| v.workers_alive = Some(alive));
+        self.workers_alive.set(i64::try_from(alive).unwrap_or(i64::MAX));
     }
 
     /// Bytes sent to and received from workers in a step.
     pub fn wire(&self, sent: u64, received: u64) {
-        self.with(|v| {
-            v.bytes_sent += sent;
-            v.bytes_received += received;
-        });
+        self.sent.inc_by(sent);
+        self.received.inc_by(received);
     }
 
     /// Shards computed again (lost, late or refused).
     pub fn recomputed(&self, shards: u64) {
-        self.with(|v| v.recomputed_shards += shards);
+        self.recomputed.inc_by(shards);
     }
 
     /// A refused message.
     pub fn rejected(&self) {
-        self.with(|v| v.rejected_messages += 1);
+        self.rejected.inc();
     }
 
     /// Verification's counts of a step.
     pub fn verified(&self, counts: &Verification) {
-        self.with(|v| v.verification.add(counts));
+        self.checked.inc_by(counts.checked);
+        self.refereed.inc_by(counts.refereed);
+        self.evicted.inc_by(counts.evicted);
+        self.rollbacks.inc_by(counts.rollbacks);
     }
 
-    /// The Prometheus text exposition (version 0.0.4).
+    /// The OpenMetrics text exposition (`CONTENT_TYPE`).
     pub fn render(&self) -> String {
-        let v = self.v.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, value: Option<f64>| {
-            if let Some(x) = value {
-                out += &format!("# HELP dtrain_{name} {help}\n# TYPE dtrain_{name} {kind}\ndtrain_{name} {x}\n");
-            }
-        };
-        metric("step", "counter", "Optimizer steps taken.", Some(v.step as f64));
-        metric("epoch", "gauge", "Epochs completed.", Some(v.epoch as f64));
-        metric("loss", "gauge", "Training loss (running mean of the epoch).", Some(v.loss));
-        metric("accuracy", "gauge", "Training accuracy (running mean of the epoch).", v.accuracy);
-        metric("val_loss", "gauge", "Validation loss of the last epoch.", v.val_loss);
-        metric("val_accuracy", "gauge", "Validation accuracy of the last epoch.", v.val_accuracy);
-        metric("learning_rate", "gauge", "Learning rate of the next step.", Some(v.learning_rate));
-        metric("workers_alive", "gauge", "Workers connected to the coordinator.", v.workers_alive.map(|w| w as f64));
-        metric("wire_sent_bytes_total", "counter", "Bytes of work sent to workers.", Some(v.bytes_sent as f64));
-        metric("wire_received_bytes_total", "counter", "Bytes of results received.", Some(v.bytes_received as f64));
-        let ver = &v.verification;
-        let counters = [
-            ("recomputed_shards_total", "Shards recomputed after a worker failed.", v.recomputed_shards),
-            ("rejected_messages_total", "Results rejected as malformed or not finite.", v.rejected_messages),
-            ("verified_shards_total", "Shard results confirmed by a second party.", ver.checked),
-            ("refereed_shards_total", "Shards the coordinator recomputed as referee.", ver.refereed),
-            ("evictions_total", "Parties evicted for results the referee contradicted.", ver.evicted),
-            ("rollbacks_total", "Rollbacks to undo an evicted party's results.", ver.rollbacks),
-        ];
-        for (name, help, n) in counters {
-            metric(name, "counter", help, Some(n as f64));
-        }
-        out += "# HELP dtrain_step_seconds Time of one optimizer step.\n# TYPE dtrain_step_seconds histogram\n";
-        for (c, b) in v.step_counts.iter().zip(BUCKETS) {
-            out += &format!("dtrain_step_seconds_bucket{{le=\"{b}\"}} {c}\n");
-        }
-        out += &format!("dtrain_step_seconds_bucket{{le=\"+Inf\"}} {}\n", v.step_count);
-        out += &format!("dtrain_step_seconds_sum {}\ndtrain_step_seconds_count {}\n", v.step_sum, v.step_count);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_reported_in_openmetrics_text() {
+        let m = Metrics::default();
+        m.step(7, 0.003, 0.5, None, 0.01);
+        m.workers(2);
+        m.wire(100, 50);
+        m.verified(&Verification { checked: 3, refereed: 1, evicted: 1, rollbacks: 0 });
+        let text = m.render();
+        for line in [
+            "# TYPE dtrain_step gauge",
+            "dtrain_step 7",
+            "dtrain_loss 0.5",
+            "dtrain_accuracy NaN",
+            "dtrain_workers_alive 2",
+            "dtrain_wire_sent_bytes_total 100",
+            "dtrain_verified_shards_total 3",
+            "dtrain_evictions_total 1",
+            "dtrain_step_seconds_count 1",
+            "dtrain_step_seconds_bucket{le=\"0.005\"} 1",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line || l.starts_with(&format!("{line} "))), "{line:?} not in:\n{text}");
+        }
     }
 }

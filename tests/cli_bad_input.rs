@@ -185,15 +185,24 @@ fn weights_files_are_checked_and_runs_are_never_overwritten() {
     );
     assert_eq!(snapshot(&rd), before, "a failed resume changed the run directory");
 
-    // A resume state whose names point outside the run, or whose counters disagree, is refused
-    // (these checks come before the tensors are read, so the damaged tensor file is not reached).
+    // A resume state whose names point outside the run, whose callbacks are not the job's, or
+    // whose counters disagree, is refused (these checks come before the tensors are read, so the
+    // damaged tensor file is not reached). Callbacks come from the job, only their counters
+    // from the state: a file name saved in it is never used (see below).
     let manifest = rd.join("state.json");
     let good = std::fs::read_to_string(&manifest).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    v.as_object_mut().unwrap().remove("manifest_fnv1a64"); // sealed again after each edit
+                                                           // An edit without the checksum is damage.
+    let unsealed = good.replacen("\"epoch\": ", "\"epoch\": 1", 1);
+    assert_ne!(unsealed, good);
+    std::fs::write(&manifest, &unsealed).unwrap();
+    fails(&["train", "--config", job, "--run-dir", r, "--resume"], &["state.json: checksum mismatch"]);
+    // Edits with the checksum made to match reach the checks behind it.
     let tampered = |f: &dyn Fn(&mut serde_json::Value)| {
         let mut t = v.clone();
         f(&mut t);
-        std::fs::write(&manifest, serde_json::to_string(&t).unwrap()).unwrap();
+        std::fs::write(&manifest, dtrain_fit::checkpoint::seal(&serde_json::to_vec_pretty(&t).unwrap())).unwrap();
     };
     for (what, change, needle) in [
         (
@@ -202,9 +211,12 @@ fn weights_files_are_checked_and_runs_are_never_overwritten() {
             "is not a state file of this run directory",
         ),
         (
-            "csv",
-            &|t: &mut serde_json::Value| t["callbacks"]["csv"]["filename"] = "../outside.csv".into(),
-            "must be a file name inside the run directory",
+            "callbacks",
+            &|t: &mut serde_json::Value| {
+                let list = t["callbacks"]["list"].as_array_mut().unwrap();
+                list.push(serde_json::json!({ "BackupAndRestore": { "every_batches": 1 } }));
+            },
+            "callbacks saved, the job has",
         ),
         ("epoch", &|t: &mut serde_json::Value| t["epoch"] = 7.into(), "does not follow from"),
     ] {
@@ -212,6 +224,11 @@ fn weights_files_are_checked_and_runs_are_never_overwritten() {
         fails(&["train", "--config", job, "--run-dir", r, "--resume", "--epochs", "3"], &["state.json", needle]);
         assert!(!dir.path().join("outside.csv").exists(), "{what}");
     }
+    // A CSV file name pointing outside the run is not even read: the job's is used, and the
+    // resume goes on to the (damaged) tensors.
+    tampered(&|t: &mut serde_json::Value| t["callbacks"]["csv"]["filename"] = "../outside.csv".into());
+    fails(&["train", "--config", job, "--run-dir", r, "--resume", "--epochs", "3"], &["checksum mismatch"]);
+    assert!(!dir.path().join("outside.csv").exists());
     std::fs::write(&manifest, good).unwrap();
 
     // A different job cannot continue this run.

@@ -256,20 +256,22 @@ fn resume_states() {
     let job = dtrain_fit::Job::build(config, work.path().to_path_buf()).unwrap();
     let state = run.join("state.json");
     let seed = std::fs::read(&state).unwrap();
-    let load = || dtrain_fit::checkpoint::load_state(&run, &job.config, &job.model, &job.optimizer).is_ok();
+    let load = || dtrain_fit::checkpoint::load_state(&run, &job).is_ok();
     // Bytes: mostly JSON that no longer parses.
     fuzz_any("state-json-bytes", std::slice::from_ref(&seed), |bytes| {
         std::fs::write(&state, bytes).unwrap();
         load()
     });
     // Values: one field of the manifest changed to an edge value, the JSON still well formed.
-    let manifest: serde_json::Value = serde_json::from_slice(&seed).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&seed).unwrap();
+    manifest.as_object_mut().unwrap().remove("manifest_fnv1a64"); // sealed again after each edit
     let mut rng = Rng(11);
     let mut accepted = 0;
     for case in 0..cases() {
         let mut m = manifest.clone();
         let edit = edit_a_leaf(&mut rng, &mut m);
-        std::fs::write(&state, serde_json::to_vec(&m).unwrap()).unwrap();
+        // Sealed: past the checksum, to what is behind it.
+        std::fs::write(&state, dtrain_fit::checkpoint::seal(&serde_json::to_vec_pretty(&m).unwrap())).unwrap();
         let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load));
         assert!(ok.is_ok(), "state-json-values: case {case} panicked ({edit})");
         accepted += u64::from(ok.unwrap_or(false));
@@ -277,7 +279,8 @@ fn resume_states() {
     assert!(accepted > 0 && accepted < cases(), "{accepted} of {} edits of the manifest accepted", cases());
     // The tensors file, with the manifest's size and checksum made to match, so that the
     // safetensors decoding and the tensor checks behind the checksum are what is exercised.
-    let manifest: serde_json::Value = serde_json::from_slice(&seed).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&seed).unwrap();
+    manifest.as_object_mut().unwrap().remove("manifest_fnv1a64");
     let tensors = run.join(manifest["tensors"].as_str().unwrap());
     let original = std::fs::read(&tensors).unwrap();
     assert_eq!(
@@ -286,14 +289,14 @@ fn resume_states() {
         "the same checksum"
     );
     std::fs::write(&state, &seed).unwrap();
-    if let Err(e) = dtrain_fit::checkpoint::load_state(&run, &job.config, &job.model, &job.optimizer) {
+    if let Err(e) = dtrain_fit::checkpoint::load_state(&run, &job) {
         panic!("the seed state loads: {e}");
     }
     fuzz("state-tensors", &[original], |bytes| {
         let mut m = manifest.clone();
         m["tensors_len"] = bytes.len().into();
         m["tensors_fnv1a64"] = dtrain_fit::checkpoint::fnv1a64(bytes).into();
-        std::fs::write(&state, serde_json::to_vec(&m).unwrap()).unwrap();
+        std::fs::write(&state, dtrain_fit::checkpoint::seal(&serde_json::to_vec_pretty(&m).unwrap())).unwrap();
         std::fs::write(&tensors, bytes).unwrap();
         load()
     });

@@ -434,6 +434,30 @@ pub struct Callbacks {
     pub csv: CsvLogger,
 }
 
+impl Callbacks {
+    /// These callbacks, as the job configures them, carrying on from `saved`'s running state
+    /// (counters and bests): a resume state restores progress, never what a callback does or
+    /// which files it writes. `Err` says how `saved` does not fit.
+    pub fn resumed_from(&self, saved: &Callbacks) -> Result<Callbacks, String> {
+        if saved.list.len() != self.list.len() {
+            return Err(format!("{} callbacks saved, the job has {}", saved.list.len(), self.list.len()));
+        }
+        let mut out = self.clone();
+        for (i, (cb, old)) in out.list.iter_mut().zip(&saved.list).enumerate() {
+            cb.carry_on_from(old).map_err(|e| format!("callbacks[{i}]: {e}"))?;
+        }
+        Ok(out)
+    }
+}
+
+/// A saved best value: finite, or none yet.
+fn best(saved: Option<f64>) -> Result<Option<f64>, String> {
+    match saved {
+        Some(b) if !b.is_finite() => Err(format!("best {b} is not finite")),
+        b => Ok(b),
+    }
+}
+
 /// One callback and its state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Callback {
@@ -451,6 +475,38 @@ pub enum Callback {
 }
 
 impl Callback {
+    /// Takes the running state of `saved`, the same kind of callback saved earlier.
+    fn carry_on_from(&mut self, saved: &Callback) -> Result<(), String> {
+        match (self, saved) {
+            (Callback::EarlyStopping(c), Callback::EarlyStopping(s)) => {
+                if s.wait > c.patience.saturating_add(1) {
+                    return Err(format!("EarlyStopping waited {} epochs, beyond its patience {}", s.wait, c.patience));
+                }
+                (c.wait, c.stopped_epoch, c.best, c.best_epoch) =
+                    (s.wait, s.stopped_epoch, best(s.best)?, s.best_epoch);
+            }
+            (Callback::ModelCheckpoint(c), Callback::ModelCheckpoint(s)) => c.best = best(s.best)?,
+            (Callback::ReduceLrOnPlateau(c), Callback::ReduceLrOnPlateau(s)) => {
+                if s.wait > c.patience.saturating_add(1) || s.cooldown_counter > c.cooldown {
+                    return Err("ReduceLROnPlateau's counters are beyond its patience or cooldown".into());
+                }
+                (c.wait, c.cooldown_counter, c.best) = (s.wait, s.cooldown_counter, best(s.best)?);
+            }
+            (Callback::BackupAndRestore { .. }, Callback::BackupAndRestore { .. }) => {}
+            (c, s) => return Err(format!("{} in the job, {} in the saved state", c.kind(), s.kind())),
+        }
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Callback::EarlyStopping(_) => "EarlyStopping",
+            Callback::ModelCheckpoint(_) => "ModelCheckpoint",
+            Callback::ReduceLrOnPlateau(_) => "ReduceLROnPlateau",
+            Callback::BackupAndRestore { .. } => "BackupAndRestore",
+        }
+    }
+
     /// After each optimizer step.
     pub fn on_batch_end(&mut self, at: &BatchEnd<'_>) -> Result<Vec<Action>, TemplateError> {
         match self {
@@ -574,5 +630,35 @@ mod tests {
         let restore = Callback::EarlyStopping(es).on_train_end(true);
         assert_eq!(restore.last(), Some(&Action::RestoreSnapshot));
         assert!(matches!(&restore[0], Action::Log(l) if l.ends_with("best epoch: 2")));
+    }
+
+    #[test]
+    fn a_resume_takes_counters_from_the_state_and_everything_else_from_the_job() {
+        let cp = |filepath: &str, best| {
+            Callback::ModelCheckpoint(ModelCheckpoint {
+                filepath: filepath.into(),
+                monitor: Monitor::Loss,
+                direction: Direction::Min,
+                save_best_only: true,
+                every_batches: None,
+                best,
+            })
+        };
+        let job = Callbacks { list: vec![cp("best.safetensors", None)], csv: CsvLogger::default() };
+        let saved = Callbacks {
+            list: vec![cp("../../outside.safetensors", Some(0.25))],
+            csv: CsvLogger { filename: "../x.csv".into(), separator: ";".into() },
+        };
+        let resumed = job.resumed_from(&saved).unwrap();
+        assert_eq!(resumed.list, vec![cp("best.safetensors", Some(0.25))], "the job's file, the saved best");
+        assert_eq!(resumed.csv, job.csv);
+        let nan = Callbacks { list: vec![cp("best.safetensors", Some(f64::NAN))], ..job.clone() };
+        assert!(job.resumed_from(&nan).unwrap_err().contains("callbacks[0]: best NaN is not finite"));
+        let other = Callbacks { list: vec![Callback::BackupAndRestore { every_batches: 5 }], ..job.clone() };
+        assert!(job
+            .resumed_from(&other)
+            .unwrap_err()
+            .contains("ModelCheckpoint in the job, BackupAndRestore in the saved"));
+        assert!(job.resumed_from(&Callbacks::default()).unwrap_err().contains("0 callbacks saved, the job has 1"));
     }
 }

@@ -171,6 +171,30 @@ pub fn fnv1a64(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
+/// What starts the last field of `state.json`: the checksum of every byte before it.
+const CHECKSUM_FIELD: &str = ",\n  \"manifest_fnv1a64\": \"";
+
+/// `doc` (a JSON object) with a last field holding the checksum of the bytes before that
+/// field (what `save_state` writes). Over the bytes, not the values: re-reading numbers cannot
+/// change it. Public for tests that edit a state on purpose and want to get past the checksum.
+pub fn seal(doc: &[u8]) -> Vec<u8> {
+    let end = doc.iter().rposition(|&b| b == b'}').unwrap_or(doc.len());
+    let body = doc[..end].trim_ascii_end();
+    let mut out = body.to_vec();
+    out.extend_from_slice(format!("{CHECKSUM_FIELD}{}\"\n}}\n", fnv1a64(body)).as_bytes());
+    out
+}
+
+/// Whether `text`'s checksum field matches the bytes before it (`None`: it has none, as
+/// states saved before manifests had one).
+fn seal_holds(text: &[u8]) -> Option<bool> {
+    let marker = CHECKSUM_FIELD.as_bytes();
+    let at = text.windows(marker.len()).rposition(|w| w == marker)?;
+    let rest = &text[at + marker.len()..];
+    let sum = rest.split(|&b| b == b'"').next().unwrap_or_default();
+    Some(sum == fnv1a64(&text[..at]).as_bytes())
+}
+
 /// Writes the state: first a new tensor file named by step, then the manifest pointing to it
 /// (atomically), then removes older tensor files. A crash never leaves a torn pair.
 pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(), IoError> {
@@ -206,7 +230,7 @@ pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(),
         job: job.clone(),
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("the manifest serializes");
-    write_atomic(&dir.join(STATE_FILE), &json)?;
+    write_atomic(&dir.join(STATE_FILE), &seal(&json))?;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -218,15 +242,15 @@ pub fn save_state(dir: &Path, state: &TrainState, job: &JobConfig) -> Result<(),
     Ok(())
 }
 
-/// Loads the state of `dir`, checking its checksum and that it belongs to `job`.
-pub fn load_state(
-    dir: &Path,
-    job: &JobConfig,
-    model: &Sequential,
-    optimizer: &OptimizerConfig,
-) -> Result<TrainState, CheckpointError> {
+/// Loads the state of `dir`, checking its checksum and that it belongs to `job` (whose
+/// callbacks it continues, with their saved running state).
+pub fn load_state(dir: &Path, job: &crate::Job) -> Result<TrainState, CheckpointError> {
+    let (config, model, optimizer) = (&job.config, &job.model, &job.optimizer);
     let mpath = dir.join(STATE_FILE);
     let text = std::fs::read(&mpath).map_err(IoError::on(&mpath, "read the resume state"))?;
+    if seal_holds(&text) == Some(false) {
+        return Err(CheckpointError::invalid(&mpath, "checksum mismatch, the file is damaged"));
+    }
     let m: Manifest = serde_json::from_slice(&text)
         .map_err(|e| CheckpointError::invalid(&mpath, format!("damaged resume state: {e}")))?;
     if m.format != STATE_FORMAT {
@@ -238,14 +262,15 @@ pub fn load_state(
         let why = format!("tensors: {:?} is not a state file of this run directory", m.tensors);
         return Err(CheckpointError::invalid(&mpath, why));
     }
-    crate::build::check_saved_names(&m.callbacks).map_err(|e| CheckpointError::invalid(&mpath, e))?;
-    if m.history.len().checked_add(job.fit.initial_epoch) != Some(m.epoch) {
+    // Callbacks are the job's; only their running state comes from the file.
+    let callbacks = job.callbacks.resumed_from(&m.callbacks).map_err(|e| CheckpointError::invalid(&mpath, e))?;
+    if m.history.len().checked_add(config.fit.initial_epoch) != Some(m.epoch) {
         let why = format!("epoch {} does not follow from {} epochs of history", m.epoch, m.history.len());
         return Err(CheckpointError::invalid(&mpath, why));
     }
     let mut same = m.job.clone();
-    same.fit.epochs = job.fit.epochs;
-    if &same != job {
+    same.fit.epochs = config.fit.epochs;
+    if &same != config {
         return Err(CheckpointError::OtherJob { path: mpath, job: dir.join(crate::run::JOB_FILE) });
     }
     let tpath: PathBuf = dir.join(&m.tensors);
@@ -289,8 +314,26 @@ pub fn load_state(
         loss_mean: m.loss_mean,
         acc_mean: m.acc_mean,
         history: m.history,
-        callbacks: m.callbacks,
+        callbacks,
         best_weights: if m.has_best_weights { Some(get("early_stopping/best_weights")?) } else { None },
         stopped_early: m.stopped_early,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_manifest_holds_until_a_byte_before_the_seal_changes() {
+        let doc = b"{\n  \"epoch\": 3,\n  \"loss\": 0.10000000149011612\n}";
+        let sealed = seal(doc);
+        assert_eq!(seal_holds(&sealed), Some(true));
+        let v: serde_json::Value = serde_json::from_slice(&sealed).unwrap();
+        assert_eq!(v["epoch"], 3, "still JSON, the same values");
+        let mut flipped = sealed.clone();
+        flipped[13] = b'4';
+        assert_eq!(seal_holds(&flipped), Some(false));
+        assert_eq!(seal_holds(doc), None, "saved before manifests had a checksum");
+    }
 }

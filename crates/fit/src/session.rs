@@ -129,7 +129,7 @@ pub fn train_with(
         if opts.init_weights.is_some() {
             return Err(FitError::Config("--init-weights cannot be combined with --resume".into()));
         }
-        let state = load_state(run.path(), &job.config, &job.model, &job.optimizer)?;
+        let state = load_state(run.path(), &job)?;
         (run, state)
     } else {
         let params = match &opts.init_weights {

@@ -87,7 +87,7 @@ fn dies_mid_epoch_and_resumes_bit_identically() {
     let err = dtrain_fit::trainer::fit(&job, &train, None, &broken, &mut b, &mut dies, &mut quiet()).unwrap_err();
     assert!(matches!(err, dtrain_fit::FitError::Engine(dtrain_fit::EngineError::Stopped)), "{err}");
 
-    let mut resumed = load_state(broken.path(), &job.config, &job.model, &job.optimizer).unwrap();
+    let mut resumed = load_state(broken.path(), &job).unwrap();
     assert_eq!((resumed.epoch, resumed.batch, resumed.step), (1, 2, 12));
     let mut engine = LocalEngine::new(&job.model, &train, job.seed, 2).unwrap();
     dtrain_fit::trainer::fit(&job, &train, None, &broken, &mut resumed, &mut engine, &mut quiet()).unwrap();

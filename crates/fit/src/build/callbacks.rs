@@ -41,17 +41,6 @@ pub(crate) fn run_file_name(key: &str, name: &str) -> R<()> {
     Ok(())
 }
 
-/// The file names in callbacks read back from a resume state: as safe as the job's own.
-pub(crate) fn check_saved_names(c: &Callbacks) -> R<()> {
-    run_file_name("callbacks.csv.filename", &c.csv.filename)?;
-    for (i, cb) in c.list.iter().enumerate() {
-        if let Callback::ModelCheckpoint(m) = cb {
-            run_file_name(&format!("callbacks[{i}].ModelCheckpoint.filepath"), &m.filepath)?;
-        }
-    }
-    Ok(())
-}
-
 /// The job's callbacks, validated, in the order listed, with the history file (CSVLogger's or the default).
 pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks> {
     let mut out = Callbacks::default();

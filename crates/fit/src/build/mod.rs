@@ -6,7 +6,6 @@ mod model;
 mod optimizer;
 
 pub use callbacks::callbacks;
-pub(crate) use callbacks::check_saved_names;
 
 use crate::callbacks::Callbacks;
 use crate::config::*;

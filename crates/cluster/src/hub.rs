@@ -34,6 +34,7 @@ pub enum Event {
 struct Worker {
     name: String,
     party: PartyId,
+    host: Option<std::net::IpAddr>,
     /// Shard results it was sent work for and has not returned: a result beyond them is a
     /// flood, and its stream is closed, so the event queue never holds more than the work
     /// that is out.
@@ -183,9 +184,11 @@ impl Hub {
         self: &Arc<Self>,
         name: String,
         party: String,
+        host: Option<std::net::IpAddr>,
         inbound: Inbox,
-        local: bool,
     ) -> Result<ToWorkerStream, Status> {
+        // Only a worker that dialed over loopback can be on this host (shared memory).
+        let local = host.is_some_and(|ip| ip.is_loopback());
         let (tx, rx) = Outbox::channel(8);
         let party_name = party;
         let (id, party) = {
@@ -223,7 +226,7 @@ impl Hub {
         // Welcome first, then visible to the engine: its work must never overtake the welcome.
         let _ = tx.try_send(ToWorker::Welcome(welcome));
         self.members(|w| {
-            w.insert(id, Worker { name: name.clone(), party, owed: 0, tx, slots, attached: false });
+            w.insert(id, Worker { name: name.clone(), party, host, owed: 0, tx, slots, attached: false });
         });
         match party_name.strip_prefix("certificate ") {
             Some(fingerprint) => tracing::info!("{id} ({name}) joined as certificate {fingerprint}"),
@@ -344,7 +347,7 @@ impl Hub {
 
     /// The live workers, in joining order.
     pub fn alive(&self) -> Vec<Member> {
-        self.lock().live.iter().map(|(&id, w)| Member { id, party: w.party }).collect()
+        self.lock().live.iter().map(|(&id, w)| Member { id, party: w.party, host: w.host }).collect()
     }
 
     /// `name (worker N)`, also after the worker left.

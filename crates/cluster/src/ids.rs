@@ -36,4 +36,6 @@ pub struct Member {
     pub id: WorkerId,
     /// Who is behind it.
     pub party: PartyId,
+    /// The address it connected from, if known: a check goes to another host when there is one.
+    pub host: Option<std::net::IpAddr>,
 }

@@ -127,6 +127,7 @@ pub struct Round {
     /// Who sent each shard's accepted results, in arrival order.
     got: Vec<Vec<WorkerId>>,
     parties: BTreeMap<WorkerId, PartyId>,
+    hosts: BTreeMap<WorkerId, std::net::IpAddr>,
     /// When each worker was last sent work this step; its deadline is `timeout` after that.
     sent_at: BTreeMap<WorkerId, Instant>,
     done: bool,
@@ -147,6 +148,7 @@ impl Round {
             out: BTreeSet::new(),
             got: vec![vec![]; n],
             parties: BTreeMap::new(),
+            hosts: BTreeMap::new(),
             sent_at: BTreeMap::new(),
             done: false,
         }
@@ -191,6 +193,12 @@ impl Round {
         self.holders(k).all(|h| h != worker && self.parties.get(&h) != party)
     }
 
+    /// `worker` is on a host that none of the holders of `k` is known to be on.
+    fn other_host(&self, k: ShardIndex, worker: WorkerId) -> bool {
+        let Some(host) = self.hosts.get(&worker) else { return false };
+        self.holders(k).all(|h| self.hosts.get(&h).is_some_and(|x| x != host))
+    }
+
     /// The earliest deadline of a worker with shards out.
     fn deadline(&self) -> Option<Instant> {
         let busy: BTreeSet<WorkerId> = self.out.iter().map(|&(_, w)| w).collect();
@@ -215,6 +223,7 @@ impl Round {
             return vec![Action::AwaitWorkers];
         }
         self.parties.extend(alive.iter().map(|m| (m.id, m.party)));
+        self.hosts.extend(alive.iter().filter_map(|m| Some((m.id, m.host?))));
         let ids: Vec<WorkerId> = alive.iter().map(|m| m.id).collect();
         let mut work: BTreeMap<WorkerId, BTreeSet<ShardIndex>> = BTreeMap::new();
         let (plan, _) = assign(&firsts, &ids, |k, w| self.eligible(k, w));
@@ -227,8 +236,10 @@ impl Round {
                 }
             }
         }
-        let (plan, nobody) = assign(&lacking(self), &ids, |k, w| self.eligible(k, w));
-        for (w, ks) in plan {
+        // Checks: from another host if there is one, else from another party.
+        let (plan, elsewhere) = assign(&lacking(self), &ids, |k, w| self.eligible(k, w) && self.other_host(k, w));
+        let (more, nobody) = assign(&elsewhere, &ids, |k, w| self.eligible(k, w));
+        for (w, ks) in plan.into_iter().chain(more) {
             for k in ks {
                 self.out.insert((k, w));
                 work.entry(w).or_default().insert(k);
@@ -409,7 +420,7 @@ mod tests {
 
     /// Workers of their own party each.
     fn members(ids: &[u32]) -> Vec<Member> {
-        ids.iter().map(|&i| Member { id: WorkerId(i), party: PartyId(i) }).collect()
+        ids.iter().map(|&i| Member { id: WorkerId(i), party: PartyId(i), host: None }).collect()
     }
 
     fn send(worker: u32, shards: &[usize]) -> Action {
@@ -557,13 +568,28 @@ mod tests {
     #[test]
     fn a_check_never_goes_to_the_same_party_and_with_none_other_the_referee_makes_it() {
         // Workers 1 and 2 are the same party (one identity, two streams).
-        let same = [Member { id: w(1), party: PartyId(9) }, Member { id: w(2), party: PartyId(9) }];
+        let same =
+            [Member { id: w(1), party: PartyId(9), host: None }, Member { id: w(2), party: PartyId(9), host: None }];
         let mut r = Round::new(3, [1, 1], TIMEOUT);
         let sends = r.dispatch(&same, Instant::now(), &mut |_, _| true);
         assert_eq!(sends, vec![send(1, &[0]), send(2, &[1])], "no second copy to the same party");
         assert!(r.check_here(k(0)) && r.check_here(k(1)));
         all_in(&mut r, &[(1, 0), (2, 1)]);
         assert_eq!(r.phase(), Phase::Reduce);
+    }
+
+    #[test]
+    fn a_check_goes_to_another_host_when_there_is_one() {
+        let at = |id: u32, host: [u8; 4]| Member { id: w(id), party: PartyId(id), host: Some(host.into()) };
+        // Workers 1 and 2 share a host; 3 is elsewhere. Shard 0 is first given to worker 1.
+        let alive = [at(1, [10, 0, 0, 1]), at(2, [10, 0, 0, 1]), at(3, [10, 0, 0, 2])];
+        let mut r = Round::new(3, [1, 1, 1], TIMEOUT);
+        let sends = r.dispatch(&alive, Instant::now(), &mut |s, _| s == k(0));
+        assert_eq!(sends, vec![send(1, &[0]), send(2, &[1]), send(3, &[0, 2])], "not worker 2, on worker 1's host");
+        // With no other host alive, another party on the same host checks it.
+        let mut r = Round::new(3, [1, 1], TIMEOUT);
+        let sends = r.dispatch(&alive[..2], Instant::now(), &mut |s, _| s == k(0));
+        assert_eq!(sends, vec![send(1, &[0]), send(2, &[0, 1])]);
     }
 
     #[test]

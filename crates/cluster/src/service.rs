@@ -18,8 +18,6 @@ pub struct CoordinatorService {
 impl JoinHandler for CoordinatorService {
     async fn join(&self, mut call: Join) -> Result<ToWorkerStream, Status> {
         crate::auth::check(&call.metadata, self.token.as_deref())?;
-        // Only a worker that dialed over loopback can be on this host (shared memory).
-        let local = call.remote.is_some_and(|a| a.ip().is_loopback());
         let hello = match call.inbound.next().await? {
             Some((FromWorker::Hello(h), _)) => h,
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
@@ -31,7 +29,8 @@ impl JoinHandler for CoordinatorService {
             )));
         }
         let name = crate::hub::display_name(&hello.name);
-        let party = crate::hub::party_key(&name, call.remote.map(|a| a.ip()), call.certificate.as_deref());
-        self.hub.accept(name, party, call.inbound, local)
+        let host = call.remote.map(|a| a.ip());
+        let party = crate::hub::party_key(&name, host, call.certificate.as_deref());
+        self.hub.accept(name, party, host, call.inbound)
     }
 }

@@ -403,3 +403,58 @@ fn workers_beyond_the_shard_count_are_said_to_stand_by() {
     assert!(ok, "{out}");
     assert!(out.contains("fit.shards is 1: at most 1 of the 2 workers compute each step"), "{out}");
 }
+
+/// The run's BLAS kernel: the same weights in process and with two workers under each kernel
+/// this CPU runs (`haswell`, and `auto`, which is `skylakex` on an AVX-512 CPU), different
+/// weights between kernels (the kernel is part of the result), and a worker started with
+/// another kernel than the run's restarts itself with the run's before it computes.
+#[test]
+fn bits_hold_under_each_blas_kernel_and_workers_take_the_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fashion_mnist.toml")).unwrap();
+    let avx512 =
+        ["avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"].iter().all(|f| dtrain_nn::kernel::cpu_has(f));
+    let mut results = vec![];
+    for setting in ["haswell", "auto"] {
+        let text = seed.replace("epochs = 10", &format!("epochs = 1\nshards = 2\nkernel = \"{setting}\""));
+        let job = dir.path().join(format!("{setting}.toml"));
+        std::fs::write(&job, text).unwrap();
+        let local = dir.path().join(format!("{setting}-local"));
+        let o = run(&["train", "--config", job.to_str().unwrap(), "--run-dir", local.to_str().unwrap(), "--local"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let recorded = std::fs::read_to_string(local.join("job.toml")).unwrap();
+        let chosen = if recorded.contains("kernel = \"skylakex\"") { "SkylakeX" } else { "Haswell" };
+        assert!(recorded.contains(&format!("kernel = \"{}\"", chosen.to_lowercase())), "{recorded}");
+        assert!(stderr(&o).contains(&format!("BLAS kernel: {} ({chosen})", chosen.to_lowercase())), "{}", stderr(&o));
+        // Two workers; the second starts with the other kernel (if this CPU runs it).
+        let other = if chosen == "Haswell" { avx512.then_some("SkylakeX") } else { Some("Haswell") };
+        let rd = dir.path().join(format!("{setting}-cluster"));
+        let c = coordinator_proc(job.to_str().unwrap(), &rd, "1", &["--listen", "127.0.0.1:0", "--min-workers", "2"]);
+        let url = listening_url(&c);
+        let _a = worker(&url, &["--name", "a"]);
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_worker"));
+        cmd.args(["--coordinator", &url, "--retry-for", "30", "--name", "b"]).env("DTRAIN_TOKEN", TOKEN);
+        if let Some(o) = other {
+            cmd.env("OPENBLAS_CORETYPE", o);
+        }
+        let mut b = Proc::start(cmd);
+        let mut c = c;
+        let (ok, out) = c.finish(120);
+        assert!(ok, "{out}");
+        let (_, said) = b.finish(30);
+        if other.is_some() {
+            assert!(said.contains("restarting with it"), "{said}");
+        }
+        assert!(said.contains(&format!("BLAS kernel {chosen}")), "{said}");
+        assert!(
+            finals(&rd) == std::fs::read(local.join("final.safetensors")).unwrap(),
+            "{setting}: workers changed the weights"
+        );
+        results.push((chosen, finals(&rd)));
+    }
+    if results[0].0 != results[1].0 {
+        assert!(results[0].1 != results[1].1, "two kernels gave the same bits: the kernel was not applied");
+    } else {
+        eprintln!("this CPU has no AVX-512: auto is haswell, one kernel tested");
+    }
+}

@@ -18,8 +18,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn main() -> ExitCode {
-    dtrain_nn::reexec_with_pinned_blas();
     let cli = Cli::parse();
+    // The run's BLAS kernel, set before anything is computed (this may execute us again).
+    let auto = || dtrain_nn::kernel::resolve(None, &dtrain_nn::kernel::cpu_has).ok().flatten();
+    let kernel = match &cli.command {
+        Command::Train(a) => session::train_kernel(&train_options(a)),
+        Command::Evaluate { config, .. } | Command::Predict { config, .. } => session::job_kernel(config),
+        _ => auto(),
+    };
+    dtrain_nn::kernel::pin(kernel.or_else(auto));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         // `coordinator predict ... | head`: the reader has all it wanted.
@@ -28,6 +35,20 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn train_options(a: &coordinator_cli::TrainArgs) -> TrainOptions {
+    TrainOptions {
+        config: a.config.clone(),
+        run_dir: a.run_dir.clone(),
+        init_weights: a.init_weights.clone(),
+        resume: a.resume,
+        auto_resume: a.auto_resume,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        seed: a.seed,
+        threads: a.threads,
     }
 }
 
@@ -44,17 +65,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (false, Format::Text) => LogFormat::Text,
                 (false, Format::Json) => LogFormat::Json,
             };
-            let opts = TrainOptions {
-                config: a.config,
-                run_dir: a.run_dir,
-                init_weights: a.init_weights,
-                resume: a.resume,
-                auto_resume: a.auto_resume,
-                epochs: a.epochs,
-                batch_size: a.batch_size,
-                seed: a.seed,
-                threads: a.threads,
-            };
+            let opts = train_options(&a);
             // SIGTERM (Kubernetes) or Ctrl-C: finish the step, save the state, tell workers to stop.
             let interrupt = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {

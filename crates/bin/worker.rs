@@ -11,7 +11,10 @@ use std::time::Duration;
 use worker_cli::Cli;
 
 fn main() -> ExitCode {
-    dtrain_nn::reexec_with_pinned_blas();
+    // One BLAS thread, and the best kernel this CPU runs until the run says which (at join).
+    let kernel = dtrain_nn::kernel::pinned()
+        .or_else(|| dtrain_nn::kernel::resolve(None, &dtrain_nn::kernel::cpu_has).ok().flatten());
+    dtrain_nn::kernel::pin(kernel);
     match run_worker(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -150,7 +150,13 @@ async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Sta
             let config: JobConfig =
                 toml::from_str(&w.job_toml).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
             let job = Job::build(config, PathBuf::new()).map_err(|e| Status::invalid_argument(format!("job: {e}")))?;
-            tracing::info!("joined as worker {}: {} parameters", w.worker_id, job.model.num_params());
+            use_the_runs_kernel(job.fit.kernel)?;
+            tracing::info!(
+                "joined as worker {}: {} parameters, BLAS kernel {}",
+                w.worker_id,
+                job.model.num_params(),
+                dtrain_nn::kernel::running()
+            );
             (job, w.shared_memory)
         }
         _ => return Err(Status::internal("expected Welcome")),
@@ -184,6 +190,17 @@ async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Sta
         }
     }
     Err(Status::unavailable("the coordinator closed the stream"))
+}
+
+/// Computes with the run's BLAS kernel (its bits depend on it): if this process runs another,
+/// it executes itself again with the run's and joins anew; a CPU that cannot run it is refused
+/// with the missing feature named.
+fn use_the_runs_kernel(kernel: Option<dtrain_nn::kernel::Kernel>) -> Result<(), Status> {
+    let Some(k) = kernel.filter(|&k| dtrain_nn::kernel::pinned() != Some(k)) else { return Ok(()) };
+    dtrain_nn::kernel::resolve(Some(k), &dtrain_nn::kernel::cpu_has).map_err(Status::failed_precondition)?;
+    tracing::info!("the run computes with BLAS kernel {k}; restarting with it");
+    dtrain_nn::kernel::pin(Some(k)); // returns only if the restart failed
+    Err(Status::failed_precondition(format!("could not restart with the run's BLAS kernel {k}")))
 }
 
 /// Opens the offered shared memory: the parameters read-only, the gradient slots to write.

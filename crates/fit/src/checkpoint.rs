@@ -270,6 +270,10 @@ pub fn load_state(dir: &Path, job: &crate::Job) -> Result<TrainState, Checkpoint
     }
     let mut same = m.job.clone();
     same.fit.epochs = config.fit.epochs;
+    // Saved before the job file recorded the kernel (it was Haswell then, as `session` assumes).
+    if same.fit.kernel.is_none() {
+        same.fit.kernel.clone_from(&config.fit.kernel);
+    }
     if &same != config {
         return Err(CheckpointError::OtherJob { path: mpath, job: dir.join(crate::run::JOB_FILE) });
     }

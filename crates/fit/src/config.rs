@@ -485,6 +485,10 @@ pub struct FitConfig {
     /// dtrain: the fraction of shards a second worker computes too, to catch wrong results
     /// (a number in [0, 1], or "all"; 0.02). The coordinator's `--verify` overrides it.
     pub verify: Option<VerifyConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// dtrain: the OpenBLAS kernel the run computes with ("auto": the best this CPU runs, or
+    /// "haswell", "skylakex"). The run directory's job file records the one chosen.
+    pub kernel: Option<String>,
 }
 
 /// `fit.verify` as written: a fraction, or the word "all".
@@ -520,6 +524,7 @@ impl Default for FitConfig {
             initial_epoch: 0,
             shards: 1,
             verify: None,
+            kernel: None,
         }
     }
 }

@@ -11,6 +11,7 @@ use crate::progress::{Observer, Report};
 use crate::run::{RunDir, JOB_FILE};
 use crate::FitError;
 use dtrain_data::{load_features, Dataset};
+use dtrain_nn::kernel::Kernel;
 use ndarray::Array2;
 use std::path::{Path, PathBuf};
 
@@ -103,16 +104,13 @@ pub fn train(opts: &TrainOptions, obs: &mut dyn Observer) -> Result<Report, FitE
     train_with(opts, &mut Local { threads: opts.threads }, obs)
 }
 
-/// Trains with the engine `engines` makes. Everything is validated (job, data, initial
-/// weights, resume state) before the run directory is created or touched.
-pub fn train_with(
-    opts: &TrainOptions,
-    engines: &mut dyn EngineFactory,
-    obs: &mut dyn Observer,
-) -> Result<Report, FitError> {
+/// The options as they apply (`--auto-resume` decided), the job file, and the job with its
+/// BLAS kernel chosen: the job's (a resumed run keeps the one it started with), else the best
+/// this CPU runs.
+fn run_job(opts: &TrainOptions) -> Result<(TrainOptions, PathBuf, Job), FitError> {
     let resumable = |d: &Path| d.join(crate::checkpoint::STATE_FILE).is_file();
     let resume = opts.resume || (opts.auto_resume && opts.run_dir.as_deref().is_some_and(resumable));
-    let opts = &TrainOptions { resume, ..opts.clone() };
+    let opts = TrainOptions { resume, ..opts.clone() };
     let config_path = match (&opts.config, opts.resume, &opts.run_dir) {
         (Some(c), _, _) => c.clone(),
         (None, true, Some(dir)) => dir.join(JOB_FILE),
@@ -121,15 +119,49 @@ pub fn train_with(
         }
         (None, false, _) => return Err(FitError::Config("--config FILE is required".into())),
     };
-    let job = load_job(&config_path, opts.epochs, opts.batch_size, opts.seed)?;
-    let (train, val) = load_data(&job)?;
+    let mut job = load_job(&config_path, opts.epochs, opts.batch_size, opts.seed)?;
+    if let (true, None, Some(dir)) = (opts.resume, job.fit.kernel, &opts.run_dir) {
+        // Runs saved before kernels were recorded computed with the Haswell kernel dtrain pinned.
+        let saved = JobConfig::load(&dir.join(JOB_FILE)).ok().map(|c| c.fit.kernel);
+        job.fit.kernel = match saved {
+            Some(Some(name)) => Kernel::parse(&name).ok().flatten(),
+            Some(None) => Some(Kernel::Haswell),
+            None => None,
+        };
+    }
+    let on = config_path.display();
+    job.choose_kernel(&dtrain_nn::kernel::cpu_has).map_err(|e| FitError::Config(format!("{on}: {e}")))?;
+    Ok((opts, config_path, job))
+}
+
+/// The BLAS kernel `coordinator train` with `opts` computes with (`None` if the job cannot be
+/// read: the run reports that itself).
+pub fn train_kernel(opts: &TrainOptions) -> Option<Kernel> {
+    run_job(opts).ok().and_then(|(_, _, job)| job.fit.kernel)
+}
+
+/// The BLAS kernel commands on the job file `config` (evaluate, predict) compute with.
+pub fn job_kernel(config: &Path) -> Option<Kernel> {
+    let mut job = load_job(config, None, None, None).ok()?;
+    job.choose_kernel(&dtrain_nn::kernel::cpu_has).ok().flatten()
+}
+
+/// Trains with the engine `engines` makes. Everything is validated (job, data, initial
+/// weights, resume state) before the run directory is created or touched.
+pub fn train_with(
+    opts: &TrainOptions,
+    engines: &mut dyn EngineFactory,
+    obs: &mut dyn Observer,
+) -> Result<Report, FitError> {
+    let (opts, config_path, job) = &run_job(opts)?;
+    let (train, val) = load_data(job)?;
     let (run, mut state) = if opts.resume {
         let dir = opts.run_dir.as_deref().expect("checked above");
         let run = RunDir::existing(dir)?;
         if opts.init_weights.is_some() {
             return Err(FitError::Config("--init-weights cannot be combined with --resume".into()));
         }
-        let state = load_state(run.path(), &job)?;
+        let state = load_state(run.path(), job)?;
         (run, state)
     } else {
         let params = match &opts.init_weights {
@@ -150,12 +182,15 @@ pub fn train_with(
         train.len(),
         val.as_ref().map_or(0, Dataset::len),
     );
+    let kernel =
+        job.fit.kernel.map_or("OpenBLAS's own choice".into(), |k| format!("{k} ({})", dtrain_nn::kernel::running()));
+    tracing::info!("BLAS kernel: {kernel}");
     if opts.resume {
         let (epoch, batch, step) = (state.epoch + 1, state.batch, state.step);
         tracing::info!(target: crate::logging::NOTE, "Resuming at epoch {epoch}, batch {batch} (step {step})");
     }
-    let mut engine = engines.engine(&job, &train)?;
-    let report = crate::trainer::fit(&job, &train, val.as_ref(), &run, &mut state, engine.as_mut(), obs)?;
+    let mut engine = engines.engine(job, &train)?;
+    let report = crate::trainer::fit(job, &train, val.as_ref(), &run, &mut state, engine.as_mut(), obs)?;
     obs.train_end(&report);
     Ok(report)
 }

@@ -8,6 +8,7 @@ extern crate blas_src;
 pub mod activation;
 pub mod constraint;
 pub mod init;
+pub mod kernel;
 pub mod layer;
 pub mod loss;
 pub mod model;
@@ -50,43 +51,6 @@ pub fn flush_denormals() {
             _mm_setcsr(csr | 0x8040);
         }
     }
-}
-
-/// The OpenBLAS kernel dtrain pins when `OPENBLAS_CORETYPE` is not set: the same kernel on
-/// every node gives the same bits on every node (design.md), and OpenBLAS 0.3.21 falls back
-/// to its slow Prescott kernel on CPUs newer than it knows. Haswell's AVX2/FMA kernel runs on
-/// any x86-64 CPU that has those instructions.
-pub fn default_coretype() -> Option<&'static str> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return Some("Haswell");
-    }
-    None
-}
-
-/// Restarts this program with OpenBLAS configured for dtrain unless the environment already
-/// says: `OPENBLAS_CORETYPE` pinned (see `default_coretype`) and `OPENBLAS_NUM_THREADS=1`, since
-/// every shard runs with one BLAS thread and OpenBLAS's idle pool threads otherwise spin on
-/// `sched_yield`, taking a core from the shard threads. OpenBLAS reads both when it is loaded,
-/// before `main`, so the only way to set them from the program is to exec again. Returns only
-/// if nothing needed doing or the exec failed (then OpenBLAS's defaults stand, with a warning).
-pub fn reexec_with_pinned_blas() {
-    use std::os::unix::process::CommandExt;
-    let mut set: Vec<(&str, &str)> = Vec::new();
-    if std::env::var_os("OPENBLAS_CORETYPE").is_none() {
-        set.extend(default_coretype().map(|c| ("OPENBLAS_CORETYPE", c)));
-    }
-    if std::env::var_os("OPENBLAS_NUM_THREADS").is_none() {
-        set.push(("OPENBLAS_NUM_THREADS", "1"));
-    }
-    let Ok(exe) = std::env::current_exe() else { return };
-    if set.is_empty() {
-        return;
-    }
-    let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-    let err = std::process::Command::new(&exe).arg0(arg0).args(args).envs(set.iter().copied()).exec();
-    eprintln!("warning: could not restart with {set:?} ({err}); using OpenBLAS's defaults");
 }
 
 extern "C" {

@@ -32,6 +32,8 @@ pub struct FitSettings {
     pub shards: usize,
     /// The fraction of shards a second worker computes too (`None`: the coordinator's default).
     pub verify: Option<f64>,
+    /// The BLAS kernel (`None`: auto, until `Job::choose_kernel`).
+    pub kernel: Option<dtrain_nn::kernel::Kernel>,
 }
 
 /// A validated job, ready to run.
@@ -73,6 +75,16 @@ pub(crate) fn at<T>(key: &str, r: R<T>) -> R<T> {
 }
 
 impl Job {
+    /// Fixes the run's BLAS kernel: `fit.kernel` if this CPU (features `has`) runs it, the best
+    /// one it runs for auto; recorded in the job file as written to the run directory and sent
+    /// to workers. `Err` names the missing CPU feature.
+    pub fn choose_kernel(&mut self, has: &dyn Fn(&str) -> bool) -> R<Option<dtrain_nn::kernel::Kernel>> {
+        let kernel = dtrain_nn::kernel::resolve(self.fit.kernel, has).map_err(|e| format!("fit.kernel: {e}"))?;
+        self.fit.kernel = kernel;
+        self.config.fit.kernel = kernel.map(|k| k.name().to_string());
+        Ok(kernel)
+    }
+
     /// Validates a parsed job file (see `session::load_job` for loading one); errors read
     /// `key: what is wrong`.
     pub fn build(config: JobConfig, base_dir: PathBuf) -> R<Job> {
@@ -111,6 +123,10 @@ impl Job {
             return Err(format!("fit.initial_epoch: {} is after fit.epochs {}", f.initial_epoch, f.epochs));
         }
         let verify = f.verify.as_ref().map(|v| v.fraction().map_err(|e| format!("fit.verify: {e}"))).transpose()?;
+        let kernel = match &f.kernel {
+            Some(k) => dtrain_nn::kernel::Kernel::parse(k).map_err(|e| format!("fit.kernel: {e}"))?,
+            None => None,
+        };
         data(&config.data)?;
         let callbacks = callbacks(&config.callbacks, &optimizer)?;
         let fit = FitSettings {
@@ -122,6 +138,7 @@ impl Job {
             initial_epoch: f.initial_epoch,
             shards: f.shards,
             verify,
+            kernel,
         };
         Ok(Job { seed: config.seed, base_dir, model, optimizer, accuracy, callbacks, fit, config })
     }

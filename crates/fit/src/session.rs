@@ -184,7 +184,7 @@ pub fn train_with(
     );
     let kernel =
         job.fit.kernel.map_or("OpenBLAS's own choice".into(), |k| format!("{k} ({})", dtrain_nn::kernel::running()));
-    tracing::info!("BLAS kernel: {kernel}");
+    tracing::info!(target: crate::logging::NOTE, "BLAS kernel: {kernel}");
     if opts.resume {
         let (epoch, batch, step) = (state.epoch + 1, state.batch, state.step);
         tracing::info!(target: crate::logging::NOTE, "Resuming at epoch {epoch}, batch {batch} (step {step})");

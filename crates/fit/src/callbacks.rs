@@ -91,6 +91,24 @@ pub enum Action {
     RestoreSnapshot,
     /// Tell the user.
     Log(String),
+    /// Write these scalars at `step` to the TensorBoard run `run` under `log_dir`.
+    Scalars {
+        /// The log directory, in the run directory.
+        log_dir: String,
+        /// `train` or `validation`, as Keras names its runs.
+        run: &'static str,
+        /// The step (the epoch for epoch values, the optimizer step for batch values).
+        step: u64,
+        /// Tag and value.
+        values: Vec<(&'static str, f32)>,
+    },
+    /// Write a histogram of each weight of the model at `step` to `log_dir`'s `train` run.
+    Histograms {
+        /// The log directory, in the run directory.
+        log_dir: String,
+        /// The epoch.
+        step: u64,
+    },
 }
 
 /// Where training is when a batch ends.
@@ -214,6 +232,46 @@ impl EarlyStopping {
         }
         let line = format!("Restoring model weights from the end of the best epoch: {}", self.best_epoch + 1);
         vec![Action::Log(line), Action::RestoreSnapshot]
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// Keras's TensorBoard: the values Keras writes, under the names and steps it uses
+/// (`epoch_loss`, `epoch_accuracy`, `epoch_learning_rate` in `train/`, the validation values
+/// as `epoch_loss` and `epoch_accuracy` in `validation/`, at step = epoch; `batch_loss` and
+/// `batch_accuracy` every N optimizer steps with update_freq = N).
+pub struct TensorBoard {
+    /// The directory of the event files, in the run directory.
+    pub log_dir: String,
+    /// Batch values every N optimizer steps too.
+    pub every_batches: Option<u64>,
+    /// Weight histograms every N epochs (0: none).
+    pub histogram_freq: usize,
+}
+
+impl TensorBoard {
+    fn on_batch_end(&self, at: &BatchEnd<'_>) -> Option<Action> {
+        self.every_batches.filter(|&n| at.step.is_multiple_of(n))?;
+        let mut values = vec![("batch_loss", at.logs.loss)];
+        values.extend(at.logs.accuracy.map(|a| ("batch_accuracy", a)));
+        Some(Action::Scalars { log_dir: self.log_dir.clone(), run: "train", step: at.step, values })
+    }
+
+    fn on_epoch_end(&self, logs: &EpochLogs) -> Vec<Action> {
+        let (log_dir, step) = (self.log_dir.clone(), logs.epoch as u64);
+        let mut train = vec![("epoch_loss", logs.loss)];
+        train.extend(logs.accuracy.map(|a| ("epoch_accuracy", a)));
+        train.push(("epoch_learning_rate", logs.learning_rate));
+        let mut actions = vec![Action::Scalars { log_dir: log_dir.clone(), run: "train", step, values: train }];
+        let mut val: Vec<(&'static str, f32)> = logs.val_loss.map(|v| ("epoch_loss", v)).into_iter().collect();
+        val.extend(logs.val_accuracy.map(|a| ("epoch_accuracy", a)));
+        if !val.is_empty() {
+            actions.push(Action::Scalars { log_dir: log_dir.clone(), run: "validation", step, values: val });
+        }
+        if self.histogram_freq > 0 && logs.epoch.is_multiple_of(self.histogram_freq) {
+            actions.push(Action::Histograms { log_dir, step });
+        }
+        actions
     }
 }
 
@@ -467,6 +525,8 @@ pub enum Callback {
     ModelCheckpoint(ModelCheckpoint),
     /// Keras's ReduceLROnPlateau.
     ReduceLrOnPlateau(ReduceLrOnPlateau),
+    /// Keras's TensorBoard: event files TensorBoard reads.
+    TensorBoard(TensorBoard),
     /// Save the resume state every N batches as well as at every epoch end.
     BackupAndRestore {
         /// Batches between saves.
@@ -492,7 +552,8 @@ impl Callback {
                 }
                 (c.wait, c.cooldown_counter, c.best) = (s.wait, s.cooldown_counter, best(s.best)?);
             }
-            (Callback::BackupAndRestore { .. }, Callback::BackupAndRestore { .. }) => {}
+            (Callback::BackupAndRestore { .. }, Callback::BackupAndRestore { .. })
+            | (Callback::TensorBoard(_), Callback::TensorBoard(_)) => {}
             (c, s) => return Err(format!("{} in the job, {} in the saved state", c.kind(), s.kind())),
         }
         Ok(())
@@ -504,6 +565,7 @@ impl Callback {
             Callback::ModelCheckpoint(_) => "ModelCheckpoint",
             Callback::ReduceLrOnPlateau(_) => "ReduceLROnPlateau",
             Callback::BackupAndRestore { .. } => "BackupAndRestore",
+            Callback::TensorBoard(_) => "TensorBoard",
         }
     }
 
@@ -520,6 +582,7 @@ impl Callback {
                 // The epoch's end saves the state anyway.
                 Ok(if at.last_in_epoch { vec![] } else { vec![Action::SaveState] })
             }
+            Callback::TensorBoard(t) => Ok(t.on_batch_end(at).into_iter().collect()),
             _ => Ok(vec![]),
         }
     }
@@ -539,6 +602,7 @@ impl Callback {
                 ],
                 None => vec![],
             },
+            Callback::TensorBoard(t) => t.on_epoch_end(logs),
             Callback::ModelCheckpoint(_) | Callback::BackupAndRestore { .. } => vec![],
         })
     }
@@ -660,5 +724,48 @@ mod tests {
             .unwrap_err()
             .contains("ModelCheckpoint in the job, BackupAndRestore in the saved"));
         assert!(job.resumed_from(&Callbacks::default()).unwrap_err().contains("0 callbacks saved, the job has 1"));
+    }
+
+    #[test]
+    fn tensorboard_asks_for_kerass_tags_at_kerass_steps() {
+        let mut tb =
+            Callback::TensorBoard(TensorBoard { log_dir: "logs".into(), every_batches: Some(5), histogram_freq: 2 });
+        let logs = EpochLogs {
+            epoch: 2,
+            loss: 0.5,
+            accuracy: Some(0.75),
+            val_loss: Some(0.625),
+            learning_rate: 0.01,
+            ..Default::default()
+        };
+        assert_eq!(tb.on_batch_end(&at(4, false, &logs)), Ok(vec![]));
+        let batch = Action::Scalars {
+            log_dir: "logs".into(),
+            run: "train",
+            step: 5,
+            values: vec![("batch_loss", 0.5), ("batch_accuracy", 0.75)],
+        };
+        assert_eq!(tb.on_batch_end(&at(5, false, &logs)), Ok(vec![batch]));
+        let epoch = tb.on_epoch_end(&logs, false).unwrap();
+        assert_eq!(
+            epoch,
+            vec![
+                Action::Scalars {
+                    log_dir: "logs".into(),
+                    run: "train",
+                    step: 2,
+                    values: vec![("epoch_loss", 0.5), ("epoch_accuracy", 0.75), ("epoch_learning_rate", 0.01)]
+                },
+                Action::Scalars {
+                    log_dir: "logs".into(),
+                    run: "validation",
+                    step: 2,
+                    values: vec![("epoch_loss", 0.625)]
+                },
+                Action::Histograms { log_dir: "logs".into(), step: 2 },
+            ]
+        );
+        let odd = EpochLogs { epoch: 3, ..logs };
+        assert!(!tb.on_epoch_end(&odd, false).unwrap().iter().any(|a| matches!(a, Action::Histograms { .. })));
     }
 }

@@ -545,6 +545,26 @@ pub enum CallbackConfig {
     TerminateOnNaN {},
     /// `keras.callbacks.BackupAndRestore` (the resume state is always saved at epoch ends).
     BackupAndRestore(BackupConfig),
+    /// `keras.callbacks.TensorBoard` (scalars and weight histograms).
+    TensorBoard(TensorBoardConfig),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+/// `TensorBoard`'s arguments.
+pub struct TensorBoardConfig {
+    /// The directory of the event files, inside the run directory ("logs").
+    pub log_dir: String,
+    /// "epoch", or also every N batches ("epoch").
+    pub update_freq: SaveFreq,
+    /// Weight histograms every N epochs; 0: none (0).
+    pub histogram_freq: usize,
+}
+
+impl Default for TensorBoardConfig {
+    fn default() -> Self {
+        TensorBoardConfig { log_dir: "logs".into(), update_freq: SaveFreq::default(), histogram_freq: 0 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -14,7 +14,8 @@ use crate::run::{RunDir, CURVES, FINAL_WEIGHTS};
 use crate::step::Stepper;
 use crate::{EngineError, FitError};
 use dtrain_data::{epoch_permutation, Dataset};
-use std::collections::VecDeque;
+use dtrain_tensorboard::EventWriter;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,6 +46,7 @@ pub fn fit(
         samples: 0,
         written: vec![],
         kept: VecDeque::new(),
+        boards: BTreeMap::new(),
     };
     while state.epoch < t.fit.epochs && !state.stopped_early {
         let t0 = Instant::now();
@@ -76,6 +78,8 @@ struct Trainer<'a> {
     written: Vec<String>,
     /// States kept in memory (oldest first) for the engine's rollbacks.
     kept: VecDeque<TrainState>,
+    /// TensorBoard event files being written, by log directory and run.
+    boards: BTreeMap<(String, &'static str), EventWriter>,
 }
 
 /// States kept for rollbacks: a liar caught within this many windows is undone exactly.
@@ -270,9 +274,40 @@ impl Trainer<'_> {
                 Action::SaveState => self.save(state)?,
                 Action::RestoreSnapshot => {} // only at the end, by `finish`
                 Action::Log(line) => tracing::info!(target: NOTE, "{line}"),
+                Action::Scalars { log_dir, run, step, values } => {
+                    self.board(&log_dir, run, |w| w.scalars(step as i64, &values));
+                }
+                Action::Histograms { log_dir, step } => {
+                    let (vars, params) = (self.job.model.variables(), &state.params);
+                    self.board(&log_dir, "train", |w| {
+                        vars.iter().try_for_each(|v| w.histogram(&v.name, step as i64, &params[v.range()]))
+                    });
+                }
             }
         }
         Ok(())
+    }
+
+    /// Writes to the event file of TensorBoard run `run` under `log_dir` (made on first use). A
+    /// picture is a convenience: failing to write one warns and never stops training.
+    fn board(&mut self, log_dir: &str, run: &'static str, write: impl FnOnce(&mut EventWriter) -> std::io::Result<()>) {
+        let key = (log_dir.to_string(), run);
+        if !self.boards.contains_key(&key) {
+            let dir = self.run.file(log_dir).join(run);
+            match EventWriter::create(&dir) {
+                Ok(w) => {
+                    self.boards.insert(key.clone(), w);
+                }
+                Err(e) => {
+                    return tracing::warn!(target: NOTE, "could not write TensorBoard logs to {}: {e}", dir.display())
+                }
+            }
+        }
+        if let Some(w) = self.boards.get_mut(&key) {
+            if let Err(e) = write(w).and_then(|()| w.flush()) {
+                tracing::warn!(target: NOTE, "could not write TensorBoard logs to {}: {e}", w.path().display());
+            }
+        }
     }
 
     fn save(&self, state: &TrainState) -> Result<(), FitError> {

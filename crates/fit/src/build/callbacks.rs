@@ -116,6 +116,16 @@ pub fn callbacks(list: &[CallbackConfig], opt: &OptimizerConfig) -> R<Callbacks>
                 out.csv = CsvLogger { filename: c.filename.clone(), separator: c.separator.clone() };
             }
             CallbackConfig::TerminateOnNaN {} => {} // always on: a non-finite loss stops the run
+            CallbackConfig::TensorBoard(t) => {
+                run_file_name(&key("TensorBoard", "log_dir"), &t.log_dir)?;
+                let every_batches = save_freq(&key("TensorBoard", "update_freq"), &t.update_freq)?;
+                let (log_dir, histogram_freq) = (t.log_dir.clone(), t.histogram_freq);
+                out.list.push(Callback::TensorBoard(crate::callbacks::TensorBoard {
+                    log_dir,
+                    every_batches,
+                    histogram_freq,
+                }));
+            }
             CallbackConfig::BackupAndRestore(b) => {
                 if let Some(every_batches) = save_freq(&key("BackupAndRestore", "save_freq"), &b.save_freq)? {
                     out.list.push(Callback::BackupAndRestore { every_batches });

@@ -194,3 +194,56 @@ pub fn listening_url(p: &Proc) -> String {
     let addr: String = addr.chars().take_while(|c| c.is_ascii_alphanumeric() || ".:[]".contains(*c)).collect();
     format!("http://{addr}")
 }
+
+/// Emulated hosts (`testbed/netns.sh`): network namespaces joined by a bridge, addresses that
+/// exist only inside them; removed when this drops, also when a test fails.
+pub struct Testbed {
+    name: String,
+}
+
+impl Testbed {
+    /// `hosts` hosts, each link capped at `rate` (e.g. "1gbit") if given. Fails with the
+    /// script's message where namespaces cannot be made (it needs root / CAP_NET_ADMIN).
+    pub fn up(hosts: usize, rate: Option<&str>) -> Testbed {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("dt{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let bed = Testbed { name };
+        let mut cmd = Command::new(Self::script());
+        cmd.args(["up", &bed.name, &hosts.to_string()]).args(rate);
+        let o = cmd.output().expect("testbed/netns.sh runs");
+        assert!(o.status.success(), "emulated hosts unavailable: {}", stderr(&o));
+        bed
+    }
+
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed/netns.sh")
+    }
+
+    /// Host `i`'s address.
+    pub fn addr(i: usize) -> String {
+        format!("10.250.0.{}", i + 1)
+    }
+
+    /// `program` run on host `i` (the environment passes through).
+    pub fn command(&self, i: usize, program: &str) -> Command {
+        let mut cmd = Command::new(Self::script());
+        cmd.args(["exec", &self.name, &i.to_string(), program]);
+        cmd
+    }
+
+    /// Takes host `i`'s link up or down.
+    pub fn link(&self, i: usize, up: bool) {
+        let o = Command::new(Self::script())
+            .args(["link", &self.name, &i.to_string(), if up { "up" } else { "down" }])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = Command::new(Self::script()).args(["down", &self.name]).output();
+    }
+}

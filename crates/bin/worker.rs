@@ -38,7 +38,11 @@ fn run_worker(cli: Cli) -> anyhow::Result<()> {
         health_listen: cli.health_listen,
         tls: cli.tls_ca.map(|ca| ClientTls { ca, identity: cli.tls_cert.zip(cli.tls_key), domain: cli.tls_domain }),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Shards are computed on this thread (in `block_on`); the connection is driven by the
+    // runtime's own thread, so it answers the coordinator's keepalive pings while a shard is
+    // computed, and a frozen or cut-off worker is told from a busy one within seconds.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|cause| anyhow::anyhow!("cannot start the network runtime: {cause}"))?;

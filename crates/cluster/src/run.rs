@@ -99,12 +99,14 @@ impl ClusterOptions {
     }
 }
 
-/// How often both ends ping an HTTP/2 connection. Generous, because a worker computes on its
-/// network thread and answers pings only between shards.
-pub const KEEPALIVE: Duration = Duration::from_secs(10);
+/// How often both ends ping an HTTP/2 connection (each side's network thread answers, whatever
+/// the computing thread is doing).
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
 
-/// How long a ping may go unanswered before the connection is closed.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a ping may go unanswered before the connection is closed: a frozen, crashed or
+/// cut-off peer is noticed within about `KEEPALIVE + KEEPALIVE_TIMEOUT`, long before
+/// `--step-timeout`.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// HTTP/2 frame size both ends accept: 1 MiB frames carry a step's 200 KB of parameters
 /// in one frame instead of thirteen.

@@ -85,7 +85,8 @@ enum End {
 }
 
 /// Runs until the coordinator says stop (Ok) or cannot be reached for `retry_for` (Err).
-/// Meant for a current-thread runtime: shards are computed on the runtime's own thread.
+/// Meant for `block_on` of a runtime with a thread of its own: shards are computed on the
+/// calling thread, and the runtime's thread keeps the connection (and its pings) going.
 pub async fn run(opts: WorkerOptions) -> Result<(), ClusterError> {
     dtrain_nn::set_blas_threads(1);
     if let Some(addr) = opts.health_listen {
@@ -179,8 +180,9 @@ async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Sta
         *last_ok = Instant::now();
         match msg {
             ToWorker::Work(w) => {
-                // Computed right here: this runtime serves only this stream, and a hand-off to
-                // another thread would cost two context switches a step.
+                // Computed right here, on the thread that runs this session (the binary's main
+                // thread): the connection is driven by the runtime's own thread meanwhile, so
+                // keepalive pings are answered while a shard is computed.
                 for r in compute.run(w)? {
                     conn.send(FromWorker::Result(r)).await?;
                 }

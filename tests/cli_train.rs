@@ -144,7 +144,8 @@ fn evaluate_predict_summary_and_json_logs() {
     assert_eq!(stderr(&o), "", "nothing to say about a closed pipe");
 }
 
-/// The seed job on the real Fashion-MNIST files, one epoch: it loads, trains and checkpoints.
+/// The seed job on the real Fashion-MNIST files, one epoch: it loads, trains and checkpoints;
+/// and the same job with its model read from a Keras `to_json()` file gives the same weights.
 #[test]
 fn seed_job_runs_on_fashion_mnist() {
     let dir = tempfile::tempdir().unwrap();
@@ -158,4 +159,18 @@ fn seed_job_runs_on_fashion_mnist() {
     // Keras reaches about 0.80 validation accuracy after one epoch of this job.
     assert!(end["val_accuracy"].as_f64().unwrap() > 0.75, "{end}");
     assert!(rd.join("best.safetensors").exists() && rd.join("final.safetensors").exists());
+
+    // The same model saved by Keras (`model.to_json()`) and named in the job instead of the
+    // layers trains to the same weights, bit for bit.
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let (start, end) = (text.find("[model]").unwrap(), text.find("[compile]").unwrap());
+    let keras = concat!(env!("CARGO_MANIFEST_DIR"), "/crates/fit/tests/fixtures/keras_models/seed_model.json");
+    let job = dir.path().join("keras_job.toml");
+    std::fs::write(&job, format!("{}[model]\nkeras = {keras:?}\n\n{}", &text[..start], &text[end..])).unwrap();
+    let rk = dir.path().join("keras_run");
+    let o =
+        run(&["train", "--config", job.to_str().unwrap(), "--run-dir", rk.to_str().unwrap(), "--epochs", "1", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let weights = |d: &std::path::Path| std::fs::read(d.join("final.safetensors")).unwrap();
+    assert!(weights(&rk) == weights(&rd), "a Keras model file trains like the same layers in the job");
 }

@@ -93,12 +93,18 @@ fn one() -> f64 {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-/// `[model]`.
+/// `[model]`: the layers, or a Keras model file that has them (`keras = "model.json"`, as
+/// `model.to_json()` writes it), read when the job is loaded.
 pub struct ModelConfig {
+    #[serde(default)]
     /// A sample's shape (without the batch dimension).
     pub input_shape: Vec<usize>,
+    #[serde(default)]
     /// The layers, in order.
     pub layers: Vec<LayerConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A Keras model file instead of `input_shape` and `layers`, relative to the job file.
+    pub keras: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -727,10 +733,22 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
 }
 
 impl JobConfig {
-    /// Parses a TOML (or, by extension, JSON) job file.
+    /// Parses a TOML (or, by extension, JSON) job file; a Keras model file it names is read
+    /// into its layers (so the run directory's copy of the job stands alone).
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        Self::parse(path, &text)
+        let mut config = Self::parse(path, &text)?;
+        if let Some(file) = config.model.keras.take() {
+            if !config.model.layers.is_empty() || !config.model.input_shape.is_empty() {
+                return Err(format!("{}: model.keras: give a Keras model or layers, not both", path.display()));
+            }
+            let model_path = path.parent().unwrap_or(Path::new(".")).join(&file);
+            let text = std::fs::read_to_string(&model_path)
+                .map_err(|e| format!("{}: model.keras: cannot read {}: {e}", path.display(), model_path.display()))?;
+            config.model =
+                crate::keras::model_from_json(&text).map_err(|e| format!("{}: {e}", model_path.display()))?;
+        }
+        Ok(config)
     }
 
     /// Parses job-file text; `path` names the file in errors (and .json selects JSON).

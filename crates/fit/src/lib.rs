@@ -10,6 +10,7 @@ pub mod dataload;
 pub mod engine;
 mod error;
 pub mod evaluate;
+pub mod keras;
 pub mod logging;
 pub mod logs;
 pub mod metrics;

@@ -4,7 +4,8 @@
 
 Trains a small job with the TensorBoard callback (batch values every 5 steps, weight histograms
 every epoch), then reads `logs/train` and `logs/validation` with TensorBoard's EventAccumulator
-and checks that they hold Keras's tags at Keras's steps with the values of dtrain's history.csv.
+and checks that they hold Keras's tags at Keras's steps with the values of dtrain's history.csv;
+then trains it with a worker and checks the cluster's own scalars (cluster/step_ms, ...).
 Exits non-zero, naming what is wrong, otherwise.
 """
 import csv
@@ -67,8 +68,21 @@ def main():
         hist = tags["histograms"]
         if not hist or any(len(train.Histograms(t)) != 3 for t in hist):
             fail(f"expected one histogram per weight per epoch: {hist}")
+        # With workers, the cluster's own curves go beside Keras's, one value per epoch.
+        crun = os.path.join(d, "cluster-run")
+        p = subprocess.run([coordinator, "train", "--config", os.path.join(d, "job.toml"), "--run-dir", crun,
+                            "--spawn-workers", "1", "-q"], capture_output=True, text=True)
+        if p.returncode != 0:
+            fail(f"training with a worker failed: {p.stderr}")
+        ctrain = EventAccumulator(os.path.join(crun, "logs", "train")).Reload()
+        for tag in ("cluster/step_ms", "cluster/workers_alive", "cluster/sent_bytes_per_step"):
+            present = tag in ctrain.Tags()["scalars"]
+            if not present or [e.step for e in ctrain.Scalars(tag)] != [0, 1, 2]:
+                fail(f"{tag} is not in the cluster run at epochs 0, 1, 2: {ctrain.Tags()['scalars']}")
+        if [e.value for e in ctrain.Scalars("cluster/workers_alive")] != [1.0, 1.0, 1.0]:
+            fail("cluster/workers_alive is not 1 at every epoch")
         print(f"tensorboard check: {len(tags['scalars'])} train scalar tags, {len(hist)} histograms, "
-              f"{len(history)} epochs match history.csv")
+              f"{len(history)} epochs match history.csv; cluster scalars present")
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ impl Engine for ClusterEngine<'_> {
         self.prefetch.next_batch.extend_from_slice(batch);
     }
 
-    fn epoch_report(&mut self) -> Option<String> {
+    fn epoch_report(&mut self) -> Option<dtrain_fit::engine::EpochReport> {
         std::mem::take(&mut self.telemetry.epoch).report(&self.net.hub)
     }
 

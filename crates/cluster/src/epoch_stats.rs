@@ -74,8 +74,8 @@ impl EpochStats {
         self.compute.entry(id).or_default().push(compute_micros.min(u64::from(u32::MAX)) as u32);
     }
 
-    /// The cluster line, if there were steps.
-    pub fn report(mut self, hub: &Hub) -> Option<String> {
+    /// The cluster line and its scalars for TensorBoard, if there were steps.
+    pub fn report(mut self, hub: &Hub) -> Option<dtrain_fit::engine::EpochReport> {
         if self.steps == 0 {
             return None;
         }
@@ -93,12 +93,27 @@ impl EpochStats {
             ));
         }
         let alive = hub.alive();
+        let steps = self.steps as f32;
+        let (update, encode, wait, reduce) = (
+            median_ms(&mut self.update),
+            median_ms(&mut self.encode),
+            median_ms(&mut self.wait),
+            median_ms(&mut self.reduce),
+        );
+        let scalars = vec![
+            ("cluster/workers_alive", alive.len() as f32),
+            ("cluster/step_ms", (update + encode + wait + reduce) as f32),
+            ("cluster/wait_ms", wait as f32),
+            ("cluster/sent_bytes_per_step", self.bytes_out as f32 / steps),
+            ("cluster/received_bytes_per_step", self.bytes_in as f32 / steps),
+            ("cluster/verified_shards", self.verification.checked as f32),
+        ];
         let v = &self.verification;
         let verification = format!(
             "; verified {} shard(s), refereed {}, evicted {}, rolled back {} time(s)",
             v.checked, v.refereed, v.evicted, v.rollbacks
         );
-        Some(format!(
+        let line = format!(
             "cluster: {} worker(s) alive ({} on shared memory); shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
              step p50: update {:.2} ms, encode {:.2}, wait {:.2}, reduce {:.2}",
             alive.len(),
@@ -106,10 +121,11 @@ impl EpochStats {
             times.join(", "),
             self.bytes_out as f64 / self.steps as f64 / 1024.0,
             self.bytes_in as f64 / self.steps as f64 / 1024.0,
-            median_ms(&mut self.update),
-            median_ms(&mut self.encode),
-            median_ms(&mut self.wait),
-            median_ms(&mut self.reduce),
-        ) + &verification)
+            update,
+            encode,
+            wait,
+            reduce,
+        ) + &verification;
+        Some(dtrain_fit::engine::EpochReport { line, scalars })
     }
 }

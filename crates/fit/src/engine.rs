@@ -13,6 +13,15 @@ pub fn shard_ranges(len: usize, shards: usize) -> Vec<Range<usize>> {
     (0..shards).map(|k| k * len / shards..(k + 1) * len / shards).collect()
 }
 
+/// An engine's account of an epoch: a line for the log, and scalars for TensorBoard.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EpochReport {
+    /// The line (the cluster line).
+    pub line: String,
+    /// Tag and value, per epoch (e.g. `cluster/step_ms`).
+    pub scalars: Vec<(&'static str, f32)>,
+}
+
 /// Computes the summed shard gradients of a step; in this process or on workers.
 pub trait Engine {
     /// Writes to `grad` (the model's size) the sum of the shards' gradients, where shard k is
@@ -35,8 +44,8 @@ pub trait Engine {
     /// A hint: `batch` comes next. The local engine starts loading its rows into cache.
     fn prefetch(&mut self, _batch: &[u32]) {}
 
-    /// A line about the epoch that just ended (workers, step times, bytes), if any.
-    fn epoch_report(&mut self) -> Option<String> {
+    /// What the epoch that just ended looked like (workers, step times, bytes), if anything.
+    fn epoch_report(&mut self) -> Option<EpochReport> {
         None
     }
 

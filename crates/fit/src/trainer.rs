@@ -213,7 +213,15 @@ impl Trainer<'_> {
     /// (or an early stop) the final weights.
     fn end_epoch(&mut self, state: &mut TrainState) -> Result<EpochLogs, FitError> {
         if let Some(r) = self.engine.epoch_report() {
-            tracing::info!(target: NOTE, "{r}");
+            tracing::info!(target: NOTE, "{}", r.line);
+            // The engine's own curves go beside Keras's in every TensorBoard log directory.
+            let boards = state.callbacks.list.iter().filter_map(|c| match c {
+                crate::callbacks::Callback::TensorBoard(t) => Some(t.log_dir.clone()),
+                _ => None,
+            });
+            for log_dir in boards.collect::<Vec<_>>() {
+                self.board(&log_dir, "train", |w| w.scalars(state.epoch as i64, &r.scalars));
+            }
         }
         let ev = self.val.map(|v| evaluate(&self.job.model, &state.params, v, self.fit.validation_batch_size));
         let logs = self.logs(state, ev);

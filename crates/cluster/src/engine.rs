@@ -238,6 +238,9 @@ struct Inbox {
     refereed: BTreeMap<ShardIndex, Received>,
     /// Workers with a result confirmed by another party or the referee this step.
     confirmed: BTreeSet<WorkerId>,
+    /// Shards whose copies were compared and agreed (not compared again when the round reduces
+    /// once more after an eviction).
+    paired: BTreeSet<ShardIndex>,
     /// Time spent reading, checking, comparing and summing results.
     reduce: Duration,
 }
@@ -276,6 +279,7 @@ impl ClusterEngine<'_> {
             results: shards.iter().map(|_| BTreeMap::new()).collect(),
             refereed: BTreeMap::new(),
             confirmed: BTreeSet::new(),
+            paired: BTreeSet::new(),
             reduce: Duration::ZERO,
         };
         let mut meanwhile = Some(meanwhile);
@@ -567,16 +571,18 @@ impl ClusterEngine<'_> {
         let mut refereed = BTreeMap::new();
         let open = |k: &ShardIndex| inbox.rows[k.0] > 0 && !round.refereed(*k);
         let open: Vec<ShardIndex> = (0..round.shard_count()).map(ShardIndex).filter(open).collect();
-        let mut paired = BTreeSet::new();
         for &k in &open {
             let senders = round.results(k);
+            if inbox.paired.contains(&k) {
+                continue;
+            }
             let disputed = if senders.len() >= 2 {
                 self.own(inbox, k);
                 let agree = senders.windows(2).all(|p| same(&inbox.results[k.0][&p[0]], &inbox.results[k.0][&p[1]]));
                 if agree {
                     inbox.confirmed.extend(senders);
                     self.telemetry.epoch.verification.checked += 1;
-                    paired.insert(k);
+                    inbox.paired.insert(k);
                 }
                 !agree
             } else {
@@ -592,7 +598,7 @@ impl ClusterEngine<'_> {
         // Not finite: a diverging model, or a worker that sent non-finite values or finite ones
         // that overflow. Whatever a second party did not confirm, the referee recomputes.
         let doubtful: Vec<ShardIndex> =
-            open.into_iter().filter(|k| !paired.contains(k) && !refereed.contains_key(k)).collect();
+            open.into_iter().filter(|k| !inbox.paired.contains(k) && !refereed.contains_key(k)).collect();
         let suspects: Vec<ShardIndex> = match doubtful.iter().copied().filter(|&k| !finite(inbox, round, k)).collect() {
             none if Vec::is_empty(&none) => doubtful,
             some => some,

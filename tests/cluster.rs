@@ -385,7 +385,7 @@ fn metrics_endpoint_serves_only_metrics() {
 
 /// A diverging run (the loss overflows at the second step) stops at the same step with the
 /// same message in process and with workers (on the stream and in shared memory): the workers'
-/// non-finite results are confirmed by a second worker, not held against them.
+/// non-finite results are confirmed by the coordinator's own recomputation, not held against them.
 #[test]
 fn a_diverging_run_stops_the_same_way_with_or_without_workers() {
     let dir = tempfile::tempdir().unwrap();

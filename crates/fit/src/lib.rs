@@ -1,6 +1,7 @@
 //! dtrain-fit: the job file, the training loop (Keras's `fit`), callbacks, history,
 //! checkpoints and the run directory, over any `Engine` that computes shard gradients.
 
+pub mod boards;
 pub mod build;
 pub mod callbacks;
 pub mod checkpoint;

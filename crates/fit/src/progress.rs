@@ -25,6 +25,10 @@ pub trait Observer {
     fn metrics(&self) -> Option<std::sync::Arc<crate::metrics::Metrics>> {
         None
     }
+    /// Where TensorBoard event logs are written, if this front end writes them.
+    fn boards(&mut self) -> Option<&mut dyn crate::boards::Boards> {
+        None
+    }
 }
 
 /// The end-of-run report.
@@ -65,6 +69,7 @@ pub struct Console {
     last_draw: Option<Instant>,
     interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    boards: Option<Box<dyn crate::boards::Boards>>,
 }
 
 impl Console {
@@ -77,7 +82,14 @@ impl Console {
             last_draw: None,
             interrupt: None,
             metrics: None,
+            boards: None,
         }
+    }
+
+    /// Writes the TensorBoard callback's event logs with `b`.
+    pub fn with_boards(mut self, b: Box<dyn crate::boards::Boards>) -> Self {
+        self.boards = Some(b);
+        self
     }
 
     /// Records the run's metrics into `m` (served by the coordinator's metrics endpoint).
@@ -113,6 +125,10 @@ fn json_num(v: Option<f32>) -> String {
 impl Observer for Console {
     fn metrics(&self) -> Option<std::sync::Arc<crate::metrics::Metrics>> {
         self.metrics.clone()
+    }
+
+    fn boards(&mut self) -> Option<&mut dyn crate::boards::Boards> {
+        self.boards.as_deref_mut().map(|b| b as &mut dyn crate::boards::Boards)
     }
 
     fn interrupted(&mut self) -> bool {

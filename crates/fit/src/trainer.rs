@@ -1,6 +1,7 @@
 //! The training loop: Keras's `fit` over a deterministic step (see design.md, "The step").
 //! Callbacks say what they want done (`callbacks::Action`); only `Trainer::apply` does it.
 
+use crate::boards::Boards;
 use crate::build::{FitSettings, Job};
 use crate::callbacks::{Action, BatchEnd};
 use crate::checkpoint::{save_state, weights_bytes, write_atomic, TrainState};
@@ -14,8 +15,8 @@ use crate::run::{RunDir, CURVES, FINAL_WEIGHTS};
 use crate::step::Stepper;
 use crate::{EngineError, FitError};
 use dtrain_data::{epoch_permutation, Dataset};
-use dtrain_tensorboard::EventWriter;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,7 +47,7 @@ pub fn fit(
         samples: 0,
         written: vec![],
         kept: VecDeque::new(),
-        boards: BTreeMap::new(),
+        warned_no_boards: false,
     };
     while state.epoch < t.fit.epochs && !state.stopped_early {
         let t0 = Instant::now();
@@ -78,8 +79,8 @@ struct Trainer<'a> {
     written: Vec<String>,
     /// States kept in memory (oldest first) for the engine's rollbacks.
     kept: VecDeque<TrainState>,
-    /// TensorBoard event files being written, by log directory and run.
-    boards: BTreeMap<(String, &'static str), EventWriter>,
+    /// A TensorBoard callback was configured but the front end writes no event logs: said once.
+    warned_no_boards: bool,
 }
 
 /// States kept for rollbacks: a liar caught within this many windows is undone exactly.
@@ -220,7 +221,7 @@ impl Trainer<'_> {
                 _ => None,
             });
             for log_dir in boards.collect::<Vec<_>>() {
-                self.board(&log_dir, "train", |w| w.scalars(state.epoch as i64, &r.scalars));
+                self.board(&log_dir, "train", |b, dir| b.scalars(dir, state.epoch as i64, &r.scalars));
             }
         }
         let ev = self.val.map(|v| evaluate(&self.job.model, &state.params, v, self.fit.validation_batch_size));
@@ -283,12 +284,12 @@ impl Trainer<'_> {
                 Action::RestoreSnapshot => {} // only at the end, by `finish`
                 Action::Log(line) => tracing::info!(target: NOTE, "{line}"),
                 Action::Scalars { log_dir, run, step, values } => {
-                    self.board(&log_dir, run, |w| w.scalars(step as i64, &values));
+                    self.board(&log_dir, run, |b, dir| b.scalars(dir, step as i64, &values));
                 }
                 Action::Histograms { log_dir, step } => {
                     let (vars, params) = (self.job.model.variables(), &state.params);
-                    self.board(&log_dir, "train", |w| {
-                        vars.iter().try_for_each(|v| w.histogram(&v.name, step as i64, &params[v.range()]))
+                    self.board(&log_dir, "train", |b, dir| {
+                        vars.iter().try_for_each(|v| b.histogram(dir, &v.name, step as i64, &params[v.range()]))
                     });
                 }
             }
@@ -296,25 +297,23 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// Writes to the event file of TensorBoard run `run` under `log_dir` (made on first use). A
-    /// picture is a convenience: failing to write one warns and never stops training.
-    fn board(&mut self, log_dir: &str, run: &'static str, write: impl FnOnce(&mut EventWriter) -> std::io::Result<()>) {
-        let key = (log_dir.to_string(), run);
-        if !self.boards.contains_key(&key) {
-            let dir = self.run.file(log_dir).join(run);
-            match EventWriter::create(&dir) {
-                Ok(w) => {
-                    self.boards.insert(key.clone(), w);
-                }
-                Err(e) => {
-                    return tracing::warn!(target: NOTE, "could not write TensorBoard logs to {}: {e}", dir.display())
-                }
+    /// Writes to the event log of TensorBoard run `run` under `log_dir`. A picture is a
+    /// convenience: failing to write one warns and never stops training.
+    fn board(
+        &mut self,
+        log_dir: &str,
+        run: &'static str,
+        write: impl FnOnce(&mut dyn Boards, &Path) -> std::io::Result<()>,
+    ) {
+        let dir = self.run.file(log_dir).join(run);
+        let Some(boards) = self.obs.boards() else {
+            if !std::mem::replace(&mut self.warned_no_boards, true) {
+                tracing::warn!(target: NOTE, "TensorBoard logs are not written: this front end has no event-file writer");
             }
-        }
-        if let Some(w) = self.boards.get_mut(&key) {
-            if let Err(e) = write(w).and_then(|()| w.flush()) {
-                tracing::warn!(target: NOTE, "could not write TensorBoard logs to {}: {e}", w.path().display());
-            }
+            return;
+        };
+        if let Err(e) = write(boards, &dir).and_then(|()| boards.flush(&dir)) {
+            tracing::warn!(target: NOTE, "could not write TensorBoard logs to {}: {e}", dir.display());
         }
     }
 

@@ -8,6 +8,7 @@
 //! format (`brain.Event:2`); each later one holds a `Summary` of scalars or histograms at a step.
 
 use prost::Message;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -123,6 +124,36 @@ impl EventWriter {
     /// Writes what is buffered to the file.
     pub fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
+    }
+}
+
+/// The trainer's event logs (`dtrain_fit::boards::Boards`) as event files: one writer per
+/// directory, made on first use.
+#[derive(Default)]
+pub struct EventFiles {
+    writers: BTreeMap<PathBuf, EventWriter>,
+}
+
+impl EventFiles {
+    fn writer(&mut self, dir: &Path) -> io::Result<&mut EventWriter> {
+        if !self.writers.contains_key(dir) {
+            self.writers.insert(dir.to_path_buf(), EventWriter::create(dir)?);
+        }
+        Ok(self.writers.get_mut(dir).expect("inserted above"))
+    }
+}
+
+impl dtrain_fit::boards::Boards for EventFiles {
+    fn scalars(&mut self, dir: &Path, step: i64, values: &[(&str, f32)]) -> io::Result<()> {
+        self.writer(dir)?.scalars(step, values)
+    }
+
+    fn histogram(&mut self, dir: &Path, tag: &str, step: i64, values: &[f32]) -> io::Result<()> {
+        self.writer(dir)?.histogram(tag, step, values)
+    }
+
+    fn flush(&mut self, dir: &Path) -> io::Result<()> {
+        self.writers.get_mut(dir).map_or(Ok(()), EventWriter::flush)
     }
 }
 

@@ -67,6 +67,18 @@ impl Scenario {
     }
 }
 
+/// The next work the coordinator sends (other messages skipped); `None` once the stream ends,
+/// fails, or is quiet for 30 s.
+async fn next_work(conn: &mut Connection) -> Option<dtrain_proto::Work> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), conn.next()).await {
+            Ok(Ok(Some(ToWorker::Work(w)))) => return Some(w),
+            Ok(Ok(Some(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
 /// Joins as `name` and builds the job's compute, as a real worker would.
 async fn join_computing(url: &str, name: &str) -> (Connection, dtrain_cluster::worker::Compute) {
     let hello = Hello { protocol_version: PROTOCOL_VERSION, name: name.into() };
@@ -135,34 +147,25 @@ fn nan_gradients(shared: bool, alone: bool) {
                 let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "evil".into() };
                 let (mut conn, welcome) = join(&url, hello).await.unwrap();
                 let mut slots = if shared { Some(attach(&welcome.unwrap(), &conn).await) } else { None };
-                while let Ok(Some(m)) =
-                    tokio::time::timeout(Duration::from_secs(30), conn.next()).await.unwrap_or(Ok(None))
-                {
-                    if let ToWorker::Work(w) = m {
-                        let n = match &w.params {
-                            Tensor::Inline(bytes) => bytes.len() / 4,
-                            Tensor::Shared => 0,
+                while let Some(w) = next_work(&mut conn).await {
+                    let n = match &w.params {
+                        Tensor::Inline(bytes) => bytes.len() / 4,
+                        Tensor::Shared => 0,
+                    };
+                    assert_eq!(n == 0, shared, "parameters in shared memory exactly when offered");
+                    for s in w.shards {
+                        let gradient = match slots.as_mut() {
+                            Some(slots) => {
+                                slots.region_mut(s.index() as usize).unwrap().fill(f32::NAN);
+                                Tensor::Shared
+                            }
+                            None => Tensor::Inline(dtrain_proto::f32_bytes(&vec![f32::NAN; n])),
                         };
-                        assert_eq!(n == 0, shared, "parameters in shared memory exactly when offered");
-                        for s in w.shards {
-                            let gradient = match slots.as_mut() {
-                                Some(slots) => {
-                                    slots.region_mut(s.index() as usize).unwrap().fill(f32::NAN);
-                                    Tensor::Shared
-                                }
-                                None => Tensor::Inline(dtrain_proto::f32_bytes(&vec![f32::NAN; n])),
-                            };
-                            // Plausible sums: only the gradient is wrong.
-                            let claimed = dtrain_nn::ShardStats {
-                                loss_sum: 1.0,
-                                activity: 0.0,
-                                correct: 0,
-                                rows: s.rows().into(),
-                            };
-                            let r =
-                                ShardResult { step: w.step, index: s.index(), gradient, claimed, compute_micros: 1 };
-                            let _ = conn.send(FromWorker::Result(r)).await;
-                        }
+                        // Plausible sums: only the gradient is wrong.
+                        let claimed =
+                            dtrain_nn::ShardStats { loss_sum: 1.0, activity: 0.0, correct: 0, rows: s.rows().into() };
+                        let r = ShardResult { step: w.step, index: s.index(), gradient, claimed, compute_micros: 1 };
+                        let _ = conn.send(FromWorker::Result(r)).await;
                     }
                 }
             })
@@ -196,10 +199,7 @@ fn a_finite_liar_is_caught_evicted_and_its_damage_undone() {
             rt().block_on(async {
                 let (mut conn, mut compute) = join_computing(&url, "liar").await;
                 let mut lies = 0;
-                while let Ok(Some(m)) =
-                    tokio::time::timeout(Duration::from_secs(30), conn.next()).await.unwrap_or(Ok(None))
-                {
-                    let ToWorker::Work(w) = m else { continue };
+                while let Some(w) = next_work(&mut conn).await {
                     let step = w.step;
                     for mut r in compute.run(w).unwrap() {
                         if step >= HONEST_STEPS {
@@ -257,10 +257,7 @@ fn a_flooding_worker_is_closed_and_a_party_holds_at_most_two_streams() {
             rt().block_on(async {
                 let (mut conn, mut compute) = join_computing(&url, "flood").await;
                 let mut sent = 0;
-                while let Ok(Some(m)) =
-                    tokio::time::timeout(Duration::from_secs(30), conn.next()).await.unwrap_or(Ok(None))
-                {
-                    let ToWorker::Work(w) = m else { continue };
+                while let Some(w) = next_work(&mut conn).await {
                     let results = compute.run(w).unwrap();
                     for _ in 0..200 {
                         for r in &results {

@@ -22,6 +22,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "coordinator")
 
 
+def example_job(name, **fit):
+    """A temporary copy of examples/NAME.toml whose [fit] has these settings (e.g. epochs=2,
+    shards=2, kernel='"haswell"'), replacing the file's own; returns its path."""
+    text = open(os.path.join(ROOT, "examples", name + ".toml")).read()
+    for key in fit:
+        text = re.sub(rf"(?m)^{key} = .*\n", "", text)
+    settings = "".join(f"{k} = {v}\n" for k, v in fit.items())
+    text = text.replace("[fit]\n", "[fit]\n" + settings, 1)
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(text)
+    return f.name
+
+
 def run(cfg, extra):
     with tempfile.TemporaryDirectory() as d:
         p = subprocess.Popen([BIN, "train", "--config", cfg, "--run-dir", os.path.join(d, "r"), "--log-format", "json"]
@@ -45,21 +58,17 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     rows = []
     for job in a.jobs.split(","):
-        text = open(os.path.join(ROOT, "examples", job + ".toml")).read()
-        text = re.sub(r"(?m)^shards = \d+\n", "", text)
-        text = re.sub(r"(?m)^epochs = \d+", f"epochs = {a.epochs}\nshards = {a.workers}", text)
-        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-            f.write(text)
+        cfg = example_job(job, epochs=a.epochs, shards=a.workers)
         local, shm, tcp, notes, rounds = [], [], [], {}, []
         spawn = ["--spawn-workers", str(a.workers)]
         for _ in range(a.rounds):
-            lr = run(f.name, ["--local"])[0]
-            sr, notes["shm"] = run(f.name, spawn)
-            tr, notes["tcp"] = run(f.name, spawn + ["--no-shared-memory"])
+            lr = run(cfg, ["--local"])[0]
+            sr, notes["shm"] = run(cfg, spawn)
+            tr, notes["tcp"] = run(cfg, spawn + ["--no-shared-memory"])
             local, shm, tcp = local + lr, shm + sr, tcp + tr
             lm = statistics.median(lr)
             rounds.append((lm / statistics.median(sr), lm / statistics.median(tr)))
-        os.unlink(f.name)
+        os.unlink(cfg)
         l, m, t = statistics.median(local), statistics.median(shm), statistics.median(tcp)
         rows.append((job, l, m, t, notes, rounds))
         print(json.dumps({"job": job, "local_epoch_s": l, "shared_memory_epoch_s": m, "grpc_epoch_s": t,

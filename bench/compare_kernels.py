@@ -9,12 +9,10 @@ the per-round ratios with their range.
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
-import tempfile
 
-from compare_cluster import ROOT, run
+from compare_cluster import ROOT, example_job, run
 
 KERNELS = ["haswell", "skylakex"]
 
@@ -28,14 +26,7 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     rows = []
     for job in a.jobs.split(","):
-        text = open(os.path.join(ROOT, "examples", job + ".toml")).read()
-        text = re.sub(r"(?m)^kernel = .*\n", "", text)
-        files = {}
-        for k in KERNELS:
-            t = re.sub(r"(?m)^epochs = \d+", f'epochs = {a.epochs}\nkernel = "{k}"', text)
-            with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-                f.write(t)
-            files[k] = f.name
+        files = {k: example_job(job, epochs=a.epochs, kernel=f'"{k}"') for k in KERNELS}
         times = {k: [] for k in KERNELS}
         ratios = []
         for _ in range(a.rounds):

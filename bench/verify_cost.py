@@ -14,9 +14,8 @@ import os
 import re
 import statistics
 import subprocess
-import tempfile
 
-from compare_cluster import ROOT, run
+from compare_cluster import ROOT, example_job, run
 
 SETTINGS = ["0", "0.05", "all"]
 
@@ -29,23 +28,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
-    text = open(os.path.join(ROOT, "examples", a.job + ".toml")).read()
-    text = re.sub(r"(?m)^shards = \d+\n", "", text)
-    text = re.sub(r"(?m)^epochs = \d+", f"epochs = {a.epochs}\nshards = {a.workers}", text)
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(text)
+    cfg = example_job(a.job, epochs=a.epochs, shards=a.workers)
     times = {s: [] for s in SETTINGS}
     ratios = {s: [] for s in SETTINGS[1:]}
     notes = {}
     for _ in range(a.rounds):
         medians = {}
         for s in SETTINGS:
-            secs, notes[s] = run(f.name, ["--spawn-workers", str(a.workers), "--verify", s])
+            secs, notes[s] = run(cfg, ["--spawn-workers", str(a.workers), "--verify", s])
             times[s] += secs
             medians[s] = statistics.median(secs)
         for s in SETTINGS[1:]:
             ratios[s].append(medians[s] / medians["0"])
-    os.unlink(f.name)
+    os.unlink(cfg)
     print(json.dumps({"job": a.job, "epoch_s": {s: statistics.median(v) for s, v in times.items()},
                       "cost_per_round": ratios, "reports": notes}))
     print()

@@ -81,7 +81,7 @@ async fn next_work(conn: &mut Connection) -> Option<dtrain_proto::Work> {
 
 /// Joins as `name` and builds the job's compute, as a real worker would.
 async fn join_computing(url: &str, name: &str) -> (Connection, dtrain_cluster::worker::Compute) {
-    let hello = Hello { protocol_version: PROTOCOL_VERSION, name: name.into() };
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, name: name.into(), peer_address: None };
     let (conn, welcome) = join(url, hello).await.unwrap();
     let config: dtrain_fit::config::JobConfig = toml::from_str(&welcome.unwrap().job_toml).unwrap();
     (conn, dtrain_cluster::worker::Compute::new(dtrain_fit::Job::build(config, Default::default()).unwrap()))
@@ -96,10 +96,15 @@ fn wrong_version_and_oversized_messages_are_refused() {
     let c = Proc::start(cmd);
     let url = listening_url(&c);
     rt().block_on(async {
-        let e = join(&url, Hello { protocol_version: PROTOCOL_VERSION + 1, name: "old".into() }).await.unwrap_err();
+        let e = join(&url, Hello { protocol_version: PROTOCOL_VERSION + 1, name: "old".into(), peer_address: None })
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
         assert!(e.message().contains("protocol version"), "{e}");
-        let e = join(&url, Hello { protocol_version: PROTOCOL_VERSION, name: "x".repeat(65 << 20) }).await.unwrap_err();
+        let e =
+            join(&url, Hello { protocol_version: PROTOCOL_VERSION, name: "x".repeat(65 << 20), peer_address: None })
+                .await
+                .unwrap_err();
         assert!(
             matches!(e.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange | tonic::Code::Internal),
             "{e}"
@@ -144,13 +149,14 @@ fn nan_gradients(shared: bool, alone: bool) {
         let url = url.clone();
         move || {
             rt().block_on(async {
-                let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "evil".into() };
+                let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "evil".into(), peer_address: None };
                 let (mut conn, welcome) = join(&url, hello).await.unwrap();
                 let mut slots = if shared { Some(attach(&welcome.unwrap(), &conn).await) } else { None };
                 while let Some(w) = next_work(&mut conn).await {
                     let n = match &w.params {
                         Tensor::Inline(bytes) => bytes.len() / 4,
                         Tensor::Shared => 0,
+                        Tensor::Chained => panic!("no chain: this worker has no peer port"),
                     };
                     assert_eq!(n == 0, shared, "parameters in shared memory exactly when offered");
                     for s in w.shards {
@@ -216,7 +222,7 @@ fn a_finite_liar_is_caught_evicted_and_its_damage_undone() {
                     }
                 }
                 // Evicted: the same name from the same address is refused.
-                let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "liar".into() };
+                let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "liar".into(), peer_address: None };
                 (lies, join(&url, hello).await.map(|_| ()).unwrap_err())
             })
         }
@@ -243,7 +249,7 @@ fn a_finite_liar_is_caught_evicted_and_its_damage_undone() {
 fn a_flooding_worker_is_closed_and_a_party_holds_at_most_two_streams() {
     let s = Scenario::start("shards = 2", &["--min-workers", "2"]);
     let twins = rt().block_on(async {
-        let twin = || Hello { protocol_version: PROTOCOL_VERSION, name: "twin".into() };
+        let twin = || Hello { protocol_version: PROTOCOL_VERSION, name: "twin".into(), peer_address: None };
         let (a, b) = (join(&s.url, twin()).await.unwrap(), join(&s.url, twin()).await.unwrap());
         let third = join(&s.url, twin()).await.map(|_| ()).unwrap_err();
         assert_eq!(third.code(), tonic::Code::ResourceExhausted, "{third}");
@@ -292,7 +298,8 @@ fn a_worker_that_stalls_and_reconnects_is_refused_after_three_misses() {
             rt().block_on(async {
                 let mut stalls = 0;
                 loop {
-                    let hello = Hello { protocol_version: PROTOCOL_VERSION, name: "staller".into() };
+                    let hello =
+                        Hello { protocol_version: PROTOCOL_VERSION, name: "staller".into(), peer_address: None };
                     let mut conn = match join(&url, hello).await {
                         Ok((conn, _)) => conn,
                         Err(refused) => return (stalls, refused),

@@ -8,7 +8,9 @@
 //! A failing case is written to `target/fuzz-failures/` with the decoder's name, to replay.
 
 use dtrain_data::{load_csv, load_idx_dir, load_npy, IdxSplit};
-use dtrain_proto::{FromWorker, Hello, ShardResult, Tensor, ToWorker, Welcome, WireShard, Work};
+use dtrain_proto::{
+    ChainRole, Chunk, ChunkStream, FromWorker, Hello, ShardResult, Tensor, ToWorker, Welcome, WireShard, Work,
+};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -177,11 +179,21 @@ fn worker_messages() -> Vec<Vec<u8>> {
         claimed: dtrain_nn::ShardStats { loss_sum: 1.5, activity: 0.0, correct: 1, rows: 2 },
         compute_micros: 10,
     };
-    let hello = Hello { protocol_version: dtrain_proto::PROTOCOL_VERSION, name: "w".into() };
-    [FromWorker::Hello(hello), FromWorker::Result(result), FromWorker::Attached]
+    let hello = Hello {
+        protocol_version: dtrain_proto::PROTOCOL_VERSION,
+        name: "w".into(),
+        peer_address: Some("10.0.0.2:50052".into()),
+    };
+    let broken = FromWorker::Broken { step: 3, peer: "10.0.0.3:50052".into(), reason: "refused".into() };
+    [FromWorker::Hello(hello), FromWorker::Result(result), FromWorker::Attached, FromWorker::Chunk(chunk()), broken]
         .into_iter()
         .map(dtrain_proto::worker_message_to_bytes)
         .collect()
+}
+
+/// A chunk of the running sum: 3 values at 64 of the corpus job's 67.
+fn chunk() -> Chunk {
+    Chunk { step: 3, stream: ChunkStream::Sum, offset: 64, values: dtrain_proto::f32_bytes(&[0.5; 3]) }
 }
 
 /// Seed messages a coordinator sends: a welcome with the corpus job, and work on its data.
@@ -193,20 +205,36 @@ fn coordinator_messages() -> Vec<Vec<u8>> {
         params: Tensor::Inline(dtrain_proto::f32_bytes(&[0.1; 67])),
         global_batch: 3,
         shards: vec![shard(0, &[0, 1]), shard(1, &[2])],
+        chain: None,
     };
+    let role =
+        ChainRole { successor: Some("10.0.0.3:50052".into()), ticket_in: Some(7), ticket_out: 8, chunk_values: 32 };
+    let chained = Work { params: Tensor::Chained, chain: Some(role), ..work.clone() };
+    let params = Chunk { stream: ChunkStream::Params, ..chunk() };
     let job_toml = std::fs::read_to_string(corpus("job").join("job.toml")).unwrap();
     let welcome = Welcome { job_toml, worker_id: 1, shared_memory: None };
-    [ToWorker::Welcome(welcome), ToWorker::Work(work), ToWorker::Stop { reason: "done".into() }]
-        .into_iter()
-        .map(dtrain_proto::coordinator_message_to_bytes)
-        .collect()
+    [
+        ToWorker::Welcome(welcome),
+        ToWorker::Work(work),
+        ToWorker::Work(chained),
+        ToWorker::Chunk(params),
+        ToWorker::Stop { reason: "done".into() },
+    ]
+    .into_iter()
+    .map(dtrain_proto::coordinator_message_to_bytes)
+    .collect()
 }
 
 #[test]
 fn protocol_messages_into_domain_types() {
     fuzz("worker-message", &worker_messages(), |bytes| match dtrain_proto::worker_message_from_bytes(bytes) {
         Ok(FromWorker::Result(r)) => r.stats(2).is_ok(),
+        // Where the coordinator takes a chunk of the sum: only the one it expects next.
+        Ok(FromWorker::Chunk(c)) => c.expect(64, 32, 67).is_ok(),
         other => other.is_ok(),
+    });
+    fuzz("relay-message", &[dtrain_proto::relay_message_to_bytes(9, chunk())], |bytes| {
+        dtrain_proto::relay_message_from_bytes(bytes).is_ok_and(|(_, c)| c.expect(64, 32, 67).is_ok())
     });
     // What a worker does with the coordinator's messages: every shard it is sent is checked
     // against the job's model before anything is allocated for it, and the work is computed.
@@ -218,6 +246,7 @@ fn protocol_messages_into_domain_types() {
     let mut compute = dtrain_cluster::worker::Compute::new(job);
     fuzz("coordinator-message", &coordinator_messages(), |bytes| {
         match dtrain_proto::coordinator_message_from_bytes(bytes) {
+            Ok(ToWorker::Work(w)) if w.chain.is_some() => w.params == Tensor::Chained,
             Ok(ToWorker::Work(w)) => {
                 for s in w.shards.iter().cloned() {
                     let _ = dtrain_proto::shard_from_wire(s, &shape, outputs);

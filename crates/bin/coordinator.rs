@@ -99,6 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     worker_wait: secs("worker-wait", a.worker_wait)?,
                     shared_memory: !a.no_shared_memory,
                     verify: a.verify,
+                    topology: a.topology,
                     metrics: a.metrics_listen.map(|_| metrics),
                     tls: match (a.tls_cert, a.tls_key) {
                         (Some(cert), Some(key)) => Some(ServerTls { cert, key, client_ca: a.tls_client_ca }),

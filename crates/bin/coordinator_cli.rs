@@ -109,6 +109,12 @@ pub struct TrainArgs {
     /// the coordinator, and the worker it contradicts is evicted.
     #[arg(long, env = "DTRAIN_VERIFY", value_parser = dtrain_cluster::verify::Fraction::parse)]
     pub verify: Option<dtrain_cluster::verify::Fraction>,
+    /// How gradients and parameters travel: "chain" (each worker adds its shards to the running
+    /// sum from the one before and passes it on; workers need --peer-listen, and --verify 0),
+    /// "star" (every worker to and from the coordinator), or "auto" (the chain when two workers
+    /// off this host's shared memory can take part and verification is off).
+    #[arg(long, env = "DTRAIN_TOPOLOGY", default_value = "auto", value_parser = dtrain_cluster::topology::Topology::parse)]
+    pub topology: dtrain_cluster::topology::Topology,
     /// Seconds a worker may take for its shards of one step before they go elsewhere.
     #[arg(long, env = "DTRAIN_STEP_TIMEOUT", default_value_t = 30.0)]
     pub step_timeout: f64,

@@ -31,6 +31,14 @@ pub struct Cli {
     /// The name to verify in the coordinator's certificate, if not the URL's host.
     #[arg(long, env = "DTRAIN_TLS_DOMAIN", requires = "tls_ca")]
     pub tls_domain: Option<String>,
+    /// Take part in chains (see the coordinator's --topology): serve the peer port here, e.g.
+    /// 0.0.0.0:50052. Its predecessor in the chain dials it with the job token.
+    #[arg(long, env = "DTRAIN_PEER_LISTEN")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The address peers dial (HOST:PORT), when --peer-listen is not it (e.g. 0.0.0.0, NAT, a
+    /// Kubernetes pod's IP).
+    #[arg(long, env = "DTRAIN_PEER_ADVERTISE", requires = "peer_listen")]
+    pub peer_advertise: Option<String>,
     /// Serve the gRPC health service on this address (for Kubernetes probes).
     #[arg(long, env = "DTRAIN_HEALTH_LISTEN")]
     pub health_listen: Option<std::net::SocketAddr>,

@@ -72,6 +72,18 @@ pub fn random_token() -> std::io::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// A fresh chain ticket: 64 random bits from the operating system's generator, never 0 (which
+/// means "no predecessor"). Without /dev/urandom, a hash of the time with a random key.
+pub fn ticket() -> u64 {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    let t = match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => crate::shm::nonce(),
+    };
+    t.max(1)
+}
+
 /// Reads a token from a file (trimmed); an error names the file.
 pub fn read_token_file(path: &std::path::Path) -> Result<String, crate::ClusterError> {
     let what = format!("{}: cannot read the token", path.display());

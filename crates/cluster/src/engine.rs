@@ -14,6 +14,7 @@ use crate::round::{Action, Cause, FaultLedger, Phase, Refusal, Round};
 use crate::run::ClusterOptions;
 use crate::shm::SharedFile;
 use crate::termination::Termination;
+use crate::topology::Topology;
 use crate::verify::{Audit, Fraction, DEFAULT_VERIFY, WINDOW};
 use dtrain_data::Dataset;
 use dtrain_fit::engine::ShardBuffers;
@@ -28,6 +29,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::Status;
+
+mod chain;
 
 /// The coordinator's side of the cluster, as an `Engine` the trainer drives.
 pub struct ClusterEngine<'a> {
@@ -63,6 +66,9 @@ struct Policy {
     last_step: Option<u64>,
     /// A liar's unchecked results were used from this step on: undo them (and why).
     roll_back: Option<(u64, String)>,
+    /// Star or chain, and what the chain knows.
+    topology: Topology,
+    chain: chain::Memory,
 }
 
 /// What the run shows: the epoch's cluster line and the metrics endpoint.
@@ -121,6 +127,8 @@ impl<'a> ClusterEngine<'a> {
                 audit: Audit::new(verify_fraction(opts, job), job.seed),
                 last_step: None,
                 roll_back: None,
+                topology: opts.topology,
+                chain: chain::Memory::default(),
             },
             telemetry: Telemetry { epoch: EpochStats::default(), metrics: opts.metrics.clone() },
             prefetch: Prefetch::default(),
@@ -210,6 +218,7 @@ struct Received {
 
 /// One step's work as it goes out: the samples of each shard, and the parameters.
 struct Outgoing<'s> {
+    step: u64,
     params: &'s [f32],
     global_batch: u32,
     wire: Vec<WireShard>,
@@ -271,6 +280,12 @@ impl ClusterEngine<'_> {
             let nan = |r: &Range<usize>| ShardStats { loss_sum: f64::NAN, rows: r.len() as u64, ..Default::default() };
             return Ok(shards.iter().map(nan).collect());
         };
+        let mut meanwhile = Some(meanwhile);
+        if let Some(plan) = self.chain_plan(shards.len()) {
+            if let Some(stats) = self.chain_step(&plan, &mut out, shards, grad, &mut meanwhile).await? {
+                return Ok(stats);
+            }
+        }
         let inputs = StepInputs { params, step, batch, shards };
         let mut round = Round::new(step, shards.iter().map(|r| r.len()), self.policy.step_timeout);
         let mut inbox = Inbox {
@@ -282,7 +297,6 @@ impl ClusterEngine<'_> {
             paired: BTreeSet::new(),
             reduce: Duration::ZERO,
         };
-        let mut meanwhile = Some(meanwhile);
         let mut sent_all = None;
         loop {
             let actions = match round.phase() {
@@ -367,7 +381,7 @@ impl ClusterEngine<'_> {
             Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
             _ => self.shards_to_wire(batch, shards),
         };
-        Some(Outgoing { params, global_batch: batch.len() as u32, wire, shared, inline })
+        Some(Outgoing { step, params, global_batch: batch.len() as u32, wire, shared, inline })
     }
 
     /// The caller's work while workers compute, then the next step's shards.
@@ -471,6 +485,7 @@ impl ClusterEngine<'_> {
             params: self.params_for(worker, out),
             global_batch: out.global_batch,
             shards: shards.iter().map(|k| out.wire[k.0].clone()).collect(),
+            chain: None,
         };
         let sent = self.net.hub.send(worker, ToWorker::Work(work));
         if let Some(size) = sent {
@@ -487,6 +502,9 @@ impl ClusterEngine<'_> {
         deadline: Instant,
     ) -> Result<Vec<Action>, EngineError> {
         match tokio::time::timeout_at(deadline.into(), self.net.events.recv()).await {
+            // Of a chain step that fell back to the star: its sums are not results of the star's.
+            Ok(Some(Event::Result { result, .. })) if result.gradient == Tensor::Chained => Ok(vec![]),
+            Ok(Some(Event::Chunk { .. } | Event::Broken { .. })) => Ok(vec![]),
             Ok(Some(Event::Result { id, result, size })) => {
                 let k = ShardIndex(result.index as usize);
                 if !round.expects(id, result.step, k) {
@@ -529,12 +547,21 @@ impl ClusterEngine<'_> {
         if out.shared && self.net.hub.slots(worker).is_some() {
             return Tensor::Shared;
         }
+        Tensor::Inline(self.inline_params(out))
+    }
+
+    /// The parameters as message bytes: one copy of them, made on first need, serves every
+    /// message of the step.
+    fn inline_params(&mut self, out: &mut Outgoing<'_>) -> bytes::Bytes {
         let (params, wire) = (out.params, &mut self.buffers.params);
         let inline = out.inline.get_or_insert_with(|| {
             wire.fill(params.len()).copy_from_slice(params);
             Tensor::Inline(wire.share())
         });
-        inline.clone()
+        match inline {
+            Tensor::Inline(b) => b.clone(),
+            Tensor::Shared | Tensor::Chained => unreachable!("only inline bytes are kept"),
+        }
     }
 
     /// A result's sums, and where its gradient is: in the worker's shared memory, or copied
@@ -544,6 +571,7 @@ impl ClusterEngine<'_> {
         let k = result.index as usize;
         let gradient = match &result.gradient {
             Tensor::Inline(bytes) => bytes,
+            Tensor::Chained => return Err(Refusal::WrongPath),
             Tensor::Shared => {
                 let slots = self.net.hub.slots(id).ok_or(Refusal::NoSharedMemory)?;
                 slots.shared(k).ok_or(Refusal::SlotOutOfRange)?;
@@ -685,7 +713,7 @@ impl ClusterEngine<'_> {
 }
 
 /// `--verify`, else `fit.verify`, else the default.
-fn verify_fraction(opts: &ClusterOptions, job: &Job) -> Fraction {
+pub(crate) fn verify_fraction(opts: &ClusterOptions, job: &Job) -> Fraction {
     opts.verify.or_else(|| job.fit.verify.and_then(Fraction::new)).unwrap_or(DEFAULT_VERIFY)
 }
 
@@ -756,6 +784,7 @@ mod tests {
             shared_memory: false,
             verify: None,
             metrics: None,
+            topology: Topology::Auto,
         }
     }
 

@@ -15,6 +15,12 @@ pub struct EpochStats {
     pub bytes_in: u64,
     /// What verification did.
     pub verification: dtrain_fit::metrics::Verification,
+    /// Steps that went over the chain.
+    pub chained: u64,
+    /// Chain steps that fell back to the star.
+    pub fell_back: u64,
+    /// The current chain step's time spent taking in the sum.
+    pub chain_reduce: Duration,
     /// Per worker: time from sending its work to each shard's result arriving, in µs.
     round_trips: BTreeMap<WorkerId, Vec<u32>>,
     /// Per worker: its own compute time for each shard, in µs.
@@ -107,6 +113,7 @@ impl EpochStats {
             ("cluster/sent_bytes_per_step", self.bytes_out as f32 / steps),
             ("cluster/received_bytes_per_step", self.bytes_in as f32 / steps),
             ("cluster/verified_shards", self.verification.checked as f32),
+            ("cluster/chain_steps", self.chained as f32),
         ];
         let v = &self.verification;
         let verification = format!(
@@ -125,7 +132,11 @@ impl EpochStats {
             encode,
             wait,
             reduce,
-        ) + &verification;
+        ) + &verification
+            + &match (self.chained, self.fell_back) {
+                (0, 0) => "; topology star".to_string(),
+                (c, f) => format!("; topology chain on {c} of {} step(s), {f} fell back to the star", self.steps),
+            };
         Some(dtrain_fit::engine::EpochReport { line, scalars })
     }
 }

@@ -3,7 +3,10 @@
 
 use crate::ids::{Member, PartyId, WorkerId};
 use crate::shm::{self, FileName, SharedFile};
-use dtrain_proto::{FromWorker, Inbox, Outbox, ShardResult, SharedMemoryOffer, ToWorker, ToWorkerStream, Welcome};
+use crate::topology::Candidate;
+use dtrain_proto::{
+    Chunk, FromWorker, Inbox, Outbox, ShardResult, SharedMemoryOffer, ToWorker, ToWorkerStream, Welcome,
+};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +27,26 @@ pub enum Event {
         /// Its size on the wire.
         size: usize,
     },
+    /// A chunk of the chain's running sum, from its last member.
+    Chunk {
+        /// Who sent it.
+        id: WorkerId,
+        /// The chunk, unchecked.
+        chunk: Chunk,
+        /// Its size on the wire.
+        size: usize,
+    },
+    /// A chain member could not reach, or did not hear from, a peer.
+    Broken {
+        /// Who reports it.
+        id: WorkerId,
+        /// The step.
+        step: u64,
+        /// The peer's address (empty: its predecessor).
+        peer: String,
+        /// What happened.
+        reason: String,
+    },
     /// A worker's stream ended (or it was dropped).
     Left {
         /// Its id.
@@ -39,6 +62,12 @@ struct Worker {
     /// flood, and its stream is closed, so the event queue never holds more than the work
     /// that is out.
     owed: usize,
+    /// Chunks of the running sum it owes as a chain's last member (the same bound).
+    owed_chunks: usize,
+    /// It is a member of the current chain: it may report one broken link.
+    chained: bool,
+    /// Where peers reach it, if it takes part in chains.
+    peer: Option<String>,
     tx: Outbox,
     /// Its gradient slots in shared memory (see `shm`), used once it says it attached; the
     /// descriptor is closed then (its mappings stay).
@@ -185,6 +214,7 @@ impl Hub {
         name: String,
         party: String,
         host: Option<std::net::IpAddr>,
+        peer: Option<String>,
         inbound: Inbox,
     ) -> Result<ToWorkerStream, Status> {
         // Only a worker that dialed over loopback can be on this host (shared memory).
@@ -226,7 +256,19 @@ impl Hub {
         // Welcome first, then visible to the engine: its work must never overtake the welcome.
         let _ = tx.try_send(ToWorker::Welcome(welcome));
         self.members(|w| {
-            w.insert(id, Worker { name: name.clone(), party, host, owed: 0, tx, slots, attached: false });
+            let worker = Worker {
+                name: name.clone(),
+                party,
+                host,
+                owed: 0,
+                owed_chunks: 0,
+                chained: false,
+                peer,
+                tx,
+                slots,
+                attached: false,
+            };
+            w.insert(id, worker);
         });
         match party_name.strip_prefix("certificate ") {
             Some(fingerprint) => tracing::info!("{id} ({name}) joined as certificate {fingerprint}"),
@@ -252,6 +294,19 @@ impl Hub {
                         let _ = self.events.send(Event::Result { id, result, size });
                     }
                 },
+                Ok(Some((FromWorker::Chunk(chunk), size))) => match self.owes_chunk(id) {
+                    None => continue,
+                    Some(false) => break "sent a chunk it was not asked for".to_string(),
+                    Some(true) => {
+                        let _ = self.events.send(Event::Chunk { id, chunk, size });
+                    }
+                },
+                Ok(Some((FromWorker::Broken { step, peer, reason }, _))) => {
+                    // One report per chain it was put in; more are ignored.
+                    if self.take_chained(id) {
+                        let _ = self.events.send(Event::Broken { id, step, peer, reason });
+                    }
+                }
                 Ok(Some((FromWorker::Attached, _))) => {
                     if !self.attach(id) {
                         break "attached to shared memory it was not offered".to_string();
@@ -273,6 +328,42 @@ impl Hub {
         let mut m = self.lock();
         let w = m.live.get_mut(&id)?;
         Some(w.owed.checked_sub(1).map(|left| w.owed = left).is_some())
+    }
+
+    /// Whether a chunk from `id` was owed (and counts it); `None` if it is not live.
+    fn owes_chunk(&self, id: WorkerId) -> Option<bool> {
+        let mut m = self.lock();
+        let w = m.live.get_mut(&id)?;
+        Some(w.owed_chunks.checked_sub(1).map(|left| w.owed_chunks = left).is_some())
+    }
+
+    /// Whether `id` is in a chain (and now no longer may report a broken link).
+    fn take_chained(&self, id: WorkerId) -> bool {
+        self.lock().live.get_mut(&id).is_some_and(|w| std::mem::take(&mut w.chained))
+    }
+
+    /// Puts `id` in this step's chain: it may report a broken link, and as the last member
+    /// (`chunks` > 0) send that many chunks of the sum. Chunks of an abandoned step still
+    /// count, at most two steps' worth, so that one arriving late is never taken for a flood.
+    pub fn chain(&self, id: WorkerId, chunks: usize) {
+        if let Some(w) = self.lock().live.get_mut(&id) {
+            w.chained = true;
+            w.owed_chunks = (w.owed_chunks + chunks).min(2 * chunks);
+        }
+    }
+
+    /// The live workers as a chain plan sees them.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let m = self.lock();
+        let c = |(&id, w): (&WorkerId, &Worker)| Candidate { id, peer: w.peer.clone(), shared_memory: w.attached };
+        m.live.iter().map(c).collect()
+    }
+
+    /// Queues a message to a worker, waiting up to `patience` for room in its queue: its size
+    /// on the wire, or `None` if the worker is gone or its queue stayed full.
+    pub async fn send_within(&self, id: WorkerId, msg: ToWorker, patience: Duration) -> Option<usize> {
+        let tx = self.lock().live.get(&id)?.tx.clone();
+        tx.send_within(msg, patience).await
     }
 
     /// Shared memory for a worker on this host: the parameters' file (made for the first such

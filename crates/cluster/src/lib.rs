@@ -13,12 +13,14 @@ pub mod epoch_stats;
 pub mod hub;
 pub mod ids;
 pub mod metrics_http;
+mod peer;
 pub mod round;
 pub mod run;
 pub mod service;
 pub mod shm;
 pub mod spawn;
 pub mod termination;
+pub mod topology;
 pub mod verify;
 pub mod worker;
 

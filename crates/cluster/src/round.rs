@@ -23,6 +23,9 @@ pub enum Refusal {
     /// It names a shard beyond its slots.
     #[error("a shared-memory slot out of range")]
     SlotOutOfRange,
+    /// Its gradient did not travel the way its work said (the chain's sum, or the message).
+    #[error("a gradient that did not travel the way its work said (chain or star)")]
+    WrongPath,
     /// Its loss or activity sums are NaN or infinite.
     #[error("loss sums are not finite")]
     SumsNotFinite,

@@ -43,6 +43,8 @@ pub struct ClusterOptions {
     pub verify: Option<crate::verify::Fraction>,
     /// Where workers, bytes and recomputed shards are counted, if metrics are served.
     pub metrics: Option<Arc<dtrain_fit::metrics::Metrics>>,
+    /// How gradients and parameters travel: star, chain, or the chain when it can.
+    pub topology: crate::topology::Topology,
 }
 
 #[derive(Clone, Debug)]
@@ -121,6 +123,10 @@ struct Cluster<'o> {
 impl EngineFactory for Cluster<'_> {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
         let err = |e: String| FitError::Engine(EngineError::Setup(e));
+        let verifying = crate::engine::verify_fraction(self.opts, job).get() > 0.0;
+        if self.opts.topology == crate::topology::Topology::Chain && verifying {
+            return Err(err(format!("--topology chain: {}", crate::topology::StarBecause::Verification)));
+        }
         // Watched from before anything is logged, so a signal sent on seeing "waiting for" counts.
         let mut stop = self.rt.block_on(async { Termination::watch() });
         let offer = self.opts.shared_memory.then(|| Offer { params: job.model.num_params(), slots: job.fit.shards });
@@ -164,7 +170,10 @@ impl EngineFactory for Cluster<'_> {
         );
         if self.opts.spawn_workers > 0 {
             let url = format!("http://{addr}");
-            self.workers = Some(LocalWorkers::spawn(self.opts.spawn_workers, &url, self.opts.token.as_deref())?);
+            // Off shared memory, they can form a chain over loopback.
+            let peers = !self.opts.shared_memory && self.opts.topology != crate::topology::Topology::Star;
+            let token = self.opts.token.as_deref();
+            self.workers = Some(LocalWorkers::spawn(self.opts.spawn_workers, &url, token, peers)?);
         }
         let (workers, shards) = (self.opts.spawn_workers.max(self.opts.min_workers), job.fit.shards);
         if workers > shards {

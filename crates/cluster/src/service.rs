@@ -31,6 +31,6 @@ impl JoinHandler for CoordinatorService {
         let name = crate::hub::display_name(&hello.name);
         let host = call.remote.map(|a| a.ip());
         let party = crate::hub::party_key(&name, host, call.certificate.as_deref());
-        self.hub.accept(name, party, host, call.inbound)
+        self.hub.accept(name, party, host, hello.peer_address, call.inbound)
     }
 }

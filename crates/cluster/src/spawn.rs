@@ -9,8 +9,9 @@ pub struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    /// Starts `n` copies of the `worker` binary that sits beside this executable.
-    pub fn spawn(n: usize, coordinator: &str, token: Option<&str>) -> Result<LocalWorkers, IoError> {
+    /// Starts `n` copies of the `worker` binary that sits beside this executable; with
+    /// `peers`, each with a peer port on loopback (for chains).
+    pub fn spawn(n: usize, coordinator: &str, token: Option<&str>, peers: bool) -> Result<LocalWorkers, IoError> {
         let exe = std::env::current_exe().map_err(IoError::on(std::path::Path::new("/proc/self/exe"), "resolve"))?;
         let worker = exe.with_file_name("worker");
         let mut children = Vec::new();
@@ -19,6 +20,9 @@ impl LocalWorkers {
             cmd.args(["--coordinator", coordinator, "--name", &format!("local-{i}")])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null());
+            if peers {
+                cmd.args(["--peer-listen", "127.0.0.1:0"]);
+            }
             if let Some(t) = token {
                 cmd.env("DTRAIN_TOKEN", t);
             }

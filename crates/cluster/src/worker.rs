@@ -2,6 +2,7 @@
 //! until told to stop. It reads no data files. A lost connection is retried (the coordinator
 //! may be restarting from its checkpoint) for `retry_for`.
 
+use crate::peer::{member_step, Next, PeerPort};
 use crate::shm::SharedFile;
 use crate::ClusterError;
 use dtrain_fit::config::JobConfig;
@@ -10,7 +11,7 @@ use dtrain_fit::Job;
 use dtrain_nn::Mode;
 use dtrain_proto::{
     read_f32s, shard_from_wire, Connection, FromWorker, Hello, ShardResult, SharedMemoryOffer, Tensor, ToWorker,
-    WireError, WireTensor, Work, PROTOCOL_VERSION,
+    WireError, WireShard, WireTensor, Work, PROTOCOL_VERSION,
 };
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -32,6 +33,10 @@ pub struct WorkerOptions {
     pub health_listen: Option<std::net::SocketAddr>,
     /// TLS to the coordinator, for an https:// URL.
     pub tls: Option<ClientTls>,
+    /// Take part in chains: serve the peer port here (`--peer-listen`).
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The address peers dial (`--peer-advertise`); default: the bound address.
+    pub peer_advertise: Option<String>,
 }
 
 /// TLS to the coordinator (an https:// URL): the CA that signed its certificate, optionally a
@@ -92,10 +97,14 @@ pub async fn run(opts: WorkerOptions) -> Result<(), ClusterError> {
     if let Some(addr) = opts.health_listen {
         serve_health(addr).await?;
     }
+    let mut port = match opts.peer_listen {
+        Some(listen) => Some(PeerPort::bind(listen, opts.peer_advertise.clone(), opts.token.clone()).await?),
+        None => None,
+    };
     let mut last_ok = Instant::now();
     let mut backoff = Duration::from_millis(100);
     loop {
-        match session(&opts, &mut last_ok).await {
+        match session(&opts, port.as_mut(), &mut last_ok).await {
             Ok(End::Stopped(reason)) => {
                 tracing::info!("stopping: {reason}");
                 return Ok(());
@@ -119,7 +128,7 @@ pub async fn run(opts: WorkerOptions) -> Result<(), ClusterError> {
     }
 }
 
-async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Status> {
+async fn session(opts: &WorkerOptions, mut port: Option<&mut PeerPort>, last_ok: &mut Instant) -> Result<End, Status> {
     let mut endpoint = Endpoint::from_shared(opts.coordinator.clone())
         .map_err(|e| Status::invalid_argument(format!("--coordinator {}: {e}", opts.coordinator)))?;
     if let Some(tls) = &opts.tls {
@@ -139,7 +148,8 @@ async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Sta
         .map_err(|_| Status::unavailable(format!("no connection within {HANDSHAKE:?}")))?
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let headers: Vec<_> = opts.token.iter().map(|t| (crate::auth::HEADER, crate::auth::bearer(t))).collect();
-    let hello = Hello { protocol_version: PROTOCOL_VERSION, name: opts.name.clone() };
+    let peer_address = port.as_ref().map(|p| p.address.clone());
+    let hello = Hello { protocol_version: PROTOCOL_VERSION, name: opts.name.clone(), peer_address };
     // A peer that accepts the connection but never answers must not hold the worker forever:
     // joining (up to the Welcome) has its own deadline, and a miss counts as a failed attempt.
     let late = |_| Status::unavailable(format!("no answer within {HANDSHAKE:?}"));
@@ -176,22 +186,39 @@ async fn session(opts: &WorkerOptions, last_ok: &mut Instant) -> Result<End, Sta
     }
     let mut compute = Compute::new(job);
     compute.shared = shared;
-    while let Some(msg) = conn.next().await? {
+    // A chain step ends early when the coordinator sends something else; that comes next.
+    let mut pending = None;
+    loop {
+        let msg = match pending.take() {
+            Some(m) => m,
+            None => match conn.next().await? {
+                Some(m) => m,
+                None => return Err(Status::unavailable("the coordinator closed the stream")),
+            },
+        };
         *last_ok = Instant::now();
         match msg {
-            ToWorker::Work(w) => {
-                // Computed right here, on the thread that runs this session (the binary's main
-                // thread): the connection is driven by the runtime's own thread meanwhile, so
-                // keepalive pings are answered while a shard is computed.
-                for r in compute.run(w)? {
-                    conn.send(FromWorker::Result(r)).await?;
+            // Computed right here, on the thread that runs this session (the binary's main
+            // thread): the connection is driven by the runtime's own thread meanwhile, so
+            // keepalive pings are answered while a shard is computed.
+            ToWorker::Work(mut w) => match (w.chain.take(), port.as_deref_mut()) {
+                (Some(role), Some(port)) => {
+                    if let Next::Then(m) = member_step(&mut conn, port, &mut compute, w, role).await? {
+                        pending = Some(m);
+                    }
                 }
-            }
+                (Some(_), None) => return Err(Status::invalid_argument("chain work for a worker without a peer port")),
+                (None, _) => {
+                    for r in compute.run(w)? {
+                        conn.send(FromWorker::Result(r)).await?;
+                    }
+                }
+            },
+            ToWorker::Chunk(_) => {} // of a chain step this worker left
             ToWorker::Stop { reason } => return Ok(End::Stopped(reason)),
             ToWorker::Welcome(_) => return Err(Status::internal("unexpected message")),
         }
     }
-    Err(Status::unavailable("the coordinator closed the stream"))
 }
 
 /// Computes with the run's BLAS kernel (its bits depend on it): if this process runs another,
@@ -222,16 +249,56 @@ struct Shared {
 pub struct Compute {
     job: Job,
     buffers: ShardBuffers,
-    params: Vec<f32>,
+    pub(crate) params: Vec<f32>,
     /// Computed into, then sent as is.
     grad: WireTensor,
     shared: Option<Shared>,
+    /// A chain member's: its shards' gradients, the predecessor's chunk, and the chunk it sends.
+    pub(crate) chain_grads: Vec<Vec<f32>>,
+    pub(crate) prefix: Vec<f32>,
+    pub(crate) sum: Vec<f32>,
 }
 
 impl Compute {
     /// For `job`, with tensors on the stream (shared memory is set once attached).
     pub fn new(job: Job) -> Compute {
-        Compute { job, buffers: ShardBuffers::default(), params: vec![], grad: WireTensor::default(), shared: None }
+        Compute {
+            job,
+            buffers: ShardBuffers::default(),
+            params: vec![],
+            grad: WireTensor::default(),
+            shared: None,
+            chain_grads: vec![],
+            prefix: vec![],
+            sum: vec![],
+        }
+    }
+
+    /// The model's number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.job.model.num_params()
+    }
+
+    /// A chain member's shards at the parameters in `params`: each gradient into
+    /// `chain_grads` (in shard order), and each shard's (index, sums, compute time).
+    pub(crate) fn chained(
+        &mut self,
+        step: u64,
+        global_batch: u32,
+        shards: Vec<WireShard>,
+    ) -> Result<Vec<(u32, dtrain_nn::ShardStats, u64)>, Status> {
+        let n = self.num_params();
+        self.chain_grads.resize_with(shards.len(), Vec::new);
+        let mut out = Vec::with_capacity(shards.len());
+        for (s, g) in shards.into_iter().zip(self.chain_grads.iter_mut()) {
+            let t0 = Instant::now();
+            g.resize(n, 0.0);
+            let (index, first, data) = decode(&self.job, s)?;
+            let stats =
+                shard_gradient(&self.job, &mut self.buffers, &self.params, (step, global_batch, first), &data, g);
+            out.push((index, stats, t0.elapsed().as_micros() as u64));
+        }
+        Ok(out)
     }
 
     /// Each shard's gradient and sums at the parameters `w` carries (as the stream's `Work`);
@@ -253,6 +320,7 @@ impl Compute {
             (None, Tensor::Shared) => {
                 return Err(Status::invalid_argument("parameters in shared memory this worker does not have"))
             }
+            (_, Tensor::Chained) => return Err(Status::invalid_argument("chained parameters outside a chain step")),
             (shared, Tensor::Inline(bytes)) => {
                 self.params.resize(n, 0.0);
                 read_f32s("params", bytes, &mut self.params).map_err(bad)?;
@@ -262,16 +330,14 @@ impl Compute {
         let mut out = Vec::with_capacity(w.shards.len());
         for s in w.shards {
             let t0 = Instant::now();
-            let (index, first, data) = shard_from_wire(s, model.input_shape(), model.output_width())
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let idx: Vec<u32> = (0..data.len() as u32).collect();
-            let mode =
-                Mode::Train { seed: self.job.seed, step: w.step, first_position: first, global_batch: w.global_batch };
+            let (index, first, data) = decode(&self.job, s)?;
+            let at = (w.step, w.global_batch, first);
             // In place in the shard's shared-memory slot if there is one, else into a message.
             let (claimed, gradient) = match slots.as_mut().and_then(|s| s.region_mut(index as usize)) {
-                Some(g) => (self.buffers.gradient(model, &data, params, &idx, mode, g), Tensor::Shared),
+                Some(g) => (shard_gradient(&self.job, &mut self.buffers, params, at, &data, g), Tensor::Shared),
                 None => {
-                    let stats = self.buffers.gradient(model, &data, params, &idx, mode, self.grad.fill(n));
+                    let g = self.grad.fill(n);
+                    let stats = shard_gradient(&self.job, &mut self.buffers, params, at, &data, g);
                     (stats, Tensor::Inline(self.grad.share()))
                 }
             };
@@ -280,4 +346,25 @@ impl Compute {
         }
         Ok(out)
     }
+}
+
+/// A shard as it arrived, checked against the model: (index, first position, its rows).
+fn decode(job: &Job, s: WireShard) -> Result<(u32, u32, dtrain_data::Dataset), Status> {
+    let model = &job.model;
+    shard_from_wire(s, model.input_shape(), model.output_width()).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// A shard's gradient into `grad` and its sums, at `params`, for (step, global batch, the
+/// shard's first position): the dropout masks are keyed by them.
+fn shard_gradient(
+    job: &Job,
+    buffers: &mut ShardBuffers,
+    params: &[f32],
+    (step, global_batch, first_position): (u64, u32, u32),
+    data: &dtrain_data::Dataset,
+    grad: &mut [f32],
+) -> dtrain_nn::ShardStats {
+    let idx: Vec<u32> = (0..data.len() as u32).collect();
+    let mode = Mode::Train { seed: job.seed, step, first_position, global_batch };
+    buffers.gradient(&job.model, data, params, &idx, mode, grad)
 }

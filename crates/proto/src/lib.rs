@@ -6,10 +6,14 @@
 mod messages;
 mod tensor;
 mod transport;
-pub use messages::{FromWorker, Hello, ShardResult, SharedMemoryOffer, Tensor, ToWorker, Welcome, WireShard, Work};
+pub use messages::{
+    ChainRole, Chunk, ChunkStream, FromWorker, Hello, ShardResult, SharedMemoryOffer, Tensor, ToWorker, Welcome,
+    WireShard, Work, MAX_ADDRESS, MAX_CHUNK_VALUES,
+};
 pub use tensor::WireTensor;
 pub use transport::{
-    coordinator_service, Connection, Inbox, Join, JoinHandler, Outbox, ToWorkerStream, COORDINATOR_SERVICE,
+    coordinator_service, peer_service, Connection, Inbox, Join, JoinHandler, Outbox, RelayHandler, RelayInbox,
+    RelayLink, ToWorkerStream, COORDINATOR_SERVICE,
 };
 
 #[allow(missing_docs, clippy::all)]
@@ -21,7 +25,7 @@ use dtrain_data::{Dataset, Features, Labels};
 use prost::bytes::Bytes;
 
 /// Bumped on any incompatible change; checked when a worker joins.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 /// Why a message, or a part of one, is refused.
@@ -68,6 +72,17 @@ pub fn worker_message_from_bytes(bytes: &[u8]) -> Result<FromWorker, WireError> 
 pub fn coordinator_message_from_bytes(bytes: &[u8]) -> Result<ToWorker, WireError> {
     let m: pb::CoordinatorMessage = prost::Message::decode(bytes).map_err(|e| WireError::Invalid(e.to_string()))?;
     ToWorker::try_from(m)
+}
+
+/// A relay message as a chain member's peer port decodes it: (ticket, chunk).
+pub fn relay_message_from_bytes(bytes: &[u8]) -> Result<(u64, Chunk), WireError> {
+    let m: pb::Relayed = prost::Message::decode(bytes).map_err(|e| WireError::Invalid(e.to_string()))?;
+    transport::relayed(m)
+}
+
+/// A relay message as protobuf bytes.
+pub fn relay_message_to_bytes(ticket: u64, chunk: Chunk) -> Vec<u8> {
+    prost::Message::encode_to_vec(&pb::Relayed { ticket, chunk: Some(chunk.into()) })
 }
 
 /// A worker's message as protobuf bytes.

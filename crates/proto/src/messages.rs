@@ -13,23 +13,119 @@ pub enum Tensor {
     Inline(Bytes),
     /// In the shared-memory region for this tensor.
     Shared,
+    /// Along the step's chain, in chunks: parameters come from the predecessor (or the
+    /// coordinator), a gradient went into the running sum.
+    Chained,
 }
 
 impl Tensor {
-    fn into_wire(self) -> (Bytes, bool) {
+    /// (bytes, shared, chained)
+    fn into_wire(self) -> (Bytes, bool, bool) {
         match self {
-            Tensor::Inline(b) => (b, false),
-            Tensor::Shared => (Bytes::new(), true),
+            Tensor::Inline(b) => (b, false, false),
+            Tensor::Shared => (Bytes::new(), true, false),
+            Tensor::Chained => (Bytes::new(), false, true),
         }
     }
 
-    fn from_wire(bytes: Bytes, shared: bool) -> Tensor {
-        if shared {
-            Tensor::Shared
-        } else {
-            Tensor::Inline(bytes)
+    fn from_wire(bytes: Bytes, shared: bool, chained: bool) -> Result<Tensor, WireError> {
+        match (shared, chained) {
+            (false, false) => Ok(Tensor::Inline(bytes)),
+            (true, false) => Ok(Tensor::Shared),
+            (false, true) => Ok(Tensor::Chained),
+            (true, true) => Err(WireError::Invalid("a tensor both shared and chained".into())),
         }
     }
+}
+
+/// Longest peer address a message may carry (host name and port).
+pub const MAX_ADDRESS: usize = 256;
+
+/// Most values a chunk may hold (16 MiB of f32).
+pub const MAX_CHUNK_VALUES: u32 = 4 << 20;
+
+/// A worker's place in a step's chain (see the protocol's `Chain`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChainRole {
+    /// The successor's peer address; `None`: the last member, which sends the sum to the
+    /// coordinator.
+    pub successor: Option<String>,
+    /// The ticket its predecessor presents; `None`: the first member (parameters from the
+    /// coordinator, no running sum to receive).
+    pub ticket_in: Option<u64>,
+    /// The ticket it presents to its successor.
+    pub ticket_out: u64,
+    /// Values per chunk.
+    pub chunk_values: u32,
+}
+
+/// Which tensor a chunk is part of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkStream {
+    /// The step's parameters.
+    Params,
+    /// The running sum of the shards' gradients.
+    Sum,
+}
+
+/// A range of a tensor that travels along the chain.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chunk {
+    /// The step.
+    pub step: u64,
+    /// Which tensor.
+    pub stream: ChunkStream,
+    /// Index of its first value.
+    pub offset: u64,
+    /// Little-endian f32 bytes (unchecked).
+    pub values: Bytes,
+}
+
+impl Chunk {
+    /// The range of the tensor it covers, checked against the chunk the receiver expects
+    /// next: starting at `next`, `chunk` values long or up to the tensor's end `len`.
+    pub fn expect(&self, next: usize, chunk: usize, len: usize) -> Result<std::ops::Range<usize>, WireError> {
+        let want = next..next.saturating_add(chunk).min(len);
+        if self.offset != next as u64 || self.values.len() != want.len() * 4 {
+            return Err(WireError::Invalid(format!(
+                "a chunk at value {} with {} bytes; expected {} values at {next}",
+                self.offset,
+                self.values.len(),
+                want.len()
+            )));
+        }
+        Ok(want)
+    }
+}
+
+impl From<Chunk> for pb::Chunk {
+    fn from(c: Chunk) -> Self {
+        let stream = match c.stream {
+            ChunkStream::Params => pb::chunk::Stream::Params,
+            ChunkStream::Sum => pb::chunk::Stream::Sum,
+        };
+        pb::Chunk { step: c.step, stream: stream as i32, offset: c.offset, values: c.values }
+    }
+}
+
+impl TryFrom<pb::Chunk> for Chunk {
+    type Error = WireError;
+
+    fn try_from(c: pb::Chunk) -> Result<Self, WireError> {
+        let stream = match pb::chunk::Stream::try_from(c.stream) {
+            Ok(pb::chunk::Stream::Params) => ChunkStream::Params,
+            Ok(pb::chunk::Stream::Sum) => ChunkStream::Sum,
+            Err(_) => return Err(WireError::Invalid(format!("a chunk of unknown stream {}", c.stream))),
+        };
+        Ok(Chunk { step: c.step, stream, offset: c.offset, values: c.values })
+    }
+}
+
+fn address(what: &str, a: String) -> Result<Option<String>, WireError> {
+    if a.len() > MAX_ADDRESS || a.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(WireError::Invalid(format!("{what}: not a peer address")));
+    }
+    Ok(Some(a).filter(|a| !a.is_empty()))
 }
 
 /// A worker's first message.
@@ -39,6 +135,8 @@ pub struct Hello {
     pub protocol_version: u32,
     /// The worker's name, for log lines.
     pub name: String,
+    /// Where its peers reach it (`--peer-listen`), if it takes part in chains.
+    pub peer_address: Option<String>,
 }
 
 /// Shared memory offered to a worker on the coordinator's host: its gradient slots, and the
@@ -79,6 +177,8 @@ pub struct Work {
     pub global_batch: u32,
     /// The shards to compute, in shard order.
     pub shards: Vec<WireShard>,
+    /// Its place in the step's chain, if it is a member (then `params` is `Chained`).
+    pub chain: Option<ChainRole>,
 }
 
 /// A shard's samples as they travel (built by `shard_to_wire`, read by `shard_from_wire`).
@@ -138,6 +238,17 @@ pub enum FromWorker {
     Result(ShardResult),
     /// It mapped the shared memory it was offered.
     Attached,
+    /// The last member of a chain: a chunk of the running sum.
+    Chunk(Chunk),
+    /// A chain member could not reach, or did not hear from, the peer at `peer`.
+    Broken {
+        /// The step.
+        step: u64,
+        /// The peer's address.
+        peer: String,
+        /// What happened.
+        reason: String,
+    },
 }
 
 /// What the coordinator sends on a worker's stream.
@@ -152,20 +263,27 @@ pub enum ToWorker {
         /// Why, for the worker's log.
         reason: String,
     },
+    /// The first member of a chain: a chunk of the parameters.
+    Chunk(Chunk),
 }
 
 impl From<FromWorker> for pb::WorkerMessage {
     fn from(m: FromWorker) -> Self {
         use pb::worker_message::Kind;
         let kind = match m {
-            FromWorker::Hello(h) => Kind::Hello(pb::Hello { protocol_version: h.protocol_version, name: h.name }),
+            FromWorker::Hello(h) => Kind::Hello(pb::Hello {
+                protocol_version: h.protocol_version,
+                name: h.name,
+                peer_address: h.peer_address.unwrap_or_default(),
+            }),
             FromWorker::Result(r) => {
-                let (gradient, gradient_shared) = r.gradient.into_wire();
+                let (gradient, gradient_shared, gradient_chained) = r.gradient.into_wire();
                 Kind::Result(pb::ShardResult {
                     step: r.step,
                     index: r.index,
                     gradient,
                     gradient_shared,
+                    gradient_chained,
                     loss_sum: r.claimed.loss_sum,
                     activity: r.claimed.activity,
                     correct: r.claimed.correct,
@@ -174,6 +292,8 @@ impl From<FromWorker> for pb::WorkerMessage {
                 })
             }
             FromWorker::Attached => Kind::Attached(pb::Attached {}),
+            FromWorker::Chunk(c) => Kind::Chunk(c.into()),
+            FromWorker::Broken { step, peer, reason } => Kind::Broken(pb::ChainBroken { step, peer, reason }),
         };
         pb::WorkerMessage { kind: Some(kind) }
     }
@@ -185,15 +305,25 @@ impl TryFrom<pb::WorkerMessage> for FromWorker {
     fn try_from(m: pb::WorkerMessage) -> Result<Self, WireError> {
         use pb::worker_message::Kind;
         Ok(match m.kind.ok_or_else(|| WireError::Invalid("an empty worker message".into()))? {
-            Kind::Hello(h) => FromWorker::Hello(Hello { protocol_version: h.protocol_version, name: h.name }),
+            Kind::Hello(h) => FromWorker::Hello(Hello {
+                protocol_version: h.protocol_version,
+                name: h.name,
+                peer_address: address("peer address", h.peer_address)?,
+            }),
             Kind::Result(r) => FromWorker::Result(ShardResult {
                 step: r.step,
                 index: r.index,
-                gradient: Tensor::from_wire(r.gradient, r.gradient_shared),
+                gradient: Tensor::from_wire(r.gradient, r.gradient_shared, r.gradient_chained)?,
                 claimed: ShardStats { loss_sum: r.loss_sum, activity: r.activity, correct: r.correct, rows: r.rows },
                 compute_micros: r.compute_micros,
             }),
             Kind::Attached(_) => FromWorker::Attached,
+            Kind::Chunk(c) => FromWorker::Chunk(c.try_into()?),
+            Kind::Broken(b) => {
+                let reason: String = b.reason.chars().take(256).collect();
+                let peer = address("broken link's peer", b.peer)?.unwrap_or_default();
+                FromWorker::Broken { step: b.step, peer, reason }
+            }
         })
     }
 }
@@ -214,16 +344,23 @@ impl From<ToWorker> for pb::CoordinatorMessage {
                 }),
             }),
             ToWorker::Work(w) => {
-                let (params, params_shared) = w.params.into_wire();
+                let (params, params_shared, _) = w.params.into_wire();
                 Kind::Work(pb::Work {
                     step: w.step,
                     params,
                     params_shared,
                     global_batch: w.global_batch,
                     shards: w.shards.into_iter().map(|s| s.0).collect(),
+                    chain: w.chain.map(|c| pb::Chain {
+                        successor: c.successor.unwrap_or_default(),
+                        ticket_in: c.ticket_in.unwrap_or(0),
+                        ticket_out: c.ticket_out,
+                        chunk_values: c.chunk_values,
+                    }),
                 })
             }
             ToWorker::Stop { reason } => Kind::Stop(pb::Stop { reason }),
+            ToWorker::Chunk(c) => Kind::Chunk(c.into()),
         };
         pb::CoordinatorMessage { kind: Some(kind) }
     }
@@ -246,15 +383,39 @@ impl TryFrom<pb::CoordinatorMessage> for ToWorker {
                     params_nonce: o.params_nonce,
                 }),
             }),
-            Kind::Work(w) => ToWorker::Work(Work {
-                step: w.step,
-                params: Tensor::from_wire(w.params, w.params_shared),
-                global_batch: w.global_batch,
-                shards: w.shards.into_iter().map(WireShard).collect(),
-            }),
+            Kind::Work(w) => {
+                let chain = w.chain.map(chain_role).transpose()?;
+                let params = match chain {
+                    Some(_) if w.params_shared || !w.params.is_empty() => {
+                        return Err(WireError::Invalid("a chain member's parameters come in chunks".into()))
+                    }
+                    Some(_) => Tensor::Chained,
+                    None => Tensor::from_wire(w.params, w.params_shared, false)?,
+                };
+                ToWorker::Work(Work {
+                    step: w.step,
+                    params,
+                    global_batch: w.global_batch,
+                    shards: w.shards.into_iter().map(WireShard).collect(),
+                    chain,
+                })
+            }
             Kind::Stop(s) => ToWorker::Stop { reason: s.reason },
+            Kind::Chunk(c) => ToWorker::Chunk(c.try_into()?),
         })
     }
+}
+
+fn chain_role(c: pb::Chain) -> Result<ChainRole, WireError> {
+    if c.chunk_values == 0 || c.chunk_values > MAX_CHUNK_VALUES {
+        return Err(WireError::Invalid(format!("{} values per chunk", c.chunk_values)));
+    }
+    Ok(ChainRole {
+        successor: address("successor", c.successor)?,
+        ticket_in: Some(c.ticket_in).filter(|&t| t != 0),
+        ticket_out: c.ticket_out,
+        chunk_values: c.chunk_values,
+    })
 }
 
 #[cfg(test)]
@@ -264,6 +425,7 @@ mod tests {
     #[test]
     fn every_message_round_trips_through_the_wire_types() {
         let stats = ShardStats { loss_sum: 1.5, activity: 0.25, correct: 1, rows: 2 };
+        let chunk = Chunk { step: 2, stream: ChunkStream::Sum, offset: 4, values: Bytes::from_static(&[0; 8]) };
         let result = ShardResult {
             step: 4,
             index: 1,
@@ -272,10 +434,14 @@ mod tests {
             compute_micros: 9,
         };
         for m in [
-            FromWorker::Hello(Hello { protocol_version: 2, name: "w".into() }),
+            FromWorker::Hello(Hello { protocol_version: 2, name: "w".into(), peer_address: None }),
+            FromWorker::Hello(Hello { protocol_version: 2, name: "w".into(), peer_address: Some("10.0.0.2:7".into()) }),
             FromWorker::Result(result.clone()),
-            FromWorker::Result(ShardResult { gradient: Tensor::Shared, ..result }),
+            FromWorker::Result(ShardResult { gradient: Tensor::Shared, ..result.clone() }),
+            FromWorker::Result(ShardResult { gradient: Tensor::Chained, ..result }),
             FromWorker::Attached,
+            FromWorker::Chunk(chunk.clone()),
+            FromWorker::Broken { step: 3, peer: "10.0.0.3:7".into(), reason: "refused".into() },
         ] {
             assert_eq!(FromWorker::try_from(pb::WorkerMessage::from(m.clone())), Ok(m));
         }
@@ -288,18 +454,42 @@ mod tests {
         };
         for m in [
             ToWorker::Welcome(Welcome { job_toml: "seed = 1".into(), worker_id: 3, shared_memory: Some(offer) }),
-            ToWorker::Work(Work { step: 5, params: Tensor::Shared, global_batch: 30, shards: vec![] }),
+            ToWorker::Work(Work { step: 5, params: Tensor::Shared, global_batch: 30, shards: vec![], chain: None }),
             ToWorker::Work(Work {
                 step: 5,
                 params: Tensor::Inline(Bytes::from_static(&[1; 4])),
                 global_batch: 1,
                 shards: vec![],
+                chain: None,
+            }),
+            ToWorker::Work(Work {
+                step: 5,
+                params: Tensor::Chained,
+                global_batch: 1,
+                shards: vec![],
+                chain: Some(ChainRole {
+                    successor: Some("w2:50052".into()),
+                    ticket_in: Some(9),
+                    ticket_out: 10,
+                    chunk_values: 3,
+                }),
             }),
             ToWorker::Stop { reason: "done".into() },
+            ToWorker::Chunk(Chunk { stream: ChunkStream::Params, ..chunk.clone() }),
         ] {
             assert_eq!(ToWorker::try_from(pb::CoordinatorMessage::from(m.clone())), Ok(m));
         }
         assert!(FromWorker::try_from(pb::WorkerMessage { kind: None }).is_err());
         assert!(ToWorker::try_from(pb::CoordinatorMessage { kind: None }).is_err());
+        // A chunk is taken only where the receiver expects the next one.
+        assert_eq!(chunk.expect(4, 2, 100), Ok(4..6));
+        assert_eq!(chunk.expect(4, 8, 6), Ok(4..6), "the last chunk ends with the tensor");
+        assert!(chunk.expect(0, 2, 100).is_err());
+        assert!(chunk.expect(4, 3, 100).is_err());
+        assert!(chunk.expect(4, 2, 5).is_err());
+        let bad = pb::Chain { successor: "a b".into(), ticket_in: 0, ticket_out: 1, chunk_values: 1 };
+        assert!(chain_role(bad).is_err());
+        let none = pb::Chain { successor: String::new(), ticket_in: 0, ticket_out: 1, chunk_values: 0 };
+        assert!(chain_role(none).is_err());
     }
 }

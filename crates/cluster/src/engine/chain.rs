@@ -1,0 +1,213 @@
+//! A step over the chain (see `topology`): the members get their shards and their place, the
+//! first gets the parameters in chunks, and the last sends the sum back in chunks, straight into
+//! the trainer's gradient. Anything unexpected (a member leaves, reports a broken link, sends
+//! something malformed, or the sum is late or not finite) and the step is computed over the
+//! star instead, with the same bits; a member a broken link blames leaves the chain.
+
+use super::{ClusterEngine, Outgoing};
+use crate::hub::Event;
+use crate::ids::{ShardIndex, WorkerId};
+use crate::round::Refusal;
+use crate::topology::{plan, ChainPlan, StarBecause, CHUNK_VALUES};
+use dtrain_fit::EngineError;
+use dtrain_nn::ShardStats;
+use dtrain_proto::{copy_f32s, ChainRole, Chunk, ChunkStream, Tensor, ToWorker, Work};
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::time::Instant;
+
+/// What the engine remembers about chains between steps.
+#[derive(Default)]
+pub(super) struct Memory {
+    /// Members a broken link blamed: they stay on the star.
+    excluded: BTreeSet<WorkerId>,
+    /// The last plan's members, and the last reason for the star (each logged when it changes).
+    members: Vec<WorkerId>,
+    star: Option<StarBecause>,
+}
+
+impl ClusterEngine<'_> {
+    /// This step's chain, if the topology and the live workers make one (said in the log
+    /// whenever the answer changes).
+    pub(super) fn chain_plan(&mut self, shards: usize) -> Option<ChainPlan> {
+        let candidates = self.net.hub.candidates();
+        let live: BTreeSet<WorkerId> = candidates.iter().map(|c| c.id).collect();
+        let memory = &mut self.policy.chain;
+        memory.excluded.retain(|id| live.contains(id));
+        let verifying = self.policy.audit.on();
+        match plan(self.policy.topology, verifying, &candidates, &memory.excluded, shards) {
+            Ok(p) => {
+                let members: Vec<WorkerId> = p.members.iter().map(|m| m.id).collect();
+                if members != memory.members {
+                    let names: Vec<String> = members.iter().map(|&id| self.net.hub.name(id)).collect();
+                    tracing::info!("topology chain: {}", names.join(" -> "));
+                    memory.members = members;
+                    memory.star = None;
+                }
+                Some(p)
+            }
+            Err(why) => {
+                if memory.star.as_ref() != Some(&why) {
+                    tracing::info!("topology star: {why}");
+                    memory.star = Some(why);
+                    memory.members.clear();
+                }
+                None
+            }
+        }
+    }
+
+    /// The step over `plan`: each shard's sums, with the sum of the gradients in `grad`; `None`
+    /// if the chain broke and the step is to go over the star.
+    pub(super) async fn chain_step(
+        &mut self,
+        plan: &ChainPlan,
+        out: &mut Outgoing<'_>,
+        shards: &[Range<usize>],
+        grad: &mut [f32],
+        meanwhile: &mut Option<&mut dyn FnMut()>,
+    ) -> Result<Option<Vec<ShardStats>>, EngineError> {
+        let t0 = Instant::now();
+        let (step, n) = (out.step, out.params.len());
+        let chunk = CHUNK_VALUES as usize;
+        if let Err(why) = self.start_chain(plan, out).await {
+            return Ok(self.fall_back(step, &why));
+        }
+        let sent_all = Instant::now();
+        // While the chain computes: the caller's own work, then the next step's shards.
+        meanwhile.take().into_iter().for_each(|f| self.meanwhile(f, shards.len()));
+        let deadline = sent_all + self.policy.step_timeout;
+        let mut stats: Vec<Option<ShardStats>> = vec![None; shards.len()];
+        let mut summed = 0;
+        while summed < n || stats.iter().any(Option::is_none) {
+            let event = match tokio::time::timeout_at(deadline.into(), self.net.events.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => return Err(EngineError::Stopped),
+                Err(_) => {
+                    let why = format!("the sum did not arrive within {:?}", self.policy.step_timeout);
+                    return Ok(self.fall_back(step, &why));
+                }
+            };
+            let why = match event {
+                Event::Result { id, result, size } => {
+                    let k = ShardIndex(result.index as usize);
+                    if result.step != step || plan.owner(k) != Some(id) {
+                        continue; // a late reply of an earlier step
+                    }
+                    self.telemetry.epoch.bytes_in += size as u64;
+                    self.telemetry.epoch.round_trip(id, sent_all.elapsed(), result.compute_micros);
+                    let rows = shards.get(k.0).map_or(0, |r| r.len() as u64);
+                    let checked = match result.gradient {
+                        Tensor::Chained => result.stats(rows).map_err(Refusal::from),
+                        _ => Err(Refusal::WrongPath),
+                    };
+                    match checked {
+                        Ok(s) => {
+                            stats[k.0] = Some(s);
+                            continue;
+                        }
+                        Err(e) => format!("{} sent a bad result for shard {k}: {e}", self.net.hub.name(id)),
+                    }
+                }
+                Event::Chunk { id, chunk: c, size } => {
+                    if id != plan.last() || c.step != step || c.stream != ChunkStream::Sum {
+                        continue;
+                    }
+                    self.telemetry.epoch.bytes_in += size as u64;
+                    let r0 = Instant::now();
+                    let landed = c.expect(summed, chunk, n).and_then(|r| {
+                        copy_f32s("running sum", &c.values, &mut grad[r.clone()])?;
+                        Ok(r.end)
+                    });
+                    self.telemetry.epoch.chain_reduce += r0.elapsed();
+                    match landed {
+                        Ok(end) => {
+                            summed = end;
+                            continue;
+                        }
+                        Err(e) => format!("{} sent a bad chunk of the sum: {e}", self.net.hub.name(id)),
+                    }
+                }
+                Event::Broken { id, step: s, peer, reason } => {
+                    if s != step || !plan.has(id) {
+                        continue;
+                    }
+                    if let Some(blamed) = plan.blame(id, &peer) {
+                        tracing::warn!(
+                            "{} cannot take part in chains ({} reports: {reason}); it stays on the star",
+                            self.net.hub.name(blamed),
+                            self.net.hub.name(id)
+                        );
+                        self.policy.chain.excluded.insert(blamed);
+                    }
+                    format!("{} reports a broken link: {reason}", self.net.hub.name(id))
+                }
+                Event::Left { id } if plan.has(id) => format!("{} left", self.net.hub.name(id)),
+                Event::Left { .. } => continue,
+            };
+            return Ok(self.fall_back(step, &why));
+        }
+        let stats: Vec<ShardStats> = stats.into_iter().map(Option::unwrap_or_default).collect();
+        let sums_finite = stats.iter().all(|s| s.loss_sum.is_finite() && s.activity.is_finite());
+        if !sums_finite || !dtrain_nn::simd::all_finite(grad) {
+            // A diverging model, or a member that sent values that are not: over the star,
+            // where the referee recomputes what nobody confirmed.
+            return Ok(self.fall_back(step, "the sum is not finite"));
+        }
+        let epoch = &mut self.telemetry.epoch;
+        epoch.chained += 1;
+        let reduce = std::mem::take(&mut epoch.chain_reduce);
+        epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(reduce), reduce);
+        Ok(Some(stats))
+    }
+
+    /// Sends every member its shards and place, and the first member the parameters.
+    async fn start_chain(&mut self, plan: &ChainPlan, out: &mut Outgoing<'_>) -> Result<(), String> {
+        let (step, n) = (out.step, out.params.len());
+        let chunk = CHUNK_VALUES as usize;
+        let tickets: Vec<u64> = plan.members.iter().map(|_| crate::auth::ticket()).collect();
+        for (i, m) in plan.members.iter().enumerate() {
+            let role = ChainRole {
+                successor: plan.members.get(i + 1).map(|s| s.peer.clone()),
+                ticket_in: i.checked_sub(1).map(|p| tickets[p]),
+                ticket_out: tickets[i],
+                chunk_values: CHUNK_VALUES,
+            };
+            let work = Work {
+                step,
+                params: Tensor::Chained,
+                global_batch: out.global_batch,
+                shards: m.shards.iter().map(|k| out.wire[k.0].clone()).collect(),
+                chain: Some(role),
+            };
+            let sums = if m.id == plan.last() { n.div_ceil(chunk) } else { 0 };
+            self.net.hub.chain(m.id, sums);
+            let size = self.net.hub.send(m.id, ToWorker::Work(work));
+            let size = size.ok_or_else(|| format!("{} is gone or not keeping up", self.net.hub.name(m.id)))?;
+            self.telemetry.epoch.bytes_out += size as u64;
+        }
+        let first = plan.members[0].id;
+        let bytes = self.inline_params(out);
+        for offset in (0..n).step_by(chunk) {
+            let end = (offset + chunk).min(n);
+            let c = Chunk {
+                step,
+                stream: ChunkStream::Params,
+                offset: offset as u64,
+                values: bytes.slice(offset * 4..end * 4),
+            };
+            let sent = self.net.hub.send_within(first, ToWorker::Chunk(c), self.policy.step_timeout).await;
+            let size = sent.ok_or_else(|| format!("{} took no parameters", self.net.hub.name(first)))?;
+            self.telemetry.epoch.bytes_out += size as u64;
+        }
+        Ok(())
+    }
+
+    /// The chain broke: says why, and the step goes over the star.
+    fn fall_back(&mut self, step: u64, why: &str) -> Option<Vec<ShardStats>> {
+        tracing::warn!("step {step}: the chain broke ({why}); computing the step over the star");
+        self.telemetry.epoch.fell_back += 1;
+        self.telemetry.epoch.chain_reduce = Default::default();
+        None
+    }
+}

@@ -1,0 +1,222 @@
+//! Star or chain: which workers form a step's chain, in which order, with which shards, and
+//! whom a broken link blames. Pure: the engine asks with the live workers and acts on the plan.
+//!
+//! Gradients are summed in shard order, ((g0 + g1) + g2) + ..., so a chain of workers ordered
+//! by their shards computes exactly that sum: each adds its own shards, in order, to the running
+//! sum it receives and passes it on; the last sends it to the coordinator. The parameters come
+//! down the same chain. Every link carries the model's size once per direction and step,
+//! whatever the number of workers, where the star costs the coordinator's link 2·N times that.
+
+use crate::assign::assign;
+use crate::ids::{ShardIndex, WorkerId};
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// How gradients and parameters travel (`--topology`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Topology {
+    /// The chain when at least two workers can take part, else the star.
+    #[default]
+    Auto,
+    /// The chain whenever two workers can take part (an error with verification on).
+    Chain,
+    /// Every worker to and from the coordinator.
+    Star,
+}
+
+impl Topology {
+    /// `auto`, `chain` or `star`.
+    pub fn parse(s: &str) -> Result<Topology, String> {
+        match s {
+            "auto" => Ok(Topology::Auto),
+            "chain" => Ok(Topology::Chain),
+            "star" => Ok(Topology::Star),
+            _ => Err(format!("{s:?} is not a topology (auto, chain or star)")),
+        }
+    }
+}
+
+impl fmt::Display for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Topology::Auto => "auto",
+            Topology::Chain => "chain",
+            Topology::Star => "star",
+        })
+    }
+}
+
+/// Values per chunk: 512 KiB. Small enough that the chain's fill time (one chunk per hop) is
+/// short, large enough that per-message costs vanish (see bench/multihost.py).
+pub const CHUNK_VALUES: u32 = 128 * 1024;
+
+/// A live worker as the plan sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// The connection.
+    pub id: WorkerId,
+    /// Where peers reach it (`worker --peer-listen`), if anywhere.
+    pub peer: Option<String>,
+    /// It is on the coordinator's host and uses shared memory: it stays on the star, where its
+    /// tensors do not touch the network.
+    pub shared_memory: bool,
+}
+
+/// A chain member: its connection, its peer address and its shards (contiguous, in order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// The connection.
+    pub id: WorkerId,
+    /// Where its predecessor reaches it.
+    pub peer: String,
+    /// Its shards, in shard order.
+    pub shards: Vec<ShardIndex>,
+}
+
+/// A step's chain: members in shard order; together they hold every shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainPlan {
+    /// First to last.
+    pub members: Vec<Link>,
+}
+
+impl ChainPlan {
+    /// The member that computes shard `k`.
+    pub fn owner(&self, k: ShardIndex) -> Option<WorkerId> {
+        self.members.iter().find(|m| m.shards.contains(&k)).map(|m| m.id)
+    }
+
+    /// Whether `id` is a member.
+    pub fn has(&self, id: WorkerId) -> bool {
+        self.members.iter().any(|m| m.id == id)
+    }
+
+    /// The member that sends the sum to the coordinator.
+    pub fn last(&self) -> WorkerId {
+        self.members.last().map_or(WorkerId(0), |m| m.id)
+    }
+
+    /// The member a broken link is blamed on, as `reporter` saw it: the peer at `peer`, or
+    /// with no address (a bad or missing chunk from upstream) the reporter's predecessor.
+    pub fn blame(&self, reporter: WorkerId, peer: &str) -> Option<WorkerId> {
+        if !peer.is_empty() {
+            return self.members.iter().find(|m| m.peer == peer).map(|m| m.id);
+        }
+        let at = self.members.iter().position(|m| m.id == reporter)?;
+        at.checked_sub(1).map(|p| self.members[p].id)
+    }
+}
+
+/// Why a step goes over the star.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StarBecause {
+    /// `--topology star`.
+    Chosen,
+    /// Verification by recomputation checks shards one by one; a chain's running sums cannot
+    /// be checked that way.
+    Verification,
+    /// Fewer than two workers can take part: how many can.
+    TooFew(usize),
+}
+
+impl fmt::Display for StarBecause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StarBecause::Chosen => write!(f, "--topology star"),
+            StarBecause::Verification => write!(
+                f,
+                "verification is on (--verify); a chain's running sums cannot be checked shard by shard, \
+                 so the chain needs --verify 0"
+            ),
+            StarBecause::TooFew(n) => write!(
+                f,
+                "{n} worker(s) can take part in a chain (a chain needs two with --peer-listen, off the \
+                 coordinator's shared memory)"
+            ),
+        }
+    }
+}
+
+/// The step's chain: the workers that can take part (a peer address, no shared memory, not
+/// `excluded` after a broken link), in joining order, each with a contiguous group of the
+/// `shards` as even as can be; or why the step goes over the star.
+pub fn plan(
+    topology: Topology,
+    verifying: bool,
+    candidates: &[Candidate],
+    excluded: &BTreeSet<WorkerId>,
+    shards: usize,
+) -> Result<ChainPlan, StarBecause> {
+    if topology == Topology::Star {
+        return Err(StarBecause::Chosen);
+    }
+    if verifying {
+        return Err(StarBecause::Verification);
+    }
+    let able: Vec<&Candidate> =
+        candidates.iter().filter(|c| c.peer.is_some() && !c.shared_memory && !excluded.contains(&c.id)).collect();
+    let ids: Vec<WorkerId> = able.iter().map(|c| c.id).collect();
+    let todo: Vec<ShardIndex> = (0..shards).map(ShardIndex).collect();
+    let (groups, _) = assign(&todo, &ids, |_, _| true);
+    if groups.len() < 2 {
+        return Err(StarBecause::TooFew(groups.len().min(able.len())));
+    }
+    let peer = |id: WorkerId| able.iter().find(|c| c.id == id).and_then(|c| c.peer.clone()).unwrap_or_default();
+    let members = groups.into_iter().map(|(id, shards)| Link { id, peer: peer(id), shards }).collect();
+    Ok(ChainPlan { members })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(id: u32) -> Candidate {
+        Candidate { id: WorkerId(id), peer: Some(format!("10.0.0.{id}:7000")), shared_memory: false }
+    }
+
+    #[test]
+    fn the_chain_takes_the_workers_peers_can_reach_in_order_with_contiguous_shards() {
+        let local = Candidate { id: WorkerId(1), peer: Some("127.0.0.1:1".into()), shared_memory: true };
+        let hidden = Candidate { id: WorkerId(4), peer: None, shared_memory: false };
+        let all = [local, remote(2), remote(3), hidden, remote(5)];
+        let none = BTreeSet::new();
+        let p = plan(Topology::Auto, false, &all, &none, 4).unwrap();
+        let got: Vec<(u32, Vec<usize>)> =
+            p.members.iter().map(|m| (m.id.0, m.shards.iter().map(|k| k.0).collect())).collect();
+        assert_eq!(got, [(2, vec![0, 1]), (3, vec![2]), (5, vec![3])]);
+        assert_eq!(p.owner(ShardIndex(1)), Some(WorkerId(2)));
+        assert_eq!(p.owner(ShardIndex(3)), Some(WorkerId(5)));
+        assert_eq!(p.last(), WorkerId(5));
+        assert!(p.has(WorkerId(3)) && !p.has(WorkerId(1)));
+        // Fewer shards than members: only members with shards.
+        assert_eq!(plan(Topology::Chain, false, &all, &none, 2).unwrap().members.len(), 2);
+        // Excluded after a broken link.
+        let excluded = BTreeSet::from([WorkerId(3)]);
+        let p = plan(Topology::Auto, false, &all, &excluded, 4).unwrap();
+        assert_eq!(p.members.iter().map(|m| m.id.0).collect::<Vec<_>>(), [2, 5]);
+    }
+
+    #[test]
+    fn the_star_when_chosen_when_verifying_or_with_fewer_than_two_members() {
+        let none = BTreeSet::new();
+        let two = [remote(1), remote(2)];
+        assert_eq!(plan(Topology::Star, false, &two, &none, 4), Err(StarBecause::Chosen));
+        assert_eq!(plan(Topology::Auto, true, &two, &none, 4), Err(StarBecause::Verification));
+        assert_eq!(plan(Topology::Auto, false, &two[..1], &none, 4), Err(StarBecause::TooFew(1)));
+        assert_eq!(plan(Topology::Auto, false, &two, &none, 1), Err(StarBecause::TooFew(1)));
+        let hidden = [remote(1), Candidate { id: WorkerId(2), peer: None, shared_memory: false }];
+        assert_eq!(plan(Topology::Chain, false, &hidden, &none, 4), Err(StarBecause::TooFew(1)));
+        assert!(StarBecause::Verification.to_string().contains("--verify 0"));
+        assert_eq!(Topology::parse("chain"), Ok(Topology::Chain));
+        assert!(Topology::parse("ring").is_err());
+    }
+
+    #[test]
+    fn a_broken_link_blames_the_peer_named_or_the_reporters_predecessor() {
+        let p = plan(Topology::Auto, false, &[remote(1), remote(2), remote(3)], &BTreeSet::new(), 3).unwrap();
+        assert_eq!(p.blame(WorkerId(1), "10.0.0.2:7000"), Some(WorkerId(2)));
+        assert_eq!(p.blame(WorkerId(3), ""), Some(WorkerId(2)));
+        assert_eq!(p.blame(WorkerId(1), ""), None, "the first member's upstream is the coordinator");
+        assert_eq!(p.blame(WorkerId(1), "10.9.9.9:1"), None);
+    }
+}

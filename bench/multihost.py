@@ -1,17 +1,20 @@
 """The cluster across emulated hosts (network namespaces and tbf-capped links, testbed/netns.sh).
 
-    sudo python3 bench/multihost.py [--workers 1,2,4] [--rates 1gbit,10gbit] [--jobs wide,heavy] [--steps 12]
+    sudo python3 bench/multihost.py [--workers 1,2,4,6] [--rates 1gbit,10gbit] [--jobs wide,heavy]
+                                    [--topologies star,chain] [--steps 12] [--plot bench/multihost.png]
 
 A coordinator host and N worker hosts, each link capped at the rate, train one epoch of each job
-(`shards` = 4, so the result is the same for every N), beside the in-process run of the same job
-on this machine. For each: the step time (epoch time / steps), the bytes per step on the
-coordinator's link (from its cluster line), and the link-bound lower bound of the star topology
-(every step the coordinator sends P parameters to and receives P gradients from each worker:
-2 N P x 4 bytes at the link rate). Jobs: `wide` (784-512-512-10, batch 256, 2.7 MB of parameters)
+(`shards` = 12, so the result is the same for every N), beside the in-process run of the same job
+on this machine, over the star and over the chain in the same invocation. For each: the step
+time (epoch time / steps), the bytes per step on the coordinator's link and on the busiest worker
+host's link (the larger direction, read from the interfaces' counters), and the link-bound lower
+bound: the parameters must reach the workers before they compute and the gradients come back
+after, so per step the busiest link direction carries, one phase after the other, N P (star: the
+coordinator's link, both phases) or P (chain: every link, both phases) times 4 bytes, i.e.
+2 N P x 4 / R and 2 P x 4 / R. Jobs: `wide` (784-512-512-10, batch 256, 2.7 MB of parameters)
 and `heavy` (784-2048-2048-10, batch 64, 23 MB: communication dominates). The data are synthetic
-(`--steps` batches), so that a run at 1 Gbit/s takes seconds, not an hour.
-
-Only the star exists today (issue 10 adds the chain); the table is the baseline it must beat.
+(`--steps` batches), so that a run at 1 Gbit/s takes seconds, not an hour. The chain needs
+`--verify 0` (so does this benchmark's star, to compare like with like).
 """
 import argparse
 import json
@@ -59,7 +62,7 @@ metrics = ["accuracy"]
 [fit]
 batch_size = {batch}
 epochs = 1
-shards = 4
+shards = 12
 """
     path = os.path.join(d, f"{name}.toml")
     with open(path, "w") as f:
@@ -86,7 +89,15 @@ def in_process(job, d, name):
     return epoch_seconds(out)[0]
 
 
-def cluster(job, d, n, rate, tag):
+def link_bytes(bed, host):
+    """(received, sent) bytes so far on a host's link."""
+    out = subprocess.run(["ip", "-j", "-s", "-n", f"{bed}-{host}", "link", "show", "eth0"], capture_output=True,
+                         text=True, check=True).stdout
+    stats = json.loads(out)[0]["stats64"]
+    return stats["rx"]["bytes"], stats["tx"]["bytes"]
+
+
+def cluster(job, d, n, rate, topology, tag):
     bed = f"mh{os.getpid()}{tag}"
     subprocess.run([NETNS, "up", bed, str(n + 1), rate], check=True)
     env = dict(os.environ, DTRAIN_TOKEN=TOKEN)
@@ -95,16 +106,20 @@ def cluster(job, d, n, rate, tag):
         listen = "10.250.0.1:50051"
         coord = subprocess.Popen([NETNS, "exec", bed, "0", os.path.join(BIN, "coordinator"), "train", "--config", job,
                                   "--run-dir", os.path.join(d, f"run-{tag}"), "--listen", listen,
-                                  "--min-workers", str(n), "--log-format", "json", "--verify", "0"],
+                                  "--min-workers", str(n), "--log-format", "json", "--verify", "0",
+                                  "--topology", topology],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         for i in range(1, n + 1):
+            peer = ["--peer-listen", f"10.250.0.{i + 1}:50052"] if topology == "chain" else []
             workers.append(subprocess.Popen([NETNS, "exec", bed, str(i), os.path.join(BIN, "worker"), "--coordinator",
-                                             f"http://{listen}", "--retry-for", "60", "--name", f"host-{i}"],
+                                             f"http://{listen}", "--retry-for", "60", "--name", f"host-{i}"] + peer,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         out, _ = coord.communicate(timeout=1800)
         if coord.returncode != 0:
             raise SystemExit(f"coordinator failed on {tag}")
-        return epoch_seconds(out)
+        # Whole run (joins and the job's text included, a few KB): the busiest direction of each link.
+        links = [max(link_bytes(bed, h)) for h in range(n + 1)]
+        return epoch_seconds(out) + (links,)
     finally:
         for w in workers:
             w.kill()
@@ -119,7 +134,9 @@ def rate_bytes(rate):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--workers", default="1,2,4,6")
+    ap.add_argument("--topologies", default="star,chain")
+    ap.add_argument("--plot", default="")
     ap.add_argument("--rates", default="1gbit,10gbit")
     ap.add_argument("--jobs", default="wide,heavy")
     ap.add_argument("--steps", type=int, default=12)
@@ -132,23 +149,61 @@ def main():
             local = in_process(job, d, name) / a.steps
             for rate in a.rates.split(","):
                 for n in map(int, a.workers.split(",")):
-                    secs, line = cluster(job, d, n, rate, f"{name[0]}{n}{rate}")
-                    step = secs / a.steps
-                    kb = re.search(r"per step (\d+) KB sent, (\d+) KB received", line)
-                    link = (int(kb.group(1)) + int(kb.group(2))) * 1024 if kb else float("nan")
-                    bound = 2 * n * params * 4 / rate_bytes(rate)
-                    row = {"job": name, "params": params, "rate": rate, "workers": n, "step_ms": step * 1e3,
-                           "in_process_step_ms": local * 1e3, "coordinator_link_mb_per_step": link / 1e6,
-                           "star_bound_ms": bound * 1e3}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    for topology in a.topologies.split(","):
+                        tag = f"{name[0]}{n}{rate[:2]}{topology[0]}"
+                        secs, line, links = cluster(job, d, n, rate, topology, tag)
+                        step = secs / a.steps
+                        chained = re.search(r"topology chain on (\d+) of (\d+)", line)
+                        if topology == "chain" and n >= 2 and not (chained and chained.group(1) == chained.group(2)):
+                            raise SystemExit(f"not every step went over the chain: {line}")
+                        per_step = [b / a.steps / 1e6 for b in links]
+                        hops = n if topology == "star" else 1
+                        bound = 2 * hops * params * 4 / rate_bytes(rate)
+                        row = {"job": name, "params": params, "rate": rate, "workers": n, "topology": topology,
+                               "step_ms": step * 1e3, "in_process_step_ms": local * 1e3,
+                               "coordinator_link_mb_per_step": per_step[0],
+                               "busiest_worker_link_mb_per_step": max(per_step[1:]), "bound_ms": bound * 1e3}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
     print()
-    print("| job | link | workers | step | / star bound | coordinator link per step | in process |")
-    print("|---|---|---|---|---|---|---|")
+    print("| job | link | workers | topology | step | / link bound | coordinator link | busiest worker link "
+          "| in process |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['job']} ({r['params'] * 4 / 1e6:.1f} MB) | {r['rate']} | {r['workers']} | {r['step_ms']:.0f} ms "
-              f"| {r['step_ms'] / r['star_bound_ms']:.2f}x of {r['star_bound_ms']:.0f} ms "
-              f"| {r['coordinator_link_mb_per_step']:.1f} MB | {r['in_process_step_ms']:.0f} ms |")
+        print(f"| {r['job']} ({r['params'] * 4 / 1e6:.1f} MB) | {r['rate']} | {r['workers']} | {r['topology']} "
+              f"| {r['step_ms']:.0f} ms | {r['step_ms'] / r['bound_ms']:.2f}x of {r['bound_ms']:.0f} ms "
+              f"| {r['coordinator_link_mb_per_step']:.1f} MB | {r['busiest_worker_link_mb_per_step']:.1f} MB "
+              f"| {r['in_process_step_ms']:.0f} ms |")
+    if a.plot:
+        plot(rows, a.plot)
+
+
+def plot(rows, path):
+    """Step time against workers, star and chain, with each one's link bound; one panel per job and rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = sorted({(r["job"], r["rate"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (job, rate) in zip(axes[0], panels):
+        for topology, colour in [("star", "tab:red"), ("chain", "tab:blue")]:
+            rs = sorted((r for r in rows if (r["job"], r["rate"], r["topology"]) == (job, rate, topology)),
+                        key=lambda r: r["workers"])
+            if not rs:
+                continue
+            ns = [r["workers"] for r in rs]
+            ax.plot(ns, [r["step_ms"] for r in rs], "o-", color=colour, label=f"{topology}")
+            ax.plot(ns, [r["bound_ms"] for r in rs], "--", color=colour, label=f"{topology} link bound")
+        local = [r["in_process_step_ms"] for r in rows if (r["job"], r["rate"]) == (job, rate)]
+        ax.axhline(local[0], color="grey", linestyle=":", label="in process")
+        ax.set_title(f"{job}, {rate}")
+        ax.set_xlabel("worker hosts")
+        ax.set_ylabel("ms per step")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

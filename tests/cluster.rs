@@ -59,6 +59,106 @@ fn same_weights_with_any_number_of_workers() {
     }
 }
 
+/// The chain: two and three workers that add their shards to the running sum in turn give
+/// the in-process weights, every step over the chain (3 workers: groups of 2, 1 and 1 shards).
+#[test]
+fn the_chain_gives_the_same_weights_with_two_and_three_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, "3");
+    for n in ["2", "3"] {
+        let rd = dir.path().join(format!("chain{n}"));
+        let args = ["--spawn-workers", n, "--no-shared-memory", "--verify", "0", "--topology", "chain"];
+        let mut c = coordinator_proc(&job, &rd, "3", &args);
+        let (ok, out) = c.finish(60);
+        assert!(ok, "{out}");
+        let chained: Vec<&str> = out.lines().filter(|l| l.contains("shard round trip")).collect();
+        assert_eq!(chained.len(), 3, "{out}");
+        for line in chained {
+            let (on, of, fell) = chain_steps(line).unwrap_or_else(|| panic!("no chain steps: {line}"));
+            assert!(on == of && on > 0 && fell == 0, "{line}");
+            for i in 0..n.parse().unwrap() {
+                assert!(line.contains(&format!("local-{i} (worker")), "local-{i} computed no shard: {line}");
+            }
+        }
+        assert!(finals(&rd) == want, "the chain of {n} changed the weights");
+    }
+}
+
+/// From a cluster line: (steps over the chain, steps, chain steps that fell back to the star).
+fn chain_steps(line: &str) -> Option<(u64, u64, u64)> {
+    let rest = line.split("topology chain on ").nth(1)?;
+    let words: Vec<&str> = rest.split(|c: char| !c.is_ascii_digit()).filter(|w| !w.is_empty()).take(3).collect();
+    match words[..] {
+        [on, of, fell] => Some((on.parse().ok()?, of.parse().ok()?, fell.parse().ok()?)),
+        _ => None,
+    }
+}
+
+/// Three chain members on a listening coordinator, off shared memory, past the second epoch;
+/// `b` advertises `b_peer` as its peer address if given.
+fn three_in_a_chain(b_peer: Option<&str>) -> (tempfile::TempDir, Vec<u8>, std::path::PathBuf, Proc, [Proc; 3]) {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, "40");
+    let rd = dir.path().join("run");
+    let args = ["--listen", "127.0.0.1:0", "--min-workers", "3", "--no-shared-memory", "--verify", "0"];
+    let c = coordinator_proc(&job, &rd, "40", &[&args[..], &["--topology", "chain", "--step-timeout", "120"]].concat());
+    let url = listening_url(&c);
+    let peer = ["--peer-listen", "127.0.0.1:0"];
+    let a = worker(&url, &[&["--name", "a"], &peer[..]].concat());
+    c.wait_for("(a) joined", 30);
+    let b = match b_peer {
+        Some(addr) => worker(&url, &[&["--name", "b", "--peer-advertise", addr], &peer[..]].concat()),
+        None => worker(&url, &[&["--name", "b"], &peer[..]].concat()),
+    };
+    c.wait_for("(b) joined", 30);
+    let cw = worker(&url, &[&["--name", "c"], &peer[..]].concat());
+    (dir, want, rd, c, [a, b, cw])
+}
+
+/// A chain member killed while the chain waits on it: the step is computed over the star
+/// (same bits), and the next steps go over a chain of the two left.
+#[test]
+fn a_chain_member_killed_mid_step_falls_back_to_the_star_with_the_same_bits() {
+    let (_dir, want, rd, c, [_a, b, _c]) = three_in_a_chain(None);
+    let formed = c.wait_for("topology chain: ", 30);
+    assert!(formed.contains("a (worker 1) -> b (worker 2) -> c (worker 3)"), "{formed}");
+    c.wait_for("\"epoch\":2,", 60);
+    // Stopped, `b` holds up the chain: its successor waits for the running sum, the
+    // coordinator for the last chunk. Killed then, it leaves mid-step.
+    b.signal(libc::SIGSTOP);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    b.signal(libc::SIGKILL);
+    let broke = c.wait_for("the chain broke", 30);
+    assert!(broke.contains("b (worker 2)"), "{broke}");
+    let reformed = c.wait_for("topology chain: a (worker 1) -> c (worker 3)", 30);
+    assert!(!reformed.is_empty());
+    let mut c = c;
+    let (ok, out) = c.finish(120);
+    assert!(ok, "{out}");
+    let fell: u64 = out.lines().filter_map(chain_steps).map(|(_, _, fell)| fell).sum();
+    assert!(fell >= 1, "the step with the kill fell back to the star: {out}");
+    assert!(finals(&rd) == want, "a member killed mid-step changed the weights");
+}
+
+/// A worker its predecessor cannot reach (it advertises a port nobody listens on): the link
+/// is reported broken, the step goes over the star, and the chain is rebuilt without it, with
+/// one log line saying why; the weights are unchanged.
+#[test]
+fn a_worker_peers_cannot_reach_leaves_the_chain() {
+    let (_dir, want, rd, mut c, _workers) = three_in_a_chain(Some("127.0.0.1:1"));
+    let why = c.wait_for("cannot take part in chains", 60);
+    assert!(why.contains("b (worker 2)") && why.contains("a (worker 1) reports"), "{why}");
+    c.wait_for("topology chain: a (worker 1) -> c (worker 3)", 30);
+    let (ok, out) = c.finish(120);
+    assert!(ok, "{out}");
+    assert!(!out.contains("cannot take part in chains"), "said once, not again: {out}");
+    let fell: u64 = out.lines().filter_map(chain_steps).map(|(_, _, fell)| fell).sum();
+    assert_eq!(fell, 1, "one step fell back, then the chain went on without b: {out}");
+    assert!(finals(&rd) == want, "an unreachable member changed the weights");
+}
+
 /// A run with workers `a` and `b` on a listening coordinator, past its second epoch; also the
 /// in-process run's final weights to compare with, the run directory and the workers' URL.
 struct TwoWorkers {

@@ -16,8 +16,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// `epochs`: the job's own when `None`.
-    fn start(epochs: Option<&str>) -> Cluster {
+    /// `epochs`: the job's own when `None`; `chain`: the workers take part in chains (peer
+    /// ports on their hosts' addresses) and the coordinator uses them (`--topology chain`).
+    fn start(epochs: Option<&str>, chain: bool) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let job = write_job(dir.path(), "shards = 4");
         let epochs: Vec<&str> = epochs.map(|e| vec!["--epochs", e]).unwrap_or_default();
@@ -31,6 +32,9 @@ impl Cluster {
         let mut cmd = bed.command(0, env!("CARGO_BIN_EXE_coordinator"));
         cmd.args(["train", "--config", job.to_str().unwrap(), "--run-dir", dir.path().join("run").to_str().unwrap()]);
         cmd.args(["--listen", &listen, "--min-workers", "2", "--log-format", "json"]).args(&epochs);
+        if chain {
+            cmd.args(["--topology", "chain", "--verify", "0"]);
+        }
         cmd.env("DTRAIN_TOKEN", TOKEN);
         let c = Proc::start(cmd);
         c.wait_for(&format!("listening on {listen}"), 30);
@@ -39,6 +43,9 @@ impl Cluster {
             .map(|i| {
                 let mut w = bed.command(i, env!("CARGO_BIN_EXE_worker"));
                 w.args(["--coordinator", &url, "--retry-for", "30", "--name", &format!("host-{i}")]);
+                if chain {
+                    w.args(["--peer-listen", &format!("{}:50052", Testbed::addr(i))]);
+                }
                 w.env("DTRAIN_TOKEN", TOKEN);
                 Proc::start(w)
             })
@@ -60,11 +67,31 @@ impl Cluster {
 /// host), and the weights equal an in-process run's.
 #[test]
 fn three_hosts_train_to_the_in_process_weights() {
-    let (out, same) = Cluster::start(None).finish();
+    let (out, same) = Cluster::start(None, false).finish();
     let line = out.lines().find(|l| l.contains("cluster: 2 worker(s) alive")).unwrap_or_default();
     assert!(line.contains("(0 on shared memory)"), "both workers computed over the links: {out}");
     assert!(line.contains("host-1 (worker") && line.contains("host-2 (worker"), "{line}");
     assert!(same, "the weights over emulated hosts equal the in-process run's");
+}
+
+/// The chain across hosts: the parameters go from the coordinator to host-1, on to host-2, the
+/// running sum from host-1 to host-2 and back to the coordinator, every step; the weights equal
+/// an in-process run's.
+#[test]
+fn three_hosts_on_the_chain_train_to_the_in_process_weights() {
+    let (out, same) = Cluster::start(None, true).finish();
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("cluster: 2 worker(s) alive")).collect();
+    assert!(!lines.is_empty(), "{out}");
+    for line in lines {
+        assert!(line.contains("host-1 (worker") && line.contains("host-2 (worker"), "{line}");
+        let steps = line.split("topology chain on ").nth(1).unwrap_or_default();
+        let (on, rest) = steps.split_once(" of ").unwrap_or_default();
+        assert!(
+            !on.is_empty() && rest.starts_with(&format!("{on} step(s), 0 fell back")),
+            "every step chained: {line}"
+        );
+    }
+    assert!(same, "the weights over the chain equal the in-process run's");
 }
 
 /// A worker host cut off mid-run (its link down, no FIN or RST reaches anyone): the coordinator
@@ -73,11 +100,25 @@ fn three_hosts_train_to_the_in_process_weights() {
 /// again; the weights equal an in-process run's.
 #[test]
 fn a_partitioned_worker_is_noticed_within_seconds_and_rejoins() {
-    let cluster = Cluster::start(Some("1500"));
+    partitioned(false);
+}
+
+/// The same on the chain: the step under way falls back to the star, and once host-2 is back
+/// the chain is rebuilt with it.
+#[test]
+fn a_partitioned_chain_member_is_noticed_within_seconds_and_rejoins_the_chain() {
+    let out = partitioned(true);
+    assert!(out.contains("topology chain: host-1 (worker 1) -> host-2 (worker 3)"), "{out}");
+}
+
+/// Cuts host-2 off after the second epoch, puts it back; the coordinator's output from then.
+fn partitioned(chain: bool) -> String {
+    let cluster = Cluster::start(Some("1500"), chain);
     cluster.c.wait_for("\"epoch\":2,", 60);
     let cut = Instant::now();
     cluster.bed.link(2, false);
-    let left = cluster.c.wait_for("(host-2) left", 30);
+    let needles: &[&str] = if chain { &["(host-2) left", "the chain broke"] } else { &["(host-2) left"] };
+    let left = cluster.c.wait_for_each(needles, 30).remove(0);
     let noticed = cut.elapsed();
     assert!(noticed < Duration::from_secs(5), "noticed after {noticed:?}: {left}");
     std::thread::sleep(Duration::from_secs(1));
@@ -86,4 +127,5 @@ fn a_partitioned_worker_is_noticed_within_seconds_and_rejoins() {
     let (out, same) = cluster.finish();
     assert!(out.contains("Done: 1500 epoch(s)") || out.contains("\"event\":\"train_end\""), "{out}");
     assert!(same, "a partition changed the weights");
+    out
 }

@@ -117,6 +117,23 @@ impl Proc {
         }
     }
 
+    /// Waits for a line with each of `needles`, in any order (panics after `secs`); returns
+    /// them in the needles' order.
+    pub fn wait_for_each(&self, needles: &[&str], secs: u64) -> Vec<String> {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let mut found: Vec<Option<String>> = vec![None; needles.len()];
+        while found.iter().any(Option::is_none) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let Ok(l) = self.lines.recv_timeout(left) else {
+                panic!("no line with each of {needles:?} within {secs}s (found {found:?})")
+            };
+            if let Some(i) = (0..needles.len()).find(|&i| found[i].is_none() && l.contains(needles[i])) {
+                found[i] = Some(l);
+            }
+        }
+        found.into_iter().flatten().collect()
+    }
+
     /// Waits for the process to exit and its output pipes to close (panics after `secs`);
     /// returns whether it succeeded, and everything it printed that was not read yet.
     pub fn finish(&mut self, secs: u64) -> (bool, String) {

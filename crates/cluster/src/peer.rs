@@ -248,6 +248,13 @@ pub async fn member_step(
         }
         next = range.end;
     }
+    // Queued is not delivered: the step is done once the successor took every chunk.
+    if let Some(l) = link {
+        let late = |_| Status::deadline_exceeded(format!("the successor took no chunk within {CHAIN_WAIT:?}"));
+        if let Err(e) = tokio::time::timeout(CHAIN_WAIT, l.finish()).await.map_err(late).and_then(|r| r) {
+            return broken(conn, step, &successor, e.message()).await;
+        }
+    }
     Ok(Next::Done)
 }
 

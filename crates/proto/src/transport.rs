@@ -219,6 +219,16 @@ impl RelayLink {
         Ok(RelayLink { outbox, call })
     }
 
+    /// Ends the relay and waits until the successor took every chunk (its answer); if it did
+    /// not, why.
+    pub async fn finish(self) -> Result<(), Status> {
+        drop(self.outbox);
+        match self.call.await {
+            Ok(r) => r,
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+
     /// Sends a chunk with the link's `ticket` (waits while the call's queue is full); if the
     /// call ended, why.
     pub async fn send(&mut self, ticket: u64, chunk: Chunk) -> Result<(), Status> {

@@ -16,12 +16,14 @@ fn manifest(name: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s").join(name)).unwrap()
 }
 
-/// The block list under the first `key:` line (our manifests write lists one item a line).
+/// The block list under the first `key:` line (our manifests write lists one item a line;
+/// comment lines are skipped).
 fn block_list(text: &str, key: &str) -> Vec<String> {
     let mut lines = text.lines().skip_while(|l| l.trim() != format!("{key}:"));
     let head = lines.next().unwrap_or_else(|| panic!("no {key}: block"));
     let indent = head.len() - head.trim_start().len();
     lines
+        .filter(|l| !l.trim_start().starts_with('#'))
         .take_while(|l| l.len() - l.trim_start().len() > indent && l.trim_start().starts_with("- "))
         .map(|l| l.trim_start()[2..].trim().to_string())
         .collect()
@@ -43,6 +45,11 @@ fn worker_args_parse() {
     let cli = worker_cli::Cli::try_parse_from(std::iter::once("worker".to_string()).chain(args))
         .unwrap_or_else(|e| panic!("workers.yaml args: {e}"));
     assert!(cli.coordinator.starts_with("http://dtrain-coordinator:") && cli.health_listen.is_some());
+    // Chains: the peer port is listened on, advertised with the pod's IP, and open in the pod spec.
+    let port = cli.peer_listen.expect("--peer-listen").port();
+    assert_eq!(cli.peer_advertise.as_deref(), Some(format!("$(POD_IP):{port}").as_str()));
+    let workers = manifest("workers.yaml");
+    assert!(workers.contains(&format!("containerPort: {port}")) && workers.contains("fieldPath: status.podIP"));
 }
 
 #[test]

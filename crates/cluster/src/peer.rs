@@ -73,7 +73,14 @@ impl PeerPort {
         let (expect, expected) = watch::channel(None);
         let (tx, chunks) = mpsc::channel(QUEUE);
         let door = Door { token: token.clone(), expect: expected, chunks: tx, open: Arc::new(Semaphore::new(RELAYS)) };
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // tonic's serve_with_incoming ignores the builder's nodelay: set on every socket (else
+        // the flow-control updates wait for Nagle, and a relay stalls for delayed ACKs).
+        let incoming =
+            tokio_stream::StreamExt::filter_map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+                let s = s.ok()?;
+                let _ = s.set_nodelay(true);
+                Some(Ok::<_, std::io::Error>(s))
+            });
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(crate::run::KEEPALIVE))

@@ -11,27 +11,10 @@ fn job(dir: &Path) -> String {
     write_job(dir, SHARDS).to_str().unwrap().to_string()
 }
 
-fn local_run(dir: &Path, job: &str, epochs: &str) -> Vec<u8> {
-    let rd = dir.join("local");
-    let o = run(&["train", "--config", job, "--run-dir", rd.to_str().unwrap(), "--epochs", epochs, "-q", "--local"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    std::fs::read(rd.join("final.safetensors")).unwrap()
-}
-
-fn coordinator_proc(job: &str, rd: &Path, epochs: &str, extra: &[&str]) -> Proc {
-    let mut cmd = train(job.as_ref(), rd);
-    cmd.args(["--epochs", epochs, "--log-format", "json"]).args(extra);
-    Proc::start(cmd)
-}
-
 /// Whether the worker named `name` returned shard results (the epoch's cluster line lists
 /// the round trip of every worker that did).
 fn computed(out: &str, name: &str) -> bool {
     out.lines().any(|l| l.contains("shard round trip") && l.contains(&format!("{name} (worker")))
-}
-
-fn finals(rd: &Path) -> Vec<u8> {
-    std::fs::read(rd.join("final.safetensors")).unwrap()
 }
 
 /// Guarantees 1 and 7: the same weights in process and with 1, 2 or 3 workers (3 does not

@@ -264,3 +264,23 @@ impl Drop for Testbed {
         let _ = Command::new(Self::script()).args(["down", &self.name]).output();
     }
 }
+
+/// An in-process run of `job` for `epochs` in `dir/local`; its final weights.
+pub fn local_run(dir: &Path, job: &str, epochs: &str) -> Vec<u8> {
+    let rd = dir.join("local");
+    let o = run(&["train", "--config", job, "--run-dir", rd.to_str().unwrap(), "--epochs", epochs, "-q", "--local"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::read(rd.join("final.safetensors")).unwrap()
+}
+
+/// `coordinator train` of `job` into `rd` for `epochs`, JSON logs, with `extra` flags.
+pub fn coordinator_proc(job: &str, rd: &Path, epochs: &str, extra: &[&str]) -> Proc {
+    let mut cmd = train(job.as_ref(), rd);
+    cmd.args(["--epochs", epochs, "--log-format", "json"]).args(extra);
+    Proc::start(cmd)
+}
+
+/// A run directory's final weights.
+pub fn finals(rd: &Path) -> Vec<u8> {
+    std::fs::read(rd.join("final.safetensors")).unwrap()
+}

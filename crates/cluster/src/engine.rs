@@ -10,6 +10,7 @@
 use crate::epoch_stats::EpochStats;
 use crate::hub::{Event, Hub};
 use crate::ids::{PartyId, ShardIndex, WorkerId};
+use crate::pace::Pace;
 use crate::round::{Action, Cause, FaultLedger, Phase, Refusal, Round};
 use crate::run::ClusterOptions;
 use crate::shm::SharedFile;
@@ -66,6 +67,8 @@ struct Policy {
     last_step: Option<u64>,
     /// A liar's unchecked results were used from this step on: undo them (and why).
     roll_back: Option<(u64, String)>,
+    /// When a worker is a straggler, and how fast each is.
+    pace: Pace,
     /// Star or chain, and what the chain knows.
     topology: Topology,
     chain: chain::Memory,
@@ -127,6 +130,7 @@ impl<'a> ClusterEngine<'a> {
                 audit: Audit::new(verify_fraction(opts, job), job.seed),
                 last_step: None,
                 roll_back: None,
+                pace: Pace::default(),
                 topology: opts.topology,
                 chain: chain::Memory::default(),
             },
@@ -287,7 +291,9 @@ impl ClusterEngine<'_> {
             }
         }
         let inputs = StepInputs { params, step, batch, shards };
-        let mut round = Round::new(step, shards.iter().map(|r| r.len()), self.policy.step_timeout);
+        let pace = &self.policy.pace;
+        let mut round = Round::new(step, shards.iter().map(|r| r.len()), self.policy.step_timeout)
+            .paced(pace.speculate_after(), pace.speeds());
         let mut inbox = Inbox {
             rows: shards.iter().map(|r| r.len() as u64).collect(),
             width: params.len(),
@@ -326,6 +332,8 @@ impl ClusterEngine<'_> {
         let stats = (0..shards.len()).map(|k| inbox.chosen(&round, ShardIndex(k)).map(|r| r.stats).unwrap_or_default());
         let stats = stats.collect();
         self.record(&round, &inbox);
+        let alive: Vec<WorkerId> = self.net.hub.alive().iter().map(|m| m.id).collect();
+        self.policy.pace.learn(round.intervals(), &alive);
         self.recycle(inbox);
         Ok(stats)
     }
@@ -426,6 +434,11 @@ impl ClusterEngine<'_> {
                     }
                 }
                 Action::Lied { worker, shard } => self.evict_liar(worker, shard, round.step()),
+                Action::Speculate { from, shards } => {
+                    self.telemetry.epoch.speculated += shards.len() as u64;
+                    let name = self.net.hub.name(from);
+                    tracing::debug!("step {}: {name} is late; shard(s) {shards:?} get a copy elsewhere", round.step());
+                }
                 Action::Recompute { from, shards, cause } => {
                     self.telemetry.metrics.iter().for_each(|m| m.recomputed(shards.len() as u64));
                     let (name, n) = (self.net.hub.name(from), shards.len());
@@ -521,7 +534,7 @@ impl ClusterEngine<'_> {
                 let checked = received.map(|r| {
                     inbox.results[k.0].insert(id, r);
                 });
-                Ok(round.result(id, k, checked))
+                Ok(round.result(id, k, checked, Instant::now()))
             }
             Ok(Some(Event::Left { id })) => Ok(round.left(id)),
             Ok(None) => Err(EngineError::Stopped),

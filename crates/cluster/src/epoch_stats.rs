@@ -15,6 +15,8 @@ pub struct EpochStats {
     pub bytes_in: u64,
     /// What verification did.
     pub verification: dtrain_fit::metrics::Verification,
+    /// Shards of stragglers that got a copy on an idle worker.
+    pub speculated: u64,
     /// Steps that went over the chain.
     pub chained: u64,
     /// Chain steps that fell back to the star.
@@ -114,11 +116,12 @@ impl EpochStats {
             ("cluster/received_bytes_per_step", self.bytes_in as f32 / steps),
             ("cluster/verified_shards", self.verification.checked as f32),
             ("cluster/chain_steps", self.chained as f32),
+            ("cluster/speculated_shards", self.speculated as f32),
         ];
         let v = &self.verification;
         let verification = format!(
-            "; verified {} shard(s), refereed {}, evicted {}, rolled back {} time(s)",
-            v.checked, v.refereed, v.evicted, v.rollbacks
+            "; verified {} shard(s), refereed {}, evicted {}, rolled back {} time(s); speculated {} shard(s)",
+            v.checked, v.refereed, v.evicted, v.rollbacks, self.speculated
         );
         let line = format!(
             "cluster: {} worker(s) alive ({} on shared memory); shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \

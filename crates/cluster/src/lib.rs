@@ -13,6 +13,7 @@ pub mod epoch_stats;
 pub mod hub;
 pub mod ids;
 pub mod metrics_http;
+pub mod pace;
 mod peer;
 pub mod round;
 pub mod run;

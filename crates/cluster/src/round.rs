@@ -3,7 +3,7 @@
 //! in; what to do comes out as `Action`s. No sockets, no clock, no tokio: the engine moves
 //! messages and hands in the time, so every decision here is tested with synthetic events.
 
-use crate::assign::assign;
+use crate::assign::{assign, assign_weighted};
 use crate::ids::{Member, PartyId, ShardIndex, WorkerId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -84,6 +84,14 @@ pub enum Action {
         /// The first shard it was caught on.
         shard: ShardIndex,
     },
+    /// `from` made no progress for the learned time: copies of these shards of it go to idle
+    /// workers (the `Send`s that follow); the first result of each wins.
+    Speculate {
+        /// The straggler.
+        from: WorkerId,
+        /// Its shards that get a copy.
+        shards: Vec<ShardIndex>,
+    },
     /// These shards, taken from `from`, will be computed again.
     Recompute {
         /// The worker they were taken from.
@@ -134,6 +142,19 @@ pub struct Round {
     /// When each worker was last sent work this step; its deadline is `timeout` after that.
     sent_at: BTreeMap<WorkerId, Instant>,
     done: bool,
+    /// Speculation: a worker with no progress (work sent, or a result) for this long has copies
+    /// of its shards given to idle workers; `None`: off (nothing learned yet).
+    speculate_after: Option<Duration>,
+    /// Each worker's last progress this step.
+    progress: BTreeMap<WorkerId, Instant>,
+    /// Shards that got a copy.
+    speculated: BTreeSet<ShardIndex>,
+    /// Workers that left or were dropped this step.
+    gone: BTreeSet<WorkerId>,
+    /// Relative speeds for the first groups (missing: 1).
+    speeds: BTreeMap<WorkerId, f64>,
+    /// The time each result took since its worker's previous progress, for the learning.
+    intervals: Vec<(WorkerId, Duration)>,
 }
 
 impl Round {
@@ -154,7 +175,27 @@ impl Round {
             hosts: BTreeMap::new(),
             sent_at: BTreeMap::new(),
             done: false,
+            speculate_after: None,
+            progress: BTreeMap::new(),
+            speculated: BTreeSet::new(),
+            gone: BTreeSet::new(),
+            speeds: BTreeMap::new(),
+            intervals: vec![],
         }
+    }
+
+    /// With what recent steps taught: copies of a straggler's shards after `speculate_after`
+    /// without progress, and first groups sized by `speeds`.
+    pub fn paced(mut self, speculate_after: Option<Duration>, speeds: BTreeMap<WorkerId, f64>) -> Round {
+        self.speculate_after = speculate_after;
+        self.speeds = speeds;
+        self
+    }
+
+    /// Each result's time since its worker's previous progress this step (work sent, or its
+    /// previous result), by worker.
+    pub fn intervals(&self) -> &[(WorkerId, Duration)] {
+        &self.intervals
     }
 
     /// The step this round computes.
@@ -202,10 +243,64 @@ impl Round {
         self.holders(k).all(|h| self.hosts.get(&h).is_some_and(|x| x != host))
     }
 
-    /// The earliest deadline of a worker with shards out.
+    /// The earliest deadline of a worker with shards out, or time to speculate.
     fn deadline(&self) -> Option<Instant> {
         let busy: BTreeSet<WorkerId> = self.out.iter().map(|&(_, w)| w).collect();
-        busy.iter().filter_map(|w| self.sent_at.get(w)).min().map(|&t| t + self.timeout)
+        let late = busy.iter().filter_map(|w| self.sent_at.get(w)).min().map(|&t| t + self.timeout)?;
+        Some(self.speculation_due().map_or(late, |due| due.min(late)))
+    }
+
+    /// Workers known alive with nothing out.
+    fn idle(&self) -> Vec<WorkerId> {
+        let busy: BTreeSet<WorkerId> = self.out.iter().map(|&(_, w)| w).collect();
+        self.parties.keys().copied().filter(|w| !busy.contains(w) && !self.gone.contains(w)).collect()
+    }
+
+    /// Outstanding shards that may get a copy (not copied yet, an idle worker may take them),
+    /// with when: their worker's last progress plus the learned time.
+    fn speculable(&self) -> Vec<(ShardIndex, Instant)> {
+        let Some(after) = self.speculate_after else { return vec![] };
+        let idle = self.idle();
+        self.out
+            .iter()
+            .filter(|&&(k, _)| !self.speculated.contains(&k) && idle.iter().any(|&i| self.eligible(k, i)))
+            .filter_map(|&(k, w)| Some((k, *self.progress.get(&w)? + after)))
+            .collect()
+    }
+
+    fn speculation_due(&self) -> Option<Instant> {
+        self.speculable().into_iter().map(|(_, due)| due).min()
+    }
+
+    /// Copies of the shards of workers that made no progress for the learned time, to idle
+    /// workers of other parties, in contiguous groups; each shard gets at most one.
+    fn speculate(&mut self, now: Instant) -> Vec<Action> {
+        let mut late: Vec<ShardIndex> =
+            self.speculable().into_iter().filter(|&(_, due)| due <= now).map(|(k, _)| k).collect();
+        late.sort_unstable();
+        late.dedup();
+        if late.is_empty() {
+            return vec![];
+        }
+        let idle = self.idle();
+        let (plan, _) = assign(&late, &idle, |k, w| self.eligible(k, w));
+        let copied: BTreeSet<ShardIndex> = plan.iter().flat_map(|(_, ks)| ks.iter().copied()).collect();
+        let mut from: BTreeMap<WorkerId, Vec<ShardIndex>> = BTreeMap::new();
+        for &(k, w) in self.out.iter().filter(|(k, _)| copied.contains(k)) {
+            from.entry(w).or_default().push(k);
+        }
+        let mut actions: Vec<Action> =
+            from.into_iter().map(|(from, shards)| Action::Speculate { from, shards }).collect();
+        for (w, ks) in plan {
+            for &k in &ks {
+                self.out.insert((k, w));
+                self.speculated.insert(k);
+            }
+            self.sent_at.insert(w, now);
+            self.progress.insert(w, now);
+            actions.push(Action::Send { worker: w, shards: ks });
+        }
+        actions
     }
 
     /// Hands the shards that lack a worker to `alive` ones: first copies in contiguous groups
@@ -229,7 +324,8 @@ impl Round {
         self.hosts.extend(alive.iter().filter_map(|m| Some((m.id, m.host?))));
         let ids: Vec<WorkerId> = alive.iter().map(|m| m.id).collect();
         let mut work: BTreeMap<WorkerId, BTreeSet<ShardIndex>> = BTreeMap::new();
-        let (plan, _) = assign(&firsts, &ids, |k, w| self.eligible(k, w));
+        let speeds: Vec<f64> = ids.iter().map(|w| self.speeds.get(w).copied().unwrap_or(1.0)).collect();
+        let (plan, _) = assign_weighted(&firsts, &ids, &speeds, |k, w| self.eligible(k, w));
         for (w, ks) in plan {
             for k in ks {
                 self.out.insert((k, w));
@@ -256,6 +352,7 @@ impl Round {
         for id in ids {
             if let Some(shards) = work.remove(&id) {
                 self.sent_at.insert(id, now);
+                self.progress.insert(id, now);
                 actions.push(Action::Send { worker: id, shards: shards.into_iter().collect() });
             }
         }
@@ -278,14 +375,27 @@ impl Round {
         step == self.step && self.out.contains(&(shard, worker))
     }
 
-    /// An expected result arrived and was checked (`Err` says what is wrong with it).
-    pub fn result(&mut self, worker: WorkerId, shard: ShardIndex, checked: Result<(), Refusal>) -> Vec<Action> {
+    /// An expected result arrived at `now` and was checked (`Err` says what is wrong with it).
+    /// Once a shard has the results it wants, copies still out are no longer waited for.
+    pub fn result(
+        &mut self,
+        worker: WorkerId,
+        shard: ShardIndex,
+        checked: Result<(), Refusal>,
+        now: Instant,
+    ) -> Vec<Action> {
         if !self.out.remove(&(shard, worker)) {
             return vec![];
+        }
+        if let Some(last) = self.progress.insert(worker, now) {
+            self.intervals.push((worker, now.saturating_duration_since(last)));
         }
         match checked {
             Ok(()) => {
                 self.got[shard.0].push(worker);
+                if self.got[shard.0].len() >= usize::from(self.want[shard.0]) {
+                    self.out.retain(|&(k, _)| k != shard);
+                }
                 vec![]
             }
             Err(why) => vec![
@@ -300,7 +410,8 @@ impl Round {
         self.take_from(worker, Cause::Left, false)
     }
 
-    /// Drops every worker whose deadline passed by `now` and moves its shards.
+    /// Drops every worker whose deadline passed by `now` and moves its shards; then gives
+    /// copies of stragglers' shards to idle workers.
     pub fn deadline_passed(&mut self, now: Instant) -> Vec<Action> {
         let late: BTreeSet<WorkerId> = self
             .out
@@ -308,12 +419,19 @@ impl Round {
             .map(|&(_, w)| w)
             .filter(|w| self.sent_at.get(w).is_some_and(|&t| t + self.timeout <= now))
             .collect();
-        late.into_iter().flat_map(|w| self.take_from(w, Cause::MissedDeadline, true)).collect()
+        let mut actions: Vec<Action> =
+            late.into_iter().flat_map(|w| self.take_from(w, Cause::MissedDeadline, true)).collect();
+        actions.extend(self.speculate(now));
+        actions
     }
 
+    /// The shards `worker` holds that nobody else is computing: taken from it, they must be
+    /// computed again (a speculative copy elsewhere still counts).
     fn take_from(&mut self, worker: WorkerId, cause: Cause, drop: bool) -> Vec<Action> {
-        let shards: Vec<ShardIndex> = self.out.iter().filter(|&&(_, w)| w == worker).map(|&(k, _)| k).collect();
+        self.gone.insert(worker);
+        let mine: Vec<ShardIndex> = self.out.iter().filter(|&&(_, w)| w == worker).map(|&(k, _)| k).collect();
         self.out.retain(|&(_, w)| w != worker);
+        let shards: Vec<ShardIndex> = mine.into_iter().filter(|&k| self.missing(k) > 0).collect();
         let mut actions = vec![];
         if !shards.is_empty() {
             actions.push(Action::Recompute { from: worker, shards, cause });
@@ -452,7 +570,7 @@ mod tests {
 
     fn all_in(r: &mut Round, results: &[(u32, usize)]) {
         for &(worker, shard) in results {
-            assert_eq!(r.result(w(worker), k(shard), Ok(())), vec![]);
+            assert_eq!(r.result(w(worker), k(shard), Ok(()), Instant::now()), vec![]);
         }
     }
 
@@ -491,7 +609,7 @@ mod tests {
         assert!(!r.expects(w(2), 7, k(0)), "shard 0 is worker 1's");
         assert!(!r.expects(w(1), 6, k(0)), "an earlier step's result");
         assert!(r.expects(w(1), 7, k(0)));
-        assert_eq!(r.result(w(2), k(0), Ok(())), vec![]);
+        assert_eq!(r.result(w(2), k(0), Ok(()), Instant::now()), vec![]);
         assert!(r.expects(w(1), 7, k(0)), "still waiting for worker 1");
     }
 
@@ -546,7 +664,7 @@ mod tests {
         let mut r = dispatched(Instant::now());
         let why = Refusal::Wire(dtrain_proto::WireError::Length { what: "gradient", got: 3, want: 4 });
         assert_eq!(
-            r.result(w(2), k(3), Err(why.clone())),
+            r.result(w(2), k(3), Err(why.clone()), Instant::now()),
             vec![Action::Fault { worker: w(2), shard: k(3), why }, recompute(2, &[3], Cause::BadResult)]
         );
         assert_eq!(r.phase(), Phase::Dispatch);
@@ -626,6 +744,64 @@ mod tests {
         all_in(&mut r, &[(1, 0), (1, 1), (2, 2), (2, 3)]);
         assert_eq!(r.reduced(&BTreeMap::from([(k(2), vec![])])), vec![]);
         assert_eq!(r.phase(), Phase::Done);
+    }
+
+    #[test]
+    fn a_stragglers_shards_get_copies_on_idle_workers_and_the_first_result_wins() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut r = Round::new(7, [1, 1, 1, 1], TIMEOUT).paced(Some(ms(10)), BTreeMap::new());
+        assert_eq!(dispatch(&mut r, &[1, 2], t0), vec![send(1, &[0, 1]), send(2, &[2, 3])]);
+        // Nobody idle: only the step deadline counts.
+        assert_eq!(r.phase(), Phase::Wait { deadline: t0 + TIMEOUT });
+        r.result(w(1), k(0), Ok(()), t0 + ms(2));
+        r.result(w(1), k(1), Ok(()), t0 + ms(4));
+        // Worker 1 is idle; worker 2 has shown no progress since t0.
+        assert_eq!(r.phase(), Phase::Wait { deadline: t0 + ms(10) });
+        assert_eq!(r.deadline_passed(t0 + ms(9)), vec![], "not yet");
+        assert_eq!(
+            r.deadline_passed(t0 + ms(10)),
+            vec![Action::Speculate { from: w(2), shards: ks(&[2, 3]) }, send(1, &[2, 3])]
+        );
+        assert_eq!(r.phase(), Phase::Wait { deadline: t0 + TIMEOUT }, "each shard is copied once");
+        // The copy wins shard 2; the straggler's late result for it is not waited for.
+        assert_eq!(r.result(w(1), k(2), Ok(()), t0 + ms(12)), vec![]);
+        assert!(!r.expects(w(2), 7, k(2)));
+        // The straggler wins shard 3.
+        assert_eq!(r.result(w(2), k(3), Ok(()), t0 + ms(13)), vec![]);
+        assert!(!r.expects(w(1), 7, k(3)));
+        assert_eq!(r.phase(), Phase::Reduce);
+        assert_eq!((r.results(k(2)), r.results(k(3))), (&[w(1)][..], &[w(2)][..]));
+        assert_eq!(r.intervals(), [(w(1), ms(2)), (w(1), ms(2)), (w(1), ms(2)), (w(2), ms(13))]);
+    }
+
+    #[test]
+    fn a_straggler_that_leaves_costs_only_its_shards_without_a_copy() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut r = Round::new(7, [1, 1, 1], TIMEOUT).paced(Some(ms(10)), BTreeMap::new());
+        assert_eq!(dispatch(&mut r, &[1, 2, 3], t0), vec![send(1, &[0]), send(2, &[1]), send(3, &[2])]);
+        r.result(w(1), k(0), Ok(()), t0 + ms(1));
+        // Worker 1 idle, 2 and 3 late: one idle worker takes both copies (contiguous).
+        let acts = r.deadline_passed(t0 + ms(10));
+        assert_eq!(acts.last(), Some(&send(1, &[1, 2])));
+        r.result(w(1), k(1), Ok(()), t0 + ms(11));
+        // Worker 3 leaves: shard 2's copy is still out on worker 1, so nothing is computed again.
+        assert_eq!(r.left(w(3)), vec![]);
+        assert_eq!(r.phase(), Phase::Wait { deadline: t0 + ms(10) + TIMEOUT });
+        // Without learning there is no speculation.
+        let mut off = Round::new(7, [1, 1], TIMEOUT);
+        dispatch(&mut off, &[1, 2], t0);
+        off.result(w(1), k(0), Ok(()), t0);
+        assert_eq!(off.phase(), Phase::Wait { deadline: t0 + TIMEOUT });
+        assert_eq!(off.deadline_passed(t0 + ms(100)), vec![]);
+    }
+
+    #[test]
+    fn first_groups_follow_the_learned_speeds() {
+        let speeds = BTreeMap::from([(w(1), 1.0), (w(2), 0.5)]);
+        let mut r = Round::new(7, [1, 1, 1], TIMEOUT).paced(None, speeds);
+        assert_eq!(dispatch(&mut r, &[1, 2], Instant::now()), vec![send(1, &[0, 1]), send(2, &[2])]);
     }
 
     #[test]

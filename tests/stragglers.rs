@@ -1,0 +1,100 @@
+//! Stragglers, alone in their own test binary: the test measures time, and cargo runs test
+//! binaries one after another (tests within one binary run at once and would skew it).
+
+mod common;
+use common::*;
+use std::path::Path;
+
+/// A job whose shards take tens of milliseconds (a 1.06M-parameter MLP on the tests' CSV,
+/// 64 rows per shard, 6 shards): long enough that a straggler stands out from scheduling noise.
+fn heavy_job(dir: &Path) -> String {
+    write_csv(&dir.join("train.csv"), 3840);
+    let job = r#"seed = 3
+[data]
+format = "csv"
+train = "train.csv"
+label_column = -1
+[model]
+input_shape = [4]
+layers = [
+  { type = "Dense", units = 1024, activation = "relu" },
+  { type = "Dropout", rate = 0.2 },
+  { type = "Dense", units = 1024, activation = "relu" },
+  { type = "Dense", units = 3, activation = "softmax" },
+]
+[compile]
+optimizer = { Adam = { learning_rate = 0.001 } }
+loss = "sparse_categorical_crossentropy"
+[fit]
+batch_size = 384
+epochs = 10
+shards = 6
+"#;
+    let p = dir.join("heavy.toml");
+    std::fs::write(&p, job).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// Seconds of each epoch after the first (the first learns the workers' pace), and the
+/// cluster lines.
+fn epoch_times(out: &str) -> (f64, Vec<String>) {
+    let mut secs = vec![];
+    let mut lines = vec![];
+    for l in out.lines() {
+        if let Some(rest) = l.split("\"seconds\":").nth(1).filter(|_| l.contains("\"epoch_end\"")) {
+            let n: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+            secs.push(n.parse::<f64>().unwrap());
+        }
+        if l.contains("shard round trip") {
+            lines.push(l.to_string());
+        }
+    }
+    (secs.iter().skip(1).sum(), lines)
+}
+
+/// Three workers, one of them stopped and continued every 50 ms (half speed, in bursts): its
+/// late shards get copies on idle workers and its groups shrink, so the epochs take at most
+/// 1.3x as long as with three healthy workers, and the weights are the in-process run's.
+#[test]
+fn a_worker_at_half_speed_costs_little_with_speculation() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = heavy_job(dir.path());
+    let want = local_run(dir.path(), &job, "10");
+    let run = |name: &str, throttle: bool| -> (f64, Vec<String>) {
+        let rd = dir.path().join(name);
+        let c = coordinator_proc(&job, &rd, "10", &["--listen", "127.0.0.1:0", "--min-workers", "3", "--verify", "0"]);
+        let url = listening_url(&c);
+        let workers: Vec<Proc> = ["a", "b", "c"].iter().map(|n| worker(&url, &["--name", n])).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid = workers[1].child.id() as libc::pid_t;
+        let duty = throttle.then(|| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    // SAFETY: kill(2) on our own child's pid, not reaped before the guard drops.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    // SAFETY: as above.
+                    unsafe { libc::kill(pid, libc::SIGCONT) };
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            })
+        });
+        let mut c = c;
+        let (ok, out) = c.finish(180);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        duty.into_iter().for_each(|t| t.join().unwrap());
+        assert!(ok, "{out}");
+        assert!(finals(&rd) == want, "{name}: the weights differ from the in-process run's");
+        drop(workers);
+        epoch_times(&out)
+    };
+    let (healthy, _) = run("healthy", false);
+    let (throttled, lines) = run("throttled", true);
+    let speculated: u64 =
+        lines.iter().filter_map(|l| l.split("speculated ").nth(1)?.split(' ').next()?.parse::<u64>().ok()).sum();
+    let ratio = throttled / healthy;
+    eprintln!("epochs 2-10: healthy {healthy:.2} s, one worker at half speed {throttled:.2} s ({ratio:.2}x)");
+    assert!(speculated > 0, "the throttled worker's shards got copies: {lines:?}");
+    assert!(ratio <= 1.3, "a worker at half speed cost {ratio:.2}x: {lines:?}");
+}

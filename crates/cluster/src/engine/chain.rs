@@ -14,7 +14,7 @@ use dtrain_nn::ShardStats;
 use dtrain_proto::{copy_f32s, ChainRole, Chunk, ChunkStream, Tensor, ToWorker, Work};
 use std::collections::BTreeSet;
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What the engine remembers about chains between steps.
 #[derive(Default)]
@@ -24,6 +24,32 @@ pub(super) struct Memory {
     /// The last plan's members, and the last reason for the star (each logged when it changes).
     members: Vec<WorkerId>,
     star: Option<StarBecause>,
+    /// How long recent chain steps waited for the sum.
+    waits: std::collections::VecDeque<Duration>,
+}
+
+/// Chain steps remembered for the learned deadline.
+const WAITS: usize = 64;
+
+impl Memory {
+    /// How long this step's sum may take before the step goes over the star: 4 times the
+    /// median of recent chain steps, at least 1 s, at most `step_timeout` (all of it until 8
+    /// steps are known). A slow member then costs one late step, not a step timeout.
+    fn deadline(&self, step_timeout: Duration) -> Duration {
+        if self.waits.len() < 8 {
+            return step_timeout;
+        }
+        let mut v: Vec<Duration> = self.waits.iter().copied().collect();
+        v.sort_unstable();
+        (v[v.len() / 2] * 4).max(Duration::from_secs(1)).min(step_timeout)
+    }
+
+    fn waited(&mut self, d: Duration) {
+        if self.waits.len() == WAITS {
+            self.waits.pop_front();
+        }
+        self.waits.push_back(d);
+    }
 }
 
 impl ClusterEngine<'_> {
@@ -76,7 +102,8 @@ impl ClusterEngine<'_> {
         let sent_all = Instant::now();
         // While the chain computes: the caller's own work, then the next step's shards.
         meanwhile.take().into_iter().for_each(|f| self.meanwhile(f, shards.len()));
-        let deadline = sent_all + self.policy.step_timeout;
+        let patience = self.policy.chain.deadline(self.policy.step_timeout);
+        let deadline = sent_all + patience;
         let mut stats: Vec<Option<ShardStats>> = vec![None; shards.len()];
         let mut summed = 0;
         while summed < n || stats.iter().any(Option::is_none) {
@@ -84,7 +111,7 @@ impl ClusterEngine<'_> {
                 Ok(Some(e)) => e,
                 Ok(None) => return Err(EngineError::Stopped),
                 Err(_) => {
-                    let why = format!("the sum did not arrive within {:?}", self.policy.step_timeout);
+                    let why = format!("the sum did not arrive within {patience:?}");
                     return Ok(self.fall_back(step, &why));
                 }
             };
@@ -154,6 +181,7 @@ impl ClusterEngine<'_> {
             // where the referee recomputes what nobody confirmed.
             return Ok(self.fall_back(step, "the sum is not finite"));
         }
+        self.policy.chain.waited(sent_all.elapsed());
         let epoch = &mut self.telemetry.epoch;
         epoch.chained += 1;
         let reduce = std::mem::take(&mut epoch.chain_reduce);
@@ -209,5 +237,26 @@ impl ClusterEngine<'_> {
         self.telemetry.epoch.fell_back += 1;
         self.telemetry.epoch.chain_reduce = Default::default();
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_step_may_take_four_times_the_usual_wait_once_learned() {
+        let timeout = Duration::from_secs(30);
+        let mut m = Memory::default();
+        for _ in 0..7 {
+            m.waited(Duration::from_millis(500));
+        }
+        assert_eq!(m.deadline(timeout), timeout, "not learned yet");
+        m.waited(Duration::from_millis(500));
+        assert_eq!(m.deadline(timeout), Duration::from_secs(2));
+        let mut fast = Memory::default();
+        (0..8).for_each(|_| fast.waited(Duration::from_millis(5)));
+        assert_eq!(fast.deadline(timeout), Duration::from_secs(1), "never below a second");
+        assert_eq!(m.deadline(Duration::from_secs(1)), Duration::from_secs(1), "never beyond the step timeout");
     }
 }

@@ -127,7 +127,8 @@ impl<'a> ClusterEngine<'a> {
                 step_timeout: opts.step_timeout,
                 worker_wait: opts.worker_wait,
                 faults: FaultLedger::default(),
-                audit: Audit::new(verify_fraction(opts, job), job.seed),
+                // A secret, not the job's seed: workers must not foresee which results are checked.
+                audit: Audit::new(verify_fraction(opts, job), crate::auth::ticket()),
                 last_step: None,
                 roll_back: None,
                 pace: Pace::default(),

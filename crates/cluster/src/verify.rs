@@ -3,9 +3,11 @@
 //!
 //! dtrain's workers produce the same bits for the same shard, so two parties' results for a
 //! shard must be equal; when they are not, the coordinator recomputes the shard as the referee
-//! and whoever disagrees with it lied. Each step a seeded pseudo-random fraction of the shards
-//! is checked, and at the end of every window of `WINDOW` steps each worker that had no shard
-//! checked in it gets one checked, so a worker that always lies is caught within one window.
+//! and whoever disagrees with it lied. Each step a pseudo-random fraction of the shards is
+//! checked, and in every window of `WINDOW` steps each worker that had no shard checked yet gets
+//! one checked from a step of the window drawn for it, so a worker that always lies is caught
+//! within one window. The draws come from a secret the coordinator makes at start (not the job's
+//! seed, which workers know): a worker cannot tell which of its results will be checked.
 
 use crate::ids::{PartyId, ShardIndex, WorkerId};
 use std::collections::{BTreeMap, BTreeSet};
@@ -83,7 +85,8 @@ impl Audit {
     }
 
     /// Whether `shard` of `step`, first given to `worker`, is also computed by another party:
-    /// a seeded draw, or the window's last step for a worker with nothing checked in it yet.
+    /// a secret draw, or, for a worker with nothing checked in this window yet, a step at or
+    /// after the one drawn for it in this window (the last step at the latest).
     pub fn wants_check(&mut self, step: u64, shard: ShardIndex, worker: WorkerId) -> bool {
         if !self.on() {
             return false;
@@ -92,8 +95,14 @@ impl Audit {
         if drawn(self.seed, step, shard, self.fraction) {
             return true;
         }
-        let last_in_window = (step + 1).is_multiple_of(WINDOW);
-        last_in_window && !self.checked.contains(&worker) && self.forced.insert(worker)
+        let due = step % WINDOW >= self.forced_at(step / WINDOW, worker);
+        due && !self.checked.contains(&worker) && self.forced.insert(worker)
+    }
+
+    /// The step of `window` (0 to `WINDOW` - 1) from which `worker` gets a forced check.
+    fn forced_at(&self, window: u64, worker: WorkerId) -> u64 {
+        mix(self.seed ^ 0x5EED ^ window.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(worker.0).rotate_left(32))
+            % WINDOW
     }
 
     fn at(&mut self, step: u64) {
@@ -129,17 +138,20 @@ impl Audit {
     }
 }
 
-/// A pseudo-random draw for (step, shard) that every run with the same seed repeats.
+/// A pseudo-random draw for (step, shard) that every audit with the same secret repeats.
 fn drawn(seed: u64, step: u64, shard: ShardIndex, fraction: Fraction) -> bool {
     if fraction.get() >= 1.0 {
         return true;
     }
-    let mut x = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (shard.0 as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    // splitmix64's finalizer: every input bit affects every output bit.
+    let x = mix(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (shard.0 as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
+    ((x >> 11) as f64 / (1u64 << 53) as f64) < fraction.get()
+}
+
+/// splitmix64's finalizer: every input bit affects every output bit.
+fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
-    ((x >> 11) as f64 / (1u64 << 53) as f64) < fraction.get()
+    x ^ (x >> 31)
 }
 
 #[cfg(test)]
@@ -163,19 +175,34 @@ mod tests {
     }
 
     #[test]
-    fn every_worker_is_checked_at_least_once_per_window() {
-        let mut a = Audit::new(Fraction::new(1e-9).unwrap(), 1);
+    fn every_worker_is_checked_once_per_window_at_a_step_it_cannot_foresee() {
         let (w1, w2) = (WorkerId(1), WorkerId(2));
-        for step in 0..WINDOW - 1 {
-            assert!(!a.wants_check(step, ShardIndex(0), w1));
+        // Worker 1 computes a shard every step, and is recorded as checked when it is.
+        let forced = |secret: u64, window: u64| -> Vec<u64> {
+            let mut a = Audit::new(Fraction::new(1e-12).unwrap(), secret);
+            let mut hits = vec![];
+            for s in window * WINDOW..(window + 1) * WINDOW {
+                if a.wants_check(s, ShardIndex(0), w1) {
+                    a.record(s, &[w1], &[]);
+                    hits.push(s);
+                }
+            }
+            hits
+        };
+        for secret in 0..20 {
+            assert_eq!(forced(secret, 0).len(), 1, "one forced check in the window");
         }
-        a.record(WINDOW - 2, &[w2], &[]);
+        let at: std::collections::BTreeSet<u64> = (0..20).map(|secret| forced(secret, 0)[0]).collect();
+        assert!(at.len() > 5, "the step depends on the secret: {at:?}");
+        assert_ne!((0..8).map(|w| forced(1, w)[0] % WINDOW).collect::<Vec<_>>(), [WINDOW - 1; 8]);
+        // Checked already in the window: no forced check; one per worker per step at most.
+        let mut a = Audit::new(Fraction::new(1e-12).unwrap(), 3);
+        a.record(0, &[w2], &[]);
+        assert!((0..WINDOW).all(|s| !a.wants_check(s, ShardIndex(0), w2)));
         let last = WINDOW - 1;
-        assert!(a.wants_check(last, ShardIndex(0), w1), "worker 1 had nothing checked");
-        assert!(!a.wants_check(last, ShardIndex(1), w1), "one forced check per worker");
-        assert!(!a.wants_check(last, ShardIndex(2), w2), "worker 2 was checked in this window");
-        // The next window starts over.
-        assert!(a.wants_check(2 * WINDOW - 1, ShardIndex(2), w2));
+        let mut b = Audit::new(Fraction::new(1e-12).unwrap(), 3);
+        assert!(b.wants_check(last, ShardIndex(0), w1), "the last step at the latest");
+        assert!(!b.wants_check(last, ShardIndex(1), w1), "once per step");
         let mut off = Audit::new(Fraction::new(0.0).unwrap(), 1);
         assert!(!off.wants_check(last, ShardIndex(0), w1), "off means off");
     }

@@ -78,23 +78,31 @@ fn chain_steps(line: &str) -> Option<(u64, u64, u64)> {
     }
 }
 
-/// Three chain members on a listening coordinator, off shared memory, past the second epoch;
-/// `b` advertises `b_peer` as its peer address if given.
-fn three_in_a_chain(b_peer: Option<&str>) -> (tempfile::TempDir, Vec<u8>, std::path::PathBuf, Proc, [Proc; 3]) {
+/// Three chain members a, b, c on a listening coordinator (`--verify verify`), off shared
+/// memory; `b` advertises `b_peer` as its peer address if given, and runs with `b_env`.
+fn three_in_a_chain(
+    b_peer: Option<&str>,
+    verify: &str,
+    b_env: Option<(&str, &str)>,
+) -> (tempfile::TempDir, Vec<u8>, std::path::PathBuf, Proc, [Proc; 3]) {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
     let want = local_run(dir.path(), &job, "40");
     let rd = dir.path().join("run");
-    let args = ["--listen", "127.0.0.1:0", "--min-workers", "3", "--no-shared-memory", "--verify", "0"];
+    let args = ["--listen", "127.0.0.1:0", "--min-workers", "3", "--no-shared-memory", "--verify", verify];
     let c = coordinator_proc(&job, &rd, "40", &[&args[..], &["--topology", "chain", "--step-timeout", "120"]].concat());
     let url = listening_url(&c);
     let peer = ["--peer-listen", "127.0.0.1:0"];
     let a = worker(&url, &[&["--name", "a"], &peer[..]].concat());
     c.wait_for("(a) joined", 30);
-    let b = match b_peer {
-        Some(addr) => worker(&url, &[&["--name", "b", "--peer-advertise", addr], &peer[..]].concat()),
-        None => worker(&url, &[&["--name", "b"], &peer[..]].concat()),
-    };
+    let advertise: Vec<&str> = b_peer.map(|addr| vec!["--peer-advertise", addr]).unwrap_or_default();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_worker"));
+    cmd.args(["--coordinator", &url, "--retry-for", "30", "--name", "b"]).args(&advertise).args(peer);
+    cmd.env("DTRAIN_TOKEN", TOKEN);
+    if let Some((k, v)) = b_env {
+        cmd.env(k, v);
+    }
+    let b = Proc::start(cmd);
     c.wait_for("(b) joined", 30);
     let cw = worker(&url, &[&["--name", "c"], &peer[..]].concat());
     (dir, want, rd, c, [a, b, cw])
@@ -104,17 +112,18 @@ fn three_in_a_chain(b_peer: Option<&str>) -> (tempfile::TempDir, Vec<u8>, std::p
 /// (same bits), and the next steps go over a chain of the two left.
 #[test]
 fn a_chain_member_killed_mid_step_falls_back_to_the_star_with_the_same_bits() {
-    let (_dir, want, rd, c, [_a, b, _c]) = three_in_a_chain(None);
+    let (_dir, want, rd, c, [_a, b, _c]) = three_in_a_chain(None, "0", None);
     let formed = c.wait_for("topology chain: ", 30);
     assert!(formed.contains("a (worker 1) -> b (worker 2) -> c (worker 3)"), "{formed}");
     c.wait_for("\"epoch\":2,", 60);
     // Stopped, `b` holds up the chain: its successor waits for the running sum, the
-    // coordinator for the last chunk. Killed then, it leaves mid-step.
+    // coordinator for the last chunk. Killed then (before the learned chain deadline of at
+    // least 1 s), it leaves mid-step; the step goes over the star.
     b.signal(libc::SIGSTOP);
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::thread::sleep(std::time::Duration::from_millis(300));
     b.signal(libc::SIGKILL);
-    let broke = c.wait_for("the chain broke", 30);
-    assert!(broke.contains("b (worker 2)"), "{broke}");
+    let seen = c.wait_for_each(&["the chain broke", "(b) left"], 30);
+    assert!(!seen[0].contains("did not arrive"), "the kill broke the chain, not the deadline: {}", seen[0]);
     let reformed = c.wait_for("topology chain: a (worker 1) -> c (worker 3)", 30);
     assert!(!reformed.is_empty());
     let mut c = c;
@@ -125,12 +134,33 @@ fn a_chain_member_killed_mid_step_falls_back_to_the_star_with_the_same_bits() {
     assert!(finals(&rd) == want, "a member killed mid-step changed the weights");
 }
 
+/// A chain member that adds a wrong value to the running sum it passes on (from step 20), with
+/// verification on: an audit (the coordinator recomputes the whole step) finds the sum wrong and
+/// the members' digests name the liar, which is evicted; training goes back to before its first
+/// unchecked step and replays without it, so the weights are the in-process run's.
+#[test]
+fn a_chain_member_that_lies_is_caught_by_an_audit_and_its_damage_undone() {
+    let lie = Some(("DTRAIN_FAULT_INJECTION", "chain-sum-from-step:20"));
+    let (_dir, want, rd, c, _workers) = three_in_a_chain(None, "0.05", lie);
+    let formed = c.wait_for("topology chain: ", 30);
+    assert!(formed.contains("a (worker 1) -> b (worker 2) -> c (worker 3)"), "{formed}");
+    let caught = c.wait_for("differs from the coordinator's recomputation", 60);
+    assert!(caught.contains("b (worker 2)"), "the liar is named: {caught}");
+    let step: u64 = caught.split(" of step ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap();
+    assert!((20..20 + 2 * 16).contains(&step), "caught within its first windows, at step {step}");
+    let mut c = c;
+    let (ok, out) = c.finish(120);
+    assert!(ok, "{out}");
+    assert!(out.lines().any(|l| l.contains("shard round trip") && !l.contains("rolled back 0 time")), "{out}");
+    assert!(finals(&rd) == want, "the liar's damage was not undone");
+}
+
 /// A worker its predecessor cannot reach (it advertises a port nobody listens on): the link
 /// is reported broken, the step goes over the star, and the chain is rebuilt without it, with
 /// one log line saying why; the weights are unchanged.
 #[test]
 fn a_worker_peers_cannot_reach_leaves_the_chain() {
-    let (_dir, want, rd, mut c, _workers) = three_in_a_chain(Some("127.0.0.1:1"));
+    let (_dir, want, rd, mut c, _workers) = three_in_a_chain(Some("127.0.0.1:1"), "0", None);
     let why = c.wait_for("cannot take part in chains", 60);
     assert!(why.contains("b (worker 2)") && why.contains("a (worker 1) reports"), "{why}");
     c.wait_for("topology chain: a (worker 1) -> c (worker 3)", 30);

@@ -185,10 +185,18 @@ fn worker_messages() -> Vec<Vec<u8>> {
         peer_address: Some("10.0.0.2:50052".into()),
     };
     let broken = FromWorker::Broken { step: 3, peer: "10.0.0.3:50052".into(), reason: "refused".into() };
-    [FromWorker::Hello(hello), FromWorker::Result(result), FromWorker::Attached, FromWorker::Chunk(chunk()), broken]
-        .into_iter()
-        .map(dtrain_proto::worker_message_to_bytes)
-        .collect()
+    let digest = FromWorker::Digest { step: 3, received: 4, sent: 5 };
+    [
+        FromWorker::Hello(hello),
+        FromWorker::Result(result),
+        FromWorker::Attached,
+        FromWorker::Chunk(chunk()),
+        broken,
+        digest,
+    ]
+    .into_iter()
+    .map(dtrain_proto::worker_message_to_bytes)
+    .collect()
 }
 
 /// A chunk of the running sum: 3 values at 64 of the corpus job's 67.
@@ -207,8 +215,13 @@ fn coordinator_messages() -> Vec<Vec<u8>> {
         shards: vec![shard(0, &[0, 1]), shard(1, &[2])],
         chain: None,
     };
-    let role =
-        ChainRole { successor: Some("10.0.0.3:50052".into()), ticket_in: Some(7), ticket_out: 8, chunk_values: 32 };
+    let role = ChainRole {
+        successor: Some("10.0.0.3:50052".into()),
+        ticket_in: Some(7),
+        ticket_out: 8,
+        chunk_values: 32,
+        digest_key: 9,
+    };
     let chained = Work { params: Tensor::Chained, chain: Some(role), ..work.clone() };
     let params = Chunk { stream: ChunkStream::Params, ..chunk() };
     let job_toml = std::fs::read_to_string(corpus("job").join("job.toml")).unwrap();

@@ -286,12 +286,12 @@ impl ClusterEngine<'_> {
             return Ok(shards.iter().map(nan).collect());
         };
         let mut meanwhile = Some(meanwhile);
+        let inputs = StepInputs { params, step, batch, shards };
         if let Some(plan) = self.chain_plan(shards.len()) {
-            if let Some(stats) = self.chain_step(&plan, &mut out, shards, grad, &mut meanwhile).await? {
+            if let Some(stats) = self.chain_step(&plan, &mut out, &inputs, grad, &mut meanwhile).await? {
                 return Ok(stats);
             }
         }
-        let inputs = StepInputs { params, step, batch, shards };
         let pace = &self.policy.pace;
         let mut round = Round::new(step, shards.iter().map(|r| r.len()), self.policy.step_timeout)
             .paced(pace.speculate_after(), pace.speeds());
@@ -518,7 +518,7 @@ impl ClusterEngine<'_> {
         match tokio::time::timeout_at(deadline.into(), self.net.events.recv()).await {
             // Of a chain step that fell back to the star: its sums are not results of the star's.
             Ok(Some(Event::Result { result, .. })) if result.gradient == Tensor::Chained => Ok(vec![]),
-            Ok(Some(Event::Chunk { .. } | Event::Broken { .. })) => Ok(vec![]),
+            Ok(Some(Event::Chunk { .. } | Event::Broken { .. } | Event::Digest { .. })) => Ok(vec![]),
             Ok(Some(Event::Result { id, result, size })) => {
                 let k = ShardIndex(result.index as usize);
                 if !round.expects(id, result.step, k) {
@@ -668,10 +668,9 @@ impl ClusterEngine<'_> {
         }
     }
 
-    /// The coordinator computes shard `k` itself; its result stands. Returns the workers whose
-    /// result differs from it.
-    fn referee(&mut self, round: &Round, inbox: &mut Inbox, inputs: &StepInputs<'_>, k: ShardIndex) -> Vec<WorkerId> {
-        self.own(inbox, k);
+    /// Shard `k`'s gradient (into `g`) and sums, computed by the coordinator, as any worker
+    /// would.
+    fn compute_here(&mut self, inputs: &StepInputs<'_>, k: ShardIndex, g: &mut [f32]) -> ShardStats {
         let range = inputs.shards[k.0].clone();
         let mode = Mode::Train {
             seed: self.job.seed,
@@ -679,15 +678,16 @@ impl ClusterEngine<'_> {
             first_position: range.start as u32,
             global_batch: inputs.batch.len() as u32,
         };
+        let idx = &inputs.batch[range];
+        self.buffers.referee.gradient(&self.job.model, self.data, inputs.params, idx, mode, g)
+    }
+
+    /// The coordinator computes shard `k` itself; its result stands. Returns the workers whose
+    /// result differs from it.
+    fn referee(&mut self, round: &Round, inbox: &mut Inbox, inputs: &StepInputs<'_>, k: ShardIndex) -> Vec<WorkerId> {
+        self.own(inbox, k);
         let mut g = self.buffers.take(inbox.width);
-        let stats = self.buffers.referee.gradient(
-            &self.job.model,
-            self.data,
-            inputs.params,
-            &inputs.batch[range],
-            mode,
-            &mut g,
-        );
+        let stats = self.compute_here(inputs, k, &mut g);
         let mine = Received { stats, landed: Landed::Copied(g) };
         let (agree, differ): (Vec<WorkerId>, Vec<WorkerId>) =
             round.results(k).iter().partition(|w| same(&inbox.results[k.0][w], &mine));
@@ -727,7 +727,7 @@ impl ClusterEngine<'_> {
 }
 
 /// `--verify`, else `fit.verify`, else the default.
-pub(crate) fn verify_fraction(opts: &ClusterOptions, job: &Job) -> Fraction {
+fn verify_fraction(opts: &ClusterOptions, job: &Job) -> Fraction {
     opts.verify.or_else(|| job.fit.verify.and_then(Fraction::new)).unwrap_or(DEFAULT_VERIFY)
 }
 

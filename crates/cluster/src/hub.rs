@@ -36,6 +36,17 @@ pub enum Event {
         /// Its size on the wire.
         size: usize,
     },
+    /// A chain member's digests of a step (see `digest`).
+    Digest {
+        /// Who sent them.
+        id: WorkerId,
+        /// The step.
+        step: u64,
+        /// Of the running sum it received.
+        received: u64,
+        /// Of the one it sent.
+        sent: u64,
+    },
     /// A chain member could not reach, or did not hear from, a peer.
     Broken {
         /// Who reports it.
@@ -66,6 +77,8 @@ struct Worker {
     owed_chunks: usize,
     /// It is a member of the current chain: it may report one broken link.
     chained: bool,
+    /// Digests it owes (one per chain step it was put in, at most two).
+    owed_digests: usize,
     /// Where peers reach it, if it takes part in chains.
     peer: Option<String>,
     tx: Outbox,
@@ -263,6 +276,7 @@ impl Hub {
                 owed: 0,
                 owed_chunks: 0,
                 chained: false,
+                owed_digests: 0,
                 peer,
                 tx,
                 slots,
@@ -301,6 +315,11 @@ impl Hub {
                         let _ = self.events.send(Event::Chunk { id, chunk, size });
                     }
                 },
+                Ok(Some((FromWorker::Digest { step, received, sent }, _))) => {
+                    if self.owes_digest(id) {
+                        let _ = self.events.send(Event::Digest { id, step, received, sent });
+                    }
+                }
                 Ok(Some((FromWorker::Broken { step, peer, reason }, _))) => {
                     // One report per chain it was put in; more are ignored.
                     if self.take_chained(id) {
@@ -337,18 +356,26 @@ impl Hub {
         Some(w.owed_chunks.checked_sub(1).map(|left| w.owed_chunks = left).is_some())
     }
 
+    /// Whether `id` owes a digest (and counts it); one it does not owe is ignored.
+    fn owes_digest(&self, id: WorkerId) -> bool {
+        let mut m = self.lock();
+        let Some(w) = m.live.get_mut(&id) else { return false };
+        w.owed_digests.checked_sub(1).map(|left| w.owed_digests = left).is_some()
+    }
+
     /// Whether `id` is in a chain (and now no longer may report a broken link).
     fn take_chained(&self, id: WorkerId) -> bool {
         self.lock().live.get_mut(&id).is_some_and(|w| std::mem::take(&mut w.chained))
     }
 
-    /// Puts `id` in this step's chain: it may report a broken link, and as the last member
-    /// (`chunks` > 0) send that many chunks of the sum. Chunks of an abandoned step still
+    /// Puts `id` in this step's chain: it may report a broken link and send its digests, and
+    /// as the last member (`chunks` > 0) send that many chunks of the sum. Chunks of an abandoned step still
     /// count, at most two steps' worth, so that one arriving late is never taken for a flood.
     pub fn chain(&self, id: WorkerId, chunks: usize) {
         if let Some(w) = self.lock().live.get_mut(&id) {
             w.chained = true;
             w.owed_chunks = (w.owed_chunks + chunks).min(2 * chunks);
+            w.owed_digests = (w.owed_digests + 1).min(2);
         }
     }
 

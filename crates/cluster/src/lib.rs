@@ -8,6 +8,7 @@
 pub mod admission;
 pub mod assign;
 pub mod auth;
+pub mod digest;
 pub mod engine;
 pub mod epoch_stats;
 pub mod hub;

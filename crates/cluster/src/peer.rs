@@ -5,6 +5,7 @@
 //! member to the coordinator). Anything that goes wrong with a peer is reported to the
 //! coordinator as a broken link, and the coordinator computes the step over the star instead.
 
+use crate::digest::Digest;
 use crate::worker::Compute;
 use crate::{ClusterError, MESSAGE_LIMIT};
 use dtrain_nn::simd::{sum_into, Part};
@@ -43,6 +44,22 @@ pub struct PeerPort {
     headers: Vec<(&'static str, String)>,
     /// The successor's channel, kept while the successor stays the same.
     successor: Option<(String, Channel)>,
+    /// Fault injection for tests: from this step on, the running sum this member sends is
+    /// wrong (see `FAULT_VARIABLE`).
+    lie_from: Option<u64>,
+}
+
+/// `DTRAIN_FAULT_INJECTION=chain-sum-from-step:N` makes a worker add 1 to the first value of
+/// every running sum it sends from step N on, and report the digests of what it sent: a liar
+/// for the tests of chain audits. A token holder can run any code it likes; this only saves
+/// the tests from writing a second chain member.
+pub const FAULT_VARIABLE: &str = "DTRAIN_FAULT_INJECTION";
+
+fn injected_lie() -> Option<u64> {
+    let v = std::env::var(FAULT_VARIABLE).ok()?;
+    let step = v.strip_prefix("chain-sum-from-step:")?.parse().ok()?;
+    tracing::warn!("{FAULT_VARIABLE}: this worker sends wrong running sums from step {step} on");
+    Some(step)
 }
 
 impl PeerPort {
@@ -92,7 +109,7 @@ impl PeerPort {
         tokio::spawn(server.serve_with_incoming(incoming));
         tracing::info!("peer port on {bound}, advertised as {address}");
         let headers = token.iter().map(|t| (crate::auth::HEADER, crate::auth::bearer(t))).collect();
-        Ok(PeerPort { address, expect, chunks, headers, successor: None })
+        Ok(PeerPort { address, expect, chunks, headers, successor: None, lie_from: injected_lie() })
     }
 
     /// A relay to the successor at `address`.
@@ -226,6 +243,8 @@ pub async fn member_step(
         let r = ShardResult { step, index, gradient: Tensor::Chained, claimed, compute_micros };
         conn.send(FromWorker::Result(r)).await?;
     }
+    let (mut received, mut sent) = (Digest::new(role.digest_key), Digest::new(role.digest_key));
+    let lie = port.lie_from.is_some_and(|from| step >= from);
     let mut next = 0;
     while next < n {
         let range = next..next.saturating_add(chunk).min(n);
@@ -242,8 +261,10 @@ pub async fn member_step(
             if let Err(e) = c.expect(next, chunk, n).and_then(|_| copy_f32s("running sum", &c.values, prefix)) {
                 return broken(conn, step, "", &e.to_string()).await;
             }
+            received.update(prefix);
         }
-        let values = compute.add_own(range.clone(), !from_coordinator);
+        let values = compute.add_own(range.clone(), !from_coordinator, lie && next == 0);
+        sent.update(&compute.sum);
         let c = Chunk { step, stream: ChunkStream::Sum, offset: next as u64, values };
         match &mut link {
             Some(l) => {
@@ -255,6 +276,8 @@ pub async fn member_step(
         }
         next = range.end;
     }
+    let received = if from_coordinator { 0 } else { received.finish() };
+    conn.send(FromWorker::Digest { step, received, sent: sent.finish() }).await?;
     // Queued is not delivered: the step is done once the successor took every chunk.
     if let Some(l) = link {
         let late = |_| Status::deadline_exceeded(format!("the successor took no chunk within {CHAIN_WAIT:?}"));
@@ -266,14 +289,18 @@ pub async fn member_step(
 }
 
 impl Compute {
-    /// The running sum's `range`: the predecessor's chunk (in `prefix`) if `with_prefix`, plus
-    /// this member's shards' gradients in shard order, as it travels.
-    fn add_own(&mut self, range: std::ops::Range<usize>, with_prefix: bool) -> bytes::Bytes {
+    /// The running sum's `range` (into `sum`): the predecessor's chunk (in `prefix`) if
+    /// `with_prefix`, plus this member's shards' gradients in shard order, as it travels (its
+    /// first value off by 1 if `lie`: fault injection).
+    fn add_own(&mut self, range: std::ops::Range<usize>, with_prefix: bool, lie: bool) -> bytes::Bytes {
         let prefix = with_prefix.then_some(Part::Own(&self.prefix[..]));
         let own = self.chain_grads.iter().map(|g| Part::Own(&g[range.clone()]));
         let parts: Vec<Part<'_>> = prefix.into_iter().chain(own).collect();
         self.sum.resize(range.len(), 0.0);
         sum_into(&mut self.sum, &parts);
+        if lie {
+            self.sum[0] += 1.0;
+        }
         f32_bytes(&self.sum)
     }
 }

@@ -123,10 +123,6 @@ struct Cluster<'o> {
 impl EngineFactory for Cluster<'_> {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
         let err = |e: String| FitError::Engine(EngineError::Setup(e));
-        let verifying = crate::engine::verify_fraction(self.opts, job).get() > 0.0;
-        if self.opts.topology == crate::topology::Topology::Chain && verifying {
-            return Err(err(format!("--topology chain: {}", crate::topology::StarBecause::Verification)));
-        }
         // Watched from before anything is logged, so a signal sent on seeing "waiting for" counts.
         let mut stop = self.rt.block_on(async { Termination::watch() });
         let offer = self.opts.shared_memory.then(|| Offer { params: job.model.num_params(), slots: job.fit.shards });

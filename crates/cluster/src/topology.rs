@@ -18,7 +18,7 @@ pub enum Topology {
     /// The chain when at least two workers can take part, else the star.
     #[default]
     Auto,
-    /// The chain whenever two workers can take part (an error with verification on).
+    /// The chain whenever two workers can take part.
     Chain,
     /// Every worker to and from the coordinator.
     Star,
@@ -112,9 +112,6 @@ impl ChainPlan {
 pub enum StarBecause {
     /// `--topology star`.
     Chosen,
-    /// Verification by recomputation checks shards one by one; a chain's running sums cannot
-    /// be checked that way.
-    Verification,
     /// Fewer than two workers can take part: how many can.
     TooFew(usize),
 }
@@ -123,11 +120,6 @@ impl fmt::Display for StarBecause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StarBecause::Chosen => write!(f, "--topology star"),
-            StarBecause::Verification => write!(
-                f,
-                "verification is on (--verify); a chain's running sums cannot be checked shard by shard, \
-                 so the chain needs --verify 0"
-            ),
             StarBecause::TooFew(n) => write!(
                 f,
                 "{n} worker(s) can take part in a chain (a chain needs two with --peer-listen, off the \
@@ -142,16 +134,12 @@ impl fmt::Display for StarBecause {
 /// `shards` as even as can be; or why the step goes over the star.
 pub fn plan(
     topology: Topology,
-    verifying: bool,
     candidates: &[Candidate],
     excluded: &BTreeSet<WorkerId>,
     shards: usize,
 ) -> Result<ChainPlan, StarBecause> {
     if topology == Topology::Star {
         return Err(StarBecause::Chosen);
-    }
-    if verifying {
-        return Err(StarBecause::Verification);
     }
     let able: Vec<&Candidate> =
         candidates.iter().filter(|c| c.peer.is_some() && !c.shared_memory && !excluded.contains(&c.id)).collect();
@@ -180,7 +168,7 @@ mod tests {
         let hidden = Candidate { id: WorkerId(4), peer: None, shared_memory: false };
         let all = [local, remote(2), remote(3), hidden, remote(5)];
         let none = BTreeSet::new();
-        let p = plan(Topology::Auto, false, &all, &none, 4).unwrap();
+        let p = plan(Topology::Auto, &all, &none, 4).unwrap();
         let got: Vec<(u32, Vec<usize>)> =
             p.members.iter().map(|m| (m.id.0, m.shards.iter().map(|k| k.0).collect())).collect();
         assert_eq!(got, [(2, vec![0, 1]), (3, vec![2]), (5, vec![3])]);
@@ -189,31 +177,29 @@ mod tests {
         assert_eq!(p.last(), WorkerId(5));
         assert!(p.has(WorkerId(3)) && !p.has(WorkerId(1)));
         // Fewer shards than members: only members with shards.
-        assert_eq!(plan(Topology::Chain, false, &all, &none, 2).unwrap().members.len(), 2);
+        assert_eq!(plan(Topology::Chain, &all, &none, 2).unwrap().members.len(), 2);
         // Excluded after a broken link.
         let excluded = BTreeSet::from([WorkerId(3)]);
-        let p = plan(Topology::Auto, false, &all, &excluded, 4).unwrap();
+        let p = plan(Topology::Auto, &all, &excluded, 4).unwrap();
         assert_eq!(p.members.iter().map(|m| m.id.0).collect::<Vec<_>>(), [2, 5]);
     }
 
     #[test]
-    fn the_star_when_chosen_when_verifying_or_with_fewer_than_two_members() {
+    fn the_star_when_chosen_or_with_fewer_than_two_members() {
         let none = BTreeSet::new();
         let two = [remote(1), remote(2)];
-        assert_eq!(plan(Topology::Star, false, &two, &none, 4), Err(StarBecause::Chosen));
-        assert_eq!(plan(Topology::Auto, true, &two, &none, 4), Err(StarBecause::Verification));
-        assert_eq!(plan(Topology::Auto, false, &two[..1], &none, 4), Err(StarBecause::TooFew(1)));
-        assert_eq!(plan(Topology::Auto, false, &two, &none, 1), Err(StarBecause::TooFew(1)));
+        assert_eq!(plan(Topology::Star, &two, &none, 4), Err(StarBecause::Chosen));
+        assert_eq!(plan(Topology::Auto, &two[..1], &none, 4), Err(StarBecause::TooFew(1)));
+        assert_eq!(plan(Topology::Auto, &two, &none, 1), Err(StarBecause::TooFew(1)));
         let hidden = [remote(1), Candidate { id: WorkerId(2), peer: None, shared_memory: false }];
-        assert_eq!(plan(Topology::Chain, false, &hidden, &none, 4), Err(StarBecause::TooFew(1)));
-        assert!(StarBecause::Verification.to_string().contains("--verify 0"));
+        assert_eq!(plan(Topology::Chain, &hidden, &none, 4), Err(StarBecause::TooFew(1)));
         assert_eq!(Topology::parse("chain"), Ok(Topology::Chain));
         assert!(Topology::parse("ring").is_err());
     }
 
     #[test]
     fn a_broken_link_blames_the_peer_named_or_the_reporters_predecessor() {
-        let p = plan(Topology::Auto, false, &[remote(1), remote(2), remote(3)], &BTreeSet::new(), 3).unwrap();
+        let p = plan(Topology::Auto, &[remote(1), remote(2), remote(3)], &BTreeSet::new(), 3).unwrap();
         assert_eq!(p.blame(WorkerId(1), "10.0.0.2:7000"), Some(WorkerId(2)));
         assert_eq!(p.blame(WorkerId(3), ""), Some(WorkerId(2)));
         assert_eq!(p.blame(WorkerId(1), ""), None, "the first member's upstream is the coordinator");

@@ -99,6 +99,19 @@ impl Audit {
         due && !self.checked.contains(&worker) && self.forced.insert(worker)
     }
 
+    /// Whether a chain step over `members` is audited (the coordinator recomputes every shard
+    /// and compares the sum): a secret draw for the step, or a member with nothing checked in
+    /// this window past the step drawn for it. A chain's running sums cannot be checked shard
+    /// by shard, so the whole step is, about as often as a single shard on the star.
+    pub fn wants_chain_check(&mut self, step: u64, members: &[WorkerId]) -> bool {
+        if !self.on() {
+            return false;
+        }
+        self.at(step);
+        let forced = |w: &WorkerId| step % WINDOW >= self.forced_at(step / WINDOW, *w) && !self.checked.contains(w);
+        drawn(self.seed, step, ShardIndex(usize::MAX), self.fraction) || members.iter().any(forced)
+    }
+
     /// The step of `window` (0 to `WINDOW` - 1) from which `worker` gets a forced check.
     fn forced_at(&self, window: u64, worker: WorkerId) -> u64 {
         mix(self.seed ^ 0x5EED ^ window.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(worker.0).rotate_left(32))
@@ -136,6 +149,51 @@ impl Audit {
     pub fn rolled_back(&mut self, step: u64) {
         self.first_unchecked.retain(|_, first| *first < step);
     }
+}
+
+/// What an audited chain step whose sum was wrong says about its members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainVerdict {
+    /// This member's shards' sums differ from the recomputation, or it received the right
+    /// running sum and sent (or claims to have sent) a wrong one: it lied.
+    Liar(WorkerId),
+    /// `sender` claims it sent the right running sum, `receiver` that it received another:
+    /// one of them lies, and which cannot be told.
+    Dispute {
+        /// The predecessor.
+        sender: WorkerId,
+        /// The successor.
+        receiver: WorkerId,
+    },
+}
+
+/// Judges a chain step whose sum differs from the coordinator's recomputation. `members` in
+/// order, each with its keyed digests as recomputed (`truth`: received, sent; received is
+/// 0 for the first) and as reported (`None`: none arrived); `wrong_sums`: members whose
+/// shards' loss sums or counts differ. The first member whose account departs from the truth
+/// is judged; if every account is true, the last member sent the coordinator something else.
+pub fn judge_chain(
+    members: &[WorkerId],
+    truth: &[(u64, u64)],
+    reported: &[Option<(u64, u64)>],
+    wrong_sums: &[WorkerId],
+) -> Option<ChainVerdict> {
+    if let Some(&w) = members.iter().find(|w| wrong_sums.contains(w)) {
+        return Some(ChainVerdict::Liar(w));
+    }
+    for (i, &w) in members.iter().enumerate() {
+        let Some((received, sent)) = reported.get(i).copied().flatten() else {
+            return Some(ChainVerdict::Liar(w));
+        };
+        let (true_received, true_sent) = truth.get(i).copied()?;
+        if i > 0 && received != true_received {
+            return Some(ChainVerdict::Dispute { sender: members[i - 1], receiver: w });
+        }
+        if sent != true_sent {
+            return Some(ChainVerdict::Liar(w));
+        }
+    }
+    members.last().map(|&w| ChainVerdict::Liar(w))
 }
 
 /// A pseudo-random draw for (step, shard) that every audit with the same secret repeats.
@@ -205,6 +263,42 @@ mod tests {
         assert!(!b.wants_check(last, ShardIndex(1), w1), "once per step");
         let mut off = Audit::new(Fraction::new(0.0).unwrap(), 1);
         assert!(!off.wants_check(last, ShardIndex(0), w1), "off means off");
+    }
+
+    #[test]
+    fn chain_steps_are_audited_about_as_often_as_a_shard_and_every_member_once_a_window() {
+        let members = [WorkerId(1), WorkerId(2), WorkerId(3)];
+        let mut a = Audit::new(Fraction::new(0.05).unwrap(), 9);
+        let mut audited = 0;
+        for step in 0..WINDOW * 200 {
+            if a.wants_chain_check(step, &members) {
+                audited += 1;
+                a.record(step, &members, &[]);
+            }
+        }
+        // At least one a window (200), plus draws at 0.05 (about 160) not already in one.
+        assert!((200..400).contains(&audited), "{audited} audits in 200 windows");
+        let mut off = Audit::new(Fraction::new(0.0).unwrap(), 9);
+        assert!((0..WINDOW).all(|s| !off.wants_chain_check(s, &members)));
+    }
+
+    #[test]
+    fn the_first_member_whose_account_departs_from_the_truth_is_judged() {
+        let m = [WorkerId(1), WorkerId(2), WorkerId(3)];
+        let truth = [(0, 10), (10, 20), (20, 30)];
+        let judge = |reported: &[Option<(u64, u64)>], wrong: &[WorkerId]| judge_chain(&m, &truth, reported, wrong);
+        // Member 2 received the truth and sent something else.
+        assert_eq!(judge(&[Some((0, 10)), Some((10, 21)), Some((21, 31))], &[]), Some(ChainVerdict::Liar(m[1])));
+        // Member 1 claims the truth, member 2 says it got something else: a dispute.
+        let dispute = ChainVerdict::Dispute { sender: m[0], receiver: m[1] };
+        assert_eq!(judge(&[Some((0, 10)), Some((11, 21)), Some((21, 31))], &[]), Some(dispute));
+        // Every account true: the last member sent the coordinator another sum.
+        assert_eq!(judge(&[Some((0, 10)), Some((10, 20)), Some((20, 30))], &[]), Some(ChainVerdict::Liar(m[2])));
+        // Wrong loss sums, or no account at all.
+        assert_eq!(judge(&[Some((0, 10)), Some((10, 20)), Some((20, 30))], &[m[0]]), Some(ChainVerdict::Liar(m[0])));
+        assert_eq!(judge(&[Some((0, 10)), None, Some((20, 30))], &[]), Some(ChainVerdict::Liar(m[1])));
+        // The first member's received digest is not looked at (it received nothing).
+        assert_eq!(judge(&[Some((5, 11)), Some((11, 20)), Some((20, 30))], &[]), Some(ChainVerdict::Liar(m[0])));
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct ChainRole {
     pub ticket_out: u64,
     /// Values per chunk.
     pub chunk_values: u32,
+    /// The key of its digests (`FromWorker::Digest`).
+    pub digest_key: u64,
 }
 
 /// Which tensor a chunk is part of.
@@ -240,6 +242,16 @@ pub enum FromWorker {
     Attached,
     /// The last member of a chain: a chunk of the running sum.
     Chunk(Chunk),
+    /// A chain member's keyed digests of the running sum it received (0 for the first) and
+    /// sent, for audits.
+    Digest {
+        /// The step.
+        step: u64,
+        /// Of the sum it received.
+        received: u64,
+        /// Of the sum it sent.
+        sent: u64,
+    },
     /// A chain member could not reach, or did not hear from, the peer at `peer`.
     Broken {
         /// The step.
@@ -294,6 +306,7 @@ impl From<FromWorker> for pb::WorkerMessage {
             FromWorker::Attached => Kind::Attached(pb::Attached {}),
             FromWorker::Chunk(c) => Kind::Chunk(c.into()),
             FromWorker::Broken { step, peer, reason } => Kind::Broken(pb::ChainBroken { step, peer, reason }),
+            FromWorker::Digest { step, received, sent } => Kind::Digest(pb::ChainDigest { step, received, sent }),
         };
         pb::WorkerMessage { kind: Some(kind) }
     }
@@ -319,6 +332,7 @@ impl TryFrom<pb::WorkerMessage> for FromWorker {
             }),
             Kind::Attached(_) => FromWorker::Attached,
             Kind::Chunk(c) => FromWorker::Chunk(c.try_into()?),
+            Kind::Digest(d) => FromWorker::Digest { step: d.step, received: d.received, sent: d.sent },
             Kind::Broken(b) => {
                 let reason: String = b.reason.chars().take(256).collect();
                 let peer = address("broken link's peer", b.peer)?.unwrap_or_default();
@@ -356,6 +370,7 @@ impl From<ToWorker> for pb::CoordinatorMessage {
                         ticket_in: c.ticket_in.unwrap_or(0),
                         ticket_out: c.ticket_out,
                         chunk_values: c.chunk_values,
+                        digest_key: c.digest_key,
                     }),
                 })
             }
@@ -415,6 +430,7 @@ fn chain_role(c: pb::Chain) -> Result<ChainRole, WireError> {
         ticket_in: Some(c.ticket_in).filter(|&t| t != 0),
         ticket_out: c.ticket_out,
         chunk_values: c.chunk_values,
+        digest_key: c.digest_key,
     })
 }
 
@@ -442,6 +458,7 @@ mod tests {
             FromWorker::Attached,
             FromWorker::Chunk(chunk.clone()),
             FromWorker::Broken { step: 3, peer: "10.0.0.3:7".into(), reason: "refused".into() },
+            FromWorker::Digest { step: 3, received: 5, sent: 6 },
         ] {
             assert_eq!(FromWorker::try_from(pb::WorkerMessage::from(m.clone())), Ok(m));
         }
@@ -472,6 +489,7 @@ mod tests {
                     ticket_in: Some(9),
                     ticket_out: 10,
                     chunk_values: 3,
+                    digest_key: 11,
                 }),
             }),
             ToWorker::Stop { reason: "done".into() },
@@ -487,9 +505,9 @@ mod tests {
         assert!(chunk.expect(0, 2, 100).is_err());
         assert!(chunk.expect(4, 3, 100).is_err());
         assert!(chunk.expect(4, 2, 5).is_err());
-        let bad = pb::Chain { successor: "a b".into(), ticket_in: 0, ticket_out: 1, chunk_values: 1 };
+        let bad = pb::Chain { successor: "a b".into(), ticket_in: 0, ticket_out: 1, chunk_values: 1, digest_key: 0 };
         assert!(chain_role(bad).is_err());
-        let none = pb::Chain { successor: String::new(), ticket_in: 0, ticket_out: 1, chunk_values: 0 };
+        let none = pb::Chain { successor: String::new(), ticket_in: 0, ticket_out: 1, chunk_values: 0, digest_key: 0 };
         assert!(chain_role(none).is_err());
     }
 }

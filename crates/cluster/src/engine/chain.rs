@@ -4,17 +4,34 @@
 //! something malformed, or the sum is late or not finite) and the step is computed over the
 //! star instead, with the same bits; a member a broken link blames leaves the chain.
 
-use super::{ClusterEngine, Outgoing};
+use super::{ClusterEngine, Outgoing, StepInputs};
+use crate::digest::digest;
 use crate::hub::Event;
 use crate::ids::{ShardIndex, WorkerId};
 use crate::round::Refusal;
 use crate::topology::{plan, ChainPlan, StarBecause, CHUNK_VALUES};
+use crate::verify::{judge_chain, ChainVerdict};
 use dtrain_fit::EngineError;
 use dtrain_nn::ShardStats;
 use dtrain_proto::{copy_f32s, ChainRole, Chunk, ChunkStream, Tensor, ToWorker, Work};
 use std::collections::BTreeSet;
-use std::ops::Range;
 use std::time::{Duration, Instant};
+
+/// An audited step as the coordinator computed it: the sum, each shard's sums, and each
+/// member's digests (received, sent) as they should be.
+struct Truth {
+    sum: Vec<f32>,
+    stats: Vec<ShardStats>,
+    digests: Vec<(u64, u64)>,
+}
+
+/// The same sums and counts, bit for bit.
+fn same_stats(a: &ShardStats, b: &ShardStats) -> bool {
+    a.loss_sum.to_bits() == b.loss_sum.to_bits()
+        && a.activity.to_bits() == b.activity.to_bits()
+        && a.correct == b.correct
+        && a.rows == b.rows
+}
 
 /// What the engine remembers about chains between steps.
 #[derive(Default)]
@@ -60,8 +77,7 @@ impl ClusterEngine<'_> {
         let live: BTreeSet<WorkerId> = candidates.iter().map(|c| c.id).collect();
         let memory = &mut self.policy.chain;
         memory.excluded.retain(|id| live.contains(id));
-        let verifying = self.policy.audit.on();
-        match plan(self.policy.topology, verifying, &candidates, &memory.excluded, shards) {
+        match plan(self.policy.topology, &candidates, &memory.excluded, shards) {
             Ok(p) => {
                 let members: Vec<WorkerId> = p.members.iter().map(|m| m.id).collect();
                 if members != memory.members {
@@ -84,29 +100,38 @@ impl ClusterEngine<'_> {
     }
 
     /// The step over `plan`: each shard's sums, with the sum of the gradients in `grad`; `None`
-    /// if the chain broke and the step is to go over the star.
+    /// if the chain broke and the step is to go over the star. An audited step is recomputed
+    /// by the coordinator while the chain computes; if the chain's sum differs, the
+    /// recomputation stands and the members' digests say who lied.
     pub(super) async fn chain_step(
         &mut self,
         plan: &ChainPlan,
         out: &mut Outgoing<'_>,
-        shards: &[Range<usize>],
+        inputs: &StepInputs<'_>,
         grad: &mut [f32],
         meanwhile: &mut Option<&mut dyn FnMut()>,
     ) -> Result<Option<Vec<ShardStats>>, EngineError> {
         let t0 = Instant::now();
-        let (step, n) = (out.step, out.params.len());
+        let (step, n, shards) = (out.step, out.params.len(), inputs.shards);
         let chunk = CHUNK_VALUES as usize;
-        if let Err(why) = self.start_chain(plan, out).await {
+        let keys: Vec<u64> = plan.members.iter().map(|_| crate::auth::ticket()).collect();
+        let members: Vec<WorkerId> = plan.members.iter().map(|m| m.id).collect();
+        let audited = self.policy.audit.wants_chain_check(step, &members);
+        if let Err(why) = self.start_chain(plan, &keys, out).await {
             return Ok(self.fall_back(step, &why));
         }
         let sent_all = Instant::now();
-        // While the chain computes: the caller's own work, then the next step's shards.
+        // While the chain computes: the caller's own work, then the next step's shards, and on
+        // an audited step the recomputation of every shard.
         meanwhile.take().into_iter().for_each(|f| self.meanwhile(f, shards.len()));
+        let truth = audited.then(|| self.recompute(plan, &keys, inputs));
+        let mut digests: Vec<Option<(u64, u64)>> = vec![None; members.len()];
         let patience = self.policy.chain.deadline(self.policy.step_timeout);
         let deadline = sent_all + patience;
         let mut stats: Vec<Option<ShardStats>> = vec![None; shards.len()];
         let mut summed = 0;
-        while summed < n || stats.iter().any(Option::is_none) {
+        let accounted = |d: &[Option<(u64, u64)>]| !audited || d.iter().all(Option::is_some);
+        while summed < n || stats.iter().any(Option::is_none) || !accounted(&digests) {
             let event = match tokio::time::timeout_at(deadline.into(), self.net.events.recv()).await {
                 Ok(Some(e)) => e,
                 Ok(None) => return Err(EngineError::Stopped),
@@ -169,12 +194,25 @@ impl ClusterEngine<'_> {
                     }
                     format!("{} reports a broken link: {reason}", self.net.hub.name(id))
                 }
+                Event::Digest { id, step: s, received, sent } => {
+                    if let Some(i) = members.iter().position(|&m| m == id).filter(|_| s == step) {
+                        digests[i] = Some((received, sent));
+                    }
+                    continue;
+                }
                 Event::Left { id } if plan.has(id) => format!("{} left", self.net.hub.name(id)),
                 Event::Left { .. } => continue,
             };
             return Ok(self.fall_back(step, &why));
         }
-        let stats: Vec<ShardStats> = stats.into_iter().map(Option::unwrap_or_default).collect();
+        let mut stats: Vec<ShardStats> = stats.into_iter().map(Option::unwrap_or_default).collect();
+        match truth {
+            Some(truth) => self.settle_audit(plan, truth, &digests, grad, &mut stats),
+            None => {
+                let parties: Vec<_> = members.iter().filter_map(|&w| self.net.hub.party(w)).collect();
+                self.policy.audit.record(step, &[], &parties);
+            }
+        }
         let sums_finite = stats.iter().all(|s| s.loss_sum.is_finite() && s.activity.is_finite());
         if !sums_finite || !dtrain_nn::simd::all_finite(grad) {
             // A diverging model, or a member that sent values that are not: over the star,
@@ -189,8 +227,78 @@ impl ClusterEngine<'_> {
         Ok(Some(stats))
     }
 
-    /// Sends every member its shards and place, and the first member the parameters.
-    async fn start_chain(&mut self, plan: &ChainPlan, out: &mut Outgoing<'_>) -> Result<(), String> {
+    /// Every shard of the step computed here, summed in shard order, with each member's
+    /// digests of the running sums as they should be (under its key).
+    fn recompute(&mut self, plan: &ChainPlan, keys: &[u64], inputs: &StepInputs<'_>) -> Truth {
+        let n = inputs.params.len();
+        let mut sum = self.buffers.take(n);
+        let mut g = self.buffers.take(n);
+        let mut stats = vec![ShardStats::default(); inputs.shards.len()];
+        let mut digests = Vec::with_capacity(plan.members.len());
+        for (i, (m, &key)) in plan.members.iter().zip(keys).enumerate() {
+            let received = if i == 0 { 0 } else { digest(key, &sum) };
+            for &k in &m.shards {
+                stats[k.0] = self.compute_here(inputs, k, &mut g);
+                // The same additions, in the same order, as the members' (and the in-process sum).
+                if k.0 == 0 {
+                    sum.copy_from_slice(&g);
+                } else {
+                    sum.iter_mut().zip(&g).for_each(|(s, x)| *s += x);
+                }
+            }
+            digests.push((received, digest(key, &sum)));
+        }
+        self.buffers.free.push(g);
+        self.telemetry.epoch.verification.refereed += inputs.shards.len() as u64;
+        Truth { sum, stats, digests }
+    }
+
+    /// An audited step: the chain's sum and sums against the recomputation. Equal, every
+    /// member is confirmed; else the recomputation stands, and the judged member is evicted
+    /// (its unchecked results undone) or, in a dispute, both ends leave the chain.
+    fn settle_audit(
+        &mut self,
+        plan: &ChainPlan,
+        truth: Truth,
+        reported: &[Option<(u64, u64)>],
+        grad: &mut [f32],
+        stats: &mut [ShardStats],
+    ) {
+        let step = self.policy.last_step.unwrap_or_default();
+        let members: Vec<WorkerId> = plan.members.iter().map(|m| m.id).collect();
+        let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let wrong_sums: Vec<WorkerId> = (0..stats.len())
+            .filter(|&k| !same_stats(&stats[k], &truth.stats[k]))
+            .filter_map(|k| plan.owner(ShardIndex(k)))
+            .collect();
+        if wrong_sums.is_empty() && bits(grad, &truth.sum) {
+            self.policy.audit.record(step, &members, &[]);
+            self.telemetry.epoch.verification.checked += stats.len() as u64;
+        } else {
+            grad.copy_from_slice(&truth.sum);
+            stats.copy_from_slice(&truth.stats);
+            match judge_chain(&members, &truth.digests, reported, &wrong_sums) {
+                Some(ChainVerdict::Liar(w)) => {
+                    let shard = plan.members.iter().find(|m| m.id == w).and_then(|m| m.shards.first().copied());
+                    self.evict_liar(w, shard.unwrap_or(ShardIndex(0)), step);
+                }
+                Some(ChainVerdict::Dispute { sender, receiver }) => {
+                    let (a, b) = (self.net.hub.name(sender), self.net.hub.name(receiver));
+                    tracing::warn!(
+                        "step {step}: {a} says it sent {b} the right running sum, {b} that it received another; \
+                         both leave the chain (the star checks them shard by shard)"
+                    );
+                    self.policy.chain.excluded.extend([sender, receiver]);
+                }
+                None => {}
+            }
+        }
+        self.buffers.free.push(truth.sum);
+    }
+
+    /// Sends every member its shards, place and digest key, and the first member the
+    /// parameters.
+    async fn start_chain(&mut self, plan: &ChainPlan, keys: &[u64], out: &mut Outgoing<'_>) -> Result<(), String> {
         let (step, n) = (out.step, out.params.len());
         let chunk = CHUNK_VALUES as usize;
         let tickets: Vec<u64> = plan.members.iter().map(|_| crate::auth::ticket()).collect();
@@ -200,6 +308,7 @@ impl ClusterEngine<'_> {
                 ticket_in: i.checked_sub(1).map(|p| tickets[p]),
                 ticket_out: tickets[i],
                 chunk_values: CHUNK_VALUES,
+                digest_key: keys[i],
             };
             let work = Work {
                 step,

@@ -15,7 +15,7 @@ const KEPT: usize = 256;
 const LEARNED: usize = 16;
 
 /// A worker is a straggler after this many times the usual interval without progress...
-const TIMES: u32 = 3;
+const TIMES: u32 = 2;
 
 /// ...and never sooner than this (scheduling noise on a busy host).
 pub const MIN_SPECULATION: Duration = Duration::from_millis(5);
@@ -77,13 +77,13 @@ mod tests {
     }
 
     #[test]
-    fn a_straggler_is_three_times_the_median_interval_once_learned() {
+    fn a_straggler_is_twice_the_median_interval_once_learned() {
         let mut p = Pace::default();
         let (a, b) = (WorkerId(1), WorkerId(2));
         p.learn(&[(a, ms(10)); 15], &[a, b]);
         assert_eq!(p.speculate_after(), None, "not learned yet");
         p.learn(&[(a, ms(10)), (b, ms(40))], &[a, b]);
-        assert_eq!(p.speculate_after(), Some(ms(30)));
+        assert_eq!(p.speculate_after(), Some(ms(20)));
         // Fast steps: never below the floor.
         let mut fast = Pace::default();
         fast.learn(&[(a, Duration::from_micros(100)); 20], &[a]);

@@ -174,3 +174,45 @@ fn seed_job_runs_on_fashion_mnist() {
     let weights = |d: &std::path::Path| std::fs::read(d.join("final.safetensors")).unwrap();
     assert!(weights(&rk) == weights(&rd), "a Keras model file trains like the same layers in the job");
 }
+
+/// The seed model as Keras saved it (`model.save()`, compiled with Adam on an ExponentialDecay
+/// schedule) named in a job without `[compile]`: one epoch from it equals one epoch of the same
+/// layers and compile settings written in the job, started with `--init-weights` from the
+/// weights Keras saved (raw float32 beside the fixture), bit for bit.
+#[test]
+fn a_keras_file_gives_the_run_its_compile_settings_and_initial_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/crates/fit/tests/fixtures/keras_models");
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/fashion_mnist.toml")).unwrap();
+    let (start, end) = (text.find("[model]").unwrap(), text.find("[fit]").unwrap());
+    let keras = format!("{fixtures}/seed_model.keras");
+    let from_keras = dir.path().join("from_keras.toml");
+    std::fs::write(&from_keras, format!("{}[model]\nkeras = {keras:?}\n\n{}", &text[..start], &text[end..])).unwrap();
+    let rk = dir.path().join("keras_run");
+    let o =
+        run(&["train", "--config", from_keras.to_str().unwrap(), "--run-dir", rk.to_str().unwrap(), "--epochs", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Initial weights:") || stderr(&o).contains("Initial weights:"));
+    let job_toml = std::fs::read_to_string(rk.join("job.toml")).unwrap();
+    assert!(job_toml.contains("ExponentialDecay") && !job_toml.contains("keras ="), "{job_toml}");
+
+    // The same, written out: the layers of the seed job, Keras's compile settings, and
+    // Keras's initial weights as safetensors.
+    let compile = "[compile]\noptimizer = { Adam = { learning_rate = { ExponentialDecay = { initial_learning_rate = \
+                   0.001, decay_steps = 100, decay_rate = 0.9 } } } }\nloss = \"sparse_categorical_crossentropy\"\n\
+                   metrics = [\"accuracy\"]\n\n";
+    let model_end = text.find("[compile]").unwrap();
+    let written = dir.path().join("written.toml");
+    std::fs::write(&written, format!("{}{compile}{}", &text[..model_end], &text[end..])).unwrap();
+    let job = dtrain_fit::session::load_job(&written, None, None, None).unwrap();
+    let raw = std::fs::read(format!("{fixtures}/seed_model.weights.f32")).unwrap();
+    let params: Vec<f32> = raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let init = dir.path().join("init.safetensors");
+    std::fs::write(&init, dtrain_fit::checkpoint::weights_bytes(&job.model, &params)).unwrap();
+    let rw = dir.path().join("written_run");
+    let args = ["train", "--config", written.to_str().unwrap(), "--run-dir", rw.to_str().unwrap(), "--epochs", "1"];
+    let o = run(&[&args[..], &["-q", "--init-weights", init.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let weights = |d: &std::path::Path| std::fs::read(d.join("final.safetensors")).unwrap();
+    assert!(weights(&rk) == weights(&rw), "a .keras file trains like its layers, compile settings and weights");
+}

@@ -377,3 +377,25 @@ fn edit_a_leaf(rng: &mut Rng, v: &mut serde_json::Value) -> String {
         }
     }
 }
+
+/// Keras model files: `to_json()` text and `.keras` archives (the zip and its `config.json`,
+/// with the compile config). The HDF5 weights are read by libhdf5, a C library this test does
+/// not fuzz (see the README's trust model).
+#[test]
+fn keras_model_files() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/fit/tests/fixtures/keras_models");
+    let archive = fixtures.join("seed_model.keras");
+    let config = dtrain_fit::keras_archive::config(&archive).unwrap();
+    let json = std::fs::read(fixtures.join("seed_model.json")).unwrap();
+    fuzz_any("keras-config", &[config.into_bytes(), json], |bytes| {
+        let text = String::from_utf8_lossy(bytes);
+        let model = dtrain_fit::keras::model_from_json(&text);
+        dtrain_fit::keras_archive::compile_keys(&text).is_ok() && model.is_ok()
+    });
+    let work = tempfile::tempdir().unwrap();
+    let target = work.path().join("model.keras");
+    fuzz_any("keras-archive", &[std::fs::read(&archive).unwrap()], |bytes| {
+        std::fs::write(&target, bytes).unwrap();
+        dtrain_fit::keras_archive::config(&target).is_ok()
+    });
+}

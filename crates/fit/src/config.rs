@@ -24,6 +24,9 @@ pub struct JobConfig {
     #[serde(default)]
     /// `[[callbacks]]`, in order.
     pub callbacks: Vec<CallbackConfig>,
+    #[serde(skip)]
+    /// The `.keras` file whose weights start the run (`model.keras` named one).
+    pub initial_weights: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -732,23 +735,67 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> String {
     }
 }
 
+/// The job file as a generic value (TOML or JSON), `Err` with the parser's message.
+fn generic(path: &Path, text: &str) -> Result<serde_json::Value, String> {
+    if path.extension().is_some_and(|e| e == "json") {
+        return serde_json::from_str(text).map_err(|e| format!("{}:{}:{}: {e}", path.display(), e.line(), e.column()));
+    }
+    let table: toml::Table = toml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::to_value(table).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The `.keras` archive the job's `model.keras` names, if it names one (else the job is
+/// parsed as it is, with the parser's own messages).
+fn keras_archive_named(path: &Path, text: &str) -> Option<String> {
+    let job = generic(path, text).ok()?;
+    let file = job.get("model")?.get("keras")?.as_str()?;
+    file.ends_with(".keras").then(|| file.to_string())
+}
+
 impl JobConfig {
     /// Parses a TOML (or, by extension, JSON) job file; a Keras model file it names is read
-    /// into its layers (so the run directory's copy of the job stands alone).
+    /// into its layers (so the run directory's copy of the job stands alone). A `.keras` file
+    /// also gives the `[compile]` keys the job does not, and the run's initial weights.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        let mut config = Self::parse(path, &text)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let archive = keras_archive_named(path, &text).map(|f| dir.join(f));
+        let mut config = match &archive {
+            Some(a) => Self::parse_with_compile_of(path, &text, a)?,
+            None => Self::parse(path, &text)?,
+        };
         if let Some(file) = config.model.keras.take() {
             if !config.model.layers.is_empty() || !config.model.input_shape.is_empty() {
                 return Err(format!("{}: model.keras: give a Keras model or layers, not both", path.display()));
             }
-            let model_path = path.parent().unwrap_or(Path::new(".")).join(&file);
-            let text = std::fs::read_to_string(&model_path)
-                .map_err(|e| format!("{}: model.keras: cannot read {}: {e}", path.display(), model_path.display()))?;
+            let model_path = dir.join(&file);
+            let cannot = |e: String| format!("{}: model.keras: {}: {e}", path.display(), model_path.display());
+            let text = match &archive {
+                Some(a) => crate::keras_archive::config(a).map_err(cannot)?,
+                None => std::fs::read_to_string(&model_path).map_err(|e| cannot(format!("cannot read: {e}")))?,
+            };
             config.model =
                 crate::keras::model_from_json(&text).map_err(|e| format!("{}: {e}", model_path.display()))?;
+            config.initial_weights = archive;
         }
         Ok(config)
+    }
+
+    /// Parses the job with the `[compile]` keys it lacks taken from the `.keras` file at
+    /// `archive` (the job's own keys win).
+    fn parse_with_compile_of(path: &Path, text: &str, archive: &Path) -> Result<Self, String> {
+        let at = |e: String| format!("{}: model.keras: {}: {e}", path.display(), archive.display());
+        let keys =
+            crate::keras_archive::compile_keys(&crate::keras_archive::config(archive).map_err(at)?).map_err(at)?;
+        let mut job = generic(path, text)?;
+        let compile = job.as_object_mut().and_then(|j| {
+            j.entry("compile").or_insert_with(|| serde_json::Value::Object(Default::default())).as_object_mut()
+        });
+        let compile = compile.ok_or_else(|| format!("{}: compile is not a table", path.display()))?;
+        for (key, value) in keys {
+            compile.entry(key).or_insert(value);
+        }
+        serde_json::from_value(job).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Parses job-file text; `path` names the file in errors (and .json selects JSON).

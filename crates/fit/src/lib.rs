@@ -12,6 +12,7 @@ pub mod engine;
 mod error;
 pub mod evaluate;
 pub mod keras;
+pub mod keras_archive;
 pub mod logging;
 pub mod logs;
 pub mod metrics;

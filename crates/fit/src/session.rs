@@ -164,9 +164,15 @@ pub fn train_with(
         let state = load_state(run.path(), job)?;
         (run, state)
     } else {
-        let params = match &opts.init_weights {
-            Some(w) => read_weights(w, &job.model)?,
-            None => job.model.init_params(job.seed),
+        let params = match (&opts.init_weights, &job.config.initial_weights) {
+            (Some(w), _) => read_weights(w, &job.model)?,
+            (None, Some(keras)) => {
+                let weights = crate::keras_archive::weights(keras, &job.model)
+                    .map_err(|e| FitError::Config(format!("{}: {e}", keras.display())))?;
+                tracing::info!(target: crate::logging::NOTE, "Initial weights: {}", keras.display());
+                weights
+            }
+            (None, None) => job.model.init_params(job.seed),
         };
         let stem = config_path.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
         let run = RunDir::create(opts.run_dir.as_deref(), &stem)?;

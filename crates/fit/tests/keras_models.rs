@@ -14,16 +14,22 @@ fn seed_job() -> JobConfig {
     JobConfig::load(&path).unwrap()
 }
 
-/// The seed job with its `[model]` replaced by `model.keras = file` (a job next to the fixtures).
-fn job_with_keras_model(dir: &Path, file: &str) -> PathBuf {
+/// The seed job with the text from `[model]` up to the section `upto` replaced by
+/// `model.keras = file` and `more` (a job in `dir`).
+fn job_with(dir: &Path, file: &str, upto: &str, more: &str) -> PathBuf {
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fashion_mnist.toml"))
         .unwrap();
     let start = text.find("[model]").unwrap();
-    let end = start + text[start..].find("[compile]").unwrap();
-    let model = format!("[model]\nkeras = {:?}\n\n", fixture(file).display().to_string());
+    let end = start + text[start..].find(upto).unwrap();
+    let model = format!("[model]\nkeras = {:?}\n\n{more}\n", fixture(file).display().to_string());
     let job = dir.join("job.toml");
     std::fs::write(&job, format!("{}{model}{}", &text[..start], &text[end..])).unwrap();
     job
+}
+
+/// The seed job with its `[model]` replaced by `model.keras = file` (a job next to the fixtures).
+fn job_with_keras_model(dir: &Path, file: &str) -> PathBuf {
+    job_with(dir, file, "[compile]", "")
 }
 
 #[test]
@@ -53,4 +59,59 @@ fn what_dtrain_would_compute_differently_is_refused_naming_the_layer() {
     }
     let e = dtrain_fit::keras::model_from_json(r#"{"class_name": "Functional", "config": {}}"#).unwrap_err();
     assert_eq!(e, "a Functional model is not supported (Sequential only)");
+}
+
+/// The seed job with `[model]` and `[compile]` replaced by `model.keras = file` and `compile`.
+fn job_with_keras_archive(dir: &Path, file: &str, compile: &str) -> PathBuf {
+    job_with(dir, file, "[fit]", compile)
+}
+
+/// A `.keras` file saved by Keras (`model.save()`): the model, the compile config (Adam with an
+/// ExponentialDecay schedule) where the job gives none, and its weights, bit for bit as Keras
+/// held them, as the run's initial weights.
+#[test]
+fn a_keras_archive_gives_the_model_its_compile_config_and_its_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = job_with_keras_archive(dir.path(), "seed_model.keras", "");
+    let config = JobConfig::load(&path).unwrap();
+    assert_eq!(config.model, seed_job().model);
+    let compile = toml::to_string(&config.compile).unwrap();
+    assert!(
+        compile.contains("loss = \"sparse_categorical_crossentropy\"") && compile.contains("metrics = [\"accuracy\"]")
+    );
+    assert!(compile.contains("ExponentialDecay") && compile.contains("decay_steps = 100"), "{compile}");
+    assert_eq!(config.initial_weights.as_deref(), Some(fixture("seed_model.keras").as_path()));
+    let job = dtrain_fit::Job::build(config, PathBuf::new()).unwrap();
+    let weights = dtrain_fit::keras_archive::weights(&fixture("seed_model.keras"), &job.model).unwrap();
+    let want = std::fs::read(fixture("seed_model.weights.f32")).unwrap();
+    let got: Vec<u8> = weights.iter().flat_map(|x| x.to_le_bytes()).collect();
+    assert!(got == want, "the weights Keras saved, bit for bit");
+    // The job's own [compile] keys win over the file's.
+    let path = job_with_keras_archive(dir.path(), "seed_model.keras", "[compile]\noptimizer = \"sgd\"\n");
+    let compile = toml::to_string(&JobConfig::load(&path).unwrap().compile).unwrap();
+    assert!(
+        compile.contains("optimizer = \"sgd\"") && compile.contains("sparse_categorical_crossentropy"),
+        "{compile}"
+    );
+}
+
+/// A file that is not a `.keras` archive, or whose weights do not fit the model, is refused
+/// in one line naming the file.
+#[test]
+fn a_broken_keras_archive_is_refused_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_zip = dir.path().join("bad.keras");
+    std::fs::write(&not_zip, b"not a zip").unwrap();
+    let job = job_with_keras_archive(dir.path(), not_zip.to_str().unwrap(), "");
+    let e = JobConfig::load(&job).unwrap_err();
+    assert!(e.contains("bad.keras") && e.contains("not a .keras file"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    // Weights of another model: named tensor, shapes.
+    let text = std::fs::read_to_string(fixture("seed_model.json")).unwrap().replace("\"units\": 64", "\"units\": 32");
+    let model = dtrain_fit::keras::model_from_json(&text).unwrap();
+    let mut config = seed_job();
+    config.model = model;
+    let job = dtrain_fit::Job::build(config, PathBuf::new()).unwrap();
+    let e = dtrain_fit::keras_archive::weights(&fixture("seed_model.keras"), &job.model).unwrap_err();
+    assert!(e.contains("layers/dense/vars/0 has shape [784, 64], the model needs [784, 32]"), "{e}");
 }

@@ -142,6 +142,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Summary { config } => {
             write!(out, "{}", session::summary(&config)?)?;
         }
+        Command::Export { config, weights, to } => {
+            session::export_keras(&config, &weights, &to)?;
+            writeln!(out, "wrote {}", to.display())?;
+        }
     }
     out.flush()?;
     Ok(())

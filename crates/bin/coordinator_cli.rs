@@ -41,6 +41,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write weights (safetensors) as a Keras 3 `.keras` file, which `keras.saving.load_model` opens.
+    Export {
+        #[arg(long, env = "DTRAIN_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        weights: PathBuf,
+        /// The `.keras` file to write.
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Print the model table (layers, output shapes, parameter counts).
     Summary {
         #[arg(long, env = "DTRAIN_CONFIG")]

@@ -4,8 +4,12 @@
 //! the job's `[compile]` keys the job file does not give; the weights become the run's initial
 //! weights. HDF5 is read with libhdf5 (the `hdf5` binding); every size is checked before use.
 
-use crate::config::LearningRateConfig;
+use crate::config::{
+    ConstraintConfig, ConstraintSpec, InitializerConfig, InitializerSpec, LayerConfig, LearningRateConfig, ModelConfig,
+    RegularizerConfig,
+};
 use dtrain_nn::Sequential;
+use serde_json::json;
 use serde_json::{Map, Value};
 use std::io::Read;
 use std::path::Path;
@@ -168,6 +172,194 @@ pub fn weights(path: &Path, model: &Sequential) -> R<Vec<f32>> {
         params[v.range()].copy_from_slice(&values);
     }
     Ok(params)
+}
+
+/// `model` with weights `params` as a `.keras` file's bytes, which `keras.saving.load_model`
+/// opens (uncompiled): `config.json` from the job's layers, `model.weights.h5` in Keras's
+/// layout (`layers/<name>/vars/<i>`, names counted per layer class as Keras counts them), and
+/// `metadata.json`.
+pub fn keras_bytes(config: &ModelConfig, model: &Sequential, params: &[f32]) -> R<Vec<u8>> {
+    let config_json = serde_json::to_string(&model_json(config)).map_err(|e| e.to_string())?;
+    let h5 = weights_h5(config, model, params)?;
+    let metadata = json!({"keras_version": "3.15.1", "date_saved": "dtrain"}).to_string();
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, bytes) in
+        [("metadata.json", metadata.as_bytes()), ("config.json", config_json.as_bytes()), ("model.weights.h5", &h5)]
+    {
+        zip.start_file(name, stored).map_err(|e| format!("{name}: {e}"))?;
+        std::io::Write::write_all(&mut zip, bytes).map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(zip.finish().map_err(|e| e.to_string())?.into_inner())
+}
+
+/// Each layer's name in Keras's weights file: its class in snake case, counted per class
+/// (`dense`, `dense_1`, ...), as Keras names the layers of a Sequential when it saves.
+fn layer_names(config: &ModelConfig) -> Vec<String> {
+    let mut seen: std::collections::BTreeMap<&str, usize> = Default::default();
+    config
+        .layers
+        .iter()
+        .map(|l| {
+            let class = match l {
+                LayerConfig::Flatten {} => "flatten",
+                LayerConfig::Dense(_) => "dense",
+                LayerConfig::Dropout { .. } => "dropout",
+                LayerConfig::Activation { .. } => "activation",
+            };
+            let n = seen.entry(class).or_default();
+            let name = if *n == 0 { class.to_string() } else { format!("{class}_{n}") };
+            *n += 1;
+            name
+        })
+        .collect()
+}
+
+/// A serialized Keras object.
+fn object(module: &str, class: &str, config: Value) -> Value {
+    json!({"module": module, "class_name": class, "config": config, "registered_name": null})
+}
+
+fn initializer_json(i: &InitializerConfig) -> Value {
+    let init = |class: &str, config: Value| object("keras.initializers", class, config);
+    match i {
+        InitializerConfig::Name(n) => {
+            let class: String = n.split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect();
+            let config = if matches!(n.as_str(), "zeros" | "ones") { json!({}) } else { json!({"seed": null}) };
+            init(&class, config)
+        }
+        InitializerConfig::Spec(InitializerSpec::RandomNormal { mean, stddev }) => {
+            init("RandomNormal", json!({"mean": mean, "stddev": stddev, "seed": null}))
+        }
+        InitializerConfig::Spec(InitializerSpec::TruncatedNormal { mean, stddev }) => {
+            init("TruncatedNormal", json!({"mean": mean, "stddev": stddev, "seed": null}))
+        }
+        InitializerConfig::Spec(InitializerSpec::RandomUniform { minval, maxval }) => {
+            init("RandomUniform", json!({"minval": minval, "maxval": maxval, "seed": null}))
+        }
+        InitializerConfig::Spec(InitializerSpec::Constant { value }) => init("Constant", json!({"value": value})),
+    }
+}
+
+fn regularizer_json(r: &Option<RegularizerConfig>) -> Value {
+    let reg = |class: &str, config: Value| object("keras.regularizers", class, config);
+    match r {
+        None => Value::Null,
+        Some(RegularizerConfig::Name(n)) => match n.as_str() {
+            "l1" => reg("L1", json!({"l1": 0.01f32})),
+            "l2" => reg("L2", json!({"l2": 0.01f32})),
+            _ => reg("L1L2", json!({"l1": 0.0, "l2": 0.0})),
+        },
+        Some(RegularizerConfig::Factors(f)) if f.l2 == 0.0 => reg("L1", json!({"l1": f.l1})),
+        Some(RegularizerConfig::Factors(f)) if f.l1 == 0.0 => reg("L2", json!({"l2": f.l2})),
+        Some(RegularizerConfig::Factors(f)) => reg("L1L2", json!({"l1": f.l1, "l2": f.l2})),
+    }
+}
+
+fn constraint_json(c: &Option<ConstraintConfig>) -> Value {
+    let con = |class: &str, config: Value| object("keras.constraints", class, config);
+    let spec = match c {
+        None => return Value::Null,
+        Some(ConstraintConfig::Spec(s)) => s.clone(),
+        Some(ConstraintConfig::Name(n)) => match n.as_str() {
+            "max_norm" => ConstraintSpec::MaxNorm { max_value: 2.0, axis: 0 },
+            "non_neg" => ConstraintSpec::NonNeg {},
+            "unit_norm" => ConstraintSpec::UnitNorm { axis: 0 },
+            _ => ConstraintSpec::MinMaxNorm { min_value: 0.0, max_value: 1.0, rate: 1.0, axis: 0 },
+        },
+    };
+    match spec {
+        ConstraintSpec::MaxNorm { max_value, axis } => con("MaxNorm", json!({"max_value": max_value, "axis": axis})),
+        ConstraintSpec::NonNeg {} => con("NonNeg", json!({})),
+        ConstraintSpec::UnitNorm { axis } => con("UnitNorm", json!({"axis": axis})),
+        ConstraintSpec::MinMaxNorm { min_value, max_value, rate, axis } => {
+            con("MinMaxNorm", json!({"min_value": min_value, "max_value": max_value, "rate": rate, "axis": axis}))
+        }
+    }
+}
+
+/// The job's layers as Keras serializes a Sequential (float32 throughout).
+fn model_json(config: &ModelConfig) -> Value {
+    let batch_shape: Vec<Value> =
+        std::iter::once(Value::Null).chain(config.input_shape.iter().map(|&d| Value::from(d))).collect();
+    let input = object(
+        "keras.layers",
+        "InputLayer",
+        json!({"batch_shape": batch_shape, "dtype": "float32", "name": "input_layer"}),
+    );
+    let mut layers = vec![input];
+    for (layer, name) in config.layers.iter().zip(layer_names(config)) {
+        let common = json!({"name": name, "trainable": true, "dtype": "float32"});
+        let mut c = common.as_object().cloned().unwrap_or_default();
+        let class = match layer {
+            LayerConfig::Flatten {} => {
+                c.insert("data_format".into(), json!("channels_last"));
+                "Flatten"
+            }
+            LayerConfig::Dropout { rate, seed } => {
+                c.insert("rate".into(), json!(rate));
+                c.insert("seed".into(), json!(seed));
+                c.insert("noise_shape".into(), Value::Null);
+                "Dropout"
+            }
+            LayerConfig::Activation { activation } => {
+                c.insert("activation".into(), json!(activation));
+                "Activation"
+            }
+            LayerConfig::Dense(d) => {
+                for (k, v) in [
+                    ("units", json!(d.units)),
+                    ("activation", json!(d.activation)),
+                    ("use_bias", json!(d.use_bias)),
+                    ("kernel_initializer", initializer_json(&d.kernel_initializer)),
+                    ("bias_initializer", initializer_json(&d.bias_initializer)),
+                    ("kernel_regularizer", regularizer_json(&d.kernel_regularizer)),
+                    ("bias_regularizer", regularizer_json(&d.bias_regularizer)),
+                    ("activity_regularizer", regularizer_json(&d.activity_regularizer)),
+                    ("kernel_constraint", constraint_json(&d.kernel_constraint)),
+                    ("bias_constraint", constraint_json(&d.bias_constraint)),
+                ] {
+                    c.insert(k.into(), v);
+                }
+                "Dense"
+            }
+        };
+        layers.push(object("keras.layers", class, Value::Object(c)));
+    }
+    let mut model = object(
+        "keras",
+        "Sequential",
+        json!({"name": "sequential", "trainable": true, "dtype": "float32", "layers": layers,
+               "build_input_shape": batch_shape}),
+    );
+    model["build_config"] = json!({"input_shape": batch_shape});
+    model
+}
+
+/// The weights file: every layer's `layers/<name>/vars` group, each variable a float32 dataset
+/// `<i>` (kernel 0, bias 1), and the top-level `vars` group Keras writes.
+fn weights_h5(config: &ModelConfig, model: &Sequential, params: &[f32]) -> R<Vec<u8>> {
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| format!("a temporary file: {e}"))?;
+    {
+        let h5 = hdf5::File::create(tmp.path()).map_err(|e| format!("model.weights.h5: {e}"))?;
+        let e = |e: hdf5::Error| format!("model.weights.h5: {e}");
+        let layers = h5.create_group("layers").map_err(e)?;
+        let mut dense = model
+            .variables()
+            .chunk_by(|a, b| a.name.rsplit_once('/').map(|x| x.0) == b.name.rsplit_once('/').map(|x| x.0));
+        for (layer, name) in config.layers.iter().zip(layer_names(config)) {
+            let vars = layers.create_group(&name).and_then(|g| g.create_group("vars")).map_err(e)?;
+            if matches!(layer, LayerConfig::Dense(_)) {
+                for (i, v) in dense.next().unwrap_or_default().iter().enumerate() {
+                    let ds =
+                        vars.new_dataset::<f32>().shape(v.shape.clone()).create(i.to_string().as_str()).map_err(e)?;
+                    ds.write_raw(&params[v.range()]).map_err(e)?;
+                }
+            }
+        }
+        h5.create_group("vars").map_err(e)?;
+    }
+    std::fs::read(tmp.path()).map_err(|e| format!("model.weights.h5: {e}"))
 }
 
 #[cfg(test)]

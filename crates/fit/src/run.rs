@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 pub const JOB_FILE: &str = "job.toml";
 /// The weights at the end of training (the best epoch's with restore_best_weights).
 pub const FINAL_WEIGHTS: &str = "final.safetensors";
+/// The same model and weights as a Keras 3 file (`keras.saving.load_model` opens it).
+pub const FINAL_KERAS: &str = "final.keras";
 /// Loss, accuracy and learning-rate curves.
 pub const CURVES: &str = "curves.png";
 

@@ -228,3 +228,13 @@ pub fn predict_file(config: &Path, weights: &Path, input: &Path) -> Result<Array
 pub fn summary(config: &Path) -> Result<String, FitError> {
     Ok(load_job(config, None, None, None)?.model.summary())
 }
+
+/// `coordinator export`: safetensors weights of the job's model as a Keras 3 `.keras` file.
+pub fn export_keras(config: &Path, weights: &Path, to: &Path) -> Result<(), FitError> {
+    let job = load_job(config, None, None, None)?;
+    let params = read_weights(weights, &job.model)?;
+    let bytes = crate::keras_archive::keras_bytes(&job.config.model, &job.model, &params)
+        .map_err(|e| FitError::Config(format!("{}: {e}", to.display())))?;
+    crate::checkpoint::write_atomic(to, &bytes)?;
+    Ok(())
+}

@@ -11,7 +11,7 @@ use crate::logging::NOTE;
 use crate::logs::{EpochLogs, Mean};
 use crate::metrics::Metrics;
 use crate::progress::{Observer, Report};
-use crate::run::{RunDir, CURVES, FINAL_WEIGHTS};
+use crate::run::{RunDir, CURVES, FINAL_KERAS, FINAL_WEIGHTS};
 use crate::step::Stepper;
 use crate::{EngineError, FitError};
 use dtrain_data::{epoch_permutation, Dataset};
@@ -263,7 +263,10 @@ impl Trainer<'_> {
             _ => &state.params,
         };
         let bytes = weights_bytes(&self.job.model, weights);
-        write_atomic(&self.run.file(FINAL_WEIGHTS), &bytes).map_err(FitError::from)
+        write_atomic(&self.run.file(FINAL_WEIGHTS), &bytes)?;
+        let keras = crate::keras_archive::keras_bytes(&self.job.config.model, &self.job.model, weights)
+            .map_err(|e| FitError::Config(format!("{FINAL_KERAS}: {e}")))?;
+        write_atomic(&self.run.file(FINAL_KERAS), &keras).map_err(FitError::from)
     }
 
     /// Carries out what a callback asked for.

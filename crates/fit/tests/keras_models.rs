@@ -115,3 +115,20 @@ fn a_broken_keras_archive_is_refused_in_one_line() {
     let e = dtrain_fit::keras_archive::weights(&fixture("seed_model.keras"), &job.model).unwrap_err();
     assert!(e.contains("layers/dense/vars/0 has shape [784, 64], the model needs [784, 32]"), "{e}");
 }
+
+/// What dtrain writes as a `.keras` file reads back as the same layers and weights (Keras
+/// itself opens it in CI: tests/keras/check_keras_files.py).
+#[test]
+fn a_written_keras_file_reads_back_as_the_same_model_and_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = seed_job();
+    let job = dtrain_fit::Job::build(config.clone(), PathBuf::new()).unwrap();
+    let params = job.model.init_params(5);
+    let bytes = dtrain_fit::keras_archive::keras_bytes(&config.model, &job.model, &params).unwrap();
+    let file = dir.path().join("written.keras");
+    std::fs::write(&file, bytes).unwrap();
+    let text = dtrain_fit::keras_archive::config(&file).unwrap();
+    assert_eq!(dtrain_fit::keras::model_from_json(&text).unwrap(), config.model);
+    let back = dtrain_fit::keras_archive::weights(&file, &job.model).unwrap();
+    assert!(back.iter().zip(&params).all(|(a, b)| a.to_bits() == b.to_bits()) && back.len() == params.len());
+}

@@ -1,0 +1,89 @@
+"""Keras opens the .keras files dtrain writes: a run's final.keras and `coordinator export`'s.
+
+    python tests/keras/check_keras_files.py target/release/coordinator   (keras 3, jax[cpu])
+
+Trains the seed job (examples/fashion_mnist.toml) for one epoch, then loads final.keras with
+keras.saving.load_model and predicts the 10,000 test images: every probability must be within 1e-5 of
+`coordinator predict`'s (Keras on JAX and dtrain on OpenBLAS sum the products of a matrix
+multiplication in different orders; 8.9e-7 measured) and every predicted class the same unless
+its two top probabilities are that close. The weights Keras
+loaded must equal final.safetensors bit for bit, and `coordinator export` of those weights must
+load with the same weights.
+"""
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+JOB = os.path.join(ROOT, "examples", "fashion_mnist.toml")
+DATA = "/usr/share/datasets/fashion-mnist"
+
+
+def idx_images(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    n, rows, cols = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+
+
+def safetensors(path):
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = t["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + a:8 + n + b], dtype="<f4").reshape(t["shape"])
+    return out
+
+
+def main():
+    coordinator = sys.argv[1]
+    images = next(os.path.join(DATA, f) for f in sorted(os.listdir(DATA)) if f.startswith("t10k-images"))
+    with tempfile.TemporaryDirectory() as d:
+        run = os.path.join(d, "run")
+        subprocess.run([coordinator, "train", "--config", JOB, "--run-dir", run, "--epochs", "1", "-q"], check=True)
+        model = keras.saving.load_model(os.path.join(run, "final.keras"))
+        want = safetensors(os.path.join(run, "final.safetensors"))
+        for w in model.weights:
+            name = "/".join(w.path.split("/")[-2:])
+            assert np.array_equal(keras.ops.convert_to_numpy(w), want[name]), f"{name} differs"
+        x = idx_images(images).astype("float32") * np.float32(0.00392156862745098)
+        keras_out = np.asarray(model.predict(x, batch_size=1000, verbose=0))
+        out = subprocess.run([coordinator, "predict", "--config", JOB, "--weights",
+                              os.path.join(run, "final.safetensors"), "--input", images, "--json"],
+                             check=True, capture_output=True, text=True).stdout
+        ours = np.array([r["output"] for r in json.loads(out)["predictions"]], dtype=np.float32)
+        assert ours.shape == keras_out.shape, (ours.shape, keras_out.shape)
+        same = ours.argmax(1) == keras_out.argmax(1)
+        same_class = int(same.sum())
+        rows = np.arange(len(x))
+        tie = np.abs(ours[rows, ours.argmax(1)] - ours[rows, keras_out.argmax(1)]) <= 1e-5
+        diff = float(np.abs(ours - keras_out).max())
+        bits = int((ours.view(np.uint32) == keras_out.view(np.uint32)).sum())
+        print(f"keras check: final.keras loads with the run's weights bit for bit; predictions on {len(x)} "
+              f"images: {same_class} same classes, max |difference| {diff:.2e}, {bits} of {ours.size} outputs "
+              f"bit-identical")
+        assert diff <= 1e-5 and bool(np.all(same | tie)), "Keras's outputs differ from dtrain's"
+        exported = os.path.join(d, "exported.keras")
+        subprocess.run([coordinator, "export", "--config", JOB, "--weights", os.path.join(run, "final.safetensors"),
+                        "--to", exported], check=True, capture_output=True)
+        again = keras.saving.load_model(exported)
+        for a, b in zip(again.weights, model.weights):
+            assert np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+        print("keras check: coordinator export writes a .keras file Keras opens with the same weights")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""dtrain from a notebook: `dtrain.fit(model, x, y, ...)` where you would call `model.fit(x, y, ...)`.
+
+The compiled Keras model is saved as a .keras file, the arrays as .npy files (uint8 stays uint8),
+and a dtrain job names them; the `coordinator` binary trains (in this process's machine, with
+local workers, or with a cluster you run), streaming its progress bar here; the trained weights
+are loaded back into the same model object, and a History like Keras's is returned.
+
+The binaries are found in $DTRAIN_BIN (a directory), on the PATH, or in the repository's
+target/release when this package is used from a checkout (build them with
+`cargo build --release --bins`).
+"""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+__all__ = ["fit", "evaluate", "predict", "History", "DtrainError"]
+
+
+class DtrainError(RuntimeError):
+    """dtrain refused the job or failed; the message is its one-line error."""
+
+
+class History:
+    """What `model.fit` returns: `.history` maps each metric to its per-epoch values, `.epoch`
+    lists the epochs (from 0), `.run_dir` is dtrain's run directory (history.csv, weights,
+    final.keras, curves.png), kept when `run_dir` was given."""
+
+    def __init__(self, history, epoch, run_dir):
+        self.history = history
+        self.epoch = epoch
+        self.run_dir = run_dir
+
+
+def _binary(name):
+    here = os.environ.get("DTRAIN_BIN")
+    if here:
+        return os.path.join(here, name)
+    found = shutil.which(name)
+    if found:
+        return found
+    checkout = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "target", "release", name)
+    if os.path.exists(checkout):
+        return os.path.abspath(checkout)
+    raise DtrainError(f"cannot find the {name} binary: set DTRAIN_BIN, put it on the PATH, or build it "
+                      f"(cargo build --release --bins)")
+
+
+def _npy(directory, name, array):
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        array = array.astype(np.float32) if array.dtype.kind == "f" else array.astype(np.int64)
+    path = os.path.join(directory, name + ".npy")
+    np.save(path, np.ascontiguousarray(array))
+    return path
+
+
+def _toml(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def _callback(cb, checkpoints):
+    """A Keras callback as a dtrain [[callbacks]] table (None: nothing to write)."""
+    import keras
+    cbs = keras.callbacks
+    name = type(cb).__name__
+    if isinstance(cb, cbs.EarlyStopping):
+        args = {"monitor": cb.monitor, "min_delta": abs(float(cb.min_delta)), "patience": int(cb.patience),
+                "restore_best_weights": bool(cb.restore_best_weights), "start_from_epoch": int(cb.start_from_epoch)}
+        if cb.baseline is not None:
+            args["baseline"] = float(cb.baseline)
+        return {"EarlyStopping": args}
+    if isinstance(cb, cbs.ModelCheckpoint):
+        if getattr(cb, "save_freq", "epoch") != "epoch":
+            raise DtrainError(f"ModelCheckpoint(save_freq={cb.save_freq!r}) is not supported by dtrain.fit")
+        inside = f"checkpoint{len(checkpoints)}.safetensors"
+        checkpoints.append((inside, cb.filepath))
+        return {"ModelCheckpoint": {"filepath": inside, "monitor": cb.monitor,
+                                    "save_best_only": bool(cb.save_best_only)}}
+    if isinstance(cb, cbs.ReduceLROnPlateau):
+        return {"ReduceLROnPlateau": {"monitor": cb.monitor, "factor": float(cb.factor), "patience": int(cb.patience),
+                                      "min_delta": float(cb.min_delta), "cooldown": int(cb.cooldown),
+                                      "min_lr": float(cb.min_lr)}}
+    if isinstance(cb, cbs.TerminateOnNaN):
+        return None  # always on
+    raise DtrainError(f"callback {name} is not supported by dtrain.fit "
+                      f"(EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, TerminateOnNaN)")
+
+
+def _run(args, verbose):
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if verbose:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    err = proc.stderr.read()
+    if proc.wait() != 0:
+        last = [l for l in err.splitlines() if l.startswith("error:")]
+        raise DtrainError(last[-1][len("error: "):] if last else err.strip() or "dtrain failed")
+    return "".join(out)
+
+
+def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validation_split=0.0,
+        validation_data=None, shuffle=True, initial_epoch=0, seed=0, shards=None, workers=0, run_dir=None):
+    """Trains `model` (a compiled Keras Sequential) like `model.fit`, with dtrain; the trained
+    weights end up in `model`. Returns a History. `workers`: local worker processes (0: in this
+    machine's process); `shards`: the job's fit.shards (the result depends on it, not on workers);
+    `seed`: dtrain's seed for the epoch order and dropout masks (the initial weights are the model's)."""
+    if getattr(model, "compiled", False) is False:
+        raise DtrainError("compile the model first (dtrain takes the optimizer, loss and metrics from it)")
+    keep = run_dir is not None
+    work = tempfile.mkdtemp(prefix="dtrain-")
+    try:
+        model_file = os.path.join(work, "model.keras")
+        model.save(model_file)
+        data = {"format": "npy", "x": _npy(work, "x", x), "y": _npy(work, "y", y)}
+        if validation_data is not None:
+            if len(validation_data) != 2:
+                raise DtrainError("validation_data must be (x_val, y_val)")
+            data["test_x"] = _npy(work, "x_val", validation_data[0])
+            data["test_y"] = _npy(work, "y_val", validation_data[1])
+            data["validation"] = "test"
+        checkpoints = []
+        tables = [t for t in (_callback(cb, checkpoints) for cb in callbacks or []) if t]
+        fit_args = {"batch_size": int(batch_size), "epochs": int(epochs), "shuffle": bool(shuffle),
+                    "validation_split": float(validation_split), "initial_epoch": int(initial_epoch)}
+        if shards:
+            fit_args["shards"] = int(shards)
+        lines = [f"seed = {int(seed)}", "[data]"] + [f"{k} = {_toml(v)}" for k, v in data.items()]
+        lines += ["[model]", f"keras = {_toml(model_file)}", "[fit]"] + [f"{k} = {_toml(v)}" for k, v in fit_args.items()]
+        for t in tables:
+            lines += ["[[callbacks]]", " = ".join([next(iter(t)), _toml(next(iter(t.values())))])]
+        job = os.path.join(work, "job.toml")
+        with open(job, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        run = os.path.abspath(run_dir) if keep else os.path.join(work, "run")
+        args = [_binary("coordinator"), "train", "--config", job, "--run-dir", run]
+        if workers:
+            args += ["--spawn-workers", str(int(workers))]
+        if not verbose:
+            args += ["-q"]
+        _run(args, verbose)
+        import keras
+        trained = keras.saving.load_model(os.path.join(run, "final.keras"), compile=False)
+        model.set_weights(trained.get_weights())
+        for inside, wanted in checkpoints:
+            source = os.path.join(run, inside)
+            if os.path.exists(source):
+                target = wanted.format(epoch=0) if "{" in wanted else wanted
+                subprocess.run([_binary("coordinator"), "export", "--config", os.path.join(run, "job.toml"),
+                                "--weights", source, "--to", target if target.endswith(".keras") else target + ".keras"],
+                               check=True, capture_output=True)
+        return _history(os.path.join(run, "history.csv"), run if keep else None)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _history(path, run_dir):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    metrics = [k for k in (rows[0].keys() if rows else []) if k != "epoch"]
+    history = {m: [float(r[m]) for r in rows] for m in metrics}
+    return History(history, [int(r["epoch"]) for r in rows], run_dir)
+
+
+def _safetensors(model, path):
+    """The model's weights as dtrain reads them: safetensors, each Dense layer's `<name>/kernel`
+    and `<name>/bias`, names counted per class as Keras and dtrain both count them."""
+    import json
+    import keras
+    header, blobs, offset, dense = {}, [], 0, 0
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.Dense):
+            if layer.weights:
+                raise DtrainError(f"layer {layer.name} ({type(layer).__name__}) is not supported by dtrain")
+            continue
+        name = "dense" if dense == 0 else f"dense_{dense}"
+        dense += 1
+        for suffix, w in zip(("kernel", "bias"), layer.weights):
+            a = np.ascontiguousarray(keras.ops.convert_to_numpy(w), dtype="<f4")
+            header[f"{name}/{suffix}"] = {"dtype": "F32", "shape": list(a.shape),
+                                          "data_offsets": [offset, offset + a.nbytes]}
+            blobs.append(a.tobytes())
+            offset += a.nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+def _job(work, model, x, y):
+    """A job in `work` on the model (as a .keras file) and the arrays; its path."""
+    model_file = os.path.join(work, "model.keras")
+    model.save(model_file)
+    x_file = _npy(work, "x", x)
+    y_file = _npy(work, "y", y)
+    job = os.path.join(work, "job.toml")
+    with open(job, "w") as f:
+        f.write(f'[data]\nformat = "npy"\nx = {_toml(x_file)}\ny = {_toml(y_file)}\n'
+                f'[model]\nkeras = {_toml(model_file)}\n')
+    weights = os.path.join(work, "weights.safetensors")
+    _safetensors(model, weights)
+    return job, weights, x_file
+
+
+def predict(model, x):
+    """`model.predict(x)` computed by dtrain (`coordinator predict`), as a float32 array."""
+    import json
+    work = tempfile.mkdtemp(prefix="dtrain-")
+    try:
+        job, weights, x_file = _job(work, model, x, np.zeros(len(x), dtype=np.int64))
+        out = _run([_binary("coordinator"), "predict", "--config", job, "--weights", weights, "--input", x_file,
+                    "--json"], False)
+        return np.array([r["output"] for r in json.loads(out)["predictions"]], dtype=np.float32)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def evaluate(model, x, y):
+    """`model.evaluate(x, y)` computed by dtrain (`coordinator evaluate`): a dict of the loss
+    (with every regularization term, as Keras reports it) and the compiled metrics."""
+    import json
+    work = tempfile.mkdtemp(prefix="dtrain-")
+    try:
+        job, weights, _ = _job(work, model, x, y)
+        out = _run([_binary("coordinator"), "evaluate", "--config", job, "--weights", weights, "--json"], False)
+        return json.loads(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,91 @@
+"""The Python entry point: `dtrain.fit` where a notebook calls `model.fit`.
+
+    DTRAIN_BIN=target/release python tests/keras/check_python_fit.py   (pip install ./python first)
+
+A small compiled Keras model (Flatten, Dense with L2, Dropout, Dense softmax; Adam) trains for two
+epochs on 2,000 Fashion-MNIST images with validation data and EarlyStopping through dtrain.fit:
+the returned History holds the run's history.csv, the model object ends up with the run's final
+weights bit for bit, dtrain.evaluate and dtrain.predict agree with Keras's own evaluate and predict
+on those weights (to 1e-5: JAX and OpenBLAS sum products in different orders), and an unsupported
+callback is refused by name.
+"""
+import csv
+import gzip
+import json
+import os
+import tempfile
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import dtrain  # noqa: E402
+
+DATA = "/usr/share/datasets/fashion-mnist"
+
+
+def idx(prefix):
+    path = next(os.path.join(DATA, f) for f in sorted(os.listdir(DATA)) if f.startswith(prefix))
+    raw = (gzip.open if path.endswith(".gz") else open)(path, "rb").read()
+    dims = int(raw[3])
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def safetensors(path):
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    return {k: np.frombuffer(raw[8 + n + t["data_offsets"][0]:8 + n + t["data_offsets"][1]], dtype="<f4")
+            .reshape(t["shape"]) for k, t in header.items() if k != "__metadata__"}
+
+
+def main():
+    x = idx("train-images")[:2000].astype("float32") / 255.0
+    y = idx("train-labels")[:2000].astype("int64")
+    xv = idx("t10k-images")[:500].astype("float32") / 255.0
+    yv = idx("t10k-labels")[:500].astype("int64")
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([
+        keras.Input(shape=(28, 28)),
+        keras.layers.Flatten(),
+        keras.layers.Dense(32, activation="relu", kernel_regularizer=keras.regularizers.L2(0.001)),
+        keras.layers.Dropout(0.2),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(0.001), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    with tempfile.TemporaryDirectory() as d:
+        run = os.path.join(d, "run")
+        history = dtrain.fit(model, x, y, batch_size=64, epochs=2, validation_data=(xv, yv),
+                             callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=1)],
+                             run_dir=run, verbose=0)
+        rows = list(csv.DictReader(open(os.path.join(run, "history.csv"))))
+        assert history.epoch == [int(r["epoch"]) for r in rows] == [0, 1], history.epoch
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            assert history.history[metric] == [float(r[metric]) for r in rows], metric
+        final = safetensors(os.path.join(run, "final.safetensors"))
+        for w in model.weights:
+            name = "/".join(w.path.split("/")[-2:])
+            assert np.array_equal(keras.ops.convert_to_numpy(w), final[name]), f"{name} not loaded back"
+        print(f"python check: dtrain.fit trained 2 epochs (val_loss {history.history['val_loss']}), "
+              f"the model holds the run's final weights bit for bit")
+
+    ours = dtrain.evaluate(model, xv, yv)
+    theirs = model.evaluate(xv, yv, verbose=0, return_dict=True)
+    assert abs(ours["loss"] - theirs["loss"]) <= 1e-5 * max(1.0, abs(theirs["loss"])), (ours, theirs)
+    p = dtrain.predict(model, xv[:100])
+    q = np.asarray(model.predict(xv[:100], verbose=0))
+    assert p.shape == q.shape and float(np.abs(p - q).max()) <= 1e-5
+    print(f"python check: dtrain.evaluate loss {ours['loss']:.9f} (Keras {theirs['loss']:.9f}), "
+          f"dtrain.predict within {float(np.abs(p - q).max()):.1e} of Keras's")
+    try:
+        dtrain.fit(model, x, y, callbacks=[keras.callbacks.LambdaCallback()], verbose=0)
+        raise AssertionError("LambdaCallback was accepted")
+    except dtrain.DtrainError as e:
+        assert "LambdaCallback" in str(e), e
+    print("python check: an unsupported callback is refused by name")
+
+
+if __name__ == "__main__":
+    main()

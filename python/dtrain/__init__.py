@@ -85,7 +85,8 @@ def _callback(cb, checkpoints):
     if isinstance(cb, cbs.ModelCheckpoint):
         if getattr(cb, "save_freq", "epoch") != "epoch":
             raise DtrainError(f"ModelCheckpoint(save_freq={cb.save_freq!r}) is not supported by dtrain.fit")
-        inside = f"checkpoint{len(checkpoints)}.safetensors"
+        ext = ".weights.h5" if cb.filepath.endswith(".weights.h5") else ".keras"
+        inside = f"checkpoint{len(checkpoints)}{ext}"
         checkpoints.append((inside, cb.filepath))
         return {"ModelCheckpoint": {"filepath": inside, "monitor": cb.monitor,
                                     "save_best_only": bool(cb.save_best_only)}}
@@ -158,12 +159,9 @@ def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validat
         trained = keras.saving.load_model(os.path.join(run, "final.keras"), compile=False)
         model.set_weights(trained.get_weights())
         for inside, wanted in checkpoints:
-            source = os.path.join(run, inside)
-            if os.path.exists(source):
-                target = wanted.format(epoch=0) if "{" in wanted else wanted
-                subprocess.run([_binary("coordinator"), "export", "--config", os.path.join(run, "job.toml"),
-                                "--weights", source, "--to", target if target.endswith(".keras") else target + ".keras"],
-                               check=True, capture_output=True)
+            # dtrain writes the checkpoint in the run directory, in the format its name asks for.
+            if os.path.exists(os.path.join(run, inside)):
+                shutil.copyfile(os.path.join(run, inside), wanted)
         return _history(os.path.join(run, "history.csv"), run if keep else None)
     finally:
         if not keep:

@@ -7,8 +7,10 @@ keras.saving.load_model and predicts the 10,000 test images: every probability m
 `coordinator predict`'s (Keras on JAX and dtrain on OpenBLAS sum the products of a matrix
 multiplication in different orders; 8.9e-7 measured) and every predicted class the same unless
 its two top probabilities are that close. The weights Keras
-loaded must equal final.safetensors bit for bit, and `coordinator export` of those weights must
-load with the same weights.
+loaded must equal final.safetensors bit for bit, the model comes compiled as the job compiles it
+(its evaluate() within 1e-5 of `coordinator evaluate`), and `coordinator export` of those weights
+must load with the same weights. A ModelCheckpoint whose filepath ends in .keras or .weights.h5
+writes that format, which load_model and load_weights open with the weights of best.safetensors.
 """
 import gzip
 import json
@@ -34,6 +36,13 @@ def idx_images(path):
     return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
 
 
+def idx_labels(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    return np.frombuffer(raw, dtype=np.uint8, offset=8).astype("int64")
+
+
 def safetensors(path):
     with open(path, "rb") as f:
         raw = f.read()
@@ -53,7 +62,15 @@ def main():
     images = next(os.path.join(DATA, f) for f in sorted(os.listdir(DATA)) if f.startswith("t10k-images"))
     with tempfile.TemporaryDirectory() as d:
         run = os.path.join(d, "run")
-        subprocess.run([coordinator, "train", "--config", JOB, "--run-dir", run, "--epochs", "1", "-q"], check=True)
+        # The seed job, with its checkpoint also written as .keras and as .weights.h5.
+        job = os.path.join(d, "job.toml")
+        text = open(JOB).read()
+        checkpoint = 'ModelCheckpoint = { filepath = "best.safetensors", monitor = "val_loss", save_best_only = true }'
+        assert checkpoint in text
+        for name in ("best.keras", "best.weights.h5"):
+            text += "\n[[callbacks]]\n" + checkpoint.replace("best.safetensors", name) + "\n"
+        open(job, "w").write(text)
+        subprocess.run([coordinator, "train", "--config", job, "--run-dir", run, "--epochs", "1", "-q"], check=True)
         model = keras.saving.load_model(os.path.join(run, "final.keras"))
         want = safetensors(os.path.join(run, "final.safetensors"))
         for w in model.weights:
@@ -76,6 +93,24 @@ def main():
               f"images: {same_class} same classes, max |difference| {diff:.2e}, {bits} of {ours.size} outputs "
               f"bit-identical")
         assert diff <= 1e-5 and bool(np.all(same | tie)), "Keras's outputs differ from dtrain's"
+        # Compiled as the job compiles it: Keras's evaluate on the test set against dtrain's.
+        y = idx_labels(next(os.path.join(DATA, f) for f in sorted(os.listdir(DATA)) if f.startswith("t10k-labels")))
+        theirs = model.evaluate(x, y, batch_size=1000, verbose=0, return_dict=True)
+        ours = json.loads(subprocess.run([coordinator, "evaluate", "--config", JOB, "--weights",
+                                          os.path.join(run, "final.safetensors"), "--json"],
+                                         check=True, capture_output=True, text=True).stdout)
+        print(f"keras check: final.keras comes compiled; Keras's evaluate loss {theirs['loss']:.9f}, "
+              f"dtrain's {ours['loss']:.9f}")
+        assert abs(theirs["loss"] - ours["loss"]) <= 1e-5
+        best = safetensors(os.path.join(run, "best.safetensors"))
+        ckpt = keras.saving.load_model(os.path.join(run, "best.keras"))
+        rebuilt = keras.saving.load_model(os.path.join(run, "final.keras"))
+        rebuilt.load_weights(os.path.join(run, "best.weights.h5"))
+        for m in (ckpt, rebuilt):
+            for w in m.weights:
+                name = "/".join(w.path.split("/")[-2:])
+                assert np.array_equal(keras.ops.convert_to_numpy(w), best[name]), f"checkpoint {name} differs"
+        print("keras check: ModelCheckpoint's best.keras and best.weights.h5 hold best.safetensors' weights")
         exported = os.path.join(d, "exported.keras")
         subprocess.run([coordinator, "export", "--config", JOB, "--weights", os.path.join(run, "final.safetensors"),
                         "--to", exported], check=True, capture_output=True)

@@ -7,7 +7,7 @@ epochs on 2,000 Fashion-MNIST images with validation data and EarlyStopping thro
 the returned History holds the run's history.csv, the model object ends up with the run's final
 weights bit for bit, dtrain.evaluate and dtrain.predict agree with Keras's own evaluate and predict
 on those weights (to 1e-5: JAX and OpenBLAS sum products in different orders), and an unsupported
-callback is refused by name.
+callback is refused by name; ModelCheckpoint's file opens in Keras.
 """
 import csv
 import gzip
@@ -58,7 +58,9 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         run = os.path.join(d, "run")
         history = dtrain.fit(model, x, y, batch_size=64, epochs=2, validation_data=(xv, yv),
-                             callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=1)],
+                             callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=1),
+                                        keras.callbacks.ModelCheckpoint(os.path.join(d, "best.keras"),
+                                                                        save_best_only=True)],
                              run_dir=run, verbose=0)
         rows = list(csv.DictReader(open(os.path.join(run, "history.csv"))))
         assert history.epoch == [int(r["epoch"]) for r in rows] == [0, 1], history.epoch
@@ -68,6 +70,8 @@ def main():
         for w in model.weights:
             name = "/".join(w.path.split("/")[-2:])
             assert np.array_equal(keras.ops.convert_to_numpy(w), final[name]), f"{name} not loaded back"
+        best = keras.saving.load_model(os.path.join(d, "best.keras"))
+        assert len(best.weights) == len(model.weights), "ModelCheckpoint's .keras file"
         print(f"python check: dtrain.fit trained 2 epochs (val_loss {history.history['val_loss']}), "
               f"the model holds the run's final weights bit for bit")
 

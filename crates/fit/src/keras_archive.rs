@@ -5,8 +5,8 @@
 //! weights. HDF5 is read with libhdf5 (the `hdf5` binding); every size is checked before use.
 
 use crate::config::{
-    ConstraintConfig, ConstraintSpec, InitializerConfig, InitializerSpec, LayerConfig, LearningRateConfig, ModelConfig,
-    RegularizerConfig,
+    CompileConfig, ConstraintConfig, ConstraintSpec, InitializerConfig, InitializerSpec, JobConfig, LayerConfig,
+    LearningRateConfig, ModelConfig, RegularizerConfig,
 };
 use dtrain_nn::Sequential;
 use serde_json::json;
@@ -174,13 +174,15 @@ pub fn weights(path: &Path, model: &Sequential) -> R<Vec<f32>> {
     Ok(params)
 }
 
-/// `model` with weights `params` as a `.keras` file's bytes, which `keras.saving.load_model`
-/// opens (uncompiled): `config.json` from the job's layers, `model.weights.h5` in Keras's
-/// layout (`layers/<name>/vars/<i>`, names counted per layer class as Keras counts them), and
-/// `metadata.json`.
-pub fn keras_bytes(config: &ModelConfig, model: &Sequential, params: &[f32]) -> R<Vec<u8>> {
-    let config_json = serde_json::to_string(&model_json(config)).map_err(|e| e.to_string())?;
-    let h5 = weights_h5(config, model, params)?;
+/// The job's model with weights `params` as a `.keras` file's bytes, which
+/// `keras.saving.load_model` opens, compiled as the job compiles it: `config.json` from the
+/// job's layers and `[compile]`, `model.weights.h5` in Keras's layout (`layers/<name>/vars/<i>`,
+/// names counted per layer class as Keras counts them), and `metadata.json`.
+pub fn keras_bytes(job: &JobConfig, model: &Sequential, params: &[f32]) -> R<Vec<u8>> {
+    let mut json = model_json(&job.model);
+    json["compile_config"] = compile_json(&job.compile)?;
+    let config_json = serde_json::to_string(&json).map_err(|e| e.to_string())?;
+    let h5 = weights_h5_bytes(&job.model, model, params)?;
     let metadata = json!({"keras_version": "3.15.1", "date_saved": "dtrain"}).to_string();
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
@@ -336,9 +338,35 @@ fn model_json(config: &ModelConfig) -> Value {
     model
 }
 
+/// A serialized object from a job-file table `{ Class = { args } }` (as serde writes it).
+fn from_table(module: &str, table: Value) -> R<Value> {
+    let Value::Object(map) = table else { return Ok(table) };
+    let (class, config) = map.into_iter().next().ok_or("an empty table")?;
+    Ok(object(module, &class, config))
+}
+
+/// The job's `[compile]` as Keras's `compile_config` (what `compile_keys` reads back).
+fn compile_json(c: &CompileConfig) -> R<Value> {
+    let optimizer = match serde_json::to_value(&c.optimizer).map_err(|e| e.to_string())? {
+        Value::Object(spec) => {
+            let (class, args) = spec.into_iter().next().ok_or("an empty optimizer")?;
+            let mut args = args.as_object().cloned().unwrap_or_default();
+            if let Some(lr) = args.get_mut("learning_rate").filter(|lr| lr.is_object()) {
+                *lr = from_table("keras.optimizers.schedules", lr.take())?;
+            }
+            object("keras.optimizers", &class, Value::Object(args))
+        }
+        name => name,
+    };
+    let loss = from_table("keras.losses", serde_json::to_value(&c.loss).map_err(|e| e.to_string())?)?;
+    Ok(json!({"optimizer": optimizer, "loss": loss, "metrics": c.metrics, "loss_weights": null,
+              "weighted_metrics": null, "run_eagerly": false, "steps_per_execution": 1, "jit_compile": true}))
+}
+
 /// The weights file: every layer's `layers/<name>/vars` group, each variable a float32 dataset
-/// `<i>` (kernel 0, bias 1), and the top-level `vars` group Keras writes.
-fn weights_h5(config: &ModelConfig, model: &Sequential, params: &[f32]) -> R<Vec<u8>> {
+/// `<i>` (kernel 0, bias 1), and the top-level `vars` group Keras writes (what
+/// `model.load_weights` reads from a `.weights.h5` file).
+pub fn weights_h5_bytes(config: &ModelConfig, model: &Sequential, params: &[f32]) -> R<Vec<u8>> {
     let tmp = tempfile::NamedTempFile::new().map_err(|e| format!("a temporary file: {e}"))?;
     {
         let h5 = hdf5::File::create(tmp.path()).map_err(|e| format!("model.weights.h5: {e}"))?;

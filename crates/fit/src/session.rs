@@ -233,7 +233,7 @@ pub fn summary(config: &Path) -> Result<String, FitError> {
 pub fn export_keras(config: &Path, weights: &Path, to: &Path) -> Result<(), FitError> {
     let job = load_job(config, None, None, None)?;
     let params = read_weights(weights, &job.model)?;
-    let bytes = crate::keras_archive::keras_bytes(&job.config.model, &job.model, &params)
+    let bytes = crate::keras_archive::keras_bytes(&job.config, &job.model, &params)
         .map_err(|e| FitError::Config(format!("{}: {e}", to.display())))?;
     crate::checkpoint::write_atomic(to, &bytes)?;
     Ok(())

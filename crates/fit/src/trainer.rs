@@ -264,9 +264,23 @@ impl Trainer<'_> {
         };
         let bytes = weights_bytes(&self.job.model, weights);
         write_atomic(&self.run.file(FINAL_WEIGHTS), &bytes)?;
-        let keras = crate::keras_archive::keras_bytes(&self.job.config.model, &self.job.model, weights)
+        let keras = crate::keras_archive::keras_bytes(&self.job.config, &self.job.model, weights)
             .map_err(|e| FitError::Config(format!("{FINAL_KERAS}: {e}")))?;
         write_atomic(&self.run.file(FINAL_KERAS), &keras).map_err(FitError::from)
+    }
+
+    /// Weights as the file `name` wants them: a Keras `.keras` file or `.weights.h5`, else
+    /// safetensors.
+    fn weights_as(&self, name: &str, params: &[f32]) -> Result<Vec<u8>, FitError> {
+        let (job, model) = (&self.job.config, &self.job.model);
+        let bytes = if name.ends_with(".keras") {
+            crate::keras_archive::keras_bytes(job, model, params)
+        } else if name.ends_with(".weights.h5") {
+            crate::keras_archive::weights_h5_bytes(&job.model, model, params)
+        } else {
+            return Ok(weights_bytes(model, params));
+        };
+        bytes.map_err(|e| FitError::Config(format!("{name}: {e}")))
     }
 
     /// Carries out what a callback asked for.
@@ -277,7 +291,7 @@ impl Trainer<'_> {
                 Action::Stop => state.stopped_early = true,
                 Action::SetLearningRate(lr) => state.optimizer.set_learning_rate(lr),
                 Action::SaveWeights(name) => {
-                    let bytes = weights_bytes(&self.job.model, &state.params);
+                    let bytes = self.weights_as(&name, &state.params)?;
                     write_atomic(&self.run.file(&name), &bytes)?;
                     if !self.written.contains(&name) {
                         self.written.push(name);

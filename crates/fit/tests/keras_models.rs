@@ -124,11 +124,15 @@ fn a_written_keras_file_reads_back_as_the_same_model_and_weights() {
     let config = seed_job();
     let job = dtrain_fit::Job::build(config.clone(), PathBuf::new()).unwrap();
     let params = job.model.init_params(5);
-    let bytes = dtrain_fit::keras_archive::keras_bytes(&config.model, &job.model, &params).unwrap();
+    let bytes = dtrain_fit::keras_archive::keras_bytes(&config, &job.model, &params).unwrap();
     let file = dir.path().join("written.keras");
     std::fs::write(&file, bytes).unwrap();
     let text = dtrain_fit::keras_archive::config(&file).unwrap();
     assert_eq!(dtrain_fit::keras::model_from_json(&text).unwrap(), config.model);
+    // The compile settings too: read back as the job's [compile].
+    let keys = dtrain_fit::keras_archive::compile_keys(&text).unwrap();
+    let compile: dtrain_fit::config::CompileConfig = serde_json::from_value(serde_json::Value::Object(keys)).unwrap();
+    assert_eq!(compile, config.compile);
     let back = dtrain_fit::keras_archive::weights(&file, &job.model).unwrap();
     assert!(back.iter().zip(&params).all(|(a, b)| a.to_bits() == b.to_bits()) && back.len() == params.len());
 }

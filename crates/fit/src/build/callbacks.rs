@@ -25,17 +25,17 @@ fn monitor(key: &str, m: &str) -> R<Monitor> {
 /// one of the run's own files (overwriting `state.json` or `job.toml` would break `--resume`).
 pub(crate) fn run_file_name(key: &str, name: &str) -> R<()> {
     use crate::checkpoint::STATE_FILE;
-    use crate::run::{CURVES, FINAL_WEIGHTS, JOB_FILE};
+    use crate::run::{CURVES, FINAL_KERAS, FINAL_WEIGHTS, JOB_FILE};
     if name.is_empty() || Path::new(name).is_absolute() || name.contains("..") || name.contains(['/', '\\']) {
         return Err(format!("{key}: {name:?} must be a file name inside the run directory (no directories)"));
     }
-    if [JOB_FILE, STATE_FILE, FINAL_WEIGHTS, CURVES].contains(&name)
+    if [JOB_FILE, STATE_FILE, FINAL_WEIGHTS, FINAL_KERAS, CURVES].contains(&name)
         || name.starts_with("state-")
         || name.starts_with('.')
     {
         return Err(format!(
             "{key}: {name:?} is a name the run uses for its own files ({JOB_FILE}, {STATE_FILE}, state-*, \
-             {FINAL_WEIGHTS}, {CURVES}, hidden temporary files); choose another"
+             {FINAL_WEIGHTS}, {FINAL_KERAS}, {CURVES}, hidden temporary files); choose another"
         ));
     }
     Ok(())

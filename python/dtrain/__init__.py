@@ -116,11 +116,16 @@ def _run(args, verbose):
 
 
 def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validation_split=0.0,
-        validation_data=None, shuffle=True, initial_epoch=0, seed=0, shards=None, workers=0, run_dir=None):
+        validation_data=None, shuffle=True, initial_epoch=0, seed=0, shards=None, workers=0, coordinator=None,
+        min_workers=1, token_file=None, run_dir=None):
     """Trains `model` (a compiled Keras Sequential) like `model.fit`, with dtrain; the trained
-    weights end up in `model`. Returns a History. `workers`: local worker processes (0: in this
-    machine's process); `shards`: the job's fit.shards (the result depends on it, not on workers);
-    `seed`: dtrain's seed for the epoch order and dropout masks (the initial weights are the model's)."""
+    weights end up in `model`. Returns a History. `workers`: local worker processes (0 and no
+    `coordinator`: in this process's machine, in one process); `coordinator`: the address this
+    machine's coordinator listens on for workers on other machines (e.g. "0.0.0.0:50051"; they
+    run `worker --coordinator http://this-host:50051` with the job token from `token_file`), and
+    training waits for `min_workers` of them; `shards`: the job's fit.shards (the result depends on
+    it, not on the workers); `seed`: dtrain's seed for the epoch order and dropout masks (the
+    initial weights are the model's)."""
     if getattr(model, "compiled", False) is False:
         raise DtrainError("compile the model first (dtrain takes the optimizer, loss and metrics from it)")
     keep = run_dir is not None
@@ -152,6 +157,10 @@ def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validat
         args = [_binary("coordinator"), "train", "--config", job, "--run-dir", run]
         if workers:
             args += ["--spawn-workers", str(int(workers))]
+        if coordinator:
+            if not token_file:
+                raise DtrainError("coordinator= needs token_file= (the job token workers present)")
+            args += ["--listen", str(coordinator), "--min-workers", str(int(min_workers)), "--token-file", token_file]
         if not verbose:
             args += ["-q"]
         _run(args, verbose)

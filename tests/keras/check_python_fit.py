@@ -81,8 +81,29 @@ def main():
     p = dtrain.predict(model, xv[:100])
     q = np.asarray(model.predict(xv[:100], verbose=0))
     assert p.shape == q.shape and float(np.abs(p - q).max()) <= 1e-5
-    print(f"python check: dtrain.evaluate loss {ours['loss']:.9f} (Keras {theirs['loss']:.9f}), "
+    exact = "bit for bit" if np.float32(ours["loss"]) == np.float32(theirs["loss"]) else "not bit for bit"
+    print(f"python check: dtrain.evaluate loss {ours['loss']!r} (Keras {theirs['loss']!r}, {exact} in float32), "
           f"dtrain.predict within {float(np.abs(p - q).max()):.1e} of Keras's")
+    # With a coordinator other machines' workers join (here one local worker dials it).
+    import socket
+    import subprocess
+    import threading
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as d:
+        token = os.path.join(d, "token")
+        open(token, "w").write("python-check-token-0123456789")
+        env = dict(os.environ, DTRAIN_TOKEN_FILE=token)
+        worker = [os.path.join(os.environ["DTRAIN_BIN"], "worker"), "--coordinator", f"http://127.0.0.1:{port}",
+                  "--retry-for", "60"]
+        joined = threading.Thread(target=lambda: subprocess.run(worker, env=env, capture_output=True, timeout=120))
+        joined.start()
+        h = dtrain.fit(model, x, y, batch_size=64, epochs=1, coordinator=f"127.0.0.1:{port}", token_file=token,
+                       verbose=0)
+        joined.join(timeout=30)
+        assert len(h.epoch) == 1
+    print("python check: with coordinator=, a worker that dials it trains the model")
     try:
         dtrain.fit(model, x, y, callbacks=[keras.callbacks.LambdaCallback()], verbose=0)
         raise AssertionError("LambdaCallback was accepted")

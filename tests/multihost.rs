@@ -95,6 +95,60 @@ fn three_hosts_on_the_chain_train_to_the_in_process_weights() {
     assert!(same, "the weights over the chain equal the in-process run's");
 }
 
+/// A worker on the coordinator's host (shared memory) beside two chain members on other hosts:
+/// it computes the last shards, whose gradients the coordinator adds to the chain's sum in shard
+/// order; every step goes over the chain and the weights equal an in-process run's.
+#[test]
+fn a_worker_on_the_coordinators_host_adds_its_shards_to_the_chains_sum() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "shards = 4");
+    let local = dir.path().join("local");
+    let o = run(&["train", "--config", job.to_str().unwrap(), "--run-dir", local.to_str().unwrap(), "-q", "--local"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bed = Testbed::up(3, Some("1gbit"));
+    let mut cmd = bed.command(0, env!("CARGO_BIN_EXE_coordinator"));
+    let rd = dir.path().join("run");
+    cmd.args(["train", "--config", job.to_str().unwrap(), "--run-dir", rd.to_str().unwrap()]);
+    cmd.args(["--listen", "0.0.0.0:50051", "--min-workers", "3", "--log-format", "json", "--topology", "chain"]);
+    cmd.env("DTRAIN_TOKEN", TOKEN);
+    let mut c = Proc::start(cmd);
+    c.wait_for("listening on 0.0.0.0:50051", 30);
+    let mut workers = vec![];
+    for (i, url) in [
+        (0, "http://127.0.0.1:50051".to_string()),
+        (1, format!("http://{}:50051", Testbed::addr(0))),
+        (2, format!("http://{}:50051", Testbed::addr(0))),
+    ] {
+        let mut w = bed.command(i, env!("CARGO_BIN_EXE_worker"));
+        w.args(["--coordinator", &url, "--retry-for", "30", "--name", &format!("host-{i}")]);
+        if i > 0 {
+            w.args(["--peer-listen", &format!("{}:50052", Testbed::addr(i))]);
+        }
+        w.env("DTRAIN_TOKEN", TOKEN);
+        workers.push(Proc::start(w));
+    }
+    let (ok, out) = c.finish(120);
+    assert!(ok, "{out}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("cluster: 3 worker(s) alive")).collect();
+    assert!(!lines.is_empty(), "{out}");
+    for line in lines {
+        assert!(line.contains("(1 on shared memory)"), "{line}");
+        assert!(
+            ["host-0", "host-1", "host-2"].iter().all(|h| line.contains(&format!("{h} (worker"))),
+            "all computed: {line}"
+        );
+        let steps = line.split("topology chain on ").nth(1).unwrap_or_default();
+        let (on, rest) = steps.split_once(" of ").unwrap_or_default();
+        assert!(
+            !on.is_empty() && rest.starts_with(&format!("{on} step(s), 0 fell back")),
+            "every step chained: {line}"
+        );
+    }
+    let read = |d: &std::path::Path| std::fs::read(d.join("final.safetensors")).unwrap();
+    assert!(read(&rd) == read(&local), "a local worker beside the chain changed the weights");
+    drop(workers);
+}
+
 /// A worker host cut off mid-run (its link down, no FIN or RST reaches anyone): the coordinator
 /// notices within seconds from the unanswered keepalive pings (not after the 30 s step
 /// deadline), its shards go to the other worker, and once the link is back the worker joins

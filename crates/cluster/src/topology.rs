@@ -73,11 +73,15 @@ pub struct Link {
     pub shards: Vec<ShardIndex>,
 }
 
-/// A step's chain: members in shard order; together they hold every shard.
+/// A step's chain: members in shard order, then the workers on the coordinator's shared
+/// memory with the last shards (their results are added to the chain's sum in shard order,
+/// without touching the network); together they hold every shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainPlan {
     /// First to last.
     pub members: Vec<Link>,
+    /// Workers on shared memory and their shards (after every member's).
+    pub local: Vec<(WorkerId, Vec<ShardIndex>)>,
 }
 
 impl ChainPlan {
@@ -89,6 +93,11 @@ impl ChainPlan {
     /// Whether `id` is a member.
     pub fn has(&self, id: WorkerId) -> bool {
         self.members.iter().any(|m| m.id == id)
+    }
+
+    /// The worker on shared memory that computes shard `k`.
+    pub fn local_owner(&self, k: ShardIndex) -> Option<WorkerId> {
+        self.local.iter().find(|(_, ks)| ks.contains(&k)).map(|&(w, _)| w)
     }
 
     /// The member that sends the sum to the coordinator.
@@ -130,8 +139,9 @@ impl fmt::Display for StarBecause {
 }
 
 /// The step's chain: the workers that can take part (a peer address, no shared memory, not
-/// `excluded` after a broken link), in joining order, each with a contiguous group of the
-/// `shards` as even as can be; or why the step goes over the star.
+/// `excluded` after a broken link), in joining order, then the workers on shared memory, each
+/// with a contiguous group of the `shards` as even as can be; or why the step goes over the
+/// star. (Other workers stand by: their tensors would cross the coordinator's link.)
 pub fn plan(
     topology: Topology,
     candidates: &[Candidate],
@@ -143,15 +153,17 @@ pub fn plan(
     }
     let able: Vec<&Candidate> =
         candidates.iter().filter(|c| c.peer.is_some() && !c.shared_memory && !excluded.contains(&c.id)).collect();
-    let ids: Vec<WorkerId> = able.iter().map(|c| c.id).collect();
+    let local: Vec<WorkerId> = candidates.iter().filter(|c| c.shared_memory).map(|c| c.id).collect();
+    let ids: Vec<WorkerId> = able.iter().map(|c| c.id).chain(local.iter().copied()).collect();
     let todo: Vec<ShardIndex> = (0..shards).map(ShardIndex).collect();
     let (groups, _) = assign(&todo, &ids, |_, _| true);
+    let (local, groups): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(id, _)| local.contains(id));
     if groups.len() < 2 {
         return Err(StarBecause::TooFew(groups.len().min(able.len())));
     }
     let peer = |id: WorkerId| able.iter().find(|c| c.id == id).and_then(|c| c.peer.clone()).unwrap_or_default();
     let members = groups.into_iter().map(|(id, shards)| Link { id, peer: peer(id), shards }).collect();
-    Ok(ChainPlan { members })
+    Ok(ChainPlan { members, local })
 }
 
 #[cfg(test)]
@@ -171,9 +183,12 @@ mod tests {
         let p = plan(Topology::Auto, &all, &none, 4).unwrap();
         let got: Vec<(u32, Vec<usize>)> =
             p.members.iter().map(|m| (m.id.0, m.shards.iter().map(|k| k.0).collect())).collect();
-        assert_eq!(got, [(2, vec![0, 1]), (3, vec![2]), (5, vec![3])]);
-        assert_eq!(p.owner(ShardIndex(1)), Some(WorkerId(2)));
-        assert_eq!(p.owner(ShardIndex(3)), Some(WorkerId(5)));
+        assert_eq!(got, [(2, vec![0]), (3, vec![1]), (5, vec![2])]);
+        // The worker on shared memory takes the last shard; the hidden one stands by.
+        assert_eq!(p.local, [(WorkerId(1), vec![ShardIndex(3)])]);
+        assert_eq!(p.local_owner(ShardIndex(3)), Some(WorkerId(1)));
+        assert_eq!(p.owner(ShardIndex(1)), Some(WorkerId(3)));
+        assert_eq!(p.owner(ShardIndex(3)), None);
         assert_eq!(p.last(), WorkerId(5));
         assert!(p.has(WorkerId(3)) && !p.has(WorkerId(1)));
         // Fewer shards than members: only members with shards.

@@ -4,7 +4,7 @@
 //! something malformed, or the sum is late or not finite) and the step is computed over the
 //! star instead, with the same bits; a member a broken link blames leaves the chain.
 
-use super::{ClusterEngine, Outgoing, StepInputs};
+use super::{ClusterEngine, Outgoing, Received, StepInputs};
 use crate::digest::digest;
 use crate::hub::Event;
 use crate::ids::{ShardIndex, WorkerId};
@@ -12,8 +12,10 @@ use crate::round::Refusal;
 use crate::topology::{plan, ChainPlan, StarBecause, CHUNK_VALUES};
 use crate::verify::{judge_chain, ChainVerdict};
 use dtrain_fit::EngineError;
+use dtrain_nn::simd::Part;
 use dtrain_nn::ShardStats;
 use dtrain_proto::{copy_f32s, ChainRole, Chunk, ChunkStream, Tensor, ToWorker, Work};
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,9 @@ use std::time::{Duration, Instant};
 /// member's digests (received, sent) as they should be.
 struct Truth {
     sum: Vec<f32>,
+    /// The sum of the chain's shards alone, and each local shard's gradient.
+    chain_sum: Vec<f32>,
+    local: BTreeMap<ShardIndex, Vec<f32>>,
     stats: Vec<ShardStats>,
     digests: Vec<(u64, u64)>,
 }
@@ -129,6 +134,8 @@ impl ClusterEngine<'_> {
         let patience = self.policy.chain.deadline(self.policy.step_timeout);
         let deadline = sent_all + patience;
         let mut stats: Vec<Option<ShardStats>> = vec![None; shards.len()];
+        // Results of the workers on shared memory, by shard.
+        let mut local: BTreeMap<ShardIndex, Received> = BTreeMap::new();
         let mut summed = 0;
         let accounted = |d: &[Option<(u64, u64)>]| !audited || d.iter().all(Option::is_some);
         while summed < n || stats.iter().any(Option::is_none) || !accounted(&digests) {
@@ -141,6 +148,25 @@ impl ClusterEngine<'_> {
                 }
             };
             let why = match event {
+                Event::Result { id, result, size }
+                    if plan.local_owner(ShardIndex(result.index as usize)) == Some(id) =>
+                {
+                    let k = ShardIndex(result.index as usize);
+                    if result.step != step {
+                        continue;
+                    }
+                    self.telemetry.epoch.bytes_in += size as u64;
+                    self.telemetry.epoch.round_trip(id, sent_all.elapsed(), result.compute_micros);
+                    let rows = shards.get(k.0).map_or(0, |r| r.len() as u64);
+                    match self.receive(id, &result, rows, n) {
+                        Ok(r) => {
+                            stats[k.0] = Some(r.stats);
+                            local.insert(k, r);
+                            continue;
+                        }
+                        Err(e) => format!("{} sent a bad result for shard {k}: {e}", self.net.hub.name(id)),
+                    }
+                }
                 Event::Result { id, result, size } => {
                     let k = ShardIndex(result.index as usize);
                     if result.step != step || plan.owner(k) != Some(id) {
@@ -200,19 +226,34 @@ impl ClusterEngine<'_> {
                     }
                     continue;
                 }
-                Event::Left { id } if plan.has(id) => format!("{} left", self.net.hub.name(id)),
+                Event::Left { id } if plan.has(id) || plan.local.iter().any(|(w, _)| *w == id) => {
+                    format!("{} left", self.net.hub.name(id))
+                }
                 Event::Left { .. } => continue,
             };
             return Ok(self.fall_back(step, &why));
         }
         let mut stats: Vec<ShardStats> = stats.into_iter().map(Option::unwrap_or_default).collect();
-        match truth {
-            Some(truth) => self.settle_audit(plan, truth, &digests, grad, &mut stats),
+        // `grad` holds the chain's sum; the local shards come after it in shard order.
+        let settled = match truth {
+            Some(truth) => self.settle_audit(plan, truth, &digests, grad, &mut local, &mut stats),
             None => {
-                let parties: Vec<_> = members.iter().filter_map(|&w| self.net.hub.party(w)).collect();
+                let workers = members.iter().copied().chain(plan.local.iter().map(|&(w, _)| w));
+                let parties: Vec<_> = workers.filter_map(|w| self.net.hub.party(w)).collect();
                 self.policy.audit.record(step, &[], &parties);
+                false
             }
+        };
+        if !settled && !local.is_empty() {
+            let mut chain_sum = self.buffers.take(n);
+            chain_sum.copy_from_slice(grad);
+            let parts: Vec<Part<'_>> = std::iter::once(Part::Own(&chain_sum[..]))
+                .chain(local.iter().map(|(&k, r)| super::part(&r.landed, k)))
+                .collect();
+            dtrain_nn::simd::sum_into(grad, &parts);
+            self.buffers.free.push(chain_sum);
         }
+        self.recycle_local(local);
         let sums_finite = stats.iter().all(|s| s.loss_sum.is_finite() && s.activity.is_finite());
         if !sums_finite || !dtrain_nn::simd::all_finite(grad) {
             // A diverging model, or a member that sent values that are not: over the star,
@@ -248,39 +289,77 @@ impl ClusterEngine<'_> {
             }
             digests.push((received, digest(key, &sum)));
         }
+        let chain_sum = sum.clone();
+        let mut local = BTreeMap::new();
+        for &k in plan.local.iter().flat_map(|(_, ks)| ks) {
+            stats[k.0] = self.compute_here(inputs, k, &mut g);
+            sum.iter_mut().zip(&g).for_each(|(s, x)| *s += x);
+            local.insert(k, g.clone());
+        }
         self.buffers.free.push(g);
         self.telemetry.epoch.verification.refereed += inputs.shards.len() as u64;
-        Truth { sum, stats, digests }
+        Truth { sum, chain_sum, local, stats, digests }
     }
 
-    /// An audited step: the chain's sum and sums against the recomputation. Equal, every
-    /// member is confirmed; else the recomputation stands, and the judged member is evicted
-    /// (its unchecked results undone) or, in a dispute, both ends leave the chain.
+    /// Returns the local results' buffers for reuse.
+    fn recycle_local(&mut self, local: BTreeMap<ShardIndex, Received>) {
+        for r in local.into_values() {
+            if let super::Landed::Copied(v) = r.landed {
+                self.buffers.free.push(v);
+            }
+        }
+    }
+
+    /// An audited step: the chain's sum (in `grad`), the local results and every shard's sums
+    /// against the recomputation. Equal, every worker is confirmed (false: the sum is still to
+    /// be completed with the local results); else the whole recomputed sum stands in `grad`
+    /// (true), and the judged member or local worker is evicted (its unchecked results undone)
+    /// or, in a dispute, both ends leave the chain.
     fn settle_audit(
         &mut self,
         plan: &ChainPlan,
         truth: Truth,
         reported: &[Option<(u64, u64)>],
         grad: &mut [f32],
+        local: &mut BTreeMap<ShardIndex, Received>,
         stats: &mut [ShardStats],
-    ) {
+    ) -> bool {
         let step = self.policy.last_step.unwrap_or_default();
         let members: Vec<WorkerId> = plan.members.iter().map(|m| m.id).collect();
-        let bits = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-        let wrong_sums: Vec<WorkerId> = (0..stats.len())
+        let bits =
+            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let owner = |k: ShardIndex| plan.owner(k).or_else(|| plan.local_owner(k));
+        let mut wrong: Vec<WorkerId> = (0..stats.len())
             .filter(|&k| !same_stats(&stats[k], &truth.stats[k]))
-            .filter_map(|k| plan.owner(ShardIndex(k)))
+            .filter_map(|k| owner(ShardIndex(k)))
             .collect();
-        if wrong_sums.is_empty() && bits(grad, &truth.sum) {
-            self.policy.audit.record(step, &members, &[]);
+        for (&k, r) in local.iter_mut() {
+            let mine = self.owned(r, k, truth.sum.len());
+            if !bits(mine, &truth.local[&k]) {
+                wrong.extend(plan.local_owner(k));
+            }
+        }
+        let chain_right = bits(grad, &truth.chain_sum);
+        let everyone = members.iter().copied().chain(plan.local.iter().map(|&(w, _)| w));
+        if wrong.is_empty() && chain_right {
+            self.policy.audit.record(step, &everyone.collect::<Vec<_>>(), &[]);
             self.telemetry.epoch.verification.checked += stats.len() as u64;
-        } else {
-            grad.copy_from_slice(&truth.sum);
-            stats.copy_from_slice(&truth.stats);
-            match judge_chain(&members, &truth.digests, reported, &wrong_sums) {
+            self.buffers.free.extend([truth.sum, truth.chain_sum]);
+            return false;
+        }
+        grad.copy_from_slice(&truth.sum);
+        stats.copy_from_slice(&truth.stats);
+        let local_liar = wrong.iter().copied().find(|w| !members.contains(w));
+        let verdict = match local_liar {
+            Some(w) if chain_right => Some(ChainVerdict::Liar(w)),
+            _ => judge_chain(&members, &truth.digests, reported, &wrong),
+        };
+        {
+            match verdict {
                 Some(ChainVerdict::Liar(w)) => {
-                    let shard = plan.members.iter().find(|m| m.id == w).and_then(|m| m.shards.first().copied());
-                    self.evict_liar(w, shard.unwrap_or(ShardIndex(0)), step);
+                    let shards = plan.members.iter().find(|m| m.id == w).map(|m| &m.shards);
+                    let shards = shards.or_else(|| plan.local.iter().find(|(x, _)| *x == w).map(|(_, ks)| ks));
+                    self.evict_liar(w, shards.and_then(|ks| ks.first().copied()).unwrap_or(ShardIndex(0)), step);
                 }
                 Some(ChainVerdict::Dispute { sender, receiver }) => {
                     let (a, b) = (self.net.hub.name(sender), self.net.hub.name(receiver));
@@ -293,7 +372,24 @@ impl ClusterEngine<'_> {
                 None => {}
             }
         }
-        self.buffers.free.push(truth.sum);
+        self.buffers.free.extend([truth.sum, truth.chain_sum]);
+        true
+    }
+
+    /// A local result's gradient as values of ours (copied out of shared memory first, so what
+    /// is compared is what would be summed).
+    fn owned<'r>(&mut self, r: &'r mut Received, k: ShardIndex, n: usize) -> &'r [f32] {
+        if let super::Landed::Slot(slots) = &r.landed {
+            let mut buf = self.buffers.take(n);
+            if let Some(v) = slots.shared(k.0) {
+                v.read_into(&mut buf);
+            }
+            r.landed = super::Landed::Copied(buf);
+        }
+        match &r.landed {
+            super::Landed::Copied(v) => v,
+            super::Landed::Slot(_) => &[],
+        }
     }
 
     /// Sends every member its shards, place and digest key, and the first member the
@@ -322,6 +418,12 @@ impl ClusterEngine<'_> {
             let size = self.net.hub.send(m.id, ToWorker::Work(work));
             let size = size.ok_or_else(|| format!("{} is gone or not keeping up", self.net.hub.name(m.id)))?;
             self.telemetry.epoch.bytes_out += size as u64;
+        }
+        // Workers on shared memory: their shards as on the star (through shared memory).
+        for (w, ks) in &plan.local {
+            if !self.send(*w, ks, step, out) {
+                return Err(format!("{} is gone or not keeping up", self.net.hub.name(*w)));
+            }
         }
         let first = plan.members[0].id;
         let bytes = self.inline_params(out);

@@ -38,6 +38,28 @@ fn same_stats(a: &ShardStats, b: &ShardStats) -> bool {
         && a.rows == b.rows
 }
 
+/// A chain step's results as they come in.
+struct ChainInbox {
+    step: u64,
+    sent_all: Instant,
+    /// Each shard's sums (members' and local workers').
+    stats: Vec<Option<ShardStats>>,
+    /// The local workers' results, by shard.
+    local: BTreeMap<ShardIndex, Received>,
+    /// On an audited step, each member's digests (received, sent).
+    digests: Option<Vec<Option<(u64, u64)>>>,
+    /// Values of the sum received so far (it arrives in order).
+    summed: usize,
+}
+
+impl ChainInbox {
+    /// The whole sum, every shard's sums and, on an audited step, every member's digests.
+    fn complete(&self, n: usize) -> bool {
+        let accounted = self.digests.as_ref().is_none_or(|d| d.iter().all(Option::is_some));
+        self.summed >= n && self.stats.iter().all(Option::is_some) && accounted
+    }
+}
+
 /// What the engine remembers about chains between steps.
 #[derive(Default)]
 pub(super) struct Memory {
@@ -117,8 +139,7 @@ impl ClusterEngine<'_> {
         meanwhile: &mut Option<&mut dyn FnMut()>,
     ) -> Result<Option<Vec<ShardStats>>, EngineError> {
         let t0 = Instant::now();
-        let (step, n, shards) = (out.step, out.params.len(), inputs.shards);
-        let chunk = CHUNK_VALUES as usize;
+        let step = out.step;
         let keys: Vec<u64> = plan.members.iter().map(|_| crate::auth::ticket()).collect();
         let members: Vec<WorkerId> = plan.members.iter().map(|m| m.id).collect();
         let audited = self.policy.audit.wants_chain_check(step, &members);
@@ -128,135 +149,32 @@ impl ClusterEngine<'_> {
         let sent_all = Instant::now();
         // While the chain computes: the caller's own work, then the next step's shards, and on
         // an audited step the recomputation of every shard.
-        meanwhile.take().into_iter().for_each(|f| self.meanwhile(f, shards.len()));
+        meanwhile.take().into_iter().for_each(|f| self.meanwhile(f, inputs.shards.len()));
         let truth = audited.then(|| self.recompute(plan, &keys, inputs));
-        let mut digests: Vec<Option<(u64, u64)>> = vec![None; members.len()];
+        let mut inbox = ChainInbox {
+            step,
+            sent_all,
+            stats: vec![None; inputs.shards.len()],
+            local: BTreeMap::new(),
+            digests: audited.then(|| vec![None; members.len()]),
+            summed: 0,
+        };
         let patience = self.policy.chain.deadline(self.policy.step_timeout);
-        let deadline = sent_all + patience;
-        let mut stats: Vec<Option<ShardStats>> = vec![None; shards.len()];
-        // Results of the workers on shared memory, by shard.
-        let mut local: BTreeMap<ShardIndex, Received> = BTreeMap::new();
-        let mut summed = 0;
-        let accounted = |d: &[Option<(u64, u64)>]| !audited || d.iter().all(Option::is_some);
-        while summed < n || stats.iter().any(Option::is_none) || !accounted(&digests) {
-            let event = match tokio::time::timeout_at(deadline.into(), self.net.events.recv()).await {
-                Ok(Some(e)) => e,
+        while !inbox.complete(grad.len()) {
+            let why = match tokio::time::timeout_at((sent_all + patience).into(), self.net.events.recv()).await {
+                Ok(Some(event)) => match self.take_chain_event(plan, inputs, &mut inbox, event, grad) {
+                    Ok(()) => continue,
+                    Err(why) => why,
+                },
                 Ok(None) => return Err(EngineError::Stopped),
-                Err(_) => {
-                    let why = format!("the sum did not arrive within {patience:?}");
-                    return Ok(self.fall_back(step, &why));
-                }
-            };
-            let why = match event {
-                Event::Result { id, result, size }
-                    if plan.local_owner(ShardIndex(result.index as usize)) == Some(id) =>
-                {
-                    let k = ShardIndex(result.index as usize);
-                    if result.step != step {
-                        continue;
-                    }
-                    self.telemetry.epoch.bytes_in += size as u64;
-                    self.telemetry.epoch.round_trip(id, sent_all.elapsed(), result.compute_micros);
-                    let rows = shards.get(k.0).map_or(0, |r| r.len() as u64);
-                    match self.receive(id, &result, rows, n) {
-                        Ok(r) => {
-                            stats[k.0] = Some(r.stats);
-                            local.insert(k, r);
-                            continue;
-                        }
-                        Err(e) => format!("{} sent a bad result for shard {k}: {e}", self.net.hub.name(id)),
-                    }
-                }
-                Event::Result { id, result, size } => {
-                    let k = ShardIndex(result.index as usize);
-                    if result.step != step || plan.owner(k) != Some(id) {
-                        continue; // a late reply of an earlier step
-                    }
-                    self.telemetry.epoch.bytes_in += size as u64;
-                    self.telemetry.epoch.round_trip(id, sent_all.elapsed(), result.compute_micros);
-                    let rows = shards.get(k.0).map_or(0, |r| r.len() as u64);
-                    let checked = match result.gradient {
-                        Tensor::Chained => result.stats(rows).map_err(Refusal::from),
-                        _ => Err(Refusal::WrongPath),
-                    };
-                    match checked {
-                        Ok(s) => {
-                            stats[k.0] = Some(s);
-                            continue;
-                        }
-                        Err(e) => format!("{} sent a bad result for shard {k}: {e}", self.net.hub.name(id)),
-                    }
-                }
-                Event::Chunk { id, chunk: c, size } => {
-                    if id != plan.last() || c.step != step || c.stream != ChunkStream::Sum {
-                        continue;
-                    }
-                    self.telemetry.epoch.bytes_in += size as u64;
-                    let r0 = Instant::now();
-                    let landed = c.expect(summed, chunk, n).and_then(|r| {
-                        copy_f32s("running sum", &c.values, &mut grad[r.clone()])?;
-                        Ok(r.end)
-                    });
-                    self.telemetry.epoch.chain_reduce += r0.elapsed();
-                    match landed {
-                        Ok(end) => {
-                            summed = end;
-                            continue;
-                        }
-                        Err(e) => format!("{} sent a bad chunk of the sum: {e}", self.net.hub.name(id)),
-                    }
-                }
-                Event::Broken { id, step: s, peer, reason } => {
-                    if s != step || !plan.has(id) {
-                        continue;
-                    }
-                    if let Some(blamed) = plan.blame(id, &peer) {
-                        tracing::warn!(
-                            "{} cannot take part in chains ({} reports: {reason}); it stays on the star",
-                            self.net.hub.name(blamed),
-                            self.net.hub.name(id)
-                        );
-                        self.policy.chain.excluded.insert(blamed);
-                    }
-                    format!("{} reports a broken link: {reason}", self.net.hub.name(id))
-                }
-                Event::Digest { id, step: s, received, sent } => {
-                    if let Some(i) = members.iter().position(|&m| m == id).filter(|_| s == step) {
-                        digests[i] = Some((received, sent));
-                    }
-                    continue;
-                }
-                Event::Left { id } if plan.has(id) || plan.local.iter().any(|(w, _)| *w == id) => {
-                    format!("{} left", self.net.hub.name(id))
-                }
-                Event::Left { .. } => continue,
+                Err(_) => format!("the sum did not arrive within {patience:?}"),
             };
             return Ok(self.fall_back(step, &why));
         }
-        let mut stats: Vec<ShardStats> = stats.into_iter().map(Option::unwrap_or_default).collect();
-        // `grad` holds the chain's sum; the local shards come after it in shard order.
-        let settled = match truth {
-            Some(truth) => self.settle_audit(plan, truth, &digests, grad, &mut local, &mut stats),
-            None => {
-                let workers = members.iter().copied().chain(plan.local.iter().map(|&(w, _)| w));
-                let parties: Vec<_> = workers.filter_map(|w| self.net.hub.party(w)).collect();
-                self.policy.audit.record(step, &[], &parties);
-                false
-            }
-        };
-        if !settled && !local.is_empty() {
-            let mut chain_sum = self.buffers.take(n);
-            chain_sum.copy_from_slice(grad);
-            let parts: Vec<Part<'_>> = std::iter::once(Part::Own(&chain_sum[..]))
-                .chain(local.iter().map(|(&k, r)| super::part(&r.landed, k)))
-                .collect();
-            dtrain_nn::simd::sum_into(grad, &parts);
-            self.buffers.free.push(chain_sum);
-        }
-        self.recycle_local(local);
+        let stats = self.complete_chain_sum(plan, truth, inbox, grad);
         let sums_finite = stats.iter().all(|s| s.loss_sum.is_finite() && s.activity.is_finite());
         if !sums_finite || !dtrain_nn::simd::all_finite(grad) {
-            // A diverging model, or a member that sent values that are not: over the star,
+            // A diverging model, or a worker that sent values that are not: over the star,
             // where the referee recomputes what nobody confirmed.
             return Ok(self.fall_back(step, "the sum is not finite"));
         }
@@ -266,6 +184,122 @@ impl ClusterEngine<'_> {
         let reduce = std::mem::take(&mut epoch.chain_reduce);
         epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(reduce), reduce);
         Ok(Some(stats))
+    }
+
+    /// Takes one event of a chain step into `inbox` (the sum's chunks straight into `grad`);
+    /// `Err` says why the chain broke.
+    fn take_chain_event(
+        &mut self,
+        plan: &ChainPlan,
+        inputs: &StepInputs<'_>,
+        inbox: &mut ChainInbox,
+        event: Event,
+        grad: &mut [f32],
+    ) -> Result<(), String> {
+        let (step, n) = (inbox.step, grad.len());
+        let rows = |k: ShardIndex| inputs.shards.get(k.0).map_or(0, |r| r.len() as u64);
+        match event {
+            Event::Result { id, result, size } => {
+                let k = ShardIndex(result.index as usize);
+                let local = plan.local_owner(k) == Some(id);
+                if result.step != step || !(local || plan.owner(k) == Some(id)) {
+                    return Ok(()); // a late reply of an earlier step
+                }
+                self.telemetry.epoch.bytes_in += size as u64;
+                self.telemetry.epoch.round_trip(id, inbox.sent_all.elapsed(), result.compute_micros);
+                let hub = std::sync::Arc::clone(&self.net.hub);
+                let bad = |e: Refusal| format!("{} sent a bad result for shard {k}: {e}", hub.name(id));
+                if local {
+                    let r = self.receive(id, &result, rows(k), n).map_err(bad)?;
+                    inbox.stats[k.0] = Some(r.stats);
+                    inbox.local.insert(k, r);
+                } else {
+                    let checked = match result.gradient {
+                        Tensor::Chained => result.stats(rows(k)).map_err(Refusal::from),
+                        _ => Err(Refusal::WrongPath),
+                    };
+                    inbox.stats[k.0] = Some(checked.map_err(bad)?);
+                }
+                Ok(())
+            }
+            Event::Chunk { id, chunk: c, size } => {
+                if id != plan.last() || c.step != step || c.stream != ChunkStream::Sum {
+                    return Ok(());
+                }
+                self.telemetry.epoch.bytes_in += size as u64;
+                let r0 = Instant::now();
+                let landed = c.expect(inbox.summed, CHUNK_VALUES as usize, n).and_then(|r| {
+                    copy_f32s("running sum", &c.values, &mut grad[r.clone()])?;
+                    Ok(r.end)
+                });
+                self.telemetry.epoch.chain_reduce += r0.elapsed();
+                inbox.summed =
+                    landed.map_err(|e| format!("{} sent a bad chunk of the sum: {e}", self.net.hub.name(id)))?;
+                Ok(())
+            }
+            Event::Broken { id, step: s, peer, reason } => {
+                if s != step || !plan.has(id) {
+                    return Ok(());
+                }
+                if let Some(blamed) = plan.blame(id, &peer) {
+                    tracing::warn!(
+                        "{} cannot take part in chains ({} reports: {reason}); it stays on the star",
+                        self.net.hub.name(blamed),
+                        self.net.hub.name(id)
+                    );
+                    self.policy.chain.excluded.insert(blamed);
+                }
+                Err(format!("{} reports a broken link: {reason}", self.net.hub.name(id)))
+            }
+            Event::Digest { id, step: s, received, sent } => {
+                let at = plan.members.iter().position(|m| m.id == id).filter(|_| s == step);
+                if let (Some(i), Some(d)) = (at, inbox.digests.as_mut()) {
+                    d[i] = Some((received, sent));
+                }
+                Ok(())
+            }
+            Event::Left { id } if plan.has(id) || plan.local.iter().any(|(w, _)| *w == id) => {
+                Err(format!("{} left", self.net.hub.name(id)))
+            }
+            Event::Left { .. } => Ok(()),
+        }
+    }
+
+    /// Everything arrived: on an audited step the results are settled against the
+    /// recomputation, else recorded as unchecked; the local shards' gradients are added to the
+    /// chain's sum in `grad`, in shard order. Returns each shard's sums.
+    fn complete_chain_sum(
+        &mut self,
+        plan: &ChainPlan,
+        truth: Option<Truth>,
+        mut inbox: ChainInbox,
+        grad: &mut [f32],
+    ) -> Vec<ShardStats> {
+        let mut stats: Vec<ShardStats> = inbox.stats.iter().map(|s| s.unwrap_or_default()).collect();
+        let workers: Vec<WorkerId> =
+            plan.members.iter().map(|m| m.id).chain(plan.local.iter().map(|&(w, _)| w)).collect();
+        let settled = match truth {
+            Some(truth) => {
+                let reported = inbox.digests.clone().unwrap_or_default();
+                self.settle_audit(plan, truth, &reported, grad, &mut inbox.local, &mut stats)
+            }
+            None => {
+                let parties: Vec<_> = workers.iter().filter_map(|&w| self.net.hub.party(w)).collect();
+                self.policy.audit.record(inbox.step, &[], &parties);
+                false
+            }
+        };
+        if !settled && !inbox.local.is_empty() {
+            let mut chain_sum = self.buffers.take(grad.len());
+            chain_sum.copy_from_slice(grad);
+            let parts: Vec<Part<'_>> = std::iter::once(Part::Own(&chain_sum[..]))
+                .chain(inbox.local.iter().map(|(&k, r)| super::part(&r.landed, k)))
+                .collect();
+            dtrain_nn::simd::sum_into(grad, &parts);
+            self.buffers.free.push(chain_sum);
+        }
+        self.recycle_local(inbox.local);
+        stats
     }
 
     /// Every shard of the step computed here, summed in shard order, with each member's

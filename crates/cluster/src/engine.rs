@@ -163,6 +163,7 @@ impl Engine for ClusterEngine<'_> {
         let epoch = &mut self.telemetry.epoch;
         epoch.step_starts();
         let (sent, received, verified) = (epoch.bytes_out, epoch.bytes_in, epoch.verification);
+        let paths = (epoch.chained, epoch.fell_back, epoch.speculated);
         let r = rt.block_on(self.step(params, step, batch, shards, grad, meanwhile));
         let epoch = &mut self.telemetry.epoch;
         epoch.step_ends();
@@ -183,6 +184,7 @@ impl Engine for ClusterEngine<'_> {
                 evicted: v.evicted - verified.evicted,
                 rollbacks: v.rollbacks - verified.rollbacks,
             });
+            m.topology(epoch.chained - paths.0, epoch.fell_back - paths.1, epoch.speculated - paths.2);
         }
         r
     }

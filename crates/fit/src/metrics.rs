@@ -63,6 +63,9 @@ pub struct Metrics {
     refereed: Counter,
     evicted: Counter,
     rollbacks: Counter,
+    chain_steps: Counter,
+    chain_fallbacks: Counter,
+    speculated: Counter,
 }
 
 impl Default for Metrics {
@@ -91,6 +94,9 @@ impl Default for Metrics {
             refereed: Counter::default(),
             evicted: Counter::default(),
             rollbacks: Counter::default(),
+            chain_steps: Counter::default(),
+            chain_fallbacks: Counter::default(),
+            speculated: Counter::default(),
         };
         m.registered()
     }
@@ -117,6 +123,9 @@ impl Metrics {
         r.register("refereed_shards", "Shards the coordinator recomputed as referee", self.refereed.clone());
         r.register("evictions", "Parties evicted for results the referee contradicted", self.evicted.clone());
         r.register("rollbacks", "Rollbacks to undo an evicted party's results", self.rollbacks.clone());
+        r.register("chain_steps", "Steps whose gradients were summed along the chain", self.chain_steps.clone());
+        r.register("chain_fallbacks", "Chain steps computed over the star instead", self.chain_fallbacks.clone());
+        r.register("speculated_shards", "Straggler shards copied to an idle worker", self.speculated.clone());
         self
     }
 
@@ -173,6 +182,14 @@ impl Metrics {
         self.rollbacks.inc_by(counts.rollbacks);
     }
 
+    /// How a step's gradients travelled: over the chain (or the chain fell back to the star),
+    /// and how many straggler shards got a copy.
+    pub fn topology(&self, chained: u64, fell_back: u64, speculated: u64) {
+        self.chain_steps.inc_by(chained);
+        self.chain_fallbacks.inc_by(fell_back);
+        self.speculated.inc_by(speculated);
+    }
+
     /// The OpenMetrics text exposition (`CONTENT_TYPE`).
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -193,6 +210,8 @@ mod tests {
         m.workers(2);
         m.wire(100, 50);
         m.verified(&Verification { checked: 3, refereed: 1, evicted: 1, rollbacks: 0 });
+        m.topology(1, 0, 2);
+        m.topology(0, 1, 0);
         let text = m.render();
         for line in [
             "# TYPE dtrain_step gauge",
@@ -203,6 +222,9 @@ mod tests {
             "dtrain_wire_sent_bytes_total 100",
             "dtrain_verified_shards_total 3",
             "dtrain_evictions_total 1",
+            "dtrain_chain_steps_total 1",
+            "dtrain_chain_fallbacks_total 1",
+            "dtrain_speculated_shards_total 2",
             "dtrain_step_seconds_count 1",
             "dtrain_step_seconds_bucket{le=\"0.005\"} 1",
             "# EOF",

@@ -38,6 +38,7 @@ fn run_worker(cli: Cli) -> anyhow::Result<()> {
         health_listen: cli.health_listen,
         peer_listen: cli.peer_listen,
         peer_advertise: cli.peer_advertise,
+        peer_tls_name: cli.peer_tls_name,
         tls: cli.tls_ca.map(|ca| ClientTls { ca, identity: cli.tls_cert.zip(cli.tls_key), domain: cli.tls_domain }),
     };
     // Shards are computed on this thread (in `block_on`); the connection is driven by the

@@ -39,6 +39,10 @@ pub struct Cli {
     /// Kubernetes pod's IP).
     #[arg(long, env = "DTRAIN_PEER_ADVERTISE", requires = "peer_listen")]
     pub peer_advertise: Option<String>,
+    /// With mutual TLS (--tls-cert): the DNS name every worker's certificate carries; chain
+    /// relays between workers are then mutual TLS, verified against --tls-ca and this name.
+    #[arg(long, env = "DTRAIN_PEER_TLS_NAME", default_value = "dtrain-worker")]
+    pub peer_tls_name: String,
     /// Serve the gRPC health service on this address (for Kubernetes probes).
     #[arg(long, env = "DTRAIN_HEALTH_LISTEN")]
     pub health_listen: Option<std::net::SocketAddr>,

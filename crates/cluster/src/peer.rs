@@ -47,6 +47,48 @@ pub struct PeerPort {
     /// Fault injection for tests: from this step on, the running sum this member sends is
     /// wrong (see `FAULT_VARIABLE`).
     lie_from: Option<u64>,
+    tls: Option<PeerTls>,
+}
+
+/// Mutual TLS between chain members: this worker's certificate and key (the ones it presents
+/// to the coordinator), the CA that signed every worker's, and the name every worker's
+/// certificate carries (peers are dialed by address, so the address cannot be the name).
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    ca: Vec<u8>,
+    name: String,
+}
+
+impl PeerTls {
+    /// Reads the PEM files; an error names the file.
+    pub fn read(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+        name: String,
+    ) -> Result<PeerTls, ClusterError> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|cause| ClusterError::Io { what: format!("{}: cannot read", p.display()), cause })
+        };
+        Ok(PeerTls { cert: read(cert)?, key: read(key)?, ca: read(ca)?, name })
+    }
+
+    fn server(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+    }
+
+    fn client(&self) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .domain_name(self.name.clone())
+    }
 }
 
 /// `DTRAIN_FAULT_INJECTION=chain-sum-from-step:N` makes a worker add 1 to the first value of
@@ -64,11 +106,12 @@ fn injected_lie() -> Option<u64> {
 
 impl PeerPort {
     /// Serves the peer port on `listen`; peers are told `advertise`, else the bound address
-    /// (which must then be a specific one).
+    /// (which must then be a specific one). With `tls`, relays both ways are mutual TLS.
     pub async fn bind(
         listen: SocketAddr,
         advertise: Option<String>,
         token: Option<String>,
+        tls: Option<PeerTls>,
     ) -> Result<PeerPort, ClusterError> {
         let what = || format!("--peer-listen {listen}");
         let listener =
@@ -98,7 +141,13 @@ impl PeerPort {
                 let _ = s.set_nodelay(true);
                 Some(Ok::<_, std::io::Error>(s))
             });
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(t) = &tls {
+            builder = builder
+                .tls_config(t.server())
+                .map_err(|e| ClusterError::Config(format!("--peer-listen with TLS: {e}")))?;
+        }
+        let server = builder
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(crate::run::KEEPALIVE))
             .http2_keepalive_timeout(Some(crate::run::KEEPALIVE_TIMEOUT))
@@ -109,14 +158,20 @@ impl PeerPort {
         tokio::spawn(server.serve_with_incoming(incoming));
         tracing::info!("peer port on {bound}, advertised as {address}");
         let headers = token.iter().map(|t| (crate::auth::HEADER, crate::auth::bearer(t))).collect();
-        Ok(PeerPort { address, expect, chunks, headers, successor: None, lie_from: injected_lie() })
+        Ok(PeerPort { address, expect, chunks, headers, successor: None, lie_from: injected_lie(), tls })
     }
 
     /// A relay to the successor at `address`.
     fn link(&mut self, address: &str) -> Result<RelayLink, Status> {
         if self.successor.as_ref().is_none_or(|(a, _)| a != address) {
-            let endpoint = Endpoint::from_shared(format!("http://{address}"))
-                .map_err(|e| Status::invalid_argument(format!("successor {address}: {e}")))?
+            let scheme = if self.tls.is_some() { "https" } else { "http" };
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+                .map_err(|e| Status::invalid_argument(format!("successor {address}: {e}")))?;
+            if let Some(t) = &self.tls {
+                endpoint =
+                    endpoint.tls_config(t.client()).map_err(|e| Status::invalid_argument(format!("TLS: {e}")))?;
+            }
+            let endpoint = endpoint
                 .tcp_nodelay(true)
                 .connect_timeout(Duration::from_secs(5))
                 .http2_keep_alive_interval(crate::run::KEEPALIVE)

@@ -2,7 +2,7 @@
 //! until told to stop. It reads no data files. A lost connection is retried (the coordinator
 //! may be restarting from its checkpoint) for `retry_for`.
 
-use crate::peer::{member_step, Next, PeerPort};
+use crate::peer::{member_step, Next, PeerPort, PeerTls};
 use crate::shm::SharedFile;
 use crate::ClusterError;
 use dtrain_fit::config::JobConfig;
@@ -37,6 +37,9 @@ pub struct WorkerOptions {
     pub peer_listen: Option<std::net::SocketAddr>,
     /// The address peers dial (`--peer-advertise`); default: the bound address.
     pub peer_advertise: Option<String>,
+    /// With mutual TLS to the coordinator, the name every worker's certificate carries
+    /// (`--peer-tls-name`): relays between chain members are mutual TLS too.
+    pub peer_tls_name: String,
 }
 
 /// TLS to the coordinator (an https:// URL): the CA that signed its certificate, optionally a
@@ -98,7 +101,15 @@ pub async fn run(opts: WorkerOptions) -> Result<(), ClusterError> {
         serve_health(addr).await?;
     }
     let mut port = match opts.peer_listen {
-        Some(listen) => Some(PeerPort::bind(listen, opts.peer_advertise.clone(), opts.token.clone()).await?),
+        Some(listen) => {
+            let tls = match &opts.tls {
+                Some(ClientTls { ca, identity: Some((cert, key)), .. }) => {
+                    Some(PeerTls::read(cert, key, ca, opts.peer_tls_name.clone())?)
+                }
+                _ => None,
+            };
+            Some(PeerPort::bind(listen, opts.peer_advertise.clone(), opts.token.clone(), tls).await?)
+        }
         None => None,
     };
     let mut last_ok = Instant::now();

@@ -147,14 +147,7 @@ impl PeerPort {
                 .tls_config(t.server())
                 .map_err(|e| ClusterError::Config(format!("--peer-listen with TLS: {e}")))?;
         }
-        let server = builder
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(crate::run::KEEPALIVE))
-            .http2_keepalive_timeout(Some(crate::run::KEEPALIVE_TIMEOUT))
-            .initial_stream_window_size(4 << 20)
-            .initial_connection_window_size(8 << 20)
-            .max_frame_size(crate::run::FRAME)
-            .add_service(dtrain_proto::peer_service(door, MESSAGE_LIMIT));
+        let server = crate::run::tuned_server(builder).add_service(dtrain_proto::peer_service(door, MESSAGE_LIMIT));
         tokio::spawn(server.serve_with_incoming(incoming));
         tracing::info!("peer port on {bound}, advertised as {address}");
         let headers = token.iter().map(|t| (crate::auth::HEADER, crate::auth::bearer(t))).collect();
@@ -171,16 +164,7 @@ impl PeerPort {
                 endpoint =
                     endpoint.tls_config(t.client()).map_err(|e| Status::invalid_argument(format!("TLS: {e}")))?;
             }
-            let endpoint = endpoint
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(5))
-                .http2_keep_alive_interval(crate::run::KEEPALIVE)
-                .keep_alive_timeout(crate::run::KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true)
-                .initial_stream_window_size(4 << 20)
-                .initial_connection_window_size(8 << 20)
-                .max_frame_size(crate::run::FRAME);
-            self.successor = Some((address.to_string(), endpoint.connect_lazy()));
+            self.successor = Some((address.to_string(), crate::run::tuned_endpoint(endpoint).connect_lazy()));
         }
         let channel = self.successor.as_ref().map(|(_, c)| c.clone()).expect("just set");
         RelayLink::open(channel, MESSAGE_LIMIT, &self.headers)

@@ -145,15 +145,7 @@ async fn session(opts: &WorkerOptions, mut port: Option<&mut PeerPort>, last_ok:
     if let Some(tls) = &opts.tls {
         endpoint = endpoint.tls_config(tls.config()?).map_err(|e| Status::invalid_argument(format!("TLS: {e}")))?;
     }
-    let endpoint = endpoint
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(crate::run::KEEPALIVE)
-        .keep_alive_timeout(crate::run::KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(8 << 20)
-        .max_frame_size(crate::run::FRAME);
+    let endpoint = crate::run::tuned_endpoint(endpoint);
     let channel = tokio::time::timeout(HANDSHAKE, endpoint.connect())
         .await
         .map_err(|_| Status::unavailable(format!("no connection within {HANDSHAKE:?}")))?

@@ -110,6 +110,16 @@ pub fn coordinator_service<H: JoinHandler>(
         .max_encoding_message_size(limit)
 }
 
+/// `req` with `headers` (e.g. the token) in its metadata.
+fn with_headers<T>(mut req: Request<T>, headers: &[(&'static str, String)]) -> Result<Request<T>, Status> {
+    for (name, value) in headers {
+        let v: MetadataValue<_> =
+            value.parse().map_err(|_| Status::invalid_argument(format!("{name}: not valid header text")))?;
+        req.metadata_mut().insert(*name, v);
+    }
+    Ok(req)
+}
+
 /// A worker's stream to the coordinator.
 #[derive(Debug)]
 pub struct Connection {
@@ -131,12 +141,7 @@ impl Connection {
             .max_encoding_message_size(limit);
         let (outbox, rx) = mpsc::channel(8);
         outbox.send(FromWorker::Hello(hello).into()).await.map_err(|_| Status::internal("send"))?;
-        let mut req = Request::new(ReceiverStream::new(rx));
-        for (name, value) in headers {
-            let v: MetadataValue<_> =
-                value.parse().map_err(|_| Status::invalid_argument(format!("{name}: not valid header text")))?;
-            req.metadata_mut().insert(*name, v);
-        }
+        let req = with_headers(Request::new(ReceiverStream::new(rx)), headers)?;
         let inbound = client.join(req).await?.into_inner();
         Ok(Connection { outbox, inbound })
     }
@@ -209,12 +214,7 @@ impl RelayLink {
         let mut client =
             pb::peer_client::PeerClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
         let (outbox, rx) = mpsc::channel(4);
-        let mut req = Request::new(ReceiverStream::new(rx));
-        for (name, value) in headers {
-            let v: MetadataValue<_> =
-                value.parse().map_err(|_| Status::invalid_argument(format!("{name}: not valid header text")))?;
-            req.metadata_mut().insert(*name, v);
-        }
+        let req = with_headers(Request::new(ReceiverStream::new(rx)), headers)?;
         let call = tokio::spawn(async move { client.relay(req).await.map(|_| ()) });
         Ok(RelayLink { outbox, call })
     }

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 struct Truth {
     sum: Vec<f32>,
     /// The sum of the chain's shards alone, and each local shard's gradient.
-    chain_sum: Vec<f32>,
+    /// (`None` without local shards: then it is `sum`.)
+    chain_sum: Option<Vec<f32>>,
     local: BTreeMap<ShardIndex, Vec<f32>>,
     stats: Vec<ShardStats>,
     digests: Vec<(u64, u64)>,
@@ -323,7 +324,7 @@ impl ClusterEngine<'_> {
             }
             digests.push((received, digest(key, &sum)));
         }
-        let chain_sum = sum.clone();
+        let chain_sum = (!plan.local.is_empty()).then(|| sum.clone());
         let mut local = BTreeMap::new();
         for &k in plan.local.iter().flat_map(|(_, ks)| ks) {
             stats[k.0] = self.compute_here(inputs, k, &mut g);
@@ -373,12 +374,12 @@ impl ClusterEngine<'_> {
                 wrong.extend(plan.local_owner(k));
             }
         }
-        let chain_right = bits(grad, &truth.chain_sum);
+        let chain_right = bits(grad, truth.chain_sum.as_deref().unwrap_or(&truth.sum));
         let everyone = members.iter().copied().chain(plan.local.iter().map(|&(w, _)| w));
         if wrong.is_empty() && chain_right {
             self.policy.audit.record(step, &everyone.collect::<Vec<_>>(), &[]);
             self.telemetry.epoch.verification.checked += stats.len() as u64;
-            self.buffers.free.extend([truth.sum, truth.chain_sum]);
+            self.buffers.free.extend(std::iter::once(truth.sum).chain(truth.chain_sum));
             return false;
         }
         grad.copy_from_slice(&truth.sum);
@@ -406,7 +407,7 @@ impl ClusterEngine<'_> {
                 None => {}
             }
         }
-        self.buffers.free.extend([truth.sum, truth.chain_sum]);
+        self.buffers.free.extend(std::iter::once(truth.sum).chain(truth.chain_sum));
         true
     }
 

@@ -198,6 +198,10 @@ impl Engine for ClusterEngine<'_> {
         std::mem::take(&mut self.telemetry.epoch).report(&self.net.hub)
     }
 
+    fn waits_on_others(&self) -> bool {
+        true
+    }
+
     fn snapshot_every(&self) -> Option<u64> {
         Some(WINDOW)
     }

@@ -1,15 +1,21 @@
-//! The training step against its own matrix products, side by side in one run:
+//! The training step against its own matrix products and both against the machine's measured
+//! sgemm peak, side by side in one run:
 //!
-//!     cargo bench -p dtrain-fit --bench step
+//!     cargo bench -p dtrain-fit --bench step [-- ROUNDS]
 //!
-//! For each job: `gemm_only` runs exactly the products one step makes (forward, weight
-//! gradients, input gradients; one BLAS thread, same shapes), `step` runs the whole step
-//! (gather, dropout, activations, loss, backward, shard sum, penalties, optimizer, constraints).
-//! Throughput is in FLOP of matrix work, so `step` / `gemm_only` GFLOP/s is the fraction of the
-//! BLAS rate the step achieves; their time difference is the per-step overhead outside
-//! matrix multiplication. `sgemm_peak` is a large square product for the machine's BLAS rate.
+//! For each job, every round times, one after the other:
+//! * `peak`: 512x512x512 sgemm on each of the job's threads at once (one BLAS thread each), the
+//!   machine's large-matrix rate with that many cores busy;
+//! * `products`: exactly the products one step makes (forward, weight gradients, input
+//!   gradients), each shard's on its own thread, same shapes;
+//! * `step`: the whole step (gather, dropout, activations, loss, backward, shard sum,
+//!   penalties, optimizer, constraints).
+//!
+//! It prints the medians over the rounds and the per-round ratios' medians: `step / products`
+//! is what the step costs beyond its products, `products / at peak` how far the products' shapes
+//! keep BLAS from its large-matrix rate, and `step / at peak` both together. The machines are
+//! shared and noisy, so only the ratios measured side by side mean much.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dtrain_data::{Dataset, Features, Labels};
 use dtrain_fit::config::JobConfig;
 use dtrain_fit::step::Stepper;
@@ -19,18 +25,19 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::Array2;
 use rayon::prelude::*;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 fn job(file: &str, shards: usize) -> Job {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(file);
-    let mut config = JobConfig::load(&path).unwrap();
+    let mut config = JobConfig::load(&path).expect("the example job loads");
     config.fit.shards = shards;
-    Job::build(config, PathBuf::new()).unwrap()
+    Job::build(config, PathBuf::new()).expect("the example job builds")
 }
 
 fn synthetic(n: usize) -> Dataset {
     let x: Vec<u8> = (0..n * 784).map(|i| ((i * 2_654_435_761usize) >> 7) as u8).collect();
     let y: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
-    Dataset::new(Features::U8(x), vec![28, 28], Labels::Classes(y)).unwrap().with_rescale(1.0 / 255.0)
+    Dataset::new(Features::U8(x), vec![28, 28], Labels::Classes(y)).expect("a valid dataset").with_rescale(1.0 / 255.0)
 }
 
 /// (rows, inputs, units) of each Dense layer.
@@ -38,44 +45,10 @@ fn dense_shapes(job: &Job, rows: usize) -> Vec<(usize, usize, usize)> {
     job.model.variables().iter().filter(|v| v.shape.len() == 2).map(|v| (rows, v.shape[0], v.shape[1])).collect()
 }
 
-/// FLOP of one step's matrix products: forward, weight gradient, and input gradient except
+/// FLOP of one shard's matrix products: forward, weight gradient, and input gradient except
 /// for the first layer.
-fn step_flops(shapes: &[(usize, usize, usize)]) -> u64 {
-    shapes.iter().enumerate().map(|(i, &(r, k, n))| 2 * (r * k * n) as u64 * if i == 0 { 2 } else { 3 }).sum()
-}
-
-fn bench_job(c: &mut Criterion, name: &str, file: &str, shards: usize) {
-    dtrain_nn::set_blas_threads(1);
-    let job = job(file, shards);
-    let batch = job.fit.batch_size;
-    let data = synthetic(batch * 50);
-    let per_shard = batch / shards;
-    let shapes = dense_shapes(&job, per_shard);
-    let mut g = c.benchmark_group(name);
-    g.throughput(Throughput::Elements(step_flops(&shapes) * shards as u64));
-
-    // The same products, each shard's on its own thread as in `step` (one BLAS thread each).
-    let threads = shards.min(2);
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-    let mut per_shard: Vec<Products> = (0..shards).map(|_| Products::new(&shapes)).collect();
-    g.bench_function(BenchmarkId::new("gemm_only", format!("{shards} shard(s), {threads} thread(s)")), |b| {
-        b.iter(|| pool.install(|| per_shard.par_iter_mut().for_each(Products::run)))
-    });
-
-    let mut engine = LocalEngine::new(&job.model, &data, job.seed, threads).unwrap();
-    let mut stepper = Stepper::new(&job.model, shards);
-    let mut params = job.model.init_params(1);
-    let mut opt = Optimizer::new(job.optimizer.clone(), params.len());
-    let idx: Vec<u32> = (0..data.len() as u32).collect();
-    let mut step = 0u64;
-    g.bench_function(BenchmarkId::new("step", format!("{shards} shard(s), {threads} thread(s)")), |b| {
-        b.iter(|| {
-            let start = (step as usize * batch) % (data.len() - batch);
-            stepper.step(&job.model, &mut engine, &mut params, &mut opt, step, &idx[start..start + batch]).unwrap();
-            step += 1;
-        })
-    });
-    g.finish();
+fn shard_flops(shapes: &[(usize, usize, usize)]) -> f64 {
+    shapes.iter().enumerate().map(|(i, &(r, k, n))| 2.0 * (r * k * n) as f64 * if i == 0 { 2.0 } else { 3.0 }).sum()
 }
 
 /// A layer's input, kernel, output, kernel gradient and input gradient.
@@ -91,13 +64,9 @@ impl Products {
         let mats = shapes
             .iter()
             .map(|&(r, k, n)| {
-                (
-                    Array2::ones((r, k)),
-                    Array2::ones((k, n)),
-                    Array2::zeros((r, n)),
-                    Array2::zeros((k, n)),
-                    Array2::zeros((r, k)),
-                )
+                let m =
+                    |rows, cols| Array2::from_shape_fn((rows, cols), |(i, j)| ((i * 31 + j * 17) % 13) as f32 * 0.01);
+                (m(r, k), m(k, n), Array2::zeros((r, n)), Array2::zeros((k, n)), Array2::zeros((r, k)))
             })
             .collect();
         Products { mats }
@@ -115,22 +84,117 @@ impl Products {
     }
 }
 
-fn sgemm_peak(c: &mut Criterion) {
+/// Seconds per call of `f`, over about `budget` of calls after one warm-up call.
+fn per_call(budget: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let start = Instant::now();
+    let mut calls = 0u32;
+    while start.elapsed() < budget {
+        f();
+        calls += 1;
+    }
+    start.elapsed().as_secs_f64() / f64::from(calls.max(1))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// One row of the table: medians of (peak seconds per 512^3 product on each thread, products
+/// seconds, step seconds) and of the per-round ratios.
+struct Row {
+    name: String,
+    peak_gflops: f64,
+    products: f64,
+    at_peak: f64,
+    step: f64,
+    step_over_products: f64,
+    products_over_peak: f64,
+    step_over_peak: f64,
+}
+
+fn bench_job(name: &str, file: &str, shards: usize, rounds: usize) -> Row {
     dtrain_nn::set_blas_threads(1);
+    let job = job(file, shards);
+    let batch = job.fit.batch_size;
+    let data = synthetic(batch * 50);
+    let shapes = dense_shapes(&job, batch / shards);
+    let flops = shard_flops(&shapes) * shards as f64;
+    let threads = shards.min(2);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool");
+
     let n = 512;
-    let (a, b) = (Array2::<f32>::ones((n, n)), Array2::<f32>::ones((n, n)));
-    let mut out = Array2::<f32>::zeros((n, n));
-    let mut g = c.benchmark_group("sgemm_peak");
-    g.throughput(Throughput::Elements(2 * (n * n * n) as u64));
-    g.bench_function("512x512x512, 1 thread", |bch| bch.iter(|| general_mat_mul(1.0, &a, &b, 0.0, &mut out)));
-    g.finish();
+    let mut squares: Vec<(Array2<f32>, Array2<f32>, Array2<f32>)> =
+        (0..threads).map(|_| (Array2::ones((n, n)), Array2::ones((n, n)), Array2::zeros((n, n)))).collect();
+    let square_flops = 2.0 * (n * n * n) as f64 * threads as f64;
+    let mut products: Vec<Products> = (0..shards).map(|_| Products::new(&shapes)).collect();
+
+    let mut engine = LocalEngine::new(&job.model, &data, job.seed, threads).expect("an engine");
+    let mut stepper = Stepper::new(&job.model, shards);
+    let mut params = job.model.init_params(1);
+    let mut opt = Optimizer::new(job.optimizer.clone(), params.len());
+    let idx: Vec<u32> = (0..data.len() as u32).collect();
+    let mut step = 0u64;
+
+    let budget = Duration::from_millis(300);
+    let (mut peak, mut prod, mut full) = (vec![], vec![], vec![]);
+    for _ in 0..rounds {
+        peak.push(per_call(budget, || {
+            pool.install(|| squares.par_iter_mut().for_each(|(a, b, c)| general_mat_mul(1.0, &*a, &*b, 0.0, c)))
+        }));
+        prod.push(per_call(budget, || {
+            if threads == 1 {
+                products.iter_mut().for_each(Products::run)
+            } else {
+                pool.install(|| products.par_iter_mut().for_each(Products::run))
+            }
+        }));
+        full.push(per_call(budget, || {
+            let start = (step as usize * batch) % (data.len() - batch);
+            stepper
+                .step(&job.model, &mut engine, &mut params, &mut opt, step, &idx[start..start + batch])
+                .expect("the step runs");
+            step += 1;
+        }));
+    }
+    let at_peak: Vec<f64> = peak.iter().map(|p| flops / (square_flops / p)).collect();
+    let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
+    Row {
+        name: format!("{name} ({shards} shard(s), {threads} thread(s))"),
+        peak_gflops: square_flops / median(peak.clone()) / 1e9,
+        products: median(prod.clone()),
+        at_peak: median(at_peak.clone()),
+        step: median(full.clone()),
+        step_over_products: ratio(&full, &prod),
+        products_over_peak: ratio(&prod, &at_peak),
+        step_over_peak: ratio(&full, &at_peak),
+    }
 }
 
-fn benches(c: &mut Criterion) {
-    sgemm_peak(c);
-    bench_job(c, "seed_batch30", "fashion_mnist.toml", 1);
-    bench_job(c, "wide_batch256", "fashion_mnist_wide.toml", 2);
+fn main() {
+    // `cargo bench` passes `--bench`; a number is the rounds.
+    let rounds = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(7);
+    let rows = [
+        bench_job("seed, batch 30", "fashion_mnist.toml", 1, rounds),
+        bench_job("wide, batch 256", "fashion_mnist_wide.toml", 2, rounds),
+    ];
+    let us = |s: f64| format!("{:.1} µs", s * 1e6);
+    println!("{rounds} rounds, medians; kernel: {}", dtrain_nn::kernel::running());
+    println!();
+    println!("| job | sgemm peak | products | products at peak | step | step / products | products / at peak | step / at peak |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.0} GFLOP/s | {} | {} | {} | {:.2}x | {:.2}x | **{:.2}x** |",
+            r.name,
+            r.peak_gflops,
+            us(r.products),
+            us(r.at_peak),
+            us(r.step),
+            r.step_over_products,
+            r.products_over_peak,
+            r.step_over_peak
+        );
+    }
 }
-
-criterion_group! { name = step; config = Criterion::default().sample_size(30); targets = benches }
-criterion_main!(step);

@@ -41,6 +41,13 @@ pub trait Engine {
         meanwhile: &mut dyn FnMut(),
     ) -> Result<Vec<ShardStats>, EngineError>;
 
+    /// Whether other processes compute the shards while `gradients` waits. Then the step
+    /// computes the weight penalty in `meanwhile`, off the critical path; otherwise after
+    /// `gradients`, folded into the gradient in one pass over the weights.
+    fn waits_on_others(&self) -> bool {
+        false
+    }
+
     /// A hint: `batch` comes next. The local engine starts loading its rows into cache.
     fn prefetch(&mut self, _batch: &[u32]) {}
 

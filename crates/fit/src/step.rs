@@ -10,7 +10,7 @@ use std::ops::Range;
 pub struct Stepper {
     shards: usize,
     grad: Vec<f32>,
-    /// The weight penalty's derivative, computed while the shards are computed.
+    /// The weight penalty's derivative, computed while other processes compute the shards.
     penalty_terms: Vec<f32>,
     ranges: Vec<Range<usize>>,
 }
@@ -33,7 +33,7 @@ impl Stepper {
         Stepper {
             shards,
             grad: vec![0.0; p],
-            penalty_terms: vec![0.0; p],
+            penalty_terms: Vec::new(),
             ranges: model.variables().iter().map(|v| v.range()).collect(),
         }
     }
@@ -49,14 +49,21 @@ impl Stepper {
         batch: &[u32],
     ) -> Result<StepOutcome, crate::EngineError> {
         let shards = shard_ranges(batch.len(), self.shards);
-        let mut penalty = 0.0;
-        let (now, terms) = (&*params, &mut self.penalty_terms);
-        let mut meanwhile = || penalty = model.weight_penalty_terms(now, terms);
-        let per_shard = engine.gradients(now, step, batch, &shards, &mut self.grad, &mut meanwhile)?;
+        let (per_shard, penalty) = if engine.waits_on_others() {
+            let mut penalty = 0.0;
+            self.penalty_terms.resize(params.len(), 0.0);
+            let (now, terms) = (&*params, &mut self.penalty_terms);
+            let mut meanwhile = || penalty = model.weight_penalty_terms(now, terms);
+            let per_shard = engine.gradients(now, step, batch, &shards, &mut self.grad, &mut meanwhile)?;
+            model.add_weight_penalty_terms(&self.penalty_terms, &mut self.grad);
+            (per_shard, penalty)
+        } else {
+            let per_shard = engine.gradients(params, step, batch, &shards, &mut self.grad, &mut || {})?;
+            (per_shard, model.weight_penalty_and_grad(params, &mut self.grad))
+        };
         let mut stats = ShardStats::default();
         per_shard.iter().for_each(|s| stats.add(s));
         let bs = batch.len() as f64;
-        model.add_weight_penalty_terms(&self.penalty_terms, &mut self.grad);
         let loss = (stats.loss_sum / bs + stats.activity / bs + penalty) as f32;
         if !loss.is_finite() {
             return Ok(StepOutcome { loss, stats, applied: false });

@@ -1,6 +1,5 @@
 //! Activation functions with Keras's names, defaults and formulas.
 
-use ndarray::{ArrayView2, ArrayViewMut2, Axis, Zip};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -75,26 +74,25 @@ impl Activation {
         }
     }
 
-    /// `out = f(z)`, row by row (softmax normalises each row).
-    pub fn forward(&self, z: ArrayView2<f32>, mut out: ArrayViewMut2<f32>) {
-        if let Activation::Softmax = self {
-            for (zr, mut or) in z.rows().into_iter().zip(out.rows_mut()) {
-                let max = zr.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0.0f32;
-                for (o, &v) in or.iter_mut().zip(zr.iter()) {
-                    *o = (v - max).exp();
-                    sum += *o;
-                }
-                or.mapv_inplace(|v| v / sum);
-            }
-            return;
-        }
+    /// `out = f(z)` for rows of `width` units (softmax normalises each row).
+    pub fn forward(&self, z: &[f32], out: &mut [f32], width: usize) {
         // One monomorphized loop per activation, so each vectorizes.
-        fn map(z: ArrayView2<f32>, mut out: ArrayViewMut2<f32>, f: impl Fn(f32) -> f32) {
-            Zip::from(&mut out).and(&z).for_each(|o, &v| *o = f(v));
+        fn map(z: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+            out.iter_mut().zip(z).for_each(|(o, &v)| *o = f(v));
         }
         match *self {
-            Activation::Linear => out.assign(&z),
+            Activation::Softmax => {
+                for (z, out) in z.chunks(width.max(1)).zip(out.chunks_mut(width.max(1))) {
+                    let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut sum = 0.0f32;
+                    for (o, &v) in out.iter_mut().zip(z) {
+                        *o = (v - max).exp();
+                        sum += *o;
+                    }
+                    out.iter_mut().for_each(|v| *v /= sum);
+                }
+            }
+            Activation::Linear => out.copy_from_slice(z),
             Activation::Relu => map(z, out, |x| x.max(0.0)),
             f => map(z, out, |x| f.scalar(x)),
         }
@@ -133,18 +131,19 @@ impl Activation {
         }
     }
 
-    /// Turns `g = dL/d(out)` into `dL/dz` in place, given `z` and `out = f(z)`.
-    pub fn backward(&self, z: ArrayView2<f32>, out: ArrayView2<f32>, mut g: ArrayViewMut2<f32>) {
+    /// Turns `g = dL/d(out)` into `dL/dz` in place for rows of `width` units, given `z` and
+    /// `out = f(z)`.
+    pub fn backward(&self, z: &[f32], out: &[f32], g: &mut [f32], width: usize) {
         match *self {
             Activation::Linear => {}
             Activation::Softmax => {
-                for (or, mut gr) in out.axis_iter(Axis(0)).zip(g.axis_iter_mut(Axis(0))) {
-                    let dot: f32 = or.iter().zip(gr.iter()).map(|(a, b)| a * b).sum();
-                    Zip::from(&mut gr).and(&or).for_each(|gv, &a| *gv = a * (*gv - dot));
+                for (out, g) in out.chunks(width.max(1)).zip(g.chunks_mut(width.max(1))) {
+                    let dot: f32 = out.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
+                    g.iter_mut().zip(out).for_each(|(gv, &a)| *gv = a * (*gv - dot));
                 }
             }
-            Activation::Relu => Zip::from(&mut g).and(&z).for_each(|gv, &x| *gv = if x > 0.0 { *gv } else { 0.0 }),
-            f => Zip::from(&mut g).and(&z).and(&out).for_each(|gv, &x, &a| *gv *= f.derivative(x, a)),
+            Activation::Relu => g.iter_mut().zip(z).for_each(|(gv, &x)| *gv = if x > 0.0 { *gv } else { 0.0 }),
+            f => g.iter_mut().zip(z.iter().zip(out)).for_each(|(gv, (&x, &a))| *gv *= f.derivative(x, a)),
         }
     }
 

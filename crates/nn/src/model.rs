@@ -3,9 +3,9 @@
 use crate::layer::{default_names, LayerSpec};
 use crate::loss::{is_correct, Loss, Target};
 use crate::rng::{dropout_uniforms, Stream};
-use crate::{Activation, Constraint, Initializer, NnError, Regularizer};
+use crate::{Activation, Constraint, Initializer, NnError, PenaltySums, Regularizer};
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use std::ops::Range;
 
 /// One trainable variable: a named slice of the flat parameter buffer (Keras layout).
@@ -146,11 +146,90 @@ pub struct Workspace {
     z: Vec<Array2<f32>>,
     out: Vec<Array2<f32>>,
     grad: Vec<Array2<f32>>,
+    /// Whether the last forward pass applied op i's dropout mask (so backward must too).
+    masked: Vec<bool>,
+    /// One block of scratch, for the activity penalty's gradient through a logits-path output.
+    scratch: Vec<f32>,
 }
 
 fn ensure(buf: &mut Array2<f32>, rows: usize, cols: usize) {
     if buf.dim() != (rows, cols) {
         *buf = Array2::zeros((rows, cols));
+    }
+}
+
+/// A workspace buffer's values.
+fn flat(a: &Array2<f32>) -> &[f32] {
+    a.as_slice().expect("workspace buffers are contiguous")
+}
+
+/// A workspace buffer's values, to write.
+fn flat_mut(a: &mut Array2<f32>) -> &mut [f32] {
+    a.as_slice_mut().expect("workspace buffers are contiguous")
+}
+
+/// Values per block of whole rows of `width` that element-wise passes work through at once:
+/// about 8 KiB per buffer, so the three or four buffers a pass touches stay in L1.
+fn block_len(width: usize) -> usize {
+    const BLOCK: usize = 2048;
+    (BLOCK / width.max(1)).max(1) * width.max(1)
+}
+
+/// `g *= mask`, if there is one.
+fn apply_mask(g: &mut Array2<f32>, mask: Option<&Array2<f32>>) {
+    if let Some(m) = mask {
+        crate::simd::mul_into(flat_mut(g), flat(m));
+    }
+}
+
+/// What a Dense layer's backward pass reads and writes.
+struct DenseBlocks<'a> {
+    z: &'a Array2<f32>,
+    out: &'a Array2<f32>,
+    /// The scaled keep mask of a dropout right above, not yet applied to `g`.
+    mask: Option<&'a Array2<f32>>,
+    /// `dL/d(out)` in (or `dL/dz` already, on the logits path); `dL/dz` out.
+    g: &'a mut Array2<f32>,
+}
+
+/// A Dense layer's element-wise backward work in one pass, a block of rows at a time: the
+/// dropout mask above it, the activity penalty's gradient, the activation's derivative, and
+/// the bias gradient (`gb`, zeroed by the caller, summed in row order). Each value goes
+/// through the operations of separate passes in the same order, so the bits are the same.
+fn dense_backward(
+    buffers: DenseBlocks,
+    activation: Activation,
+    activity: Option<(Regularizer, f32)>,
+    g_is_dz: bool,
+    mut gb: Option<&mut [f32]>,
+    scratch: &mut Vec<f32>,
+) {
+    let width = buffers.g.ncols();
+    let block = block_len(width);
+    let (z, out) = (flat(buffers.z).chunks(block), flat(buffers.out).chunks(block));
+    let mut masks = buffers.mask.map(|m| flat(m).chunks(block));
+    for ((g, z), out) in flat_mut(buffers.g).chunks_mut(block).zip(z).zip(out) {
+        if let Some(m) = masks.as_mut().and_then(Iterator::next) {
+            crate::simd::mul_into(g, m);
+        }
+        match activity {
+            // dL/dz arrives from the loss; the penalty's term goes through the activation.
+            Some((reg, scale)) if g_is_dz => {
+                scratch.clear();
+                scratch.resize(g.len(), 0.0);
+                reg.add_grad(out, scale, scratch);
+                activation.backward(z, out, scratch, width);
+                crate::simd::add_into(g, scratch);
+            }
+            Some((reg, scale)) => reg.add_grad(out, scale, g),
+            None => {}
+        }
+        if !g_is_dz {
+            activation.backward(z, out, g, width);
+        }
+        if let Some(gb) = gb.as_deref_mut() {
+            crate::simd::add_rows_to(gb, g);
+        }
     }
 }
 
@@ -323,46 +402,66 @@ impl Sequential {
         assert_eq!(params.len(), self.num_params, "parameter buffer has the model's size");
         assert_eq!(x.ncols(), self.input_width(), "input rows have the model's input width");
         crate::flush_denormals();
+        let x = x.as_standard_layout();
         let n = x.nrows();
         let k = self.ops.len();
         for buf in [&mut ws.z, &mut ws.out, &mut ws.grad] {
             buf.resize_with(k, || Array2::zeros((0, 0)));
         }
+        ws.masked.clear();
+        ws.masked.resize(k, false);
         let mut activity = 0.0;
         for (i, op) in self.ops.iter().enumerate() {
             let (before, after) = ws.out.split_at_mut(i);
             let input = if i == 0 { x.view() } else { before[i - 1].view() };
             let out = &mut after[0];
             ensure(out, n, self.widths[i]);
+            // After the product, each op's element-wise work is one pass over its output, a
+            // block of rows at a time while the block is in cache.
+            let width = self.widths[i];
+            let block = block_len(width);
             match op {
                 Op::Dense { kernel, bias, activation, activity: act_reg } => {
                     let z = &mut ws.z[i];
-                    ensure(z, n, self.widths[i]);
+                    ensure(z, n, width);
                     general_mat_mul(1.0, &input, &self.matrix(params, *kernel), 0.0, z);
-                    if let Some(b) = bias {
-                        let b = ArrayView1::from(&params[self.vars[*b].range()]);
-                        z.rows_mut().into_iter().for_each(|mut r| r += &b);
+                    let bias = bias.map(|b| &params[self.vars[b].range()]);
+                    let mut sums = PenaltySums::default();
+                    for (z, out) in flat_mut(z).chunks_mut(block).zip(flat_mut(out).chunks_mut(block)) {
+                        if let Some(b) = bias {
+                            crate::simd::add_to_rows(z, b);
+                        }
+                        activation.forward(z, out, width);
+                        if let Some(r) = act_reg {
+                            sums.add(*r, out);
+                        }
                     }
-                    activation.forward(z.view(), out.view_mut());
-                    if let Some(r) = act_reg {
-                        activity += r.penalty(out.as_slice().expect("buffers are contiguous"));
-                    }
+                    activity += act_reg.map_or(0.0, |r| sums.penalty(r));
                 }
                 Op::Dropout { rate, seed, layer } => match mode {
                     Mode::Train { seed: job_seed, step, first_position, .. } if *rate > 0.0 => {
                         let mask = &mut ws.z[i];
-                        ensure(mask, n, self.widths[i]);
+                        ensure(mask, n, width);
                         let scale = 1.0 / (1.0 - rate);
-                        for (r, mut row) in mask.rows_mut().into_iter().enumerate() {
-                            let row = row.as_slice_mut().expect("buffers are contiguous");
-                            dropout_uniforms(seed.unwrap_or(job_seed), *layer, step, first_position + r as u32, row);
-                            row.iter_mut().for_each(|u| *u = if *u >= *rate { scale } else { 0.0 });
+                        let rows = flat_mut(mask).chunks_mut(width).zip(flat_mut(out).chunks_mut(width));
+                        let input = input.to_slice().expect("rows are contiguous").chunks(width);
+                        for (r, ((mask, out), input)) in rows.zip(input).enumerate() {
+                            dropout_uniforms(seed.unwrap_or(job_seed), *layer, step, first_position + r as u32, mask);
+                            for ((m, o), &v) in mask.iter_mut().zip(out).zip(input) {
+                                *m = if *m >= *rate { scale } else { 0.0 };
+                                *o = v * *m;
+                            }
                         }
-                        ndarray::Zip::from(&mut *out).and(&input).and(&*mask).for_each(|o, &v, &m| *o = v * m);
+                        ws.masked[i] = true;
                     }
                     _ => out.assign(&input),
                 },
-                Op::Activation(f) => f.forward(input, out.view_mut()),
+                Op::Activation(f) => {
+                    let input = input.to_slice().expect("rows are contiguous");
+                    for (out, input) in flat_mut(out).chunks_mut(block).zip(input.chunks(block)) {
+                        f.forward(input, out, width);
+                    }
+                }
             }
         }
         activity
@@ -406,10 +505,14 @@ impl Sequential {
             Mode::Infer => 1.0 / x.nrows().max(1) as f32,
         };
         assert_eq!(grads.len(), self.num_params, "gradient buffer has the model's size");
-        let activity = self.forward(params, x, mode, ws);
-        let stats = self.loss_rows(x, targets, scale, ws, activity, true);
+        let x = x.as_standard_layout();
+        let activity = self.forward(params, x.view(), mode, ws);
+        let stats = self.loss_rows(x.view(), targets, scale, ws, activity, true);
         let last = self.ops.len() - 1;
         let logits = self.logits_mode();
+        // A dropout mask not yet applied to the gradient: the op below applies it, a Dense in
+        // the same pass as its own element-wise work.
+        let mut pending_mask: Option<usize> = None;
         for i in (self.first_param_op..=last).rev() {
             let g_is_dz = logits && i == last;
             let (gbefore, gafter) = ws.grad.split_at_mut(i);
@@ -417,49 +520,42 @@ impl Sequential {
             let input = if i == 0 { x.view() } else { ws.out[i - 1].view() };
             match &self.ops[i] {
                 Op::Dense { kernel, bias, activation, activity: act_reg } => {
-                    let (z, out) = (ws.z[i].view(), ws.out[i].view());
-                    if let Some(r) = act_reg {
-                        let out = out.as_slice().expect("buffers are contiguous");
-                        if g_is_dz {
-                            let mut extra = Array2::zeros(g.dim());
-                            r.add_grad(out, scale, extra.as_slice_mut().expect("contiguous"));
-                            activation.backward(z, ws.out[i].view(), extra.view_mut());
-                            *g += &extra;
-                        } else {
-                            r.add_grad(out, scale, g.as_slice_mut().expect("buffers are contiguous"));
-                        }
-                    }
-                    if !g_is_dz {
-                        activation.backward(z, ws.out[i].view(), g.view_mut());
-                    }
+                    let mask = pending_mask.take().map(|m| &ws.z[m]);
+                    let gb = bias.map(|b| {
+                        let gb = &mut grads[self.vars[b].range()];
+                        gb.fill(0.0);
+                        gb
+                    });
+                    dense_backward(
+                        DenseBlocks { z: &ws.z[i], out: &ws.out[i], mask, g },
+                        *activation,
+                        act_reg.map(|r| (r, scale)),
+                        g_is_dz,
+                        gb,
+                        &mut ws.scratch,
+                    );
                     let kv = &self.vars[*kernel];
                     let mut gw = ArrayViewMut2::from_shape((kv.shape[0], kv.shape[1]), &mut grads[kv.range()])
                         .expect("kernel shape matches its slice");
                     general_mat_mul(1.0, &input.t(), &*g, 0.0, &mut gw);
-                    if let Some(b) = bias {
-                        let gb = &mut grads[self.vars[*b].range()];
-                        gb.fill(0.0);
-                        for row in g.rows() {
-                            gb.iter_mut().zip(row.iter()).for_each(|(s, &v)| *s += v);
-                        }
-                    }
                     if i > self.first_param_op {
                         let gin = &mut gbefore[i - 1];
                         ensure(gin, g.nrows(), input.ncols());
                         general_mat_mul(1.0, &*g, &self.matrix(params, *kernel).t(), 0.0, gin);
                     }
                 }
-                Op::Dropout { rate, .. } => {
+                Op::Dropout { .. } => {
                     if i > self.first_param_op {
-                        if *rate > 0.0 {
-                            *g *= &ws.z[i];
-                        }
+                        apply_mask(g, pending_mask.take().map(|m| &ws.z[m]));
+                        pending_mask = ws.masked[i].then_some(i);
                         std::mem::swap(g, &mut gbefore[i - 1]);
                     }
                 }
                 Op::Activation(f) => {
+                    apply_mask(g, pending_mask.take().map(|m| &ws.z[m]));
                     if !g_is_dz {
-                        f.backward(input, ws.out[i].view(), g.view_mut());
+                        let (z, out) = (input.to_slice().expect("rows are contiguous"), flat(&ws.out[i]));
+                        f.backward(z, out, flat_mut(g), self.widths[i]);
                     }
                     if i > self.first_param_op {
                         std::mem::swap(g, &mut gbefore[i - 1]);

@@ -1,10 +1,11 @@
-//! Hot loops compiled twice: for the baseline x86-64 and for AVX2, picked at run time.
+//! Hot loops compiled three times: for the baseline x86-64, for AVX2 and for AVX-512, the
+//! widest the CPU has picked at run time.
 //!
-//! Both builds give the same bits: Rust never fuses `a * b + c` into an FMA on its own, and
+//! Every build gives the same bits: Rust never fuses `a * b + c` into an FMA on its own, and
 //! every loop keeps its order of operations; only the vector width changes.
 
-/// Defines a function whose body is compiled for the baseline and for AVX2; calls the AVX2
-/// build when the CPU has AVX2.
+/// Defines a function whose body is compiled for the baseline, AVX2 and AVX-512; calls the
+/// widest build the CPU runs.
 #[macro_export]
 macro_rules! avx2_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
@@ -13,9 +14,17 @@ macro_rules! avx2_dispatch {
             fn inner($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    inner($($arg),*)
+                }
                 #[target_feature(enable = "avx2")]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     inner($($arg),*)
+                }
+                if $crate::simd::has_avx512() {
+                    // SAFETY: the CPU supports these AVX-512 subsets.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU supports AVX2.
@@ -25,6 +34,22 @@ macro_rules! avx2_dispatch {
             inner($($arg),*)
         }
     };
+}
+
+/// Whether the CPU has the AVX-512 subsets the wide builds use (F, BW, DQ, VL); `DTRAIN_SIMD=avx2`
+/// turns them off, to compare.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        use std::arch::is_x86_feature_detected as has;
+        std::env::var("DTRAIN_SIMD").map_or(true, |v| v != "avx2")
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("avx512vl")
+    })
 }
 
 /// Element-wise work on vectors at least this long is split across threads; shorter ones are
@@ -46,6 +71,31 @@ pub fn add_into(dst: &mut [f32], src: &[f32]) {
     let (d0, d1) = dst.split_at_mut(mid);
     let (s0, s1) = src.split_at(mid);
     rayon::join(|| add_into(d0, s0), || add_into(d1, s1));
+}
+
+avx2_dispatch! {
+    /// `row += r` for every row of `rows` (rows of `r.len()` values), e.g. a bias.
+    pub fn add_to_rows(rows: &mut [f32], r: &[f32]) {
+        for row in rows.chunks_mut(r.len().max(1)) {
+            row.iter_mut().zip(r).for_each(|(d, s)| *d += s);
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// `sum += row` for every row of `rows` in order (rows of `sum.len()` values): column sums.
+    pub fn add_rows_to(sum: &mut [f32], rows: &[f32]) {
+        for row in rows.chunks(sum.len().max(1)) {
+            sum.iter_mut().zip(row).for_each(|(d, s)| *d += s);
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// `dst *= src`, element by element.
+    pub fn mul_into(dst: &mut [f32], src: &[f32]) {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d *= s);
+    }
 }
 
 /// 1 if `x` is a NaN or an infinity (all exponent bits set); branch-free, so folds vectorize.

@@ -76,7 +76,7 @@ impl Products {
         dtrain_nn::flush_denormals();
         for (i, (x, w, z, gw, gx)) in self.mats.iter_mut().enumerate() {
             general_mat_mul(1.0, &*x, &*w, 0.0, z); // forward
-            general_mat_mul(1.0, &x.t(), &*z, 0.0, gw); // weight gradient
+            dtrain_nn::product::weight_gradient(x.view(), z.view(), gw.view_mut()); // weight gradient
             if i > 0 {
                 general_mat_mul(1.0, &*z, &w.t(), 0.0, gx); // input gradient
             }

@@ -12,6 +12,7 @@ pub mod kernel;
 pub mod layer;
 pub mod loss;
 pub mod model;
+pub mod product;
 pub mod regularizer;
 pub mod rng;
 pub mod simd;

@@ -537,7 +537,7 @@ impl Sequential {
                     let kv = &self.vars[*kernel];
                     let mut gw = ArrayViewMut2::from_shape((kv.shape[0], kv.shape[1]), &mut grads[kv.range()])
                         .expect("kernel shape matches its slice");
-                    general_mat_mul(1.0, &input.t(), &*g, 0.0, &mut gw);
+                    crate::product::weight_gradient(input, g.view(), gw.view_mut());
                     if i > self.first_param_op {
                         let gin = &mut gbefore[i - 1];
                         ensure(gin, g.nrows(), input.ncols());

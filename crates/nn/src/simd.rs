@@ -2,7 +2,8 @@
 //! widest the CPU has picked at run time.
 //!
 //! Every build gives the same bits: Rust never fuses `a * b + c` into an FMA on its own, and
-//! every loop keeps its order of operations; only the vector width changes.
+//! every loop keeps its order of operations; only the vector width changes. Every call runs
+//! with subnormals flushed to zero (FTZ and DAZ), on whichever thread.
 
 /// Defines a function whose body is compiled for the baseline, AVX2 and AVX-512; calls the
 /// widest build the CPU runs.
@@ -12,6 +13,9 @@ macro_rules! avx2_dispatch {
         $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
             fn inner($($arg: $ty),*) $(-> $ret)? $body
+            // Whatever thread runs it (a pool's, the caller's), subnormals flush to zero, as
+            // in every forward pass: otherwise the bits would depend on which thread ran what.
+            $crate::flush_denormals();
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
@@ -285,6 +289,20 @@ pub fn copy_checked(dst: &mut [f32], src: &[f32]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hot_loops_flush_subnormals_on_any_thread() {
+        // A fresh thread starts without FTZ/DAZ; the loop must not depend on that.
+        let got = std::thread::spawn(|| {
+            let mut dst = [f32::MIN_POSITIVE; 3];
+            add_into(&mut dst, &[-f32::MIN_POSITIVE / 2.0; 3]);
+            dst
+        })
+        .join()
+        .unwrap();
+        // With DAZ the subnormal addend reads as zero; without it the sum would be subnormal.
+        assert_eq!(got, [f32::MIN_POSITIVE; 3]);
+    }
+
     use super::*;
 
     #[test]

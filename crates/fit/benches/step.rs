@@ -25,7 +25,11 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::Array2;
 use rayon::prelude::*;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "../../nn/benches/support/timing.rs"]
+mod timing;
+use timing::{median, per_call};
 
 fn job(file: &str, shards: usize) -> Job {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(file);
@@ -82,23 +86,6 @@ impl Products {
             }
         }
     }
-}
-
-/// Seconds per call of `f`, over about `budget` of calls after one warm-up call.
-fn per_call(budget: Duration, mut f: impl FnMut()) -> f64 {
-    f();
-    let start = Instant::now();
-    let mut calls = 0u32;
-    while start.elapsed() < budget {
-        f();
-        calls += 1;
-    }
-    start.elapsed().as_secs_f64() / f64::from(calls.max(1))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// One row of the table: medians of (peak seconds per 512^3 product on each thread, products

@@ -8,7 +8,11 @@
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::Array2;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "support/timing.rs"]
+mod timing;
+use timing::{median, per_call};
 
 fn fill(rows: usize, cols: usize, salt: usize) -> Array2<f32> {
     Array2::from_shape_fn((rows, cols), |(i, j)| ((i * 2_654_435_761 ^ j * 40_503 ^ salt) % 1000) as f32 * 1e-3 - 0.5)
@@ -41,22 +45,6 @@ fn matrixmultiply(a: &Array2<f32>, transpose_a: bool, b: &Array2<f32>, c: &mut A
     }
 }
 
-fn per_call(mut f: impl FnMut()) -> f64 {
-    f();
-    let start = Instant::now();
-    let mut calls = 0u32;
-    while start.elapsed() < Duration::from_millis(100) {
-        f();
-        calls += 1;
-    }
-    start.elapsed().as_secs_f64() / f64::from(calls.max(1))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     dtrain_nn::set_blas_threads(1);
     let rounds = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(5);
@@ -75,14 +63,16 @@ fn main() {
                     if weight_gradient { Array2::zeros((inputs, units)) } else { Array2::zeros((rows, units)) };
                 let (mut blas, mut mm) = (vec![], vec![]);
                 for _ in 0..rounds {
-                    blas.push(per_call(|| {
+                    blas.push(per_call(Duration::from_millis(100), || {
                         if weight_gradient {
                             general_mat_mul(1.0, &x.t(), &other, 0.0, &mut out)
                         } else {
                             general_mat_mul(1.0, &x, &other, 0.0, &mut out)
                         }
                     }));
-                    mm.push(per_call(|| matrixmultiply(&x, weight_gradient, &other, &mut out)));
+                    mm.push(per_call(Duration::from_millis(100), || {
+                        matrixmultiply(&x, weight_gradient, &other, &mut out)
+                    }));
                 }
                 let (blas, mm) = (median(blas), median(mm));
                 let picks = if weight_gradient {

@@ -15,7 +15,9 @@ mod timing;
 use timing::{median, per_call};
 
 fn fill(rows: usize, cols: usize, salt: usize) -> Array2<f32> {
-    Array2::from_shape_fn((rows, cols), |(i, j)| ((i * 2_654_435_761 ^ j * 40_503 ^ salt) % 1000) as f32 * 1e-3 - 0.5)
+    Array2::from_shape_fn((rows, cols), |(i, j)| {
+        (((i * 2_654_435_761) ^ (j * 40_503) ^ salt) % 1000) as f32 * 1e-3 - 0.5
+    })
 }
 
 /// `c = aᵀ · b` (or `a · b`) with matrixmultiply, row-major views.

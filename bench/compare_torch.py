@@ -18,14 +18,13 @@ warm-up and left out, the rest ("steady epochs") give the median. Ratios compare
 import argparse
 import json
 import os
-import re
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 
-from compare_keras import BIN, ROOT, SAMPLES, run
+import compare_keras
+from compare_keras import ROOT, SAMPLES, run
 
 VENV = os.path.join(ROOT, "target", "torch-venv")
 PY = os.path.join(VENV, "bin", "python")
@@ -44,17 +43,9 @@ def steady(events):
 
 
 def dtrain(job, epochs, workers=0):
-    with tempfile.TemporaryDirectory() as d:
-        cfg = os.path.join(ROOT, "examples", job + ".toml")
-        extra = []
-        if workers:
-            text = re.sub(r"(?m)^shards = \d+\n", "", open(cfg).read())
-            cfg = os.path.join(d, job + ".toml")
-            open(cfg, "w").write(re.sub(r"(?m)^epochs = \d+", f"epochs = {epochs}\nshards = {workers}", text))
-            extra = ["--spawn-workers", str(workers)]
-        events, _, _ = run([BIN, "train", "--config", cfg, "--epochs", str(epochs), "--run-dir",
-                            os.path.join(d, "r"), "--log-format", "json", *extra])
-        return steady(events)
+    extra = ["--spawn-workers", str(workers)] if workers else []
+    events, _, _ = compare_keras.dtrain(job, epochs, shards=workers or None, extra=extra)
+    return steady(events)
 
 
 def torch(job, epochs, threads):

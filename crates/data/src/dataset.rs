@@ -181,7 +181,7 @@ impl Dataset {
     }
 }
 
-dtrain_nn::avx2_dispatch! {
+dtrain_nn::simd_dispatch! {
     /// Keras users write x / 255.0: float64 arithmetic rounded once to float32.
     fn gather_u8(v: &[u8], w: usize, rescale: f64, rows: &[u32], out: &mut [f32]) {
         for (dst, &r) in out.chunks_exact_mut(w).zip(rows) {
@@ -191,7 +191,7 @@ dtrain_nn::avx2_dispatch! {
     }
 }
 
-dtrain_nn::avx2_dispatch! {
+dtrain_nn::simd_dispatch! {
     fn gather_f32(v: &[f32], w: usize, rescale: f64, rows: &[u32], out: &mut [f32]) {
         for (dst, &r) in out.chunks_exact_mut(w).zip(rows) {
             let src = &v[r as usize * w..][..w];

@@ -50,7 +50,7 @@ impl Constraint {
     }
 }
 
-crate::avx2_dispatch! {
+crate::simd_dispatch! {
     fn constrain(c: Constraint, w: &mut [f32], shape: &[usize]) {
         let (min, max, rate) = match c {
             Constraint::NonNeg => {

@@ -85,7 +85,7 @@ impl PenaltySums {
     }
 }
 
-crate::avx2_dispatch! {
+crate::simd_dispatch! {
     /// Adds `x` (a multiple of 8 values, starting at lane 0) to the lanes the penalty uses.
     fn lanes(a1: &mut [f64; 8], a2: &mut [f64; 8], x: &[f32], abs: bool, squares: bool) {
         #[inline(always)]
@@ -110,7 +110,7 @@ crate::avx2_dispatch! {
     }
 }
 
-crate::avx2_dispatch! {
+crate::simd_dispatch! {
     /// `g = d` (`store`) or `g += d`, where `d = scale * d(penalty)/dx`.
     fn derivative(l1: f32, l2: f32, x: &[f32], scale: f32, g: &mut [f32], store: bool) {
         #[inline(always)]

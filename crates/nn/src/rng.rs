@@ -65,7 +65,7 @@ pub fn dropout_uniforms(seed: u64, layer: u32, step: u64, position: u32, out: &m
     uniforms(seed, layer, step, position, out);
 }
 
-crate::avx2_dispatch! {
+crate::simd_dispatch! {
     fn uniforms(seed: u64, layer: u32, step: u64, position: u32, out: &mut [f32]) {
     const L: usize = 8;
     let key = key_of(seed);

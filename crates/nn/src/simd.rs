@@ -8,7 +8,7 @@
 /// Defines a function whose body is compiled for the baseline, AVX2 and AVX-512; calls the
 /// widest build the CPU runs.
 #[macro_export]
-macro_rules! avx2_dispatch {
+macro_rules! simd_dispatch {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])* $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
@@ -60,7 +60,7 @@ pub fn has_avx512() -> bool {
 /// not worth the hand-off. Splitting never changes results: each element is computed alone.
 pub const PARALLEL_MIN: usize = 1 << 17;
 
-avx2_dispatch! {
+simd_dispatch! {
     fn add_serial(dst: &mut [f32], src: &[f32]) {
         dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
     }
@@ -77,7 +77,7 @@ pub fn add_into(dst: &mut [f32], src: &[f32]) {
     rayon::join(|| add_into(d0, s0), || add_into(d1, s1));
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// `row += r` for every row of `rows` (rows of `r.len()` values), e.g. a bias.
     pub fn add_to_rows(rows: &mut [f32], r: &[f32]) {
         for row in rows.chunks_mut(r.len().max(1)) {
@@ -86,7 +86,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// `sum += row` for every row of `rows` in order (rows of `sum.len()` values): column sums.
     pub fn add_rows_to(sum: &mut [f32], rows: &[f32]) {
         for row in rows.chunks(sum.len().max(1)) {
@@ -95,7 +95,7 @@ avx2_dispatch! {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// `dst *= src`, element by element.
     pub fn mul_into(dst: &mut [f32], src: &[f32]) {
         dst.iter_mut().zip(src).for_each(|(d, s)| *d *= s);
@@ -108,7 +108,7 @@ fn not_finite(x: &f32) -> u32 {
     u32::from((x.to_bits() & 0x7f80_0000) == 0x7f80_0000)
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     /// Whether every value of `v` is finite.
     pub fn all_finite(v: &[f32]) -> bool {
         v.chunks(64).all(|c| c.iter().fold(0, |acc, x| acc | not_finite(x)) == 0)
@@ -198,7 +198,7 @@ fn read8(p: *const f32) -> [f32; 8] {
     }
 }
 
-avx2_dispatch! {
+simd_dispatch! {
     fn volatile_copy(src: Volatile<'_>, dst: &mut [f32]) {
         src.load(0..src.len, |i, v| dst[i..i + v.len()].copy_from_slice(v));
     }
@@ -246,7 +246,7 @@ impl<'a> Part<'a> {
 /// Values per block of `sum_into`: the block's result stays in L1 while every part is added.
 const BLOCK: usize = 1024;
 
-avx2_dispatch! {
+simd_dispatch! {
     fn sum_serial(dst: &mut [f32], parts: &[Part<'_>]) -> bool {
         let mut bad = 0u32;
         for (b, d) in dst.chunks_mut(BLOCK).enumerate() {

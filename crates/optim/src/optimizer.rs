@@ -338,7 +338,7 @@ fn update_split(
     );
 }
 
-dtrain_nn::avx2_dispatch! {
+dtrain_nn::simd_dispatch! {
     /// Weight decay and the update of `algorithm`, for update number `t` (1-based).
     fn update(
         algorithm: &Algorithm,

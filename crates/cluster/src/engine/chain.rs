@@ -281,7 +281,7 @@ impl ClusterEngine<'_> {
             plan.members.iter().map(|m| m.id).chain(plan.local.iter().map(|&(w, _)| w)).collect();
         let settled = match truth {
             Some(truth) => {
-                let reported = inbox.digests.clone().unwrap_or_default();
+                let reported = inbox.digests.take().unwrap_or_default();
                 self.settle_audit(plan, truth, &reported, grad, &mut inbox.local, &mut stats)
             }
             None => {

@@ -1,6 +1,7 @@
 //! Who computes the shard gradients of a step: this process (`LocalEngine`), or workers
 //! elsewhere (the cluster implements `Engine` over the network).
 
+use crate::spare_core::SpareCore;
 use crate::EngineError;
 use dtrain_data::{Dataset, Labels};
 use dtrain_nn::{Mode, Sequential, ShardStats, Targets, Workspace};
@@ -48,7 +49,8 @@ pub trait Engine {
         false
     }
 
-    /// A hint: `batch` comes next. The local engine starts loading its rows into cache.
+    /// A hint: `batch` comes next. The local engine gathers its rows on a spare core meanwhile,
+    /// or starts loading them into cache.
     fn prefetch(&mut self, _batch: &[u32]) {}
 
     /// What the epoch that just ended looked like (workers, step times, bytes), if anything.
@@ -84,11 +86,32 @@ impl ShardBuffers {
         mode: Mode,
         grad: &mut [f32],
     ) -> ShardStats {
+        self.gradient_gathered(model, data, params, idx, None, mode, grad)
+    }
+
+    /// As `gradient`, with the features of rows `idx` already gathered into `gathered` when
+    /// it is `Some` (`idx.len()` rows of the input width, as `Dataset::gather` writes them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gradient_gathered(
+        &mut self,
+        model: &Sequential,
+        data: &Dataset,
+        params: &[f32],
+        idx: &[u32],
+        gathered: Option<&[f32]>,
+        mode: Mode,
+        grad: &mut [f32],
+    ) -> ShardStats {
         if idx.is_empty() {
             grad.fill(0.0);
             return ShardStats::default();
         }
-        let x = gather_rows(data, idx, &mut self.x);
+        let x = match gathered {
+            Some(rows) => {
+                ArrayView2::from_shape((idx.len(), data.width()), rows).expect("gathered rows have the input width")
+            }
+            None => gather_rows(data, idx, &mut self.x),
+        };
         let targets = gather_targets(data, idx, &mut self.classes, &mut self.values);
         model.gradient(params, x, targets, mode, &mut self.ws, grad)
     }
@@ -149,6 +172,42 @@ pub struct LocalEngine<'a> {
     buffers: Vec<ShardBuffers>,
     /// Each shard's gradient, when there are several to sum.
     grads: Vec<Vec<f32>>,
+    lookahead: Option<Lookahead>,
+}
+
+/// Gathers the next batch's features on a spare core while the current step computes, as
+/// tf.data's prefetch or PyTorch's DataLoader workers do: a shuffled epoch reads rows scattered
+/// over the whole dataset, and waiting on memory for them is a tenth of the seed job's step.
+struct Lookahead {
+    spare: SpareCore,
+    /// The batch `Engine::prefetch` announced.
+    next: Vec<u32>,
+    /// Features gathered for the batch they name.
+    ready: Gathered,
+    /// Where the announced batch is gathered meanwhile.
+    meanwhile: Gathered,
+    /// Steps that found their batch gathered.
+    hits: u64,
+}
+
+#[derive(Default)]
+struct Gathered {
+    batch: Vec<u32>,
+    x: Vec<f32>,
+}
+
+impl Gathered {
+    fn gather(&mut self, data: &Dataset, batch: &[u32]) {
+        self.batch.clear();
+        self.batch.extend_from_slice(batch);
+        self.x.resize(batch.len() * data.width(), 0.0);
+        data.gather(batch, &mut self.x);
+    }
+
+    /// The features of `batch`, if these are they.
+    fn rows_of(&self, batch: &[u32]) -> Option<&[f32]> {
+        (!batch.is_empty() && self.batch == batch).then_some(&self.x[..])
+    }
 }
 
 impl<'a> LocalEngine<'a> {
@@ -166,13 +225,38 @@ impl<'a> LocalEngine<'a> {
         } else {
             None
         };
-        Ok(LocalEngine { model, data, seed, pool, buffers: vec![], grads: vec![] })
+        Ok(LocalEngine { model, data, seed, pool, buffers: vec![], grads: vec![], lookahead: None })
+    }
+
+    /// Gathers each announced batch (`Engine::prefetch`) on a thread of its own meanwhile;
+    /// for a machine with a core more than the shards computed at once.
+    pub fn with_lookahead(mut self) -> Result<Self, EngineError> {
+        let spare = SpareCore::new("dtrain-gather").map_err(EngineError::GatherThread)?;
+        self.lookahead = Some(Lookahead {
+            spare,
+            next: vec![],
+            ready: Gathered::default(),
+            meanwhile: Gathered::default(),
+            hits: 0,
+        });
+        Ok(self)
+    }
+
+    /// How many steps found their batch gathered ahead (0 without `with_lookahead`).
+    pub fn batches_gathered_ahead(&self) -> u64 {
+        self.lookahead.as_ref().map_or(0, |a| a.hits)
     }
 }
 
 impl Engine for LocalEngine<'_> {
     fn prefetch(&mut self, batch: &[u32]) {
-        self.data.prefetch(batch);
+        match &mut self.lookahead {
+            Some(ahead) => {
+                ahead.next.clear();
+                ahead.next.extend_from_slice(batch);
+            }
+            None => self.data.prefetch(batch),
+        }
     }
 
     fn gradients(
@@ -187,9 +271,20 @@ impl Engine for LocalEngine<'_> {
         self.buffers.resize_with(shards.len(), ShardBuffers::default);
         let (model, data, seed) = (self.model, self.data, self.seed);
         let global_batch = batch.len() as u32;
+        let width = data.width();
+        // The features this batch was gathered into ahead, and the batch to gather meanwhile.
+        let (gathered, ahead) = match self.lookahead.as_mut() {
+            Some(Lookahead { spare, next, ready, meanwhile, hits }) => {
+                let rows = ready.rows_of(batch);
+                *hits += u64::from(rows.is_some());
+                (rows, Some((spare, next, meanwhile)))
+            }
+            None => (None, None),
+        };
         let job = |((buf, grad), r): ((&mut ShardBuffers, &mut [f32]), &Range<usize>)| {
             let mode = Mode::Train { seed, step, first_position: r.start as u32, global_batch };
-            buf.gradient(model, data, params, &batch[r.clone()], mode, grad)
+            let rows = gathered.map(|x| &x[r.start * width..r.end * width]);
+            buf.gradient_gathered(model, data, params, &batch[r.clone()], rows, mode, grad)
         };
         // One shard is computed straight into `grad`; several into their own buffers, then summed.
         let mut outs: Vec<&mut [f32]> = if shards.len() == 1 {
@@ -199,18 +294,91 @@ impl Engine for LocalEngine<'_> {
             self.grads.iter_mut().map(|g| &mut g[..]).collect()
         };
         let work = self.buffers.iter_mut().zip(outs.iter_mut().map(|g| &mut **g)).zip(shards.iter());
-        let stats = match &self.pool {
+        let pool = self.pool.as_ref();
+        let compute = move || match pool {
             Some(pool) => {
                 let items: Vec<_> = work.collect();
                 pool.install(|| items.into_par_iter().map(job).collect())
             }
-            None => work.map(job).collect(),
+            None => work.map(job).collect::<Vec<_>>(),
         };
-        meanwhile();
+        let stats = match ahead {
+            Some((spare, next, into)) if !next.is_empty() => spare.join(&mut || into.gather(data, next), || {
+                let stats = compute();
+                meanwhile();
+                stats
+            }),
+            _ => {
+                let stats = compute();
+                meanwhile();
+                stats
+            }
+        };
+        if let Some(ahead) = self.lookahead.as_mut().filter(|a| !a.next.is_empty()) {
+            std::mem::swap(&mut ahead.ready, &mut ahead.meanwhile);
+            ahead.next.clear();
+        }
         if shards.len() > 1 {
             let parts: Vec<_> = self.grads.iter().map(|g| dtrain_nn::simd::Part::Own(&g[..])).collect();
             dtrain_nn::simd::sum_into(grad, &parts);
         }
         Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dtrain_data::Features;
+    use dtrain_nn::{Activation, DenseSpec, LayerSpec, Loss, LossKind};
+
+    fn data() -> Dataset {
+        let n = 40;
+        let x: Vec<u8> = (0..n * 6).map(|i| (i * 37 % 251) as u8).collect();
+        let y: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
+        Dataset::new(Features::U8(x), vec![6], Labels::Classes(y)).unwrap().with_rescale(1.0 / 255.0)
+    }
+
+    #[test]
+    fn gathering_ahead_gives_the_same_gradients() {
+        let dense = |units, activation| LayerSpec::Dense(DenseSpec { activation, ..DenseSpec::new(units) });
+        let layers =
+            [dense(8, Activation::Relu), LayerSpec::Dropout { rate: 0.5, seed: None }, dense(3, Activation::Softmax)];
+        let model =
+            Sequential::new(&[6], &layers, Loss { kind: LossKind::SparseCategoricalCrossentropy, from_logits: false })
+                .unwrap();
+        let data = data();
+        let params = model.init_params(7);
+        let batches: Vec<Vec<u32>> = (0..6u32).map(|b| (0..10).map(|i| (b * 13 + i * 7) % 40).collect()).collect();
+        // What the trainer announces before each step; step 3's announcement is wrong (a
+        // rollback changes the plan), so step 4 gathers its own rows.
+        let announced =
+            |b: usize| if b == 3 { batches[0].clone() } else { batches.get(b + 1).cloned().unwrap_or_default() };
+        let run = |mut engine: LocalEngine, shards: usize| {
+            let mut grads = vec![];
+            for (b, batch) in batches.iter().enumerate() {
+                engine.prefetch(&announced(b));
+                let mut g = vec![0.0; model.num_params()];
+                let stats =
+                    engine.gradients(&params, b as u64, batch, &shard_ranges(10, shards), &mut g, &mut || {}).unwrap();
+                grads.push((g, stats));
+            }
+            (grads, engine.batches_gathered_ahead())
+        };
+        for (threads, shards) in [(1, 1), (2, 2), (1, 3)] {
+            let (plain, none) = run(LocalEngine::new(&model, &data, 5, threads).unwrap(), shards);
+            let (ahead, hits) =
+                run(LocalEngine::new(&model, &data, 5, threads).unwrap().with_lookahead().unwrap(), shards);
+            assert_eq!(none, 0);
+            // Steps 1, 2, 3 and 5 find their rows gathered; step 0 (nothing announced) and step 4 do not.
+            assert_eq!(hits, 4, "{threads} threads, {shards} shards");
+            for ((g, s), (h, t)) in plain.iter().zip(&ahead) {
+                assert_eq!(
+                    g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    h.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+                assert_eq!(s, t);
+            }
+        }
     }
 }

@@ -90,6 +90,9 @@ pub enum EngineError {
         /// Why they could not start.
         cause: rayon::ThreadPoolBuildError,
     },
+    /// The thread that gathers batches ahead could not be started.
+    #[error("cannot start the thread that gathers batches ahead: {0}")]
+    GatherThread(std::io::Error),
     /// Every worker left and none joined in time.
     #[error("no worker joined within {waited:?}; the last checkpoint is kept")]
     NoWorkers {

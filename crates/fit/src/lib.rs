@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod progress;
 pub mod run;
 pub mod session;
+mod spare_core;
 pub mod step;
 pub mod trainer;
 

@@ -75,9 +75,20 @@ fn absolutize(c: &mut JobConfig, base: &Path) {
     }
 }
 
-fn threads_for(job: &Job, threads: Option<usize>) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    threads.unwrap_or(cores).clamp(1, job.fit.shards)
+/// How the in-process path uses the cores it has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ThreadPlan {
+    /// Shards computed at once.
+    compute: usize,
+    /// Whether a core is left over to gather the next batch meanwhile.
+    lookahead: bool,
+}
+
+/// `requested` threads (default: every core) compute shards, at most one per shard; a core
+/// the shards leave over gathers the next batch.
+fn thread_plan(cores: usize, requested: Option<usize>, shards: usize) -> ThreadPlan {
+    let compute = requested.unwrap_or(cores).clamp(1, shards.max(1));
+    ThreadPlan { compute, lookahead: cores > compute }
 }
 
 /// Makes the engine that computes a run's shard gradients, once the job and data are loaded.
@@ -94,8 +105,10 @@ pub struct Local {
 
 impl EngineFactory for Local {
     fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
-        let engine = LocalEngine::new(&job.model, train, job.seed, threads_for(job, self.threads))?;
-        Ok(Box::new(engine))
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let plan = thread_plan(cores, self.threads, job.fit.shards);
+        let engine = LocalEngine::new(&job.model, train, job.seed, plan.compute)?;
+        Ok(Box::new(if plan.lookahead { engine.with_lookahead()? } else { engine }))
     }
 }
 
@@ -237,4 +250,24 @@ pub fn export_keras(config: &Path, weights: &Path, to: &Path) -> Result<(), FitE
         .map_err(|e| FitError::Config(format!("{}: {e}", to.display())))?;
     crate::checkpoint::write_atomic(to, &bytes)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_core_the_shards_leave_over_gathers_ahead() {
+        let plan = |compute, lookahead| ThreadPlan { compute, lookahead };
+        // The seed job on two cores: one shard, and the other core gathers.
+        assert_eq!(thread_plan(2, None, 1), plan(1, true));
+        // Two shards take both cores.
+        assert_eq!(thread_plan(2, None, 2), plan(2, false));
+        assert_eq!(thread_plan(2, None, 8), plan(2, false));
+        assert_eq!(thread_plan(1, None, 1), plan(1, false));
+        // Asked-for threads are capped at the shards, and leave the rest over.
+        assert_eq!(thread_plan(4, Some(8), 2), plan(2, true));
+        assert_eq!(thread_plan(4, Some(1), 2), plan(1, true));
+        assert_eq!(thread_plan(2, Some(0), 1), plan(1, true));
+    }
 }

@@ -147,7 +147,7 @@ struct Cluster<'o> {
 }
 
 impl EngineFactory for Cluster<'_> {
-    fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
+    fn engine<'a>(&mut self, job: &'a Job, train: &'a Arc<Dataset>) -> Result<Box<dyn Engine + 'a>, FitError> {
         let err = |e: String| FitError::Engine(EngineError::Setup(e));
         // Watched from before anything is logged, so a signal sent on seeing "waiting for" counts.
         let mut stop = self.rt.block_on(async { Termination::watch() });

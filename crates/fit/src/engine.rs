@@ -8,6 +8,7 @@ use dtrain_nn::{Mode, Sequential, ShardStats, Targets, Workspace};
 use ndarray::{ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// The contiguous shards of a batch of `len` samples: shard k is `[k*len/S, (k+1)*len/S)`.
 pub fn shard_ranges(len: usize, shards: usize) -> Vec<Range<usize>> {
@@ -177,15 +178,12 @@ pub struct LocalEngine<'a> {
 
 /// Gathers the next batch's features on a spare core while the current step computes, as
 /// tf.data's prefetch or PyTorch's DataLoader workers do: a shuffled epoch reads rows scattered
-/// over the whole dataset, and waiting on memory for them is a tenth of the seed job's step.
+/// over the whole dataset, and waiting on memory for them was a tenth of the seed job's step.
 struct Lookahead {
-    spare: SpareCore,
-    /// The batch `Engine::prefetch` announced.
-    next: Vec<u32>,
-    /// Features gathered for the batch they name.
+    /// Gathers the batch in its slot: the one `Engine::prefetch` announced last.
+    spare: SpareCore<Gathered>,
+    /// The batch announced before, gathered.
     ready: Gathered,
-    /// Where the announced batch is gathered meanwhile.
-    meanwhile: Gathered,
     /// Steps that found their batch gathered.
     hits: u64,
 }
@@ -197,11 +195,11 @@ struct Gathered {
 }
 
 impl Gathered {
-    fn gather(&mut self, data: &Dataset, batch: &[u32]) {
-        self.batch.clear();
-        self.batch.extend_from_slice(batch);
-        self.x.resize(batch.len() * data.width(), 0.0);
-        data.gather(batch, &mut self.x);
+    fn gather(&mut self, data: &Dataset) {
+        self.x.resize(self.batch.len() * data.width(), 0.0);
+        // The prefetches go out together, so the rows' cache misses overlap.
+        data.prefetch(&self.batch);
+        data.gather(&self.batch, &mut self.x);
     }
 
     /// The features of `batch`, if these are they.
@@ -228,17 +226,18 @@ impl<'a> LocalEngine<'a> {
         Ok(LocalEngine { model, data, seed, pool, buffers: vec![], grads: vec![], lookahead: None })
     }
 
-    /// Gathers each announced batch (`Engine::prefetch`) on a thread of its own meanwhile;
-    /// for a machine with a core more than the shards computed at once.
-    pub fn with_lookahead(mut self) -> Result<Self, EngineError> {
-        let spare = SpareCore::new("dtrain-gather").map_err(EngineError::GatherThread)?;
-        self.lookahead = Some(Lookahead {
-            spare,
-            next: vec![],
-            ready: Gathered::default(),
-            meanwhile: Gathered::default(),
-            hits: 0,
-        });
+    /// Gathers each announced batch (`Engine::prefetch`) on a thread of its own while the
+    /// step before it computes; for a machine with a core more than the shards computed at
+    /// once. `data` is the engine's dataset, shared with that thread.
+    ///
+    /// # Panics
+    /// When `data` is not the dataset the engine was made with.
+    pub fn with_lookahead(mut self, data: &Arc<Dataset>) -> Result<Self, EngineError> {
+        assert!(std::ptr::eq(&**data, self.data), "the lookahead gathers from the engine's own dataset");
+        let data = Arc::clone(data);
+        let spare = SpareCore::new("dtrain-gather", Gathered::default(), move |g: &mut Gathered| g.gather(&data))
+            .map_err(EngineError::GatherThread)?;
+        self.lookahead = Some(Lookahead { spare, ready: Gathered::default(), hits: 0 });
         Ok(self)
     }
 
@@ -251,10 +250,13 @@ impl<'a> LocalEngine<'a> {
 impl Engine for LocalEngine<'_> {
     fn prefetch(&mut self, batch: &[u32]) {
         match &mut self.lookahead {
-            Some(ahead) => {
-                ahead.next.clear();
-                ahead.next.extend_from_slice(batch);
-            }
+            Some(Lookahead { spare, ready, .. }) => spare.post(|slot| {
+                // The slot holds the batch announced before, which comes now: it becomes
+                // `ready`, and the slot takes this one.
+                std::mem::swap(slot, ready);
+                slot.batch.clear();
+                slot.batch.extend_from_slice(batch);
+            }),
             None => self.data.prefetch(batch),
         }
     }
@@ -272,15 +274,11 @@ impl Engine for LocalEngine<'_> {
         let (model, data, seed) = (self.model, self.data, self.seed);
         let global_batch = batch.len() as u32;
         let width = data.width();
-        // The features this batch was gathered into ahead, and the batch to gather meanwhile.
-        let (gathered, ahead) = match self.lookahead.as_mut() {
-            Some(Lookahead { spare, next, ready, meanwhile, hits }) => {
-                let rows = ready.rows_of(batch);
-                *hits += u64::from(rows.is_some());
-                (rows, Some((spare, next, meanwhile)))
-            }
-            None => (None, None),
-        };
+        let gathered = self.lookahead.as_mut().and_then(|a| {
+            let rows = a.ready.rows_of(batch);
+            a.hits += u64::from(rows.is_some());
+            rows
+        });
         let job = |((buf, grad), r): ((&mut ShardBuffers, &mut [f32]), &Range<usize>)| {
             let mode = Mode::Train { seed, step, first_position: r.start as u32, global_batch };
             let rows = gathered.map(|x| &x[r.start * width..r.end * width]);
@@ -294,30 +292,14 @@ impl Engine for LocalEngine<'_> {
             self.grads.iter_mut().map(|g| &mut g[..]).collect()
         };
         let work = self.buffers.iter_mut().zip(outs.iter_mut().map(|g| &mut **g)).zip(shards.iter());
-        let pool = self.pool.as_ref();
-        let compute = move || match pool {
+        let stats = match &self.pool {
             Some(pool) => {
                 let items: Vec<_> = work.collect();
                 pool.install(|| items.into_par_iter().map(job).collect())
             }
-            None => work.map(job).collect::<Vec<_>>(),
+            None => work.map(job).collect(),
         };
-        let stats = match ahead {
-            Some((spare, next, into)) if !next.is_empty() => spare.join(&mut || into.gather(data, next), || {
-                let stats = compute();
-                meanwhile();
-                stats
-            }),
-            _ => {
-                let stats = compute();
-                meanwhile();
-                stats
-            }
-        };
-        if let Some(ahead) = self.lookahead.as_mut().filter(|a| !a.next.is_empty()) {
-            std::mem::swap(&mut ahead.ready, &mut ahead.meanwhile);
-            ahead.next.clear();
-        }
+        meanwhile();
         if shards.len() > 1 {
             let parts: Vec<_> = self.grads.iter().map(|g| dtrain_nn::simd::Part::Own(&g[..])).collect();
             dtrain_nn::simd::sum_into(grad, &parts);
@@ -347,13 +329,13 @@ mod tests {
         let model =
             Sequential::new(&[6], &layers, Loss { kind: LossKind::SparseCategoricalCrossentropy, from_logits: false })
                 .unwrap();
-        let data = data();
         let params = model.init_params(7);
         let batches: Vec<Vec<u32>> = (0..6u32).map(|b| (0..10).map(|i| (b * 13 + i * 7) % 40).collect()).collect();
         // What the trainer announces before each step; step 3's announcement is wrong (a
         // rollback changes the plan), so step 4 gathers its own rows.
         let announced =
             |b: usize| if b == 3 { batches[0].clone() } else { batches.get(b + 1).cloned().unwrap_or_default() };
+        let shared = Arc::new(data());
         let run = |mut engine: LocalEngine, shards: usize| {
             let mut grads = vec![];
             for (b, batch) in batches.iter().enumerate() {
@@ -366,9 +348,9 @@ mod tests {
             (grads, engine.batches_gathered_ahead())
         };
         for (threads, shards) in [(1, 1), (2, 2), (1, 3)] {
-            let (plain, none) = run(LocalEngine::new(&model, &data, 5, threads).unwrap(), shards);
-            let (ahead, hits) =
-                run(LocalEngine::new(&model, &data, 5, threads).unwrap().with_lookahead().unwrap(), shards);
+            let (plain, none) = run(LocalEngine::new(&model, &shared, 5, threads).unwrap(), shards);
+            let ahead = LocalEngine::new(&model, &shared, 5, threads).unwrap().with_lookahead(&shared).unwrap();
+            let (ahead, hits) = run(ahead, shards);
             assert_eq!(none, 0);
             // Steps 1, 2, 3 and 5 find their rows gathered; step 0 (nothing announced) and step 4 do not.
             assert_eq!(hits, 4, "{threads} threads, {shards} shards");

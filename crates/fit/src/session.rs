@@ -14,6 +14,7 @@ use dtrain_data::{load_features, Dataset};
 use dtrain_nn::kernel::Kernel;
 use ndarray::Array2;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, Default)]
 /// What `coordinator train` was asked (its flags).
@@ -94,7 +95,7 @@ fn thread_plan(cores: usize, requested: Option<usize>, shards: usize) -> ThreadP
 /// Makes the engine that computes a run's shard gradients, once the job and data are loaded.
 pub trait EngineFactory {
     /// The engine for this job and training data.
-    fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError>;
+    fn engine<'a>(&mut self, job: &'a Job, train: &'a Arc<Dataset>) -> Result<Box<dyn Engine + 'a>, FitError>;
 }
 
 /// Shards computed in this process.
@@ -104,11 +105,11 @@ pub struct Local {
 }
 
 impl EngineFactory for Local {
-    fn engine<'a>(&mut self, job: &'a Job, train: &'a Dataset) -> Result<Box<dyn Engine + 'a>, FitError> {
+    fn engine<'a>(&mut self, job: &'a Job, train: &'a Arc<Dataset>) -> Result<Box<dyn Engine + 'a>, FitError> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let plan = thread_plan(cores, self.threads, job.fit.shards);
         let engine = LocalEngine::new(&job.model, train, job.seed, plan.compute)?;
-        Ok(Box::new(if plan.lookahead { engine.with_lookahead()? } else { engine }))
+        Ok(Box::new(if plan.lookahead { engine.with_lookahead(train)? } else { engine }))
     }
 }
 
@@ -168,6 +169,8 @@ pub fn train_with(
 ) -> Result<Report, FitError> {
     let (opts, config_path, job) = &run_job(opts)?;
     let (train, val) = load_data(job)?;
+    // Shared with the thread that gathers batches ahead, when there is one.
+    let train = Arc::new(train);
     let (run, mut state) = if opts.resume {
         let dir = opts.run_dir.as_deref().expect("checked above");
         let run = RunDir::existing(dir)?;

@@ -1,8 +1,9 @@
-//! A thread on a core the shards leave over, that runs one job alongside the caller.
+//! A thread on a core the shards leave over, that works on a slot of its own while the
+//! caller goes on: the caller posts a job (fills the slot), later takes the result.
 //!
 //! Handing work to a sleeping thread costs a futex wake: about 18 µs on the VMs we measured,
-//! a tenth of the seed job's step and as long as the job itself (gathering a batch). So the
-//! thread spins on a flag while steps keep coming, and parks only after `IDLE` without work.
+//! a tenth of the seed job's step. So the thread spins on a flag while jobs keep coming, and
+//! parks only after `IDLE` without one.
 
 use std::cell::UnsafeCell;
 use std::panic::{self, AssertUnwindSafe};
@@ -16,92 +17,90 @@ const IDLE: Duration = Duration::from_millis(2);
 /// The longest a parked thread sleeps before it looks at the flag again.
 const NAP: Duration = Duration::from_millis(50);
 
-const EMPTY: u8 = 0;
+/// The slot is the caller's.
+const IDLE_SLOT: u8 = 0;
+/// The slot is the thread's, working on it.
 const POSTED: u8 = 1;
-const DONE: u8 = 2;
-const EXIT: u8 = 3;
+const EXIT: u8 = 2;
 
-type Job = *mut (dyn FnMut() + Send + 'static);
-
-struct Shared {
+struct Shared<T> {
     state: AtomicU8,
-    /// The posted job: set by `join` before `POSTED`, read by the thread after it.
-    job: UnsafeCell<Option<Job>>,
+    slot: UnsafeCell<T>,
     parked: AtomicBool,
     panicked: AtomicBool,
 }
 
-// SAFETY: `job` is written only by `join` while the state is EMPTY or DONE (the thread does not
-// look at it then) and read only by the thread between POSTED and DONE (`join` does not touch
-// it then); the SeqCst state changes order the two.
-unsafe impl Sync for Shared {}
-// SAFETY: the job pointer is sent to the thread only to be called there, and jobs are `Send`.
-unsafe impl Send for Shared {}
+// SAFETY: the slot is touched by the caller only while the state is IDLE_SLOT (it holds
+// `&mut SpareCore`, and waits for IDLE_SLOT before giving the slot out), and by the thread
+// only while it is POSTED; SeqCst stores and loads of the state order the two.
+unsafe impl<T: Send> Sync for Shared<T> {}
 
-/// One helper thread; see the module comment.
-pub struct SpareCore {
-    shared: Arc<Shared>,
+/// One helper thread and its slot; see the module comment.
+pub struct SpareCore<T: Send + 'static> {
+    shared: Arc<Shared<T>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl SpareCore {
-    /// Starts the thread, named `name`.
-    pub fn new(name: &str) -> std::io::Result<Self> {
+impl<T: Send + 'static> SpareCore<T> {
+    /// Starts the thread, named `name`; each posted job is `work` on the slot.
+    pub fn new(name: &str, slot: T, work: impl FnMut(&mut T) + Send + 'static) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
-            state: AtomicU8::new(EMPTY),
-            job: UnsafeCell::new(None),
+            state: AtomicU8::new(IDLE_SLOT),
+            slot: UnsafeCell::new(slot),
             parked: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
         });
         let theirs = Arc::clone(&shared);
-        let thread = thread::Builder::new().name(name.into()).spawn(move || serve(&theirs))?;
+        let thread = thread::Builder::new().name(name.into()).spawn(move || serve(&theirs, work))?;
         Ok(SpareCore { shared, thread: Some(thread) })
     }
 
-    /// Runs `side` on the spare core while `main` runs here; returns `main`'s result once
-    /// both are done (also when `main` panics: `side` may borrow from the caller). A panic
-    /// in `side` is raised here.
-    pub fn join<R>(&mut self, side: &mut (dyn FnMut() + Send), main: impl FnOnce() -> R) -> R {
+    /// Waits for the job in flight, if any; lets `prepare` take its result and set up the
+    /// next one in the slot; starts it and returns.
+    pub fn post(&mut self, prepare: impl FnOnce(&mut T)) {
+        prepare(self.finished());
         let s = &*self.shared;
-        // SAFETY: the lifetime is erased only while this call waits for DONE (`Finish` waits
-        // even when `main` unwinds), so the job never outlives what it borrows.
-        let job: Job = unsafe { std::mem::transmute::<*mut (dyn FnMut() + Send + '_), Job>(side) };
-        // SAFETY: the state is EMPTY (every join leaves it so): the thread does not read `job`.
-        unsafe { *s.job.get() = Some(job) };
         s.state.store(POSTED, SeqCst);
+        // Dekker with `serve`: this stores POSTED then loads `parked`; it stores `parked`
+        // then loads the state; one of the two sees the other's store.
         if s.parked.load(SeqCst) {
             if let Some(t) = &self.thread {
                 t.thread().unpark();
             }
         }
-        struct Finish<'a>(&'a Shared);
-        impl Drop for Finish<'_> {
-            fn drop(&mut self) {
-                let started = Instant::now();
-                while self.0.state.load(SeqCst) != DONE {
-                    if started.elapsed() < IDLE {
-                        std::hint::spin_loop();
-                    } else {
-                        thread::yield_now();
-                    }
-                }
-                // SAFETY: DONE: the thread is finished with the job.
-                unsafe { *self.0.job.get() = None };
-                self.0.state.store(EMPTY, SeqCst);
+    }
+
+    /// Waits for the job in flight, if any, and gives the slot.
+    ///
+    /// # Panics
+    /// When the job panicked (the slot may be half done).
+    pub fn finished(&mut self) -> &mut T {
+        let s = &*self.shared;
+        let started = Instant::now();
+        while s.state.load(SeqCst) == POSTED {
+            if started.elapsed() < IDLE {
+                std::hint::spin_loop();
+            } else {
+                thread::yield_now();
             }
         }
-        let finish = Finish(s);
-        let out = main();
-        drop(finish);
-        if s.panicked.swap(false, SeqCst) {
-            panic!("the job on the spare core panicked");
-        }
-        out
+        assert!(!s.panicked.load(SeqCst), "a job on the spare core panicked");
+        // SAFETY: IDLE_SLOT, and `&mut self` is the only way to post: the slot is ours.
+        unsafe { &mut *s.slot.get() }
+    }
+
+    #[cfg(test)]
+    fn parked(&self) -> bool {
+        self.shared.parked.load(SeqCst)
     }
 }
 
-impl Drop for SpareCore {
+impl<T: Send + 'static> Drop for SpareCore<T> {
     fn drop(&mut self) {
+        // A job in flight finishes first: `serve` looks at the state only between jobs.
+        while self.shared.state.load(SeqCst) == POSTED {
+            thread::yield_now();
+        }
         self.shared.state.store(EXIT, SeqCst);
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
@@ -110,8 +109,8 @@ impl Drop for SpareCore {
     }
 }
 
-/// The thread: waits for a job (spinning, then parked), runs it, says DONE.
-fn serve(s: &Shared) {
+/// The thread: waits for a job (spinning, then parked), works on the slot, hands it back.
+fn serve<T>(s: &Shared<T>, mut work: impl FnMut(&mut T)) {
     loop {
         let mut idle_since = Instant::now();
         let mut spins = 0u32;
@@ -123,10 +122,8 @@ fn serve(s: &Shared) {
                 // The clock is read every 256 spins: reading it is slower than a spin.
                 _ if !spins.is_multiple_of(256) || idle_since.elapsed() < IDLE => std::hint::spin_loop(),
                 _ => {
-                    // Dekker with `join`: it stores POSTED then loads `parked`; this stores
-                    // `parked` then loads the state; one of the two sees the other.
                     s.parked.store(true, SeqCst);
-                    if s.state.load(SeqCst) == EMPTY {
+                    if s.state.load(SeqCst) == IDLE_SLOT {
                         thread::park_timeout(NAP);
                     }
                     s.parked.store(false, SeqCst);
@@ -134,12 +131,11 @@ fn serve(s: &Shared) {
                 }
             }
         }
-        // SAFETY: POSTED: `join` set the job and waits for DONE before it is dropped.
-        let job = unsafe { (*s.job.get()).expect("a posted job") };
-        // SAFETY: as above; the job is called once, by this thread only.
-        let ok = panic::catch_unwind(AssertUnwindSafe(|| unsafe { (*job)() })).is_ok();
+        // SAFETY: POSTED: the slot is this thread's until it stores IDLE_SLOT.
+        let slot = unsafe { &mut *s.slot.get() };
+        let ok = panic::catch_unwind(AssertUnwindSafe(|| work(slot))).is_ok();
         s.panicked.store(!ok, SeqCst);
-        s.state.store(DONE, SeqCst);
+        s.state.store(IDLE_SLOT, SeqCst);
     }
 }
 
@@ -147,45 +143,76 @@ fn serve(s: &Shared) {
 mod tests {
     use super::*;
 
+    fn squares() -> SpareCore<(u64, Vec<u64>)> {
+        SpareCore::new("test-spare", (0, vec![]), |(n, out)| {
+            out.clear();
+            out.extend((0..*n).map(|i| i * i));
+        })
+        .unwrap()
+    }
+
     #[test]
-    fn runs_the_side_job_alongside_and_waits_for_it() {
-        let mut spare = SpareCore::new("test-spare").unwrap();
-        let mut side_out = vec![0u64; 1000];
-        for round in 0..200u64 {
-            let main_out = spare.join(&mut || side_out.iter_mut().for_each(|v| *v += round), || round * 2);
-            assert_eq!(main_out, round * 2);
-            assert_eq!(side_out[999], (0..=round).sum::<u64>(), "the side job finished before join returned");
+    fn each_result_is_the_posted_job_done_in_full() {
+        let mut spare = squares();
+        let mut results = vec![];
+        for n in 1..300u64 {
+            spare.post(|(prev_n, out)| {
+                if *prev_n > 0 {
+                    results.push((*prev_n, out.clone()));
+                }
+                *prev_n = n;
+            });
+        }
+        let (n, out) = spare.finished();
+        assert_eq!((*n, out.len()), (299, 299));
+        assert_eq!(results.len(), 298);
+        for (n, out) in results {
+            assert_eq!(out, (0..n).map(|i| i * i).collect::<Vec<_>>());
         }
     }
 
     #[test]
-    fn the_side_job_runs_on_another_thread() {
-        let mut spare = SpareCore::new("test-spare").unwrap();
-        let mut name = None;
-        spare.join(&mut || name = thread::current().name().map(String::from), || ());
-        assert_eq!(name.as_deref(), Some("test-spare"));
+    fn the_job_runs_on_the_named_thread() {
+        let mut spare = SpareCore::new("test-spare", None, |name: &mut Option<String>| {
+            *name = thread::current().name().map(String::from);
+        })
+        .unwrap();
+        spare.post(|_| ());
+        assert_eq!(spare.finished().as_deref(), Some("test-spare"));
     }
 
     #[test]
     fn a_parked_thread_wakes_for_the_next_job() {
-        let mut spare = SpareCore::new("test-spare").unwrap();
+        let mut spare = squares();
         thread::sleep(IDLE * 5);
-        assert!(spare.shared.parked.load(SeqCst), "idle long enough to park");
-        let mut ran = false;
+        assert!(spare.parked(), "idle long enough to park");
         let started = Instant::now();
-        spare.join(&mut || ran = true, || ());
-        assert!(ran);
+        spare.post(|(n, _)| *n = 3);
+        assert_eq!(spare.finished().1, [0, 1, 4]);
         assert!(started.elapsed() < NAP, "woken by unpark, not by the nap running out");
     }
 
     #[test]
-    fn a_panic_on_the_spare_core_is_raised_in_the_caller() {
-        let mut spare = SpareCore::new("test-spare").unwrap();
-        let caught = panic::catch_unwind(AssertUnwindSafe(|| spare.join(&mut || panic!("boom"), || ())));
+    fn a_job_that_panicked_is_reported_to_the_caller() {
+        let mut spare = SpareCore::new("test-spare", 0u32, |_| panic!("boom")).unwrap();
+        spare.post(|_| ());
+        let caught = panic::catch_unwind(AssertUnwindSafe(|| {
+            spare.finished();
+        }));
         assert!(caught.is_err());
-        // And it serves the next job.
-        let mut ran = false;
-        spare.join(&mut || ran = true, || ());
-        assert!(ran);
+    }
+
+    #[test]
+    fn dropping_waits_for_the_job_in_flight() {
+        let done = Arc::new(AtomicBool::new(false));
+        let theirs = Arc::clone(&done);
+        let mut spare = SpareCore::new("test-spare", (), move |_| {
+            thread::sleep(Duration::from_millis(20));
+            theirs.store(true, SeqCst);
+        })
+        .unwrap();
+        spare.post(|_| ());
+        drop(spare);
+        assert!(done.load(SeqCst));
     }
 }

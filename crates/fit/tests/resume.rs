@@ -90,7 +90,8 @@ fn dies_mid_epoch_and_resumes_bit_identically() {
     let mut resumed = load_state(broken.path(), &job).unwrap();
     assert_eq!((resumed.epoch, resumed.batch, resumed.step), (1, 2, 12));
     // The resumed run gathers batches ahead: from the middle of an epoch, as from its start.
-    let mut engine = LocalEngine::new(&job.model, &train, job.seed, 2).unwrap().with_lookahead().unwrap();
+    let train = std::sync::Arc::new(train);
+    let mut engine = LocalEngine::new(&job.model, &train, job.seed, 2).unwrap().with_lookahead(&train).unwrap();
     dtrain_fit::trainer::fit(&job, &train, None, &broken, &mut resumed, &mut engine, &mut quiet()).unwrap();
     assert!(engine.batches_gathered_ahead() > 0, "the resumed run used batches gathered ahead");
 

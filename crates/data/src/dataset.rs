@@ -105,7 +105,7 @@ impl Dataset {
     pub fn prefetch(&self, rows: &[u32]) {
         #[cfg(target_arch = "x86_64")]
         {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
             let w = self.width();
             let (base, elem) = match &self.features {
                 Features::U8(v) => (v.as_ptr(), 1),
@@ -116,7 +116,7 @@ impl Dataset {
                 let start = r as usize * w * elem;
                 for off in (start..(start + w * elem).min(len)).step_by(64) {
                     // SAFETY: prefetching never faults, and `off` is inside the allocation.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(off).cast::<i8>()) };
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(base.add(off).cast::<i8>()) };
                 }
             }
         }

@@ -10,7 +10,6 @@ on those weights (to 1e-5: JAX and OpenBLAS sum products in different orders), a
 callback is refused by name; ModelCheckpoint's file opens in Keras.
 """
 import csv
-import gzip
 import json
 import os
 import tempfile
@@ -20,16 +19,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dtrain  # noqa: E402
-
-DATA = "/usr/share/datasets/fashion-mnist"
-
-
-def idx(prefix):
-    path = next(os.path.join(DATA, f) for f in sorted(os.listdir(DATA)) if f.startswith(prefix))
-    raw = (gzip.open if path.endswith(".gz") else open)(path, "rb").read()
-    dims = int(raw[3])
-    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+from fashion_mnist import idx  # noqa: E402
 
 
 def safetensors(path):

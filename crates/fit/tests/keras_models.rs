@@ -66,6 +66,14 @@ fn job_with_keras_archive(dir: &Path, file: &str, compile: &str) -> PathBuf {
     job_with(dir, file, "[fit]", compile)
 }
 
+/// Whether the weights dtrain reads from the `.keras` fixture `archive` for `job`'s model are the
+/// bytes of `raw` (the generator's little-endian float32 dump of Keras's weights).
+fn weights_are(job: &dtrain_fit::Job, archive: &str, raw: &str) -> bool {
+    let weights = dtrain_fit::keras_archive::weights(&fixture(archive), &job.model).unwrap();
+    let got: Vec<u8> = weights.iter().flat_map(|x| x.to_le_bytes()).collect();
+    got == std::fs::read(fixture(raw)).unwrap()
+}
+
 /// A `.keras` file saved by Keras (`model.save()`): the model, the compile config (Adam with an
 /// ExponentialDecay schedule) where the job gives none, and its weights, bit for bit as Keras
 /// held them, as the run's initial weights.
@@ -82,10 +90,7 @@ fn a_keras_archive_gives_the_model_its_compile_config_and_its_weights() {
     assert!(compile.contains("ExponentialDecay") && compile.contains("decay_steps = 100"), "{compile}");
     assert_eq!(config.initial_weights.as_deref(), Some(fixture("seed_model.keras").as_path()));
     let job = dtrain_fit::Job::build(config, PathBuf::new()).unwrap();
-    let weights = dtrain_fit::keras_archive::weights(&fixture("seed_model.keras"), &job.model).unwrap();
-    let want = std::fs::read(fixture("seed_model.weights.f32")).unwrap();
-    let got: Vec<u8> = weights.iter().flat_map(|x| x.to_le_bytes()).collect();
-    assert!(got == want, "the weights Keras saved, bit for bit");
+    assert!(weights_are(&job, "seed_model.keras", "seed_model.weights.f32"), "the weights Keras saved, bit for bit");
     // The job's own [compile] keys win over the file's.
     let path = job_with_keras_archive(dir.path(), "seed_model.keras", "[compile]\noptimizer = \"sgd\"\n");
     let compile = toml::to_string(&JobConfig::load(&path).unwrap().compile).unwrap();
@@ -93,6 +98,27 @@ fn a_keras_archive_gives_the_model_its_compile_config_and_its_weights() {
         compile.contains("optimizer = \"sgd\"") && compile.contains("sparse_categorical_crossentropy"),
         "{compile}"
     );
+}
+
+/// The notebook's model saved by Keras on the TensorFlow backend (`gen_seed_notebook_tf.py`):
+/// the seed job's model and compile config (Adam with beta_1 0.89), and Keras's initial weights
+/// bit for bit.
+#[test]
+fn a_keras_archive_saved_on_tensorflow_is_the_seed_jobs_model_and_compile_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = job_with_keras_archive(dir.path(), "seed_notebook_tf.keras", "");
+    let config = JobConfig::load(&path).unwrap();
+    assert_eq!(config.model, seed_job().model);
+    // The file spells out Adam's defaults, which the job file leaves out: the same optimizer.
+    assert_eq!(
+        (&config.compile.loss, &config.compile.metrics),
+        (&seed_job().compile.loss, &seed_job().compile.metrics)
+    );
+    let job = dtrain_fit::Job::build(config, PathBuf::new()).unwrap();
+    let seed = dtrain_fit::Job::build(seed_job(), PathBuf::new()).unwrap();
+    assert_eq!(job.optimizer, seed.optimizer, "Adam(0.001, beta_1=0.89)");
+    let saved = weights_are(&job, "seed_notebook_tf.keras", "seed_notebook_tf.weights.f32");
+    assert!(saved, "the weights Keras saved on TensorFlow, bit for bit");
 }
 
 /// A file that is not a `.keras` archive, or whose weights do not fit the model, is refused

@@ -11,6 +11,8 @@ loaded must equal final.safetensors bit for bit, the model comes compiled as the
 (its evaluate() within 1e-5 of `coordinator evaluate`), and `coordinator export` of those weights
 must load with the same weights. A ModelCheckpoint whose filepath ends in .keras or .weights.h5
 writes that format, which load_model and load_weights open with the weights of best.safetensors.
+final.keras also holds the optimizer's state, which load_model restores without a warning: the
+iteration count, the learning rate and Adam's moments of the run's last resume checkpoint.
 """
 import gzip
 import json
@@ -18,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 import keras  # noqa: E402
@@ -57,6 +60,28 @@ def safetensors(path):
     return out
 
 
+def check_optimizer_state(model, run):
+    """The optimizer Keras restored from final.keras holds the run's last state: its iteration count,
+    learning rate, and Adam's moments per variable, bit for bit as the resume checkpoint has them."""
+    state = json.load(open(os.path.join(run, "state.json")))
+    slots = safetensors(os.path.join(run, state["tensors"]))
+    opt = model.optimizer
+    assert int(keras.ops.convert_to_numpy(opt.iterations)) == state["iterations"], "iterations"
+    variables = opt.variables
+    assert float(keras.ops.convert_to_numpy(variables[1])) == np.float32(0.001), "learning_rate"
+    offset = 0
+    slot_vars = iter(variables[2:])
+    for w in model.trainable_weights:
+        size = int(np.prod(w.shape))
+        for slot in ("m", "v"):
+            got = keras.ops.convert_to_numpy(next(slot_vars))
+            assert np.array_equal(got.reshape(-1), slots[f"optimizer/{slot}"][offset:offset + size]), (w.path, slot)
+        offset += size
+    assert next(slot_vars, None) is None and offset == slots["optimizer/m"].size
+    print(f"keras check: final.keras restores the optimizer: {len(variables)} variables, iteration "
+          f"{state['iterations']}, Adam's moments bit for bit")
+
+
 def main():
     coordinator = sys.argv[1]
     images = next(os.path.join(DATA, f) for f in sorted(os.listdir(DATA)) if f.startswith("t10k-images"))
@@ -71,7 +96,12 @@ def main():
             text += "\n[[callbacks]]\n" + checkpoint.replace("best.safetensors", name) + "\n"
         open(job, "w").write(text)
         subprocess.run([coordinator, "train", "--config", job, "--run-dir", run, "--epochs", "1", "-q"], check=True)
-        model = keras.saving.load_model(os.path.join(run, "final.keras"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = keras.saving.load_model(os.path.join(run, "final.keras"))
+        skipped = [str(w.message) for w in caught if "optimizer" in str(w.message)]
+        assert not skipped, skipped
+        check_optimizer_state(model, run)
         want = safetensors(os.path.join(run, "final.safetensors"))
         for w in model.weights:
             name = "/".join(w.path.split("/")[-2:])

@@ -9,6 +9,7 @@ use crate::config::{
     LearningRateConfig, ModelConfig, RegularizerConfig,
 };
 use dtrain_nn::Sequential;
+use dtrain_optim::{LearningRate, Optimizer, Slots};
 use serde_json::json;
 use serde_json::{Map, Value};
 use std::io::Read;
@@ -178,11 +179,14 @@ pub fn weights(path: &Path, model: &Sequential) -> R<Vec<f32>> {
 /// `keras.saving.load_model` opens, compiled as the job compiles it: `config.json` from the
 /// job's layers and `[compile]`, `model.weights.h5` in Keras's layout (`layers/<name>/vars/<i>`,
 /// names counted per layer class as Keras counts them), and `metadata.json`.
-pub fn keras_bytes(job: &JobConfig, model: &Sequential, params: &[f32]) -> R<Vec<u8>> {
+///
+/// With `optimizer`, its state goes in too (`optimizer/vars/<i>`, as Keras's
+/// `save_own_variables` writes it), so `load_model` continues training where dtrain stopped.
+pub fn keras_bytes(job: &JobConfig, model: &Sequential, params: &[f32], optimizer: Option<&Optimizer>) -> R<Vec<u8>> {
     let mut json = model_json(&job.model);
     json["compile_config"] = compile_json(&job.compile)?;
     let config_json = serde_json::to_string(&json).map_err(|e| e.to_string())?;
-    let h5 = weights_h5_bytes(&job.model, model, params)?;
+    let h5 = weights_h5_bytes(&job.model, model, params, optimizer)?;
     let metadata = json!({"keras_version": "3.15.1", "date_saved": "dtrain"}).to_string();
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
@@ -363,10 +367,53 @@ fn compile_json(c: &CompileConfig) -> R<Value> {
               "weighted_metrics": null, "run_eagerly": false, "steps_per_execution": 1, "jit_compile": true}))
 }
 
+/// One of Keras's `optimizer.variables`: `optimizer/vars/<i>` in the weights file.
+#[derive(Debug, PartialEq)]
+enum OptimizerVar<'a> {
+    Iteration(u64),
+    LearningRate(f32),
+    Slot { shape: &'a [usize], values: &'a [f32] },
+}
+
+/// `optimizer`'s state as Keras's `optimizer.variables` lists it for `model`: the iteration
+/// count; the learning rate unless it is a schedule; then the slots, per call of Keras's
+/// `add_optimizer_variables` (Adam: momentum and velocity; amsgrad's velocity_hat in a call of
+/// its own; RMSprop: velocity, momentum, average_gradient each in its own), and within a call
+/// per model variable, the call's slots interleaved.
+fn optimizer_vars<'a>(optimizer: &'a Optimizer, model: &'a Sequential) -> Vec<OptimizerVar<'a>> {
+    let state = optimizer.state();
+    let mut out = vec![OptimizerVar::Iteration(state.iterations)];
+    if matches!(optimizer.config().learning_rate, LearningRate::Constant(_)) {
+        out.push(OptimizerVar::LearningRate(optimizer.learning_rate()));
+    }
+    let one = |slot: &'a Option<Vec<f32>>| slot.as_deref().map(|s| vec![s]);
+    let calls: Vec<Vec<&[f32]>> = match &state.slots {
+        Slots::Sgd { momentum } => one(momentum).into_iter().collect(),
+        Slots::Adam { m, v, v_hat } => [Some(vec![&m[..], &v[..]]), one(v_hat)].into_iter().flatten().collect(),
+        Slots::Rmsprop { velocity, momentum, average_gradient } => {
+            [Some(vec![&velocity[..]]), one(momentum), one(average_gradient)].into_iter().flatten().collect()
+        }
+        Slots::Adagrad { accumulator } => vec![vec![&accumulator[..]]],
+    };
+    for call in calls {
+        for var in model.variables() {
+            out.extend(call.iter().map(|slot| OptimizerVar::Slot { shape: &var.shape, values: &slot[var.range()] }));
+        }
+    }
+    out
+}
+
 /// The weights file: every layer's `layers/<name>/vars` group, each variable a float32 dataset
 /// `<i>` (kernel 0, bias 1), and the top-level `vars` group Keras writes (what
 /// `model.load_weights` reads from a `.weights.h5` file).
-pub fn weights_h5_bytes(config: &ModelConfig, model: &Sequential, params: &[f32]) -> R<Vec<u8>> {
+/// With `optimizer`, its state as `optimizer/vars/<i>` (`optimizer_vars`), as Keras writes it
+/// in both `.keras` and `.weights.h5` files.
+pub fn weights_h5_bytes(
+    config: &ModelConfig,
+    model: &Sequential,
+    params: &[f32],
+    optimizer: Option<&Optimizer>,
+) -> R<Vec<u8>> {
     let tmp = tempfile::NamedTempFile::new().map_err(|e| format!("a temporary file: {e}"))?;
     {
         let h5 = hdf5::File::create(tmp.path()).map_err(|e| format!("model.weights.h5: {e}"))?;
@@ -386,6 +433,28 @@ pub fn weights_h5_bytes(config: &ModelConfig, model: &Sequential, params: &[f32]
             }
         }
         h5.create_group("vars").map_err(e)?;
+        if let Some(optimizer) = optimizer {
+            let vars = h5.create_group("optimizer").and_then(|g| g.create_group("vars")).map_err(e)?;
+            for (i, var) in optimizer_vars(optimizer, model).into_iter().enumerate() {
+                let name = i.to_string();
+                match var {
+                    // int64 as TensorFlow keeps it (JAX's int32 variable takes it on load).
+                    OptimizerVar::Iteration(n) => {
+                        let n = i64::try_from(n).map_err(|_| format!("{n} iterations do not fit an int64"))?;
+                        vars.new_dataset::<i64>().create(name.as_str()).and_then(|d| d.write_scalar(&n))
+                    }
+                    OptimizerVar::LearningRate(lr) => {
+                        vars.new_dataset::<f32>().create(name.as_str()).and_then(|d| d.write_scalar(&lr))
+                    }
+                    OptimizerVar::Slot { shape, values } => vars
+                        .new_dataset::<f32>()
+                        .shape(shape.to_vec())
+                        .create(name.as_str())
+                        .and_then(|d| d.write_raw(values)),
+                }
+                .map_err(e)?;
+            }
+        }
     }
     std::fs::read(tmp.path()).map_err(|e| format!("model.weights.h5: {e}"))
 }
@@ -393,6 +462,95 @@ pub fn weights_h5_bytes(config: &ModelConfig, model: &Sequential, params: &[f32]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keras's order (keras/src/optimizers/base_optimizer.py, `add_optimizer_variables`), as a
+    /// model trained by Keras 3.15.1 lists `optimizer.variables`: Adam's momentum and velocity
+    /// interleaved per model variable, amsgrad's velocity_hat after all of them; RMSprop's
+    /// buffers one kind after the other; the learning rate only when it is not a schedule.
+    #[test]
+    fn optimizer_variables_come_in_keras_order() {
+        use dtrain_nn::{Activation, DenseSpec, LayerSpec, Loss, LossKind};
+        use dtrain_optim::{Algorithm, OptimizerConfig, OptimizerState, Schedule};
+        let dense = |units| LayerSpec::Dense(DenseSpec { activation: Activation::Relu, ..DenseSpec::new(units) });
+        let loss = Loss { kind: LossKind::MeanSquaredError, from_logits: false };
+        let model = Sequential::new(&[2], &[dense(3), dense(1)], loss).unwrap();
+        let n = model.num_params(); // kernel 2x3, bias 3, kernel 3x1, bias 1
+        let buffer = |base: f32| (0..n).map(|i| base + i as f32).collect::<Vec<f32>>();
+        let of = |algorithm, learning_rate, slots| {
+            let config = OptimizerConfig { algorithm, learning_rate, weight_decay: None, clip: None };
+            Optimizer::with_state(config, OptimizerState { iterations: 7, lr_override: None, slots })
+        };
+        // Each slot named by its buffer's first value at the variable: (base + offset, shape).
+        let listed = |o: &Optimizer| -> Vec<String> {
+            optimizer_vars(o, &model)
+                .iter()
+                .map(|v| match v {
+                    OptimizerVar::Iteration(i) => format!("iteration {i}"),
+                    OptimizerVar::LearningRate(lr) => format!("lr {lr}"),
+                    OptimizerVar::Slot { shape, values } => format!("{} {shape:?}", values[0]),
+                })
+                .collect()
+        };
+        let adam = Algorithm::Adam { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-7, amsgrad: true };
+        let slots = Slots::Adam { m: buffer(0.0), v: buffer(100.0), v_hat: Some(buffer(200.0)) };
+        let o = of(adam, LearningRate::Constant(0.5), slots);
+        assert_eq!(
+            listed(&o),
+            [
+                "iteration 7",
+                "lr 0.5",
+                "0 [2, 3]",
+                "100 [2, 3]",
+                "6 [3]",
+                "106 [3]",
+                "9 [3, 1]",
+                "109 [3, 1]",
+                "12 [1]",
+                "112 [1]",
+                "200 [2, 3]",
+                "206 [3]",
+                "209 [3, 1]",
+                "212 [1]",
+            ]
+        );
+        let rmsprop = Algorithm::Rmsprop { rho: 0.9, momentum: 0.5, epsilon: 1e-7, centered: true };
+        let slots = Slots::Rmsprop {
+            velocity: buffer(0.0),
+            momentum: Some(buffer(100.0)),
+            average_gradient: Some(buffer(200.0)),
+        };
+        let schedule = Schedule::ExponentialDecay {
+            initial_learning_rate: 0.1,
+            decay_steps: 10,
+            decay_rate: 0.9,
+            staircase: false,
+        };
+        let o = of(rmsprop, LearningRate::Schedule(schedule), slots);
+        assert_eq!(
+            listed(&o),
+            [
+                "iteration 7",
+                "0 [2, 3]",
+                "6 [3]",
+                "9 [3, 1]",
+                "12 [1]",
+                "100 [2, 3]",
+                "106 [3]",
+                "109 [3, 1]",
+                "112 [1]",
+                "200 [2, 3]",
+                "206 [3]",
+                "209 [3, 1]",
+                "212 [1]",
+            ]
+        );
+        let plain_sgd = of(
+            Algorithm::Sgd { momentum: 0.0, nesterov: false },
+            LearningRate::Constant(0.01),
+            Slots::Sgd { momentum: None },
+        );
+        assert_eq!(listed(&plain_sgd), ["iteration 7", "lr 0.01"]);
+    }
 
     #[test]
     fn a_compile_config_becomes_the_jobs_compile_keys() {

@@ -249,7 +249,10 @@ pub fn summary(config: &Path) -> Result<String, FitError> {
 pub fn export_keras(config: &Path, weights: &Path, to: &Path) -> Result<(), FitError> {
     let job = load_job(config, None, None, None)?;
     let params = read_weights(weights, &job.model)?;
-    let bytes = crate::keras_archive::keras_bytes(&job.config, &job.model, &params)
+    // A safetensors file has no optimizer state: the export holds a fresh one (as a model that
+    // never trained), so Keras loads it without warning that it starts fresh.
+    let fresh = dtrain_optim::Optimizer::new(job.optimizer.clone(), params.len());
+    let bytes = crate::keras_archive::keras_bytes(&job.config, &job.model, &params, Some(&fresh))
         .map_err(|e| FitError::Config(format!("{}: {e}", to.display())))?;
     crate::checkpoint::write_atomic(to, &bytes)?;
     Ok(())

@@ -264,19 +264,20 @@ impl Trainer<'_> {
         };
         let bytes = weights_bytes(&self.job.model, weights);
         write_atomic(&self.run.file(FINAL_WEIGHTS), &bytes)?;
-        let keras = crate::keras_archive::keras_bytes(&self.job.config, &self.job.model, weights)
-            .map_err(|e| FitError::Config(format!("{FINAL_KERAS}: {e}")))?;
+        let keras =
+            crate::keras_archive::keras_bytes(&self.job.config, &self.job.model, weights, Some(&state.optimizer))
+                .map_err(|e| FitError::Config(format!("{FINAL_KERAS}: {e}")))?;
         write_atomic(&self.run.file(FINAL_KERAS), &keras).map_err(FitError::from)
     }
 
     /// Weights as the file `name` wants them: a Keras `.keras` file or `.weights.h5`, else
     /// safetensors.
-    fn weights_as(&self, name: &str, params: &[f32]) -> Result<Vec<u8>, FitError> {
+    fn weights_as(&self, name: &str, params: &[f32], optimizer: &dtrain_optim::Optimizer) -> Result<Vec<u8>, FitError> {
         let (job, model) = (&self.job.config, &self.job.model);
         let bytes = if name.ends_with(".keras") {
-            crate::keras_archive::keras_bytes(job, model, params)
+            crate::keras_archive::keras_bytes(job, model, params, Some(optimizer))
         } else if name.ends_with(".weights.h5") {
-            crate::keras_archive::weights_h5_bytes(&job.model, model, params)
+            crate::keras_archive::weights_h5_bytes(&job.model, model, params, Some(optimizer))
         } else {
             return Ok(weights_bytes(model, params));
         };
@@ -291,7 +292,7 @@ impl Trainer<'_> {
                 Action::Stop => state.stopped_early = true,
                 Action::SetLearningRate(lr) => state.optimizer.set_learning_rate(lr),
                 Action::SaveWeights(name) => {
-                    let bytes = self.weights_as(&name, &state.params)?;
+                    let bytes = self.weights_as(&name, &state.params, &state.optimizer)?;
                     write_atomic(&self.run.file(&name), &bytes)?;
                     if !self.written.contains(&name) {
                         self.written.push(name);

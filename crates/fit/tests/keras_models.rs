@@ -150,7 +150,7 @@ fn a_written_keras_file_reads_back_as_the_same_model_and_weights() {
     let config = seed_job();
     let job = dtrain_fit::Job::build(config.clone(), PathBuf::new()).unwrap();
     let params = job.model.init_params(5);
-    let bytes = dtrain_fit::keras_archive::keras_bytes(&config, &job.model, &params).unwrap();
+    let bytes = dtrain_fit::keras_archive::keras_bytes(&config, &job.model, &params, None).unwrap();
     let file = dir.path().join("written.keras");
     std::fs::write(&file, bytes).unwrap();
     let text = dtrain_fit::keras_archive::config(&file).unwrap();

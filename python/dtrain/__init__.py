@@ -167,6 +167,7 @@ def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validat
         import keras
         trained = keras.saving.load_model(os.path.join(run, "final.keras"), compile=False)
         model.set_weights(trained.get_weights())
+        _load_optimizer_state(model, os.path.join(run, "final.keras"))
         for inside, wanted in checkpoints:
             # dtrain writes the checkpoint in the run directory, in the format its name asks for.
             if os.path.exists(os.path.join(run, inside)):
@@ -175,6 +176,23 @@ def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validat
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _load_optimizer_state(model, path):
+    """The optimizer state dtrain ended with (in `path`, a .keras file) into `model.optimizer`, so a
+    later `model.fit` or `dtrain.fit` continues from it, as after Keras's own fit."""
+    import io
+    import zipfile
+
+    import h5py
+    with zipfile.ZipFile(path) as z, h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
+        if "optimizer/vars" not in f:
+            return
+        group = f["optimizer/vars"]
+        store = {name: group[name][()] for name in group}
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.optimizer.load_own_variables(store)
 
 
 def _history(path, run_dir):

@@ -9,7 +9,7 @@ use crate::config::{
     LearningRateConfig, ModelConfig, RegularizerConfig,
 };
 use dtrain_nn::Sequential;
-use dtrain_optim::{LearningRate, Optimizer, Slots};
+use dtrain_optim::{LearningRate, Optimizer, OptimizerConfig, OptimizerState, Slots};
 use serde_json::json;
 use serde_json::{Map, Value};
 use std::io::Read;
@@ -17,11 +17,27 @@ use std::path::Path;
 
 type R<T> = Result<T, String>;
 
+/// Float32 values per parameter a weights file can need: the weights and at most three
+/// optimizer buffers (Adam with amsgrad, RMSprop centered with momentum).
+const VALUES_PER_PARAM: u64 = 4;
+
 /// Largest `config.json` read (a Sequential's config is a few KB per layer).
 const MAX_CONFIG: u64 = 16 << 20;
 
 /// Bytes of HDF5 structure allowed beyond the weights' own values.
 const H5_SLACK: u64 = 16 << 20;
+
+/// The archive's `model.weights.h5`, opened with libhdf5, which reads files: the member goes to a
+/// private temporary file, removed when the returned handle is dropped.
+fn open_weights(path: &Path, model: &Sequential) -> R<(tempfile::NamedTempFile, hdf5::File)> {
+    let values = (model.num_params() as u64).saturating_mul(VALUES_PER_PARAM);
+    let limit = values.saturating_mul(4).saturating_add(H5_SLACK);
+    let bytes = member(path, "model.weights.h5", limit)?;
+    let mut tmp = tempfile::NamedTempFile::new().map_err(|e| format!("a temporary file: {e}"))?;
+    std::io::Write::write_all(&mut tmp, &bytes).map_err(|e| format!("a temporary file: {e}"))?;
+    let h5 = hdf5::File::open(tmp.path()).map_err(|e| format!("model.weights.h5 is not HDF5: {e}"))?;
+    Ok((tmp, h5))
+}
 
 /// A member of the archive, at most `limit` bytes whatever its header claims.
 fn member(path: &Path, name: &str, limit: u64) -> R<Vec<u8>> {
@@ -144,12 +160,7 @@ fn learning_rate(v: &Value) -> R<Value> {
 /// The initial weights of `model` from the archive's `model.weights.h5`: each Dense layer's
 /// `layers/<name>/vars/0` (kernel) and `vars/1` (bias), float32 in the model's shapes, finite.
 pub fn weights(path: &Path, model: &Sequential) -> R<Vec<f32>> {
-    let limit = (model.num_params() as u64).saturating_mul(4).saturating_add(H5_SLACK);
-    let bytes = member(path, "model.weights.h5", limit)?;
-    // libhdf5 reads files: the member goes to a private temporary file, removed on return.
-    let mut tmp = tempfile::NamedTempFile::new().map_err(|e| format!("a temporary file: {e}"))?;
-    std::io::Write::write_all(&mut tmp, &bytes).map_err(|e| format!("a temporary file: {e}"))?;
-    let h5 = hdf5::File::open(tmp.path()).map_err(|e| format!("model.weights.h5 is not HDF5: {e}"))?;
+    let (_tmp, h5) = open_weights(path, model)?;
     let mut params = vec![0.0; model.num_params()];
     for v in model.variables() {
         let (layer, suffix) = v.name.rsplit_once('/').unwrap_or((&v.name, ""));
@@ -367,7 +378,7 @@ fn compile_json(c: &CompileConfig) -> R<Value> {
               "weighted_metrics": null, "run_eagerly": false, "steps_per_execution": 1, "jit_compile": true}))
 }
 
-/// One of Keras's `optimizer.variables`: `optimizer/vars/<i>` in the weights file.
+/// One of Keras's `optimizer.variables` (`optimizer/vars/<i>` in the weights file), with its value.
 #[derive(Debug, PartialEq)]
 enum OptimizerVar<'a> {
     Iteration(u64),
@@ -375,32 +386,143 @@ enum OptimizerVar<'a> {
     Slot { shape: &'a [usize], values: &'a [f32] },
 }
 
-/// `optimizer`'s state as Keras's `optimizer.variables` lists it for `model`: the iteration
-/// count; the learning rate unless it is a schedule; then the slots, per call of Keras's
-/// `add_optimizer_variables` (Adam: momentum and velocity; amsgrad's velocity_hat in a call of
-/// its own; RMSprop: velocity, momentum, average_gradient each in its own), and within a call
-/// per model variable, the call's slots interleaved.
-fn optimizer_vars<'a>(optimizer: &'a Optimizer, model: &'a Sequential) -> Vec<OptimizerVar<'a>> {
-    let state = optimizer.state();
-    let mut out = vec![OptimizerVar::Iteration(state.iterations)];
+/// Where one of Keras's `optimizer.variables` comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum VarOf {
+    Iteration,
+    LearningRate,
+    /// Buffer `slot` (`Slots::named`) at model variable `var`.
+    Slot {
+        slot: &'static str,
+        var: usize,
+    },
+}
+
+/// `optimizer`'s variables as Keras's `optimizer.variables` lists them for `model`: the
+/// iteration count; the learning rate unless it is a schedule; then the buffers, per call of
+/// Keras's `add_optimizer_variables` (Adam's momentum and velocity in one call; every other
+/// buffer, amsgrad's velocity_hat and RMSprop's three among them, in a call of its own), and
+/// within a call per model variable, the call's buffers interleaved.
+fn optimizer_layout(optimizer: &Optimizer, model: &Sequential) -> Vec<VarOf> {
+    let mut out = vec![VarOf::Iteration];
     if matches!(optimizer.config().learning_rate, LearningRate::Constant(_)) {
-        out.push(OptimizerVar::LearningRate(optimizer.learning_rate()));
+        out.push(VarOf::LearningRate);
     }
-    let one = |slot: &'a Option<Vec<f32>>| slot.as_deref().map(|s| vec![s]);
-    let calls: Vec<Vec<&[f32]>> = match &state.slots {
-        Slots::Sgd { momentum } => one(momentum).into_iter().collect(),
-        Slots::Adam { m, v, v_hat } => [Some(vec![&m[..], &v[..]]), one(v_hat)].into_iter().flatten().collect(),
-        Slots::Rmsprop { velocity, momentum, average_gradient } => {
-            [Some(vec![&velocity[..]]), one(momentum), one(average_gradient)].into_iter().flatten().collect()
-        }
-        Slots::Adagrad { accumulator } => vec![vec![&accumulator[..]]],
-    };
-    for call in calls {
-        for var in model.variables() {
-            out.extend(call.iter().map(|slot| OptimizerVar::Slot { shape: &var.shape, values: &slot[var.range()] }));
+    let slots = &optimizer.state().slots;
+    let names: Vec<&'static str> = slots.named().iter().map(|(name, _)| *name).collect();
+    let paired = if matches!(slots, Slots::Adam { .. }) { 2 } else { 1 };
+    let (first, rest) = names.split_at(paired.min(names.len()));
+    for call in std::iter::once(first).chain(rest.chunks(1)).filter(|c| !c.is_empty()) {
+        for var in 0..model.variables().len() {
+            out.extend(call.iter().map(|&slot| VarOf::Slot { slot, var }));
         }
     }
     out
+}
+
+/// `optimizer_layout` with the values of `optimizer`'s state.
+fn optimizer_vars<'a>(optimizer: &'a Optimizer, model: &'a Sequential) -> Vec<OptimizerVar<'a>> {
+    let state = optimizer.state();
+    let named = state.slots.named();
+    let buffer = |slot: &str| named.iter().find(|(name, _)| *name == slot).map(|(_, b)| *b).unwrap_or_default();
+    optimizer_layout(optimizer, model)
+        .into_iter()
+        .map(|v| match v {
+            VarOf::Iteration => OptimizerVar::Iteration(state.iterations),
+            VarOf::LearningRate => OptimizerVar::LearningRate(optimizer.learning_rate()),
+            VarOf::Slot { slot, var } => {
+                let var = &model.variables()[var];
+                OptimizerVar::Slot { shape: &var.shape, values: &buffer(slot)[var.range()] }
+            }
+        })
+        .collect()
+}
+
+/// What a `.keras` file says of the optimizer's state.
+#[derive(Debug, PartialEq)]
+pub enum SavedOptimizer {
+    /// A state this job's optimizer continues from.
+    State(OptimizerState),
+    /// No `optimizer/vars` group.
+    Absent,
+    /// A state of another shape (an optimizer that never stepped has only its iteration count
+    /// and learning rate): Keras skips it, and so does dtrain.
+    Unfit {
+        /// Variables in the file.
+        saved: usize,
+        /// Variables this job's optimizer has.
+        expected: usize,
+    },
+}
+
+/// The optimizer state in the `.keras` file at `path`, read for an optimizer configured as
+/// `config` over `model`: the iteration count (an integer scalar), the learning rate (a float32
+/// scalar, when not a schedule; one that differs from the configured rate is kept as set at run
+/// time, as ReduceLROnPlateau does) and each buffer, in the shapes and order Keras writes them,
+/// finite.
+pub fn optimizer_state(path: &Path, model: &Sequential, config: &OptimizerConfig) -> R<SavedOptimizer> {
+    let (_tmp, h5) = open_weights(path, model)?;
+    let Ok(group) = h5.group("optimizer/vars") else { return Ok(SavedOptimizer::Absent) };
+    let template = Optimizer::new(config.clone(), model.num_params());
+    let layout = optimizer_layout(&template, model);
+    let saved = group.member_names().map_err(|e| format!("model.weights.h5: optimizer/vars: {e}"))?.len();
+    if saved != layout.len() {
+        return Ok(SavedOptimizer::Unfit { saved, expected: layout.len() });
+    }
+    let mut buffers: std::collections::BTreeMap<&str, Vec<f32>> =
+        template.state().slots.named().iter().map(|(name, _)| (*name, vec![0.0; model.num_params()])).collect();
+    let (mut iterations, mut learning_rate) = (0, None);
+    for (i, spec) in layout.into_iter().enumerate() {
+        let at = format!("model.weights.h5: optimizer/vars/{i}");
+        let ds = group.dataset(&i.to_string()).map_err(|_| format!("{at} is missing"))?;
+        let dtype = ds.dtype().map_err(|e| format!("{at}: {e}"))?;
+        let shape = ds.shape();
+        match spec {
+            VarOf::Iteration => {
+                let n: i64 = match (shape.is_empty(), dtype.is::<i64>(), dtype.is::<i32>()) {
+                    (true, true, _) => ds.read_scalar::<i64>(),
+                    (true, _, true) => ds.read_scalar::<i32>().map(i64::from),
+                    _ => return Err(format!("{at} (the iteration count) is not an integer scalar")),
+                }
+                .map_err(|e| format!("{at}: {e}"))?;
+                iterations = u64::try_from(n).map_err(|_| format!("{at}: iteration count {n} is negative"))?;
+            }
+            VarOf::LearningRate => {
+                if !(shape.is_empty() && dtype.is::<f32>()) {
+                    return Err(format!("{at} (the learning rate) is not a float32 scalar"));
+                }
+                let lr: f32 = ds.read_scalar().map_err(|e| format!("{at}: {e}"))?;
+                if !(lr.is_finite() && lr >= 0.0) {
+                    return Err(format!("{at}: learning rate {lr} is not a finite rate"));
+                }
+                learning_rate = Some(lr);
+            }
+            VarOf::Slot { slot, var } => {
+                let var = &model.variables()[var];
+                if shape != var.shape || !dtype.is::<f32>() {
+                    return Err(format!("{at} ({} of {}) is not float32 of shape {:?}", slot, var.name, var.shape));
+                }
+                let values: Vec<f32> = ds.read_raw().map_err(|e| format!("{at}: {e}"))?;
+                if values.len() != var.len() {
+                    return Err(format!("{at} holds {} values, not {}", values.len(), var.len()));
+                }
+                if let Some(k) = values.iter().position(|x| !x.is_finite()) {
+                    return Err(format!("{at} value {k} is not finite"));
+                }
+                if let Some(buffer) = buffers.get_mut(slot) {
+                    buffer[var.range()].copy_from_slice(&values);
+                }
+            }
+        }
+    }
+    let slots = Slots::restore(&config.algorithm, model.num_params(), |name| buffers.remove(name))
+        .map_err(|e| format!("model.weights.h5: {e}"))?;
+    let configured = match config.learning_rate {
+        LearningRate::Constant(lr) => Some(lr.to_bits()),
+        LearningRate::Schedule(_) => None,
+    };
+    let lr_override = learning_rate.filter(|lr| Some(lr.to_bits()) != configured);
+    Ok(SavedOptimizer::State(OptimizerState { iterations, lr_override, slots }))
 }
 
 /// The weights file: every layer's `layers/<name>/vars` group, each variable a float32 dataset

@@ -193,7 +193,10 @@ pub fn train_with(
         let stem = config_path.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
         let run = RunDir::create(opts.run_dir.as_deref(), &stem)?;
         crate::checkpoint::write_atomic(&run.file(JOB_FILE), job.config.to_toml().as_bytes())?;
-        let state = TrainState::new(params, job.optimizer.clone(), job.fit.initial_epoch, job.callbacks.clone());
+        let mut state = TrainState::new(params, job.optimizer.clone(), job.fit.initial_epoch, job.callbacks.clone());
+        if let (None, Some(keras)) = (&opts.init_weights, &job.config.initial_weights) {
+            continue_keras_optimizer(keras, job, &mut state)?;
+        }
         // Saved before the first step, so a run killed at any point can be resumed.
         crate::checkpoint::save_state(run.path(), &state, &job.config)?;
         (run, state)
@@ -215,6 +218,28 @@ pub fn train_with(
     let report = crate::trainer::fit(job, &train, val.as_ref(), &run, &mut state, engine.as_mut(), obs)?;
     obs.train_end(&report);
     Ok(report)
+}
+
+/// A `.keras` file's optimizer state, when it fits the job's optimizer, is where the run's
+/// optimizer starts, as `load_model` then `fit` continue in Keras.
+fn continue_keras_optimizer(keras: &Path, job: &Job, state: &mut TrainState) -> Result<(), FitError> {
+    use crate::keras_archive::SavedOptimizer;
+    let saved = crate::keras_archive::optimizer_state(keras, &job.model, &job.optimizer)
+        .map_err(|e| FitError::Config(format!("{}: {e}", keras.display())))?;
+    match saved {
+        SavedOptimizer::State(s) => {
+            let iteration = s.iterations;
+            state.optimizer = dtrain_optim::Optimizer::with_state(job.optimizer.clone(), s);
+            tracing::info!(target: crate::logging::NOTE, "Optimizer state: {} (iteration {iteration})", keras.display());
+        }
+        SavedOptimizer::Unfit { saved, expected } => tracing::info!(
+            target: crate::logging::NOTE,
+            "Optimizer: {} holds {saved} optimizer variable(s), this job's optimizer has {expected}: it starts fresh",
+            keras.display()
+        ),
+        SavedOptimizer::Absent => {}
+    }
+    Ok(())
 }
 
 /// `coordinator evaluate`: loss (with every regularization term) and accuracy of the weights

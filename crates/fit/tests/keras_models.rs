@@ -162,3 +162,47 @@ fn a_written_keras_file_reads_back_as_the_same_model_and_weights() {
     let back = dtrain_fit::keras_archive::weights(&file, &job.model).unwrap();
     assert!(back.iter().zip(&params).all(|(a, b)| a.to_bits() == b.to_bits()) && back.len() == params.len());
 }
+
+/// The optimizer's state dtrain writes into a `.keras` file reads back as the same state (the
+/// iteration count, a learning rate set at run time, Adam's moments bit for bit); a file whose
+/// optimizer never stepped (Keras saved it compiled, before fit) has a state of another shape,
+/// which is skipped as Keras skips it.
+#[test]
+fn the_optimizer_state_in_a_keras_file_reads_back() {
+    use dtrain_fit::keras_archive::{optimizer_state, SavedOptimizer};
+    let dir = tempfile::tempdir().unwrap();
+    let config = seed_job();
+    let job = dtrain_fit::Job::build(config.clone(), PathBuf::new()).unwrap();
+    let n = job.model.num_params();
+    let mut optimizer = dtrain_optim::Optimizer::new(job.optimizer.clone(), n);
+    let ranges: Vec<_> = job.model.variables().iter().map(|v| v.range()).collect();
+    let mut params = job.model.init_params(5);
+    for step in 0..3 {
+        let mut grads: Vec<f32> = (0..n).map(|i| ((i * 7 + step) % 13) as f32 * 1e-3 - 6e-3).collect();
+        optimizer.apply(&mut params, &mut grads, &ranges);
+    }
+    optimizer.set_learning_rate(0.0005);
+    let bytes = dtrain_fit::keras_archive::keras_bytes(&config, &job.model, &params, Some(&optimizer)).unwrap();
+    let file = dir.path().join("trained.keras");
+    std::fs::write(&file, bytes).unwrap();
+    match optimizer_state(&file, &job.model, &job.optimizer).unwrap() {
+        SavedOptimizer::State(state) => {
+            assert_eq!(state.iterations, 3);
+            assert_eq!(state.lr_override, Some(0.0005));
+            assert_eq!(&state, optimizer.state(), "the same moments, bit for bit");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Written without one: no optimizer group.
+    let bytes = dtrain_fit::keras_archive::keras_bytes(&config, &job.model, &params, None).unwrap();
+    std::fs::write(&file, bytes).unwrap();
+    assert_eq!(optimizer_state(&file, &job.model, &job.optimizer).unwrap(), SavedOptimizer::Absent);
+    // Keras's own file, saved before fit: the iteration count alone (its rate is a schedule).
+    let keras = dtrain_fit::Job::build(
+        JobConfig::load(&job_with_keras_archive(dir.path(), "seed_model.keras", "")).unwrap(),
+        PathBuf::new(),
+    )
+    .unwrap();
+    let saved = optimizer_state(&fixture("seed_model.keras"), &keras.model, &keras.optimizer).unwrap();
+    assert_eq!(saved, SavedOptimizer::Unfit { saved: 1, expected: 9 });
+}

@@ -163,6 +163,15 @@ fn a_written_keras_file_reads_back_as_the_same_model_and_weights() {
     assert!(back.iter().zip(&params).all(|(a, b)| a.to_bits() == b.to_bits()) && back.len() == params.len());
 }
 
+/// The seed job, built, with initial weights and a fresh optimizer.
+fn seed_with_fresh_optimizer() -> (JobConfig, dtrain_fit::Job, Vec<f32>, dtrain_optim::Optimizer) {
+    let config = seed_job();
+    let job = dtrain_fit::Job::build(config.clone(), PathBuf::new()).unwrap();
+    let params = job.model.init_params(5);
+    let optimizer = dtrain_optim::Optimizer::new(job.optimizer.clone(), params.len());
+    (config, job, params, optimizer)
+}
+
 /// The optimizer's state dtrain writes into a `.keras` file reads back as the same state (the
 /// iteration count, a learning rate set at run time, Adam's moments bit for bit); a file whose
 /// optimizer never stepped (Keras saved it compiled, before fit) has a state of another shape,
@@ -171,12 +180,9 @@ fn a_written_keras_file_reads_back_as_the_same_model_and_weights() {
 fn the_optimizer_state_in_a_keras_file_reads_back() {
     use dtrain_fit::keras_archive::{optimizer_state, SavedOptimizer};
     let dir = tempfile::tempdir().unwrap();
-    let config = seed_job();
-    let job = dtrain_fit::Job::build(config.clone(), PathBuf::new()).unwrap();
-    let n = job.model.num_params();
-    let mut optimizer = dtrain_optim::Optimizer::new(job.optimizer.clone(), n);
+    let (config, job, mut params, mut optimizer) = seed_with_fresh_optimizer();
+    let n = params.len();
     let ranges: Vec<_> = job.model.variables().iter().map(|v| v.range()).collect();
-    let mut params = job.model.init_params(5);
     for step in 0..3 {
         let mut grads: Vec<f32> = (0..n).map(|i| ((i * 7 + step) % 13) as f32 * 1e-3 - 6e-3).collect();
         optimizer.apply(&mut params, &mut grads, &ranges);
@@ -205,4 +211,58 @@ fn the_optimizer_state_in_a_keras_file_reads_back() {
     .unwrap();
     let saved = optimizer_state(&fixture("seed_model.keras"), &keras.model, &keras.optimizer).unwrap();
     assert_eq!(saved, SavedOptimizer::Unfit { saved: 1, expected: 9 });
+}
+
+/// Writes a dataset named `name` into a group.
+type WriteVar = dyn Fn(&hdf5::Group, &str) -> hdf5::Result<()>;
+
+/// An optimizer state of the right count but a wrong variable (shape, type, a non-finite value, a
+/// negative iteration count) is refused in one line naming the variable; nothing is guessed.
+#[test]
+fn a_broken_optimizer_state_is_refused_naming_the_variable() {
+    use dtrain_fit::keras_archive::optimizer_state;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, job, params, optimizer) = seed_with_fresh_optimizer();
+    let good = dtrain_fit::keras_archive::keras_bytes(&config, &job.model, &params, Some(&optimizer)).unwrap();
+    // Rewrites dataset `optimizer/vars/<i>` of the archive's weights file with `write`.
+    let broken = |i: usize, write: &WriteVar| -> PathBuf {
+        let mut zip = zip::ZipArchive::new(std::io::Cursor::new(&good)).unwrap();
+        let h5_path = dir.path().join("w.h5");
+        std::io::copy(&mut zip.by_name("model.weights.h5").unwrap(), &mut std::fs::File::create(&h5_path).unwrap())
+            .unwrap();
+        {
+            let h5 = hdf5::File::open_rw(&h5_path).unwrap();
+            let vars = h5.group("optimizer/vars").unwrap();
+            vars.unlink(&i.to_string()).unwrap();
+            write(&vars, &i.to_string()).unwrap();
+        }
+        let out = dir.path().join(format!("broken-{i}.keras"));
+        let mut w = zip::ZipWriter::new(std::fs::File::create(&out).unwrap());
+        for name in ["metadata.json", "config.json", "model.weights.h5"] {
+            w.start_file(name, zip::write::SimpleFileOptions::default()).unwrap();
+            let bytes = match name {
+                "model.weights.h5" => std::fs::read(&h5_path).unwrap(),
+                _ => {
+                    let mut s = Vec::new();
+                    std::io::Read::read_to_end(&mut zip.by_name(name).unwrap(), &mut s).unwrap();
+                    s
+                }
+            };
+            std::io::Write::write_all(&mut w, &bytes).unwrap();
+        }
+        w.finish().unwrap();
+        out
+    };
+    let cases: [(usize, &WriteVar, &str); 4] = [
+        (0, &|g, n| g.new_dataset::<i64>().create(n)?.write_scalar(&-3i64), "iteration count -3 is negative"),
+        (1, &|g, n| g.new_dataset::<f32>().create(n)?.write_scalar(&f32::NAN), "learning rate NaN"),
+        (2, &|g, n| g.new_dataset::<f32>().shape([64, 784]).create(n).map(|_| ()), "is not float32 of shape [784, 64]"),
+        (3, &|g, n| g.new_dataset::<f64>().shape([784, 64]).create(n).map(|_| ()), "is not float32 of shape [784, 64]"),
+    ];
+    for (i, write, says) in cases {
+        let file = broken(i, write);
+        let e = optimizer_state(&file, &job.model, &job.optimizer).unwrap_err();
+        assert!(e.contains(&format!("optimizer/vars/{i}")) && e.contains(says), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
 }

@@ -73,9 +73,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("cannot handle signal {sig}"))?;
             }
             dtrain_fit::logging::init("coordinator", format);
-            let mut console = Console::new(format)
-                .with_interrupt(interrupt)
-                .with_boards(Box::new(dtrain_tensorboard::EventFiles::default()));
+            let mut console = Console::new(format);
+            if a.progress_bar {
+                console = console.with_progress_bar();
+            }
+            let mut console =
+                console.with_interrupt(interrupt).with_boards(Box::new(dtrain_tensorboard::EventFiles::default()));
             let metrics = Arc::new(Metrics::default());
             if let Some(addr) = a.metrics_listen {
                 let at = dtrain_cluster::metrics_http::serve(addr, Arc::clone(&metrics))?;

@@ -150,6 +150,10 @@ pub struct TrainArgs {
     /// Print nothing but errors.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Draw the batch-by-batch progress bar on stderr even when it is not a terminal (carriage
+    /// returns, no ANSI escapes), as a notebook shows Keras's; `dtrain.fit(verbose=1)` sets it.
+    #[arg(long)]
+    pub progress_bar: bool,
     #[arg(long, value_enum, default_value = "text", env = "DTRAIN_LOG_FORMAT")]
     pub log_format: Format,
 }

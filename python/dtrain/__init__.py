@@ -9,6 +9,7 @@ The binaries are found in $DTRAIN_BIN (a directory), on the PATH, or in the repo
 target/release when this package is used from a checkout (build them with
 `cargo build --release --bins`).
 """
+import codecs
 import csv
 import os
 import shutil
@@ -100,19 +101,37 @@ def _callback(cb, checkpoints):
                       f"(EarlyStopping, ModelCheckpoint, ReduceLROnPlateau, TerminateOnNaN)")
 
 
+def _error(text):
+    """The one-line error a dtrain binary ended with, from its output."""
+    last = [line for line in text.splitlines() if line.startswith("error:")]
+    return last[-1][len("error: "):] if last else text.strip() or "dtrain failed"
+
+
 def _run(args, verbose):
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """Runs a dtrain binary and returns its output. With `verbose` the output is shown as it
+    comes, standard error included, through one pipe so that the progress bar (on stderr,
+    redrawn with carriage returns) and the epoch lines (on stdout) stay in order."""
+    if not verbose:
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DtrainError(_error(proc.stderr))
+        return proc.stdout
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out = []
-    for line in proc.stdout:
-        out.append(line)
-        if verbose:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-    err = proc.stderr.read()
+    while True:
+        chunk = proc.stdout.read1(65536)
+        if not chunk:
+            break
+        text = decoder.decode(chunk)
+        out.append(text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    out.append(decoder.decode(b"", final=True))
+    text = "".join(out)
     if proc.wait() != 0:
-        last = [l for l in err.splitlines() if l.startswith("error:")]
-        raise DtrainError(last[-1][len("error: "):] if last else err.strip() or "dtrain failed")
-    return "".join(out)
+        raise DtrainError(_error(text))
+    return text
 
 
 def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validation_split=0.0,
@@ -163,6 +182,9 @@ def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validat
             args += ["--listen", str(coordinator), "--min-workers", str(int(min_workers)), "--token-file", token_file]
         if not verbose:
             args += ["-q"]
+        elif verbose == 1:
+            # Keras's verbose=1: the bar, redrawn batch by batch; 2: a line per epoch.
+            args += ["--progress-bar"]
         _run(args, verbose)
         import keras
         trained = keras.saving.load_model(os.path.join(run, "final.keras"), compile=False)

@@ -9,7 +9,9 @@ weights bit for bit, dtrain.evaluate and dtrain.predict agree with Keras's own e
 on those weights (to 1e-5: JAX and OpenBLAS sum products in different orders), and an unsupported
 callback is refused by name; ModelCheckpoint's file opens in Keras.
 """
+import contextlib
 import csv
+import io
 import json
 import os
 import tempfile
@@ -99,6 +101,14 @@ def main():
         joined.join(timeout=30)
         assert len(h.epoch) == 1
     print("python check: with coordinator=, a worker that dials it trains the model")
+    # verbose=1 shows Keras's kind of bar, redrawn with carriage returns (no terminal escapes).
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        dtrain.fit(model, x, y, batch_size=64, epochs=1, verbose=1)
+    text = shown.getvalue()
+    assert "Epoch 1/1" in text and "\r1/32 " in text and " ETA " in text and "\x1b" not in text, text[:500]
+    assert text.count("\r") >= 2, text[:500]
+    print(f"python check: verbose=1 streams the progress bar ({text.count(chr(13))} redraws) and the epoch line")
     try:
         dtrain.fit(model, x, y, callbacks=[keras.callbacks.LambdaCallback()], verbose=0)
         raise AssertionError("LambdaCallback was accepted")

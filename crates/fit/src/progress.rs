@@ -64,7 +64,7 @@ pub enum LogFormat {
 /// The terminal (or log collector) as an `Observer`.
 pub struct Console {
     format: LogFormat,
-    tty: bool,
+    bar: LiveBar,
     epoch_start: Instant,
     last_draw: Option<Instant>,
     interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -77,13 +77,23 @@ impl Console {
     pub fn new(format: LogFormat) -> Self {
         Console {
             format,
-            tty: std::io::stderr().is_terminal(),
+            bar: if std::io::stderr().is_terminal() { LiveBar::Terminal } else { LiveBar::Off },
             epoch_start: Instant::now(),
             last_draw: None,
             interrupt: None,
             metrics: None,
             boards: None,
         }
+    }
+
+    /// Draws the live progress bar on stderr even when it is not a terminal, with carriage
+    /// returns and spaces but no ANSI escapes: for notebooks (`dtrain.fit(verbose=1)`), which
+    /// show it as they show Keras's own bar. Text format only.
+    pub fn with_progress_bar(mut self) -> Self {
+        if self.bar == LiveBar::Off {
+            self.bar = LiveBar::Plain { width: 0 };
+        }
+        self
     }
 
     /// Writes the TensorBoard callback's event logs with `b`.
@@ -103,6 +113,17 @@ impl Console {
         self.interrupt = Some(flag);
         self
     }
+}
+
+/// How the batch-by-batch progress line is drawn on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LiveBar {
+    /// Not at all (stderr is a file or a pipe).
+    Off,
+    /// Redrawn in place with a carriage return and an ANSI line erase.
+    Terminal,
+    /// Redrawn with a carriage return, padded with spaces over the `width` characters drawn before.
+    Plain { width: usize },
 }
 
 fn bar(done: usize, total: usize) -> String {
@@ -159,7 +180,7 @@ impl Observer for Console {
     }
 
     fn batch_end(&mut self, batch: usize, steps: usize, loss: f32, accuracy: Option<f32>) {
-        if self.format != LogFormat::Text || !self.tty {
+        if self.format != LogFormat::Text || self.bar == LiveBar::Off {
             return;
         }
         let now = Instant::now();
@@ -170,16 +191,30 @@ impl Observer for Console {
         let done = batch + 1;
         let el = now.duration_since(self.epoch_start).as_secs_f64();
         let eta = el / done as f64 * (steps - done) as f64;
-        eprint!("\r\x1b[2K{done}/{steps} {} ETA {eta:.0}s - {}", bar(done, steps), metrics(loss, accuracy));
+        let line = format!("{done}/{steps} {} ETA {eta:.0}s - {}", bar(done, steps), metrics(loss, accuracy));
+        match &mut self.bar {
+            LiveBar::Plain { width } => {
+                let len = line.chars().count();
+                eprint!("\r{line}{}", " ".repeat(width.saturating_sub(len)));
+                *width = len;
+            }
+            _ => eprint!("\r\x1b[2K{line}"),
+        }
         let _ = std::io::stderr().flush();
     }
 
     fn epoch_end(&mut self, logs: &EpochLogs, _epochs: usize, steps: usize, seconds: f64) {
         match self.format {
             LogFormat::Text => {
-                if self.tty {
-                    eprint!("\r\x1b[2K");
+                match &mut self.bar {
+                    LiveBar::Terminal => eprint!("\r\x1b[2K"),
+                    LiveBar::Plain { width } => {
+                        eprint!("\r{}\r", " ".repeat(*width));
+                        *width = 0;
+                    }
+                    LiveBar::Off => {}
                 }
+                let _ = std::io::stderr().flush();
                 let per_step = seconds * 1000.0 / steps.max(1) as f64;
                 let mut line = format!(
                     "{steps}/{steps} {} {seconds:.1}s {per_step:.2}ms/step - {}",

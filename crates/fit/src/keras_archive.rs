@@ -161,6 +161,20 @@ fn learning_rate(v: &Value) -> R<Value> {
 /// `layers/<name>/vars/0` (kernel) and `vars/1` (bias), float32 in the model's shapes, finite.
 pub fn weights(path: &Path, model: &Sequential) -> R<Vec<f32>> {
     let (_tmp, h5) = open_weights(path, model)?;
+    read_weights(&h5, model)
+}
+
+/// `weights` and `optimizer_state` of one archive, whose weights file is opened once.
+pub fn weights_and_optimizer(
+    path: &Path,
+    model: &Sequential,
+    config: &OptimizerConfig,
+) -> R<(Vec<f32>, SavedOptimizer)> {
+    let (_tmp, h5) = open_weights(path, model)?;
+    Ok((read_weights(&h5, model)?, read_optimizer(&h5, model, config)?))
+}
+
+fn read_weights(h5: &hdf5::File, model: &Sequential) -> R<Vec<f32>> {
     let mut params = vec![0.0; model.num_params()];
     for v in model.variables() {
         let (layer, suffix) = v.name.rsplit_once('/').unwrap_or((&v.name, ""));
@@ -462,6 +476,10 @@ pub enum SavedOptimizer {
 /// finite.
 pub fn optimizer_state(path: &Path, model: &Sequential, config: &OptimizerConfig) -> R<SavedOptimizer> {
     let (_tmp, h5) = open_weights(path, model)?;
+    read_optimizer(&h5, model, config)
+}
+
+fn read_optimizer(h5: &hdf5::File, model: &Sequential, config: &OptimizerConfig) -> R<SavedOptimizer> {
     let Ok(group) = h5.group("optimizer/vars") else { return Ok(SavedOptimizer::Absent) };
     let template = Optimizer::new(config.clone(), model.num_params());
     let layout = optimizer_layout(&template, model);

@@ -180,22 +180,23 @@ pub fn train_with(
         let state = load_state(run.path(), job)?;
         (run, state)
     } else {
-        let params = match (&opts.init_weights, &job.config.initial_weights) {
-            (Some(w), _) => read_weights(w, &job.model)?,
+        let (params, keras_optimizer) = match (&opts.init_weights, &job.config.initial_weights) {
+            (Some(w), _) => (read_weights(w, &job.model)?, None),
             (None, Some(keras)) => {
-                let weights = crate::keras_archive::weights(keras, &job.model)
-                    .map_err(|e| FitError::Config(format!("{}: {e}", keras.display())))?;
+                let (weights, optimizer) =
+                    crate::keras_archive::weights_and_optimizer(keras, &job.model, &job.optimizer)
+                        .map_err(|e| FitError::Config(format!("{}: {e}", keras.display())))?;
                 tracing::info!(target: crate::logging::NOTE, "Initial weights: {}", keras.display());
-                weights
+                (weights, Some((keras, optimizer)))
             }
-            (None, None) => job.model.init_params(job.seed),
+            (None, None) => (job.model.init_params(job.seed), None),
         };
         let stem = config_path.file_stem().map_or("run".into(), |s| s.to_string_lossy().into_owned());
         let run = RunDir::create(opts.run_dir.as_deref(), &stem)?;
         crate::checkpoint::write_atomic(&run.file(JOB_FILE), job.config.to_toml().as_bytes())?;
         let mut state = TrainState::new(params, job.optimizer.clone(), job.fit.initial_epoch, job.callbacks.clone());
-        if let (None, Some(keras)) = (&opts.init_weights, &job.config.initial_weights) {
-            continue_keras_optimizer(keras, job, &mut state)?;
+        if let Some((keras, saved)) = keras_optimizer {
+            continue_keras_optimizer(keras, saved, job, &mut state);
         }
         // Saved before the first step, so a run killed at any point can be resumed.
         crate::checkpoint::save_state(run.path(), &state, &job.config)?;
@@ -222,10 +223,13 @@ pub fn train_with(
 
 /// A `.keras` file's optimizer state, when it fits the job's optimizer, is where the run's
 /// optimizer starts, as `load_model` then `fit` continue in Keras.
-fn continue_keras_optimizer(keras: &Path, job: &Job, state: &mut TrainState) -> Result<(), FitError> {
+fn continue_keras_optimizer(
+    keras: &Path,
+    saved: crate::keras_archive::SavedOptimizer,
+    job: &Job,
+    state: &mut TrainState,
+) {
     use crate::keras_archive::SavedOptimizer;
-    let saved = crate::keras_archive::optimizer_state(keras, &job.model, &job.optimizer)
-        .map_err(|e| FitError::Config(format!("{}: {e}", keras.display())))?;
     match saved {
         SavedOptimizer::State(s) => {
             let iteration = s.iterations;
@@ -239,7 +243,6 @@ fn continue_keras_optimizer(keras: &Path, job: &Job, state: &mut TrainState) -> 
         ),
         SavedOptimizer::Absent => {}
     }
-    Ok(())
 }
 
 /// `coordinator evaluate`: loss (with every regularization term) and accuracy of the weights

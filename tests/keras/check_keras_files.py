@@ -14,7 +14,6 @@ writes that format, which load_model and load_weights open with the weights of b
 final.keras also holds the optimizer's state, which load_model restores without a warning: the
 iteration count, the learning rate and Adam's moments of the run's last resume checkpoint.
 """
-import gzip
 import json
 import os
 import subprocess
@@ -26,24 +25,10 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import fashion_mnist  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB = os.path.join(ROOT, "examples", "fashion_mnist.toml")
-DATA = "/usr/share/datasets/fashion-mnist"
-
-
-def idx_images(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    n, rows, cols = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
-
-
-def idx_labels(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    return np.frombuffer(raw, dtype=np.uint8, offset=8).astype("int64")
 
 
 def safetensors(path):
@@ -84,7 +69,7 @@ def check_optimizer_state(model, run):
 
 def main():
     coordinator = sys.argv[1]
-    images = next(os.path.join(DATA, f) for f in sorted(os.listdir(DATA)) if f.startswith("t10k-images"))
+    images = fashion_mnist.path("t10k-images")
     with tempfile.TemporaryDirectory() as d:
         run = os.path.join(d, "run")
         # The seed job, with its checkpoint also written as .keras and as .weights.h5.
@@ -106,7 +91,7 @@ def main():
         for w in model.weights:
             name = "/".join(w.path.split("/")[-2:])
             assert np.array_equal(keras.ops.convert_to_numpy(w), want[name]), f"{name} differs"
-        x = idx_images(images).astype("float32") * np.float32(0.00392156862745098)
+        x = fashion_mnist.idx("t10k-images").astype("float32") * np.float32(0.00392156862745098)
         keras_out = np.asarray(model.predict(x, batch_size=1000, verbose=0))
         out = subprocess.run([coordinator, "predict", "--config", JOB, "--weights",
                               os.path.join(run, "final.safetensors"), "--input", images, "--json"],
@@ -124,7 +109,7 @@ def main():
               f"bit-identical")
         assert diff <= 1e-5 and bool(np.all(same | tie)), "Keras's outputs differ from dtrain's"
         # Compiled as the job compiles it: Keras's evaluate on the test set against dtrain's.
-        y = idx_labels(next(os.path.join(DATA, f) for f in sorted(os.listdir(DATA)) if f.startswith("t10k-labels")))
+        y = fashion_mnist.idx("t10k-labels").astype("int64")
         theirs = model.evaluate(x, y, batch_size=1000, verbose=0, return_dict=True)
         ours = json.loads(subprocess.run([coordinator, "evaluate", "--config", JOB, "--weights",
                                           os.path.join(run, "final.safetensors"), "--json"],

@@ -60,6 +60,7 @@ fn the_chain_gives_the_same_weights_with_two_and_three_workers() {
         for line in chained {
             let (on, of, fell) = chain_steps(line).unwrap_or_else(|| panic!("no chain steps: {line}"));
             assert!(on == of && on > 0 && fell == 0, "{line}");
+            assert!(line.contains(&format!("the star, {on} on lanes")), "chunks on lanes: {line}");
             for i in 0..n.parse().unwrap() {
                 assert!(line.contains(&format!("local-{i} (worker")), "local-{i} computed no shard: {line}");
             }
@@ -170,6 +171,36 @@ fn a_worker_peers_cannot_reach_leaves_the_chain() {
     let fell: u64 = out.lines().filter_map(chain_steps).map(|(_, _, fell)| fell).sum();
     assert_eq!(fell, 1, "one step fell back, then the chain went on without b: {out}");
     assert!(finals(&rd) == want, "an unreachable member changed the weights");
+}
+
+/// A first member whose peer port the coordinator cannot dial (it advertises a port nobody
+/// listens on; it has no predecessor, so only the coordinator would dial it): its parameters
+/// take its stream, said once, while the sum still comes back on the last member's lane; every
+/// step goes over the chain and the weights are the in-process run's.
+#[test]
+fn the_parameters_take_the_stream_to_a_first_member_the_coordinator_cannot_dial() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, "3");
+    let rd = dir.path().join("run");
+    let args = ["--listen", "127.0.0.1:0", "--min-workers", "2", "--no-shared-memory", "--verify", "0"];
+    let mut c = coordinator_proc(&job, &rd, "3", &[&args[..], &["--topology", "chain"]].concat());
+    let url = listening_url(&c);
+    let peer = ["--peer-listen", "127.0.0.1:0"];
+    let _a = worker(&url, &[&["--name", "a", "--peer-advertise", "127.0.0.1:1"], &peer[..]].concat());
+    c.wait_for("(a) joined", 30);
+    let _b = worker(&url, &[&["--name", "b"], &peer[..]].concat());
+    let why = c.wait_for("no lane to a (worker 1)'s peer port", 30);
+    assert!(why.contains("its chunks take its stream"), "{why}");
+    let (ok, out) = c.finish(60);
+    assert!(ok, "{out}");
+    assert!(!out.contains("no lane to"), "said once, not again: {out}");
+    for line in out.lines().filter(|l| l.contains("shard round trip")) {
+        let (on, of, fell) = chain_steps(line).unwrap_or_else(|| panic!("no chain steps: {line}"));
+        assert!(on == of && on > 0 && fell == 0, "{line}");
+        assert!(line.contains("the star, 0 on lanes"), "the parameters took the stream: {line}");
+    }
+    assert!(finals(&rd) == want, "parameters on the stream changed the weights");
 }
 
 /// A run with workers `a` and `b` on a listening coordinator, past its second epoch; also the

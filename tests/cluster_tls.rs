@@ -130,6 +130,7 @@ fn a_chain_under_mutual_tls() {
             !on.is_empty() && rest.starts_with(&format!("{on} step(s), 0 fell back")),
             "every step chained: {line}"
         );
+        assert!(rest.contains("the star, 0 on lanes"), "under TLS, chunks stay on TLS streams: {line}");
     }
     assert!(
         std::fs::read(d.join("chain/final.safetensors")).unwrap()

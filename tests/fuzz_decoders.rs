@@ -221,6 +221,8 @@ fn coordinator_messages() -> Vec<Vec<u8>> {
         ticket_out: 8,
         chunk_values: 32,
         digest_key: 9,
+        params_lane: Some(10),
+        sum_lane: true,
     };
     let chained = Work { params: Tensor::Chained, chain: Some(role), ..work.clone() };
     let params = Chunk { stream: ChunkStream::Params, ..chunk() };
@@ -248,6 +250,24 @@ fn protocol_messages_into_domain_types() {
     });
     fuzz("relay-message", &[dtrain_proto::relay_message_to_bytes(9, chunk())], |bytes| {
         dtrain_proto::relay_message_from_bytes(bytes).is_ok_and(|(_, c)| c.expect(64, 32, 67).is_ok())
+    });
+    // A lane's hello and frames, as a peer port and a chain member read them.
+    use dtrain_proto::lane::{self, Expected, FrameHeader, FrameReader};
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let mut frames = vec![];
+    let stale = FrameHeader { ticket: 9, step: 2, stream: ChunkStream::Sum, offset: 0, values: 5 };
+    let next = FrameHeader { ticket: 9, step: 3, stream: ChunkStream::Sum, offset: 64, values: 3 };
+    rt.block_on(async {
+        lane::write_frame(&mut frames, &stale, &[1.0; 5]).await.unwrap();
+        lane::write_frame(&mut frames, &next, &[0.5; 3]).await.unwrap();
+    });
+    fuzz("lane-frame", &[frames], |mut bytes| {
+        let want = Expected { ticket: 9, step: 3, stream: ChunkStream::Sum, chunk: 32, len: 67 };
+        let mut sum = vec![0f32; 67];
+        rt.block_on(FrameReader::default().next(&mut bytes, &mut sum, |h| h.place(&want, 64))).is_ok()
+    });
+    fuzz("lane-hello", &[lane::hello(lane::LaneKind::Feed, Some("a-token-of-16-bytes"))], |mut bytes| {
+        rt.block_on(lane::read_hello(&mut bytes)).is_ok()
     });
     // What a worker does with the coordinator's messages: every shard it is sent is checked
     // against the job's model before anything is allocated for it, and the work is computed.

@@ -91,6 +91,7 @@ fn three_hosts_on_the_chain_train_to_the_in_process_weights() {
             !on.is_empty() && rest.starts_with(&format!("{on} step(s), 0 fell back")),
             "every step chained: {line}"
         );
+        assert!(rest.contains(&format!("the star, {on} on lanes")), "every step's chunks took lanes: {line}");
     }
     assert!(same, "the weights over the chain equal the in-process run's");
 }

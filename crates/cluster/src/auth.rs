@@ -16,6 +16,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether `got` is the token (anything is, if none is configured), compared in constant time.
+pub(crate) fn same_token(got: &[u8], token: Option<&str>) -> bool {
+    token.is_none_or(|t| same(got, t.as_bytes()))
+}
+
 /// Accepts the call if no token is configured or it carries the right one.
 pub fn check(metadata: &MetadataMap, token: Option<&str>) -> Result<(), Status> {
     let Some(token) = token else { return Ok(()) };

@@ -21,6 +21,8 @@ pub struct EpochStats {
     pub chained: u64,
     /// Chain steps that fell back to the star.
     pub fell_back: u64,
+    /// Chain steps whose parameters and sum both took the coordinator's lanes.
+    pub on_lanes: u64,
     /// The current chain step's time spent taking in the sum.
     pub chain_reduce: Duration,
     /// Per worker: time from sending its work to each shard's result arriving, in µs.
@@ -138,7 +140,10 @@ impl EpochStats {
         ) + &verification
             + &match (self.chained, self.fell_back) {
                 (0, 0) => "; topology star".to_string(),
-                (c, f) => format!("; topology chain on {c} of {} step(s), {f} fell back to the star", self.steps),
+                (c, f) => format!(
+                    "; topology chain on {c} of {} step(s), {f} fell back to the star, {} on lanes",
+                    self.steps, self.on_lanes
+                ),
             };
         Some(dtrain_fit::engine::EpochReport { line, scalars })
     }

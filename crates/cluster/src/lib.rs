@@ -13,6 +13,7 @@ pub mod engine;
 pub mod epoch_stats;
 pub mod hub;
 pub mod ids;
+mod lane;
 pub mod metrics_http;
 pub mod pace;
 mod peer;

@@ -6,16 +6,19 @@
 //! coordinator as a broken link, and the coordinator computes the step over the star instead.
 
 use crate::digest::Digest;
+use crate::lane::Arrivals;
 use crate::worker::Compute;
 use crate::{ClusterError, MESSAGE_LIMIT};
 use dtrain_nn::simd::{sum_into, Part};
+use dtrain_proto::lane::{write_frame, Expected, FrameHeader, FrameReader, LaneKind, Place};
 use dtrain_proto::{
-    copy_f32s, f32_bytes, read_f32s, ChainRole, Chunk, ChunkStream, Connection, FromWorker, RelayHandler, RelayInbox,
-    RelayLink, ShardResult, Tensor, ToWorker, Work,
+    check_finite, copy_f32s, f32_bytes, read_f32s, ChainRole, Chunk, ChunkStream, Connection, FromWorker, RelayHandler,
+    RelayInbox, RelayLink, ShardResult, Tensor, ToWorker, Work,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, Endpoint};
@@ -34,6 +37,9 @@ const RELAYS: usize = 2;
 /// Chunks queued between the port and the member's step.
 const QUEUE: usize = 8;
 
+/// Connections to the peer port still in their first bytes or their lane hello.
+const HANDSHAKES: usize = 8;
+
 /// A worker's peer port: the address it advertises, the ticket it expects this step, and
 /// the chunks relays deliver.
 pub struct PeerPort {
@@ -48,6 +54,16 @@ pub struct PeerPort {
     /// wrong (see `FAULT_VARIABLE`).
     lie_from: Option<u64>,
     tls: Option<PeerTls>,
+    /// The job token, which lanes present.
+    token: Option<String>,
+    /// Lanes admitted by the port, until a step takes them.
+    arrivals: Arc<Arrivals>,
+    /// The lane chunks come in on (with its reader's progress), kept from step to step.
+    inlet: Option<(TcpStream, FrameReader)>,
+    /// The lane to the successor at an address, kept while the successor stays the same.
+    outlet: Option<(String, TcpStream)>,
+    /// The lane the coordinator opened to take this member's sum.
+    collector: Option<TcpStream>,
 }
 
 /// Mutual TLS between chain members: this worker's certificate and key (the ones it presents
@@ -133,14 +149,11 @@ impl PeerPort {
         let (expect, expected) = watch::channel(None);
         let (tx, chunks) = mpsc::channel(QUEUE);
         let door = Door { token: token.clone(), expect: expected, chunks: tx, open: Arc::new(Semaphore::new(RELAYS)) };
-        // tonic's serve_with_incoming ignores the builder's nodelay: set on every socket (else
-        // the flow-control updates wait for Nagle, and a relay stalls for delayed ACKs).
-        let incoming =
-            tokio_stream::StreamExt::filter_map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-                let s = s.ok()?;
-                let _ = s.set_nodelay(true);
-                Some(Ok::<_, std::io::Error>(s))
-            });
+        let arrivals = Arc::new(Arrivals::default());
+        // One port for both: a lane's first byte is never HTTP/2's (nor TLS's), and gRPC gets
+        // every other connection. Lanes carry no TLS: with TLS, chunks take the gRPC relays.
+        let lanes = tls.is_none().then(|| (token.clone(), Arc::clone(&arrivals)));
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(sort_connections(listener, lanes));
         let mut builder = tonic::transport::Server::builder();
         if let Some(t) = &tls {
             builder = builder
@@ -151,7 +164,55 @@ impl PeerPort {
         tokio::spawn(server.serve_with_incoming(incoming));
         tracing::info!("peer port on {bound}, advertised as {address}");
         let headers = token.iter().map(|t| (crate::auth::HEADER, crate::auth::bearer(t))).collect();
-        Ok(PeerPort { address, expect, chunks, headers, successor: None, lie_from: injected_lie(), tls })
+        Ok(PeerPort {
+            address,
+            expect,
+            chunks,
+            headers,
+            successor: None,
+            lie_from: injected_lie(),
+            tls,
+            token,
+            arrivals,
+            inlet: None,
+            outlet: None,
+            collector: None,
+        })
+    }
+
+    /// Whether chunks between members travel on lanes (else on gRPC relays, with TLS).
+    fn lanes(&self) -> bool {
+        self.tls.is_none()
+    }
+
+    /// Where this step's chunks go: the successor at `address`, on a lane (kept from the
+    /// last step if it went there too) or a relay.
+    async fn outlet_to_successor(&mut self, address: &str) -> Result<Outlet, String> {
+        if !self.lanes() {
+            return self.link(address).map(Outlet::Relay).map_err(|e| e.message().to_string());
+        }
+        match self.outlet.take() {
+            Some((a, lane)) if a == address => Ok(Outlet::Successor(a, lane)),
+            _ => {
+                let lane = crate::lane::dial(address, LaneKind::Feed, self.token.as_deref()).await?;
+                Ok(Outlet::Successor(address.to_string(), lane))
+            }
+        }
+    }
+
+    /// The coordinator's lane for the sum: the newest it opened.
+    fn outlet_to_coordinator(&mut self) -> Option<Outlet> {
+        let newest = self.arrivals.take(LaneKind::Collect);
+        newest.or_else(|| self.collector.take()).map(Outlet::Collector)
+    }
+
+    /// Keeps a lane that served this step for the next.
+    fn keep(&mut self, outlet: Outlet) {
+        match outlet {
+            Outlet::Successor(a, lane) => self.outlet = Some((a, lane)),
+            Outlet::Collector(lane) => self.collector = Some(lane),
+            Outlet::Stream | Outlet::Relay(_) => {}
+        }
     }
 
     /// A relay to the successor at `address`.
@@ -169,6 +230,52 @@ impl PeerPort {
         let channel = self.successor.as_ref().map(|(_, c)| c.clone()).expect("just set");
         RelayLink::open(channel, MESSAGE_LIMIT, &self.headers)
     }
+}
+
+/// The peer port's connections, sorted: lanes (with `lanes`: the token and where admitted
+/// lanes wait) are admitted here, everything else goes to the gRPC server through the
+/// returned queue.
+fn sort_connections(
+    listener: tokio::net::TcpListener,
+    lanes: Option<(Option<String>, Arc<Arrivals>)>,
+) -> mpsc::Receiver<Result<TcpStream, std::io::Error>> {
+    let (grpc, incoming) = mpsc::channel(RELAYS);
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let s = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors, say: wait instead of spinning.
+                    tracing::warn!("peer port: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // tonic's serve_with_incoming ignores the builder's nodelay: set on every socket
+            // (else the flow-control updates wait for Nagle, and a relay stalls for delayed ACKs).
+            let _ = s.set_nodelay(true);
+            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else { continue };
+            let (grpc, lanes) = (grpc.clone(), lanes.clone());
+            tokio::spawn(async move {
+                let mut first = [0u8];
+                let peeked = tokio::time::timeout(HANDSHAKE, s.peek(&mut first)).await;
+                match (peeked, lanes) {
+                    (Ok(Ok(1)), Some((token, arrivals))) if first[0] == dtrain_proto::lane::PREFACE[0] => {
+                        if let Err(why) = crate::lane::admit(s, token.as_deref(), &arrivals).await {
+                            tracing::warn!("peer port: a lane refused: {why}");
+                        }
+                    }
+                    (Ok(Ok(1)), _) => {
+                        drop(permit);
+                        let _ = grpc.send(Ok(s)).await;
+                    }
+                    _ => {}
+                }
+            });
+        }
+    });
+    incoming
 }
 
 /// The peer service: a relay is taken if it carries the job token and, within `HANDSHAKE`,
@@ -226,9 +333,75 @@ pub enum Next {
 
 /// What a member waited for.
 enum Got {
-    Chunk(Chunk),
+    /// A chunk, in place: the tensor's range it covers, and its bytes as they came if they
+    /// came in a message (to pass on without encoding them again).
+    Landed(std::ops::Range<usize>, Option<bytes::Bytes>),
     Interrupted(ToWorker),
     Broken(String),
+}
+
+/// Where a member's chunks come from this step.
+#[derive(Clone, Copy)]
+enum Inlet {
+    /// The coordinator's stream (the first member's parameters, without a lane).
+    Stream,
+    /// The predecessor's gRPC relay (with TLS).
+    Relay,
+    /// A lane (the coordinator's or the predecessor's), in frames with this ticket.
+    Lane(u64),
+}
+
+/// Where a member's chunks go this step.
+enum Outlet {
+    /// The coordinator's stream (the last member's sum, without a lane).
+    Stream,
+    /// The successor's gRPC relay (with TLS).
+    Relay(RelayLink),
+    /// A lane to the successor at an address.
+    Successor(String, TcpStream),
+    /// The lane the coordinator opened for the sum.
+    Collector(TcpStream),
+}
+
+/// One chunk on its way out: which step's which tensor, where, and its values (with their
+/// message bytes if they came in a message).
+struct Outgoing<'v> {
+    step: u64,
+    stream: ChunkStream,
+    ticket: u64,
+    offset: usize,
+    values: &'v [f32],
+    bytes: Option<bytes::Bytes>,
+}
+
+impl Outlet {
+    /// Sends a chunk; `Err` says why it could not be.
+    async fn send(&mut self, conn: &Connection, c: Outgoing<'_>) -> Result<(), String> {
+        let chunk = |c: Outgoing<'_>| Chunk {
+            step: c.step,
+            stream: c.stream,
+            offset: c.offset as u64,
+            values: c.bytes.unwrap_or_else(|| f32_bytes(c.values)),
+        };
+        match self {
+            Outlet::Stream => conn.send(FromWorker::Chunk(chunk(c))).await.map_err(|e| e.message().to_string()),
+            Outlet::Relay(link) => link.send(c.ticket, chunk(c)).await.map_err(|e| e.message().to_string()),
+            Outlet::Successor(_, lane) | Outlet::Collector(lane) => {
+                let header = FrameHeader {
+                    ticket: c.ticket,
+                    step: c.step,
+                    stream: c.stream,
+                    offset: c.offset as u64,
+                    values: c.values.len() as u32,
+                };
+                let late = |_| format!("the lane took no chunk within {CHAIN_WAIT:?}");
+                tokio::time::timeout(CHAIN_WAIT, write_frame(lane, &header, c.values))
+                    .await
+                    .map_err(late)?
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
 }
 
 /// One member's step of a chain: see the module's comment.
@@ -244,32 +417,51 @@ pub async fn member_step(
     let chunk = role.chunk_values as usize;
     port.expect.send_replace(role.ticket_in);
     let successor = role.successor.clone().unwrap_or_default();
-    let mut link = match role.successor.as_deref().map(|a| port.link(a)).transpose() {
-        Ok(l) => l,
-        Err(e) => return broken(conn, step, &successor, e.message()).await,
+    let first = role.ticket_in.is_none();
+    let inlet = match (role.ticket_in, role.params_lane) {
+        (None, Some(ticket)) => Inlet::Lane(ticket),
+        (None, None) => Inlet::Stream,
+        (Some(ticket), _) if port.lanes() => Inlet::Lane(ticket),
+        (Some(_), _) => Inlet::Relay,
     };
-    let from_coordinator = role.ticket_in.is_none();
+    let mut outlet = match (&role.successor, role.sum_lane) {
+        (Some(address), _) => match port.outlet_to_successor(address).await {
+            Ok(o) => o,
+            Err(why) => return broken(conn, step, &successor, &why).await,
+        },
+        (None, true) => match port.outlet_to_coordinator() {
+            Some(o) => o,
+            None => {
+                // Closed here after a failed write: the coordinator finds it closed too, and
+                // computes the step over the star.
+                tracing::warn!("step {step}: the coordinator's lane for the sum is closed; leaving the step");
+                return Ok(Next::Done);
+            }
+        },
+        (None, false) => Outlet::Stream,
+    };
+    let downstream = if role.successor.is_some() { successor.as_str() } else { "the coordinator" };
+    if let Some((_, reader)) = port.inlet.as_mut() {
+        reader.new_step();
+    }
 
     // The parameters, passed on as they arrive.
     let mut params = std::mem::take(&mut compute.params);
     params.resize(n, 0.0);
     let mut next = 0;
     while next < n {
-        let c = match receive(conn, port, from_coordinator, step, ChunkStream::Params).await? {
-            Got::Chunk(c) => c,
-            Got::Interrupted(m) => return Ok(Next::Then(m)),
-            Got::Broken(why) => return broken(conn, step, "", &why).await,
+        let want = Expected { ticket: 0, step, stream: ChunkStream::Params, chunk, len: n };
+        let got = receive(conn, port, inlet, want, &mut params, 0, next).await?;
+        let (range, bytes) = match got {
+            Got::Landed(range, bytes) => (range, bytes),
+            Got::Interrupted(_) | Got::Broken(_) => return abandon(conn, port, step, outlet, got).await,
         };
-        let range = match c.expect(next, chunk, n) {
-            Ok(r) => r,
-            Err(e) => return broken(conn, step, "", &format!("parameters: {e}")).await,
-        };
-        if let Err(e) = read_f32s("parameters", &c.values, &mut params[range.clone()]) {
-            return broken(conn, step, "", &e.to_string()).await;
-        }
-        if let Some(l) = &mut link {
-            if let Err(e) = l.send(role.ticket_out, c).await {
-                return broken(conn, step, &successor, e.message()).await;
+        if role.successor.is_some() {
+            let values = &params[range.clone()];
+            let c =
+                Outgoing { step, stream: ChunkStream::Params, ticket: role.ticket_out, offset: next, values, bytes };
+            if let Err(why) = outlet.send(conn, c).await {
+                return broken(conn, step, downstream, &why).await;
             }
         }
         next = range.end;
@@ -290,47 +482,47 @@ pub async fn member_step(
     let mut next = 0;
     while next < n {
         let range = next..next.saturating_add(chunk).min(n);
-        if !from_coordinator {
-            let c = match receive(conn, port, false, step, ChunkStream::Sum).await? {
-                Got::Chunk(c) => c,
-                Got::Interrupted(m) => return Ok(Next::Then(m)),
-                Got::Broken(why) => return broken(conn, step, "", &why).await,
-            };
+        if !first {
             // Not checked for finite values: a diverging model's sums are not; the
             // coordinator looks at the whole sum.
-            let prefix = &mut compute.prefix;
+            let mut prefix = std::mem::take(&mut compute.prefix);
             prefix.resize(range.len(), 0.0);
-            if let Err(e) = c.expect(next, chunk, n).and_then(|_| copy_f32s("running sum", &c.values, prefix)) {
-                return broken(conn, step, "", &e.to_string()).await;
+            let want = Expected { ticket: 0, step, stream: ChunkStream::Sum, chunk, len: n };
+            let got = receive(conn, port, inlet, want, &mut prefix, next, next).await;
+            compute.prefix = prefix;
+            match got? {
+                Got::Landed(..) => {}
+                got => return abandon(conn, port, step, outlet, got).await,
             }
             if digests {
-                received.update(prefix);
+                received.update(&compute.prefix);
             }
         }
-        let values = compute.add_own(range.clone(), !from_coordinator, lie && next == 0);
+        compute.add_own(range.clone(), !first, lie && next == 0);
         if digests {
             sent.update(&compute.sum);
         }
-        let c = Chunk { step, stream: ChunkStream::Sum, offset: next as u64, values };
-        match &mut link {
-            Some(l) => {
-                if let Err(e) = l.send(role.ticket_out, c).await {
-                    return broken(conn, step, &successor, e.message()).await;
-                }
-            }
-            None => conn.send(FromWorker::Chunk(c)).await?,
+        let values = &compute.sum[..];
+        let c = Outgoing { step, stream: ChunkStream::Sum, ticket: role.ticket_out, offset: next, values, bytes: None };
+        if let Err(why) = outlet.send(conn, c).await {
+            return broken(conn, step, downstream, &why).await;
         }
         next = range.end;
     }
-    let received = if from_coordinator || !digests { 0 } else { received.finish() };
+    let received = if first || !digests { 0 } else { received.finish() };
     let sent = if digests { sent.finish() } else { 0 };
     conn.send(FromWorker::Digest { step, received, sent }).await?;
-    // Queued is not delivered: the step is done once the successor took every chunk.
-    if let Some(l) = link {
-        let late = |_| Status::deadline_exceeded(format!("the successor took no chunk within {CHAIN_WAIT:?}"));
-        if let Err(e) = tokio::time::timeout(CHAIN_WAIT, l.finish()).await.map_err(late).and_then(|r| r) {
-            return broken(conn, step, &successor, e.message()).await;
+    match outlet {
+        // Queued is not delivered: the step is done once the successor took every chunk.
+        Outlet::Relay(link) => {
+            let late = |_| Status::deadline_exceeded(format!("the successor took no chunk within {CHAIN_WAIT:?}"));
+            if let Err(e) = tokio::time::timeout(CHAIN_WAIT, link.finish()).await.map_err(late).and_then(|r| r) {
+                return broken(conn, step, &successor, e.message()).await;
+            }
         }
+        // A lane's bytes are in the kernel's hands; if the successor fails to take them, it
+        // (or the coordinator, which waits for the sum) says so.
+        lane => port.keep(lane),
     }
     Ok(Next::Done)
 }
@@ -339,7 +531,7 @@ impl Compute {
     /// The running sum's `range` (into `sum`): the predecessor's chunk (in `prefix`) if
     /// `with_prefix`, plus this member's shards' gradients in shard order, as it travels (its
     /// first value off by 1 if `lie`: fault injection).
-    fn add_own(&mut self, range: std::ops::Range<usize>, with_prefix: bool, lie: bool) -> bytes::Bytes {
+    fn add_own(&mut self, range: std::ops::Range<usize>, with_prefix: bool, lie: bool) {
         let prefix = with_prefix.then_some(Part::Own(&self.prefix[..]));
         let own = self.chain_grads.iter().map(|g| Part::Own(&g[range.clone()]));
         let parts: Vec<Part<'_>> = prefix.into_iter().chain(own).collect();
@@ -348,19 +540,58 @@ impl Compute {
         if lie {
             self.sum[0] += 1.0;
         }
-        f32_bytes(&self.sum)
     }
 }
 
-/// The next chunk of `stream` for `step`: from the coordinator (the first member's
-/// parameters) or from the predecessor's relay. Chunks of an abandoned step are skipped.
+/// The next chunk of `want.stream` for `want.step`, written into `tensor` (whose first value
+/// is the tensor's value `base`), starting at value `next`: from the coordinator's stream, the
+/// predecessor's relay, or a lane (its frames with the inlet's ticket). Chunks of an abandoned
+/// step on the stream are skipped; parameters are checked to be finite.
 async fn receive(
+    conn: &mut Connection,
+    port: &mut PeerPort,
+    inlet: Inlet,
+    want: Expected,
+    tensor: &mut [f32],
+    base: usize,
+    next: usize,
+) -> Result<Got, Status> {
+    let what = match want.stream {
+        ChunkStream::Params => "parameters",
+        ChunkStream::Sum => "running sum",
+    };
+    let got = match inlet {
+        Inlet::Lane(ticket) => return from_lane(conn, port, Expected { ticket, ..want }, tensor, base, next).await,
+        Inlet::Stream => from_messages(conn, port, true, want.step, want.stream).await?,
+        Inlet::Relay => from_messages(conn, port, false, want.step, want.stream).await?,
+    };
+    let c = match got {
+        Ok(c) => c,
+        Err(other) => return Ok(other),
+    };
+    let landed = c.expect(next, want.chunk, want.len).and_then(|range| {
+        let into = &mut tensor[range.start - base..range.end - base];
+        match want.stream {
+            ChunkStream::Params => read_f32s(what, &c.values, into)?,
+            ChunkStream::Sum => copy_f32s(what, &c.values, into)?,
+        }
+        Ok(range)
+    });
+    Ok(match landed {
+        Ok(range) => Got::Landed(range, Some(c.values)),
+        Err(e) => Got::Broken(format!("{what}: {e}")),
+    })
+}
+
+/// The next chunk of `stream` for `step` as a message: from the coordinator (the first
+/// member's parameters) or from the predecessor's relay; else what came instead.
+async fn from_messages(
     conn: &mut Connection,
     port: &mut PeerPort,
     from_coordinator: bool,
     step: u64,
     stream: ChunkStream,
-) -> Result<Got, Status> {
+) -> Result<Result<Chunk, Got>, Status> {
     let quiet = tokio::time::sleep(CHAIN_WAIT);
     tokio::pin!(quiet);
     loop {
@@ -368,18 +599,110 @@ async fn receive(
             m = conn.next() => match m? {
                 Some(ToWorker::Chunk(c)) if from_coordinator => c,
                 Some(ToWorker::Chunk(_)) => continue, // of a step this worker left
-                Some(other) => return Ok(Got::Interrupted(other)),
+                Some(other) => return Ok(Err(Got::Interrupted(other))),
                 None => return Err(Status::unavailable("the coordinator closed the stream")),
             },
             c = port.chunks.recv(), if !from_coordinator => match c {
                 Some(c) => c,
-                None => return Ok(Got::Broken("the peer port is closed".into())),
+                None => return Ok(Err(Got::Broken("the peer port is closed".into()))),
             },
-            () = &mut quiet => return Ok(Got::Broken(format!("no chunk within {CHAIN_WAIT:?}"))),
+            () = &mut quiet => return Ok(Err(Got::Broken(format!("no chunk within {CHAIN_WAIT:?}")))),
         };
         if chunk.step == step && chunk.stream == stream {
-            return Ok(Got::Chunk(chunk));
+            return Ok(Ok(chunk));
         }
+    }
+}
+
+/// What woke a member waiting on its lane.
+enum Woke {
+    Message(Result<Option<ToWorker>, Status>),
+    Frame(Result<FrameHeader, dtrain_proto::lane::LaneError>),
+    Arrived,
+    Quiet,
+}
+
+/// The next frame `want` describes, straight from the lane into `tensor` (see `receive`).
+/// A lane admitted meanwhile replaces the one held (the sender dialed anew); a message from the
+/// coordinator interrupts the step; any fault closes the lane.
+async fn from_lane(
+    conn: &mut Connection,
+    port: &mut PeerPort,
+    want: Expected,
+    tensor: &mut [f32],
+    base: usize,
+    next: usize,
+) -> Result<Got, Status> {
+    let quiet = tokio::time::sleep(CHAIN_WAIT);
+    tokio::pin!(quiet);
+    loop {
+        if let Some(lane) = port.arrivals.take(LaneKind::Feed) {
+            port.inlet = Some((lane, FrameReader::default()));
+        }
+        let woke = {
+            let (inlet, arrivals) = (&mut port.inlet, &port.arrivals);
+            let frame = async {
+                match inlet.as_mut() {
+                    Some((lane, reader)) => {
+                        let place = |h: &FrameHeader| {
+                            Ok(match h.place(&want, next)? {
+                                Place::Into(r) => Place::Into(r.start - base..r.end - base),
+                                Place::Skip => Place::Skip,
+                            })
+                        };
+                        reader.next(lane, tensor, place).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                m = conn.next() => Woke::Message(m),
+                f = frame => Woke::Frame(f),
+                () = arrivals.arrived() => Woke::Arrived,
+                () = &mut quiet => Woke::Quiet,
+            }
+        };
+        match woke {
+            Woke::Message(m) => match m? {
+                Some(ToWorker::Chunk(_)) => {} // of a step this worker left
+                Some(other) => return Ok(Got::Interrupted(other)),
+                None => return Err(Status::unavailable("the coordinator closed the stream")),
+            },
+            Woke::Frame(Ok(h)) => {
+                let range = h.offset as usize..h.offset as usize + h.values as usize;
+                if want.stream == ChunkStream::Params {
+                    if let Err(e) = check_finite("parameters", &tensor[range.start - base..range.end - base]) {
+                        port.inlet = None;
+                        return Ok(Got::Broken(e.to_string()));
+                    }
+                }
+                return Ok(Got::Landed(range, None));
+            }
+            Woke::Frame(Err(e)) => {
+                port.inlet = None;
+                return Ok(Got::Broken(format!("lane: {e}")));
+            }
+            Woke::Arrived => {}
+            Woke::Quiet => return Ok(Got::Broken(format!("no chunk within {CHAIN_WAIT:?}"))),
+        }
+    }
+}
+
+/// Leaves the step on what `got` says (the coordinator's next message, or a broken link
+/// upstream). `outlet` is kept for the next step: only whole frames went out on it, and its
+/// receiver reads past those of a step it left.
+async fn abandon(
+    conn: &mut Connection,
+    port: &mut PeerPort,
+    step: u64,
+    outlet: Outlet,
+    got: Got,
+) -> Result<Next, Status> {
+    port.keep(outlet);
+    match got {
+        Got::Interrupted(m) => Ok(Next::Then(m)),
+        Got::Broken(why) => broken(conn, step, "", &why).await,
+        Got::Landed(..) => Ok(Next::Done),
     }
 }
 

@@ -3,6 +3,7 @@
 //! dtrain speaks `messages` over `transport`, and everything received is checked here
 //! (lengths, shapes, finite values) before anyone uses it.
 
+pub mod lane;
 mod messages;
 mod tensor;
 mod transport;
@@ -25,7 +26,7 @@ use dtrain_data::{Dataset, Features, Labels};
 use prost::bytes::Bytes;
 
 /// Bumped on any incompatible change; checked when a worker joins.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 /// Why a message, or a part of one, is refused.

@@ -59,6 +59,12 @@ pub struct ChainRole {
     pub chunk_values: u32,
     /// The key of its digests (`FromWorker::Digest`).
     pub digest_key: u64,
+    /// The first member: the coordinator sends the parameters on its lane, in frames with
+    /// this ticket (`None`: on the stream).
+    pub params_lane: Option<u64>,
+    /// The last member: the sum goes back on the lane the coordinator opened (else on the
+    /// stream).
+    pub sum_lane: bool,
 }
 
 /// Which tensor a chunk is part of.
@@ -371,6 +377,8 @@ impl From<ToWorker> for pb::CoordinatorMessage {
                         ticket_out: c.ticket_out,
                         chunk_values: c.chunk_values,
                         digest_key: c.digest_key,
+                        params_lane: c.params_lane.unwrap_or(0),
+                        sum_lane: c.sum_lane,
                     }),
                 })
             }
@@ -431,6 +439,8 @@ fn chain_role(c: pb::Chain) -> Result<ChainRole, WireError> {
         ticket_out: c.ticket_out,
         chunk_values: c.chunk_values,
         digest_key: c.digest_key,
+        params_lane: Some(c.params_lane).filter(|&t| t != 0),
+        sum_lane: c.sum_lane,
     })
 }
 
@@ -490,6 +500,8 @@ mod tests {
                     ticket_out: 10,
                     chunk_values: 3,
                     digest_key: 11,
+                    params_lane: Some(12),
+                    sum_lane: true,
                 }),
             }),
             ToWorker::Stop { reason: "done".into() },
@@ -505,9 +517,9 @@ mod tests {
         assert!(chunk.expect(0, 2, 100).is_err());
         assert!(chunk.expect(4, 3, 100).is_err());
         assert!(chunk.expect(4, 2, 5).is_err());
-        let bad = pb::Chain { successor: "a b".into(), ticket_in: 0, ticket_out: 1, chunk_values: 1, digest_key: 0 };
+        let bad = pb::Chain { successor: "a b".into(), ticket_out: 1, chunk_values: 1, ..Default::default() };
         assert!(chain_role(bad).is_err());
-        let none = pb::Chain { successor: String::new(), ticket_in: 0, ticket_out: 1, chunk_values: 0, digest_key: 0 };
+        let none = pb::Chain { ticket_out: 1, chunk_values: 0, ..Default::default() };
         assert!(chain_role(none).is_err());
     }
 }

@@ -14,10 +14,12 @@ use crate::verify::{judge_chain, ChainVerdict};
 use dtrain_fit::EngineError;
 use dtrain_nn::simd::Part;
 use dtrain_nn::ShardStats;
+use dtrain_proto::lane::{write_frame, Expected, FrameHeader, FrameReader, LaneError, LaneKind, HEADER_BYTES};
 use dtrain_proto::{copy_f32s, ChainRole, Chunk, ChunkStream, Tensor, ToWorker, Work};
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
 
 /// An audited step as the coordinator computed it: the sum, each shard's sums, and each
 /// member's digests (received, sent) as they should be.
@@ -37,6 +39,23 @@ fn same_stats(a: &ShardStats, b: &ShardStats) -> bool {
         && a.activity.to_bits() == b.activity.to_bits()
         && a.correct == b.correct
         && a.rows == b.rows
+}
+
+/// Values per chunk.
+const CHUNK: usize = CHUNK_VALUES as usize;
+
+/// A chain step under way: the ticket of the sum's frames if the sum comes back on a lane
+/// (else on the last member's stream), and whether the parameters went on one.
+struct Started {
+    sum_lane: Option<u64>,
+    params_lane: bool,
+}
+
+/// What woke the coordinator waiting for a chain step.
+enum Woke {
+    Event(Option<Event>),
+    Frame(Result<FrameHeader, LaneError>),
+    Late,
 }
 
 /// A chain step's results as they come in.
@@ -61,6 +80,49 @@ impl ChainInbox {
     }
 }
 
+/// The coordinator's lanes to a chain's ends (see `dtrain_proto::lane`): the parameters go
+/// to the first member on one, the sum comes back from the last on another, each straight
+/// between the socket and the trainer's tensors. Without one (TLS, or a peer port the
+/// coordinator cannot reach) they take the member's stream.
+#[derive(Default)]
+struct Lanes {
+    /// `None`: lanes are off (with TLS, chunks stay inside it); else the token they present.
+    token: Option<Option<String>>,
+    feed: Option<(WorkerId, TcpStream)>,
+    collect: Option<(WorkerId, TcpStream, FrameReader)>,
+    /// Members whose peer port the coordinator could not dial (said once each).
+    unreachable: BTreeSet<WorkerId>,
+}
+
+impl Lanes {
+    /// Dials `kind` to `id`'s peer port at `address` unless one is open or it was
+    /// unreachable before; whether one is open now.
+    async fn open(&mut self, kind: LaneKind, id: WorkerId, address: &str, name: &str) -> bool {
+        let Some(token) = &self.token else { return false };
+        let open = match kind {
+            LaneKind::Feed => self.feed.as_ref().is_some_and(|(w, _)| *w == id),
+            LaneKind::Collect => self.collect.as_ref().is_some_and(|(w, ..)| *w == id),
+        };
+        if open || self.unreachable.contains(&id) {
+            return open;
+        }
+        match crate::lane::dial(address, kind, token.as_deref()).await {
+            Ok(lane) => {
+                match kind {
+                    LaneKind::Feed => self.feed = Some((id, lane)),
+                    LaneKind::Collect => self.collect = Some((id, lane, FrameReader::default())),
+                }
+                true
+            }
+            Err(why) => {
+                tracing::info!("no lane to {name}'s peer port {address} ({why}): its chunks take its stream");
+                self.unreachable.insert(id);
+                false
+            }
+        }
+    }
+}
+
 /// What the engine remembers about chains between steps.
 #[derive(Default)]
 pub(super) struct Memory {
@@ -71,12 +133,18 @@ pub(super) struct Memory {
     star: Option<StarBecause>,
     /// How long recent chain steps waited for the sum.
     waits: std::collections::VecDeque<Duration>,
+    lanes: Lanes,
 }
 
 /// Chain steps remembered for the learned deadline.
 const WAITS: usize = 64;
 
 impl Memory {
+    /// With `lanes` (the job token, if any), the chain's ends use lanes where they can.
+    pub(super) fn new(lanes: Option<Option<String>>) -> Memory {
+        Memory { lanes: Lanes { token: lanes, ..Lanes::default() }, ..Memory::default() }
+    }
+
     /// How long this step's sum may take before the step goes over the star: 4 times the
     /// median of recent chain steps, at least 1 s, at most `step_timeout` (all of it until 8
     /// steps are known). A slow member then costs one late step, not a step timeout.
@@ -105,6 +173,7 @@ impl ClusterEngine<'_> {
         let live: BTreeSet<WorkerId> = candidates.iter().map(|c| c.id).collect();
         let memory = &mut self.policy.chain;
         memory.excluded.retain(|id| live.contains(id));
+        memory.lanes.unreachable.retain(|id| live.contains(id));
         match plan(self.policy.topology, &candidates, &memory.excluded, shards) {
             Ok(p) => {
                 let members: Vec<WorkerId> = p.members.iter().map(|m| m.id).collect();
@@ -147,9 +216,10 @@ impl ClusterEngine<'_> {
         let keys: Vec<u64> = plan.members.iter().map(|_| if audits { crate::auth::ticket() } else { 0 }).collect();
         let members: Vec<WorkerId> = plan.members.iter().map(|m| m.id).collect();
         let audited = self.policy.audit.wants_chain_check(step, &members);
-        if let Err(why) = self.start_chain(plan, &keys, out).await {
-            return Ok(self.fall_back(step, &why));
-        }
+        let (sum_lane, laned) = match self.start_chain(plan, &keys, out).await {
+            Ok(Started { sum_lane, params_lane }) => (sum_lane, params_lane && sum_lane.is_some()),
+            Err(why) => return Ok(self.fall_back(step, &why)),
+        };
         let sent_all = Instant::now();
         // While the chain computes: the caller's own work, then the next step's shards, and on
         // an audited step the recomputation of every shard.
@@ -164,14 +234,42 @@ impl ClusterEngine<'_> {
             summed: 0,
         };
         let patience = self.policy.chain.deadline(self.policy.step_timeout);
-        while !inbox.complete(grad.len()) {
-            let why = match tokio::time::timeout_at((sent_all + patience).into(), self.net.events.recv()).await {
-                Ok(Some(event)) => match self.take_chain_event(plan, inputs, &mut inbox, event, grad) {
+        let n = grad.len();
+        if let Some((_, _, reader)) = self.policy.chain.lanes.collect.as_mut() {
+            reader.new_step();
+        }
+        while !inbox.complete(n) {
+            let want = sum_lane.map(|ticket| Expected { ticket, step, stream: ChunkStream::Sum, chunk: CHUNK, len: n });
+            let woke = {
+                let (events, lanes, at) = (&mut self.net.events, &mut self.policy.chain.lanes, inbox.summed);
+                let frame = async {
+                    match (want, lanes.collect.as_mut()) {
+                        (Some(want), Some((_, lane, reader))) => reader.next(lane, grad, |h| h.place(&want, at)).await,
+                        _ => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    e = events.recv() => Woke::Event(e),
+                    f = frame => Woke::Frame(f),
+                    () = tokio::time::sleep_until((sent_all + patience).into()) => Woke::Late,
+                }
+            };
+            let why = match woke {
+                Woke::Event(Some(event)) => match self.take_chain_event(plan, inputs, &mut inbox, event, grad) {
                     Ok(()) => continue,
                     Err(why) => why,
                 },
-                Ok(None) => return Err(EngineError::Stopped),
-                Err(_) => format!("the sum did not arrive within {patience:?}"),
+                Woke::Event(None) => return Err(EngineError::Stopped),
+                Woke::Frame(Ok(h)) => {
+                    self.telemetry.epoch.bytes_in += (HEADER_BYTES + 4 * h.values as usize) as u64;
+                    inbox.summed = (h.offset + h.values as u64) as usize;
+                    continue;
+                }
+                Woke::Frame(Err(e)) => {
+                    self.policy.chain.lanes.collect = None;
+                    format!("{}'s lane with the sum: {e}", self.net.hub.name(plan.last()))
+                }
+                Woke::Late => format!("the sum did not arrive within {patience:?}"),
             };
             return Ok(self.fall_back(step, &why));
         }
@@ -185,6 +283,7 @@ impl ClusterEngine<'_> {
         self.policy.chain.waited(sent_all.elapsed());
         let epoch = &mut self.telemetry.epoch;
         epoch.chained += 1;
+        epoch.on_lanes += u64::from(laned);
         let reduce = std::mem::take(&mut epoch.chain_reduce);
         epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(reduce), reduce);
         Ok(Some(stats))
@@ -232,7 +331,7 @@ impl ClusterEngine<'_> {
                 }
                 self.telemetry.epoch.bytes_in += size as u64;
                 let r0 = Instant::now();
-                let landed = c.expect(inbox.summed, CHUNK_VALUES as usize, n).and_then(|r| {
+                let landed = c.expect(inbox.summed, CHUNK, n).and_then(|r| {
                     copy_f32s("running sum", &c.values, &mut grad[r.clone()])?;
                     Ok(r.end)
                 });
@@ -431,11 +530,17 @@ impl ClusterEngine<'_> {
     }
 
     /// Sends every member its shards, place and digest key, and the first member the
-    /// parameters.
-    async fn start_chain(&mut self, plan: &ChainPlan, keys: &[u64], out: &mut Outgoing<'_>) -> Result<(), String> {
+    /// parameters (on the coordinator's lane to it, else on its stream).
+    async fn start_chain(&mut self, plan: &ChainPlan, keys: &[u64], out: &mut Outgoing<'_>) -> Result<Started, String> {
         let (step, n) = (out.step, out.params.len());
-        let chunk = CHUNK_VALUES as usize;
         let tickets: Vec<u64> = plan.members.iter().map(|_| crate::auth::ticket()).collect();
+        let (first, last) = (&plan.members[0], &plan.members[plan.members.len() - 1]);
+        let lanes = &mut self.policy.chain.lanes;
+        let params_lane = lanes
+            .open(LaneKind::Feed, first.id, &first.peer, &self.net.hub.name(first.id))
+            .await
+            .then(crate::auth::ticket);
+        let sum_lane = lanes.open(LaneKind::Collect, last.id, &last.peer, &self.net.hub.name(last.id)).await;
         for (i, m) in plan.members.iter().enumerate() {
             let role = ChainRole {
                 successor: plan.members.get(i + 1).map(|s| s.peer.clone()),
@@ -443,6 +548,8 @@ impl ClusterEngine<'_> {
                 ticket_out: tickets[i],
                 chunk_values: CHUNK_VALUES,
                 digest_key: keys[i],
+                params_lane: params_lane.filter(|_| i == 0),
+                sum_lane: sum_lane && m.id == last.id,
             };
             let work = Work {
                 step,
@@ -451,7 +558,7 @@ impl ClusterEngine<'_> {
                 shards: m.shards.iter().map(|k| out.wire[k.0].clone()).collect(),
                 chain: Some(role),
             };
-            let sums = if m.id == plan.last() { n.div_ceil(chunk) } else { 0 };
+            let sums = if m.id == last.id && !sum_lane { n.div_ceil(CHUNK) } else { 0 };
             self.net.hub.chain(m.id, sums);
             let size = self.net.hub.send(m.id, ToWorker::Work(work));
             let size = size.ok_or_else(|| format!("{} is gone or not keeping up", self.net.hub.name(m.id)))?;
@@ -463,10 +570,47 @@ impl ClusterEngine<'_> {
                 return Err(format!("{} is gone or not keeping up", self.net.hub.name(*w)));
             }
         }
-        let first = plan.members[0].id;
+        match params_lane {
+            Some(ticket) => self.feed_params(ticket, out).await?,
+            None => self.stream_params(first.id, out).await?,
+        }
+        let sum_lane = sum_lane.then_some(tickets[tickets.len() - 1]);
+        Ok(Started { sum_lane, params_lane: params_lane.is_some() })
+    }
+
+    /// The parameters in frames on the lane to the first member, straight from the trainer's
+    /// tensor; a lane that fails is closed.
+    async fn feed_params(&mut self, ticket: u64, out: &Outgoing<'_>) -> Result<(), String> {
+        let Some((id, lane)) = self.policy.chain.lanes.feed.as_mut() else { return Err("no lane".into()) };
+        let (id, patience) = (*id, self.policy.step_timeout);
+        for (i, values) in out.params.chunks(CHUNK).enumerate() {
+            let offset = (i * CHUNK) as u64;
+            let header = FrameHeader {
+                ticket,
+                step: out.step,
+                stream: ChunkStream::Params,
+                offset,
+                values: values.len() as u32,
+            };
+            let sent = match tokio::time::timeout(patience, write_frame(lane, &header, values)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("it took no parameters within {patience:?}")),
+            };
+            if let Err(why) = sent {
+                self.policy.chain.lanes.feed = None;
+                return Err(format!("the lane to {}: {why}", self.net.hub.name(id)));
+            }
+            self.telemetry.epoch.bytes_out += (HEADER_BYTES + 4 * values.len()) as u64;
+        }
+        Ok(())
+    }
+
+    /// The parameters in chunk messages on the first member's stream.
+    async fn stream_params(&mut self, first: WorkerId, out: &mut Outgoing<'_>) -> Result<(), String> {
+        let (step, n) = (out.step, out.params.len());
         let bytes = self.inline_params(out);
-        for offset in (0..n).step_by(chunk) {
-            let end = (offset + chunk).min(n);
+        for offset in (0..n).step_by(CHUNK) {
+            let end = (offset + CHUNK).min(n);
             let c = Chunk {
                 step,
                 stream: ChunkStream::Params,

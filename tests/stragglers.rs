@@ -52,6 +52,50 @@ fn epoch_times(out: &str) -> (f64, Vec<String>) {
     (secs.iter().skip(1).sum(), lines)
 }
 
+/// A worker stopped and continued every 50 ms (half speed, in bursts) until dropped.
+struct HalfSpeed {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    duty: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HalfSpeed {
+    fn start(worker: &Proc) -> HalfSpeed {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid = worker.child.id() as libc::pid_t;
+        let halt = std::sync::Arc::clone(&stop);
+        let duty = std::thread::spawn(move || {
+            while !halt.load(std::sync::atomic::Ordering::SeqCst) {
+                // SAFETY: kill(2) on our own child's pid, not reaped before the guard drops.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        });
+        HalfSpeed { stop, duty: Some(duty) }
+    }
+}
+
+impl Drop for HalfSpeed {
+    /// Stops the duty cycle, the worker left running.
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.duty.take().into_iter().for_each(|t| t.join().unwrap());
+    }
+}
+
+/// Waits for the run to end, the second worker at half speed if `throttle`; checks it ended
+/// well with the in-process weights `want`. Returns `epoch_times`.
+fn train(mut c: Proc, workers: &[Proc], throttle: bool, rd: &Path, want: &[u8], name: &str) -> (f64, Vec<String>) {
+    let duty = throttle.then(|| HalfSpeed::start(&workers[1]));
+    let (ok, out) = c.finish(180);
+    drop(duty);
+    assert!(ok, "{out}");
+    assert!(finals(rd) == want, "{name}: the weights differ from the in-process run's");
+    epoch_times(&out)
+}
+
 /// Three workers, one of them stopped and continued every 50 ms (half speed, in bursts): its
 /// late shards get copies on idle workers and its groups shrink, so the epochs take at most
 /// 1.3x as long as with three healthy workers, and the weights are the in-process run's.
@@ -65,29 +109,7 @@ fn a_worker_at_half_speed_costs_little_with_speculation() {
         let c = coordinator_proc(&job, &rd, "10", &["--listen", "127.0.0.1:0", "--min-workers", "3", "--verify", "0"]);
         let url = listening_url(&c);
         let workers: Vec<Proc> = ["a", "b", "c"].iter().map(|n| worker(&url, &["--name", n])).collect();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let pid = workers[1].child.id() as libc::pid_t;
-        let duty = throttle.then(|| {
-            let stop = std::sync::Arc::clone(&stop);
-            std::thread::spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    // SAFETY: kill(2) on our own child's pid, not reaped before the guard drops.
-                    unsafe { libc::kill(pid, libc::SIGSTOP) };
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid, libc::SIGCONT) };
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-            })
-        });
-        let mut c = c;
-        let (ok, out) = c.finish(180);
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        duty.into_iter().for_each(|t| t.join().unwrap());
-        assert!(ok, "{out}");
-        assert!(finals(&rd) == want, "{name}: the weights differ from the in-process run's");
-        drop(workers);
-        epoch_times(&out)
+        train(c, &workers, throttle, &rd, &want, name)
     };
     // Two of each, interleaved: this machine's speed drifts, and a ratio of sums drifts less.
     let (mut healthy, mut throttled, mut lines) = (0.0, 0.0, vec![]);
@@ -103,4 +125,43 @@ fn a_worker_at_half_speed_costs_little_with_speculation() {
     eprintln!("epochs 2-10, twice: healthy {healthy:.2} s, one worker at half speed {throttled:.2} s ({ratio:.2}x)");
     assert!(speculated > 0, "the throttled worker's shards got copies: {lines:?}");
     assert!(ratio <= 1.3, "a worker at half speed cost {ratio:.2}x: {lines:?}");
+}
+
+/// The shards each worker computed in a cluster line, by name.
+fn shards_of(line: &str, name: &str) -> Option<u64> {
+    let rest = line.split(&format!("{name} (worker")).nth(1)?;
+    rest.split(" shard(s)").next()?.rsplit(' ').next()?.parse().ok()
+}
+
+/// A chain member stopped and continued every 50 ms (half speed, in bursts): the chain's groups
+/// are sized by measured speed, so in the last epochs it computes fewer shards than either
+/// healthy member, and the weights are still the in-process run's (groups never change the
+/// sum's order). Prints the epoch time against a healthy chain's.
+#[test]
+fn a_chain_member_at_half_speed_gets_fewer_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = heavy_job(dir.path());
+    let want = local_run(dir.path(), &job, "10");
+    let run = |name: &str, throttle: bool| -> (f64, Vec<String>) {
+        let rd = dir.path().join(name);
+        let args = ["--listen", "127.0.0.1:0", "--min-workers", "3", "--verify", "0", "--no-shared-memory"];
+        let c = coordinator_proc(&job, &rd, "10", &[&args[..], &["--topology", "chain"]].concat());
+        let url = listening_url(&c);
+        let peer = ["--peer-listen", "127.0.0.1:0"];
+        let mut workers = vec![];
+        for n in ["a", "b", "c"] {
+            workers.push(worker(&url, &[&["--name", n], &peer[..]].concat()));
+            c.wait_for(&format!("({n}) joined"), 30);
+        }
+        train(c, &workers, throttle, &rd, &want, name)
+    };
+    let (healthy, _) = run("healthy", false);
+    let (throttled, lines) = run("throttled", true);
+    eprintln!("chain, epochs 2-10: healthy {healthy:.2} s, one member at half speed {throttled:.2} s");
+    let last = lines.last().expect("cluster lines");
+    eprintln!("last epoch: {last}");
+    assert!(last.contains("topology chain on"), "{last}");
+    let (a, b, c) = (shards_of(last, "a"), shards_of(last, "b"), shards_of(last, "c"));
+    let (Some(a), Some(b), Some(c)) = (a, b, c) else { panic!("each member's shards: {last}") };
+    assert!(b < a && b < c, "the member at half speed computed fewer shards ({a}, {b}, {c}): {last}");
 }

@@ -381,13 +381,11 @@ impl ClusterEngine<'_> {
         batch: &[u32],
         shards: &[Range<usize>],
     ) -> Option<Outgoing<'s>> {
-        let (finite, shared, inline) = match self.net.hub.share_params(step, params) {
-            Some(finite) => (finite, true, None),
-            None => {
-                let wire = &mut self.buffers.params;
-                let finite = dtrain_nn::simd::copy_checked(wire.fill(params.len()), params);
-                (finite, false, Some(Tensor::Inline(wire.share())))
-            }
+        // Without shared memory the parameters' message bytes are made when a worker needs
+        // them (`inline_params`): a chain with lanes sends them straight from `params`.
+        let (finite, shared) = match self.net.hub.share_params(step, params) {
+            Some(finite) => (finite, true),
+            None => (dtrain_nn::simd::all_finite(params), false),
         };
         if !finite {
             return None;
@@ -396,7 +394,7 @@ impl ClusterEngine<'_> {
             Some((b, wire)) if b == batch && wire.len() == shards.len() => wire,
             _ => self.shards_to_wire(batch, shards),
         };
-        Some(Outgoing { step, params, global_batch: batch.len() as u32, wire, shared, inline })
+        Some(Outgoing { step, params, global_batch: batch.len() as u32, wire, shared, inline: None })
     }
 
     /// The caller's work while workers compute, then the next step's shards.

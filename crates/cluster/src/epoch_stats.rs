@@ -96,10 +96,11 @@ impl EpochStats {
             c.sort_unstable();
             let (c50, c99) = if c.is_empty() { (0.0, 0.0) } else { (percentile(&c, 0.5), percentile(&c, 0.99)) };
             times.push(format!(
-                "{} {:.2}/{:.2} ms (compute {c50:.2}/{c99:.2})",
+                "{} {:.2}/{:.2} ms (compute {c50:.2}/{c99:.2}, {} shard(s))",
                 hub.name(id),
                 percentile(&t, 0.5),
-                percentile(&t, 0.99)
+                percentile(&t, 0.99),
+                t.len()
             ));
         }
         let alive = hub.alive();

@@ -7,9 +7,9 @@
 //! down the same chain. Every link carries the model's size once per direction and step,
 //! whatever the number of workers, where the star costs the coordinator's link 2·N times that.
 
-use crate::assign::assign;
+use crate::assign::assign_weighted;
 use crate::ids::{ShardIndex, WorkerId};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// How gradients and parameters travel (`--topology`).
@@ -116,6 +116,11 @@ impl ChainPlan {
     }
 }
 
+/// The speeds a chain's groups are sized by, relative to the median worker: a worker measured
+/// slower than the lower bound is sized as if it had it (so it keeps shards and its speed stays
+/// known), one faster than the upper as if it had that.
+pub const SPEED_RANGE: (f64, f64) = (0.25, 4.0);
+
 /// Why a step goes over the star.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StarBecause {
@@ -140,13 +145,17 @@ impl fmt::Display for StarBecause {
 
 /// The step's chain: the workers that can take part (a peer address, no shared memory, not
 /// `excluded` after a broken link), in joining order, then the workers on shared memory, each
-/// with a contiguous group of the `shards` as even as can be; or why the step goes over the
-/// star. (Other workers stand by: their tensors would cross the coordinator's link.)
+/// with a contiguous group of the `shards` sized by its measured speed (`speeds`, relative to
+/// the median worker; unmeasured: 1), within `SPEED_RANGE` so that a slow worker keeps a share
+/// and goes on being measured; or why the step goes over the star. (Other workers stand by:
+/// their tensors would cross the coordinator's link.) Groups never change a bit of the sum,
+/// which is in shard order whoever computes which shard.
 pub fn plan(
     topology: Topology,
     candidates: &[Candidate],
     excluded: &BTreeSet<WorkerId>,
     shards: usize,
+    speeds: &BTreeMap<WorkerId, f64>,
 ) -> Result<ChainPlan, StarBecause> {
     if topology == Topology::Star {
         return Err(StarBecause::Chosen);
@@ -156,7 +165,10 @@ pub fn plan(
     let local: Vec<WorkerId> = candidates.iter().filter(|c| c.shared_memory).map(|c| c.id).collect();
     let ids: Vec<WorkerId> = able.iter().map(|c| c.id).chain(local.iter().copied()).collect();
     let todo: Vec<ShardIndex> = (0..shards).map(ShardIndex).collect();
-    let (groups, _) = assign(&todo, &ids, |_, _| true);
+    let (low, high) = SPEED_RANGE;
+    let speed = |id: &WorkerId| speeds.get(id).copied().filter(|s| s.is_finite()).map_or(1.0, |s| s.clamp(low, high));
+    let weights: Vec<f64> = ids.iter().map(speed).collect();
+    let (groups, _) = assign_weighted(&todo, &ids, &weights, |_, _| true);
     let (local, groups): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(id, _)| local.contains(id));
     if groups.len() < 2 {
         return Err(StarBecause::TooFew(groups.len().min(able.len())));
@@ -180,7 +192,7 @@ mod tests {
         let hidden = Candidate { id: WorkerId(4), peer: None, shared_memory: false };
         let all = [local, remote(2), remote(3), hidden, remote(5)];
         let none = BTreeSet::new();
-        let p = plan(Topology::Auto, &all, &none, 4).unwrap();
+        let p = plan(Topology::Auto, &all, &none, 4, &BTreeMap::new()).unwrap();
         let got: Vec<(u32, Vec<usize>)> =
             p.members.iter().map(|m| (m.id.0, m.shards.iter().map(|k| k.0).collect())).collect();
         assert_eq!(got, [(2, vec![0]), (3, vec![1]), (5, vec![2])]);
@@ -192,29 +204,48 @@ mod tests {
         assert_eq!(p.last(), WorkerId(5));
         assert!(p.has(WorkerId(3)) && !p.has(WorkerId(1)));
         // Fewer shards than members: only members with shards.
-        assert_eq!(plan(Topology::Chain, &all, &none, 2).unwrap().members.len(), 2);
+        assert_eq!(plan(Topology::Chain, &all, &none, 2, &BTreeMap::new()).unwrap().members.len(), 2);
         // Excluded after a broken link.
         let excluded = BTreeSet::from([WorkerId(3)]);
-        let p = plan(Topology::Auto, &all, &excluded, 4).unwrap();
+        let p = plan(Topology::Auto, &all, &excluded, 4, &BTreeMap::new()).unwrap();
         assert_eq!(p.members.iter().map(|m| m.id.0).collect::<Vec<_>>(), [2, 5]);
+    }
+
+    #[test]
+    fn a_slower_member_gets_a_smaller_contiguous_group_but_keeps_one() {
+        let none = BTreeSet::new();
+        let three = [remote(1), remote(2), remote(3)];
+        let groups = |speeds: &[(u32, f64)]| -> Vec<usize> {
+            let speeds = speeds.iter().map(|&(w, s)| (WorkerId(w), s)).collect();
+            let p = plan(Topology::Chain, &three, &none, 12, &speeds).unwrap();
+            let flat: Vec<usize> = p.members.iter().flat_map(|m| m.shards.iter().map(|k| k.0)).collect();
+            assert_eq!(flat, (0..12).collect::<Vec<_>>(), "contiguous, in member order");
+            p.members.iter().map(|m| m.shards.len()).collect()
+        };
+        assert_eq!(groups(&[]), [4, 4, 4], "unmeasured: even");
+        assert_eq!(groups(&[(1, 1.0), (2, 0.5), (3, 1.0)]), [5, 2, 5], "half speed, about half the shards");
+        let slowest = groups(&[(1, 1.0), (2, 0.01), (3, 1.0)]);
+        assert!((1..=2).contains(&slowest[1]), "sized as a quarter of the median, not a hundredth: {slowest:?}");
+        assert_eq!(groups(&[(1, 1.0), (2, f64::NAN), (3, 1.0)]), [4, 4, 4], "not a speed: unmeasured");
     }
 
     #[test]
     fn the_star_when_chosen_or_with_fewer_than_two_members() {
         let none = BTreeSet::new();
         let two = [remote(1), remote(2)];
-        assert_eq!(plan(Topology::Star, &two, &none, 4), Err(StarBecause::Chosen));
-        assert_eq!(plan(Topology::Auto, &two[..1], &none, 4), Err(StarBecause::TooFew(1)));
-        assert_eq!(plan(Topology::Auto, &two, &none, 1), Err(StarBecause::TooFew(1)));
+        assert_eq!(plan(Topology::Star, &two, &none, 4, &BTreeMap::new()), Err(StarBecause::Chosen));
+        assert_eq!(plan(Topology::Auto, &two[..1], &none, 4, &BTreeMap::new()), Err(StarBecause::TooFew(1)));
+        assert_eq!(plan(Topology::Auto, &two, &none, 1, &BTreeMap::new()), Err(StarBecause::TooFew(1)));
         let hidden = [remote(1), Candidate { id: WorkerId(2), peer: None, shared_memory: false }];
-        assert_eq!(plan(Topology::Chain, &hidden, &none, 4), Err(StarBecause::TooFew(1)));
+        assert_eq!(plan(Topology::Chain, &hidden, &none, 4, &BTreeMap::new()), Err(StarBecause::TooFew(1)));
         assert_eq!(Topology::parse("chain"), Ok(Topology::Chain));
         assert!(Topology::parse("ring").is_err());
     }
 
     #[test]
     fn a_broken_link_blames_the_peer_named_or_the_reporters_predecessor() {
-        let p = plan(Topology::Auto, &[remote(1), remote(2), remote(3)], &BTreeSet::new(), 3).unwrap();
+        let p =
+            plan(Topology::Auto, &[remote(1), remote(2), remote(3)], &BTreeSet::new(), 3, &BTreeMap::new()).unwrap();
         assert_eq!(p.blame(WorkerId(1), "10.0.0.2:7000"), Some(WorkerId(2)));
         assert_eq!(p.blame(WorkerId(3), ""), Some(WorkerId(2)));
         assert_eq!(p.blame(WorkerId(1), ""), None, "the first member's upstream is the coordinator");

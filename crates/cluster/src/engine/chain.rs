@@ -70,6 +70,8 @@ struct ChainInbox {
     digests: Option<Vec<Option<(u64, u64)>>>,
     /// Values of the sum received so far (it arrives in order).
     summed: usize,
+    /// Each result's compute time, by worker: what the next chains' groups are sized by.
+    intervals: Vec<(WorkerId, Duration)>,
 }
 
 impl ChainInbox {
@@ -171,10 +173,11 @@ impl ClusterEngine<'_> {
     pub(super) fn chain_plan(&mut self, shards: usize) -> Option<ChainPlan> {
         let candidates = self.net.hub.candidates();
         let live: BTreeSet<WorkerId> = candidates.iter().map(|c| c.id).collect();
+        let speeds = self.policy.pace.speeds();
         let memory = &mut self.policy.chain;
         memory.excluded.retain(|id| live.contains(id));
         memory.lanes.unreachable.retain(|id| live.contains(id));
-        match plan(self.policy.topology, &candidates, &memory.excluded, shards) {
+        match plan(self.policy.topology, &candidates, &memory.excluded, shards, &speeds) {
             Ok(p) => {
                 let members: Vec<WorkerId> = p.members.iter().map(|m| m.id).collect();
                 if members != memory.members {
@@ -232,6 +235,7 @@ impl ClusterEngine<'_> {
             local: BTreeMap::new(),
             digests: audited.then(|| vec![None; members.len()]),
             summed: 0,
+            intervals: vec![],
         };
         let patience = self.policy.chain.deadline(self.policy.step_timeout);
         let n = grad.len();
@@ -273,6 +277,8 @@ impl ClusterEngine<'_> {
             };
             return Ok(self.fall_back(step, &why));
         }
+        let alive: Vec<WorkerId> = self.net.hub.alive().iter().map(|m| m.id).collect();
+        self.policy.pace.learn(&std::mem::take(&mut inbox.intervals), &alive);
         let stats = self.complete_chain_sum(plan, truth, inbox, grad);
         let sums_finite = stats.iter().all(|s| s.loss_sum.is_finite() && s.activity.is_finite());
         if !sums_finite || !dtrain_nn::simd::all_finite(grad) {
@@ -310,6 +316,7 @@ impl ClusterEngine<'_> {
                 }
                 self.telemetry.epoch.bytes_in += size as u64;
                 self.telemetry.epoch.round_trip(id, inbox.sent_all.elapsed(), result.compute_micros);
+                inbox.intervals.push((id, Duration::from_micros(result.compute_micros)));
                 let hub = std::sync::Arc::clone(&self.net.hub);
                 let bad = |e: Refusal| format!("{} sent a bad result for shard {k}: {e}", hub.name(id));
                 if local {

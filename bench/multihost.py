@@ -2,6 +2,7 @@
 
     sudo python3 bench/multihost.py [--workers 1,2,4,6] [--rates 1gbit,10gbit,uncapped] [--jobs wide,heavy]
                                     [--topologies star,chain] [--steps 12] [--plot bench/multihost.png]
+                                    [--timeline DIR]
 
 A coordinator host and N worker hosts, each link capped at the rate, train one epoch of each job
 (`shards` = 12, so the result is the same for every N), beside the in-process run of the same job
@@ -17,6 +18,8 @@ Chain: every link carries the parameters down, then (after the computing) the ru
 and `heavy` (784-2048-2048-10, batch 64, 23 MB: communication dominates). The data are synthetic
 (`--steps` batches), so that a run at 1 Gbit/s takes seconds, not an hour. `--verify` is 0 by
 default (no shard checked, no chain step audited); `--verify 0.02` measures what checks cost.
+`--timeline DIR` has every process of each run mark its steps' moments in DIR/<run> (see
+bench/timeline.py, which shows where a step's time goes).
 """
 import argparse
 import json
@@ -101,10 +104,12 @@ def link_bytes(bed, host):
     return stats["rx"]["bytes"], stats["tx"]["bytes"]
 
 
-def cluster(job, d, n, rate, topology, tag, verify="0"):
+def cluster(job, d, n, rate, topology, tag, verify="0", timeline=""):
     bed = f"mh{os.getpid()}{tag}"
     subprocess.run([NETNS, "up", bed, str(n + 1)] + ([] if rate == "uncapped" else [rate]), check=True)
     env = dict(os.environ, DTRAIN_TOKEN=TOKEN)
+    if timeline:
+        env["DTRAIN_TIMELINE"] = os.path.join(timeline, tag)
     workers = []
     try:
         listen = "10.250.0.1:50051"
@@ -147,6 +152,7 @@ def main():
     ap.add_argument("--rates", default="1gbit,10gbit")
     ap.add_argument("--jobs", default="wide,heavy")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--timeline", default="", help="a directory for each run's timeline (bench/timeline.py)")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     rows = []
@@ -160,7 +166,7 @@ def main():
                         if topology == "chain" and n < 2:
                             continue  # one worker is the star
                         tag = f"{name[0]}{n}{rate[:2]}{topology[0]}"
-                        secs, line, links = cluster(job, d, n, rate, topology, tag, a.verify)
+                        secs, line, links = cluster(job, d, n, rate, topology, tag, a.verify, a.timeline)
                         step = secs / a.steps
                         chained = re.search(r"topology chain on (\d+) of (\d+)", line)
                         if topology == "chain" and n >= 2 and not (chained and chained.group(1) == chained.group(2)):

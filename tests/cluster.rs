@@ -173,6 +173,46 @@ fn a_worker_peers_cannot_reach_leaves_the_chain() {
     assert!(finals(&rd) == want, "an unreachable member changed the weights");
 }
 
+/// `DTRAIN_TIMELINE`: the coordinator and both (spawned) chain members each write their own
+/// file, with a mark for every step's moments: the coordinator's beginnings and sums, each
+/// member's work, parameters and computed shards.
+#[test]
+fn a_timeline_marks_every_step_in_every_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let tl = dir.path().join("timeline");
+    let rd = dir.path().join("run");
+    let args = ["--spawn-workers", "2", "--no-shared-memory", "--verify", "0", "--topology", "chain"];
+    let mut cmd = train(job.as_ref(), &rd);
+    cmd.args(["--epochs", "2", "--log-format", "json"]).args(args).env("DTRAIN_TIMELINE", &tl);
+    let mut c = Proc::start(cmd);
+    let (ok, out) = c.finish(60);
+    assert!(ok, "{out}");
+    let files: Vec<(String, String)> = std::fs::read_dir(&tl)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    assert_eq!(files.len(), 3, "one file per process: {files:?}");
+    let count = |text: &str, what: &str| text.lines().filter(|l| l.contains(&format!("\"what\":\"{what}\""))).count();
+    let steps = 24; // 2 epochs of 12 steps
+    for (name, text) in &files {
+        assert!(text.lines().all(|l| l.starts_with("{\"ts_us\":") && l.ends_with('}')), "{name}: {text}");
+        if name.starts_with("coordinator-") {
+            for what in ["step begins", "work sent", "parameters sent", "sum in", "step ends"] {
+                assert_eq!(count(text, what), steps, "{name}: {what}");
+            }
+        } else {
+            assert!(name.starts_with("worker-"), "{name}");
+            for what in ["chain work in", "parameters in", "shards computed", "sum out"] {
+                assert_eq!(count(text, what), steps, "{name}: {what}");
+            }
+        }
+    }
+}
+
 /// A first member whose peer port the coordinator cannot dial (it advertises a port nobody
 /// listens on; it has no predecessor, so only the coordinator would dial it): its parameters
 /// take its stream, said once, while the sum still comes back on the last member's lane; every

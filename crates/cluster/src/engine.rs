@@ -164,7 +164,9 @@ impl Engine for ClusterEngine<'_> {
         epoch.step_starts();
         let (sent, received, verified) = (epoch.bytes_out, epoch.bytes_in, epoch.verification);
         let paths = (epoch.chained, epoch.fell_back, epoch.speculated);
+        crate::timeline::mark("step begins", step);
         let r = rt.block_on(self.step(params, step, batch, shards, grad, meanwhile));
+        crate::timeline::mark("step ends", step);
         let epoch = &mut self.telemetry.epoch;
         epoch.step_ends();
         let r = match (r, self.policy.roll_back.take()) {
@@ -210,6 +212,7 @@ impl Engine for ClusterEngine<'_> {
 impl Drop for ClusterEngine<'_> {
     fn drop(&mut self) {
         self.net.rt.block_on(self.net.hub.stop_all("training finished", Duration::from_secs(2)));
+        crate::timeline::flush();
     }
 }
 
@@ -328,7 +331,10 @@ impl ClusterEngine<'_> {
             };
             self.act(actions, &mut round, &mut out).await?;
             if matches!(round.phase(), Phase::Wait { .. }) {
-                sent_all.get_or_insert_with(Instant::now);
+                sent_all.get_or_insert_with(|| {
+                    crate::timeline::mark("work sent", step);
+                    Instant::now()
+                });
                 // While the workers compute: the caller's own work, then the next step's shards.
                 meanwhile.take().into_iter().for_each(|f| self.meanwhile(f, shards.len()));
             }

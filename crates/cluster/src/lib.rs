@@ -23,6 +23,7 @@ pub mod service;
 pub mod shm;
 pub mod spawn;
 pub mod termination;
+pub mod timeline;
 pub mod topology;
 pub mod verify;
 pub mod worker;

@@ -7,6 +7,7 @@
 
 use crate::digest::Digest;
 use crate::lane::Arrivals;
+use crate::timeline;
 use crate::worker::Compute;
 use crate::{ClusterError, MESSAGE_LIMIT};
 use dtrain_nn::simd::{sum_into, Part};
@@ -413,6 +414,7 @@ pub async fn member_step(
     role: ChainRole,
 ) -> Result<Next, Status> {
     let step = work.step;
+    timeline::mark("chain work in", step);
     let n = compute.num_params();
     let chunk = role.chunk_values as usize;
     port.expect.send_replace(role.ticket_in);
@@ -456,6 +458,9 @@ pub async fn member_step(
             Got::Landed(range, bytes) => (range, bytes),
             Got::Interrupted(_) | Got::Broken(_) => return abandon(conn, port, step, outlet, got).await,
         };
+        if range.start == 0 {
+            timeline::mark("first parameters in", step);
+        }
         if role.successor.is_some() {
             let values = &params[range.clone()];
             let c =
@@ -467,9 +472,11 @@ pub async fn member_step(
         next = range.end;
     }
     compute.params = params;
+    timeline::mark("parameters in", step);
 
     // The shards: their sums to the coordinator, their gradients into the running sum.
     let computed = compute.chained(step, work.global_batch, work.shards)?;
+    timeline::mark("shards computed", step);
     for (index, claimed, compute_micros) in computed {
         let r = ShardResult { step, index, gradient: Tensor::Chained, claimed, compute_micros };
         conn.send(FromWorker::Result(r)).await?;
@@ -494,6 +501,9 @@ pub async fn member_step(
                 Got::Landed(..) => {}
                 got => return abandon(conn, port, step, outlet, got).await,
             }
+            if next == 0 {
+                timeline::mark("first running sum in", step);
+            }
             if digests {
                 received.update(&compute.prefix);
             }
@@ -509,6 +519,7 @@ pub async fn member_step(
         }
         next = range.end;
     }
+    timeline::mark("sum out", step);
     let received = if first || !digests { 0 } else { received.finish() };
     let sent = if digests { sent.finish() } else { 0 };
     conn.send(FromWorker::Digest { step, received, sent }).await?;

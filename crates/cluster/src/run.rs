@@ -209,6 +209,7 @@ impl EngineFactory for Cluster<'_> {
 /// Trains with workers; like `session::train` otherwise (same run directory, same results
 /// for the same `fit.shards`).
 pub fn train(opts: &TrainOptions, cluster: &ClusterOptions, obs: &mut dyn Observer) -> Result<Report, ClusterError> {
+    crate::timeline::start("coordinator", "coordinator");
     // Workers this coordinator starts get a token made for this run, so that no other local
     // user's process can join (and read the job and its training rows) uninvited.
     let mut cluster = cluster.clone();

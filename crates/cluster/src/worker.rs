@@ -96,6 +96,7 @@ enum End {
 /// Meant for `block_on` of a runtime with a thread of its own: shards are computed on the
 /// calling thread, and the runtime's thread keeps the connection (and its pings) going.
 pub async fn run(opts: WorkerOptions) -> Result<(), ClusterError> {
+    crate::timeline::start("worker", &opts.name);
     dtrain_nn::set_blas_threads(1);
     if let Some(addr) = opts.health_listen {
         serve_health(addr).await?;
@@ -212,13 +213,20 @@ async fn session(opts: &WorkerOptions, mut port: Option<&mut PeerPort>, last_ok:
                 }
                 (Some(_), None) => return Err(Status::invalid_argument("chain work for a worker without a peer port")),
                 (None, _) => {
-                    for r in compute.run(w)? {
+                    let step = w.step;
+                    crate::timeline::mark("work in", step);
+                    let results = compute.run(w)?;
+                    crate::timeline::mark("shards computed", step);
+                    for r in results {
                         conn.send(FromWorker::Result(r)).await?;
                     }
                 }
             },
             ToWorker::Chunk(_) => {} // of a chain step this worker left
-            ToWorker::Stop { reason } => return Ok(End::Stopped(reason)),
+            ToWorker::Stop { reason } => {
+                crate::timeline::flush();
+                return Ok(End::Stopped(reason));
+            }
             ToWorker::Welcome(_) => return Err(Status::internal("unexpected message")),
         }
     }

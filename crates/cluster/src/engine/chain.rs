@@ -9,6 +9,7 @@ use crate::digest::digest;
 use crate::hub::Event;
 use crate::ids::{ShardIndex, WorkerId};
 use crate::round::Refusal;
+use crate::timeline;
 use crate::topology::{plan, ChainPlan, StarBecause, CHUNK_VALUES};
 use crate::verify::{judge_chain, ChainVerdict};
 use dtrain_fit::EngineError;
@@ -224,6 +225,7 @@ impl ClusterEngine<'_> {
             Err(why) => return Ok(self.fall_back(step, &why)),
         };
         let sent_all = Instant::now();
+        timeline::mark("parameters sent", step);
         // While the chain computes: the caller's own work, then the next step's shards, and on
         // an audited step the recomputation of every shard.
         meanwhile.take().into_iter().for_each(|f| self.meanwhile(f, inputs.shards.len()));
@@ -266,6 +268,9 @@ impl ClusterEngine<'_> {
                 Woke::Event(None) => return Err(EngineError::Stopped),
                 Woke::Frame(Ok(h)) => {
                     self.telemetry.epoch.bytes_in += (HEADER_BYTES + 4 * h.values as usize) as u64;
+                    if h.offset == 0 {
+                        timeline::mark("first sum frame in", step);
+                    }
                     inbox.summed = (h.offset + h.values as u64) as usize;
                     continue;
                 }
@@ -277,6 +282,7 @@ impl ClusterEngine<'_> {
             };
             return Ok(self.fall_back(step, &why));
         }
+        timeline::mark("sum in", step);
         let alive: Vec<WorkerId> = self.net.hub.alive().iter().map(|m| m.id).collect();
         self.policy.pace.learn(&std::mem::take(&mut inbox.intervals), &alive);
         let stats = self.complete_chain_sum(plan, truth, inbox, grad);
@@ -577,6 +583,7 @@ impl ClusterEngine<'_> {
                 return Err(format!("{} is gone or not keeping up", self.net.hub.name(*w)));
             }
         }
+        timeline::mark("work sent", step);
         match params_lane {
             Some(ticket) => self.feed_params(ticket, out).await?,
             None => self.stream_params(first.id, out).await?,

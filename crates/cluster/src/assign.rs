@@ -46,7 +46,7 @@ pub fn assign_weighted(
 
 /// `n` split in proportion to `weights` (non-finite or negative weights count as 0; all 0:
 /// equal): shares rounded down, then one more each to the largest remainders, first on ties.
-fn group_sizes(n: usize, weights: &[f64]) -> Vec<usize> {
+pub(crate) fn group_sizes(n: usize, weights: &[f64]) -> Vec<usize> {
     let clean: Vec<f64> = weights.iter().map(|&w| if w.is_finite() && w > 0.0 { w } else { 0.0 }).collect();
     let total: f64 = clean.iter().sum();
     let clean = if total > 0.0 { clean } else { vec![1.0; weights.len()] };

@@ -56,6 +56,16 @@ impl Pace {
         Some((v[v.len() / 2] * TIMES).max(MIN_SPECULATION))
     }
 
+    /// The median of the recent intervals, once `LEARNED` are known.
+    pub fn median(&self) -> Option<Duration> {
+        if self.recent.len() < LEARNED {
+            return None;
+        }
+        let mut v: Vec<Duration> = self.recent.iter().copied().collect();
+        v.sort_unstable();
+        Some(v[v.len() / 2])
+    }
+
     /// Each measured worker's speed relative to the median worker (2: twice as fast).
     pub fn speeds(&self) -> BTreeMap<WorkerId, f64> {
         let mut a: Vec<f64> = self.average.values().copied().filter(|x| *x > 0.0).collect();
@@ -84,6 +94,7 @@ mod tests {
         assert_eq!(p.speculate_after(), None, "not learned yet");
         p.learn(&[(a, ms(10)), (b, ms(40))], &[a, b]);
         assert_eq!(p.speculate_after(), Some(ms(20)));
+        assert_eq!(p.median(), Some(ms(10)));
         // Fast steps: never below the floor.
         let mut fast = Pace::default();
         fast.learn(&[(a, Duration::from_micros(100)); 20], &[a]);

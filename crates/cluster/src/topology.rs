@@ -7,7 +7,7 @@
 //! down the same chain. Every link carries the model's size once per direction and step,
 //! whatever the number of workers, where the star costs the coordinator's link 2·N times that.
 
-use crate::assign::assign_weighted;
+use crate::assign::group_sizes;
 use crate::ids::{ShardIndex, WorkerId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -168,7 +168,28 @@ pub fn plan(
     let (low, high) = SPEED_RANGE;
     let speed = |id: &WorkerId| speeds.get(id).copied().filter(|s| s.is_finite()).map_or(1.0, |s| s.clamp(low, high));
     let weights: Vec<f64> = ids.iter().map(speed).collect();
-    let (groups, _) = assign_weighted(&todo, &ids, &weights, |_, _| true);
+    let mut sizes = group_sizes(todo.len(), &weights);
+    // With a shard for everyone, everyone keeps one (the largest group gives it up).
+    while todo.len() >= sizes.len() && sizes.contains(&0) {
+        let (Some(empty), Some(largest)) =
+            (sizes.iter().position(|&n| n == 0), (0..sizes.len()).max_by_key(|&i| (sizes[i], std::cmp::Reverse(i))))
+        else {
+            break;
+        };
+        sizes[empty] += 1;
+        sizes[largest] -= 1;
+    }
+    let mut rest = &todo[..];
+    let groups: Vec<(WorkerId, Vec<ShardIndex>)> = ids
+        .iter()
+        .zip(sizes)
+        .map(|(&id, n)| {
+            let (group, tail) = rest.split_at(n.min(rest.len()));
+            rest = tail;
+            (id, group.to_vec())
+        })
+        .filter(|(_, group)| !group.is_empty())
+        .collect();
     let (local, groups): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(id, _)| local.contains(id));
     if groups.len() < 2 {
         return Err(StarBecause::TooFew(groups.len().min(able.len())));
@@ -226,6 +247,10 @@ mod tests {
         assert_eq!(groups(&[(1, 1.0), (2, 0.5), (3, 1.0)]), [5, 2, 5], "half speed, about half the shards");
         let slowest = groups(&[(1, 1.0), (2, 0.01), (3, 1.0)]);
         assert!((1..=2).contains(&slowest[1]), "sized as a quarter of the median, not a hundredth: {slowest:?}");
+        // Few shards: a slow member still gets one while there is one for everyone.
+        let speeds = [(WorkerId(1), 4.0), (WorkerId(2), 0.25), (WorkerId(3), 4.0)].into_iter().collect();
+        let p = plan(Topology::Chain, &three, &none, 4, &speeds).unwrap();
+        assert_eq!(p.members.iter().map(|m| m.shards.len()).collect::<Vec<_>>(), [1, 1, 2]);
         assert_eq!(groups(&[(1, 1.0), (2, f64::NAN), (3, 1.0)]), [4, 4, 4], "not a speed: unmeasured");
     }
 

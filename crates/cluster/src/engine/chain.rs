@@ -137,7 +137,13 @@ pub(super) struct Memory {
     /// How long recent chain steps waited for the sum.
     waits: std::collections::VecDeque<Duration>,
     lanes: Lanes,
+    /// The members' compute time per shard, which sizes their groups.
+    pace: crate::pace::Pace,
 }
+
+/// Below this median compute time per shard, chain groups stay even: a few microseconds of
+/// scheduling noise would decide them, and there is nothing to gain.
+const SIZED_FROM: Duration = Duration::from_millis(1);
 
 /// Chain steps remembered for the learned deadline.
 const WAITS: usize = 64;
@@ -146,6 +152,15 @@ impl Memory {
     /// With `lanes` (the job token, if any), the chain's ends use lanes where they can.
     pub(super) fn new(lanes: Option<Option<String>>) -> Memory {
         Memory { lanes: Lanes { token: lanes, ..Lanes::default() }, ..Memory::default() }
+    }
+
+    /// Each member's speed relative to the median member, once shards take long enough to
+    /// tell (`SIZED_FROM`); else none (even groups).
+    fn speeds(&self) -> BTreeMap<WorkerId, f64> {
+        match self.pace.median() {
+            Some(m) if m >= SIZED_FROM => self.pace.speeds(),
+            _ => BTreeMap::new(),
+        }
     }
 
     /// How long this step's sum may take before the step goes over the star: 4 times the
@@ -174,8 +189,8 @@ impl ClusterEngine<'_> {
     pub(super) fn chain_plan(&mut self, shards: usize) -> Option<ChainPlan> {
         let candidates = self.net.hub.candidates();
         let live: BTreeSet<WorkerId> = candidates.iter().map(|c| c.id).collect();
-        let speeds = self.policy.pace.speeds();
         let memory = &mut self.policy.chain;
+        let speeds = memory.speeds();
         memory.excluded.retain(|id| live.contains(id));
         memory.lanes.unreachable.retain(|id| live.contains(id));
         match plan(self.policy.topology, &candidates, &memory.excluded, shards, &speeds) {
@@ -284,7 +299,7 @@ impl ClusterEngine<'_> {
         }
         timeline::mark("sum in", step);
         let alive: Vec<WorkerId> = self.net.hub.alive().iter().map(|m| m.id).collect();
-        self.policy.pace.learn(&std::mem::take(&mut inbox.intervals), &alive);
+        self.policy.chain.pace.learn(&std::mem::take(&mut inbox.intervals), &alive);
         let stats = self.complete_chain_sum(plan, truth, inbox, grad);
         let sums_finite = stats.iter().all(|s| s.loss_sum.is_finite() && s.activity.is_finite());
         if !sums_finite || !dtrain_nn::simd::all_finite(grad) {

@@ -43,14 +43,15 @@ fn same_weights_with_any_number_of_workers() {
 }
 
 /// The chain: two and three workers that add their shards to the running sum in turn give
-/// the in-process weights, every step over the chain (3 workers: groups of 2, 1 and 1 shards).
+/// the in-process weights, every step over the chain (3 workers: groups of 2, 1 and 1 shards;
+/// with 8 shards, 4 each).
 #[test]
 fn the_chain_gives_the_same_weights_with_two_and_three_workers() {
-    let dir = tempfile::tempdir().unwrap();
-    let job = job(dir.path());
-    let want = local_run(dir.path(), &job, "3");
-    for n in ["2", "3"] {
-        let rd = dir.path().join(format!("chain{n}"));
+    for (n, shards) in [("2", "4"), ("3", "4"), ("2", "8")] {
+        let dir = tempfile::tempdir().unwrap();
+        let job = write_job(dir.path(), &format!("shards = {shards}")).to_str().unwrap().to_string();
+        let want = local_run(dir.path(), &job, "3");
+        let rd = dir.path().join("chain");
         let args = ["--spawn-workers", n, "--no-shared-memory", "--verify", "0", "--topology", "chain"];
         let mut c = coordinator_proc(&job, &rd, "3", &args);
         let (ok, out) = c.finish(60);
@@ -65,7 +66,7 @@ fn the_chain_gives_the_same_weights_with_two_and_three_workers() {
                 assert!(line.contains(&format!("local-{i} (worker")), "local-{i} computed no shard: {line}");
             }
         }
-        assert!(finals(&rd) == want, "the chain of {n} changed the weights");
+        assert!(finals(&rd) == want, "the chain of {n} with {shards} shards changed the weights");
     }
 }
 

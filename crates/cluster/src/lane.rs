@@ -13,8 +13,9 @@ use tokio::sync::Notify;
 /// How long dialing a lane (connect, hello, answer) may take.
 pub(crate) const DIAL: Duration = Duration::from_secs(2);
 
-/// How long a lane that dialed in may take to say hello.
-const HELLO: Duration = Duration::from_secs(10);
+/// How long a lane that dialed in may take to say hello (the dialer sends it at once, and
+/// gives up after `DIAL`).
+const HELLO: Duration = DIAL;
 
 /// Dials a lane of `kind` to the peer port at `address` with `token`: the socket, once the
 /// port accepted it; else why not.

@@ -38,8 +38,13 @@ const RELAYS: usize = 2;
 /// Chunks queued between the port and the member's step.
 const QUEUE: usize = 8;
 
-/// Connections to the peer port still in their first bytes or their lane hello.
-const HANDSHAKES: usize = 8;
+/// Connections to the peer port still in their first bytes or their lane hello; more are
+/// closed at once.
+const HANDSHAKES: usize = 64;
+
+/// How long a connection to the peer port may take to send its first byte (peers send theirs
+/// as soon as they are connected), so that idle connections hold a place only briefly.
+const FIRST_BYTE: Duration = Duration::from_secs(2);
 
 /// A worker's peer port: the address it advertises, the ticket it expects this step, and
 /// the chunks relays deliver.
@@ -260,7 +265,7 @@ fn sort_connections(
             let (grpc, lanes) = (grpc.clone(), lanes.clone());
             tokio::spawn(async move {
                 let mut first = [0u8];
-                let peeked = tokio::time::timeout(HANDSHAKE, s.peek(&mut first)).await;
+                let peeked = tokio::time::timeout(FIRST_BYTE, s.peek(&mut first)).await;
                 match (peeked, lanes) {
                     (Ok(Ok(1)), Some((token, arrivals))) if first[0] == dtrain_proto::lane::PREFACE[0] => {
                         if let Err(why) = crate::lane::admit(s, token.as_deref(), &arrivals).await {
@@ -268,8 +273,9 @@ fn sort_connections(
                         }
                     }
                     (Ok(Ok(1)), _) => {
-                        drop(permit);
+                        // Held until the gRPC server took it: connections waiting for it count.
                         let _ = grpc.send(Ok(s)).await;
+                        drop(permit);
                     }
                     _ => {}
                 }
@@ -724,4 +730,33 @@ async fn broken(conn: &mut Connection, step: u64, peer: &str, why: &str) -> Resu
     let reason = why.to_string();
     conn.send(FromWorker::Broken { step, peer: peer.to_string(), reason }).await?;
     Ok(Next::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Connections that send nothing are closed after `FIRST_BYTE` and do not keep a lane out
+    /// meanwhile; a lane and a gRPC relay share the port.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_neither_block_lanes_nor_stay() {
+        let token = Some("a-token-of-16-bytes".to_string());
+        let port = PeerPort::bind("127.0.0.1:0".parse().unwrap(), None, token.clone(), None).await.unwrap();
+        let mut idle = vec![];
+        for _ in 0..10 {
+            idle.push(TcpStream::connect(&port.address).await.unwrap());
+        }
+        let lane = crate::lane::dial(&port.address, LaneKind::Feed, token.as_deref()).await;
+        assert!(lane.is_ok(), "a lane beside idle connections: {lane:?}");
+        assert!(port.arrivals.take(LaneKind::Feed).is_some());
+        // gRPC on the same port: an HTTP/2 connection is made.
+        let channel = Endpoint::from_shared(format!("http://{}", port.address)).unwrap().connect().await;
+        assert!(channel.is_ok(), "gRPC beside lanes: {channel:?}");
+        for mut s in idle {
+            let mut b = [0u8];
+            let closed = tokio::time::timeout(FIRST_BYTE * 3, s.read(&mut b)).await;
+            assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "an idle connection stayed: {closed:?}");
+        }
+    }
 }

@@ -35,6 +35,14 @@ pub(crate) async fn dial(address: &str, kind: LaneKind, token: Option<&str>) -> 
     tokio::time::timeout(DIAL, attempt).await.map_err(|_| format!("no lane within {DIAL:?}"))?
 }
 
+/// Whether a lane this side only writes to is still open: the peer never writes on it, so
+/// anything to read (its end, a reset, or bytes it should not send) means it is not. A peer
+/// closes a lane when another replaced it, e.g. after the chain changed.
+pub(crate) fn still_open(lane: &TcpStream) -> bool {
+    let mut b = [0u8];
+    matches!(lane.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 /// The lanes a peer port admitted, newest of each kind, until the member takes them.
 #[derive(Default)]
 pub(crate) struct Arrivals {
@@ -121,6 +129,19 @@ mod tests {
         assert!(e.contains("refused"), "{e}");
         assert!(dial(&address, LaneKind::Feed, None).await.is_err());
         assert!(arrivals.take(LaneKind::Feed).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lane_the_port_closed_is_seen_closed_by_its_writer() {
+        let (address, arrivals) = port(None).await;
+        let lane = dial(&address, LaneKind::Feed, None).await.unwrap();
+        assert!(still_open(&lane));
+        drop(arrivals.take(LaneKind::Feed));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while still_open(&lane) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!still_open(&lane), "the writer still thinks the lane open");
     }
 
     #[tokio::test]

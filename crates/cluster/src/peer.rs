@@ -198,7 +198,7 @@ impl PeerPort {
             return self.link(address).map(Outlet::Relay).map_err(|e| e.message().to_string());
         }
         match self.outlet.take() {
-            Some((a, lane)) if a == address => Ok(Outlet::Successor(a, lane)),
+            Some((a, lane)) if a == address && crate::lane::still_open(&lane) => Ok(Outlet::Successor(a, lane)),
             _ => {
                 let lane = crate::lane::dial(address, LaneKind::Feed, self.token.as_deref()).await?;
                 Ok(Outlet::Successor(address.to_string(), lane))

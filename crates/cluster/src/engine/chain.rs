@@ -103,7 +103,9 @@ impl Lanes {
     async fn open(&mut self, kind: LaneKind, id: WorkerId, address: &str, name: &str) -> bool {
         let Some(token) = &self.token else { return false };
         let open = match kind {
-            LaneKind::Feed => self.feed.as_ref().is_some_and(|(w, _)| *w == id),
+            // The member may have closed it for another since (its predecessor's, when the chain
+            // changed): only an open one is used.
+            LaneKind::Feed => self.feed.as_ref().is_some_and(|(w, lane)| *w == id && crate::lane::still_open(lane)),
             LaneKind::Collect => self.collect.as_ref().is_some_and(|(w, ..)| *w == id),
         };
         if open || self.unreachable.contains(&id) {

@@ -411,6 +411,25 @@ impl Outlet {
     }
 }
 
+/// Where a member's chunks come from and go to this step.
+struct Links {
+    inlet: Inlet,
+    outlet: Outlet,
+    /// The ticket its frames carry.
+    ticket_out: u64,
+    /// Whether it passes the parameters on (it has a successor).
+    forwards: bool,
+    /// Whom a failed send is blamed on: the successor's address, or the coordinator.
+    downstream: String,
+}
+
+impl Links {
+    /// The outlet, taken to be kept or closed as the step ends early.
+    fn take_outlet(&mut self) -> Outlet {
+        std::mem::replace(&mut self.outlet, Outlet::Stream)
+    }
+}
+
 /// One member's step of a chain: see the module's comment.
 pub async fn member_step(
     conn: &mut Connection,
@@ -421,18 +440,16 @@ pub async fn member_step(
 ) -> Result<Next, Status> {
     let step = work.step;
     timeline::mark("chain work in", step);
-    let n = compute.num_params();
-    let chunk = role.chunk_values as usize;
+    let (n, chunk) = (compute.num_params(), role.chunk_values as usize);
     port.expect.send_replace(role.ticket_in);
     let successor = role.successor.clone().unwrap_or_default();
-    let first = role.ticket_in.is_none();
     let inlet = match (role.ticket_in, role.params_lane) {
         (None, Some(ticket)) => Inlet::Lane(ticket),
         (None, None) => Inlet::Stream,
         (Some(ticket), _) if port.lanes() => Inlet::Lane(ticket),
         (Some(_), _) => Inlet::Relay,
     };
-    let mut outlet = match (&role.successor, role.sum_lane) {
+    let outlet = match (&role.successor, role.sum_lane) {
         (Some(address), _) => match port.outlet_to_successor(address).await {
             Ok(o) => o,
             Err(why) => return broken(conn, step, &successor, &why).await,
@@ -448,37 +465,16 @@ pub async fn member_step(
         },
         (None, false) => Outlet::Stream,
     };
-    let downstream = if role.successor.is_some() { successor.as_str() } else { "the coordinator" };
+    let downstream = if role.successor.is_some() { successor.clone() } else { "the coordinator".into() };
+    let mut links =
+        Links { inlet, outlet, ticket_out: role.ticket_out, forwards: role.successor.is_some(), downstream };
     if let Some((_, reader)) = port.inlet.as_mut() {
         reader.new_step();
     }
-
-    // The parameters, passed on as they arrive.
-    let mut params = std::mem::take(&mut compute.params);
-    params.resize(n, 0.0);
-    let mut next = 0;
-    while next < n {
-        let want = Expected { ticket: 0, step, stream: ChunkStream::Params, chunk, len: n };
-        let got = receive(conn, port, inlet, want, &mut params, 0, next).await?;
-        let (range, bytes) = match got {
-            Got::Landed(range, bytes) => (range, bytes),
-            Got::Interrupted(_) | Got::Broken(_) => return abandon(conn, port, step, outlet, got).await,
-        };
-        if range.start == 0 {
-            timeline::mark("first parameters in", step);
-        }
-        if role.successor.is_some() {
-            let values = &params[range.clone()];
-            let c =
-                Outgoing { step, stream: ChunkStream::Params, ticket: role.ticket_out, offset: next, values, bytes };
-            if let Err(why) = outlet.send(conn, c).await {
-                return broken(conn, step, downstream, &why).await;
-            }
-        }
-        next = range.end;
+    let want = Expected { ticket: 0, step, stream: ChunkStream::Params, chunk, len: n };
+    if let Some(ended) = parameters(conn, port, compute, &mut links, want).await? {
+        return Ok(ended);
     }
-    compute.params = params;
-    timeline::mark("parameters in", step);
 
     // The shards: their sums to the coordinator, their gradients into the running sum.
     let computed = compute.chained(step, work.global_batch, work.shards)?;
@@ -487,25 +483,98 @@ pub async fn member_step(
         let r = ShardResult { step, index, gradient: Tensor::Chained, claimed, compute_micros };
         conn.send(FromWorker::Result(r)).await?;
     }
-    // Key 0: the coordinator audits no step, so no digests (they cost a chain member ~5% of
-    // a step even made eight values at a time).
-    let digests = role.digest_key != 0;
-    let (mut received, mut sent) = (Digest::new(role.digest_key), Digest::new(role.digest_key));
     let lie = port.lie_from.is_some_and(|from| step >= from);
+    let want = Expected { stream: ChunkStream::Sum, ..want };
+    let (received, sent) = match running_sum(conn, port, compute, &mut links, want, &role, lie).await? {
+        Ok(digests) => digests,
+        Err(ended) => return Ok(ended),
+    };
+    timeline::mark("sum out", step);
+    conn.send(FromWorker::Digest { step, received, sent }).await?;
+    match links.outlet {
+        // Queued is not delivered: the step is done once the successor took every chunk.
+        Outlet::Relay(link) => {
+            let late = |_| Status::deadline_exceeded(format!("the successor took no chunk within {CHAIN_WAIT:?}"));
+            if let Err(e) = tokio::time::timeout(CHAIN_WAIT, link.finish()).await.map_err(late).and_then(|r| r) {
+                return broken(conn, step, &successor, e.message()).await;
+            }
+        }
+        // A lane's bytes are in the kernel's hands; if the successor fails to take them, it
+        // (or the coordinator, which waits for the sum) says so.
+        lane => port.keep(lane),
+    }
+    Ok(Next::Done)
+}
+
+/// The step's parameters into `compute.params`, each chunk passed on as it arrives. `Some`
+/// if the step ended meanwhile (the coordinator sent something else, or a link broke).
+async fn parameters(
+    conn: &mut Connection,
+    port: &mut PeerPort,
+    compute: &mut Compute,
+    links: &mut Links,
+    want: Expected,
+) -> Result<Option<Next>, Status> {
+    let step = want.step;
+    let mut params = std::mem::take(&mut compute.params);
+    params.resize(want.len, 0.0);
+    let mut next = 0;
+    while next < want.len {
+        let got = receive(conn, port, links.inlet, want, &mut params, 0, next).await?;
+        let (range, bytes) = match got {
+            Got::Landed(range, bytes) => (range, bytes),
+            Got::Interrupted(_) | Got::Broken(_) => {
+                return abandon(conn, port, step, links.take_outlet(), got).await.map(Some)
+            }
+        };
+        if range.start == 0 {
+            timeline::mark("first parameters in", step);
+        }
+        if links.forwards {
+            let values = &params[range.clone()];
+            let c =
+                Outgoing { step, stream: ChunkStream::Params, ticket: links.ticket_out, offset: next, values, bytes };
+            if let Err(why) = links.outlet.send(conn, c).await {
+                return broken(conn, step, &links.downstream, &why).await.map(Some);
+            }
+        }
+        next = range.end;
+    }
+    compute.params = params;
+    timeline::mark("parameters in", step);
+    Ok(None)
+}
+
+/// The running sum, chunk by chunk: the predecessor's (unless the member is the first) plus
+/// its shards' gradients, passed on. `Ok`: the digests of what came in and went out (0 under
+/// digest key 0: no step is audited, and digests cost a member ~5% of a step); `Err` if the
+/// step ended meanwhile. With `lie` (fault injection) the first value sent is off by 1.
+async fn running_sum(
+    conn: &mut Connection,
+    port: &mut PeerPort,
+    compute: &mut Compute,
+    links: &mut Links,
+    want: Expected,
+    role: &ChainRole,
+    lie: bool,
+) -> Result<Result<(u64, u64), Next>, Status> {
+    let (step, n) = (want.step, want.len);
+    let (first, digest_key) = (role.ticket_in.is_none(), role.digest_key);
+    let digests = digest_key != 0;
+    let (mut received, mut sent) = (Digest::new(digest_key), Digest::new(digest_key));
     let mut next = 0;
     while next < n {
-        let range = next..next.saturating_add(chunk).min(n);
+        let range = next..next.saturating_add(want.chunk).min(n);
         if !first {
             // Not checked for finite values: a diverging model's sums are not; the
             // coordinator looks at the whole sum.
             let mut prefix = std::mem::take(&mut compute.prefix);
             prefix.resize(range.len(), 0.0);
-            let want = Expected { ticket: 0, step, stream: ChunkStream::Sum, chunk, len: n };
-            let got = receive(conn, port, inlet, want, &mut prefix, next, next).await;
+            let got = receive(conn, port, links.inlet, want, &mut prefix, next, next).await;
             compute.prefix = prefix;
             match got? {
                 Got::Landed(..) => {}
-                got => return abandon(conn, port, step, outlet, got).await,
+                got => return abandon(conn, port, step, links.take_outlet(), got).await.map(Err),
             }
             if next == 0 {
                 timeline::mark("first running sum in", step);
@@ -519,29 +588,15 @@ pub async fn member_step(
             sent.update(&compute.sum);
         }
         let values = &compute.sum[..];
-        let c = Outgoing { step, stream: ChunkStream::Sum, ticket: role.ticket_out, offset: next, values, bytes: None };
-        if let Err(why) = outlet.send(conn, c).await {
-            return broken(conn, step, downstream, &why).await;
+        let c =
+            Outgoing { step, stream: ChunkStream::Sum, ticket: links.ticket_out, offset: next, values, bytes: None };
+        if let Err(why) = links.outlet.send(conn, c).await {
+            return broken(conn, step, &links.downstream, &why).await.map(Err);
         }
         next = range.end;
     }
-    timeline::mark("sum out", step);
     let received = if first || !digests { 0 } else { received.finish() };
-    let sent = if digests { sent.finish() } else { 0 };
-    conn.send(FromWorker::Digest { step, received, sent }).await?;
-    match outlet {
-        // Queued is not delivered: the step is done once the successor took every chunk.
-        Outlet::Relay(link) => {
-            let late = |_| Status::deadline_exceeded(format!("the successor took no chunk within {CHAIN_WAIT:?}"));
-            if let Err(e) = tokio::time::timeout(CHAIN_WAIT, link.finish()).await.map_err(late).and_then(|r| r) {
-                return broken(conn, step, &successor, e.message()).await;
-            }
-        }
-        // A lane's bytes are in the kernel's hands; if the successor fails to take them, it
-        // (or the coordinator, which waits for the sum) says so.
-        lane => port.keep(lane),
-    }
-    Ok(Next::Done)
+    Ok(Ok((received, if digests { sent.finish() } else { 0 })))
 }
 
 impl Compute {

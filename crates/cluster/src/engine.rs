@@ -19,7 +19,7 @@ use crate::topology::Topology;
 use crate::verify::{Audit, Fraction, DEFAULT_VERIFY, WINDOW};
 use dtrain_data::Dataset;
 use dtrain_fit::engine::ShardBuffers;
-use dtrain_fit::metrics::Verification;
+use dtrain_fit::metrics::{Paths, Verification};
 use dtrain_fit::{Engine, EngineError, Job};
 use dtrain_nn::simd::Part;
 use dtrain_nn::{Mode, ShardStats};
@@ -163,7 +163,7 @@ impl Engine for ClusterEngine<'_> {
         let epoch = &mut self.telemetry.epoch;
         epoch.step_starts();
         let (sent, received, verified) = (epoch.bytes_out, epoch.bytes_in, epoch.verification);
-        let paths = (epoch.chained, epoch.fell_back, epoch.speculated);
+        let paths = epoch.paths();
         crate::timeline::mark("step begins", step);
         let r = rt.block_on(self.step(params, step, batch, shards, grad, meanwhile));
         crate::timeline::mark("step ends", step);
@@ -186,7 +186,13 @@ impl Engine for ClusterEngine<'_> {
                 evicted: v.evicted - verified.evicted,
                 rollbacks: v.rollbacks - verified.rollbacks,
             });
-            m.topology(epoch.chained - paths.0, epoch.fell_back - paths.1, epoch.speculated - paths.2);
+            let now = epoch.paths();
+            m.topology(&Paths {
+                chained: now.chained - paths.chained,
+                on_lanes: now.on_lanes - paths.on_lanes,
+                fell_back: now.fell_back - paths.fell_back,
+                speculated: now.speculated - paths.speculated,
+            });
         }
         r
     }

@@ -58,6 +58,16 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 impl EpochStats {
+    /// How the epoch's steps travelled so far.
+    pub fn paths(&self) -> dtrain_fit::metrics::Paths {
+        dtrain_fit::metrics::Paths {
+            chained: self.chained,
+            on_lanes: self.on_lanes,
+            fell_back: self.fell_back,
+            speculated: self.speculated,
+        }
+    }
+
     /// A step begins: the time since the last one ended was the coordinator's own update.
     pub fn step_starts(&mut self) {
         if let Some(t) = self.last_return {

@@ -64,8 +64,22 @@ pub struct Metrics {
     evicted: Counter,
     rollbacks: Counter,
     chain_steps: Counter,
+    chain_lane_steps: Counter,
     chain_fallbacks: Counter,
     speculated: Counter,
+}
+
+/// How steps' gradients travelled (counts since the last report).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Paths {
+    /// Steps summed along the chain.
+    pub chained: u64,
+    /// Of those, steps whose parameters and sum took the coordinator's lanes.
+    pub on_lanes: u64,
+    /// Chain steps computed over the star instead.
+    pub fell_back: u64,
+    /// Straggler shards that got a copy on an idle worker.
+    pub speculated: u64,
 }
 
 impl Default for Metrics {
@@ -95,6 +109,7 @@ impl Default for Metrics {
             evicted: Counter::default(),
             rollbacks: Counter::default(),
             chain_steps: Counter::default(),
+            chain_lane_steps: Counter::default(),
             chain_fallbacks: Counter::default(),
             speculated: Counter::default(),
         };
@@ -124,6 +139,11 @@ impl Metrics {
         r.register("evictions", "Parties evicted for results the referee contradicted", self.evicted.clone());
         r.register("rollbacks", "Rollbacks to undo an evicted party's results", self.rollbacks.clone());
         r.register("chain_steps", "Steps whose gradients were summed along the chain", self.chain_steps.clone());
+        r.register(
+            "chain_lane_steps",
+            "Chain steps whose tensors took the coordinator's lanes",
+            self.chain_lane_steps.clone(),
+        );
         r.register("chain_fallbacks", "Chain steps computed over the star instead", self.chain_fallbacks.clone());
         r.register("speculated_shards", "Straggler shards copied to an idle worker", self.speculated.clone());
         self
@@ -182,12 +202,13 @@ impl Metrics {
         self.rollbacks.inc_by(counts.rollbacks);
     }
 
-    /// How a step's gradients travelled: over the chain (or the chain fell back to the star),
-    /// and how many straggler shards got a copy.
-    pub fn topology(&self, chained: u64, fell_back: u64, speculated: u64) {
-        self.chain_steps.inc_by(chained);
-        self.chain_fallbacks.inc_by(fell_back);
-        self.speculated.inc_by(speculated);
+    /// How steps' gradients travelled: over the chain (on lanes or not), or the chain fell
+    /// back to the star, and how many straggler shards got a copy.
+    pub fn topology(&self, p: &Paths) {
+        self.chain_steps.inc_by(p.chained);
+        self.chain_lane_steps.inc_by(p.on_lanes);
+        self.chain_fallbacks.inc_by(p.fell_back);
+        self.speculated.inc_by(p.speculated);
     }
 
     /// The OpenMetrics text exposition (`CONTENT_TYPE`).
@@ -210,8 +231,8 @@ mod tests {
         m.workers(2);
         m.wire(100, 50);
         m.verified(&Verification { checked: 3, refereed: 1, evicted: 1, rollbacks: 0 });
-        m.topology(1, 0, 2);
-        m.topology(0, 1, 0);
+        m.topology(&Paths { chained: 1, on_lanes: 1, fell_back: 0, speculated: 2 });
+        m.topology(&Paths { fell_back: 1, ..Paths::default() });
         let text = m.render();
         for line in [
             "# TYPE dtrain_step gauge",
@@ -223,6 +244,7 @@ mod tests {
             "dtrain_verified_shards_total 3",
             "dtrain_evictions_total 1",
             "dtrain_chain_steps_total 1",
+            "dtrain_chain_lane_steps_total 1",
             "dtrain_chain_fallbacks_total 1",
             "dtrain_speculated_shards_total 2",
             "dtrain_step_seconds_count 1",

@@ -39,8 +39,9 @@ pub const MIN_TOKEN_BYTES: usize = 16;
 /// not replaced does not start.
 pub const PLACEHOLDER: &str = "replace-me-with-a-random-token";
 
-/// Whether `token` may guard a job: at least `MIN_TOKEN_BYTES` bytes, not blank, not the
-/// manifests' placeholder. `Err` says what to do.
+/// Whether `token` may guard a job: at least `MIN_TOKEN_BYTES` bytes and at most the
+/// `MAX_TOKEN` a lane's hello carries, not blank, not the manifests' placeholder. `Err` says
+/// what to do.
 pub fn validate(token: &str) -> Result<(), String> {
     if token.trim().is_empty() {
         return Err("the job token is empty".into());
@@ -55,6 +56,13 @@ pub fn validate(token: &str) -> Result<(), String> {
         return Err(format!(
             "the job token has {} bytes; use at least {MIN_TOKEN_BYTES} random ones (e.g. head -c 32 /dev/urandom | base64)",
             token.len()
+        ));
+    }
+    if token.len() > dtrain_proto::lane::MAX_TOKEN {
+        return Err(format!(
+            "the job token has {} bytes; use at most {} (32 random bytes in base64 are plenty)",
+            token.len(),
+            dtrain_proto::lane::MAX_TOKEN
         ));
     }
     Ok(())
@@ -109,6 +117,8 @@ mod tests {
         assert!(validate("0123456789abcdef").is_ok());
         assert!(validate("0123456789abcde").unwrap_err().contains("15 bytes"));
         assert!(validate("   ").unwrap_err().contains("empty"));
+        assert!(validate(&"x".repeat(1025)).unwrap_err().contains("at most 1024"));
+        assert!(validate(&"x".repeat(1024)).is_ok());
         assert!(validate(PLACEHOLDER).unwrap_err().contains("placeholder"));
         assert!(validate(&random_token().unwrap()).is_ok());
     }

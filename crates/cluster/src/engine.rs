@@ -19,7 +19,7 @@ use crate::topology::Topology;
 use crate::verify::{Audit, Fraction, DEFAULT_VERIFY, WINDOW};
 use dtrain_data::Dataset;
 use dtrain_fit::engine::ShardBuffers;
-use dtrain_fit::metrics::{Paths, Verification};
+use dtrain_fit::metrics::Verification;
 use dtrain_fit::{Engine, EngineError, Job};
 use dtrain_nn::simd::Part;
 use dtrain_nn::{Mode, ShardStats};
@@ -163,7 +163,7 @@ impl Engine for ClusterEngine<'_> {
         let epoch = &mut self.telemetry.epoch;
         epoch.step_starts();
         let (sent, received, verified) = (epoch.bytes_out, epoch.bytes_in, epoch.verification);
-        let paths = epoch.paths();
+        let paths = epoch.paths;
         crate::timeline::mark("step begins", step);
         let r = rt.block_on(self.step(params, step, batch, shards, grad, meanwhile));
         crate::timeline::mark("step ends", step);
@@ -186,13 +186,7 @@ impl Engine for ClusterEngine<'_> {
                 evicted: v.evicted - verified.evicted,
                 rollbacks: v.rollbacks - verified.rollbacks,
             });
-            let now = epoch.paths();
-            m.topology(&Paths {
-                chained: now.chained - paths.chained,
-                on_lanes: now.on_lanes - paths.on_lanes,
-                fell_back: now.fell_back - paths.fell_back,
-                speculated: now.speculated - paths.speculated,
-            });
+            m.topology(&epoch.paths.since(&paths));
         }
         r
     }
@@ -452,7 +446,7 @@ impl ClusterEngine<'_> {
                 }
                 Action::Lied { worker, shard } => self.evict_liar(worker, shard, round.step()),
                 Action::Speculate { from, shards } => {
-                    self.telemetry.epoch.speculated += shards.len() as u64;
+                    self.telemetry.epoch.paths.speculated += shards.len() as u64;
                     let name = self.net.hub.name(from);
                     tracing::debug!("step {}: {name} is late; shard(s) {shards:?} get a copy elsewhere", round.step());
                 }

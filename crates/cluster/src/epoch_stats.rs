@@ -15,14 +15,9 @@ pub struct EpochStats {
     pub bytes_in: u64,
     /// What verification did.
     pub verification: dtrain_fit::metrics::Verification,
-    /// Shards of stragglers that got a copy on an idle worker.
-    pub speculated: u64,
-    /// Steps that went over the chain.
-    pub chained: u64,
-    /// Chain steps that fell back to the star.
-    pub fell_back: u64,
-    /// Chain steps whose parameters and sum both took the coordinator's lanes.
-    pub on_lanes: u64,
+    /// How the steps' gradients travelled: chain steps (on lanes or not), chain steps that fell
+    /// back to the star, straggler shards that got a copy on an idle worker.
+    pub paths: dtrain_fit::metrics::Paths,
     /// The current chain step's time spent taking in the sum.
     pub chain_reduce: Duration,
     /// Per worker: time from sending its work to each shard's result arriving, in µs.
@@ -58,16 +53,6 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 impl EpochStats {
-    /// How the epoch's steps travelled so far.
-    pub fn paths(&self) -> dtrain_fit::metrics::Paths {
-        dtrain_fit::metrics::Paths {
-            chained: self.chained,
-            on_lanes: self.on_lanes,
-            fell_back: self.fell_back,
-            speculated: self.speculated,
-        }
-    }
-
     /// A step begins: the time since the last one ended was the coordinator's own update.
     pub fn step_starts(&mut self) {
         if let Some(t) = self.last_return {
@@ -128,13 +113,13 @@ impl EpochStats {
             ("cluster/sent_bytes_per_step", self.bytes_out as f32 / steps),
             ("cluster/received_bytes_per_step", self.bytes_in as f32 / steps),
             ("cluster/verified_shards", self.verification.checked as f32),
-            ("cluster/chain_steps", self.chained as f32),
-            ("cluster/speculated_shards", self.speculated as f32),
+            ("cluster/chain_steps", self.paths.chained as f32),
+            ("cluster/speculated_shards", self.paths.speculated as f32),
         ];
         let v = &self.verification;
         let verification = format!(
             "; verified {} shard(s), refereed {}, evicted {}, rolled back {} time(s); speculated {} shard(s)",
-            v.checked, v.refereed, v.evicted, v.rollbacks, self.speculated
+            v.checked, v.refereed, v.evicted, v.rollbacks, self.paths.speculated
         );
         let line = format!(
             "cluster: {} worker(s) alive ({} on shared memory); shard round trip p50/p99: {}; per step {:.0} KB sent, {:.0} KB received; \
@@ -149,11 +134,11 @@ impl EpochStats {
             wait,
             reduce,
         ) + &verification
-            + &match (self.chained, self.fell_back) {
+            + &match (self.paths.chained, self.paths.fell_back) {
                 (0, 0) => "; topology star".to_string(),
                 (c, f) => format!(
                     "; topology chain on {c} of {} step(s), {f} fell back to the star, {} on lanes",
-                    self.steps, self.on_lanes
+                    self.steps, self.paths.on_lanes
                 ),
             };
         Some(dtrain_fit::engine::EpochReport { line, scalars })

@@ -82,6 +82,18 @@ pub struct Paths {
     pub speculated: u64,
 }
 
+impl Paths {
+    /// What was counted since `earlier` (counts only grow).
+    pub fn since(&self, earlier: &Paths) -> Paths {
+        Paths {
+            chained: self.chained.saturating_sub(earlier.chained),
+            on_lanes: self.on_lanes.saturating_sub(earlier.on_lanes),
+            fell_back: self.fell_back.saturating_sub(earlier.fell_back),
+            speculated: self.speculated.saturating_sub(earlier.speculated),
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         let nan = || {

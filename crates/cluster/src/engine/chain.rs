@@ -100,7 +100,7 @@ struct Lanes {
 impl Lanes {
     /// Dials `kind` to `id`'s peer port at `address` unless one is open or it was
     /// unreachable before; whether one is open now.
-    async fn open(&mut self, kind: LaneKind, id: WorkerId, address: &str, name: &str) -> bool {
+    async fn open(&mut self, kind: LaneKind, id: WorkerId, address: &str, name: impl FnOnce() -> String) -> bool {
         let Some(token) = &self.token else { return false };
         let open = match kind {
             // The member may have closed it for another since (its predecessor's, when the chain
@@ -120,7 +120,7 @@ impl Lanes {
                 true
             }
             Err(why) => {
-                tracing::info!("no lane to {name}'s peer port {address} ({why}): its chunks take its stream");
+                tracing::info!("no lane to {}'s peer port {address} ({why}): its chunks take its stream", name());
                 self.unreachable.insert(id);
                 false
             }
@@ -311,8 +311,8 @@ impl ClusterEngine<'_> {
         }
         self.policy.chain.waited(sent_all.elapsed());
         let epoch = &mut self.telemetry.epoch;
-        epoch.chained += 1;
-        epoch.on_lanes += u64::from(laned);
+        epoch.paths.chained += 1;
+        epoch.paths.on_lanes += u64::from(laned);
         let reduce = std::mem::take(&mut epoch.chain_reduce);
         epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(reduce), reduce);
         Ok(Some(stats))
@@ -565,12 +565,10 @@ impl ClusterEngine<'_> {
         let (step, n) = (out.step, out.params.len());
         let tickets: Vec<u64> = plan.members.iter().map(|_| crate::auth::ticket()).collect();
         let (first, last) = (&plan.members[0], &plan.members[plan.members.len() - 1]);
-        let lanes = &mut self.policy.chain.lanes;
-        let params_lane = lanes
-            .open(LaneKind::Feed, first.id, &first.peer, &self.net.hub.name(first.id))
-            .await
-            .then(crate::auth::ticket);
-        let sum_lane = lanes.open(LaneKind::Collect, last.id, &last.peer, &self.net.hub.name(last.id)).await;
+        let (lanes, hub) = (&mut self.policy.chain.lanes, &self.net.hub);
+        let params_lane =
+            lanes.open(LaneKind::Feed, first.id, &first.peer, || hub.name(first.id)).await.then(crate::auth::ticket);
+        let sum_lane = lanes.open(LaneKind::Collect, last.id, &last.peer, || hub.name(last.id)).await;
         for (i, m) in plan.members.iter().enumerate() {
             let role = ChainRole {
                 successor: plan.members.get(i + 1).map(|s| s.peer.clone()),
@@ -658,7 +656,7 @@ impl ClusterEngine<'_> {
     /// The chain broke: says why, and the step goes over the star.
     fn fall_back(&mut self, step: u64, why: &str) -> Option<Vec<ShardStats>> {
         tracing::warn!("step {step}: the chain broke ({why}); computing the step over the star");
-        self.telemetry.epoch.fell_back += 1;
+        self.telemetry.epoch.paths.fell_back += 1;
         self.telemetry.epoch.chain_reduce = Default::default();
         None
     }

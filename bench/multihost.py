@@ -4,10 +4,12 @@
                                     [--topologies star,chain] [--steps 12] [--plot bench/multihost.png]
                                     [--timeline DIR]
 
-A coordinator host and N worker hosts, each link capped at the rate, train one epoch of each job
+A coordinator host and N worker hosts, each link capped at the rate, train two epochs of each job
 (`shards` = 12, so the result is the same for every N), beside the in-process run of the same job
 on this machine, over the star and over the chain in the same invocation. For each: the step
-time (epoch time / steps), the bytes per step on the coordinator's link and on the busiest worker
+time (the second epoch's time in steps / steps: the steady state, without the first step's
+connections nor the epoch's end, which saves the state; `first_epoch_step_ms` is the first epoch's whole
+time / steps, for the record), the bytes per step on the coordinator's link and on the busiest worker
 host's link (the larger direction, read from the interfaces' counters), and the link-bound lower
 bound (links full duplex at R, P parameters of 4 bytes): a worker computes only once it has all
 the parameters. Star: the coordinator's link receives the K = 12 shards' gradients one after
@@ -35,6 +37,7 @@ NETNS = os.path.join(ROOT, "testbed", "netns.sh")
 TOKEN = "multihost-bench-token-0123456789"
 
 SHARDS = 12
+EPOCHS = 2
 
 JOBS = {
     "wide": ([512, 512], 256),
@@ -68,7 +71,7 @@ loss = "sparse_categorical_crossentropy"
 metrics = ["accuracy"]
 [fit]
 batch_size = {batch}
-epochs = 1
+epochs = {EPOCHS}
 shards = {SHARDS}
 """
     path = os.path.join(d, f"{name}.toml")
@@ -83,17 +86,21 @@ shards = {SHARDS}
 
 
 def epoch_seconds(out):
+    """(the last epoch's seconds in steps, the first epoch's whole seconds, the last cluster line)."""
     events = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
-    secs = [e["seconds"] for e in events if e.get("event") == "epoch_end"]
+    ends = [e for e in events if e.get("event") == "epoch_end"]
+    if len(ends) != EPOCHS:
+        raise SystemExit(f"expected {EPOCHS} epochs, the run logged {len(ends)}")
     cluster = [e["message"] for e in events if e.get("event") == "note" and e["message"].startswith("cluster:")]
-    return secs[0], (cluster[-1] if cluster else "")
+    return ends[-1]["step_seconds"], ends[0]["seconds"], (cluster[-1] if cluster else "")
 
 
 def in_process(job, d, name):
     out = subprocess.run([os.path.join(BIN, "coordinator"), "train", "--config", job, "--run-dir",
                           os.path.join(d, f"local-{name}"), "--local", "--log-format", "json"],
                          capture_output=True, text=True, check=True).stdout
-    return epoch_seconds(out)[0]
+    steady, first, _ = epoch_seconds(out)
+    return steady, first
 
 
 def link_bytes(bed, host):
@@ -159,23 +166,24 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         for name in a.jobs.split(","):
             job, params = job_file(d, name, a.steps)
-            local = in_process(job, d, name) / a.steps
+            local = in_process(job, d, name)[0] / a.steps
             for rate in a.rates.split(","):
                 for n in map(int, a.workers.split(",")):
                     for topology in a.topologies.split(","):
                         if topology == "chain" and n < 2:
                             continue  # one worker is the star
                         tag = f"{name[0]}{n}{rate[:2]}{topology[0]}"
-                        secs, line, links = cluster(job, d, n, rate, topology, tag, a.verify, a.timeline)
+                        secs, first, line, links = cluster(job, d, n, rate, topology, tag, a.verify, a.timeline)
                         step = secs / a.steps
                         chained = re.search(r"topology chain on (\d+) of (\d+)", line)
                         if topology == "chain" and n >= 2 and not (chained and chained.group(1) == chained.group(2)):
                             raise SystemExit(f"not every step went over the chain: {line}")
-                        per_step = [b / a.steps / 1e6 for b in links]
+                        per_step = [b / (EPOCHS * a.steps) / 1e6 for b in links]
                         vectors = max(1 + SHARDS, n + SHARDS / n) if topology == "star" else 2
                         bound = vectors * params * 4 / rate_bytes(rate)
                         row = {"job": name, "params": params, "rate": rate, "workers": n, "topology": topology,
-                               "step_ms": step * 1e3, "in_process_step_ms": local * 1e3,
+                               "step_ms": step * 1e3, "first_epoch_step_ms": first / a.steps * 1e3,
+                               "in_process_step_ms": local * 1e3,
                                "coordinator_link_mb_per_step": per_step[0],
                                "busiest_worker_link_mb_per_step": max(per_step[1:]), "bound_ms": bound * 1e3}
                         rows.append(row)

@@ -103,6 +103,12 @@ fn evaluate_predict_summary_and_json_logs() {
     let events: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     assert_eq!(events.iter().filter(|e| e["event"] == "epoch_end").count(), 3);
     let last = events.iter().rfind(|e| e["event"] == "epoch_end").unwrap();
+    for e in events.iter().filter(|e| e["event"] == "epoch_end") {
+        // The steps' time is part of the epoch's (which also validates and saves; "seconds" is
+        // rounded to milliseconds).
+        let (steps, epoch) = (e["step_seconds"].as_f64().unwrap(), e["seconds"].as_f64().unwrap());
+        assert!(steps > 0.0 && steps <= epoch + 0.0005, "{e}");
+    }
     assert!(rd.join("best-01.safetensors").exists());
     let png = std::fs::read(rd.join("curves.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "curves.png is a drawn PNG");

@@ -25,6 +25,6 @@ pub mod trainer;
 
 pub use build::Job;
 pub use engine::{shard_ranges, Engine, LocalEngine};
-pub use progress::{Console, LogFormat, Observer, Report};
+pub use progress::{Console, EpochTime, LogFormat, Observer, Report};
 
 pub use error::{CheckpointError, EngineError, FitError, IoError};

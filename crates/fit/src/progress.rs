@@ -13,8 +13,8 @@ pub trait Observer {
     fn epoch_begin(&mut self, _epoch: usize, _epochs: usize, _steps: usize) {}
     /// A batch's step was applied.
     fn batch_end(&mut self, _batch: usize, _steps: usize, _loss: f32, _accuracy: Option<f32>) {}
-    /// An epoch ended, with its logs.
-    fn epoch_end(&mut self, _logs: &EpochLogs, _epochs: usize, _steps: usize, _seconds: f64) {}
+    /// An epoch ended, with its logs and how long it took.
+    fn epoch_end(&mut self, _logs: &EpochLogs, _epochs: usize, _steps: usize, _time: EpochTime) {}
     /// Training ended.
     fn train_end(&mut self, _report: &Report) {}
     /// Checked after every step: true stops training after saving the state (SIGTERM).
@@ -29,6 +29,16 @@ pub trait Observer {
     fn boards(&mut self) -> Option<&mut dyn crate::boards::Boards> {
         None
     }
+}
+
+/// How long an epoch took.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EpochTime {
+    /// The whole epoch, as Keras counts it: its steps, validation, callbacks and the saved state.
+    pub seconds: f64,
+    /// Its steps alone (each from handing the batch to the engine until the batch's callbacks
+    /// ran): what a step costs once an epoch is long enough that its end no longer counts.
+    pub in_steps: f64,
 }
 
 /// The end-of-run report.
@@ -203,7 +213,8 @@ impl Observer for Console {
         let _ = std::io::stderr().flush();
     }
 
-    fn epoch_end(&mut self, logs: &EpochLogs, _epochs: usize, steps: usize, seconds: f64) {
+    fn epoch_end(&mut self, logs: &EpochLogs, _epochs: usize, steps: usize, time: EpochTime) {
+        let seconds = time.seconds;
         match self.format {
             LogFormat::Text => {
                 match &mut self.bar {
@@ -231,13 +242,14 @@ impl Observer for Console {
                 println!("{line}");
             }
             LogFormat::Json => println!(
-                "{{\"event\":\"epoch_end\",\"epoch\":{},\"loss\":{},\"accuracy\":{},\"val_loss\":{},\"val_accuracy\":{},\"learning_rate\":{},\"seconds\":{seconds:.3},\"steps\":{steps}}}",
+                "{{\"event\":\"epoch_end\",\"epoch\":{},\"loss\":{},\"accuracy\":{},\"val_loss\":{},\"val_accuracy\":{},\"learning_rate\":{},\"seconds\":{seconds:.3},\"step_seconds\":{:.6},\"steps\":{steps}}}",
                 logs.epoch + 1,
                 json_num(Some(logs.loss)),
                 json_num(logs.accuracy),
                 json_num(logs.val_loss),
                 json_num(logs.val_accuracy),
                 json_num(Some(logs.learning_rate)),
+                time.in_steps,
             ),
             LogFormat::Quiet => {}
         }

@@ -10,7 +10,7 @@ use crate::evaluate::evaluate;
 use crate::logging::NOTE;
 use crate::logs::{EpochLogs, Mean};
 use crate::metrics::Metrics;
-use crate::progress::{Observer, Report};
+use crate::progress::{EpochTime, Observer, Report};
 use crate::run::{RunDir, CURVES, FINAL_KERAS, FINAL_WEIGHTS};
 use crate::step::Stepper;
 use crate::{EngineError, FitError};
@@ -18,7 +18,7 @@ use dtrain_data::{epoch_permutation, Dataset};
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Runs (or continues) training until `fit.epochs`, an early stop, or an error. The resume
 /// state in `run` is saved at every epoch end (and every N batches with BackupAndRestore).
@@ -48,6 +48,7 @@ pub fn fit(
         written: vec![],
         kept: VecDeque::new(),
         warned_no_boards: false,
+        in_steps: Duration::ZERO,
     };
     while state.epoch < t.fit.epochs && !state.stopped_early {
         let t0 = Instant::now();
@@ -55,7 +56,8 @@ pub fn fit(
             continue;
         }
         let logs = t.end_epoch(state)?;
-        t.obs.epoch_end(&logs, t.fit.epochs, t.steps, t0.elapsed().as_secs_f64());
+        let time = EpochTime { seconds: t0.elapsed().as_secs_f64(), in_steps: t.in_steps.as_secs_f64() };
+        t.obs.epoch_end(&logs, t.fit.epochs, t.steps, time);
     }
     Ok(t.report(state))
 }
@@ -81,6 +83,8 @@ struct Trainer<'a> {
     kept: VecDeque<TrainState>,
     /// A TensorBoard callback was configured but the front end writes no event logs: said once.
     warned_no_boards: bool,
+    /// Time spent in the current epoch's steps.
+    in_steps: Duration,
 }
 
 /// States kept for rollbacks: a liar caught within this many windows is undone exactly.
@@ -99,6 +103,7 @@ impl Trainer<'_> {
         let (n, bs) = (self.train.len(), self.fit.batch_size);
         let perm = epoch_permutation(self.job.seed, state.epoch as u64, n, self.fit.shuffle);
         self.obs.epoch_begin(state.epoch, self.fit.epochs, self.steps);
+        self.in_steps = Duration::ZERO;
         if state.batch == 0 {
             state.loss_mean = Mean::default();
             state.acc_mean = Mean::default();
@@ -145,6 +150,7 @@ impl Trainer<'_> {
             let actions = state.callbacks.list[i].on_batch_end(&at)?;
             self.apply(state, actions)?;
         }
+        self.in_steps += t_step.elapsed();
         if self.obs.interrupted() && !last_in_epoch {
             self.interrupted(state)?;
         }

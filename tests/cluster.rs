@@ -176,7 +176,7 @@ fn a_worker_peers_cannot_reach_leaves_the_chain() {
 
 /// `DTRAIN_TIMELINE`: the coordinator and both (spawned) chain members each write their own
 /// file, with a mark for every step's moments: the coordinator's beginnings and sums, each
-/// member's work, parameters and computed shards.
+/// member's work, parameters, computed shards and sums.
 #[test]
 fn a_timeline_marks_every_step_in_every_process() {
     let dir = tempfile::tempdir().unwrap();
@@ -207,7 +207,7 @@ fn a_timeline_marks_every_step_in_every_process() {
             }
         } else {
             assert!(name.starts_with("worker-"), "{name}");
-            for what in ["chain work in", "parameters in", "shards computed", "sum out"] {
+            for what in ["chain work in", "parameters in", "shards computed", "first sum out", "sum out"] {
                 assert_eq!(count(text, what), steps, "{name}: {what}");
             }
         }

@@ -8,9 +8,8 @@
 use crate::digest::Digest;
 use crate::lane::Arrivals;
 use crate::timeline;
-use crate::worker::Compute;
+use crate::worker::{Compute, OwnGradients};
 use crate::{ClusterError, MESSAGE_LIMIT};
-use dtrain_nn::simd::{sum_into, Part};
 use dtrain_proto::lane::{write_frame, Expected, FrameHeader, FrameReader, LaneKind, Place};
 use dtrain_proto::{
     check_finite, copy_f32s, f32_bytes, read_f32s, ChainRole, Chunk, ChunkStream, Connection, FromWorker, RelayHandler,
@@ -476,19 +475,26 @@ pub async fn member_step(
         return Ok(ended);
     }
 
-    // The shards: their sums to the coordinator, their gradients into the running sum.
-    let computed = compute.chained(step, work.global_batch, work.shards)?;
-    timeline::mark("shards computed", step);
+    // The shards' gradients into the running sum, the last layers' on their way while the
+    // first layers' are computed; then their sums to the coordinator. The sum is driven
+    // right here (`block_on`, off the runtime: this is the session's thread, see `worker`)
+    // while a thread computes.
+    let lie = port.lie_from.is_some_and(|from| step >= from);
+    let want = Expected { stream: ChunkStream::Sum, ..want };
+    let runtime = tokio::runtime::Handle::current();
+    let (computed, summed) = tokio::task::block_in_place(|| {
+        compute.chained(step, work.global_batch, work.shards, |own| {
+            runtime.block_on(running_sum(&mut *conn, &mut *port, own, &mut links, want, &role, lie))
+        })
+    })?;
+    let (received, sent) = match summed? {
+        Ok(digests) => digests,
+        Err(ended) => return Ok(ended),
+    };
     for (index, claimed, compute_micros) in computed {
         let r = ShardResult { step, index, gradient: Tensor::Chained, claimed, compute_micros };
         conn.send(FromWorker::Result(r)).await?;
     }
-    let lie = port.lie_from.is_some_and(|from| step >= from);
-    let want = Expected { stream: ChunkStream::Sum, ..want };
-    let (received, sent) = match running_sum(conn, port, compute, &mut links, want, &role, lie).await? {
-        Ok(digests) => digests,
-        Err(ended) => return Ok(ended),
-    };
     timeline::mark("sum out", step);
     conn.send(FromWorker::Digest { step, received, sent }).await?;
     match links.outlet {
@@ -545,14 +551,15 @@ async fn parameters(
     Ok(None)
 }
 
-/// The running sum, chunk by chunk: the predecessor's (unless the member is the first) plus
-/// its shards' gradients, passed on. `Ok`: the digests of what came in and went out (0 under
+/// The running sum, chunk by chunk from the tensor's end (`ChunkStream::ranges`): the
+/// predecessor's (unless the member is the first) plus its shards' gradients as they become
+/// final, passed on. `Ok`: the digests of what came in and went out, in that order (0 under
 /// digest key 0: no step is audited, and digests cost a member ~5% of a step); `Err` if the
 /// step ended meanwhile. With `lie` (fault injection) the first value sent is off by 1.
 async fn running_sum(
     conn: &mut Connection,
     port: &mut PeerPort,
-    compute: &mut Compute,
+    mut own: OwnGradients<'_>,
     links: &mut Links,
     want: Expected,
     role: &ChainRole,
@@ -562,57 +569,43 @@ async fn running_sum(
     let (first, digest_key) = (role.ticket_in.is_none(), role.digest_key);
     let digests = digest_key != 0;
     let (mut received, mut sent) = (Digest::new(digest_key), Digest::new(digest_key));
-    let mut next = 0;
-    while next < n {
-        let range = next..next.saturating_add(want.chunk).min(n);
+    for range in ChunkStream::Sum.ranges(n, want.chunk) {
+        let (at, opening) = (range.start, range.end == n);
         if !first {
             // Not checked for finite values: a diverging model's sums are not; the
             // coordinator looks at the whole sum.
-            let mut prefix = std::mem::take(&mut compute.prefix);
-            prefix.resize(range.len(), 0.0);
-            let got = receive(conn, port, links.inlet, want, &mut prefix, next, next).await;
-            compute.prefix = prefix;
-            match got? {
+            own.prefix.resize(range.len(), 0.0);
+            match receive(conn, port, links.inlet, want, &mut own.prefix[..], at, at).await? {
                 Got::Landed(..) => {}
                 got => return abandon(conn, port, step, links.take_outlet(), got).await.map(Err),
             }
-            if next == 0 {
+            if opening {
                 timeline::mark("first running sum in", step);
             }
             if digests {
-                received.update(&compute.prefix);
+                received.update(&own.prefix[..]);
             }
         }
-        compute.add_own(range.clone(), !first, lie && next == 0);
-        if digests {
-            sent.update(&compute.sum);
+        if let Err(why) = own.add(range.clone(), !first).await {
+            return Err(Status::internal(why));
         }
-        let values = &compute.sum[..];
-        let c =
-            Outgoing { step, stream: ChunkStream::Sum, ticket: links.ticket_out, offset: next, values, bytes: None };
+        if lie && opening {
+            own.sum[0] += 1.0;
+        }
+        if digests {
+            sent.update(&own.sum[..]);
+        }
+        let values = &own.sum[..];
+        let c = Outgoing { step, stream: ChunkStream::Sum, ticket: links.ticket_out, offset: at, values, bytes: None };
         if let Err(why) = links.outlet.send(conn, c).await {
             return broken(conn, step, &links.downstream, &why).await.map(Err);
         }
-        next = range.end;
+        if opening {
+            timeline::mark("first sum out", step);
+        }
     }
     let received = if first || !digests { 0 } else { received.finish() };
     Ok(Ok((received, if digests { sent.finish() } else { 0 })))
-}
-
-impl Compute {
-    /// The running sum's `range` (into `sum`): the predecessor's chunk (in `prefix`) if
-    /// `with_prefix`, plus this member's shards' gradients in shard order, as it travels (its
-    /// first value off by 1 if `lie`: fault injection).
-    fn add_own(&mut self, range: std::ops::Range<usize>, with_prefix: bool, lie: bool) {
-        let prefix = with_prefix.then_some(Part::Own(&self.prefix[..]));
-        let own = self.chain_grads.iter().map(|g| Part::Own(&g[range.clone()]));
-        let parts: Vec<Part<'_>> = prefix.into_iter().chain(own).collect();
-        self.sum.resize(range.len(), 0.0);
-        sum_into(&mut self.sum, &parts);
-        if lie {
-            self.sum[0] += 1.0;
-        }
-    }
 }
 
 /// The next chunk of `want.stream` for `want.step`, written into `tensor` (whose first value

@@ -4,15 +4,18 @@
 
 use crate::peer::{member_step, Next, PeerPort, PeerTls};
 use crate::shm::SharedFile;
+use crate::timeline;
 use crate::ClusterError;
 use dtrain_fit::config::JobConfig;
 use dtrain_fit::engine::ShardBuffers;
 use dtrain_fit::Job;
+use dtrain_nn::simd::{sum_into, Part};
 use dtrain_nn::Mode;
 use dtrain_proto::{
     read_f32s, shard_from_wire, Connection, FromWorker, Hello, ShardResult, SharedMemoryOffer, Tensor, ToWorker,
     WireError, WireShard, WireTensor, Work, PROTOCOL_VERSION,
 };
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tonic::transport::Endpoint;
@@ -290,26 +293,62 @@ impl Compute {
         self.job.model.num_params()
     }
 
-    /// A chain member's shards at the parameters in `params`: each gradient into
-    /// `chain_grads` (in shard order), and each shard's (index, sums, compute time).
-    pub(crate) fn chained(
+    /// A chain member's shards at the parameters in `params`, each gradient into
+    /// `chain_grads` (in shard order), while `running_sum` sends the running sum: every shard
+    /// but the last is computed first, whole; the last one on a thread of its own while
+    /// `running_sum` runs, handing it each part of its gradient as the backward pass finishes it
+    /// (the last layers' first), so the sum of those travels while the first layers' gradients
+    /// are computed. Returns each shard's (index, sums, compute time) and what `running_sum`
+    /// returned.
+    pub(crate) fn chained<R>(
         &mut self,
         step: u64,
         global_batch: u32,
         shards: Vec<WireShard>,
-    ) -> Result<Vec<(u32, dtrain_nn::ShardStats, u64)>, Status> {
+        running_sum: impl FnOnce(OwnGradients<'_>) -> R,
+    ) -> Result<(Vec<Computed>, R), Status> {
         let n = self.num_params();
-        self.chain_grads.resize_with(shards.len(), Vec::new);
-        let mut out = Vec::with_capacity(shards.len());
-        for (s, g) in shards.into_iter().zip(self.chain_grads.iter_mut()) {
+        let decoded = shards.into_iter().map(|s| decode(&self.job, s)).collect::<Result<Vec<_>, _>>()?;
+        self.chain_grads.resize_with(decoded.len(), Vec::new);
+        let Compute { job, buffers, params, chain_grads, prefix, sum, .. } = self;
+        let (streamed, whole) = match chain_grads.split_last_mut() {
+            Some((last, whole)) => (Some(last), whole),
+            None => (None, &mut [][..]),
+        };
+        let mut out = Vec::with_capacity(decoded.len());
+        for ((index, first, data), g) in decoded.iter().zip(whole.iter_mut()) {
             let t0 = Instant::now();
             g.resize(n, 0.0);
-            let (index, first, data) = decode(&self.job, s)?;
-            let stats =
-                shard_gradient(&self.job, &mut self.buffers, &self.params, (step, global_batch, first), &data, g);
-            out.push((index, stats, t0.elapsed().as_micros() as u64));
+            let stats = shard_gradient(job, buffers, params, (step, global_batch, *first), data, g, &mut |_, _| {});
+            out.push((*index, stats, t0.elapsed().as_micros() as u64));
         }
-        Ok(out)
+        let whole: &[Vec<f32>] = whole;
+        let (Some(g), Some((index, first, data))) = (streamed, decoded.last()) else {
+            timeline::mark("shards computed", step);
+            let own = OwnGradients { whole, parts: vec![], arrivals: None, final_from: 0, prefix, sum };
+            return Ok((out, running_sum(own)));
+        };
+        g.resize(n, 0.0);
+        // At most one part per layer, and one for what lies below them: never full.
+        let (tx, rx) = tokio::sync::mpsc::channel(job.model.layers().len() + 1);
+        let (job, params): (&Job, &[f32]) = (job, params);
+        std::thread::scope(|scope| {
+            let computing = scope.spawn(move || {
+                let t0 = Instant::now();
+                let at = (step, global_batch, *first);
+                // The receiver is gone only if the step ended meanwhile: then nobody waits.
+                let stats = shard_gradient(job, buffers, params, at, data, g, &mut |from, part| {
+                    let _ = tx.blocking_send((from, part));
+                });
+                timeline::mark("shards computed", step);
+                (stats, t0.elapsed().as_micros() as u64)
+            });
+            let own = OwnGradients { whole, parts: vec![], arrivals: Some(rx), final_from: n, prefix, sum };
+            let summed = running_sum(own);
+            let (stats, micros) = computing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            out.push((*index, stats, micros));
+            Ok((out, summed))
+        })
     }
 
     /// Each shard's gradient and sums at the parameters `w` carries (as the stream's `Work`);
@@ -345,10 +384,13 @@ impl Compute {
             let at = (w.step, w.global_batch, first);
             // In place in the shard's shared-memory slot if there is one, else into a message.
             let (claimed, gradient) = match slots.as_mut().and_then(|s| s.region_mut(index as usize)) {
-                Some(g) => (shard_gradient(&self.job, &mut self.buffers, params, at, &data, g), Tensor::Shared),
+                Some(g) => {
+                    let stats = shard_gradient(&self.job, &mut self.buffers, params, at, &data, g, &mut |_, _| {});
+                    (stats, Tensor::Shared)
+                }
                 None => {
                     let g = self.grad.fill(n);
-                    let stats = shard_gradient(&self.job, &mut self.buffers, params, at, &data, g);
+                    let stats = shard_gradient(&self.job, &mut self.buffers, params, at, &data, g, &mut |_, _| {});
                     (stats, Tensor::Inline(self.grad.share()))
                 }
             };
@@ -367,15 +409,120 @@ fn decode(job: &Job, s: WireShard) -> Result<(u32, u32, dtrain_data::Dataset), S
 
 /// A shard's gradient into `grad` and its sums, at `params`, for (step, global batch, the
 /// shard's first position): the dropout masks are keyed by them.
-fn shard_gradient(
+/// A shard a member computed: its index, its sums, and how long it took (µs).
+pub(crate) type Computed = (u32, dtrain_nn::ShardStats, u64);
+
+/// `ready` gets each part of `grad` as soon as it is final (`Sequential::gradient_streamed`).
+fn shard_gradient<'g>(
     job: &Job,
     buffers: &mut ShardBuffers,
     params: &[f32],
     (step, global_batch, first_position): (u64, u32, u32),
     data: &dtrain_data::Dataset,
-    grad: &mut [f32],
+    grad: &'g mut [f32],
+    ready: &mut dyn FnMut(usize, &'g [f32]),
 ) -> dtrain_nn::ShardStats {
     let idx: Vec<u32> = (0..data.len() as u32).collect();
     let mode = Mode::Train { seed: job.seed, step, first_position, global_batch };
-    buffers.gradient(&job.model, data, params, &idx, mode, grad)
+    buffers.gradient_streamed(&job.model, data, params, &idx, None, mode, grad, ready)
+}
+
+/// A chain member's own shards' gradients as its running sum reads them: every shard's but
+/// the last whole, the last one's in parts, final from the end down, as its backward pass
+/// finishes them on another thread. With the buffers of the sum's chunk.
+pub(crate) struct OwnGradients<'g> {
+    whole: &'g [Vec<f32>],
+    /// The last shard's final parts so far, (index of the first value, values), from the
+    /// tensor's end down, each joining the one before.
+    parts: Vec<(usize, &'g [f32])>,
+    arrivals: Option<tokio::sync::mpsc::Receiver<(usize, &'g [f32])>>,
+    /// Everything from here on is final.
+    final_from: usize,
+    /// The predecessor's chunk of the running sum, as received.
+    pub(crate) prefix: &'g mut Vec<f32>,
+    /// The chunk sent on.
+    pub(crate) sum: &'g mut Vec<f32>,
+}
+
+impl OwnGradients<'_> {
+    /// `sum` := the running sum's `range`: the predecessor's chunk (in `prefix`) if
+    /// `with_prefix`, plus the member's shards' gradients in shard order; once the last
+    /// shard's gradient is final there (waiting for it). `Err` if its computing ended first.
+    pub(crate) async fn add(&mut self, range: Range<usize>, with_prefix: bool) -> Result<(), &'static str> {
+        while self.final_from > range.start {
+            let arrived = match self.arrivals.as_mut() {
+                Some(arrivals) => arrivals.recv().await,
+                None => None,
+            };
+            let Some((from, part)) = arrived else { return Err("the last shard's computing ended early") };
+            self.parts.push((from, part));
+            self.final_from = from;
+        }
+        self.sum.resize(range.len(), 0.0);
+        // Piece by piece of the last shard's parts (one piece without a streamed shard); an
+        // element-wise sum, so the pieces give the bits of the whole.
+        let mut at = range.start;
+        while at < range.end {
+            let part = self.parts.iter().find(|(from, p)| (*from..from + p.len()).contains(&at));
+            let end = part.map_or(range.end, |(from, p)| (from + p.len()).min(range.end));
+            let (global, local) = (at..end, at - range.start..end - range.start);
+            let prefix = with_prefix.then(|| Part::Own(&self.prefix[local.clone()]));
+            let whole = self.whole.iter().map(|g| Part::Own(&g[global.clone()]));
+            let last = part.map(|(from, p)| Part::Own(&p[at - from..end - from]));
+            let parts: Vec<Part<'_>> = prefix.into_iter().chain(whole).chain(last).collect();
+            sum_into(&mut self.sum[local], &parts);
+            at = end;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The running sum of a range waits only for the part of the last shard's gradient it
+    /// covers: the last layers' sum goes while the first layers' gradient is still to come,
+    /// and a range across two parts is summed piece by piece with the whole's bits.
+    #[tokio::test]
+    async fn a_range_is_summed_as_soon_as_the_last_shards_gradient_is_final_there() {
+        let whole = vec![(0..10).map(|i| i as f32 * 0.1).collect::<Vec<f32>>()];
+        let last: Vec<f32> = (0..10).map(|i| 1.0 / (i + 3) as f32).collect();
+        let (mut prefix, mut sum) = (vec![], vec![]);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut own = OwnGradients {
+            whole: &whole,
+            parts: vec![],
+            arrivals: Some(rx),
+            final_from: 10,
+            prefix: &mut prefix,
+            sum: &mut sum,
+        };
+        let expect = |range: Range<usize>, prefix: &[f32]| -> Vec<u32> {
+            range.enumerate().map(|(j, i)| ((prefix[j] + whole[0][i]) + last[i]).to_bits()).collect()
+        };
+        let wait = std::time::Duration::from_millis(50);
+
+        tx.send((6, &last[6..])).await.unwrap();
+        *own.prefix = vec![0.5; 3];
+        tokio::time::timeout(wait, own.add(7..10, true)).await.expect("final there").unwrap();
+        assert_eq!(own.sum.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expect(7..10, &[0.5; 3]));
+
+        *own.prefix = vec![-0.25; 4];
+        assert!(tokio::time::timeout(wait, own.add(3..7, true)).await.is_err(), "3..6 is not final yet");
+        tx.send((0, &last[..6])).await.unwrap();
+        tokio::time::timeout(wait, own.add(3..7, true)).await.expect("final now").unwrap();
+        assert_eq!(own.sum.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expect(3..7, &[-0.25; 4]));
+
+        drop(tx);
+        let mut fresh = OwnGradients {
+            whole: &whole,
+            parts: vec![],
+            arrivals: Some(tokio::sync::mpsc::channel(1).1),
+            final_from: 10,
+            prefix: own.prefix,
+            sum: own.sum,
+        };
+        assert!(fresh.add(0..3, false).await.is_err(), "a computing that ended early is said");
+    }
 }

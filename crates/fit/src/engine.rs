@@ -87,13 +87,15 @@ impl ShardBuffers {
         mode: Mode,
         grad: &mut [f32],
     ) -> ShardStats {
-        self.gradient_gathered(model, data, params, idx, None, mode, grad)
+        self.gradient_streamed(model, data, params, idx, None, mode, grad, &mut |_, _| {})
     }
 
     /// As `gradient`, with the features of rows `idx` already gathered into `gathered` when
-    /// it is `Some` (`idx.len()` rows of the input width, as `Dataset::gather` writes them).
+    /// it is `Some` (`idx.len()` rows of the input width, as `Dataset::gather` writes them),
+    /// handing each part of `grad` to `ready` as soon as it is final (see
+    /// `Sequential::gradient_streamed`).
     #[allow(clippy::too_many_arguments)]
-    pub fn gradient_gathered(
+    pub fn gradient_streamed<'g>(
         &mut self,
         model: &Sequential,
         data: &Dataset,
@@ -101,10 +103,12 @@ impl ShardBuffers {
         idx: &[u32],
         gathered: Option<&[f32]>,
         mode: Mode,
-        grad: &mut [f32],
+        grad: &'g mut [f32],
+        ready: &mut dyn FnMut(usize, &'g [f32]),
     ) -> ShardStats {
         if idx.is_empty() {
             grad.fill(0.0);
+            ready(0, grad);
             return ShardStats::default();
         }
         let x = match gathered {
@@ -114,7 +118,7 @@ impl ShardBuffers {
             None => gather_rows(data, idx, &mut self.x),
         };
         let targets = gather_targets(data, idx, &mut self.classes, &mut self.values);
-        model.gradient(params, x, targets, mode, &mut self.ws, grad)
+        model.gradient_streamed(params, x, targets, mode, &mut self.ws, grad, ready)
     }
 
     /// Loss and accuracy of rows `idx` with dropout off.
@@ -282,7 +286,7 @@ impl Engine for LocalEngine<'_> {
         let job = |((buf, grad), r): ((&mut ShardBuffers, &mut [f32]), &Range<usize>)| {
             let mode = Mode::Train { seed, step, first_position: r.start as u32, global_batch };
             let rows = gathered.map(|x| &x[r.start * width..r.end * width]);
-            buf.gradient_gathered(model, data, params, &batch[r.clone()], rows, mode, grad)
+            buf.gradient_streamed(model, data, params, &batch[r.clone()], rows, mode, grad, &mut |_, _| {})
         };
         // One shard is computed straight into `grad`; several into their own buffers, then summed.
         let mut outs: Vec<&mut [f32]> = if shards.len() == 1 {

@@ -500,11 +500,32 @@ impl Sequential {
         ws: &mut Workspace,
         grads: &mut [f32],
     ) -> ShardStats {
+        self.gradient_streamed(params, x, targets, mode, ws, grads, &mut |_, _| {})
+    }
+
+    /// As `gradient`, handing each part of `grads` to `ready` as soon as it is final: the
+    /// backward pass finishes the last layers' gradients first, so `ready(from, tail)` gets
+    /// `grads[from..to]` for falling `from`, each piece joining the one before (the first
+    /// ends at the model's size, the last starts at 0), while the layers below are still being
+    /// computed. A chain member sends the running sum of what is final meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gradient_streamed<'g>(
+        &self,
+        params: &[f32],
+        x: ArrayView2<f32>,
+        targets: Targets,
+        mode: Mode,
+        ws: &mut Workspace,
+        grads: &'g mut [f32],
+        ready: &mut dyn FnMut(usize, &'g [f32]),
+    ) -> ShardStats {
         let scale = match mode {
             Mode::Train { global_batch, .. } => 1.0 / global_batch.max(1) as f32,
             Mode::Infer => 1.0 / x.nrows().max(1) as f32,
         };
         assert_eq!(grads.len(), self.num_params, "gradient buffer has the model's size");
+        // What is not yet final: the values below the last piece handed to `ready`.
+        let mut grads: &'g mut [f32] = grads;
         let x = x.as_standard_layout();
         let activity = self.forward(params, x.view(), mode, ws);
         let stats = self.loss_rows(x.view(), targets, scale, ws, activity, true);
@@ -538,6 +559,11 @@ impl Sequential {
                     let mut gw = ArrayViewMut2::from_shape((kv.shape[0], kv.shape[1]), &mut grads[kv.range()])
                         .expect("kernel shape matches its slice");
                     crate::product::weight_gradient(input, g.view(), gw.view_mut());
+                    // Variables are laid out in layer order, kernel before bias: everything
+                    // from this kernel on is final.
+                    let (below, tail) = std::mem::take(&mut grads).split_at_mut(kv.offset);
+                    ready(kv.offset, tail);
+                    grads = below;
                     if i > self.first_param_op {
                         let gin = &mut gbefore[i - 1];
                         ensure(gin, g.nrows(), input.ncols());
@@ -562,6 +588,9 @@ impl Sequential {
                     }
                 }
             }
+        }
+        if !grads.is_empty() {
+            ready(0, grads);
         }
         stats
     }

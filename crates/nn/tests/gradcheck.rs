@@ -220,6 +220,50 @@ fn shard_gradients_sum_to_the_batch_gradient() {
     }
 }
 
+/// `gradient_streamed` hands over the gradient from the end down, layer by layer, each part
+/// already final when handed over (a copy taken then equals the finished gradient, bit for
+/// bit), the parts joining into the whole; and it is `gradient`'s gradient.
+#[test]
+fn a_streamed_gradient_hands_over_final_parts_from_the_last_layer_down() {
+    let specs = vec![
+        LayerSpec::Flatten,
+        LayerSpec::Dense(DenseSpec {
+            activity_regularizer: Some(Regularizer { l1: 0.01, l2: 0.0 }),
+            ..dense(8, Activation::Relu)
+        }),
+        LayerSpec::Dropout { rate: 0.5, seed: None },
+        LayerSpec::Dense(DenseSpec { use_bias: false, ..dense(5, Activation::Tanh) }),
+        LayerSpec::Dense(dense(3, Activation::Softmax)),
+    ];
+    let m = Sequential::new(&[2, 3], &specs, sparse()).unwrap();
+    let mut rng = Stream::new(3, 1);
+    let x = Array2::from_shape_fn((7, 6), |_| rng.normal());
+    let y: Vec<u32> = (0..7).map(|i| i % 3).collect();
+    let p = m.init_params(4);
+    let mode = Mode::Train { seed: 9, step: 2, first_position: 0, global_batch: 7 };
+    let mut plain = vec![0.0; p.len()];
+    m.gradient(&p, x.view(), Targets::Classes(&y), mode, &mut Workspace::default(), &mut plain);
+    let mut streamed = vec![f32::NAN; p.len()];
+    let mut handed: Vec<(usize, Vec<f32>)> = vec![];
+    let mut ready = |from: usize, part: &[f32]| handed.push((from, part.to_vec()));
+    m.gradient_streamed(&p, x.view(), Targets::Classes(&y), mode, &mut Workspace::default(), &mut streamed, &mut ready);
+    let starts: Vec<usize> = handed.iter().map(|(from, _)| *from).collect();
+    // One part per Dense layer, at its kernel: 6*8+8 and 8*5 values below the last layer's.
+    assert_eq!(starts, [48 + 8 + 40, 48 + 8, 0]);
+    let mut end = p.len();
+    for (from, part) in &handed {
+        assert_eq!(from + part.len(), end, "each part joins the one handed over before");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(part), bits(&streamed[*from..end]), "final when handed over");
+        end = *from;
+    }
+    assert_eq!(end, 0);
+    assert_eq!(
+        streamed.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        plain.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+}
+
 /// The penalty computed ahead (`weight_penalty_terms`, then `add_weight_penalty_terms`) gives
 /// the same bits as `weight_penalty_and_grad`, for L1, L2 and both, on kernels and biases,
 /// with exact zeros among the weights (where the L1 derivative is 0). Tolerance: none.

@@ -25,8 +25,9 @@ mod pb {
 use dtrain_data::{Dataset, Features, Labels};
 use prost::bytes::Bytes;
 
-/// Bumped on any incompatible change; checked when a worker joins.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// Bumped on any incompatible change; checked when a worker joins. (5: the running sum travels
+/// from the tensor's end, `ChunkStream::ranges`.)
+pub const PROTOCOL_VERSION: u32 = 5;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 /// Why a message, or a part of one, is refused.

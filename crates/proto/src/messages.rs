@@ -76,6 +76,39 @@ pub enum ChunkStream {
     Sum,
 }
 
+impl ChunkStream {
+    /// The ranges of a `len`-value tensor in the order its chunks of `chunk` values travel.
+    /// Cut at multiples of `chunk` from the start either way, the parameters go from the
+    /// start (the forward pass needs the first layer first), the running sum from the end
+    /// (the backward pass finishes the last layers' gradients first, so their sum can be on
+    /// its way while the first layers' are computed).
+    pub fn ranges(self, len: usize, chunk: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let chunk = chunk.max(1);
+        let count = len.div_ceil(chunk);
+        let ordered = move |i: usize| match self {
+            ChunkStream::Params => i,
+            ChunkStream::Sum => count - 1 - i,
+        };
+        (0..count).map(move |i| {
+            let start = ordered(i) * chunk;
+            start..start.saturating_add(chunk).min(len)
+        })
+    }
+
+    /// Where the chunk after `range` starts (`None`: `range` was the last), in `ranges`' order.
+    pub fn after(self, range: &std::ops::Range<usize>, len: usize, chunk: usize) -> Option<usize> {
+        match self {
+            ChunkStream::Params => (range.end < len).then_some(range.end),
+            ChunkStream::Sum => range.start.checked_sub(chunk.max(1)),
+        }
+    }
+
+    /// Where its first chunk starts (`None` for an empty tensor).
+    pub fn first(self, len: usize, chunk: usize) -> Option<usize> {
+        self.ranges(len, chunk).next().map(|r| r.start)
+    }
+}
+
 /// A range of a tensor that travels along the chain.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Chunk {
@@ -446,6 +479,26 @@ fn chain_role(c: pb::Chain) -> Result<ChainRole, WireError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parameters_travel_from_the_start_and_the_sum_from_the_end_in_the_same_pieces() {
+        for (len, chunk) in [(10, 3), (9, 3), (1, 4), (0, 4), (7, 1), (5, 0)] {
+            let up: Vec<_> = ChunkStream::Params.ranges(len, chunk).collect();
+            let mut down: Vec<_> = ChunkStream::Sum.ranges(len, chunk).collect();
+            assert_eq!(up.iter().map(|r| r.len()).sum::<usize>(), len);
+            assert!(up.windows(2).all(|w| w[0].end == w[1].start) && up.first().is_none_or(|r| r.start == 0));
+            for stream in [ChunkStream::Params, ChunkStream::Sum] {
+                let ranges: Vec<_> = stream.ranges(len, chunk).collect();
+                assert_eq!(stream.first(len, chunk), ranges.first().map(|r| r.start));
+                for (i, r) in ranges.iter().enumerate() {
+                    assert_eq!(stream.after(r, len, chunk), ranges.get(i + 1).map(|r| r.start), "{len} {chunk}");
+                }
+            }
+            down.reverse();
+            assert_eq!(up, down);
+        }
+        assert_eq!(ChunkStream::Sum.ranges(10, 3).collect::<Vec<_>>(), [9..10, 6..9, 3..6, 0..3]);
+    }
+
     use super::*;
 
     #[test]

@@ -5,7 +5,7 @@
 //! star instead, with the same bits; a member a broken link blames leaves the chain.
 
 use super::{ClusterEngine, Outgoing, Received, StepInputs};
-use crate::digest::digest;
+use crate::digest::Digest;
 use crate::hub::Event;
 use crate::ids::{ShardIndex, WorkerId};
 use crate::round::Refusal;
@@ -16,7 +16,7 @@ use dtrain_fit::EngineError;
 use dtrain_nn::simd::Part;
 use dtrain_nn::ShardStats;
 use dtrain_proto::lane::{write_frame, Expected, FrameHeader, FrameReader, LaneError, LaneKind, HEADER_BYTES};
-use dtrain_proto::{copy_f32s, ChainRole, Chunk, ChunkStream, Tensor, ToWorker, Work};
+use dtrain_proto::{copy_f32s, ChainRole, Chunk, ChunkStream, Tensor, ToWorker, WireError, Work};
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -32,6 +32,15 @@ struct Truth {
     local: BTreeMap<ShardIndex, Vec<f32>>,
     stats: Vec<ShardStats>,
     digests: Vec<(u64, u64)>,
+}
+
+/// A running sum's digest as a member makes it: over its chunks in the order they travel.
+fn sum_digest(key: u64, sum: &[f32]) -> u64 {
+    let mut d = Digest::new(key);
+    for r in ChunkStream::Sum.ranges(sum.len(), CHUNK) {
+        d.update(&sum[r]);
+    }
+    d.finish()
 }
 
 /// The same sums and counts, bit for bit.
@@ -69,8 +78,10 @@ struct ChainInbox {
     local: BTreeMap<ShardIndex, Received>,
     /// On an audited step, each member's digests (received, sent).
     digests: Option<Vec<Option<(u64, u64)>>>,
-    /// Values of the sum received so far (it arrives in order).
+    /// Values of the sum received so far, and where the next chunk starts (it arrives in
+    /// `ChunkStream::Sum`'s order, from the end).
     summed: usize,
+    next_sum: Option<usize>,
     /// Each result's compute time, by worker: what the next chains' groups are sized by.
     intervals: Vec<(WorkerId, Duration)>,
 }
@@ -254,6 +265,7 @@ impl ClusterEngine<'_> {
             local: BTreeMap::new(),
             digests: audited.then(|| vec![None; members.len()]),
             summed: 0,
+            next_sum: ChunkStream::Sum.first(grad.len(), CHUNK),
             intervals: vec![],
         };
         let patience = self.policy.chain.deadline(self.policy.step_timeout);
@@ -264,10 +276,12 @@ impl ClusterEngine<'_> {
         while !inbox.complete(n) {
             let want = sum_lane.map(|ticket| Expected { ticket, step, stream: ChunkStream::Sum, chunk: CHUNK, len: n });
             let woke = {
-                let (events, lanes, at) = (&mut self.net.events, &mut self.policy.chain.lanes, inbox.summed);
+                let (events, lanes, next) = (&mut self.net.events, &mut self.policy.chain.lanes, inbox.next_sum);
                 let frame = async {
-                    match (want, lanes.collect.as_mut()) {
-                        (Some(want), Some((_, lane, reader))) => reader.next(lane, grad, |h| h.place(&want, at)).await,
+                    match (want, lanes.collect.as_mut(), next) {
+                        (Some(want), Some((_, lane, reader)), Some(at)) => {
+                            reader.next(lane, grad, |h| h.place(&want, at)).await
+                        }
                         _ => std::future::pending().await,
                     }
                 };
@@ -285,10 +299,12 @@ impl ClusterEngine<'_> {
                 Woke::Event(None) => return Err(EngineError::Stopped),
                 Woke::Frame(Ok(h)) => {
                     self.telemetry.epoch.bytes_in += (HEADER_BYTES + 4 * h.values as usize) as u64;
-                    if h.offset == 0 {
+                    let range = h.offset as usize..h.offset as usize + h.values as usize;
+                    if range.end == n {
                         timeline::mark("first sum frame in", step);
                     }
-                    inbox.summed = (h.offset + h.values as u64) as usize;
+                    inbox.summed += range.len();
+                    inbox.next_sum = ChunkStream::Sum.after(&range, n, CHUNK);
                     continue;
                 }
                 Woke::Frame(Err(e)) => {
@@ -361,13 +377,16 @@ impl ClusterEngine<'_> {
                 }
                 self.telemetry.epoch.bytes_in += size as u64;
                 let r0 = Instant::now();
-                let landed = c.expect(inbox.summed, CHUNK, n).and_then(|r| {
+                let at = inbox.next_sum.ok_or_else(|| WireError::Invalid("a chunk after the whole sum".into()));
+                let landed = at.and_then(|at| c.expect(at, CHUNK, n)).and_then(|r| {
                     copy_f32s("running sum", &c.values, &mut grad[r.clone()])?;
-                    Ok(r.end)
+                    Ok(r)
                 });
                 self.telemetry.epoch.chain_reduce += r0.elapsed();
-                inbox.summed =
+                let range =
                     landed.map_err(|e| format!("{} sent a bad chunk of the sum: {e}", self.net.hub.name(id)))?;
+                inbox.summed += range.len();
+                inbox.next_sum = ChunkStream::Sum.after(&range, n, CHUNK);
                 Ok(())
             }
             Event::Broken { id, step: s, peer, reason } => {
@@ -444,7 +463,7 @@ impl ClusterEngine<'_> {
         let mut stats = vec![ShardStats::default(); inputs.shards.len()];
         let mut digests = Vec::with_capacity(plan.members.len());
         for (i, (m, &key)) in plan.members.iter().zip(keys).enumerate() {
-            let received = if i == 0 { 0 } else { digest(key, &sum) };
+            let received = if i == 0 { 0 } else { sum_digest(key, &sum) };
             for &k in &m.shards {
                 stats[k.0] = self.compute_here(inputs, k, &mut g);
                 // The same additions, in the same order, as the members' (and the in-process sum).
@@ -454,7 +473,7 @@ impl ClusterEngine<'_> {
                     sum.iter_mut().zip(&g).for_each(|(s, x)| *s += x);
                 }
             }
-            digests.push((received, digest(key, &sum)));
+            digests.push((received, sum_digest(key, &sum)));
         }
         let chain_sum = (!plan.local.is_empty()).then(|| sum.clone());
         let mut local = BTreeMap::new();

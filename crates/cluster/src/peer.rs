@@ -482,6 +482,11 @@ pub async fn member_step(
     let lie = port.lie_from.is_some_and(|from| step >= from);
     let want = Expected { stream: ChunkStream::Sum, ..want };
     let runtime = tokio::runtime::Handle::current();
+    if runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        // `block_in_place` would panic: the worker binary's runtime is multi-threaded, and so
+        // must be any other that runs a member.
+        return Err(Status::internal("a chain member needs a multi-threaded tokio runtime"));
+    }
     let (computed, summed) = tokio::task::block_in_place(|| {
         compute.chained(step, work.global_batch, work.shards, |own| {
             runtime.block_on(running_sum(&mut *conn, &mut *port, own, &mut links, want, &role, lie))

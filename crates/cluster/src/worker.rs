@@ -407,12 +407,12 @@ fn decode(job: &Job, s: WireShard) -> Result<(u32, u32, dtrain_data::Dataset), S
     shard_from_wire(s, model.input_shape(), model.output_width()).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-/// A shard's gradient into `grad` and its sums, at `params`, for (step, global batch, the
-/// shard's first position): the dropout masks are keyed by them.
 /// A shard a member computed: its index, its sums, and how long it took (µs).
 pub(crate) type Computed = (u32, dtrain_nn::ShardStats, u64);
 
-/// `ready` gets each part of `grad` as soon as it is final (`Sequential::gradient_streamed`).
+/// A shard's gradient into `grad` and its sums, at `params`, for (step, global batch, the
+/// shard's first position): the dropout masks are keyed by them. `ready` gets each part of
+/// `grad` as soon as it is final (`Sequential::gradient_streamed`).
 fn shard_gradient<'g>(
     job: &Job,
     buffers: &mut ShardBuffers,

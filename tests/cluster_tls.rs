@@ -8,7 +8,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair}
 use std::path::Path;
 
 /// Writes ca.pem, server.pem/server.key (for "localhost") and client.pem/client.key,
-/// client2.pem/client2.key (workers, also named "dtrain-worker" for chain relays).
+/// client2.pem/client2.key (workers, also named "dtrain-worker" for chain lanes).
 fn certificates(dir: &Path) {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -82,10 +82,10 @@ fn tls_and_mutual_tls() {
     );
 }
 
-/// A chain under mutual TLS: two workers with their own certificates relay the parameters and
-/// the running sum to each other over mutual TLS (their certificates carry "dtrain-worker"), every
-/// step goes over the chain (a relay that failed its handshake would make the step fall back),
-/// and the weights are the in-process run's.
+/// A chain under mutual TLS: two workers with their own certificates pass the parameters and
+/// the running sum to each other on a mutual-TLS lane (their certificates carry "dtrain-worker"),
+/// every step goes over the chain (a lane that failed its handshake would make the step fall
+/// back), and the weights are the in-process run's.
 #[test]
 fn a_chain_under_mutual_tls() {
     let (dir, job) = tls_dir();
@@ -130,11 +130,14 @@ fn a_chain_under_mutual_tls() {
             !on.is_empty() && rest.starts_with(&format!("{on} step(s), 0 fell back")),
             "every step chained: {line}"
         );
-        assert!(rest.contains("the star, 0 on lanes"), "under TLS, chunks stay on TLS streams: {line}");
+        assert!(rest.contains("the star, 0 on lanes"), "the coordinator's ends stay on its TLS streams: {line}");
     }
     assert!(
         std::fs::read(d.join("chain/final.safetensors")).unwrap()
             == std::fs::read(local.join("final.safetensors")).unwrap()
     );
-    drop(workers);
+    // Between the members, a mutual-TLS lane: the first dialed it to the second.
+    let outputs: Vec<String> = workers.into_iter().map(|mut w| w.finish(30).1).collect();
+    let dialed = outputs.iter().filter(|o| o.contains("a mutual-TLS lane to the successor at 127.0.0.1:")).count();
+    assert_eq!(dialed, 1, "{outputs:?}");
 }

@@ -40,7 +40,7 @@ pub struct Cli {
     #[arg(long, env = "DTRAIN_PEER_ADVERTISE", requires = "peer_listen")]
     pub peer_advertise: Option<String>,
     /// With mutual TLS (--tls-cert): the DNS name every worker's certificate carries; chain
-    /// relays between workers are then mutual TLS, verified against --tls-ca and this name.
+    /// lanes between workers are then mutual TLS, verified against --tls-ca and this name.
     #[arg(long, env = "DTRAIN_PEER_TLS_NAME", default_value = "dtrain-worker")]
     pub peer_tls_name: String,
     /// Serve the gRPC health service on this address (for Kubernetes probes).

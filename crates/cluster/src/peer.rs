@@ -1,4 +1,4 @@
-//! A worker's part in a chain (see `topology`): its peer port, where the predecessor's relay
+//! A worker's part in a chain (see `topology`): its peer port, where the predecessor's lane
 //! comes in, and a member's step. The parameters arrive in chunks and are passed on as they
 //! arrive; the member computes its shards; then, chunk by chunk, it adds its shards' gradients
 //! in shard order to the running sum from its predecessor and passes the result on (the last
@@ -6,36 +6,24 @@
 //! coordinator as a broken link, and the coordinator computes the step over the star instead.
 
 use crate::digest::Digest;
-use crate::lane::Arrivals;
+use crate::lane::{Arrivals, LaneStream, LaneTls};
 use crate::timeline;
 use crate::worker::{Compute, OwnGradients};
-use crate::{ClusterError, MESSAGE_LIMIT};
+use crate::ClusterError;
 use dtrain_proto::lane::{write_frame, Expected, FrameHeader, FrameReader, LaneKind, Place};
 use dtrain_proto::{
-    check_finite, copy_f32s, f32_bytes, read_f32s, ChainRole, Chunk, ChunkStream, Connection, FromWorker, RelayHandler,
-    RelayInbox, RelayLink, ShardResult, Tensor, ToWorker, Work,
+    check_finite, copy_f32s, f32_bytes, read_f32s, ChainRole, Chunk, ChunkStream, Connection, FromWorker, ShardResult,
+    Tensor, ToWorker, Work,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Semaphore};
-use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
+use tokio::sync::Semaphore;
 use tonic::Status;
-
-/// How long a relay may take to present its ticket, and to be expected.
-const HANDSHAKE: Duration = Duration::from_secs(10);
 
 /// How long a member waits for the next chunk before it reports the link broken. The
 /// coordinator usually notices first (a member left, or reported) and sends other work.
 const CHAIN_WAIT: Duration = Duration::from_secs(30);
-
-/// Relays open at once (a chain has one predecessor; a reconnect may overlap).
-const RELAYS: usize = 2;
-
-/// Chunks queued between the port and the member's step.
-const QUEUE: usize = 8;
 
 /// Connections to the peer port still in their first bytes or their lane hello; more are
 /// closed at once.
@@ -45,30 +33,25 @@ const HANDSHAKES: usize = 64;
 /// as soon as they are connected), so that idle connections hold a place only briefly.
 const FIRST_BYTE: Duration = Duration::from_secs(2);
 
-/// A worker's peer port: the address it advertises, the ticket it expects this step, and
-/// the chunks relays deliver.
+/// A worker's peer port: the address it advertises, and the lanes that came in and went out.
 pub struct PeerPort {
     /// Where peers reach this worker.
     pub address: String,
-    expect: watch::Sender<Option<u64>>,
-    chunks: mpsc::Receiver<Chunk>,
-    headers: Vec<(&'static str, String)>,
-    /// The successor's channel, kept while the successor stays the same.
-    successor: Option<(String, Channel)>,
     /// Fault injection for tests: from this step on, the running sum this member sends is
     /// wrong (see `FAULT_VARIABLE`).
     lie_from: Option<u64>,
-    tls: Option<PeerTls>,
+    /// Mutual TLS for lanes between members (with TLS to the coordinator).
+    tls: Option<LaneTls>,
     /// The job token, which lanes present.
     token: Option<String>,
     /// Lanes admitted by the port, until a step takes them.
     arrivals: Arc<Arrivals>,
     /// The lane chunks come in on (with its reader's progress), kept from step to step.
-    inlet: Option<(TcpStream, FrameReader)>,
+    inlet: Option<(LaneStream, FrameReader)>,
     /// The lane to the successor at an address, kept while the successor stays the same.
-    outlet: Option<(String, TcpStream)>,
+    outlet: Option<(String, LaneStream)>,
     /// The lane the coordinator opened to take this member's sum.
-    collector: Option<TcpStream>,
+    collector: Option<LaneStream>,
 }
 
 /// Mutual TLS between chain members: this worker's certificate and key (the ones it presents
@@ -96,19 +79,9 @@ impl PeerTls {
         Ok(PeerTls { cert: read(cert)?, key: read(key)?, ca: read(ca)?, name })
     }
 
-    fn server(&self) -> tonic::transport::ServerTlsConfig {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-    }
-
-    fn client(&self) -> tonic::transport::ClientTlsConfig {
-        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca))
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .domain_name(self.name.clone())
+    fn lanes(&self) -> Result<LaneTls, ClusterError> {
+        LaneTls::new(&self.cert, &self.key, &self.ca, &self.name)
+            .map_err(|e| ClusterError::Config(format!("--peer-listen with TLS: {e}")))
     }
 }
 
@@ -127,7 +100,7 @@ fn injected_lie() -> Option<u64> {
 
 impl PeerPort {
     /// Serves the peer port on `listen`; peers are told `advertise`, else the bound address
-    /// (which must then be a specific one). With `tls`, relays both ways are mutual TLS.
+    /// (which must then be a specific one). With `tls`, lanes both ways are mutual TLS.
     pub async fn bind(
         listen: SocketAddr,
         advertise: Option<String>,
@@ -151,30 +124,12 @@ impl PeerPort {
         if address.len() > dtrain_proto::MAX_ADDRESS || address.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(ClusterError::Config(format!("--peer-advertise {address:?}: not a peer address")));
         }
-        let (expect, expected) = watch::channel(None);
-        let (tx, chunks) = mpsc::channel(QUEUE);
-        let door = Door { token: token.clone(), expect: expected, chunks: tx, open: Arc::new(Semaphore::new(RELAYS)) };
+        let tls = tls.map(|t| t.lanes()).transpose()?;
         let arrivals = Arc::new(Arrivals::default());
-        // One port for both: a lane's first byte is never HTTP/2's (nor TLS's), and gRPC gets
-        // every other connection. Lanes carry no TLS: with TLS, chunks take the gRPC relays.
-        let lanes = tls.is_none().then(|| (token.clone(), Arc::clone(&arrivals)));
-        let incoming = tokio_stream::wrappers::ReceiverStream::new(sort_connections(listener, lanes));
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(t) = &tls {
-            builder = builder
-                .tls_config(t.server())
-                .map_err(|e| ClusterError::Config(format!("--peer-listen with TLS: {e}")))?;
-        }
-        let server = crate::run::tuned_server(builder).add_service(dtrain_proto::peer_service(door, MESSAGE_LIMIT));
-        tokio::spawn(server.serve_with_incoming(incoming));
+        tokio::spawn(admit_lanes(listener, token.clone(), tls.clone(), Arc::clone(&arrivals)));
         tracing::info!("peer port on {bound}, advertised as {address}");
-        let headers = token.iter().map(|t| (crate::auth::HEADER, crate::auth::bearer(t))).collect();
         Ok(PeerPort {
             address,
-            expect,
-            chunks,
-            headers,
-            successor: None,
             lie_from: injected_lie(),
             tls,
             token,
@@ -185,29 +140,25 @@ impl PeerPort {
         })
     }
 
-    /// Whether chunks between members travel on lanes (else on gRPC relays, with TLS).
-    fn lanes(&self) -> bool {
-        self.tls.is_none()
-    }
-
     /// Where this step's chunks go: the successor at `address`, on a lane (kept from the
-    /// last step if it went there too) or a relay.
+    /// last step if it went there too).
     async fn outlet_to_successor(&mut self, address: &str) -> Result<Outlet, String> {
-        if !self.lanes() {
-            return self.link(address).map(Outlet::Relay).map_err(|e| e.message().to_string());
-        }
         match self.outlet.take() {
             Some((a, lane)) if a == address && crate::lane::still_open(&lane) => Ok(Outlet::Successor(a, lane)),
             _ => {
-                let lane = crate::lane::dial(address, LaneKind::Feed, self.token.as_deref()).await?;
+                let lane = crate::lane::dial(address, LaneKind::Feed, self.token.as_deref(), self.tls.as_ref()).await?;
+                if self.tls.is_some() {
+                    tracing::info!("a mutual-TLS lane to the successor at {address}");
+                }
                 Ok(Outlet::Successor(address.to_string(), lane))
             }
         }
     }
 
-    /// The coordinator's lane for the sum: the newest it opened.
-    fn outlet_to_coordinator(&mut self) -> Option<Outlet> {
-        let newest = self.arrivals.take(LaneKind::Collect);
+    /// The coordinator's lane for the sum: the newest it opened (waited for while the port
+    /// still admits it).
+    async fn outlet_to_coordinator(&mut self) -> Option<Outlet> {
+        let newest = self.arrivals.take_admitted(LaneKind::Collect).await;
         newest.or_else(|| self.collector.take()).map(Outlet::Collector)
     }
 
@@ -216,115 +167,42 @@ impl PeerPort {
         match outlet {
             Outlet::Successor(a, lane) => self.outlet = Some((a, lane)),
             Outlet::Collector(lane) => self.collector = Some(lane),
-            Outlet::Stream | Outlet::Relay(_) => {}
+            Outlet::Stream => {}
         }
-    }
-
-    /// A relay to the successor at `address`.
-    fn link(&mut self, address: &str) -> Result<RelayLink, Status> {
-        if self.successor.as_ref().is_none_or(|(a, _)| a != address) {
-            let scheme = if self.tls.is_some() { "https" } else { "http" };
-            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
-                .map_err(|e| Status::invalid_argument(format!("successor {address}: {e}")))?;
-            if let Some(t) = &self.tls {
-                endpoint =
-                    endpoint.tls_config(t.client()).map_err(|e| Status::invalid_argument(format!("TLS: {e}")))?;
-            }
-            self.successor = Some((address.to_string(), crate::run::tuned_endpoint(endpoint).connect_lazy()));
-        }
-        let channel = self.successor.as_ref().map(|(_, c)| c.clone()).expect("just set");
-        RelayLink::open(channel, MESSAGE_LIMIT, &self.headers)
     }
 }
 
-/// The peer port's connections, sorted: lanes (with `lanes`: the token and where admitted
-/// lanes wait) are admitted here, everything else goes to the gRPC server through the
-/// returned queue.
-fn sort_connections(
+/// Admits the lanes that dial the peer port (`crate::lane::admit`), leaving them in `arrivals`;
+/// anything else is closed. At most `HANDSHAKES` connections are in their first bytes at once.
+async fn admit_lanes(
     listener: tokio::net::TcpListener,
-    lanes: Option<(Option<String>, Arc<Arrivals>)>,
-) -> mpsc::Receiver<Result<TcpStream, std::io::Error>> {
-    let (grpc, incoming) = mpsc::channel(RELAYS);
-    let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            let s = match listener.accept().await {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // Out of descriptors, say: wait instead of spinning.
-                    tracing::warn!("peer port: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            // tonic's serve_with_incoming ignores the builder's nodelay: set on every socket
-            // (else the flow-control updates wait for Nagle, and a relay stalls for delayed ACKs).
-            let _ = s.set_nodelay(true);
-            let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else { continue };
-            let (grpc, lanes) = (grpc.clone(), lanes.clone());
-            tokio::spawn(async move {
-                let mut first = [0u8];
-                let peeked = tokio::time::timeout(FIRST_BYTE, s.peek(&mut first)).await;
-                match (peeked, lanes) {
-                    (Ok(Ok(1)), Some((token, arrivals))) if first[0] == dtrain_proto::lane::PREFACE[0] => {
-                        if let Err(why) = crate::lane::admit(s, token.as_deref(), &arrivals).await {
-                            tracing::warn!("peer port: a lane refused: {why}");
-                        }
-                    }
-                    (Ok(Ok(1)), _) => {
-                        // Held until the gRPC server took it: connections waiting for it count.
-                        let _ = grpc.send(Ok(s)).await;
-                        drop(permit);
-                    }
-                    _ => {}
-                }
-            });
-        }
-    });
-    incoming
-}
-
-/// The peer service: a relay is taken if it carries the job token and, within `HANDSHAKE`,
-/// the ticket this worker's current chain step expects; its chunks go to the member's step.
-struct Door {
     token: Option<String>,
-    expect: watch::Receiver<Option<u64>>,
-    chunks: mpsc::Sender<Chunk>,
-    open: Arc<Semaphore>,
-}
-
-#[tonic::async_trait]
-impl RelayHandler for Door {
-    async fn relay(&self, metadata: MetadataMap, mut inbound: RelayInbox) -> Result<(), Status> {
-        crate::auth::check(&metadata, self.token.as_deref())?;
-        let _open = Arc::clone(&self.open)
-            .try_acquire_owned()
-            .map_err(|_| Status::resource_exhausted(format!("{RELAYS} relays are open already")))?;
-        let late = |_| Status::deadline_exceeded(format!("nothing within {HANDSHAKE:?}"));
-        let Some((ticket, first)) = tokio::time::timeout(HANDSHAKE, inbound.next()).await.map_err(late)?? else {
-            return Ok(());
+    tls: Option<LaneTls>,
+    arrivals: Arc<Arrivals>,
+) {
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
+    loop {
+        let s = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait instead of spinning.
+                tracing::warn!("peer port: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        // The Work that names this ticket may still be on its way to this worker.
-        let mut expect = self.expect.clone();
-        let known = matches!(tokio::time::timeout(HANDSHAKE, expect.wait_for(|e| *e == Some(ticket))).await, Ok(Ok(_)));
-        if !known {
-            return Err(Status::permission_denied("a relay with a ticket this worker does not expect"));
-        }
-        let mut next = Some(first);
-        while let Some(chunk) = next {
-            let wait = |_| Status::deadline_exceeded(format!("the member took no chunk within {CHAIN_WAIT:?}"));
-            tokio::time::timeout(CHAIN_WAIT, self.chunks.send(chunk))
-                .await
-                .map_err(wait)?
-                .map_err(|_| Status::unavailable("the worker is gone"))?;
-            let wait = |_| Status::deadline_exceeded(format!("no chunk within {CHAIN_WAIT:?}"));
-            next = match tokio::time::timeout(CHAIN_WAIT, inbound.next()).await.map_err(wait)?? {
-                Some((t, c)) if t == ticket => Some(c),
-                Some(_) => return Err(Status::permission_denied("the ticket changed within a relay")),
-                None => None,
-            };
-        }
-        Ok(())
+        let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else { continue };
+        let (token, tls, arrivals) = (token.clone(), tls.clone(), Arc::clone(&arrivals));
+        tokio::spawn(async move {
+            let mut first = [0u8];
+            let peeked = tokio::time::timeout(FIRST_BYTE, s.peek(&mut first)).await;
+            if matches!(peeked, Ok(Ok(1))) && first[0] == dtrain_proto::lane::PREFACE[0] {
+                if let Err(why) = crate::lane::admit(s, token.as_deref(), tls.as_ref(), &arrivals).await {
+                    tracing::warn!("peer port: a lane refused: {why}");
+                }
+            }
+            drop(permit);
+        });
     }
 }
 
@@ -351,8 +229,6 @@ enum Got {
 enum Inlet {
     /// The coordinator's stream (the first member's parameters, without a lane).
     Stream,
-    /// The predecessor's gRPC relay (with TLS).
-    Relay,
     /// A lane (the coordinator's or the predecessor's), in frames with this ticket.
     Lane(u64),
 }
@@ -361,12 +237,10 @@ enum Inlet {
 enum Outlet {
     /// The coordinator's stream (the last member's sum, without a lane).
     Stream,
-    /// The successor's gRPC relay (with TLS).
-    Relay(RelayLink),
     /// A lane to the successor at an address.
-    Successor(String, TcpStream),
+    Successor(String, LaneStream),
     /// The lane the coordinator opened for the sum.
-    Collector(TcpStream),
+    Collector(LaneStream),
 }
 
 /// One chunk on its way out: which step's which tensor, where, and its values (with their
@@ -391,7 +265,6 @@ impl Outlet {
         };
         match self {
             Outlet::Stream => conn.send(FromWorker::Chunk(chunk(c))).await.map_err(|e| e.message().to_string()),
-            Outlet::Relay(link) => link.send(c.ticket, chunk(c)).await.map_err(|e| e.message().to_string()),
             Outlet::Successor(_, lane) | Outlet::Collector(lane) => {
                 let header = FrameHeader {
                     ticket: c.ticket,
@@ -440,20 +313,18 @@ pub async fn member_step(
     let step = work.step;
     timeline::mark("chain work in", step);
     let (n, chunk) = (compute.num_params(), role.chunk_values as usize);
-    port.expect.send_replace(role.ticket_in);
     let successor = role.successor.clone().unwrap_or_default();
     let inlet = match (role.ticket_in, role.params_lane) {
         (None, Some(ticket)) => Inlet::Lane(ticket),
         (None, None) => Inlet::Stream,
-        (Some(ticket), _) if port.lanes() => Inlet::Lane(ticket),
-        (Some(_), _) => Inlet::Relay,
+        (Some(ticket), _) => Inlet::Lane(ticket),
     };
     let outlet = match (&role.successor, role.sum_lane) {
         (Some(address), _) => match port.outlet_to_successor(address).await {
             Ok(o) => o,
             Err(why) => return broken(conn, step, &successor, &why).await,
         },
-        (None, true) => match port.outlet_to_coordinator() {
+        (None, true) => match port.outlet_to_coordinator().await {
             Some(o) => o,
             None => {
                 // Closed here after a failed write: the coordinator finds it closed too, and
@@ -502,18 +373,9 @@ pub async fn member_step(
     }
     timeline::mark("sum out", step);
     conn.send(FromWorker::Digest { step, received, sent }).await?;
-    match links.outlet {
-        // Queued is not delivered: the step is done once the successor took every chunk.
-        Outlet::Relay(link) => {
-            let late = |_| Status::deadline_exceeded(format!("the successor took no chunk within {CHAIN_WAIT:?}"));
-            if let Err(e) = tokio::time::timeout(CHAIN_WAIT, link.finish()).await.map_err(late).and_then(|r| r) {
-                return broken(conn, step, &successor, e.message()).await;
-            }
-        }
-        // A lane's bytes are in the kernel's hands; if the successor fails to take them, it
-        // (or the coordinator, which waits for the sum) says so.
-        lane => port.keep(lane),
-    }
+    // A lane's bytes are in the kernel's hands; if the successor fails to take them, it (or
+    // the coordinator, which waits for the sum) says so.
+    port.keep(links.outlet);
     Ok(Next::Done)
 }
 
@@ -614,8 +476,8 @@ async fn running_sum(
 }
 
 /// The next chunk of `want.stream` for `want.step`, written into `tensor` (whose first value
-/// is the tensor's value `base`), starting at value `next`: from the coordinator's stream, the
-/// predecessor's relay, or a lane (its frames with the inlet's ticket). Chunks of an abandoned
+/// is the tensor's value `base`), starting at value `next`: from the coordinator's stream or a
+/// lane (its frames with the inlet's ticket). Chunks of an abandoned
 /// step on the stream are skipped; parameters are checked to be finite.
 async fn receive(
     conn: &mut Connection,
@@ -632,8 +494,7 @@ async fn receive(
     };
     let got = match inlet {
         Inlet::Lane(ticket) => return from_lane(conn, port, Expected { ticket, ..want }, tensor, base, next).await,
-        Inlet::Stream => from_messages(conn, port, true, want.step, want.stream).await?,
-        Inlet::Relay => from_messages(conn, port, false, want.step, want.stream).await?,
+        Inlet::Stream => from_coordinator(conn, want.step, want.stream).await?,
     };
     let c = match got {
         Ok(c) => c,
@@ -653,28 +514,17 @@ async fn receive(
     })
 }
 
-/// The next chunk of `stream` for `step` as a message: from the coordinator (the first
-/// member's parameters) or from the predecessor's relay; else what came instead.
-async fn from_messages(
-    conn: &mut Connection,
-    port: &mut PeerPort,
-    from_coordinator: bool,
-    step: u64,
-    stream: ChunkStream,
-) -> Result<Result<Chunk, Got>, Status> {
+/// The next chunk of `stream` for `step` as a message from the coordinator (the first
+/// member's parameters, without a lane); else what came instead.
+async fn from_coordinator(conn: &mut Connection, step: u64, stream: ChunkStream) -> Result<Result<Chunk, Got>, Status> {
     let quiet = tokio::time::sleep(CHAIN_WAIT);
     tokio::pin!(quiet);
     loop {
         let chunk = tokio::select! {
             m = conn.next() => match m? {
-                Some(ToWorker::Chunk(c)) if from_coordinator => c,
-                Some(ToWorker::Chunk(_)) => continue, // of a step this worker left
+                Some(ToWorker::Chunk(c)) => c,
                 Some(other) => return Ok(Err(Got::Interrupted(other))),
                 None => return Err(Status::unavailable("the coordinator closed the stream")),
-            },
-            c = port.chunks.recv(), if !from_coordinator => match c {
-                Some(c) => c,
-                None => return Ok(Err(Got::Broken("the peer port is closed".into()))),
             },
             () = &mut quiet => return Ok(Err(Got::Broken(format!("no chunk within {CHAIN_WAIT:?}")))),
         };
@@ -728,7 +578,7 @@ async fn from_lane(
             tokio::select! {
                 m = conn.next() => Woke::Message(m),
                 f = frame => Woke::Frame(f),
-                () = arrivals.arrived() => Woke::Arrived,
+                () = arrivals.arrived(LaneKind::Feed) => Woke::Arrived,
                 () = &mut quiet => Woke::Quiet,
             }
         };
@@ -788,10 +638,11 @@ async fn broken(conn: &mut Connection, step: u64, peer: &str, why: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     /// Connections that send nothing are closed after `FIRST_BYTE` and do not keep a lane out
-    /// meanwhile; a lane and a gRPC relay share the port.
+    /// meanwhile; one that is not a lane is closed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_connections_neither_block_lanes_nor_stay() {
         let token = Some("a-token-of-16-bytes".to_string());
@@ -800,12 +651,14 @@ mod tests {
         for _ in 0..10 {
             idle.push(TcpStream::connect(&port.address).await.unwrap());
         }
-        let lane = crate::lane::dial(&port.address, LaneKind::Feed, token.as_deref()).await;
-        assert!(lane.is_ok(), "a lane beside idle connections: {lane:?}");
-        assert!(port.arrivals.take(LaneKind::Feed).is_some());
-        // gRPC on the same port: an HTTP/2 connection is made.
-        let channel = Endpoint::from_shared(format!("http://{}", port.address)).unwrap().connect().await;
-        assert!(channel.is_ok(), "gRPC beside lanes: {channel:?}");
+        let lane = crate::lane::dial(&port.address, LaneKind::Feed, token.as_deref(), None).await;
+        assert!(lane.is_ok(), "a lane beside idle connections: {:?}", lane.err());
+        assert!(port.arrivals.take_admitted(LaneKind::Feed).await.is_some());
+        let mut http = TcpStream::connect(&port.address).await.unwrap();
+        http.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        let mut b = [0u8];
+        let closed = tokio::time::timeout(FIRST_BYTE, http.read(&mut b)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "not a lane, closed: {closed:?}");
         for mut s in idle {
             let mut b = [0u8];
             let closed = tokio::time::timeout(FIRST_BYTE * 3, s.read(&mut b)).await;

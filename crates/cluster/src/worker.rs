@@ -41,7 +41,7 @@ pub struct WorkerOptions {
     /// The address peers dial (`--peer-advertise`); default: the bound address.
     pub peer_advertise: Option<String>,
     /// With mutual TLS to the coordinator, the name every worker's certificate carries
-    /// (`--peer-tls-name`): relays between chain members are mutual TLS too.
+    /// (`--peer-tls-name`): lanes between chain members are mutual TLS too.
     pub peer_tls_name: String,
 }
 

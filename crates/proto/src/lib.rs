@@ -13,8 +13,7 @@ pub use messages::{
 };
 pub use tensor::WireTensor;
 pub use transport::{
-    coordinator_service, peer_service, Connection, Inbox, Join, JoinHandler, Outbox, RelayHandler, RelayInbox,
-    RelayLink, ToWorkerStream, COORDINATOR_SERVICE,
+    coordinator_service, Connection, Inbox, Join, JoinHandler, Outbox, ToWorkerStream, COORDINATOR_SERVICE,
 };
 
 #[allow(missing_docs, clippy::all)]
@@ -74,17 +73,6 @@ pub fn worker_message_from_bytes(bytes: &[u8]) -> Result<FromWorker, WireError> 
 pub fn coordinator_message_from_bytes(bytes: &[u8]) -> Result<ToWorker, WireError> {
     let m: pb::CoordinatorMessage = prost::Message::decode(bytes).map_err(|e| WireError::Invalid(e.to_string()))?;
     ToWorker::try_from(m)
-}
-
-/// A relay message as a chain member's peer port decodes it: (ticket, chunk).
-pub fn relay_message_from_bytes(bytes: &[u8]) -> Result<(u64, Chunk), WireError> {
-    let m: pb::Relayed = prost::Message::decode(bytes).map_err(|e| WireError::Invalid(e.to_string()))?;
-    transport::relayed(m)
-}
-
-/// A relay message as protobuf bytes.
-pub fn relay_message_to_bytes(ticket: u64, chunk: Chunk) -> Vec<u8> {
-    prost::Message::encode_to_vec(&pb::Relayed { ticket, chunk: Some(chunk.into()) })
 }
 
 /// A worker's message as protobuf bytes.

@@ -2,7 +2,7 @@
 //! queue to each worker (`Outbox`) and what it receives (`Inbox`); the worker's `Connection`.
 //! Generated types stay in this crate.
 
-use crate::messages::{Chunk, FromWorker, Hello, ToWorker};
+use crate::messages::{FromWorker, Hello, ToWorker};
 use crate::pb;
 use std::net::SocketAddr;
 use tokio::sync::mpsc;
@@ -155,91 +155,5 @@ impl Connection {
     pub async fn next(&mut self) -> Result<Option<ToWorker>, Status> {
         let Some(m) = self.inbound.message().await? else { return Ok(None) };
         ToWorker::try_from(m).map(Some).map_err(|e| Status::invalid_argument(e.to_string()))
-    }
-}
-
-/// A predecessor's relay as a chain member receives it: (ticket, chunk) pairs.
-pub struct RelayInbox(Streaming<pb::Relayed>);
-
-impl RelayInbox {
-    /// The next chunk and the ticket it came with; `None` once the stream ended.
-    pub async fn next(&mut self) -> Result<Option<(u64, Chunk)>, Status> {
-        let Some(m) = self.0.message().await? else { return Ok(None) };
-        relayed(m).map(Some).map_err(|e| Status::invalid_argument(e.to_string()))
-    }
-}
-
-/// A relay message as (ticket, chunk).
-pub(crate) fn relayed(m: pb::Relayed) -> Result<(u64, Chunk), crate::WireError> {
-    let chunk = m.chunk.ok_or_else(|| crate::WireError::Invalid("a relay message without a chunk".into()))?;
-    Ok((m.ticket, Chunk::try_from(chunk)?))
-}
-
-/// What a chain member does with a predecessor's relay.
-#[tonic::async_trait]
-pub trait RelayHandler: Send + Sync + 'static {
-    /// Checks the caller (`metadata`) and takes its chunks until the stream ends.
-    async fn relay(&self, metadata: MetadataMap, inbound: RelayInbox) -> Result<(), Status>;
-}
-
-/// The generated peer service, over a `RelayHandler`.
-pub struct PeerGrpc<H>(H);
-
-#[tonic::async_trait]
-impl<H: RelayHandler> pb::peer_server::Peer for PeerGrpc<H> {
-    async fn relay(&self, req: Request<Streaming<pb::Relayed>>) -> Result<Response<pb::RelayEnd>, Status> {
-        let metadata = req.metadata().clone();
-        self.0.relay(metadata, RelayInbox(req.into_inner())).await.map(|()| Response::new(pb::RelayEnd {}))
-    }
-}
-
-/// A worker's peer service: `handler` for every relay; messages up to `limit` bytes.
-pub fn peer_service<H: RelayHandler>(handler: H, limit: usize) -> pb::peer_server::PeerServer<PeerGrpc<H>> {
-    pb::peer_server::PeerServer::new(PeerGrpc(handler))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit)
-}
-
-/// A chain member's relay to its successor: chunks go out in order on one call.
-#[derive(Debug)]
-pub struct RelayLink {
-    outbox: mpsc::Sender<pb::Relayed>,
-    call: tokio::task::JoinHandle<Result<(), Status>>,
-}
-
-impl RelayLink {
-    /// Starts a relay over `channel`, with `headers` on the call (the token); chunks up to
-    /// `limit` bytes.
-    pub fn open(channel: Channel, limit: usize, headers: &[(&'static str, String)]) -> Result<RelayLink, Status> {
-        let mut client =
-            pb::peer_client::PeerClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
-        let (outbox, rx) = mpsc::channel(4);
-        let req = with_headers(Request::new(ReceiverStream::new(rx)), headers)?;
-        let call = tokio::spawn(async move { client.relay(req).await.map(|_| ()) });
-        Ok(RelayLink { outbox, call })
-    }
-
-    /// Ends the relay and waits until the successor took every chunk (its answer); if it did
-    /// not, why.
-    pub async fn finish(self) -> Result<(), Status> {
-        drop(self.outbox);
-        match self.call.await {
-            Ok(r) => r,
-            Err(e) => Err(Status::internal(e.to_string())),
-        }
-    }
-
-    /// Sends a chunk with the link's `ticket` (waits while the call's queue is full); if the
-    /// call ended, why.
-    pub async fn send(&mut self, ticket: u64, chunk: Chunk) -> Result<(), Status> {
-        let m = pb::Relayed { ticket, chunk: Some(chunk.into()) };
-        if self.outbox.send(m).await.is_ok() {
-            return Ok(());
-        }
-        Err(match (&mut self.call).await {
-            Ok(Err(status)) => status,
-            Ok(Ok(())) => Status::unavailable("the peer ended the relay"),
-            Err(e) => Status::internal(e.to_string()),
-        })
     }
 }

@@ -8,6 +8,7 @@ use super::{ClusterEngine, Outgoing, Received, StepInputs};
 use crate::digest::Digest;
 use crate::hub::Event;
 use crate::ids::{ShardIndex, WorkerId};
+use crate::lane::LaneStream;
 use crate::round::Refusal;
 use crate::timeline;
 use crate::topology::{plan, ChainPlan, StarBecause, CHUNK_VALUES};
@@ -20,7 +21,6 @@ use dtrain_proto::{copy_f32s, ChainRole, Chunk, ChunkStream, Tensor, ToWorker, W
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
 /// An audited step as the coordinator computed it: the sum, each shard's sums, and each
 /// member's digests (received, sent) as they should be.
@@ -102,8 +102,8 @@ impl ChainInbox {
 struct Lanes {
     /// `None`: lanes are off (with TLS, chunks stay inside it); else the token they present.
     token: Option<Option<String>>,
-    feed: Option<(WorkerId, TcpStream)>,
-    collect: Option<(WorkerId, TcpStream, FrameReader)>,
+    feed: Option<(WorkerId, LaneStream)>,
+    collect: Option<(WorkerId, LaneStream, FrameReader)>,
     /// Members whose peer port the coordinator could not dial (said once each).
     unreachable: BTreeSet<WorkerId>,
 }
@@ -122,7 +122,7 @@ impl Lanes {
         if open || self.unreachable.contains(&id) {
             return open;
         }
-        match crate::lane::dial(address, kind, token.as_deref()).await {
+        match crate::lane::dial(address, kind, token.as_deref(), None).await {
             Ok(lane) => {
                 match kind {
                     LaneKind::Feed => self.feed = Some((id, lane)),

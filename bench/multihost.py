@@ -2,7 +2,7 @@
 
     sudo python3 bench/multihost.py [--workers 1,2,4,6] [--rates 1gbit,10gbit,uncapped] [--jobs wide,heavy]
                                     [--topologies star,chain] [--steps 12] [--plot bench/multihost.png]
-                                    [--timeline DIR]
+                                    [--timeline DIR] [--tls]
 
 A coordinator host and N worker hosts, each link capped at the rate, train two epochs of each job
 (`shards` = 12, so the result is the same for every N), beside the in-process run of the same job
@@ -21,7 +21,9 @@ and `heavy` (784-2048-2048-10, batch 64, 23 MB: communication dominates). The da
 (`--steps` batches), so that a run at 1 Gbit/s takes seconds, not an hour. `--verify` is 0 by
 default (no shard checked, no chain step audited); `--verify 0.02` measures what checks cost.
 `--timeline DIR` has every process of each run mark its steps' moments in DIR/<run> (see
-bench/timeline.py, which shows where a step's time goes).
+bench/timeline.py, which shows where a step's time goes). `--tls` runs every cluster under mutual TLS
+(certificates made with `openssl` for the run: the coordinator's, two workers' carrying
+`dtrain-worker`); the in-process run is the same.
 """
 import argparse
 import json
@@ -111,10 +113,31 @@ def link_bytes(bed, host):
     return stats["rx"]["bytes"], stats["tx"]["bytes"]
 
 
-def cluster(job, d, n, rate, topology, tag, verify="0", timeline=""):
+def certificates(d):
+    """A CA, the coordinator's certificate (localhost) and two workers' (dtrain-worker), in d."""
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=dtrain-bench-ca")
+    for name, san in [("server", "DNS:localhost"), ("w1", "DNS:dtrain-worker"), ("w2", "DNS:dtrain-worker")]:
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        with open(os.path.join(d, f"{name}.ext"), "w") as f:
+            f.write(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+
+
+def cluster(job, d, n, rate, topology, tag, verify="0", timeline="", tls=""):
     bed = f"mh{os.getpid()}{tag}"
     subprocess.run([NETNS, "up", bed, str(n + 1)] + ([] if rate == "uncapped" else [rate]), check=True)
     env = dict(os.environ, DTRAIN_TOKEN=TOKEN)
+    scheme, coordinator_tls, worker_tls = "http", [], lambda i: []
+    if tls:
+        scheme = "https"
+        coordinator_tls = ["--tls-cert", f"{tls}/server.pem", "--tls-key", f"{tls}/server.key",
+                           "--tls-client-ca", f"{tls}/ca.pem"]
+        worker_tls = lambda i: ["--tls-domain", "localhost", "--tls-ca", f"{tls}/ca.pem",
+                                "--tls-cert", f"{tls}/w{i % 2 + 1}.pem", "--tls-key", f"{tls}/w{i % 2 + 1}.key"]
     if timeline:
         env["DTRAIN_TIMELINE"] = os.path.join(timeline, tag)
     workers = []
@@ -123,12 +146,13 @@ def cluster(job, d, n, rate, topology, tag, verify="0", timeline=""):
         coord = subprocess.Popen([NETNS, "exec", bed, "0", os.path.join(BIN, "coordinator"), "train", "--config", job,
                                   "--run-dir", os.path.join(d, f"run-{tag}"), "--listen", listen,
                                   "--min-workers", str(n), "--log-format", "json", "--verify", verify,
-                                  "--topology", topology],
+                                  "--topology", topology] + coordinator_tls,
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         for i in range(1, n + 1):
             peer = ["--peer-listen", f"10.250.0.{i + 1}:50052"] if topology == "chain" else []
             workers.append(subprocess.Popen([NETNS, "exec", bed, str(i), os.path.join(BIN, "worker"), "--coordinator",
-                                             f"http://{listen}", "--retry-for", "60", "--name", f"host-{i}"] + peer,
+                                             f"{scheme}://{listen}", "--retry-for", "60", "--name", f"host-{i}"]
+                                            + peer + worker_tls(i),
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         out, _ = coord.communicate(timeout=1800)
         if coord.returncode != 0:
@@ -160,12 +184,18 @@ def main():
     ap.add_argument("--jobs", default="wide,heavy")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--timeline", default="", help="a directory for each run's timeline (bench/timeline.py)")
+    ap.add_argument("--tls", action="store_true", help="every cluster under mutual TLS")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name in a.jobs.split(","):
             job, params = job_file(d, name, a.steps)
+            tls = ""
+            if a.tls:
+                tls = os.path.join(d, "tls")
+                os.makedirs(tls, exist_ok=True)
+                certificates(tls)
             local = in_process(job, d, name)[0] / a.steps
             for rate in a.rates.split(","):
                 for n in map(int, a.workers.split(",")):
@@ -173,7 +203,7 @@ def main():
                         if topology == "chain" and n < 2:
                             continue  # one worker is the star
                         tag = f"{name[0]}{n}{rate[:2]}{topology[0]}"
-                        secs, first, line, links = cluster(job, d, n, rate, topology, tag, a.verify, a.timeline)
+                        secs, first, line, links = cluster(job, d, n, rate, topology, tag, a.verify, a.timeline, tls)
                         step = secs / a.steps
                         chained = re.search(r"topology chain on (\d+) of (\d+)", line)
                         if topology == "chain" and n >= 2 and not (chained and chained.group(1) == chained.group(2)):

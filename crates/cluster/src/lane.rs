@@ -323,12 +323,14 @@ pub(crate) async fn admit(
     };
     let (mut lane, (kind, got)) =
         tokio::time::timeout(HELLO, opening).await.map_err(|_| format!("no hello within {HELLO:?}"))??;
-    let opening = arrivals.opening(kind);
     if !crate::auth::same_token(&got, token) {
         let _ = lane.write_all(&[REFUSED]).await;
         let _ = lane.flush().await;
         return Err("a lane without the job token".into());
     }
+    // Counted before the dialer can have the answer (and tell the coordinator), only once it
+    // showed the token: nobody else can make a member wait.
+    let opening = arrivals.opening(kind);
     lane.write_all(&[ACCEPTED]).await.map_err(|e| e.to_string())?;
     lane.flush().await.map_err(|e| e.to_string())?;
     arrivals.put(&opening, lane);

@@ -84,8 +84,10 @@ fn tls_and_mutual_tls() {
 
 /// A chain under mutual TLS: two workers with their own certificates pass the parameters and
 /// the running sum to each other on a mutual-TLS lane (their certificates carry "dtrain-worker"),
-/// every step goes over the chain (a lane that failed its handshake would make the step fall
-/// back), and the weights are the in-process run's.
+/// and the coordinator's lanes to the chain's ends are mutual TLS too (its certificate, theirs
+/// checked against its client CA); every step goes over the chain on lanes (a lane that failed
+/// its handshake would make the step fall back, or take a stream), and the weights are the
+/// in-process run's.
 #[test]
 fn a_chain_under_mutual_tls() {
     let (dir, job) = tls_dir();
@@ -130,7 +132,7 @@ fn a_chain_under_mutual_tls() {
             !on.is_empty() && rest.starts_with(&format!("{on} step(s), 0 fell back")),
             "every step chained: {line}"
         );
-        assert!(rest.contains("the star, 0 on lanes"), "the coordinator's ends stay on its TLS streams: {line}");
+        assert!(rest.contains(&format!("the star, {on} on lanes")), "the chain's ends on mutual-TLS lanes: {line}");
     }
     assert!(
         std::fs::read(d.join("chain/final.safetensors")).unwrap()

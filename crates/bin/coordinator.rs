@@ -105,7 +105,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     topology: a.topology,
                     metrics: a.metrics_listen.map(|_| metrics),
                     tls: match (a.tls_cert, a.tls_key) {
-                        (Some(cert), Some(key)) => Some(ServerTls { cert, key, client_ca: a.tls_client_ca }),
+                        (Some(cert), Some(key)) => {
+                            Some(ServerTls { cert, key, client_ca: a.tls_client_ca, peer_name: a.peer_tls_name })
+                        }
                         _ => None,
                     },
                 };

@@ -144,6 +144,10 @@ pub struct TrainArgs {
     /// Mutual TLS: accept only workers whose certificate this CA (PEM) signed.
     #[arg(long, env = "DTRAIN_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// With mutual TLS: the DNS name every worker's certificate carries (as the workers'
+    /// --peer-tls-name); the lanes to a chain's ends check it, and present --tls-cert.
+    #[arg(long, env = "DTRAIN_PEER_TLS_NAME", default_value = "dtrain-worker")]
+    pub peer_tls_name: String,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "DTRAIN_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,

@@ -133,7 +133,7 @@ impl<'a> ClusterEngine<'a> {
                 roll_back: None,
                 pace: Pace::default(),
                 topology: opts.topology,
-                chain: chain::Memory::new((opts.tls.is_none()).then(|| opts.token.clone())),
+                chain: chain::Memory::new(crate::run::lane_access(opts)),
             },
             telemetry: Telemetry { epoch: EpochStats::default(), metrics: opts.metrics.clone() },
             prefetch: Prefetch::default(),

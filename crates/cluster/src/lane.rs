@@ -101,6 +101,15 @@ impl AsyncWrite for LaneStream {
     }
 }
 
+/// How the coordinator opens lanes to a chain's ends: with the job token, and under mutual TLS
+/// with its own certificate (checking the members' against its client CA and the name every
+/// worker's certificate carries).
+#[derive(Clone)]
+pub(crate) struct LaneAccess {
+    pub(crate) token: Option<String>,
+    pub(crate) tls: Option<LaneTls>,
+}
+
 /// Mutual TLS for lanes between chain members: a worker presents its own certificate both
 /// ways (as to the coordinator) and takes a peer's only if the CA signed it and, dialing,
 /// only if it carries the name every worker's certificate carries.

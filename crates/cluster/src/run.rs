@@ -56,6 +56,9 @@ pub struct ServerTls {
     pub key: std::path::PathBuf,
     /// PEM CA that signs workers' certificates (mutual TLS).
     pub client_ca: Option<std::path::PathBuf>,
+    /// The name every worker's certificate carries (`--peer-tls-name`): with mutual TLS the
+    /// coordinator's lanes to chain members check it.
+    pub peer_name: String,
 }
 
 fn pem(p: &std::path::Path) -> Result<Vec<u8>, IoError> {
@@ -70,6 +73,28 @@ impl ServerTls {
             c = c.client_ca_root(Certificate::from_pem(pem(ca)?));
         }
         Ok(c)
+    }
+}
+
+/// How the coordinator opens lanes to chain members: without TLS with the job token; under
+/// mutual TLS also with its own certificate, the members' checked against the client CA; under
+/// TLS without a client CA not at all (it could not check a member's certificate), nor when its
+/// certificate does not make a lane's TLS (said once): the chain's ends then take the members'
+/// streams.
+pub(crate) fn lane_access(opts: &ClusterOptions) -> Option<crate::lane::LaneAccess> {
+    let token = opts.token.clone();
+    let Some(tls) = &opts.tls else { return Some(crate::lane::LaneAccess { token, tls: None }) };
+    let ca = tls.client_ca.as_ref()?;
+    let made = (|| -> Result<crate::lane::LaneTls, String> {
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        crate::lane::LaneTls::new(&read(&tls.cert)?, &read(&tls.key)?, &read(ca)?, &tls.peer_name)
+    })();
+    match made {
+        Ok(lane_tls) => Some(crate::lane::LaneAccess { token, tls: Some(lane_tls) }),
+        Err(why) => {
+            tracing::warn!("no lanes to chain members under TLS ({why}): the chain's ends take their streams");
+            None
+        }
     }
 }
 

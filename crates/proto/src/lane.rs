@@ -232,6 +232,8 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
         }
         IoSlice::advance_slices(&mut left, n);
     }
+    // A TLS stream may hold the frame's last record until flushed (a socket's flush is free).
+    w.flush().await?;
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use super::{ClusterEngine, Outgoing, Received, StepInputs};
 use crate::digest::Digest;
 use crate::hub::Event;
 use crate::ids::{ShardIndex, WorkerId};
-use crate::lane::LaneStream;
+use crate::lane::{LaneAccess, LaneStream};
 use crate::round::Refusal;
 use crate::timeline;
 use crate::topology::{plan, ChainPlan, StarBecause, CHUNK_VALUES};
@@ -96,12 +96,12 @@ impl ChainInbox {
 
 /// The coordinator's lanes to a chain's ends (see `dtrain_proto::lane`): the parameters go
 /// to the first member on one, the sum comes back from the last on another, each straight
-/// between the socket and the trainer's tensors. Without one (TLS, or a peer port the
-/// coordinator cannot reach) they take the member's stream.
+/// between the socket and the trainer's tensors. Without one (TLS without a client CA, or a
+/// peer port the coordinator cannot reach) they take the member's stream.
 #[derive(Default)]
 struct Lanes {
-    /// `None`: lanes are off (with TLS, chunks stay inside it); else the token they present.
-    token: Option<Option<String>>,
+    /// `None`: lanes are off; else how they are opened.
+    access: Option<LaneAccess>,
     feed: Option<(WorkerId, LaneStream)>,
     collect: Option<(WorkerId, LaneStream, FrameReader)>,
     /// Members whose peer port the coordinator could not dial (said once each).
@@ -112,7 +112,7 @@ impl Lanes {
     /// Dials `kind` to `id`'s peer port at `address` unless one is open or it was
     /// unreachable before; whether one is open now.
     async fn open(&mut self, kind: LaneKind, id: WorkerId, address: &str, name: impl FnOnce() -> String) -> bool {
-        let Some(token) = &self.token else { return false };
+        let Some(access) = &self.access else { return false };
         let open = match kind {
             // The member may have closed it for another since (its predecessor's, when the chain
             // changed): only an open one is used.
@@ -122,7 +122,7 @@ impl Lanes {
         if open || self.unreachable.contains(&id) {
             return open;
         }
-        match crate::lane::dial(address, kind, token.as_deref(), None).await {
+        match crate::lane::dial(address, kind, access.token.as_deref(), access.tls.as_ref()).await {
             Ok(lane) => {
                 match kind {
                     LaneKind::Feed => self.feed = Some((id, lane)),
@@ -163,8 +163,8 @@ const WAITS: usize = 64;
 
 impl Memory {
     /// With `lanes` (the job token, if any), the chain's ends use lanes where they can.
-    pub(super) fn new(lanes: Option<Option<String>>) -> Memory {
-        Memory { lanes: Lanes { token: lanes, ..Lanes::default() }, ..Memory::default() }
+    pub(super) fn new(lanes: Option<LaneAccess>) -> Memory {
+        Memory { lanes: Lanes { access: lanes, ..Lanes::default() }, ..Memory::default() }
     }
 
     /// Each member's speed relative to the median member, once shards take long enough to

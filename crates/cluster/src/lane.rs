@@ -1,9 +1,10 @@
 //! Lanes (`dtrain_proto::lane`) as the cluster uses them: dialing one, admitting one that
 //! dials a worker's peer port, and the newest of each kind waiting there for the member's
 //! next step. A lane stays open from step to step; any error closes it, and the next step
-//! dials again. Between chain members under mutual TLS a lane is mutual TLS too: after its
-//! preface (in the clear, so the port tells it from gRPC's TLS) comes a TLS handshake with
-//! the workers' own certificates, and the hello and frames go inside.
+//! dials again. Under mutual TLS a lane is mutual TLS too: after its preface (in the clear, so
+//! the port tells a lane from anything else) comes a TLS handshake with the workers' own
+//! certificates (the coordinator's, for its lanes to a chain's ends), and the hello and frames
+//! go inside.
 
 use dtrain_proto::lane::{hello, read_hello, LaneKind, ACCEPTED, PREFACE, REFUSED};
 use std::io;
@@ -406,6 +407,30 @@ mod tests {
         assert_eq!(&buf, b"values");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(still_open(&lane), "the port sent nothing (no session tickets) on a lane the dialer writes to");
+        // Frames written faster than they are read (the socket and the TLS session's buffer
+        // fill) all arrive whole and in order, the last too with nothing written after it.
+        use dtrain_proto::lane::{write_frame, Expected, FrameHeader, FrameReader};
+        use dtrain_proto::ChunkStream;
+        let (chunk, frames) = (1 << 17, 48);
+        let sent: Vec<f32> = (0..chunk * frames).map(|i| i as f32).collect();
+        let writer = tokio::spawn(async move {
+            for (k, values) in sent.chunks(chunk).enumerate() {
+                let offset = (k * chunk) as u64;
+                let header = FrameHeader { ticket: 5, step: 1, stream: ChunkStream::Sum, offset, values: chunk as u32 };
+                write_frame(&mut lane, &header, values).await.unwrap();
+            }
+            lane // kept open: the reader must not need the lane's end to get the last frame
+        });
+        let want = Expected { ticket: 5, step: 1, stream: ChunkStream::Sum, chunk, len: chunk * frames };
+        let mut values = vec![0.0f32; chunk * frames];
+        let mut reader = FrameReader::default();
+        for k in 0..frames {
+            tokio::time::sleep(Duration::from_millis(5)).await; // a slow reader: the socket fills
+            let read = reader.next(&mut got, &mut values, |h| h.place(&want, k * chunk));
+            tokio::time::timeout(Duration::from_secs(5), read).await.expect("the frame arrived").unwrap();
+        }
+        assert!(values.iter().enumerate().all(|(i, &v)| v == i as f32));
+        let _lane = writer.await.unwrap();
         let e = dial(&address, LaneKind::Feed, Some("a-token-of-16-bytes"), Some(&stranger)).await.unwrap_err();
         assert!(e.contains("TLS") || e.contains("answer"), "{e}");
         assert!(arrivals.take(LaneKind::Feed).is_none());

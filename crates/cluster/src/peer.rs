@@ -1,8 +1,9 @@
 //! A worker's part in a chain (see `topology`): its peer port, where the predecessor's lane
 //! comes in, and a member's step. The parameters arrive in chunks and are passed on as they
-//! arrive; the member computes its shards; then, chunk by chunk, it adds its shards' gradients
-//! in shard order to the running sum from its predecessor and passes the result on (the last
-//! member to the coordinator). Anything that goes wrong with a peer is reported to the
+//! arrive; the member computes its shards; then, chunk by chunk from the tensor's end, it adds
+//! its shards' gradients in shard order to the running sum from its predecessor and passes the
+//! result on (the last member to the coordinator), its last shard's gradient as the backward
+//! pass finishes each layer. Anything that goes wrong with a peer is reported to the
 //! coordinator as a broken link, and the coordinator computes the step over the star instead.
 
 use crate::digest::Digest;

@@ -15,8 +15,8 @@ use std::io::IoSlice;
 use std::ops::Range;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// A lane's first bytes. Its first byte is never the first of HTTP/2's preface (`PRI * ...`),
-/// so one port serves both.
+/// A lane's first bytes (in the clear, also before a lane's TLS handshake). Its first byte is
+/// neither HTTP/2's (`PRI * ...`) nor TLS's, so a peer port closes anything else at once.
 pub const PREFACE: [u8; 8] = *b"DTRLANE1";
 
 /// The longest job token a hello may carry.
@@ -357,6 +357,21 @@ mod tests {
         assert!(FrameHeader::parse(&b).is_err(), "padding");
         let b = header(0, MAX_CHUNK_VALUES + 1).to_bytes();
         assert!(FrameHeader::parse(&b).is_err(), "too many values");
+    }
+
+    /// A writer that holds what it is given until flushed (as a TLS session does when the
+    /// socket is full) still delivers a frame with nothing written after it.
+    #[tokio::test]
+    async fn a_frame_is_flushed_through_a_buffering_writer() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut held = tokio::io::BufWriter::with_capacity(1 << 20, a);
+        write_frame(&mut held, &header(0, 3), &[1.5, -2.0, 0.25]).await.unwrap();
+        let want = Expected { ticket: 7, step: 3, stream: ChunkStream::Sum, chunk: 3, len: 3 };
+        let mut got = [0.0f32; 3];
+        let mut reader = FrameReader::default();
+        let read = reader.next(&mut b, &mut got, |h| h.place(&want, 0));
+        tokio::time::timeout(std::time::Duration::from_secs(5), read).await.expect("delivered").unwrap();
+        assert_eq!(got, [1.5, -2.0, 0.25]);
     }
 
     #[test]

@@ -227,8 +227,9 @@ struct SlotState {
     numbered: u64,
 }
 
-/// A lane being admitted: counted in its slot until dropped (admitted or refused), numbered
-/// so that a slower admission of an older lane does not replace a newer one.
+/// A lane being admitted (it showed the token): counted in its slot until dropped (left for
+/// the member, or its answer could not be written), numbered so that a slower admission of an
+/// older lane does not replace a newer one.
 pub(crate) struct Opening<'a> {
     slot: &'a Slot,
     number: u64,
@@ -292,13 +293,13 @@ impl Arrivals {
                 Some((None, opening)) if opening > 0 => {}
                 _ => return None,
             }
-            // A put or a refusal since the check left a permit: no wake-up is missed.
+            // A put or a failed admission since the check left a permit: no wake-up is missed.
             tokio::time::timeout_at(until, slot.arrived.notified()).await.ok()?;
         }
     }
 
-    /// Returns once a lane of `kind` was admitted, or one being admitted was refused
-    /// (possibly before this call: check `take` again).
+    /// Returns once a lane of `kind` was admitted, or one being admitted failed (possibly
+    /// before this call: check `take` again).
     pub(crate) async fn arrived(&self, kind: LaneKind) {
         self.slot(kind).arrived.notified().await;
     }

@@ -78,9 +78,8 @@ struct ChainInbox {
     local: BTreeMap<ShardIndex, Received>,
     /// On an audited step, each member's digests (received, sent).
     digests: Option<Vec<Option<(u64, u64)>>>,
-    /// Values of the sum received so far, and where the next chunk starts (it arrives in
-    /// `ChunkStream::Sum`'s order, from the end).
-    summed: usize,
+    /// Where the sum's next chunk starts (it arrives in `ChunkStream::Sum`'s order, from the
+    /// end); `None` once the whole sum is in.
     next_sum: Option<usize>,
     /// Each result's compute time, by worker: what the next chains' groups are sized by.
     intervals: Vec<(WorkerId, Duration)>,
@@ -88,9 +87,14 @@ struct ChainInbox {
 
 impl ChainInbox {
     /// The whole sum, every shard's sums and, on an audited step, every member's digests.
-    fn complete(&self, n: usize) -> bool {
+    fn complete(&self) -> bool {
         let accounted = self.digests.as_ref().is_none_or(|d| d.iter().all(Option::is_some));
-        self.summed >= n && self.stats.iter().all(Option::is_some) && accounted
+        self.next_sum.is_none() && self.stats.iter().all(Option::is_some) && accounted
+    }
+
+    /// The chunk of the sum at `range` (of `n` values) landed: the next is expected.
+    fn landed(&mut self, range: &std::ops::Range<usize>, n: usize) {
+        self.next_sum = ChunkStream::Sum.after(range, n, CHUNK);
     }
 }
 
@@ -264,7 +268,6 @@ impl ClusterEngine<'_> {
             stats: vec![None; inputs.shards.len()],
             local: BTreeMap::new(),
             digests: audited.then(|| vec![None; members.len()]),
-            summed: 0,
             next_sum: ChunkStream::Sum.first(grad.len(), CHUNK),
             intervals: vec![],
         };
@@ -273,7 +276,7 @@ impl ClusterEngine<'_> {
         if let Some((_, _, reader)) = self.policy.chain.lanes.collect.as_mut() {
             reader.new_step();
         }
-        while !inbox.complete(n) {
+        while !inbox.complete() {
             let want = sum_lane.map(|ticket| Expected { ticket, step, stream: ChunkStream::Sum, chunk: CHUNK, len: n });
             let woke = {
                 let (events, lanes, next) = (&mut self.net.events, &mut self.policy.chain.lanes, inbox.next_sum);
@@ -303,8 +306,7 @@ impl ClusterEngine<'_> {
                     if range.end == n {
                         timeline::mark("first sum frame in", step);
                     }
-                    inbox.summed += range.len();
-                    inbox.next_sum = ChunkStream::Sum.after(&range, n, CHUNK);
+                    inbox.landed(&range, n);
                     continue;
                 }
                 Woke::Frame(Err(e)) => {
@@ -385,8 +387,7 @@ impl ClusterEngine<'_> {
                 self.telemetry.epoch.chain_reduce += r0.elapsed();
                 let range =
                     landed.map_err(|e| format!("{} sent a bad chunk of the sum: {e}", self.net.hub.name(id)))?;
-                inbox.summed += range.len();
-                inbox.next_sum = ChunkStream::Sum.after(&range, n, CHUNK);
+                inbox.landed(&range, n);
                 Ok(())
             }
             Event::Broken { id, step: s, peer, reason } => {

@@ -86,7 +86,7 @@ pub(crate) fn lane_access(opts: &ClusterOptions) -> Option<crate::lane::LaneAcce
     let Some(tls) = &opts.tls else { return Some(crate::lane::LaneAccess { token, tls: None }) };
     let ca = tls.client_ca.as_ref()?;
     let made = (|| -> Result<crate::lane::LaneTls, String> {
-        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let read = |p: &std::path::Path| pem(p).map_err(|e| e.to_string());
         crate::lane::LaneTls::new(&read(&tls.cert)?, &read(&tls.key)?, &read(ca)?, &tls.peer_name)
     })();
     match made {

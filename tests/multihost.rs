@@ -96,40 +96,77 @@ fn three_hosts_on_the_chain_train_to_the_in_process_weights() {
     assert!(same, "the weights over the chain equal the in-process run's");
 }
 
+/// A coordinator on host 0 with a worker beside it (shared memory, host-0) and chain members
+/// host-1 and host-2 on hosts 1 and 2, for `epochs`; the in-process run of the same job as the
+/// reference.
+struct Hybrid {
+    _dir: tempfile::TempDir,
+    _bed: Testbed,
+    c: Proc,
+    workers: Vec<Proc>,
+    rd: std::path::PathBuf,
+    local: std::path::PathBuf,
+}
+
+impl Hybrid {
+    fn start(epochs: &str) -> Hybrid {
+        let dir = tempfile::tempdir().unwrap();
+        let job = write_job(dir.path(), "shards = 4");
+        let job = job.to_str().unwrap();
+        let local = dir.path().join("local");
+        let o =
+            run(&["train", "--config", job, "--run-dir", local.to_str().unwrap(), "-q", "--local", "--epochs", epochs]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let bed = Testbed::up(3, Some("1gbit"));
+        let mut cmd = bed.command(0, env!("CARGO_BIN_EXE_coordinator"));
+        let rd = dir.path().join("run");
+        cmd.args(["train", "--config", job, "--run-dir", rd.to_str().unwrap(), "--epochs", epochs]);
+        cmd.args(["--listen", "0.0.0.0:50051", "--min-workers", "3", "--log-format", "json", "--topology", "chain"]);
+        cmd.env("DTRAIN_TOKEN", TOKEN);
+        let c = Proc::start(cmd);
+        c.wait_for("listening on 0.0.0.0:50051", 30);
+        let mut workers = vec![];
+        for (i, url) in [
+            (0, "http://127.0.0.1:50051".to_string()),
+            (1, format!("http://{}:50051", Testbed::addr(0))),
+            (2, format!("http://{}:50051", Testbed::addr(0))),
+        ] {
+            let mut w = bed.command(i, env!("CARGO_BIN_EXE_worker"));
+            w.args(["--coordinator", &url, "--retry-for", "30", "--name", &format!("host-{i}")]);
+            if i > 0 {
+                w.args(["--peer-listen", &format!("{}:50052", Testbed::addr(i))]);
+            }
+            w.env("DTRAIN_TOKEN", TOKEN);
+            workers.push(Proc::start(w));
+        }
+        Hybrid { _dir: dir, _bed: bed, c, workers, rd, local }
+    }
+
+    /// Waits for the coordinator to succeed; its output from here, and whether its weights are
+    /// the in-process run's.
+    fn finish(mut self) -> (String, bool) {
+        let (ok, out) = self.c.finish(120);
+        assert!(ok, "{out}");
+        let read = |d: &std::path::Path| std::fs::read(d.join("final.safetensors")).unwrap();
+        let same = read(&self.rd) == read(&self.local);
+        drop(self.workers);
+        (out, same)
+    }
+}
+
+/// Whether every step of the cluster line went over the chain, none falling back to the star.
+fn all_chained(line: &str) -> bool {
+    let steps = line.split("topology chain on ").nth(1).unwrap_or_default();
+    let (on, rest) = steps.split_once(" of ").unwrap_or_default();
+    !on.is_empty() && rest.starts_with(&format!("{on} step(s), 0 fell back"))
+}
+
 /// A worker on the coordinator's host (shared memory) beside two chain members on other hosts:
 /// it computes the last shards, whose gradients the coordinator adds to the chain's sum in shard
 /// order; every step goes over the chain and the weights equal an in-process run's.
 #[test]
 fn a_worker_on_the_coordinators_host_adds_its_shards_to_the_chains_sum() {
-    let dir = tempfile::tempdir().unwrap();
-    let job = write_job(dir.path(), "shards = 4");
-    let local = dir.path().join("local");
-    let o = run(&["train", "--config", job.to_str().unwrap(), "--run-dir", local.to_str().unwrap(), "-q", "--local"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let bed = Testbed::up(3, Some("1gbit"));
-    let mut cmd = bed.command(0, env!("CARGO_BIN_EXE_coordinator"));
-    let rd = dir.path().join("run");
-    cmd.args(["train", "--config", job.to_str().unwrap(), "--run-dir", rd.to_str().unwrap()]);
-    cmd.args(["--listen", "0.0.0.0:50051", "--min-workers", "3", "--log-format", "json", "--topology", "chain"]);
-    cmd.env("DTRAIN_TOKEN", TOKEN);
-    let mut c = Proc::start(cmd);
-    c.wait_for("listening on 0.0.0.0:50051", 30);
-    let mut workers = vec![];
-    for (i, url) in [
-        (0, "http://127.0.0.1:50051".to_string()),
-        (1, format!("http://{}:50051", Testbed::addr(0))),
-        (2, format!("http://{}:50051", Testbed::addr(0))),
-    ] {
-        let mut w = bed.command(i, env!("CARGO_BIN_EXE_worker"));
-        w.args(["--coordinator", &url, "--retry-for", "30", "--name", &format!("host-{i}")]);
-        if i > 0 {
-            w.args(["--peer-listen", &format!("{}:50052", Testbed::addr(i))]);
-        }
-        w.env("DTRAIN_TOKEN", TOKEN);
-        workers.push(Proc::start(w));
-    }
-    let (ok, out) = c.finish(120);
-    assert!(ok, "{out}");
+    let (out, same) = Hybrid::start("3").finish();
     let lines: Vec<&str> = out.lines().filter(|l| l.contains("cluster: 3 worker(s) alive")).collect();
     assert!(!lines.is_empty(), "{out}");
     for line in lines {
@@ -138,16 +175,39 @@ fn a_worker_on_the_coordinators_host_adds_its_shards_to_the_chains_sum() {
             ["host-0", "host-1", "host-2"].iter().all(|h| line.contains(&format!("{h} (worker"))),
             "all computed: {line}"
         );
-        let steps = line.split("topology chain on ").nth(1).unwrap_or_default();
-        let (on, rest) = steps.split_once(" of ").unwrap_or_default();
-        assert!(
-            !on.is_empty() && rest.starts_with(&format!("{on} step(s), 0 fell back")),
-            "every step chained: {line}"
-        );
+        assert!(all_chained(line), "every step chained: {line}");
     }
-    let read = |d: &std::path::Path| std::fs::read(d.join("final.safetensors")).unwrap();
-    assert!(read(&rd) == read(&local), "a local worker beside the chain changed the weights");
-    drop(workers);
+    assert!(same, "a local worker beside the chain changed the weights");
+}
+
+/// The worker beside the coordinator (the chain's tail) stopped for 1.5 s mid-run: its late
+/// shards get copies on chain members whose own shards are in (at the parameters they received
+/// on the chain), so no step waits for it, let alone falls back to the star (after 1 s at
+/// least); it gets no more shards until its late result is in, so it is not dropped for a full
+/// queue; the weights equal an in-process run's.
+#[test]
+fn a_late_tail_shard_gets_a_copy_on_a_chain_member() {
+    let h = Hybrid::start("300");
+    h.c.wait_for("\"epoch\":3,", 60);
+    h.workers[0].signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1500));
+    h.workers[0].signal(libc::SIGCONT);
+    let (out, same) = h.finish();
+    let copies: Vec<&str> =
+        out.lines().filter(|l| l.contains(": host-0 (worker") && l.contains(") is late; shard")).collect();
+    assert!(!copies.is_empty(), "host-0's shards got copies: {out}");
+    assert!(
+        copies.iter().all(|l| l.contains("gets a copy on host-1") || l.contains("gets a copy on host-2")),
+        "{copies:?}"
+    );
+    // Once a copy stood in for it, host-0 gets no shard until its late result is in: one copy
+    // for the stop (and the odd one for a late scheduling in 3600 steps), not one (and a wait)
+    // for each of the hundreds of steps of its 1.5 s.
+    assert!(copies.len() <= 20, "host-0 stood by while it owed a result: {} copies: {copies:?}", copies.len());
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("shard round trip")).collect();
+    assert!(lines.iter().all(|l| all_chained(l)), "no step fell back: {lines:?}");
+    assert!(!out.contains(" left: ") && !out.contains(") joined"), "host-0 stayed: {out}");
+    assert!(same, "copies of the tail's shards changed the weights");
 }
 
 /// A worker host cut off mid-run (its link down, no FIN or RST reaches anyone): the coordinator

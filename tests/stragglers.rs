@@ -133,19 +133,19 @@ fn shards_of(line: &str, name: &str) -> Option<u64> {
     rest.split(" shard(s)").next()?.rsplit(' ').next()?.parse().ok()
 }
 
-/// A chain member stopped and continued every 50 ms (half speed, in bursts): the chain's groups
-/// are sized by measured speed, so in the last epochs it computes fewer shards than either
-/// healthy member, and the weights are still the in-process run's (groups never change the
-/// sum's order). Prints the epoch time against a healthy chain's.
+/// A chain member stopped and continued every 50 ms (half speed, in bursts): measured below
+/// 0.6x of the median worker, it is benched (it stands by, each time longer) instead of holding
+/// up every step twice, so the epochs take at most 1.3x as long as with a healthy chain, and
+/// the weights are still the in-process run's.
 #[test]
-fn a_chain_member_at_half_speed_gets_fewer_shards() {
+fn a_chain_member_at_half_speed_is_benched_and_costs_little() {
     let dir = tempfile::tempdir().unwrap();
     let job = heavy_job(dir.path());
     let want = local_run(dir.path(), &job, "10");
-    let run = |name: &str, throttle: bool| -> (f64, Vec<String>) {
+    let run = |name: &str, throttle: bool| -> (f64, Vec<String>, String) {
         let rd = dir.path().join(name);
         let args = ["--listen", "127.0.0.1:0", "--min-workers", "3", "--verify", "0", "--no-shared-memory"];
-        let c = coordinator_proc(&job, &rd, "10", &[&args[..], &["--topology", "chain"]].concat());
+        let mut c = coordinator_proc(&job, &rd, "10", &[&args[..], &["--topology", "chain"]].concat());
         let url = listening_url(&c);
         let peer = ["--peer-listen", "127.0.0.1:0"];
         let mut workers = vec![];
@@ -153,15 +153,33 @@ fn a_chain_member_at_half_speed_gets_fewer_shards() {
             workers.push(worker(&url, &[&["--name", n], &peer[..]].concat()));
             c.wait_for(&format!("({n}) joined"), 30);
         }
-        train(c, &workers, throttle, &rd, &want, name)
+        let duty = throttle.then(|| HalfSpeed::start(&workers[1]));
+        let (ok, out) = c.finish(180);
+        drop(duty);
+        assert!(ok, "{out}");
+        assert!(finals(&rd) == want, "{name}: the weights differ from the in-process run's");
+        let (secs, lines) = epoch_times(&out);
+        (secs, lines, out)
     };
-    let (healthy, _) = run("healthy", false);
-    let (throttled, lines) = run("throttled", true);
-    eprintln!("chain, epochs 2-10: healthy {healthy:.2} s, one member at half speed {throttled:.2} s");
-    let last = lines.last().expect("cluster lines");
-    eprintln!("last epoch: {last}");
-    assert!(last.contains("topology chain on"), "{last}");
-    let (a, b, c) = (shards_of(last, "a"), shards_of(last, "b"), shards_of(last, "c"));
-    let (Some(a), Some(b), Some(c)) = (a, b, c) else { panic!("each member's shards: {last}") };
-    assert!(b < a && b < c, "the member at half speed computed fewer shards ({a}, {b}, {c}): {last}");
+    // Two of each, interleaved: this machine's speed drifts, and a ratio of sums drifts less.
+    let (mut healthy, mut throttled) = (0.0, 0.0);
+    for round in 0..2 {
+        healthy += run(&format!("healthy{round}"), false).0;
+        let (secs, lines, out) = run(&format!("throttled{round}"), true);
+        throttled += secs;
+        assert!(out.contains("b (worker 2) computes at"), "b was benched: {out}");
+        // Back after its 16 steps, b takes a lane from a again (a's to c closed its old one):
+        // no step of the chain breaks on the closed lane, or waits on a write b left.
+        assert!(out.contains("b (worker 2) is back from the bench"), "b came back: {out}");
+        assert!(lines.iter().all(|l| l.contains(", 0 fell back")), "no chain step fell back: {lines:?}");
+        let total = |n: &str| lines.iter().filter_map(|l| shards_of(l, n)).sum::<u64>();
+        let (a, b, c) = (total("a"), total("b"), total("c"));
+        assert!(b < a / 2 && b < c / 2, "the member at half speed computed fewer shards ({a}, {b}, {c}): {lines:?}");
+        assert!(lines.iter().all(|l| l.contains("topology chain on")), "{lines:?}");
+    }
+    let ratio = throttled / healthy;
+    eprintln!(
+        "chain, epochs 2-10, twice: healthy {healthy:.2} s, one member at half speed {throttled:.2} s ({ratio:.2}x)"
+    );
+    assert!(ratio <= 1.3, "a chain member at half speed cost {ratio:.2}x");
 }

@@ -504,9 +504,22 @@ impl ClusterEngine<'_> {
 
     /// Queues `shards` of this step for `worker`; false if it is gone or not keeping up.
     fn send(&mut self, worker: WorkerId, shards: &[ShardIndex], step: u64, out: &mut Outgoing<'_>) -> bool {
+        let params = self.params_for(worker, out);
+        self.send_with(worker, shards, step, out, params)
+    }
+
+    /// As `send`, with the parameters where `params` says.
+    fn send_with(
+        &mut self,
+        worker: WorkerId,
+        shards: &[ShardIndex],
+        step: u64,
+        out: &Outgoing<'_>,
+        params: Tensor,
+    ) -> bool {
         let work = Work {
             step,
-            params: self.params_for(worker, out),
+            params,
             global_batch: out.global_batch,
             shards: shards.iter().map(|k| out.wire[k.0].clone()).collect(),
             chain: None,

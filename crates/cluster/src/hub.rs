@@ -81,6 +81,8 @@ struct Worker {
     owed_digests: usize,
     /// Where peers reach it, if it takes part in chains.
     peer: Option<String>,
+    /// The latest step it sent a result of.
+    answered: Option<u64>,
     tx: Outbox,
     /// Its gradient slots in shared memory (see `shm`), used once it says it attached; the
     /// descriptor is closed then (its mappings stay).
@@ -277,6 +279,7 @@ impl Hub {
                 owed_chunks: 0,
                 chained: false,
                 owed_digests: 0,
+                answered: None,
                 peer,
                 tx,
                 slots,
@@ -300,7 +303,7 @@ impl Hub {
     async fn pump(&self, id: WorkerId, mut inbound: Inbox) {
         let reason = loop {
             match inbound.next().await {
-                Ok(Some((FromWorker::Result(result), size))) => match self.owed_by(id) {
+                Ok(Some((FromWorker::Result(result), size))) => match self.owed_by(id, result.step) {
                     // Dropped already: nobody waits for it, and it is not kept.
                     None => continue,
                     Some(false) => break "sent more results than it was given work".to_string(),
@@ -342,11 +345,20 @@ impl Hub {
         }
     }
 
-    /// Whether a result from `id` was owed (and counts it); `None` if it is not live.
-    fn owed_by(&self, id: WorkerId) -> Option<bool> {
+    /// Whether a result of `step` from `id` was owed (and counts it); `None` if it is not live.
+    fn owed_by(&self, id: WorkerId, step: u64) -> Option<bool> {
         let mut m = self.lock();
         let w = m.live.get_mut(&id)?;
-        Some(w.owed.checked_sub(1).map(|left| w.owed = left).is_some())
+        let owed = w.owed.checked_sub(1).map(|left| w.owed = left).is_some();
+        if owed {
+            w.answered = w.answered.max(Some(step));
+        }
+        Some(owed)
+    }
+
+    /// The latest step `id` sent a result of, if any (and it is live).
+    pub fn answered(&self, id: WorkerId) -> Option<u64> {
+        self.lock().live.get(&id)?.answered
     }
 
     /// Whether a chunk from `id` was owed (and counts it); `None` if it is not live.

@@ -45,6 +45,11 @@ impl Pace {
         self.average.retain(|w, _| alive.contains(w));
     }
 
+    /// Forgets what was learned of `worker`'s pace: it is measured anew.
+    pub fn forget(&mut self, worker: WorkerId) {
+        self.average.remove(&worker);
+    }
+
     /// How long without progress makes a straggler: `TIMES` the median interval, at least
     /// `MIN_SPECULATION`; `None` until `LEARNED` intervals are known.
     pub fn speculate_after(&self) -> Option<Duration> {

@@ -11,7 +11,7 @@ use crate::lane::{Arrivals, LaneStream, LaneTls};
 use crate::timeline;
 use crate::worker::{Compute, OwnGradients};
 use crate::ClusterError;
-use dtrain_proto::lane::{write_frame, Expected, FrameHeader, FrameReader, LaneKind, Place};
+use dtrain_proto::lane::{write_frame, Expected, FrameHeader, FrameReader, LaneError, LaneKind, Place};
 use dtrain_proto::{
     check_finite, copy_f32s, f32_bytes, read_f32s, ChainRole, Chunk, ChunkStream, Connection, FromWorker, ShardResult,
     Tensor, ToWorker, Work,
@@ -256,29 +256,45 @@ struct Outgoing<'v> {
 }
 
 impl Outlet {
-    /// Sends a chunk; `Err` says why it could not be.
-    async fn send(&mut self, conn: &Connection, c: Outgoing<'_>) -> Result<(), String> {
+    /// Sends a chunk: `None` once sent, else `Got::Broken` (why it could not be) or
+    /// `Got::Interrupted` (a message from the coordinator came first: it gave up on the step, and
+    /// a successor that left the step would never read the rest; the lane may hold half a frame
+    /// and must be dropped).
+    async fn send(&mut self, conn: &mut Connection, c: Outgoing<'_>) -> Result<Option<Got>, Status> {
         let chunk = |c: Outgoing<'_>| Chunk {
             step: c.step,
             stream: c.stream,
             offset: c.offset as u64,
             values: c.bytes.unwrap_or_else(|| f32_bytes(c.values)),
         };
-        match self {
-            Outlet::Stream => conn.send(FromWorker::Chunk(chunk(c))).await.map_err(|e| e.message().to_string()),
-            Outlet::Successor(_, lane) | Outlet::Collector(lane) => {
-                let header = FrameHeader {
-                    ticket: c.ticket,
-                    step: c.step,
-                    stream: c.stream,
-                    offset: c.offset as u64,
-                    values: c.values.len() as u32,
-                };
-                let late = |_| format!("the lane took no chunk within {CHAIN_WAIT:?}");
-                tokio::time::timeout(CHAIN_WAIT, write_frame(lane, &header, c.values))
-                    .await
-                    .map_err(late)?
-                    .map_err(|e| e.to_string())
+        let lane = match self {
+            Outlet::Stream => {
+                let sent = conn.send(FromWorker::Chunk(chunk(c))).await;
+                return Ok(sent.err().map(|e| Got::Broken(e.message().to_string())));
+            }
+            Outlet::Successor(_, lane) | Outlet::Collector(lane) => lane,
+        };
+        let header = FrameHeader {
+            ticket: c.ticket,
+            step: c.step,
+            stream: c.stream,
+            offset: c.offset as u64,
+            values: c.values.len() as u32,
+        };
+        let write = tokio::time::timeout(CHAIN_WAIT, write_frame(lane, &header, c.values));
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                written = &mut write => return Ok(match written {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(Got::Broken(e.to_string())),
+                    Err(_) => Some(Got::Broken(format!("the lane took no chunk within {CHAIN_WAIT:?}"))),
+                }),
+                m = conn.next() => match m? {
+                    Some(ToWorker::Chunk(_)) => {} // of a step this worker left
+                    Some(other) => return Ok(Some(Got::Interrupted(other))),
+                    None => return Err(Status::unavailable("the coordinator closed the stream")),
+                },
             }
         }
     }
@@ -300,6 +316,18 @@ impl Links {
     /// The outlet, taken to be kept or closed as the step ends early.
     fn take_outlet(&mut self) -> Outlet {
         std::mem::replace(&mut self.outlet, Outlet::Stream)
+    }
+
+    /// Leaves the step after a chunk that did not go out (`Outlet::send`): the outlet is
+    /// dropped, closing its lane (its receiver waits for the next), and a failure is blamed
+    /// downstream.
+    async fn unsent(&mut self, conn: &mut Connection, step: u64, got: Got) -> Result<Next, Status> {
+        drop(self.take_outlet());
+        match got {
+            Got::Interrupted(m) => Ok(Next::Then(m)),
+            Got::Broken(why) => broken(conn, step, &self.downstream, &why).await,
+            Got::Landed(..) => Ok(Next::Done),
+        }
     }
 }
 
@@ -391,6 +419,7 @@ async fn parameters(
 ) -> Result<Option<Next>, Status> {
     let step = want.step;
     let mut params = std::mem::take(&mut compute.params);
+    compute.params_step = None;
     params.resize(want.len, 0.0);
     let mut next = 0;
     while next < want.len {
@@ -408,13 +437,14 @@ async fn parameters(
             let values = &params[range.clone()];
             let c =
                 Outgoing { step, stream: ChunkStream::Params, ticket: links.ticket_out, offset: next, values, bytes };
-            if let Err(why) = links.outlet.send(conn, c).await {
-                return broken(conn, step, &links.downstream, &why).await.map(Some);
+            if let Some(unsent) = links.outlet.send(conn, c).await? {
+                return links.unsent(conn, step, unsent).await.map(Some);
             }
         }
         next = range.end;
     }
     compute.params = params;
+    compute.params_step = Some(step);
     timeline::mark("parameters in", step);
     Ok(None)
 }
@@ -465,8 +495,8 @@ async fn running_sum(
         }
         let values = &own.sum[..];
         let c = Outgoing { step, stream: ChunkStream::Sum, ticket: links.ticket_out, offset: at, values, bytes: None };
-        if let Err(why) = links.outlet.send(conn, c).await {
-            return broken(conn, step, &links.downstream, &why).await.map(Err);
+        if let Some(unsent) = links.outlet.send(conn, c).await? {
+            return links.unsent(conn, step, unsent).await.map(Err);
         }
         if opening {
             timeline::mark("first sum out", step);
@@ -599,6 +629,10 @@ async fn from_lane(
                 }
                 return Ok(Got::Landed(range, None));
             }
+            // The sender closed it: it dialed a new one (its successor changed, or it gave up a
+            // step mid-frame), or it left, which the coordinator learns and says. The next
+            // lane is waited for.
+            Woke::Frame(Err(LaneError::Closed | LaneError::Io(_))) => port.inlet = None,
             Woke::Frame(Err(e)) => {
                 port.inlet = None;
                 return Ok(Got::Broken(format!("lane: {e}")));

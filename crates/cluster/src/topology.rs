@@ -11,6 +11,7 @@ use crate::assign::group_sizes;
 use crate::ids::{ShardIndex, WorkerId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::{Duration, Instant};
 
 /// How gradients and parameters travel (`--topology`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,15 +74,15 @@ pub struct Link {
     pub shards: Vec<ShardIndex>,
 }
 
-/// A step's chain: members in shard order, then the workers on the coordinator's shared
-/// memory with the last shards (their results are added to the chain's sum in shard order,
-/// without touching the network); together they hold every shard.
+/// A step's chain: members in shard order, then its tail: the workers on the coordinator's
+/// shared memory with the last shards, computed as on the star (their tensors do not touch the
+/// network) and added to the chain's sum in shard order. Together they hold every shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainPlan {
     /// First to last.
     pub members: Vec<Link>,
     /// Workers on shared memory and their shards (after every member's).
-    pub local: Vec<(WorkerId, Vec<ShardIndex>)>,
+    pub tail: Vec<(WorkerId, Vec<ShardIndex>)>,
 }
 
 impl ChainPlan {
@@ -95,9 +96,15 @@ impl ChainPlan {
         self.members.iter().any(|m| m.id == id)
     }
 
-    /// The worker on shared memory that computes shard `k`.
-    pub fn local_owner(&self, k: ShardIndex) -> Option<WorkerId> {
-        self.local.iter().find(|(_, ks)| ks.contains(&k)).map(|&(w, _)| w)
+    /// The worker of the tail that computes shard `k`.
+    pub fn tail_owner(&self, k: ShardIndex) -> Option<WorkerId> {
+        self.tail.iter().find(|(_, ks)| ks.contains(&k)).map(|&(w, _)| w)
+    }
+
+    /// The shards `id` computes, on the chain or in its tail.
+    pub fn shards_of(&self, id: WorkerId) -> &[ShardIndex] {
+        let member = self.members.iter().find(|m| m.id == id).map(|m| &m.shards[..]);
+        member.or_else(|| self.tail.iter().find(|(w, _)| *w == id).map(|(_, ks)| &ks[..])).unwrap_or_default()
     }
 
     /// The member that sends the sum to the coordinator.
@@ -137,19 +144,74 @@ impl fmt::Display for StarBecause {
             StarBecause::TooFew(n) => write!(
                 f,
                 "{n} worker(s) can take part in a chain (a chain needs two with --peer-listen, off the \
-                 coordinator's shared memory)"
+                 coordinator's shared memory, keeping pace)"
             ),
         }
     }
 }
 
+/// A worker measured slower than this, relative to the median worker, is benched: it stands
+/// by. In a chain every step waits for each member twice (for its shards, then for its hop of
+/// the running sum), so a worker this slow costs more than its shards are worth; one that stops
+/// in bursts (a busy or failing host) costs a whole burst.
+pub const LEAVES_BELOW: f64 = 0.6;
+
+/// Steps a worker stands by the first time; twice as many each time after, up to 64 times as
+/// many (a circuit breaker: each return costs the steps it takes to be measured slow again).
+pub const BENCHED_STEPS: u64 = 16;
+
+/// The workers benched for being too slow, each until a step, and how often each was. Pure:
+/// the engine feeds each step's speeds. A worker back from the bench is measured anew (the
+/// engine forgets its pace).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bench {
+    until: BTreeMap<WorkerId, u64>,
+    times: BTreeMap<WorkerId, u32>,
+}
+
+impl Bench {
+    /// At `step`, with the `speeds` relative to the median worker: a worker slower than
+    /// `LEAVES_BELOW` is benched, one whose time is served comes back, and workers not `live`
+    /// are forgotten. Returns who was benched and who came back, for the log. Unmeasured
+    /// workers keep pace.
+    pub fn update(
+        &mut self,
+        step: u64,
+        speeds: &BTreeMap<WorkerId, f64>,
+        live: &BTreeSet<WorkerId>,
+    ) -> (Vec<WorkerId>, Vec<WorkerId>) {
+        self.until.retain(|w, _| live.contains(w));
+        self.times.retain(|w, _| live.contains(w));
+        let mut benched = vec![];
+        let served: Vec<WorkerId> = self.until.iter().filter(|&(_, &until)| step >= until).map(|(&w, _)| w).collect();
+        for w in &served {
+            self.until.remove(w);
+        }
+        for (&w, &speed) in speeds.iter().filter(|(w, _)| live.contains(w) && !served.contains(w)) {
+            if speed < LEAVES_BELOW && !self.until.contains_key(&w) {
+                let times = self.times.entry(w).or_default();
+                *times += 1;
+                self.until.insert(w, step + (BENCHED_STEPS << (*times - 1).min(6)));
+                benched.push(w);
+            }
+        }
+        (benched, served)
+    }
+
+    /// The workers on the bench.
+    pub fn benched(&self) -> BTreeSet<WorkerId> {
+        self.until.keys().copied().collect()
+    }
+}
+
 /// The step's chain: the workers that can take part (a peer address, no shared memory, not
-/// `excluded` after a broken link), in joining order, then the workers on shared memory, each
-/// with a contiguous group of the `shards` sized by its measured speed (`speeds`, relative to
-/// the median worker; unmeasured: 1), within `SPEED_RANGE` so that a slow worker keeps a share
-/// and goes on being measured; or why the step goes over the star. (Other workers stand by:
-/// their tensors would cross the coordinator's link.) Groups never change a bit of the sum,
-/// which is in shard order whoever computes which shard.
+/// `excluded`: blamed for a broken link, or benched), in joining order, then the tail, the
+/// workers on shared memory (not benched); each with a contiguous group of the `shards` sized
+/// by its measured speed (`speeds`, relative to the median worker; unmeasured: 1), within
+/// `SPEED_RANGE` so that a slow worker keeps a share and goes on being measured; or why the
+/// step goes over the star. (Other workers stand by: their tensors would cross the
+/// coordinator's link.) Groups never change a bit of the sum, which is in shard order whoever
+/// computes which shard.
 pub fn plan(
     topology: Topology,
     candidates: &[Candidate],
@@ -160,15 +222,21 @@ pub fn plan(
     if topology == Topology::Star {
         return Err(StarBecause::Chosen);
     }
-    let able: Vec<&Candidate> =
-        candidates.iter().filter(|c| c.peer.is_some() && !c.shared_memory && !excluded.contains(&c.id)).collect();
-    let local: Vec<WorkerId> = candidates.iter().filter(|c| c.shared_memory).map(|c| c.id).collect();
-    let ids: Vec<WorkerId> = able.iter().map(|c| c.id).chain(local.iter().copied()).collect();
+    let present = candidates.iter().filter(|c| !excluded.contains(&c.id));
+    let able: Vec<&Candidate> = present.clone().filter(|c| c.peer.is_some() && !c.shared_memory).collect();
+    let tail: Vec<WorkerId> = present.filter(|c| c.shared_memory).map(|c| c.id).collect();
+    let ids: Vec<WorkerId> = able.iter().map(|c| c.id).chain(tail.iter().copied()).collect();
     let todo: Vec<ShardIndex> = (0..shards).map(ShardIndex).collect();
     let (low, high) = SPEED_RANGE;
     let speed = |id: &WorkerId| speeds.get(id).copied().filter(|s| s.is_finite()).map_or(1.0, |s| s.clamp(low, high));
-    let weights: Vec<f64> = ids.iter().map(speed).collect();
-    let mut sizes = group_sizes(todo.len(), &weights);
+    // Ties go to the later members, then to the tail: a member early in the chain passes the
+    // sum on sooner, and is idle sooner for a copy of a late tail shard.
+    let order: Vec<usize> = (0..able.len()).rev().chain(able.len()..ids.len()).collect();
+    let weights: Vec<f64> = order.iter().map(|&i| speed(&ids[i])).collect();
+    let mut sizes = vec![0; ids.len()];
+    for (&i, n) in order.iter().zip(group_sizes(todo.len(), &weights)) {
+        sizes[i] = n;
+    }
     // With a shard for everyone, everyone keeps one (the largest group gives it up).
     while todo.len() >= sizes.len() && sizes.contains(&0) {
         let (Some(empty), Some(largest)) =
@@ -184,19 +252,44 @@ pub fn plan(
         .iter()
         .zip(sizes)
         .map(|(&id, n)| {
-            let (group, tail) = rest.split_at(n.min(rest.len()));
-            rest = tail;
+            let (group, rest_after) = rest.split_at(n.min(rest.len()));
+            rest = rest_after;
             (id, group.to_vec())
         })
         .filter(|(_, group)| !group.is_empty())
         .collect();
-    let (local, groups): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(id, _)| local.contains(id));
+    let (tail, groups): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(id, _)| tail.contains(id));
     if groups.len() < 2 {
         return Err(StarBecause::TooFew(groups.len().min(able.len())));
     }
     let peer = |id: WorkerId| able.iter().find(|c| c.id == id).and_then(|c| c.peer.clone()).unwrap_or_default();
     let members = groups.into_iter().map(|(id, shards)| Link { id, peer: peer(id), shards }).collect();
-    Ok(ChainPlan { members, local })
+    Ok(ChainPlan { members, tail })
+}
+
+/// Copies of a chain step's late tail shards: each shard of a tail worker past its time
+/// (`due`) that is not `in_` and has no copy yet (`copies`, shard to holder) goes to an idle
+/// worker, one each, in shard order. Idle: every shard it computes this step is in, and it
+/// holds no copy. The first result of a shard wins; both have the same bits.
+pub fn tail_copies(
+    plan: &ChainPlan,
+    due: &BTreeMap<WorkerId, Instant>,
+    now: Instant,
+    in_: &dyn Fn(ShardIndex) -> bool,
+    copies: &BTreeMap<ShardIndex, WorkerId>,
+) -> Vec<(ShardIndex, WorkerId)> {
+    let holding: BTreeSet<WorkerId> = copies.values().copied().collect();
+    let everyone = plan.members.iter().map(|m| m.id).chain(plan.tail.iter().map(|&(w, _)| w));
+    let mut idle = everyone.filter(|&w| !holding.contains(&w) && plan.shards_of(w).iter().all(|&k| in_(k)));
+    let late = plan.tail.iter().filter(|(w, _)| due.get(w).is_some_and(|&t| t <= now));
+    let wanted = late.flat_map(|(_, ks)| ks.iter().copied()).filter(|k| !in_(*k) && !copies.contains_key(k));
+    wanted.map_while(|k| idle.next().map(|w| (k, w))).collect()
+}
+
+/// When each tail worker of `plan` is late: `per_shard` (the learned time a shard may take)
+/// for each of its shards, from `sent` (when the step's work went out).
+pub fn tail_due(plan: &ChainPlan, sent: Instant, per_shard: Duration) -> BTreeMap<WorkerId, Instant> {
+    plan.tail.iter().map(|(w, ks)| (*w, sent + per_shard * ks.len() as u32)).collect()
 }
 
 #[cfg(test)]
@@ -218,8 +311,8 @@ mod tests {
             p.members.iter().map(|m| (m.id.0, m.shards.iter().map(|k| k.0).collect())).collect();
         assert_eq!(got, [(2, vec![0]), (3, vec![1]), (5, vec![2])]);
         // The worker on shared memory takes the last shard; the hidden one stands by.
-        assert_eq!(p.local, [(WorkerId(1), vec![ShardIndex(3)])]);
-        assert_eq!(p.local_owner(ShardIndex(3)), Some(WorkerId(1)));
+        assert_eq!(p.tail, [(WorkerId(1), vec![ShardIndex(3)])]);
+        assert_eq!(p.tail_owner(ShardIndex(3)), Some(WorkerId(1)));
         assert_eq!(p.owner(ShardIndex(1)), Some(WorkerId(3)));
         assert_eq!(p.owner(ShardIndex(3)), None);
         assert_eq!(p.last(), WorkerId(5));
@@ -275,5 +368,69 @@ mod tests {
         assert_eq!(p.blame(WorkerId(3), ""), Some(WorkerId(2)));
         assert_eq!(p.blame(WorkerId(1), ""), None, "the first member's upstream is the coordinator");
         assert_eq!(p.blame(WorkerId(1), "10.9.9.9:1"), None);
+    }
+    #[test]
+    fn a_slow_worker_is_benched_ever_longer() {
+        let speeds = |s: &[(u32, f64)]| s.iter().map(|&(w, x)| (WorkerId(w), x)).collect::<BTreeMap<_, _>>();
+        let live: BTreeSet<WorkerId> = (1..=4).map(WorkerId).collect();
+        let mut bench = Bench::default();
+        let measured = speeds(&[(1, 1.0), (2, 0.59), (3, 0.6), (4, f64::NAN)]);
+        assert_eq!(bench.update(10, &measured, &live), (vec![WorkerId(2)], vec![]));
+        assert_eq!(bench.benched(), BTreeSet::from([WorkerId(2)]));
+        // Still slow by what was learned: benched, not benched again; served after 16 steps.
+        assert_eq!(bench.update(25, &measured, &live), (vec![], vec![]));
+        assert_eq!(bench.update(26, &measured, &live), (vec![], vec![WorkerId(2)]));
+        assert!(bench.benched().is_empty());
+        // Slow again once measured anew: twice as long.
+        assert_eq!(bench.update(30, &speeds(&[(2, 0.3)]), &live), (vec![WorkerId(2)], vec![]));
+        assert_eq!(bench.update(61, &BTreeMap::new(), &live), (vec![], vec![]));
+        assert_eq!(bench.update(62, &BTreeMap::new(), &live), (vec![], vec![WorkerId(2)]));
+        // A worker that left is forgotten, its record too.
+        bench.update(70, &speeds(&[(2, 0.3)]), &live);
+        bench.update(71, &BTreeMap::new(), &BTreeSet::new());
+        assert_eq!(bench, Bench::default());
+    }
+
+    #[test]
+    fn benched_workers_stand_by_on_the_chain_and_in_its_tail() {
+        let local = Candidate { id: WorkerId(9), peer: None, shared_memory: true };
+        let all = [remote(1), remote(2), remote(3), local];
+        let p = plan(Topology::Auto, &all, &BTreeSet::from([WorkerId(2), WorkerId(9)]), 6, &BTreeMap::new()).unwrap();
+        assert_eq!(p.members.iter().map(|m| (m.id.0, m.shards.len())).collect::<Vec<_>>(), [(1, 3), (3, 3)]);
+        assert!(p.tail.is_empty());
+        let p = plan(Topology::Auto, &all, &BTreeSet::new(), 7, &BTreeMap::new()).unwrap();
+        let sizes: Vec<usize> = [1, 2, 3, 9].iter().map(|&w| p.shards_of(WorkerId(w)).len()).collect();
+        assert_eq!(sizes, [2, 2, 2, 1], "the shard left over goes to members before the tail");
+        assert_eq!(p.shards_of(WorkerId(9)), [ShardIndex(6)]);
+        assert!(p.shards_of(WorkerId(7)).is_empty());
+        // Two remote workers, one benched: no chain is left, the star takes the step.
+        assert_eq!(
+            plan(Topology::Auto, &all[..2], &BTreeSet::from([WorkerId(2)]), 4, &BTreeMap::new()),
+            Err(StarBecause::TooFew(1))
+        );
+    }
+
+    #[test]
+    fn a_late_tail_shard_gets_one_copy_on_a_worker_whose_own_shards_are_in() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let local = Candidate { id: WorkerId(3), peer: None, shared_memory: true };
+        let p = plan(Topology::Chain, &[remote(1), remote(2), local], &BTreeSet::new(), 5, &BTreeMap::new()).unwrap();
+        assert_eq!(p.tail, [(WorkerId(3), vec![ShardIndex(4)])]);
+        assert_eq!(p.shards_of(WorkerId(1)), [ShardIndex(0), ShardIndex(1)]);
+        let due = tail_due(&p, t0, ms(10));
+        assert_eq!(due[&WorkerId(3)], t0 + ms(10), "10 ms for its one shard");
+        let none = BTreeMap::new();
+        let only = |ks: &'static [usize]| move |k: ShardIndex| ks.contains(&k.0);
+        // Not late yet; then late, but every member is still busy.
+        assert!(tail_copies(&p, &due, t0 + ms(9), &only(&[0, 1, 2, 3]), &none).is_empty());
+        assert!(tail_copies(&p, &due, t0 + ms(10), &only(&[0, 2]), &none).is_empty());
+        // The first member is done: it takes the copy.
+        let got = tail_copies(&p, &due, t0 + ms(10), &only(&[0, 1]), &none);
+        assert_eq!(got, [(ShardIndex(4), WorkerId(1))]);
+        // Copied already, or in: nothing more.
+        let copied = BTreeMap::from([(ShardIndex(4), WorkerId(1))]);
+        assert!(tail_copies(&p, &due, t0 + ms(20), &only(&[0, 1, 2, 3]), &copied).is_empty());
+        assert!(tail_copies(&p, &due, t0 + ms(20), &only(&[0, 1, 2, 3, 4]), &none).is_empty());
     }
 }

@@ -264,6 +264,8 @@ pub struct Compute {
     job: Job,
     buffers: ShardBuffers,
     pub(crate) params: Vec<f32>,
+    /// The step whose parameters `params` holds, whole.
+    pub(crate) params_step: Option<u64>,
     /// Computed into, then sent as is.
     grad: WireTensor,
     shared: Option<Shared>,
@@ -280,6 +282,7 @@ impl Compute {
             job,
             buffers: ShardBuffers::default(),
             params: vec![],
+            params_step: None,
             grad: WireTensor::default(),
             shared: None,
             chain_grads: vec![],
@@ -365,15 +368,27 @@ impl Compute {
                 let shared = params.shared(0).ok_or_else(|| Status::internal("no parameter region"))?;
                 self.params.resize(n, 0.0);
                 shared.read_into(&mut self.params);
+                self.params_step = Some(w.step);
                 (&self.params[..], Some(slots))
             }
             (None, Tensor::Shared) => {
                 return Err(Status::invalid_argument("parameters in shared memory this worker does not have"))
             }
-            (_, Tensor::Chained) => return Err(Status::invalid_argument("chained parameters outside a chain step")),
+            // A copy of a late shard for a member: the parameters it received on this step's chain.
+            (shared, Tensor::Chained) if self.params_step == Some(w.step) => {
+                (&self.params[..], shared.as_mut().map(|s| &mut s.slots))
+            }
+            (_, Tensor::Chained) => {
+                return Err(Status::invalid_argument(format!(
+                    "the parameters of step {} from a chain it had no part in",
+                    w.step
+                )))
+            }
             (shared, Tensor::Inline(bytes)) => {
                 self.params.resize(n, 0.0);
+                self.params_step = None;
                 read_f32s("params", bytes, &mut self.params).map_err(bad)?;
+                self.params_step = Some(w.step);
                 (&self.params[..], shared.as_mut().map(|s| &mut s.slots))
             }
         };

@@ -24,9 +24,9 @@ mod pb {
 use dtrain_data::{Dataset, Features, Labels};
 use prost::bytes::Bytes;
 
-/// Bumped on any incompatible change; checked when a worker joins. (5: the running sum travels
-/// from the tensor's end, `ChunkStream::ranges`.)
-pub const PROTOCOL_VERSION: u32 = 5;
+/// Bumped on any incompatible change; checked when a worker joins. (6: a copy of a late shard
+/// may name the parameters a member received on the step's chain, `Work::params`.)
+pub const PROTOCOL_VERSION: u32 = 6;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 /// Why a message, or a part of one, is refused.

@@ -218,7 +218,8 @@ pub struct Work {
     pub global_batch: u32,
     /// The shards to compute, in shard order.
     pub shards: Vec<WireShard>,
-    /// Its place in the step's chain, if it is a member (then `params` is `Chained`).
+    /// Its place in the step's chain, if it is a member (then `params` is `Chained`). Without
+    /// one, `Chained` parameters are those the worker received on this step's chain.
     pub chain: Option<ChainRole>,
 }
 
@@ -397,11 +398,13 @@ impl From<ToWorker> for pb::CoordinatorMessage {
                 }),
             }),
             ToWorker::Work(w) => {
+                let chained = w.chain.is_none() && w.params == Tensor::Chained;
                 let (params, params_shared, _) = w.params.into_wire();
                 Kind::Work(pb::Work {
                     step: w.step,
                     params,
                     params_shared,
+                    params_chained: chained,
                     global_batch: w.global_batch,
                     shards: w.shards.into_iter().map(|s| s.0).collect(),
                     chain: w.chain.map(|c| pb::Chain {
@@ -446,7 +449,7 @@ impl TryFrom<pb::CoordinatorMessage> for ToWorker {
                         return Err(WireError::Invalid("a chain member's parameters come in chunks".into()))
                     }
                     Some(_) => Tensor::Chained,
-                    None => Tensor::from_wire(w.params, w.params_shared, false)?,
+                    None => Tensor::from_wire(w.params, w.params_shared, w.params_chained)?,
                 };
                 ToWorker::Work(Work {
                     step: w.step,
@@ -542,6 +545,7 @@ mod tests {
                 shards: vec![],
                 chain: None,
             }),
+            ToWorker::Work(Work { step: 5, params: Tensor::Chained, global_batch: 1, shards: vec![], chain: None }),
             ToWorker::Work(Work {
                 step: 5,
                 params: Tensor::Chained,

@@ -11,7 +11,7 @@ use crate::ids::{ShardIndex, WorkerId};
 use crate::lane::{LaneAccess, LaneStream};
 use crate::round::Refusal;
 use crate::timeline;
-use crate::topology::{plan, ChainPlan, StarBecause, CHUNK_VALUES};
+use crate::topology::{plan, tail_copies, tail_due, Bench, ChainPlan, StarBecause, CHUNK_VALUES};
 use crate::verify::{judge_chain, ChainVerdict};
 use dtrain_fit::EngineError;
 use dtrain_nn::simd::Part;
@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 /// member's digests (received, sent) as they should be.
 struct Truth {
     sum: Vec<f32>,
-    /// The sum of the chain's shards alone, and each local shard's gradient.
-    /// (`None` without local shards: then it is `sum`.)
+    /// The sum of the chain's shards alone, and each tail shard's gradient.
+    /// (`None` without a tail: then it is `sum`.)
     chain_sum: Option<Vec<f32>>,
-    local: BTreeMap<ShardIndex, Vec<f32>>,
+    tail: BTreeMap<ShardIndex, Vec<f32>>,
     stats: Vec<ShardStats>,
     digests: Vec<(u64, u64)>,
 }
@@ -65,6 +65,8 @@ struct Started {
 enum Woke {
     Event(Option<Event>),
     Frame(Result<FrameHeader, LaneError>),
+    /// A tail worker's time is up.
+    TailDue,
     Late,
 }
 
@@ -72,10 +74,13 @@ enum Woke {
 struct ChainInbox {
     step: u64,
     sent_all: Instant,
-    /// Each shard's sums (members' and local workers').
+    /// Each shard's sums (members' and the tail's).
     stats: Vec<Option<ShardStats>>,
-    /// The local workers' results, by shard.
-    local: BTreeMap<ShardIndex, Received>,
+    /// The tail's results, by shard, with who sent each (its worker, or a copy's holder).
+    tail: BTreeMap<ShardIndex, (WorkerId, Received)>,
+    /// When each tail worker is late, and the copies of its shards given out (shard to holder).
+    due: BTreeMap<WorkerId, Instant>,
+    copies: BTreeMap<ShardIndex, WorkerId>,
     /// On an audited step, each member's digests (received, sent).
     digests: Option<Vec<Option<(u64, u64)>>>,
     /// Where the sum's next chunk starts (it arrives in `ChunkStream::Sum`'s order, from the
@@ -95,6 +100,13 @@ impl ChainInbox {
     /// The chunk of the sum at `range` (of `n` values) landed: the next is expected.
     fn landed(&mut self, range: &std::ops::Range<usize>, n: usize) {
         self.next_sum = ChunkStream::Sum.after(range, n, CHUNK);
+    }
+
+    /// The next time after `now` a tail worker with a shard neither in nor copied is late.
+    fn next_due(&self, plan: &ChainPlan, now: Instant) -> Option<Instant> {
+        let open = |ks: &[ShardIndex]| ks.iter().any(|k| self.stats[k.0].is_none() && !self.copies.contains_key(k));
+        let pending = plan.tail.iter().filter(|(_, ks)| open(ks)).filter_map(|(w, _)| self.due.get(w));
+        pending.copied().filter(|&t| t > now).min()
     }
 }
 
@@ -148,7 +160,13 @@ impl Lanes {
 pub(super) struct Memory {
     /// Members a broken link blamed: they stay on the star.
     excluded: BTreeSet<WorkerId>,
-    /// The last plan's members, and the last reason for the star (each logged when it changes).
+    /// Workers too slow to take part: they stand by (`topology::Bench`).
+    bench: Bench,
+    /// Tail workers whose shards of a step were computed by a copy first, with that step: they
+    /// stand by until their result of it arrives (their queue would only grow).
+    owing: BTreeMap<WorkerId, u64>,
+    /// The last plan's members and tail, and the last reason for the star (each logged when
+    /// it changes).
     members: Vec<WorkerId>,
     star: Option<StarBecause>,
     /// How long recent chain steps waited for the sum.
@@ -206,16 +224,35 @@ impl ClusterEngine<'_> {
     pub(super) fn chain_plan(&mut self, shards: usize) -> Option<ChainPlan> {
         let candidates = self.net.hub.candidates();
         let live: BTreeSet<WorkerId> = candidates.iter().map(|c| c.id).collect();
-        let memory = &mut self.policy.chain;
+        let (memory, hub) = (&mut self.policy.chain, &self.net.hub);
         let speeds = memory.speeds();
         memory.excluded.retain(|id| live.contains(id));
         memory.lanes.unreachable.retain(|id| live.contains(id));
-        match plan(self.policy.topology, &candidates, &memory.excluded, shards, &speeds) {
+        let (benched, rejoined) = memory.bench.update(self.policy.last_step.unwrap_or_default(), &speeds, &live);
+        for w in benched {
+            let speed = speeds.get(&w).copied().unwrap_or_default();
+            tracing::info!(
+                "{} computes at {speed:.2}x the median worker's pace: it stands by (its shards go to others)",
+                hub.name(w)
+            );
+        }
+        for w in rejoined {
+            tracing::info!("{} is back from the bench: its pace is measured anew", hub.name(w));
+            memory.pace.forget(w);
+        }
+        memory.owing.retain(|&w, &mut step| live.contains(&w) && hub.answered(w).is_none_or(|a| a < step));
+        let mut out: BTreeSet<WorkerId> = memory.excluded.union(&memory.bench.benched()).copied().collect();
+        out.extend(memory.owing.keys());
+        match plan(self.policy.topology, &candidates, &out, shards, &speeds) {
             Ok(p) => {
-                let members: Vec<WorkerId> = p.members.iter().map(|m| m.id).collect();
+                let members: Vec<WorkerId> = p.members.iter().map(|m| m.id).chain(p.tail.iter().map(|t| t.0)).collect();
                 if members != memory.members {
-                    let names: Vec<String> = members.iter().map(|&id| self.net.hub.name(id)).collect();
-                    tracing::info!("topology chain: {}", names.join(" -> "));
+                    let names =
+                        |ids: &mut dyn Iterator<Item = WorkerId>| ids.map(|id| hub.name(id)).collect::<Vec<_>>();
+                    let tail = names(&mut p.tail.iter().map(|t| t.0));
+                    let tail =
+                        if tail.is_empty() { String::new() } else { format!(", then off it {}", tail.join(", ")) };
+                    tracing::info!("topology chain: {}{tail}", names(&mut p.members.iter().map(|m| m.id)).join(" -> "));
                     memory.members = members;
                     memory.star = None;
                 }
@@ -266,7 +303,9 @@ impl ClusterEngine<'_> {
             step,
             sent_all,
             stats: vec![None; inputs.shards.len()],
-            local: BTreeMap::new(),
+            tail: BTreeMap::new(),
+            due: self.policy.chain.pace.speculate_after().map(|t| tail_due(plan, sent_all, t)).unwrap_or_default(),
+            copies: BTreeMap::new(),
             digests: audited.then(|| vec![None; members.len()]),
             next_sum: ChunkStream::Sum.first(grad.len(), CHUNK),
             intervals: vec![],
@@ -277,6 +316,8 @@ impl ClusterEngine<'_> {
             reader.new_step();
         }
         while !inbox.complete() {
+            self.copy_late_tail_shards(plan, &mut inbox, out);
+            let tail_due = inbox.next_due(plan, Instant::now()).unwrap_or(sent_all + patience);
             let want = sum_lane.map(|ticket| Expected { ticket, step, stream: ChunkStream::Sum, chunk: CHUNK, len: n });
             let woke = {
                 let (events, lanes, next) = (&mut self.net.events, &mut self.policy.chain.lanes, inbox.next_sum);
@@ -291,6 +332,7 @@ impl ClusterEngine<'_> {
                 tokio::select! {
                     e = events.recv() => Woke::Event(e),
                     f = frame => Woke::Frame(f),
+                    () = tokio::time::sleep_until(tail_due.into()) => Woke::TailDue,
                     () = tokio::time::sleep_until((sent_all + patience).into()) => Woke::Late,
                 }
             };
@@ -300,6 +342,7 @@ impl ClusterEngine<'_> {
                     Err(why) => why,
                 },
                 Woke::Event(None) => return Err(EngineError::Stopped),
+                Woke::TailDue => continue,
                 Woke::Frame(Ok(h)) => {
                     self.telemetry.epoch.bytes_in += (HEADER_BYTES + 4 * h.values as usize) as u64;
                     let range = h.offset as usize..h.offset as usize + h.values as usize;
@@ -318,6 +361,11 @@ impl ClusterEngine<'_> {
             return Ok(self.fall_back(step, &why));
         }
         timeline::mark("sum in", step);
+        for (w, ks) in &plan.tail {
+            if ks.iter().any(|k| inbox.tail.get(k).is_some_and(|(sender, _)| sender != w)) {
+                self.policy.chain.owing.insert(*w, step);
+            }
+        }
         let alive: Vec<WorkerId> = self.net.hub.alive().iter().map(|m| m.id).collect();
         self.policy.chain.pace.learn(&std::mem::take(&mut inbox.intervals), &alive);
         let stats = self.complete_chain_sum(plan, truth, inbox, grad);
@@ -351,19 +399,23 @@ impl ClusterEngine<'_> {
         match event {
             Event::Result { id, result, size } => {
                 let k = ShardIndex(result.index as usize);
-                let local = plan.local_owner(k) == Some(id);
-                if result.step != step || !(local || plan.owner(k) == Some(id)) {
+                let tail = plan.tail_owner(k) == Some(id) || inbox.copies.get(&k) == Some(&id);
+                if result.step != step || !(tail || plan.owner(k) == Some(id)) {
                     return Ok(()); // a late reply of an earlier step
                 }
                 self.telemetry.epoch.bytes_in += size as u64;
                 self.telemetry.epoch.round_trip(id, inbox.sent_all.elapsed(), result.compute_micros);
+                // Learned from either copy: a straggler's own pace counts even when its copy won.
                 inbox.intervals.push((id, Duration::from_micros(result.compute_micros)));
+                if inbox.tail.contains_key(&k) {
+                    return Ok(()); // the second copy of a tail shard: the first won (same bits)
+                }
                 let hub = std::sync::Arc::clone(&self.net.hub);
                 let bad = |e: Refusal| format!("{} sent a bad result for shard {k}: {e}", hub.name(id));
-                if local {
+                if tail {
                     let r = self.receive(id, &result, rows(k), n).map_err(bad)?;
                     inbox.stats[k.0] = Some(r.stats);
-                    inbox.local.insert(k, r);
+                    inbox.tail.insert(k, (id, r));
                 } else {
                     let checked = match result.gradient {
                         Tensor::Chained => result.stats(rows(k)).map_err(Refusal::from),
@@ -411,7 +463,7 @@ impl ClusterEngine<'_> {
                 }
                 Ok(())
             }
-            Event::Left { id } if plan.has(id) || plan.local.iter().any(|(w, _)| *w == id) => {
+            Event::Left { id } if plan.has(id) || plan.tail.iter().any(|(w, _)| *w == id) => {
                 Err(format!("{} left", self.net.hub.name(id)))
             }
             Event::Left { .. } => Ok(()),
@@ -430,11 +482,11 @@ impl ClusterEngine<'_> {
     ) -> Vec<ShardStats> {
         let mut stats: Vec<ShardStats> = inbox.stats.iter().map(|s| s.unwrap_or_default()).collect();
         let workers: Vec<WorkerId> =
-            plan.members.iter().map(|m| m.id).chain(plan.local.iter().map(|&(w, _)| w)).collect();
+            plan.members.iter().map(|m| m.id).chain(plan.tail.iter().map(|&(w, _)| w)).collect();
         let settled = match truth {
             Some(truth) => {
                 let reported = inbox.digests.take().unwrap_or_default();
-                self.settle_audit(plan, truth, &reported, grad, &mut inbox.local, &mut stats)
+                self.settle_audit(plan, truth, &reported, grad, &mut inbox.tail, &mut stats)
             }
             None => {
                 let parties: Vec<_> = workers.iter().filter_map(|&w| self.net.hub.party(w)).collect();
@@ -442,16 +494,16 @@ impl ClusterEngine<'_> {
                 false
             }
         };
-        if !settled && !inbox.local.is_empty() {
+        if !settled && !inbox.tail.is_empty() {
             let mut chain_sum = self.buffers.take(grad.len());
             chain_sum.copy_from_slice(grad);
             let parts: Vec<Part<'_>> = std::iter::once(Part::Own(&chain_sum[..]))
-                .chain(inbox.local.iter().map(|(&k, r)| super::part(&r.landed, k)))
+                .chain(inbox.tail.iter().map(|(&k, (_, r))| super::part(&r.landed, k)))
                 .collect();
             dtrain_nn::simd::sum_into(grad, &parts);
             self.buffers.free.push(chain_sum);
         }
-        self.recycle_local(inbox.local);
+        self.recycle_tail(inbox.tail);
         stats
     }
 
@@ -476,77 +528,78 @@ impl ClusterEngine<'_> {
             }
             digests.push((received, sum_digest(key, &sum)));
         }
-        let chain_sum = (!plan.local.is_empty()).then(|| sum.clone());
-        let mut local = BTreeMap::new();
-        for &k in plan.local.iter().flat_map(|(_, ks)| ks) {
+        let chain_sum = (!plan.tail.is_empty()).then(|| sum.clone());
+        let mut tail = BTreeMap::new();
+        for &k in plan.tail.iter().flat_map(|(_, ks)| ks) {
             stats[k.0] = self.compute_here(inputs, k, &mut g);
             sum.iter_mut().zip(&g).for_each(|(s, x)| *s += x);
-            local.insert(k, g.clone());
+            tail.insert(k, g.clone());
         }
         self.buffers.free.push(g);
         self.telemetry.epoch.verification.refereed += inputs.shards.len() as u64;
-        Truth { sum, chain_sum, local, stats, digests }
+        Truth { sum, chain_sum, tail, stats, digests }
     }
 
-    /// Returns the local results' buffers for reuse.
-    fn recycle_local(&mut self, local: BTreeMap<ShardIndex, Received>) {
-        for r in local.into_values() {
+    /// Returns the tail's results' buffers for reuse.
+    fn recycle_tail(&mut self, tail: BTreeMap<ShardIndex, (WorkerId, Received)>) {
+        for (_, r) in tail.into_values() {
             if let super::Landed::Copied(v) = r.landed {
                 self.buffers.free.push(v);
             }
         }
     }
 
-    /// An audited step: the chain's sum (in `grad`), the local results and every shard's sums
+    /// An audited step: the chain's sum (in `grad`), the tail's results and every shard's sums
     /// against the recomputation. Equal, every worker is confirmed (false: the sum is still to
-    /// be completed with the local results); else the whole recomputed sum stands in `grad`
-    /// (true), and the judged member or local worker is evicted (its unchecked results undone)
-    /// or, in a dispute, both ends leave the chain.
+    /// be completed with the tail's results); else the whole recomputed sum stands in `grad`
+    /// (true), and the judged member or sender of a tail result is evicted (its unchecked
+    /// results undone) or, in a dispute, both ends leave the chain.
     fn settle_audit(
         &mut self,
         plan: &ChainPlan,
         truth: Truth,
         reported: &[Option<(u64, u64)>],
         grad: &mut [f32],
-        local: &mut BTreeMap<ShardIndex, Received>,
+        tail: &mut BTreeMap<ShardIndex, (WorkerId, Received)>,
         stats: &mut [ShardStats],
     ) -> bool {
         let step = self.policy.last_step.unwrap_or_default();
         let members: Vec<WorkerId> = plan.members.iter().map(|m| m.id).collect();
         let bits =
             |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-        let owner = |k: ShardIndex| plan.owner(k).or_else(|| plan.local_owner(k));
+        // Who sent each shard's result: its member, or the tail result's sender.
+        let senders: BTreeMap<ShardIndex, WorkerId> = tail.iter().map(|(&k, (w, _))| (k, *w)).collect();
+        let owner = |k: ShardIndex| senders.get(&k).copied().or_else(|| plan.owner(k));
         let mut wrong: Vec<WorkerId> = (0..stats.len())
             .filter(|&k| !same_stats(&stats[k], &truth.stats[k]))
             .filter_map(|k| owner(ShardIndex(k)))
             .collect();
-        for (&k, r) in local.iter_mut() {
+        for (&k, (sender, r)) in tail.iter_mut() {
             let mine = self.owned(r, k, truth.sum.len());
-            if !bits(mine, &truth.local[&k]) {
-                wrong.extend(plan.local_owner(k));
+            if !bits(mine, &truth.tail[&k]) {
+                wrong.push(*sender);
             }
         }
         let chain_right = bits(grad, truth.chain_sum.as_deref().unwrap_or(&truth.sum));
-        let everyone = members.iter().copied().chain(plan.local.iter().map(|&(w, _)| w));
+        let everyone = members.iter().copied().chain(plan.tail.iter().map(|&(w, _)| w)).chain(senders.into_values());
         if wrong.is_empty() && chain_right {
-            self.policy.audit.record(step, &everyone.collect::<Vec<_>>(), &[]);
+            let everyone: BTreeSet<WorkerId> = everyone.collect();
+            self.policy.audit.record(step, &everyone.into_iter().collect::<Vec<_>>(), &[]);
             self.telemetry.epoch.verification.checked += stats.len() as u64;
             self.buffers.free.extend(std::iter::once(truth.sum).chain(truth.chain_sum));
             return false;
         }
         grad.copy_from_slice(&truth.sum);
         stats.copy_from_slice(&truth.stats);
-        let local_liar = wrong.iter().copied().find(|w| !members.contains(w));
-        let verdict = match local_liar {
+        let tail_liar = wrong.iter().copied().find(|w| !members.contains(w));
+        let verdict = match tail_liar {
             Some(w) if chain_right => Some(ChainVerdict::Liar(w)),
             _ => judge_chain(&members, &truth.digests, reported, &wrong),
         };
         {
             match verdict {
                 Some(ChainVerdict::Liar(w)) => {
-                    let shards = plan.members.iter().find(|m| m.id == w).map(|m| &m.shards);
-                    let shards = shards.or_else(|| plan.local.iter().find(|(x, _)| *x == w).map(|(_, ks)| ks));
-                    self.evict_liar(w, shards.and_then(|ks| ks.first().copied()).unwrap_or(ShardIndex(0)), step);
+                    self.evict_liar(w, plan.shards_of(w).first().copied().unwrap_or(ShardIndex(0)), step);
                 }
                 Some(ChainVerdict::Dispute { sender, receiver }) => {
                     let (a, b) = (self.net.hub.name(sender), self.net.hub.name(receiver));
@@ -612,8 +665,8 @@ impl ClusterEngine<'_> {
             let size = size.ok_or_else(|| format!("{} is gone or not keeping up", self.net.hub.name(m.id)))?;
             self.telemetry.epoch.bytes_out += size as u64;
         }
-        // Workers on shared memory: their shards as on the star (through shared memory).
-        for (w, ks) in &plan.local {
+        // The tail: its shards as on the star (through shared memory where it is local).
+        for (w, ks) in &plan.tail {
             if !self.send(*w, ks, step, out) {
                 return Err(format!("{} is gone or not keeping up", self.net.hub.name(*w)));
             }
@@ -625,6 +678,28 @@ impl ClusterEngine<'_> {
         }
         let sum_lane = sum_lane.then_some(tickets[tickets.len() - 1]);
         Ok(Started { sum_lane, params_lane: params_lane.is_some() })
+    }
+
+    /// Copies of the tail's late shards to idle workers (`topology::tail_copies`), as on the
+    /// star, the gradient in the result; a member computes at the parameters it received on
+    /// the chain (its shards are in, so it has them all), the tail's workers get them as on the
+    /// star.
+    fn copy_late_tail_shards(&mut self, plan: &ChainPlan, inbox: &mut ChainInbox, out: &mut Outgoing<'_>) {
+        let stats = &inbox.stats;
+        let copies = tail_copies(plan, &inbox.due, Instant::now(), &|k| stats[k.0].is_some(), &inbox.copies);
+        for (k, w) in copies {
+            inbox.copies.insert(k, w);
+            let params = if plan.has(w) { Tensor::Chained } else { self.params_for(w, out) };
+            if self.send_with(w, &[k], inbox.step, out, params) {
+                self.telemetry.epoch.paths.speculated += 1;
+                let late = plan.tail_owner(k).map(|o| self.net.hub.name(o)).unwrap_or_default();
+                tracing::debug!(
+                    "step {}: {late} is late; shard {k} gets a copy on {}",
+                    inbox.step,
+                    self.net.hub.name(w)
+                );
+            }
+        }
     }
 
     /// The parameters in frames on the lane to the first member, straight from the trainer's

@@ -317,7 +317,7 @@ impl ClusterEngine<'_> {
         }
         while !inbox.complete() {
             self.copy_late_tail_shards(plan, &mut inbox, out);
-            let tail_due = inbox.next_due(plan, Instant::now()).unwrap_or(sent_all + patience);
+            let tail_due = inbox.next_due(plan, Instant::now());
             let want = sum_lane.map(|ticket| Expected { ticket, step, stream: ChunkStream::Sum, chunk: CHUNK, len: n });
             let woke = {
                 let (events, lanes, next) = (&mut self.net.events, &mut self.policy.chain.lanes, inbox.next_sum);
@@ -332,7 +332,12 @@ impl ClusterEngine<'_> {
                 tokio::select! {
                     e = events.recv() => Woke::Event(e),
                     f = frame => Woke::Frame(f),
-                    () = tokio::time::sleep_until(tail_due.into()) => Woke::TailDue,
+                    () = async {
+                        match tail_due {
+                            Some(t) => tokio::time::sleep_until(t.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    } => Woke::TailDue,
                     () = tokio::time::sleep_until((sent_all + patience).into()) => Woke::Late,
                 }
             };

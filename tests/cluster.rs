@@ -666,3 +666,47 @@ fn bits_hold_under_each_blas_kernel_and_workers_take_the_runs() {
         eprintln!("this CPU has no AVX-512: auto is haswell, one kernel tested");
     }
 }
+
+/// The second member of a chain frozen (SIGSTOP) as training starts: the first cannot reach
+/// it and stops taking parameters, so the coordinator's lane to the first, with a 36 MB model's
+/// parameters outgrowing its socket buffers, stalls. The parameters wait no longer than every
+/// member stays (the frozen one is dropped once its keepalive pings go unanswered, in about
+/// 3 s), nor than the chain's learned deadline once there is one; not the step timeout (120 s
+/// here), as they did before. The step goes over the star, the chain goes on without the frozen
+/// member, and the weights are the in-process run's.
+#[test]
+fn a_frozen_member_holds_up_the_parameters_only_for_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let sgd = "{ SGD = { learning_rate = 0.01 } }";
+    let job = write_mlp_job(dir.path(), "big.toml", 320, 3000, 0.0, sgd, "batch_size = 32\nepochs = 6\nshards = 4");
+    let job = job.as_str();
+    let want = local_run(dir.path(), job, "6");
+    let rd = dir.path().join("run");
+    let args = ["--listen", "127.0.0.1:0", "--min-workers", "3", "--no-shared-memory", "--verify", "0"];
+    let c = coordinator_proc(job, &rd, "6", &[&args[..], &["--topology", "chain", "--step-timeout", "120"]].concat());
+    let url = listening_url(&c);
+    let peer = ["--peer-listen", "127.0.0.1:0"];
+    let mut workers = vec![];
+    for n in ["a", "b"] {
+        workers.push(worker(&url, &[&["--name", n], &peer[..]].concat()));
+        c.wait_for(&format!("({n}) joined"), 30);
+    }
+    // Frozen as the third worker, whose joining starts training, dials in.
+    workers.push(worker(&url, &[&["--name", "c"], &peer[..]].concat()));
+    workers[1].signal(libc::SIGSTOP);
+    let mut c = c;
+    let (ok, out) = c.finish(300);
+    assert!(ok, "{out}");
+    let broke: Vec<&str> = out.lines().filter(|l| l.contains("the chain broke")).collect();
+    let on_parameters =
+        |l: &&str| l.contains("step 0: the chain broke (a member left while the parameters were on their way)");
+    assert!(broke.iter().any(on_parameters), "the first step stalled on the parameters: {broke:?}");
+    assert!(out.contains("(b) left"), "{out}");
+    assert!(out.contains("topology chain: a (worker 1) -> c (worker 3)"), "{out}");
+    for l in out.lines().filter(|l| l.contains("\"epoch_end\"")) {
+        let seconds: f64 =
+            l.split("\"seconds\":").nth(1).and_then(|r| r.split([',', '}']).next()?.parse().ok()).unwrap();
+        assert!(seconds < 30.0, "an epoch stalled on the frozen member ({seconds} s): {l}");
+    }
+    assert!(finals(&rd) == want, "a frozen member changed the weights");
+}

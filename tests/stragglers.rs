@@ -8,31 +8,8 @@ use std::path::Path;
 /// A job whose shards take tens of milliseconds (a 1.06M-parameter MLP on the tests' CSV,
 /// 64 rows per shard, 6 shards): long enough that a straggler stands out from scheduling noise.
 fn heavy_job(dir: &Path) -> String {
-    write_csv(&dir.join("train.csv"), 3840);
-    let job = r#"seed = 3
-[data]
-format = "csv"
-train = "train.csv"
-label_column = -1
-[model]
-input_shape = [4]
-layers = [
-  { type = "Dense", units = 1024, activation = "relu" },
-  { type = "Dropout", rate = 0.2 },
-  { type = "Dense", units = 1024, activation = "relu" },
-  { type = "Dense", units = 3, activation = "softmax" },
-]
-[compile]
-optimizer = { Adam = { learning_rate = 0.001 } }
-loss = "sparse_categorical_crossentropy"
-[fit]
-batch_size = 384
-epochs = 10
-shards = 6
-"#;
-    let p = dir.join("heavy.toml");
-    std::fs::write(&p, job).unwrap();
-    p.to_str().unwrap().to_string()
+    let adam = "{ Adam = { learning_rate = 0.001 } }";
+    write_mlp_job(dir, "heavy.toml", 3840, 1024, 0.2, adam, "batch_size = 384\nepochs = 10\nshards = 6")
 }
 
 /// Seconds of each epoch after the first (the first learns the workers' pace), and the

@@ -41,6 +41,46 @@ pub fn write_csv(path: &Path, n: usize) {
     std::fs::write(path, s).unwrap();
 }
 
+/// A job on `rows` rows of the tests' CSV in `dir` (`train.csv`), written to `dir/name`: two
+/// ReLU layers of `units` (`dropout` between them if not 0), a softmax of 3, the `optimizer`
+/// (a TOML table), and `[fit]` as `fit` says; its path.
+pub fn write_mlp_job(
+    dir: &Path,
+    name: &str,
+    rows: usize,
+    units: usize,
+    dropout: f32,
+    optimizer: &str,
+    fit: &str,
+) -> String {
+    write_csv(&dir.join("train.csv"), rows);
+    let dropout =
+        if dropout > 0.0 { format!("{{ type = \"Dropout\", rate = {dropout} }},\n  ") } else { String::new() };
+    let job = format!(
+        r#"seed = 3
+[data]
+format = "csv"
+train = "train.csv"
+label_column = -1
+[model]
+input_shape = [4]
+layers = [
+  {{ type = "Dense", units = {units}, activation = "relu" }},
+  {dropout}{{ type = "Dense", units = {units}, activation = "relu" }},
+  {{ type = "Dense", units = 3, activation = "softmax" }},
+]
+[compile]
+optimizer = {optimizer}
+loss = "sparse_categorical_crossentropy"
+[fit]
+{fit}
+"#
+    );
+    let p = dir.join(name);
+    std::fs::write(&p, job).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
 /// A job on `train.csv` / `test.csv` in `dir` with dropout, every regularizer and MaxNorm.
 pub fn write_job(dir: &Path, extra: &str) -> PathBuf {
     write_csv(&dir.join("train.csv"), 90);

@@ -568,6 +568,17 @@ impl Hub {
         }
     }
 
+    /// Returns once any of `ids` is not live (it left, or was dropped or evicted).
+    pub async fn any_gone(&self, ids: &[WorkerId]) {
+        let mut alive = self.alive.subscribe();
+        while ids.iter().all(|id| self.lock().live.contains_key(id)) {
+            // Every change of the live set is published (the count may stay the same).
+            if alive.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Changes the set of live workers and publishes how many there are.
     fn members<T>(&self, change: impl FnOnce(&mut BTreeMap<WorkerId, Worker>) -> T) -> T {
         let mut members = self.lock();

@@ -677,10 +677,27 @@ impl ClusterEngine<'_> {
             }
         }
         timeline::mark("work sent", step);
-        match params_lane {
-            Some(ticket) => self.feed_params(ticket, out).await?,
-            None => self.stream_params(first.id, out).await?,
+        // A member that stops reading (partitioned, frozen) stalls the parameters by
+        // backpressure, all the way up the chain: they are given the chain's learned deadline,
+        // not the step timeout, and no longer than every member stays (a frozen one is dropped
+        // once its keepalive pings go unanswered).
+        let until = Instant::now() + self.policy.chain.deadline(self.policy.step_timeout);
+        let (hub, members) =
+            (std::sync::Arc::clone(&self.net.hub), plan.members.iter().map(|m| m.id).collect::<Vec<_>>());
+        let fed = tokio::select! {
+            fed = async {
+                match params_lane {
+                    Some(ticket) => self.feed_params(ticket, out, until).await,
+                    None => self.stream_params(first.id, out, until).await,
+                }
+            } => fed,
+            () = hub.any_gone(&members) => Err("a member left while the parameters were on their way".to_string()),
+        };
+        if fed.is_err() {
+            // Possibly cut mid-frame.
+            self.policy.chain.lanes.feed = None;
         }
+        fed?;
         let sum_lane = sum_lane.then_some(tickets[tickets.len() - 1]);
         Ok(Started { sum_lane, params_lane: params_lane.is_some() })
     }
@@ -708,10 +725,10 @@ impl ClusterEngine<'_> {
     }
 
     /// The parameters in frames on the lane to the first member, straight from the trainer's
-    /// tensor; a lane that fails is closed.
-    async fn feed_params(&mut self, ticket: u64, out: &Outgoing<'_>) -> Result<(), String> {
+    /// tensor, all of them by `until`; a lane that fails is closed.
+    async fn feed_params(&mut self, ticket: u64, out: &Outgoing<'_>, until: Instant) -> Result<(), String> {
         let Some((id, lane)) = self.policy.chain.lanes.feed.as_mut() else { return Err("no lane".into()) };
-        let (id, patience) = (*id, self.policy.step_timeout);
+        let id = *id;
         for (i, values) in out.params.chunks(CHUNK).enumerate() {
             let offset = (i * CHUNK) as u64;
             let header = FrameHeader {
@@ -721,9 +738,9 @@ impl ClusterEngine<'_> {
                 offset,
                 values: values.len() as u32,
             };
-            let sent = match tokio::time::timeout(patience, write_frame(lane, &header, values)).await {
+            let sent = match tokio::time::timeout_at(until.into(), write_frame(lane, &header, values)).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("it took no parameters within {patience:?}")),
+                Err(_) => Err("the parameters did not all go out within the chain step's deadline".to_string()),
             };
             if let Err(why) = sent {
                 self.policy.chain.lanes.feed = None;
@@ -734,8 +751,8 @@ impl ClusterEngine<'_> {
         Ok(())
     }
 
-    /// The parameters in chunk messages on the first member's stream.
-    async fn stream_params(&mut self, first: WorkerId, out: &mut Outgoing<'_>) -> Result<(), String> {
+    /// The parameters in chunk messages on the first member's stream, all of them by `until`.
+    async fn stream_params(&mut self, first: WorkerId, out: &mut Outgoing<'_>, until: Instant) -> Result<(), String> {
         let (step, n) = (out.step, out.params.len());
         let bytes = self.inline_params(out);
         for offset in (0..n).step_by(CHUNK) {
@@ -746,7 +763,8 @@ impl ClusterEngine<'_> {
                 offset: offset as u64,
                 values: bytes.slice(offset * 4..end * 4),
             };
-            let sent = self.net.hub.send_within(first, ToWorker::Chunk(c), self.policy.step_timeout).await;
+            let patience = until.saturating_duration_since(Instant::now());
+            let sent = self.net.hub.send_within(first, ToWorker::Chunk(c), patience).await;
             let size = sent.ok_or_else(|| format!("{} took no parameters", self.net.hub.name(first)))?;
             self.telemetry.epoch.bytes_out += size as u64;
         }

@@ -652,4 +652,45 @@ mod tests {
         assert_eq!(cert, party_key("other-name", Some([10, 0, 0, 3].into()), Some(b"der")), "the certificate decides");
         assert_ne!(cert, party_key("any-name", None, Some(b"der2")));
     }
+    /// A worker as `accept` makes one, without a stream behind it.
+    fn worker(name: &str) -> Worker {
+        let (tx, _rx) = Outbox::channel(8);
+        Worker {
+            name: name.into(),
+            party: PartyId(1),
+            host: None,
+            owed: 1,
+            owed_chunks: 0,
+            chained: false,
+            owed_digests: 0,
+            answered: None,
+            peer: None,
+            tx,
+            slots: None,
+            attached: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn any_gone_returns_once_one_of_the_workers_is_not_live_and_results_are_counted() {
+        let (hub, _events) = Hub::new(String::new(), None);
+        let (a, b, c) = (WorkerId(1), WorkerId(2), WorkerId(3));
+        hub.members(|w| [a, b, c].into_iter().for_each(|id| drop(w.insert(id, worker("w")))));
+        let watch = Arc::clone(&hub);
+        let gone = tokio::spawn(async move { watch.any_gone(&[a, b]).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hub.drop_worker(c, Status::cancelled("not watched"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!gone.is_finished(), "c is not watched; a and b are live");
+        hub.drop_worker(b, Status::cancelled("gone"));
+        tokio::time::timeout(Duration::from_secs(2), gone).await.expect("returns once b is gone").unwrap();
+        // Already gone: at once.
+        tokio::time::timeout(Duration::from_millis(100), hub.any_gone(&[b])).await.expect("b is gone already");
+        // The latest step a worker answered, counted only for owed results.
+        assert_eq!(hub.answered(a), None);
+        assert_eq!(hub.owed_by(a, 7), Some(true));
+        assert_eq!(hub.owed_by(a, 9), Some(false), "a result it was not given work for");
+        assert_eq!(hub.answered(a), Some(7));
+        assert_eq!(hub.owed_by(b, 1), None, "not live");
+    }
 }

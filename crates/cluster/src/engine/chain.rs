@@ -310,13 +310,53 @@ impl ClusterEngine<'_> {
             next_sum: ChunkStream::Sum.first(grad.len(), CHUNK),
             intervals: vec![],
         };
+        if let Err(why) = self.collect(plan, inputs, out, &mut inbox, grad, sum_lane).await? {
+            return Ok(self.fall_back(step, &why));
+        }
+        timeline::mark("sum in", step);
+        for (w, ks) in &plan.tail {
+            if ks.iter().any(|k| inbox.tail.get(k).is_some_and(|(sender, _)| sender != w)) {
+                self.policy.chain.owing.insert(*w, step);
+            }
+        }
+        let alive: Vec<WorkerId> = self.net.hub.alive().iter().map(|m| m.id).collect();
+        self.policy.chain.pace.learn(&std::mem::take(&mut inbox.intervals), &alive);
+        let stats = self.complete_chain_sum(plan, truth, inbox, grad);
+        let sums_finite = stats.iter().all(|s| s.loss_sum.is_finite() && s.activity.is_finite());
+        if !sums_finite || !dtrain_nn::simd::all_finite(grad) {
+            // A diverging model, or a worker that sent values that are not: over the star,
+            // where the referee recomputes what nobody confirmed.
+            return Ok(self.fall_back(step, "the sum is not finite"));
+        }
+        self.policy.chain.waited(sent_all.elapsed());
+        let epoch = &mut self.telemetry.epoch;
+        epoch.paths.chained += 1;
+        epoch.paths.on_lanes += u64::from(laned);
+        let reduce = std::mem::take(&mut epoch.chain_reduce);
+        epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(reduce), reduce);
+        Ok(Some(stats))
+    }
+
+    /// Takes the chain step's results into `inbox`, the sum's chunks straight into `grad` (on
+    /// the lane with the ticket `sum_lane`, else on the last member's stream), giving late tail
+    /// shards copies meanwhile, until all are in (`Ok(Ok)`) or the chain breaks (`Ok(Err)`: why),
+    /// for the chain's learned deadline at most.
+    async fn collect(
+        &mut self,
+        plan: &ChainPlan,
+        inputs: &StepInputs<'_>,
+        out: &mut Outgoing<'_>,
+        inbox: &mut ChainInbox,
+        grad: &mut [f32],
+        sum_lane: Option<u64>,
+    ) -> Result<Result<(), String>, EngineError> {
+        let (step, sent_all, n) = (inbox.step, inbox.sent_all, grad.len());
         let patience = self.policy.chain.deadline(self.policy.step_timeout);
-        let n = grad.len();
         if let Some((_, _, reader)) = self.policy.chain.lanes.collect.as_mut() {
             reader.new_step();
         }
         while !inbox.complete() {
-            self.copy_late_tail_shards(plan, &mut inbox, out);
+            self.copy_late_tail_shards(plan, inbox, out);
             let tail_due = inbox.next_due(plan, Instant::now());
             let want = sum_lane.map(|ticket| Expected { ticket, step, stream: ChunkStream::Sum, chunk: CHUNK, len: n });
             let woke = {
@@ -342,7 +382,7 @@ impl ClusterEngine<'_> {
                 }
             };
             let why = match woke {
-                Woke::Event(Some(event)) => match self.take_chain_event(plan, inputs, &mut inbox, event, grad) {
+                Woke::Event(Some(event)) => match self.take_chain_event(plan, inputs, inbox, event, grad) {
                     Ok(()) => continue,
                     Err(why) => why,
                 },
@@ -363,30 +403,9 @@ impl ClusterEngine<'_> {
                 }
                 Woke::Late => format!("the sum did not arrive within {patience:?}"),
             };
-            return Ok(self.fall_back(step, &why));
+            return Ok(Err(why));
         }
-        timeline::mark("sum in", step);
-        for (w, ks) in &plan.tail {
-            if ks.iter().any(|k| inbox.tail.get(k).is_some_and(|(sender, _)| sender != w)) {
-                self.policy.chain.owing.insert(*w, step);
-            }
-        }
-        let alive: Vec<WorkerId> = self.net.hub.alive().iter().map(|m| m.id).collect();
-        self.policy.chain.pace.learn(&std::mem::take(&mut inbox.intervals), &alive);
-        let stats = self.complete_chain_sum(plan, truth, inbox, grad);
-        let sums_finite = stats.iter().all(|s| s.loss_sum.is_finite() && s.activity.is_finite());
-        if !sums_finite || !dtrain_nn::simd::all_finite(grad) {
-            // A diverging model, or a worker that sent values that are not: over the star,
-            // where the referee recomputes what nobody confirmed.
-            return Ok(self.fall_back(step, "the sum is not finite"));
-        }
-        self.policy.chain.waited(sent_all.elapsed());
-        let epoch = &mut self.telemetry.epoch;
-        epoch.paths.chained += 1;
-        epoch.paths.on_lanes += u64::from(laned);
-        let reduce = std::mem::take(&mut epoch.chain_reduce);
-        epoch.step(sent_all - t0, sent_all.elapsed().saturating_sub(reduce), reduce);
-        Ok(Some(stats))
+        Ok(Ok(()))
     }
 
     /// Takes one event of a chain step into `inbox` (the sum's chunks straight into `grad`);

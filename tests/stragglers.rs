@@ -145,6 +145,10 @@ fn a_chain_member_at_half_speed_is_benched_and_costs_little() {
         let (secs, lines, out) = run(&format!("throttled{round}"), true);
         throttled += secs;
         assert!(out.contains("b (worker 2) computes at"), "b was benched: {out}");
+        assert!(
+            lines.iter().any(|l| l.contains("benched (too slow): b (worker 2)")),
+            "said in the cluster line: {lines:?}"
+        );
         // Back after its 16 steps, b takes a lane from a again (a's to c closed its old one):
         // no step of the chain breaks on the closed lane, or waits on a write b left.
         assert!(out.contains("b (worker 2) is back from the bench"), "b came back: {out}");

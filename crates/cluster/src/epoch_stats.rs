@@ -2,7 +2,7 @@
 
 use crate::hub::Hub;
 use crate::ids::WorkerId;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 #[derive(Default)]
@@ -20,6 +20,8 @@ pub struct EpochStats {
     pub paths: dtrain_fit::metrics::Paths,
     /// The current chain step's time spent taking in the sum.
     pub chain_reduce: Duration,
+    /// Workers benched from chains at some step of the epoch (`topology::Bench`).
+    pub benched: BTreeSet<WorkerId>,
     /// Per worker: time from sending its work to each shard's result arriving, in µs.
     round_trips: BTreeMap<WorkerId, Vec<u32>>,
     /// Per worker: its own compute time for each shard, in µs.
@@ -117,6 +119,9 @@ impl EpochStats {
             ("cluster/speculated_shards", self.paths.speculated as f32),
         ];
         let v = &self.verification;
+        let benched: Vec<String> = self.benched.iter().map(|&id| hub.name(id)).collect();
+        let benched =
+            if benched.is_empty() { String::new() } else { format!(", benched (too slow): {}", benched.join(", ")) };
         let verification = format!(
             "; verified {} shard(s), refereed {}, evicted {}, rolled back {} time(s); speculated {} shard(s)",
             v.checked, v.refereed, v.evicted, v.rollbacks, self.paths.speculated
@@ -137,7 +142,7 @@ impl EpochStats {
             + &match (self.paths.chained, self.paths.fell_back) {
                 (0, 0) => "; topology star".to_string(),
                 (c, f) => format!(
-                    "; topology chain on {c} of {} step(s), {f} fell back to the star, {} on lanes",
+                    "; topology chain on {c} of {} step(s), {f} fell back to the star, {} on lanes{benched}",
                     self.steps, self.paths.on_lanes
                 ),
             };

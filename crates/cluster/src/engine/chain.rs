@@ -241,7 +241,9 @@ impl ClusterEngine<'_> {
             memory.pace.forget(w);
         }
         memory.owing.retain(|&w, &mut step| live.contains(&w) && hub.answered(w).is_none_or(|a| a < step));
-        let mut out: BTreeSet<WorkerId> = memory.excluded.union(&memory.bench.benched()).copied().collect();
+        let benched = memory.bench.benched();
+        self.telemetry.epoch.benched.extend(&benched);
+        let mut out: BTreeSet<WorkerId> = memory.excluded.union(&benched).copied().collect();
         out.extend(memory.owing.keys());
         match plan(self.policy.topology, &candidates, &out, shards, &speeds) {
             Ok(p) => {

@@ -369,6 +369,7 @@ mod tests {
         assert_eq!(p.blame(WorkerId(1), ""), None, "the first member's upstream is the coordinator");
         assert_eq!(p.blame(WorkerId(1), "10.9.9.9:1"), None);
     }
+
     #[test]
     fn a_slow_worker_is_benched_ever_longer() {
         let speeds = |s: &[(u32, f64)]| s.iter().map(|&(w, x)| (WorkerId(w), x)).collect::<BTreeMap<_, _>>();

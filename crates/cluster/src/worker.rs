@@ -271,6 +271,8 @@ pub struct Compute {
     shared: Option<Shared>,
     /// A chain member's: its shards' gradients, the predecessor's chunk, and the chunk it sends.
     pub(crate) chain_grads: Vec<Vec<f32>>,
+    /// A chain member's buffers, one per shard (its shards are computed side by side).
+    chain_buffers: Vec<ShardBuffers>,
     pub(crate) prefix: Vec<f32>,
     pub(crate) sum: Vec<f32>,
 }
@@ -286,6 +288,7 @@ impl Compute {
             grad: WireTensor::default(),
             shared: None,
             chain_grads: vec![],
+            chain_buffers: vec![],
             prefix: vec![],
             sum: vec![],
         }
@@ -297,12 +300,13 @@ impl Compute {
     }
 
     /// A chain member's shards at the parameters in `params`, each gradient into
-    /// `chain_grads` (in shard order), while `running_sum` sends the running sum: every shard
-    /// but the last is computed first, whole; the last one on a thread of its own while
-    /// `running_sum` runs, handing it each part of its gradient as the backward pass finishes it
-    /// (the last layers' first), so the sum of those travels while the first layers' gradients
-    /// are computed. Returns each shard's (index, sums, compute time) and what `running_sum`
-    /// returned.
+    /// `chain_grads`, while `running_sum` sends the running sum: the shards are computed on a
+    /// thread of their own, layer by layer (`ShardBuffers::gradients_streamed`: every
+    /// forward pass, then each layer's backward for every shard), which hands `running_sum`
+    /// each layer's final part of every shard's gradient as soon as it is done (the last
+    /// layers' first), so the sum of those travels while the first layers' are computed.
+    /// Returns each shard's (index, sums, compute time: the whole computation's share) and
+    /// what `running_sum` returned.
     pub(crate) fn chained<R>(
         &mut self,
         step: u64,
@@ -313,43 +317,39 @@ impl Compute {
         let n = self.num_params();
         let decoded = shards.into_iter().map(|s| decode(&self.job, s)).collect::<Result<Vec<_>, _>>()?;
         self.chain_grads.resize_with(decoded.len(), Vec::new);
-        let Compute { job, buffers, params, chain_grads, prefix, sum, .. } = self;
-        let (streamed, whole) = match chain_grads.split_last_mut() {
-            Some((last, whole)) => (Some(last), whole),
-            None => (None, &mut [][..]),
-        };
-        let mut out = Vec::with_capacity(decoded.len());
-        for ((index, first, data), g) in decoded.iter().zip(whole.iter_mut()) {
-            let t0 = Instant::now();
-            g.resize(n, 0.0);
-            let stats = shard_gradient(job, buffers, params, (step, global_batch, *first), data, g, &mut |_, _| {});
-            out.push((*index, stats, t0.elapsed().as_micros() as u64));
-        }
-        let whole: &[Vec<f32>] = whole;
-        let (Some(g), Some((index, first, data))) = (streamed, decoded.last()) else {
-            timeline::mark("shards computed", step);
-            let own = OwnGradients { whole, parts: vec![], arrivals: None, final_from: 0, prefix, sum };
-            return Ok((out, running_sum(own)));
-        };
-        g.resize(n, 0.0);
+        self.chain_buffers.resize_with(decoded.len(), ShardBuffers::default);
+        let Compute { job, chain_buffers, params, chain_grads, prefix, sum, .. } = self;
+        chain_grads.iter_mut().for_each(|g| g.resize(n, 0.0));
+        let seed = job.seed;
+        let modes: Vec<(&dtrain_data::Dataset, Mode)> = decoded
+            .iter()
+            .map(|(_, first, data)| (data, Mode::Train { seed, step, first_position: *first, global_batch }))
+            .collect();
         // At most one part per layer, and one for what lies below them: never full.
         let (tx, rx) = tokio::sync::mpsc::channel(job.model.layers().len() + 1);
         let (job, params): (&Job, &[f32]) = (job, params);
         std::thread::scope(|scope| {
             let computing = scope.spawn(move || {
                 let t0 = Instant::now();
-                let at = (step, global_batch, *first);
+                let grads: Vec<&mut [f32]> = chain_grads.iter_mut().map(|g| &mut g[..]).collect();
                 // The receiver is gone only if the step ended meanwhile: then nobody waits.
-                let stats = shard_gradient(job, buffers, params, at, data, g, &mut |from, part| {
-                    let _ = tx.blocking_send((from, part));
-                });
+                let mut ready = |from, parts| drop(tx.blocking_send((from, parts)));
+                let stats = ShardBuffers::gradients_streamed(
+                    &job.model,
+                    &mut chain_buffers[..],
+                    &modes,
+                    params,
+                    grads,
+                    &mut ready,
+                );
                 timeline::mark("shards computed", step);
                 (stats, t0.elapsed().as_micros() as u64)
             });
-            let own = OwnGradients { whole, parts: vec![], arrivals: Some(rx), final_from: n, prefix, sum };
+            let own = OwnGradients { parts: vec![], arrivals: rx, final_from: n, prefix, sum };
             let summed = running_sum(own);
             let (stats, micros) = computing.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            out.push((*index, stats, micros));
+            let each = micros / stats.len().max(1) as u64;
+            let out = decoded.iter().zip(stats).map(|((index, ..), stats)| (*index, stats, each)).collect();
             Ok((out, summed))
         })
     }
@@ -442,15 +442,14 @@ fn shard_gradient<'g>(
     buffers.gradient_streamed(&job.model, data, params, &idx, None, mode, grad, ready)
 }
 
-/// A chain member's own shards' gradients as its running sum reads them: every shard's but
-/// the last whole, the last one's in parts, final from the end down, as its backward pass
+/// A chain member's own shards' gradients as its running sum reads them: in parts, final from
+/// the end down, each with every shard's values there in shard order, as the backward pass
 /// finishes them on another thread. With the buffers of the sum's chunk.
 pub(crate) struct OwnGradients<'g> {
-    whole: &'g [Vec<f32>],
-    /// The last shard's final parts so far, (index of the first value, values), from the
-    /// tensor's end down, each joining the one before.
-    parts: Vec<(usize, &'g [f32])>,
-    arrivals: Option<tokio::sync::mpsc::Receiver<(usize, &'g [f32])>>,
+    /// The parts so far: (index of the first value, each shard's values), from the tensor's
+    /// end down, each joining the one before.
+    parts: Vec<(usize, Vec<&'g [f32]>)>,
+    arrivals: tokio::sync::mpsc::Receiver<(usize, Vec<&'g [f32]>)>,
     /// Everything from here on is final.
     final_from: usize,
     /// The predecessor's chunk of the running sum, as received.
@@ -461,31 +460,31 @@ pub(crate) struct OwnGradients<'g> {
 
 impl OwnGradients<'_> {
     /// `sum` := the running sum's `range`: the predecessor's chunk (in `prefix`) if
-    /// `with_prefix`, plus the member's shards' gradients in shard order; once the last
-    /// shard's gradient is final there (waiting for it). `Err` if its computing ended first.
+    /// `with_prefix`, plus the member's shards' gradients in shard order; once they are final
+    /// there (waiting for them). `Err` if the computing ended first.
     pub(crate) async fn add(&mut self, range: Range<usize>, with_prefix: bool) -> Result<(), &'static str> {
         while self.final_from > range.start {
-            let arrived = match self.arrivals.as_mut() {
-                Some(arrivals) => arrivals.recv().await,
-                None => None,
+            let Some((from, parts)) = self.arrivals.recv().await else {
+                return Err("the shards' computing ended early");
             };
-            let Some((from, part)) = arrived else { return Err("the last shard's computing ended early") };
-            self.parts.push((from, part));
+            self.parts.push((from, parts));
             self.final_from = from;
         }
         self.sum.resize(range.len(), 0.0);
-        // Piece by piece of the last shard's parts (one piece without a streamed shard); an
-        // element-wise sum, so the pieces give the bits of the whole.
+        // Piece by piece of the parts; an element-wise sum, so the pieces give the bits of the
+        // whole.
         let mut at = range.start;
         while at < range.end {
-            let part = self.parts.iter().find(|(from, p)| (*from..from + p.len()).contains(&at));
-            let end = part.map_or(range.end, |(from, p)| (from + p.len()).min(range.end));
-            let (global, local) = (at..end, at - range.start..end - range.start);
+            let len = |parts: &[&[f32]]| parts.first().map_or(0, |p| p.len());
+            let Some((from, parts)) = self.parts.iter().find(|(from, p)| (*from..from + len(p)).contains(&at)) else {
+                return Err("a part of the gradient is missing");
+            };
+            let end = (from + len(parts)).min(range.end);
+            let (local, own) = (at - range.start..end - range.start, at - from..end - from);
             let prefix = with_prefix.then(|| Part::Own(&self.prefix[local.clone()]));
-            let whole = self.whole.iter().map(|g| Part::Own(&g[global.clone()]));
-            let last = part.map(|(from, p)| Part::Own(&p[at - from..end - from]));
-            let parts: Vec<Part<'_>> = prefix.into_iter().chain(whole).chain(last).collect();
-            sum_into(&mut self.sum[local], &parts);
+            let shards = parts.iter().map(|p| Part::Own(&p[own.clone()]));
+            let summed: Vec<Part<'_>> = prefix.into_iter().chain(shards).collect();
+            sum_into(&mut self.sum[local], &summed);
             at = end;
         }
         Ok(())
@@ -496,48 +495,36 @@ impl OwnGradients<'_> {
 mod tests {
     use super::*;
 
-    /// The running sum of a range waits only for the part of the last shard's gradient it
-    /// covers: the last layers' sum goes while the first layers' gradient is still to come,
-    /// and a range across two parts is summed piece by piece with the whole's bits.
+    /// A range of the running sum is summed as soon as the shards' gradients are final where it
+    /// lies: the last layers' sum goes while the first layers' gradients are still to come, a
+    /// range across two parts is summed piece by piece with the whole's bits, in shard order.
     #[tokio::test]
-    async fn a_range_is_summed_as_soon_as_the_last_shards_gradient_is_final_there() {
-        let whole = vec![(0..10).map(|i| i as f32 * 0.1).collect::<Vec<f32>>()];
-        let last: Vec<f32> = (0..10).map(|i| 1.0 / (i + 3) as f32).collect();
+    async fn a_range_is_summed_as_soon_as_the_shards_gradients_are_final_there() {
+        let g0: Vec<f32> = (0..10).map(|i| i as f32 * 0.1).collect();
+        let g1: Vec<f32> = (0..10).map(|i| 1.0 / (i + 3) as f32).collect();
         let (mut prefix, mut sum) = (vec![], vec![]);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut own = OwnGradients {
-            whole: &whole,
-            parts: vec![],
-            arrivals: Some(rx),
-            final_from: 10,
-            prefix: &mut prefix,
-            sum: &mut sum,
-        };
+        let mut own = OwnGradients { parts: vec![], arrivals: rx, final_from: 10, prefix: &mut prefix, sum: &mut sum };
         let expect = |range: Range<usize>, prefix: &[f32]| -> Vec<u32> {
-            range.enumerate().map(|(j, i)| ((prefix[j] + whole[0][i]) + last[i]).to_bits()).collect()
+            range.enumerate().map(|(j, i)| ((prefix[j] + g0[i]) + g1[i]).to_bits()).collect()
         };
         let wait = std::time::Duration::from_millis(50);
 
-        tx.send((6, &last[6..])).await.unwrap();
+        tx.send((6, vec![&g0[6..], &g1[6..]])).await.unwrap();
         *own.prefix = vec![0.5; 3];
         tokio::time::timeout(wait, own.add(7..10, true)).await.expect("final there").unwrap();
         assert_eq!(own.sum.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expect(7..10, &[0.5; 3]));
 
         *own.prefix = vec![-0.25; 4];
         assert!(tokio::time::timeout(wait, own.add(3..7, true)).await.is_err(), "3..6 is not final yet");
-        tx.send((0, &last[..6])).await.unwrap();
+        tx.send((0, vec![&g0[..6], &g1[..6]])).await.unwrap();
         tokio::time::timeout(wait, own.add(3..7, true)).await.expect("final now").unwrap();
         assert_eq!(own.sum.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expect(3..7, &[-0.25; 4]));
 
         drop(tx);
-        let mut fresh = OwnGradients {
-            whole: &whole,
-            parts: vec![],
-            arrivals: Some(tokio::sync::mpsc::channel(1).1),
-            final_from: 10,
-            prefix: own.prefix,
-            sum: own.sum,
-        };
+        let (prefix, sum) = (own.prefix, own.sum);
+        let arrivals = tokio::sync::mpsc::channel(1).1;
+        let mut fresh = OwnGradients { parts: vec![], arrivals, final_from: 10, prefix, sum };
         assert!(fresh.add(0..3, false).await.is_err(), "a computing that ended early is said");
     }
 }

@@ -121,6 +121,54 @@ impl ShardBuffers {
         model.gradient_streamed(params, x, targets, mode, &mut self.ws, grad, ready)
     }
 
+    /// `gradient_streamed` of several shards layer by layer (`Sequential::gradients_streamed`):
+    /// shard `s` is all of `shards[s].0`'s rows at `shards[s].1`, with `buffers[s]`, into
+    /// `grads[s]`; `ready(from, parts)` gets each shard's final `grads[s][from..to]`, in shard
+    /// order, for falling `from`. A shard without rows has a zero gradient, handed over in the
+    /// same parts as the others'.
+    pub fn gradients_streamed<'g>(
+        model: &Sequential,
+        buffers: &mut [ShardBuffers],
+        shards: &[(&Dataset, Mode)],
+        params: &[f32],
+        grads: Vec<&'g mut [f32]>,
+        ready: &mut dyn FnMut(usize, Vec<&'g [f32]>),
+    ) -> Vec<ShardStats> {
+        let mut passes = vec![];
+        // Per shard: where its pass is among `passes`, or its zero gradient.
+        let mut place: Vec<Result<usize, &'g [f32]>> = vec![];
+        for ((buffers, &(data, mode)), grad) in buffers.iter_mut().zip(shards).zip(grads) {
+            if data.is_empty() {
+                grad.fill(0.0);
+                place.push(Err(&*grad));
+                continue;
+            }
+            let ShardBuffers { ws, x, classes, values } = buffers;
+            let idx: Vec<u32> = (0..data.len() as u32).collect();
+            let rows = gather_rows(data, &idx, x);
+            let targets = gather_targets(data, &idx, classes, values);
+            place.push(Ok(passes.len()));
+            passes.push(dtrain_nn::ShardPass { x: rows, targets, mode, ws, grads: grad });
+        }
+        if passes.is_empty() {
+            ready(0, place.iter().filter_map(|p| p.err()).collect());
+            return shards.iter().map(|_| ShardStats::default()).collect();
+        }
+        let mut with_zeros = |from: usize, parts: Vec<&'g [f32]>| {
+            let len = parts.first().map_or(0, |p| p.len());
+            let all = place.iter().map(|p| match p {
+                Ok(i) => parts[*i],
+                Err(zeros) => &zeros[from..from + len],
+            });
+            ready(from, all.collect());
+        };
+        let mut computed = model.gradients_streamed(params, passes, &mut with_zeros).into_iter();
+        place
+            .iter()
+            .map(|p| if p.is_ok() { computed.next().unwrap_or_default() } else { ShardStats::default() })
+            .collect()
+    }
+
     /// Loss and accuracy of rows `idx` with dropout off.
     pub fn evaluate(&mut self, model: &Sequential, data: &Dataset, params: &[f32], idx: &[u32]) -> ShardStats {
         let x = gather_rows(data, idx, &mut self.x);
@@ -325,14 +373,18 @@ mod tests {
         Dataset::new(Features::U8(x), vec![6], Labels::Classes(y)).unwrap().with_rescale(1.0 / 255.0)
     }
 
-    #[test]
-    fn gathering_ahead_gives_the_same_gradients() {
+    /// 6 inputs, Dense 8 (ReLU), Dropout 0.5, Dense 3 (softmax).
+    fn model() -> Sequential {
         let dense = |units, activation| LayerSpec::Dense(DenseSpec { activation, ..DenseSpec::new(units) });
         let layers =
             [dense(8, Activation::Relu), LayerSpec::Dropout { rate: 0.5, seed: None }, dense(3, Activation::Softmax)];
-        let model =
-            Sequential::new(&[6], &layers, Loss { kind: LossKind::SparseCategoricalCrossentropy, from_logits: false })
-                .unwrap();
+        Sequential::new(&[6], &layers, Loss { kind: LossKind::SparseCategoricalCrossentropy, from_logits: false })
+            .unwrap()
+    }
+
+    #[test]
+    fn gathering_ahead_gives_the_same_gradients() {
+        let model = model();
         let params = model.init_params(7);
         let batches: Vec<Vec<u32>> = (0..6u32).map(|b| (0..10).map(|i| (b * 13 + i * 7) % 40).collect()).collect();
         // What the trainer announces before each step; step 3's announcement is wrong (a
@@ -365,6 +417,48 @@ mod tests {
                 );
                 assert_eq!(s, t);
             }
+        }
+    }
+    /// Shards streamed side by side, one of them without rows: each shard's gradient and sums
+    /// are those `gradient` gives it alone, the empty one's zeros, and every part holds every
+    /// shard's values in shard order.
+    #[test]
+    fn shards_side_by_side_give_each_its_own_gradient_and_an_empty_one_zeros() {
+        let model = model();
+        let params = model.init_params(7);
+        let all = data();
+        let shards = [all.subset(&[3, 9, 14, 20]), all.subset(&[]), all.subset(&[1, 2, 33])];
+        let mode = |first| Mode::Train { seed: 5, step: 4, first_position: first, global_batch: 7 };
+        let modes: Vec<(&Dataset, Mode)> = shards.iter().zip([0, 4, 4]).map(|(d, f)| (d, mode(f))).collect();
+        let alone: Vec<(Vec<f32>, ShardStats)> = modes
+            .iter()
+            .map(|&(d, m)| {
+                let mut g = vec![f32::NAN; params.len()];
+                let idx: Vec<u32> = (0..d.len() as u32).collect();
+                let stats = ShardBuffers::default().gradient(&model, d, &params, &idx, m, &mut g);
+                (g, stats)
+            })
+            .collect();
+        let mut grads = vec![vec![f32::NAN; params.len()]; 3];
+        let mut buffers = vec![ShardBuffers::default(), ShardBuffers::default(), ShardBuffers::default()];
+        let mut parts: Vec<(usize, Vec<Vec<f32>>)> = vec![];
+        let mut ready = |from: usize, p: Vec<&[f32]>| parts.push((from, p.iter().map(|v| v.to_vec()).collect()));
+        let views: Vec<&mut [f32]> = grads.iter_mut().map(|g| &mut g[..]).collect();
+        let stats = ShardBuffers::gradients_streamed(&model, &mut buffers, &modes, &params, views, &mut ready);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for ((g, s), (want, want_stats)) in grads.iter().zip(&stats).zip(&alone) {
+            assert_eq!(bits(g), bits(want));
+            assert_eq!(s, want_stats);
+        }
+        assert!(grads[1].iter().all(|&v| v.to_bits() == 0), "the empty shard's gradient is +0");
+        assert_eq!(parts.iter().map(|(from, _)| *from).collect::<Vec<_>>(), [6 * 8 + 8, 0]);
+        let mut end = params.len();
+        for (from, p) in &parts {
+            assert_eq!(p.len(), 3, "every shard in every part");
+            for (part, g) in p.iter().zip(&grads) {
+                assert_eq!(bits(part), bits(&g[*from..end]));
+            }
+            end = *from;
         }
     }
 }

@@ -139,6 +139,32 @@ impl ShardStats {
     }
 }
 
+/// One shard for `Sequential::gradients_streamed`: its rows, their targets, where they sit in
+/// the step (`mode`), its workspace, and the buffer its gradient goes into.
+pub struct ShardPass<'x, 't, 'w, 'g> {
+    /// The rows.
+    pub x: ArrayView2<'x, f32>,
+    /// Their targets.
+    pub targets: Targets<'t>,
+    /// Training (where the rows sit in the global batch) or inference.
+    pub mode: Mode,
+    /// Its own workspace.
+    pub ws: &'w mut Workspace,
+    /// The model's size.
+    pub grads: &'g mut [f32],
+}
+
+/// One shard's backward pass under way: its rows, its forward pass's buffers, the part of its
+/// gradient not yet final, a dropout mask not yet applied to the gradient (the op below applies
+/// it, a Dense in the same pass as its own element-wise work), and its loss scale.
+struct Backward<'x, 'w, 'g> {
+    x: ndarray::CowArray<'x, f32, ndarray::Ix2>,
+    ws: &'w mut Workspace,
+    grads: &'g mut [f32],
+    pending_mask: Option<usize>,
+    scale: f32,
+}
+
 /// Reusable buffers for one shard's passes; they are resized only when the row count changes.
 #[derive(Debug, Default)]
 pub struct Workspace {
@@ -519,80 +545,118 @@ impl Sequential {
         grads: &'g mut [f32],
         ready: &mut dyn FnMut(usize, &'g [f32]),
     ) -> ShardStats {
-        let scale = match mode {
-            Mode::Train { global_batch, .. } => 1.0 / global_batch.max(1) as f32,
-            Mode::Infer => 1.0 / x.nrows().max(1) as f32,
-        };
-        assert_eq!(grads.len(), self.num_params, "gradient buffer has the model's size");
-        // What is not yet final: the values below the last piece handed to `ready`.
-        let mut grads: &'g mut [f32] = grads;
-        let x = x.as_standard_layout();
-        let activity = self.forward(params, x.view(), mode, ws);
-        let stats = self.loss_rows(x.view(), targets, scale, ws, activity, true);
+        let pass = ShardPass { x, targets, mode, ws, grads };
+        let mut one = |from: usize, mut parts: Vec<&'g [f32]>| ready(from, parts.pop().unwrap_or_default());
+        self.gradients_streamed(params, vec![pass], &mut one).pop().unwrap_or_default()
+    }
+
+    /// `gradient_streamed` of several shards at once, layer by layer: every shard's forward
+    /// pass, then each op's backward for every shard before the op below, so that `ready(from,
+    /// parts)` gets each shard's final `grads[from..to]` (in the shards' order) as soon as the
+    /// last layers are done for all of them, not once every shard but the last is whole. Each
+    /// shard's values are those `gradient` computes alone: the same operations on its own
+    /// buffers, only interleaved.
+    pub fn gradients_streamed<'g>(
+        &self,
+        params: &[f32],
+        passes: Vec<ShardPass<'_, '_, '_, 'g>>,
+        ready: &mut dyn FnMut(usize, Vec<&'g [f32]>),
+    ) -> Vec<ShardStats> {
+        let mut stats = Vec::with_capacity(passes.len());
+        let mut shards: Vec<Backward<'_, '_, 'g>> = Vec::with_capacity(passes.len());
+        for ShardPass { x, targets, mode, ws, grads } in passes {
+            assert_eq!(grads.len(), self.num_params, "gradient buffer has the model's size");
+            let scale = match mode {
+                Mode::Train { global_batch, .. } => 1.0 / global_batch.max(1) as f32,
+                Mode::Infer => 1.0 / x.nrows().max(1) as f32,
+            };
+            let x = match x.is_standard_layout() {
+                true => ndarray::CowArray::from(x),
+                false => ndarray::CowArray::from(x.as_standard_layout().into_owned()),
+            };
+            let activity = self.forward(params, x.view(), mode, ws);
+            stats.push(self.loss_rows(x.view(), targets, scale, ws, activity, true));
+            shards.push(Backward { x, ws, grads, pending_mask: None, scale });
+        }
+        for i in (self.first_param_op..self.ops.len()).rev() {
+            let mut from = None;
+            let mut parts = Vec::with_capacity(shards.len());
+            for b in &mut shards {
+                if let Some((at, tail)) = self.backward_op(i, params, b) {
+                    from = Some(at);
+                    parts.push(tail);
+                }
+            }
+            if let Some(at) = from {
+                ready(at, parts);
+            }
+        }
+        let rest: Vec<&'g [f32]> = shards.into_iter().map(|b| &*b.grads).collect();
+        if rest.iter().any(|r| !r.is_empty()) {
+            ready(0, rest);
+        }
+        stats
+    }
+
+    /// Op `i`'s backward for one shard; a Dense returns its kernel's offset and the part of
+    /// the gradient that is final from there on (kernel and bias, and everything above).
+    fn backward_op<'g>(&self, i: usize, params: &[f32], b: &mut Backward<'_, '_, 'g>) -> Option<(usize, &'g [f32])> {
         let last = self.ops.len() - 1;
-        let logits = self.logits_mode();
-        // A dropout mask not yet applied to the gradient: the op below applies it, a Dense in
-        // the same pass as its own element-wise work.
-        let mut pending_mask: Option<usize> = None;
-        for i in (self.first_param_op..=last).rev() {
-            let g_is_dz = logits && i == last;
-            let (gbefore, gafter) = ws.grad.split_at_mut(i);
-            let g = &mut gafter[0];
-            let input = if i == 0 { x.view() } else { ws.out[i - 1].view() };
-            match &self.ops[i] {
-                Op::Dense { kernel, bias, activation, activity: act_reg } => {
-                    let mask = pending_mask.take().map(|m| &ws.z[m]);
-                    let gb = bias.map(|b| {
-                        let gb = &mut grads[self.vars[b].range()];
-                        gb.fill(0.0);
-                        gb
-                    });
-                    dense_backward(
-                        DenseBlocks { z: &ws.z[i], out: &ws.out[i], mask, g },
-                        *activation,
-                        act_reg.map(|r| (r, scale)),
-                        g_is_dz,
-                        gb,
-                        &mut ws.scratch,
-                    );
-                    let kv = &self.vars[*kernel];
-                    let mut gw = ArrayViewMut2::from_shape((kv.shape[0], kv.shape[1]), &mut grads[kv.range()])
-                        .expect("kernel shape matches its slice");
-                    crate::product::weight_gradient(input, g.view(), gw.view_mut());
-                    // Variables are laid out in layer order, kernel before bias: everything
-                    // from this kernel on is final.
-                    let (below, tail) = std::mem::take(&mut grads).split_at_mut(kv.offset);
-                    ready(kv.offset, tail);
-                    grads = below;
-                    if i > self.first_param_op {
-                        let gin = &mut gbefore[i - 1];
-                        ensure(gin, g.nrows(), input.ncols());
-                        general_mat_mul(1.0, &*g, &self.matrix(params, *kernel).t(), 0.0, gin);
-                    }
+        let g_is_dz = self.logits_mode() && i == last;
+        let Backward { x, ws, grads, pending_mask, scale } = b;
+        let (gbefore, gafter) = ws.grad.split_at_mut(i);
+        let g = &mut gafter[0];
+        let input = if i == 0 { x.view() } else { ws.out[i - 1].view() };
+        match &self.ops[i] {
+            Op::Dense { kernel, bias, activation, activity: act_reg } => {
+                let mask = pending_mask.take().map(|m| &ws.z[m]);
+                let gb = bias.map(|b| {
+                    let gb = &mut grads[self.vars[b].range()];
+                    gb.fill(0.0);
+                    gb
+                });
+                dense_backward(
+                    DenseBlocks { z: &ws.z[i], out: &ws.out[i], mask, g },
+                    *activation,
+                    act_reg.map(|r| (r, *scale)),
+                    g_is_dz,
+                    gb,
+                    &mut ws.scratch,
+                );
+                let kv = &self.vars[*kernel];
+                let mut gw = ArrayViewMut2::from_shape((kv.shape[0], kv.shape[1]), &mut grads[kv.range()])
+                    .expect("kernel shape matches its slice");
+                crate::product::weight_gradient(input, g.view(), gw.view_mut());
+                // Variables are laid out in layer order, kernel before bias: everything from
+                // this kernel on is final.
+                let (below, tail) = std::mem::take(grads).split_at_mut(kv.offset);
+                *grads = below;
+                if i > self.first_param_op {
+                    let gin = &mut gbefore[i - 1];
+                    ensure(gin, g.nrows(), input.ncols());
+                    general_mat_mul(1.0, &*g, &self.matrix(params, *kernel).t(), 0.0, gin);
                 }
-                Op::Dropout { .. } => {
-                    if i > self.first_param_op {
-                        apply_mask(g, pending_mask.take().map(|m| &ws.z[m]));
-                        pending_mask = ws.masked[i].then_some(i);
-                        std::mem::swap(g, &mut gbefore[i - 1]);
-                    }
-                }
-                Op::Activation(f) => {
+                return Some((kv.offset, tail));
+            }
+            Op::Dropout { .. } => {
+                if i > self.first_param_op {
                     apply_mask(g, pending_mask.take().map(|m| &ws.z[m]));
-                    if !g_is_dz {
-                        let (z, out) = (input.to_slice().expect("rows are contiguous"), flat(&ws.out[i]));
-                        f.backward(z, out, flat_mut(g), self.widths[i]);
-                    }
-                    if i > self.first_param_op {
-                        std::mem::swap(g, &mut gbefore[i - 1]);
-                    }
+                    *pending_mask = ws.masked[i].then_some(i);
+                    std::mem::swap(g, &mut gbefore[i - 1]);
+                }
+            }
+            Op::Activation(f) => {
+                apply_mask(g, pending_mask.take().map(|m| &ws.z[m]));
+                if !g_is_dz {
+                    let (z, out) = (input.to_slice().expect("rows are contiguous"), flat(&ws.out[i]));
+                    f.backward(z, out, flat_mut(g), self.widths[i]);
+                }
+                if i > self.first_param_op {
+                    std::mem::swap(g, &mut gbefore[i - 1]);
                 }
             }
         }
-        if !grads.is_empty() {
-            ready(0, grads);
-        }
-        stats
+        None
     }
 
     fn logits_mode(&self) -> bool {

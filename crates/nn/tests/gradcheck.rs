@@ -264,6 +264,73 @@ fn a_streamed_gradient_hands_over_final_parts_from_the_last_layer_down() {
     );
 }
 
+/// Three shards' gradients streamed layer by layer (`gradients_streamed`): each part is handed
+/// over for all three at once, from the last layer down, each final then, and each shard's
+/// gradient is the one `gradient` computes for it alone, bit for bit (dropout masks keyed by
+/// each shard's first position).
+#[test]
+fn shards_streamed_layer_by_layer_give_each_shards_own_bits() {
+    let specs = vec![
+        LayerSpec::Flatten,
+        LayerSpec::Dense(DenseSpec {
+            activity_regularizer: Some(Regularizer { l1: 0.01, l2: 0.0 }),
+            ..dense(8, Activation::Relu)
+        }),
+        LayerSpec::Dropout { rate: 0.5, seed: None },
+        LayerSpec::Dense(DenseSpec { use_bias: false, ..dense(5, Activation::Tanh) }),
+        LayerSpec::Dense(dense(3, Activation::Softmax)),
+    ];
+    let m = Sequential::new(&[2, 3], &specs, sparse()).unwrap();
+    let mut rng = Stream::new(5, 1);
+    let x = Array2::from_shape_fn((10, 6), |_| rng.normal());
+    let y: Vec<u32> = (0..10).map(|i| i % 3).collect();
+    let p = m.init_params(4);
+    let rows = [0..4, 4..7, 7..10];
+    let mode =
+        |r: &std::ops::Range<usize>| Mode::Train { seed: 9, step: 2, first_position: r.start as u32, global_batch: 10 };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let alone: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|r| {
+            let mut g = vec![0.0; p.len()];
+            let xs = x.slice(ndarray::s![r.clone(), ..]);
+            m.gradient(&p, xs, Targets::Classes(&y[r.clone()]), mode(r), &mut Workspace::default(), &mut g);
+            g
+        })
+        .collect();
+    let mut grads = vec![vec![f32::NAN; p.len()]; 3];
+    let mut workspaces = [Workspace::default(), Workspace::default(), Workspace::default()];
+    let passes = rows
+        .iter()
+        .zip(workspaces.iter_mut())
+        .zip(grads.iter_mut())
+        .map(|((r, ws), g)| ShardPass {
+            x: x.slice(ndarray::s![r.clone(), ..]),
+            targets: Targets::Classes(&y[r.clone()]),
+            mode: mode(r),
+            ws,
+            grads: g,
+        })
+        .collect();
+    let mut handed: Vec<(usize, Vec<Vec<f32>>)> = vec![];
+    let mut ready = |from: usize, parts: Vec<&[f32]>| handed.push((from, parts.iter().map(|p| p.to_vec()).collect()));
+    m.gradients_streamed(&p, passes, &mut ready);
+    let starts: Vec<usize> = handed.iter().map(|(from, _)| *from).collect();
+    assert_eq!(starts, [48 + 8 + 40, 48 + 8, 0], "one part per Dense layer, for all shards at once");
+    let mut end = p.len();
+    for (from, parts) in &handed {
+        assert_eq!(parts.len(), 3);
+        for (part, whole) in parts.iter().zip(&grads) {
+            assert_eq!(from + part.len(), end, "each part joins the one handed over before");
+            assert_eq!(bits(part), bits(&whole[*from..end]), "final when handed over");
+        }
+        end = *from;
+    }
+    for (streamed, alone) in grads.iter().zip(&alone) {
+        assert_eq!(bits(streamed), bits(alone), "each shard's own bits");
+    }
+}
+
 /// The penalty computed ahead (`weight_penalty_terms`, then `add_weight_penalty_terms`) gives
 /// the same bits as `weight_penalty_and_grad`, for L1, L2 and both, on kernels and biases,
 /// with exact zeros among the weights (where the L1 derivative is 0). Tolerance: none.

@@ -220,11 +220,9 @@ fn shard_gradients_sum_to_the_batch_gradient() {
     }
 }
 
-/// `gradient_streamed` hands over the gradient from the end down, layer by layer, each part
-/// already final when handed over (a copy taken then equals the finished gradient, bit for
-/// bit), the parts joining into the whole; and it is `gradient`'s gradient.
-#[test]
-fn a_streamed_gradient_hands_over_final_parts_from_the_last_layer_down() {
+/// The streaming tests' model: an activity penalty, dropout, a Dense without bias; three Dense
+/// layers, so three parts (6*8+8, 8*5 and 5*3+3 values).
+fn streamed_model() -> Sequential {
     let specs = vec![
         LayerSpec::Flatten,
         LayerSpec::Dense(DenseSpec {
@@ -235,7 +233,15 @@ fn a_streamed_gradient_hands_over_final_parts_from_the_last_layer_down() {
         LayerSpec::Dense(DenseSpec { use_bias: false, ..dense(5, Activation::Tanh) }),
         LayerSpec::Dense(dense(3, Activation::Softmax)),
     ];
-    let m = Sequential::new(&[2, 3], &specs, sparse()).unwrap();
+    Sequential::new(&[2, 3], &specs, sparse()).unwrap()
+}
+
+/// `gradient_streamed` hands over the gradient from the end down, layer by layer, each part
+/// already final when handed over (a copy taken then equals the finished gradient, bit for
+/// bit), the parts joining into the whole; and it is `gradient`'s gradient.
+#[test]
+fn a_streamed_gradient_hands_over_final_parts_from_the_last_layer_down() {
+    let m = streamed_model();
     let mut rng = Stream::new(3, 1);
     let x = Array2::from_shape_fn((7, 6), |_| rng.normal());
     let y: Vec<u32> = (0..7).map(|i| i % 3).collect();
@@ -270,17 +276,7 @@ fn a_streamed_gradient_hands_over_final_parts_from_the_last_layer_down() {
 /// each shard's first position).
 #[test]
 fn shards_streamed_layer_by_layer_give_each_shards_own_bits() {
-    let specs = vec![
-        LayerSpec::Flatten,
-        LayerSpec::Dense(DenseSpec {
-            activity_regularizer: Some(Regularizer { l1: 0.01, l2: 0.0 }),
-            ..dense(8, Activation::Relu)
-        }),
-        LayerSpec::Dropout { rate: 0.5, seed: None },
-        LayerSpec::Dense(DenseSpec { use_bias: false, ..dense(5, Activation::Tanh) }),
-        LayerSpec::Dense(dense(3, Activation::Softmax)),
-    ];
-    let m = Sequential::new(&[2, 3], &specs, sparse()).unwrap();
+    let m = streamed_model();
     let mut rng = Stream::new(5, 1);
     let x = Array2::from_shape_fn((10, 6), |_| rng.normal());
     let y: Vec<u32> = (0..10).map(|i| i % 3).collect();

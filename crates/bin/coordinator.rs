@@ -11,7 +11,7 @@ use std::io::Write;
 
 #[path = "coordinator_cli.rs"]
 mod coordinator_cli;
-use coordinator_cli::{Cli, Command, Format};
+use coordinator_cli::{Cli, Command, Format, Numerics};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -114,8 +114,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dtrain_cluster::run::train(&opts, &cluster, &mut console)?;
             }
         }
-        Command::Evaluate { config, weights, json } => {
-            let (e, which, n) = session::evaluate_weights(&config, &weights)?;
+        Command::Evaluate { config, weights, json, numerics, tensorflow_threads } => {
+            let numerics = match numerics {
+                Numerics::Dtrain => session::Numerics::Dtrain,
+                Numerics::Tensorflow => session::Numerics::TensorFlow {
+                    threads: tensorflow_threads
+                        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                },
+            };
+            let (e, which, n) = session::evaluate_weights(&config, &weights, numerics)?;
             if json {
                 let v = serde_json::json!({"loss": e.loss, "accuracy": e.accuracy, "data": which, "samples": n});
                 writeln!(out, "{v}")?;

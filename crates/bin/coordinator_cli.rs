@@ -28,6 +28,14 @@ pub enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Whose rounding to reproduce: dtrain's own kernels, or TensorFlow's CPU kernels (the
+        /// loss Keras's evaluate reports on the TensorFlow backend, bit for bit).
+        #[arg(long, value_enum, default_value = "dtrain")]
+        numerics: Numerics,
+        /// With --numerics tensorflow: the CPU count of the machine Keras runs on (TensorFlow
+        /// splits very long sums across its threads). Default: this machine's.
+        #[arg(long)]
+        tensorflow_threads: Option<usize>,
     },
     /// Model outputs for every sample of an input file (.npy, .csv of features, or IDX images).
     Predict {
@@ -56,6 +64,12 @@ pub enum Command {
         #[arg(long, env = "DTRAIN_CONFIG")]
         config: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Numerics {
+    Dtrain,
+    Tensorflow,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -278,14 +278,26 @@ def predict(model, x):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def evaluate(model, x, y):
+def evaluate(model, x, y, numerics=None):
     """`model.evaluate(x, y)` computed by dtrain (`coordinator evaluate`): a dict of the loss
-    (with every regularization term, as Keras reports it) and the compiled metrics."""
+    (with every regularization term, as Keras reports it) and the compiled metrics.
+
+    `numerics="tensorflow"` reproduces TensorFlow's CPU kernels' rounding, so the loss is the
+    one Keras's evaluate reports on the TensorFlow backend, bit for bit (for sparse
+    crossentropy on a softmax after linear or relu layers; other models are refused by name);
+    `"dtrain"` uses dtrain's own kernels. The default is "tensorflow" when Keras's backend is
+    TensorFlow, else "dtrain"."""
     import json
+    if numerics is None:
+        import keras
+        numerics = "tensorflow" if keras.backend.backend() == "tensorflow" else "dtrain"
+    if numerics not in ("dtrain", "tensorflow"):
+        raise DtrainError(f"numerics={numerics!r}: use 'dtrain' or 'tensorflow'")
     work = tempfile.mkdtemp(prefix="dtrain-")
     try:
         job, weights, _ = _job(work, model, x, y)
-        out = _run([_binary("coordinator"), "evaluate", "--config", job, "--weights", weights, "--json"], False)
+        out = _run([_binary("coordinator"), "evaluate", "--config", job, "--weights", weights, "--json",
+                    "--numerics", numerics], False)
         return json.loads(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,8 +2,8 @@
 
 use crate::engine::ShardBuffers;
 use crate::logs::Mean;
-use dtrain_data::Dataset;
-use dtrain_nn::Sequential;
+use dtrain_data::{Dataset, Labels};
+use dtrain_nn::{NnError, Sequential};
 use ndarray::Array2;
 use rayon::prelude::*;
 
@@ -37,6 +37,42 @@ pub fn evaluate(model: &Sequential, params: &[f32], data: &Dataset, batch_size: 
         acc.add_sum(c, b);
     }
     Evaluation { loss: loss.result(), accuracy: acc.result() }
+}
+
+/// Keras's `evaluate` as Keras on TensorFlow computes it, bit for bit (TensorFlow's CPU
+/// kernels' order of rounding, see `dtrain_nn`'s `model::tensorflow`); `threads` is the Keras
+/// machine's CPU count (TensorFlow splits sums of over 258,000 values across them). The
+/// model must be one it covers (`Sequential::tensorflow_exact`), with class labels.
+pub fn evaluate_as_tensorflow(
+    model: &Sequential,
+    params: &[f32],
+    data: &Dataset,
+    batch_size: usize,
+    threads: usize,
+) -> Result<Evaluation, NnError> {
+    model.tensorflow_exact()?;
+    let Labels::Classes(classes) = &data.labels else {
+        return Err(NnError::Model("TensorFlow's evaluate is reproduced for class labels only".into()));
+    };
+    let idx: Vec<u32> = (0..data.len() as u32).collect();
+    let per_batch: Vec<(f32, u32, usize)> = idx
+        .par_chunks(batch_size)
+        .map_init(Vec::new, |x, rows| {
+            let w = data.width();
+            x.resize(rows.len() * w, 0.0);
+            data.gather(rows, x);
+            let x = ndarray::ArrayView2::from_shape((rows.len(), w), x).expect("gathered rows have the input width");
+            let c: Vec<u32> = rows.iter().map(|&i| classes[i as usize]).collect();
+            let b = model.tensorflow_batch(params, x, &c, threads);
+            (b.loss, b.correct, rows.len())
+        })
+        .collect();
+    let (mut loss, mut acc) = (Mean::default(), Mean::default());
+    for (l, c, b) in per_batch {
+        loss.add(l, b as f32);
+        acc.add_sum(c as f32, b as f32);
+    }
+    Ok(Evaluation { loss: loss.result(), accuracy: acc.result() })
 }
 
 /// Model outputs for every sample of `data`, one row each.

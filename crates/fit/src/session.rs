@@ -6,7 +6,7 @@ use crate::checkpoint::{load_state, read_weights, TrainState};
 use crate::config::JobConfig;
 use crate::dataload::load_data;
 use crate::engine::{Engine, LocalEngine};
-use crate::evaluate::{evaluate, predict, Evaluation};
+use crate::evaluate::{evaluate, evaluate_as_tensorflow, predict, Evaluation};
 use crate::progress::{Observer, Report};
 use crate::run::{RunDir, JOB_FILE};
 use crate::FitError;
@@ -245,9 +245,26 @@ fn continue_keras_optimizer(
     }
 }
 
+/// Whose kernels' rounding an evaluation reproduces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Numerics {
+    /// dtrain's own: OpenBLAS's products, the loss summed in f64 (within float rounding of Keras).
+    Dtrain,
+    /// TensorFlow's CPU kernels, as Keras's evaluate on TensorFlow reports, bit for bit;
+    /// `threads` is the Keras machine's CPU count.
+    TensorFlow {
+        /// TensorFlow's intra-op thread count.
+        threads: usize,
+    },
+}
+
 /// `coordinator evaluate`: loss (with every regularization term) and accuracy of the weights
 /// on the job's validation data, or on its training data when it has none.
-pub fn evaluate_weights(config: &Path, weights: &Path) -> Result<(Evaluation, &'static str, usize), FitError> {
+pub fn evaluate_weights(
+    config: &Path,
+    weights: &Path,
+    numerics: Numerics,
+) -> Result<(Evaluation, &'static str, usize), FitError> {
     let job = load_job(config, None, None, None)?;
     let params = read_weights(weights, &job.model)?;
     let (train, val) = load_data(&job)?;
@@ -256,7 +273,12 @@ pub fn evaluate_weights(config: &Path, weights: &Path) -> Result<(Evaluation, &'
         None => (train, "training"),
     };
     let bs = job.fit.validation_batch_size;
-    Ok((evaluate(&job.model, &params, &data, bs), which, data.len()))
+    let e = match numerics {
+        Numerics::Dtrain => evaluate(&job.model, &params, &data, bs),
+        Numerics::TensorFlow { threads } => evaluate_as_tensorflow(&job.model, &params, &data, bs, threads)
+            .map_err(|e| FitError::Config(format!("{}: --numerics tensorflow: {e}", config.display())))?,
+    };
+    Ok((e, which, data.len()))
 }
 
 /// `coordinator predict`: the model's outputs for every sample of `input`.

@@ -23,7 +23,7 @@ pub use constraint::Constraint;
 pub use init::Initializer;
 pub use layer::{DenseSpec, LayerSpec};
 pub use loss::{Loss, LossKind, Target};
-pub use model::{LayerInfo, Mode, Sequential, ShardPass, ShardStats, Targets, Variable, Workspace};
+pub use model::{LayerInfo, Mode, Sequential, ShardPass, ShardStats, Targets, TfBatch, Variable, Workspace};
 pub use regularizer::{PenaltySums, Regularizer};
 pub use summary::thousands;
 

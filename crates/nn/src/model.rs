@@ -8,6 +8,9 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 use std::ops::Range;
 
+mod tensorflow;
+pub use tensorflow::TfBatch;
+
 /// One trainable variable: a named slice of the flat parameter buffer (Keras layout).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Variable {

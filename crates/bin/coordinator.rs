@@ -38,6 +38,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// The numerics the command line asks for; TensorFlow's thread count defaults to this machine's CPUs.
+fn numerics_of(numerics: Numerics, tensorflow_threads: Option<usize>) -> session::Numerics {
+    match numerics {
+        Numerics::Dtrain => session::Numerics::Dtrain,
+        Numerics::Tensorflow => session::Numerics::TensorFlow {
+            threads: tensorflow_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        },
+    }
+}
+
 fn train_options(a: &coordinator_cli::TrainArgs) -> TrainOptions {
     TrainOptions {
         config: a.config.clone(),
@@ -115,14 +125,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Evaluate { config, weights, json, numerics, tensorflow_threads } => {
-            let numerics = match numerics {
-                Numerics::Dtrain => session::Numerics::Dtrain,
-                Numerics::Tensorflow => session::Numerics::TensorFlow {
-                    threads: tensorflow_threads
-                        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-                },
-            };
-            let (e, which, n) = session::evaluate_weights(&config, &weights, numerics)?;
+            let (e, which, n) =
+                session::evaluate_weights(&config, &weights, numerics_of(numerics, tensorflow_threads))?;
             if json {
                 let v = serde_json::json!({"loss": e.loss, "accuracy": e.accuracy, "data": which, "samples": n});
                 writeln!(out, "{v}")?;
@@ -130,8 +134,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 writeln!(out, "{which} data ({n} samples): loss {:.6} - accuracy {:.4}", e.loss, e.accuracy)?;
             }
         }
-        Command::Predict { config, weights, input, json } => {
-            let p = session::predict_file(&config, &weights, &input)?;
+        Command::Predict { config, weights, input, json, numerics } => {
+            let p = session::predict_file(&config, &weights, &input, numerics_of(numerics, None))?;
             let argmax = |r: ndarray::ArrayView1<f32>| {
                 r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
             };

@@ -48,6 +48,10 @@ pub enum Command {
         /// Print JSON instead of CSV.
         #[arg(long)]
         json: bool,
+        /// Whose rounding to reproduce: dtrain's own kernels, or TensorFlow's CPU kernels (the
+        /// outputs Keras's predict gives on the TensorFlow backend, bit for bit).
+        #[arg(long, value_enum, default_value = "dtrain")]
+        numerics: Numerics,
     },
     /// Write weights (safetensors) as a Keras 3 `.keras` file, which `keras.saving.load_model` opens.
     Export {

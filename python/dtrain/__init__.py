@@ -265,14 +265,28 @@ def _job(work, model, x, y):
     return job, weights, x_file
 
 
-def predict(model, x):
-    """`model.predict(x)` computed by dtrain (`coordinator predict`), as a float32 array."""
+def _numerics(numerics):
+    """The numerics asked for: by default TensorFlow's kernels when Keras runs on TensorFlow."""
+    if numerics is None:
+        import keras
+        numerics = "tensorflow" if keras.backend.backend() == "tensorflow" else "dtrain"
+    if numerics not in ("dtrain", "tensorflow"):
+        raise DtrainError(f"numerics={numerics!r}: use 'dtrain' or 'tensorflow'")
+    return numerics
+
+
+def predict(model, x, numerics=None):
+    """`model.predict(x)` computed by dtrain (`coordinator predict`), as a float32 array.
+
+    `numerics` as for `evaluate`: "tensorflow" (the default on Keras's TensorFlow backend)
+    gives the outputs Keras's predict gives there, bit for bit."""
     import json
+    numerics = _numerics(numerics)
     work = tempfile.mkdtemp(prefix="dtrain-")
     try:
         job, weights, x_file = _job(work, model, x, np.zeros(len(x), dtype=np.int64))
         out = _run([_binary("coordinator"), "predict", "--config", job, "--weights", weights, "--input", x_file,
-                    "--json"], False)
+                    "--json", "--numerics", numerics], False)
         return np.array([r["output"] for r in json.loads(out)["predictions"]], dtype=np.float32)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -288,11 +302,7 @@ def evaluate(model, x, y, numerics=None):
     `"dtrain"` uses dtrain's own kernels. The default is "tensorflow" when Keras's backend is
     TensorFlow, else "dtrain"."""
     import json
-    if numerics is None:
-        import keras
-        numerics = "tensorflow" if keras.backend.backend() == "tensorflow" else "dtrain"
-    if numerics not in ("dtrain", "tensorflow"):
-        raise DtrainError(f"numerics={numerics!r}: use 'dtrain' or 'tensorflow'")
+    numerics = _numerics(numerics)
     work = tempfile.mkdtemp(prefix="dtrain-")
     try:
         job, weights, _ = _job(work, model, x, y)

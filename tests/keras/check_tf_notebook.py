@@ -11,8 +11,9 @@ validation on the test set, EarlyStopping and a best-weights ModelCheckpoint. As
 changed, the History has the epochs, Keras's evaluate() equals dtrain.evaluate's loss bit for bit
 on TensorFlow (dtrain.evaluate then reproduces TensorFlow's kernels' rounding) and within 1e-6 on
 another backend, with the same accuracy, and Keras's evaluate at the fit's batch size (30) is
-within 1e-6 of the run's last val_loss. Printed: whether the losses are equal bit for bit
-(float32), and how far the two models' outputs are apart (dtrain.predict uses dtrain's kernels).
+within 1e-6 of the run's last val_loss; on TensorFlow, dtrain.predict's outputs equal Keras's
+predict bit for bit too. Printed: whether the losses are equal bit for bit (float32), and how far
+the two models' outputs are apart (elsewhere dtrain.predict uses dtrain's kernels).
 """
 import os
 import sys
@@ -72,6 +73,7 @@ def main():
     assert close(ours["loss"], theirs["loss"]), (ours, theirs)
     if backend == "tensorflow":
         assert np.float32(ours["loss"]) == np.float32(theirs["loss"]), (ours, theirs)
+        assert np.array_equal(p, q), f"predictions differ in {int((p != q).sum())} values"
     assert np.float32(ours["accuracy"]) == np.float32(theirs["accuracy"]), (ours, theirs)
     assert close(val_loss, at_30["loss"]), (val_loss, at_30)
 

@@ -75,6 +75,30 @@ pub fn evaluate_as_tensorflow(
     Ok(Evaluation { loss: loss.result(), accuracy: acc.result() })
 }
 
+/// Model outputs for every sample of `data` as Keras's `predict` on TensorFlow computes them,
+/// bit for bit (see `evaluate_as_tensorflow`); the model must be one it covers
+/// (`Sequential::tensorflow_exact_outputs`).
+pub fn predict_as_tensorflow(
+    model: &Sequential,
+    params: &[f32],
+    data: &Dataset,
+    batch_size: usize,
+) -> Result<Array2<f32>, NnError> {
+    model.tensorflow_exact_outputs()?;
+    let (w, k) = (data.width(), model.output_width());
+    let idx: Vec<u32> = (0..data.len() as u32).collect();
+    let parts: Vec<Vec<f32>> = idx
+        .par_chunks(batch_size)
+        .map_init(Vec::new, |x, rows| {
+            x.resize(rows.len() * w, 0.0);
+            data.gather(rows, x);
+            let x = ndarray::ArrayView2::from_shape((rows.len(), w), x).expect("gathered rows have the input width");
+            model.tensorflow_outputs(params, x)
+        })
+        .collect();
+    Ok(Array2::from_shape_vec((data.len(), k), parts.concat()).expect("one output row per sample"))
+}
+
 /// Model outputs for every sample of `data`, one row each.
 pub fn predict(model: &Sequential, params: &[f32], data: &Dataset, batch_size: usize) -> Array2<f32> {
     let k = model.output_width();

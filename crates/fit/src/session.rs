@@ -6,7 +6,7 @@ use crate::checkpoint::{load_state, read_weights, TrainState};
 use crate::config::JobConfig;
 use crate::dataload::load_data;
 use crate::engine::{Engine, LocalEngine};
-use crate::evaluate::{evaluate, evaluate_as_tensorflow, predict, Evaluation};
+use crate::evaluate::{evaluate, evaluate_as_tensorflow, predict, predict_as_tensorflow, Evaluation};
 use crate::progress::{Observer, Report};
 use crate::run::{RunDir, JOB_FILE};
 use crate::FitError;
@@ -250,8 +250,8 @@ fn continue_keras_optimizer(
 pub enum Numerics {
     /// dtrain's own: OpenBLAS's products, the loss summed in f64 (within float rounding of Keras).
     Dtrain,
-    /// TensorFlow's CPU kernels, as Keras's evaluate on TensorFlow reports, bit for bit;
-    /// `threads` is the Keras machine's CPU count.
+    /// TensorFlow's CPU kernels, as Keras's evaluate and predict on TensorFlow compute, bit
+    /// for bit; `threads` is the Keras machine's CPU count.
     TensorFlow {
         /// TensorFlow's intra-op thread count.
         threads: usize,
@@ -282,12 +282,17 @@ pub fn evaluate_weights(
 }
 
 /// `coordinator predict`: the model's outputs for every sample of `input`.
-pub fn predict_file(config: &Path, weights: &Path, input: &Path) -> Result<Array2<f32>, FitError> {
+pub fn predict_file(config: &Path, weights: &Path, input: &Path, numerics: Numerics) -> Result<Array2<f32>, FitError> {
     let job = load_job(config, None, None, None)?;
     let params = read_weights(weights, &job.model)?;
     let data = load_features(input, job.model.input_shape())?.with_rescale(job.config.data.rescale);
     crate::dataload::check_width(&job, &data, input)?;
-    Ok(predict(&job.model, &params, &data, job.fit.batch_size.max(256)))
+    let bs = job.fit.batch_size.max(256);
+    match numerics {
+        Numerics::Dtrain => Ok(predict(&job.model, &params, &data, bs)),
+        Numerics::TensorFlow { .. } => predict_as_tensorflow(&job.model, &params, &data, bs)
+            .map_err(|e| FitError::Config(format!("{}: --numerics tensorflow: {e}", config.display()))),
+    }
 }
 
 /// `coordinator summary`: the model table.

@@ -48,31 +48,18 @@ pub struct TfBatch {
 }
 
 impl Sequential {
-    /// Whether `tensorflow_batch` computes this model as TensorFlow does: hidden layers with
-    /// linear or relu activations, a last Dense layer with softmax (or linear with
-    /// `from_logits`) under sparse categorical crossentropy. Otherwise the error names what is not.
-    pub fn tensorflow_exact(&self) -> Result<(), NnError> {
+    /// Whether `tensorflow_outputs` computes this model's outputs as TensorFlow does: hidden
+    /// layers with linear or relu activations (and Dropout), a last Dense layer with softmax
+    /// or linear activation. Otherwise the error names the layer.
+    pub fn tensorflow_exact_outputs(&self) -> Result<(), NnError> {
         let refuse = |what: String| {
-            Err(NnError::Model(format!("{what}: TensorFlow's evaluate is reproduced bit for bit only for sparse_categorical_crossentropy on a last Dense layer (softmax, or linear with from_logits) after linear or relu layers")))
+            Err(NnError::Model(format!("{what}: TensorFlow's kernels are reproduced bit for bit only for linear or relu layers and a last Dense layer with softmax or linear activation")))
         };
-        if self.loss.kind != LossKind::SparseCategoricalCrossentropy {
-            return refuse(format!("loss {:?}", self.loss.kind));
-        }
         let last = self.ops.len() - 1;
         for (i, op) in self.ops.iter().enumerate() {
             let name = &self.layers[self.layer_of_op(i)].name;
             match op {
-                Op::Dense { activation, .. } if i == last => {
-                    let logits = matches!(activation, Activation::Softmax) && !self.loss.from_logits
-                        || matches!(activation, Activation::Linear) && self.loss.from_logits;
-                    if !logits {
-                        return refuse(format!(
-                            "layer {name}: activation {} with from_logits={}",
-                            activation.name(),
-                            self.loss.from_logits
-                        ));
-                    }
-                }
+                Op::Dense { activation: Activation::Softmax | Activation::Linear, .. } if i == last => {}
                 Op::Dense { activation: Activation::Linear | Activation::Relu, .. } | Op::Dropout { .. }
                     if i != last => {}
                 Op::Activation(Activation::Linear | Activation::Relu) if i != last => {}
@@ -85,30 +72,47 @@ impl Sequential {
         Ok(())
     }
 
+    /// Whether `tensorflow_batch` computes this model's evaluate as TensorFlow does: outputs
+    /// as `tensorflow_exact_outputs` covers, and sparse categorical crossentropy read from the
+    /// logits (a softmax output, or a linear one with `from_logits`).
+    pub fn tensorflow_exact(&self) -> Result<(), NnError> {
+        self.tensorflow_exact_outputs()?;
+        let refuse = |what: String| {
+            Err(NnError::Model(format!("{what}: TensorFlow's evaluate is reproduced bit for bit only for sparse_categorical_crossentropy on a softmax output (or on a linear one with from_logits)")))
+        };
+        if self.loss.kind != LossKind::SparseCategoricalCrossentropy {
+            return refuse(format!("loss {:?}", self.loss.kind));
+        }
+        let softmax = self.last_activation() == Some(Activation::Softmax);
+        if softmax == self.loss.from_logits {
+            return refuse(format!(
+                "a {} output with from_logits={}",
+                if softmax { "softmax" } else { "linear" },
+                self.loss.from_logits
+            ));
+        }
+        Ok(())
+    }
+
     /// The layer (index into `layers()`) that op `op` computes (Flatten has no op).
     fn layer_of_op(&self, op: usize) -> usize {
         self.layers.iter().enumerate().filter(|(_, l)| l.class_name != "Flatten").nth(op).map_or(0, |(i, _)| i)
     }
 
-    /// One batch of Keras's `evaluate` (its test step's loss and the batch's correct
-    /// predictions) with TensorFlow's kernels' rounding; `threads` is TensorFlow's intra-op
-    /// thread count (the Keras machine's CPUs), which decides how very long sums are split.
-    /// The model must pass `tensorflow_exact`, and `classes` hold one class per row.
-    pub fn tensorflow_batch(&self, params: &[f32], x: ArrayView2<f32>, classes: &[u32], threads: usize) -> TfBatch {
+    /// The last Dense layer's pre-activation (rows of the output width) with TensorFlow's
+    /// rounding; each hidden Dense layer's output goes to `activity` with its activity
+    /// regularizer, if it has one.
+    fn tf_logits(&self, params: &[f32], x: ArrayView2<f32>, mut activity: impl FnMut(Regularizer, &[f32])) -> Vec<f32> {
         assert_eq!(params.len(), self.num_params, "parameter buffer has the model's size");
         assert_eq!(x.ncols(), self.input_width(), "input rows have the model's input width");
-        assert_eq!(x.nrows(), classes.len(), "one class per row");
         crate::flush_denormals();
         let rows = x.nrows();
-        let batch = rows as f32;
         let mut cur = x.as_standard_layout().into_owned().into_raw_vec_and_offset().0;
         let mut width = self.input_width();
-        let mut terms = vec![0.0]; // the crossentropy's place, filled below
         let last = self.ops.len() - 1;
-        let mut logits = Vec::new();
         for (i, op) in self.ops.iter().enumerate() {
             match op {
-                Op::Dense { kernel, bias, activation, activity } => {
+                Op::Dense { kernel, bias, activation, activity: reg } => {
                     let n = self.widths[i];
                     let mut z = vec![0.0; rows * n];
                     product(&cur, width, &params[self.vars[*kernel].range()], n, &mut z);
@@ -117,18 +121,13 @@ impl Sequential {
                         z.chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(z, b)| *z += b));
                     }
                     if i == last {
-                        logits = z;
-                        if let Some(r) = activity {
-                            terms.push(penalty(*r, &self.tf_outputs(&logits, n), threads) / batch);
-                        }
-                        width = n;
-                        break;
+                        return z;
                     }
                     if *activation == Activation::Relu {
                         relu(&mut z);
                     }
-                    if let Some(r) = activity {
-                        terms.push(penalty(*r, &z, threads) / batch);
+                    if let Some(r) = reg {
+                        activity(*r, &z);
                     }
                     cur = z;
                     width = n;
@@ -136,6 +135,30 @@ impl Sequential {
                 Op::Activation(Activation::Relu) => relu(&mut cur),
                 Op::Activation(_) | Op::Dropout { .. } => {}
             }
+        }
+        unreachable!("tensorflow_exact_outputs: the last op is Dense")
+    }
+
+    /// The model's outputs for rows `x` as Keras's `predict` on TensorFlow computes them, bit
+    /// for bit (the model must pass `tensorflow_exact_outputs`).
+    pub fn tensorflow_outputs(&self, params: &[f32], x: ArrayView2<f32>) -> Vec<f32> {
+        let logits = self.tf_logits(params, x, |_, _| {});
+        self.tf_outputs(logits)
+    }
+
+    /// One batch of Keras's `evaluate` (its test step's loss and the batch's correct
+    /// predictions) with TensorFlow's kernels' rounding; `threads` is TensorFlow's intra-op
+    /// thread count (the Keras machine's CPUs), which decides how very long sums are split.
+    /// The model must pass `tensorflow_exact`, and `classes` hold one class per row.
+    pub fn tensorflow_batch(&self, params: &[f32], x: ArrayView2<f32>, classes: &[u32], threads: usize) -> TfBatch {
+        assert_eq!(x.nrows(), classes.len(), "one class per row");
+        let batch = x.nrows() as f32;
+        let mut terms = vec![0.0]; // the crossentropy's place, filled below
+        let logits = self.tf_logits(params, x, |r, out| terms.push(penalty(r, out, threads) / batch));
+        let width = self.output_width();
+        let outputs = self.tf_outputs(logits.clone());
+        if let Some(Op::Dense { activity: Some(r), .. }) = self.ops.last() {
+            terms.push(penalty(*r, &outputs, threads) / batch);
         }
         for v in &self.vars {
             if let Some(r) = v.regularizer {
@@ -146,18 +169,17 @@ impl Sequential {
             logits.chunks(width).zip(classes).map(|(row, &c)| sparse_crossentropy(row, c as usize)).collect();
         terms[0] = sum(&per_sample, threads) / batch;
         let loss = if terms.len() == 1 { terms[0] } else { sum(&terms, threads) };
-        let outputs = self.tf_outputs(&logits, width);
         let correct = outputs.chunks(width).zip(classes).filter(|(row, &c)| first_argmax(row) == c as usize).count();
         TfBatch { loss, correct: correct as u32 }
     }
 
-    /// The model's outputs from its last layer's logits: TensorFlow's softmax, or the logits
-    /// themselves under `from_logits`.
-    fn tf_outputs(&self, logits: &[f32], width: usize) -> Vec<f32> {
-        if self.loss.from_logits {
-            return logits.to_vec();
+    /// The model's outputs from its last layer's pre-activation: TensorFlow's softmax (oneDNN's),
+    /// or the values themselves for a linear last layer.
+    fn tf_outputs(&self, logits: Vec<f32>) -> Vec<f32> {
+        if self.last_activation() == Some(Activation::Softmax) {
+            return softmax(&logits, self.output_width());
         }
-        softmax(logits, width)
+        logits
     }
 }
 
@@ -354,23 +376,45 @@ fn sparse_crossentropy(row: &[f32], class: usize) -> f32 {
     packets(&exps).ln() - at
 }
 
-/// TensorFlow's `Softmax` of rows of `width`: exp over the whole buffer (Eigen's on whole
-/// packets, glibc's on the rest), each row's sum, times its inverse.
+/// TensorFlow's `Softmax` of rows of `width` (oneDNN's, with TensorFlow's oneDNN
+/// optimizations on, as by default): per row `exp(l - max)` with oneDNN's `exp`, their sum
+/// over lanes of 16 (value `i` to lane `i % 16`, then the lanes folded in halves: 8, 4, 2, 1
+/// apart), each value times the sum's inverse.
 fn softmax(logits: &[f32], width: usize) -> Vec<f32> {
-    let shifted: Vec<f32> = logits
-        .chunks(width)
-        .flat_map(|row| {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            row.iter().map(move |&v| v - max)
-        })
-        .collect();
-    let mut out = Vec::new();
-    row_exp(&shifted, &mut out);
-    for row in out.chunks_mut(width) {
-        let inverse = 1.0 / packets(row);
-        row.iter_mut().for_each(|v| *v *= inverse);
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks(width) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let at = out.len();
+        out.extend(row.iter().map(|&v| onednn_exp(v - max)));
+        let mut lanes = [0.0f32; 16];
+        for (i, &e) in out[at..].iter().enumerate() {
+            lanes[i % 16] += e;
+        }
+        for apart in [8, 4, 2, 1] {
+            let before = lanes;
+            for (i, l) in lanes.iter_mut().enumerate() {
+                *l = before[i] + before[i ^ apart];
+            }
+        }
+        let inverse = 1.0 / lanes[0];
+        out[at..].iter_mut().for_each(|v| *v *= inverse);
     }
     out
+}
+
+/// oneDNN's `exp` (its JIT eltwise kernel): `2^n * p(r)` with `n = floor(x log2(e) + 1/2)`,
+/// `r = x - n ln2` in one rounding, `p` a degree-5 polynomial by FMAs, scaled by `2^(n-1)`
+/// then 2; 0 below `ln(FLT_MIN)`.
+fn onednn_exp(x: f32) -> f32 {
+    let (log2e, ln2) = (f32::from_bits(0x3fb8aa3b), f32::from_bits(0x3f317218));
+    let (hi, lo) = (f32::from_bits(0x42b17218), f32::from_bits(0xc2aeac50));
+    let p = [0x3f7ffffb, 0x3efffee3, 0x3e2aad40, 0x3d2b9d0d, 0x3c07cfce].map(f32::from_bits);
+    let c = x.min(hi).max(lo);
+    let n = (c * log2e + 0.5).floor();
+    let r = (-n).mul_add(ln2, c);
+    let scale = if x < lo { 0.0 } else { f32::from_bits((((n - 1.0) as i32 + 127) as u32) << 23) };
+    let y = p.iter().rev().skip(1).chain([&1.0]).fold(p[4], |acc, &coef| acc.mul_add(r, coef));
+    y * scale * 2.0
 }
 
 /// The first index of the largest value (TensorFlow's `ArgMax`).

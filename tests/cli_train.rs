@@ -222,3 +222,58 @@ fn a_keras_file_gives_the_run_its_compile_settings_and_initial_weights() {
     let weights = |d: &std::path::Path| std::fs::read(d.join("final.safetensors")).unwrap();
     assert!(weights(&rk) == weights(&rw), "a .keras file trains like its layers, compile settings and weights");
 }
+
+/// `fit.validation_numerics = "tensorflow"`: each epoch's val_loss is computed with
+/// TensorFlow's kernels' rounding, so `evaluate --numerics tensorflow` of the final weights
+/// reproduces the last one exactly; a model those kernels are not reproduced for is refused
+/// by key, and "auto" trains it with dtrain's, saying why.
+#[test]
+fn validation_numerics_tensorflow_gives_the_val_loss_of_evaluate_numerics_tensorflow() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = write_job(dir.path(), "validation_numerics = \"tensorflow\"");
+    let job = job.to_str().unwrap();
+    // Seeds until one whose final weights dtrain's and TensorFlow's kernels evaluate a bit
+    // apart: there the history's val_loss must be TensorFlow's.
+    let mut apart = None;
+    for seed in 1..=40 {
+        let rd = dir.path().join(format!("run{seed}"));
+        let o =
+            run(&["train", "--config", job, "--run-dir", rd.to_str().unwrap(), "--seed", &seed.to_string(), "--quiet"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let history = std::fs::read_to_string(rd.join("history.csv")).unwrap();
+        let head: Vec<&str> = history.lines().next().unwrap().split(',').collect();
+        let at = head.iter().position(|c| *c == "val_loss").unwrap();
+        let last: f32 = history.lines().last().unwrap().split(',').nth(at).unwrap().parse().unwrap();
+        let w = rd.join("final.safetensors");
+        let loss = |numerics: &str| {
+            let o =
+                run(&["evaluate", "--config", job, "--weights", w.to_str().unwrap(), "--json", "--numerics", numerics]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            ev["loss"].as_f64().unwrap() as f32
+        };
+        let (tensorflow, own) = (loss("tensorflow"), loss("dtrain"));
+        assert_eq!(tensorflow, last, "seed {seed}");
+        assert!((own - last).abs() <= 1e-6 * last.abs(), "seed {seed}");
+        if own != tensorflow {
+            apart = Some(seed);
+            break;
+        }
+    }
+    assert!(apart.is_some(), "no seed where the two numerics differ: the test would show nothing");
+
+    let tanh = std::fs::read_to_string(job).unwrap().replace("activation = \"relu\"", "activation = \"tanh\"");
+    std::fs::write(job, &tanh).unwrap();
+    let o = run(&["train", "--config", job, "--run-dir", dir.path().join("r2").to_str().unwrap(), "--quiet"]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("fit.validation_numerics: layer dense: activation tanh"), "{e}");
+    std::fs::write(job, tanh.replace("\"tensorflow\"", "\"auto\"")).unwrap();
+    let o = run(&["train", "--config", job, "--run-dir", dir.path().join("r3").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = format!("{}{}", stderr(&o), String::from_utf8_lossy(&o.stdout));
+    assert!(
+        said.contains("val_loss is computed with dtrain's kernels, not TensorFlow's: layer dense: activation tanh"),
+        "{said}"
+    );
+}

@@ -38,13 +38,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// The numerics the command line asks for; TensorFlow's thread count defaults to this machine's CPUs.
-fn numerics_of(numerics: Numerics, tensorflow_threads: Option<usize>) -> session::Numerics {
+/// The numerics the command line asks for.
+fn numerics_of(numerics: Numerics) -> session::Numerics {
     match numerics {
         Numerics::Dtrain => session::Numerics::Dtrain,
-        Numerics::Tensorflow => session::Numerics::TensorFlow {
-            threads: tensorflow_threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
-        },
+        Numerics::Tensorflow => session::Numerics::TensorFlow,
+        Numerics::Auto => session::Numerics::PreferTensorFlow,
     }
 }
 
@@ -125,8 +124,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Evaluate { config, weights, json, numerics, tensorflow_threads } => {
-            let (e, which, n) =
-                session::evaluate_weights(&config, &weights, numerics_of(numerics, tensorflow_threads))?;
+            let threads = tensorflow_threads.unwrap_or_else(dtrain_fit::evaluate::tensorflow_threads);
+            let (e, which, n) = session::evaluate_weights(&config, &weights, numerics_of(numerics), threads)?;
             if json {
                 let v = serde_json::json!({"loss": e.loss, "accuracy": e.accuracy, "data": which, "samples": n});
                 writeln!(out, "{v}")?;
@@ -135,7 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Predict { config, weights, input, json, numerics } => {
-            let p = session::predict_file(&config, &weights, &input, numerics_of(numerics, None))?;
+            let p = session::predict_file(&config, &weights, &input, numerics_of(numerics))?;
             let argmax = |r: ndarray::ArrayView1<f32>| {
                 r.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
             };

@@ -29,7 +29,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Whose rounding to reproduce: dtrain's own kernels, or TensorFlow's CPU kernels (the
-        /// loss Keras's evaluate reports on the TensorFlow backend, bit for bit).
+        /// loss Keras's evaluate reports on the TensorFlow backend, bit for bit), or auto
+        /// (TensorFlow's where they are reproduced for the model).
         #[arg(long, value_enum, default_value = "dtrain")]
         numerics: Numerics,
         /// With --numerics tensorflow: the CPU count of the machine Keras runs on (TensorFlow
@@ -49,7 +50,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Whose rounding to reproduce: dtrain's own kernels, or TensorFlow's CPU kernels (the
-        /// outputs Keras's predict gives on the TensorFlow backend, bit for bit).
+        /// outputs Keras's predict gives on the TensorFlow backend, bit for bit), or auto.
         #[arg(long, value_enum, default_value = "dtrain")]
         numerics: Numerics,
     },
@@ -74,6 +75,8 @@ pub enum Command {
 pub enum Numerics {
     Dtrain,
     Tensorflow,
+    /// TensorFlow's where the model is one they are reproduced for, else dtrain's.
+    Auto,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

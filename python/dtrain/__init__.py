@@ -136,7 +136,7 @@ def _run(args, verbose):
 
 def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validation_split=0.0,
         validation_data=None, shuffle=True, initial_epoch=0, seed=0, shards=None, workers=0, coordinator=None,
-        min_workers=1, token_file=None, run_dir=None):
+        min_workers=1, token_file=None, run_dir=None, numerics=None):
     """Trains `model` (a compiled Keras Sequential) like `model.fit`, with dtrain; the trained
     weights end up in `model`. Returns a History. `workers`: local worker processes (0 and no
     `coordinator`: in this process's machine, in one process); `coordinator`: the address this
@@ -144,7 +144,8 @@ def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validat
     run `worker --coordinator http://this-host:50051` with the job token from `token_file`), and
     training waits for `min_workers` of them; `shards`: the job's fit.shards (the result depends on
     it, not on the workers); `seed`: dtrain's seed for the epoch order and dropout masks (the
-    initial weights are the model's)."""
+    initial weights are the model's); `numerics`: whose rounding val_loss has, as for `evaluate`
+    (the job's fit.validation_numerics)."""
     if getattr(model, "compiled", False) is False:
         raise DtrainError("compile the model first (dtrain takes the optimizer, loss and metrics from it)")
     keep = run_dir is not None
@@ -165,6 +166,7 @@ def fit(model, x, y, batch_size=32, epochs=1, verbose=1, callbacks=None, validat
                     "validation_split": float(validation_split), "initial_epoch": int(initial_epoch)}
         if shards:
             fit_args["shards"] = int(shards)
+        fit_args["validation_numerics"] = _numerics(numerics)
         lines = [f"seed = {int(seed)}", "[data]"] + [f"{k} = {_toml(v)}" for k, v in data.items()]
         lines += ["[model]", f"keras = {_toml(model_file)}", "[fit]"] + [f"{k} = {_toml(v)}" for k, v in fit_args.items()]
         for t in tables:
@@ -266,20 +268,21 @@ def _job(work, model, x, y):
 
 
 def _numerics(numerics):
-    """The numerics asked for: by default TensorFlow's kernels when Keras runs on TensorFlow."""
+    """The numerics asked for; by default "auto" (TensorFlow's kernels where dtrain reproduces
+    them for the model) when Keras runs on TensorFlow, else dtrain's."""
     if numerics is None:
         import keras
-        numerics = "tensorflow" if keras.backend.backend() == "tensorflow" else "dtrain"
-    if numerics not in ("dtrain", "tensorflow"):
-        raise DtrainError(f"numerics={numerics!r}: use 'dtrain' or 'tensorflow'")
+        numerics = "auto" if keras.backend.backend() == "tensorflow" else "dtrain"
+    if numerics not in ("dtrain", "tensorflow", "auto"):
+        raise DtrainError(f"numerics={numerics!r}: use 'dtrain', 'tensorflow' or 'auto'")
     return numerics
 
 
 def predict(model, x, numerics=None):
     """`model.predict(x)` computed by dtrain (`coordinator predict`), as a float32 array.
 
-    `numerics` as for `evaluate`: "tensorflow" (the default on Keras's TensorFlow backend)
-    gives the outputs Keras's predict gives there, bit for bit."""
+    `numerics` as for `evaluate`: "tensorflow" (or "auto", the default on Keras's TensorFlow
+    backend, for a covered model) gives the outputs Keras's predict gives there, bit for bit."""
     import json
     numerics = _numerics(numerics)
     work = tempfile.mkdtemp(prefix="dtrain-")
@@ -299,8 +302,8 @@ def evaluate(model, x, y, numerics=None):
     `numerics="tensorflow"` reproduces TensorFlow's CPU kernels' rounding, so the loss is the
     one Keras's evaluate reports on the TensorFlow backend, bit for bit (for sparse
     crossentropy on a softmax after linear or relu layers; other models are refused by name);
-    `"dtrain"` uses dtrain's own kernels. The default is "tensorflow" when Keras's backend is
-    TensorFlow, else "dtrain"."""
+    `"dtrain"` uses dtrain's own kernels; `"auto"` TensorFlow's where the model is covered, else
+    dtrain's. The default is "auto" when Keras's backend is TensorFlow, else "dtrain"."""
     import json
     numerics = _numerics(numerics)
     work = tempfile.mkdtemp(prefix="dtrain-")

@@ -12,7 +12,8 @@ changed, the History has the epochs, Keras's evaluate() equals dtrain.evaluate's
 on TensorFlow (dtrain.evaluate then reproduces TensorFlow's kernels' rounding) and within 1e-6 on
 another backend, with the same accuracy, and Keras's evaluate at the fit's batch size (30) is
 within 1e-6 of the run's last val_loss; on TensorFlow, dtrain.predict's outputs equal Keras's
-predict bit for bit too. Printed: whether the losses are equal bit for bit (float32), and how far
+predict, and the val_loss equals Keras's evaluate at batch 30, bit for bit too (dtrain.fit asks for
+TensorFlow's rounding of val_loss there). Printed: whether the losses are equal bit for bit (float32), and how far
 the two models' outputs are apart (elsewhere dtrain.predict uses dtrain's kernels).
 """
 import os
@@ -74,6 +75,7 @@ def main():
     if backend == "tensorflow":
         assert np.float32(ours["loss"]) == np.float32(theirs["loss"]), (ours, theirs)
         assert np.array_equal(p, q), f"predictions differ in {int((p != q).sum())} values"
+        assert np.float32(val_loss) == np.float32(at_30["loss"]), (val_loss, at_30)
     assert np.float32(ours["accuracy"]) == np.float32(theirs["accuracy"]), (ours, theirs)
     assert close(val_loss, at_30["loss"]), (val_loss, at_30)
 

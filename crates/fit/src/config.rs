@@ -485,6 +485,11 @@ pub struct FitConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     /// Batch size for validation (the batch size).
     pub validation_batch_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// dtrain: whose kernels' rounding the validation loss has: "dtrain" (the default),
+    /// "tensorflow" (Keras's evaluate on TensorFlow, bit for bit; refused for a model that is
+    /// not reproduced) or "auto" (TensorFlow's where the model is covered).
+    pub validation_numerics: Option<String>,
     /// Epochs counted as done (0).
     pub initial_epoch: usize,
     /// dtrain: the number of shards S each batch is split into (fixed for a run; results
@@ -530,6 +535,7 @@ impl Default for FitConfig {
             shuffle: true,
             validation_split: 0.0,
             validation_batch_size: None,
+            validation_numerics: None,
             initial_epoch: 0,
             shards: 1,
             verify: None,

@@ -16,6 +16,49 @@ pub struct Evaluation {
     pub accuracy: f32,
 }
 
+/// Whose kernels' rounding an evaluation or a prediction reproduces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Numerics {
+    /// dtrain's own: OpenBLAS's products, the loss summed in f64 (within float rounding of Keras).
+    #[default]
+    Dtrain,
+    /// TensorFlow's CPU kernels, as Keras's evaluate and predict on TensorFlow compute, bit for
+    /// bit; a model they are not reproduced for is refused.
+    TensorFlow,
+    /// TensorFlow's where the model is one they are reproduced for, else dtrain's.
+    PreferTensorFlow,
+}
+
+impl Numerics {
+    /// `dtrain`, `tensorflow` or `auto` (TensorFlow's where covered).
+    pub fn parse(s: &str) -> Result<Numerics, String> {
+        match s {
+            "dtrain" => Ok(Numerics::Dtrain),
+            "tensorflow" => Ok(Numerics::TensorFlow),
+            "auto" => Ok(Numerics::PreferTensorFlow),
+            other => Err(format!("{other:?} is not one of dtrain, tensorflow, auto")),
+        }
+    }
+
+    /// Whether TensorFlow's kernels compute for `model` (its evaluate, or only its outputs):
+    /// `Ok(false)` means dtrain's, with why when TensorFlow's were preferred but do not cover
+    /// it; an error when they were required.
+    pub fn tensorflow_for(self, model: &Sequential, outputs_only: bool) -> Result<(bool, Option<String>), NnError> {
+        let covered = if outputs_only { model.tensorflow_exact_outputs() } else { model.tensorflow_exact() };
+        match (self, covered) {
+            (Numerics::Dtrain, _) => Ok((false, None)),
+            (_, Ok(())) => Ok((true, None)),
+            (Numerics::TensorFlow, Err(e)) => Err(e),
+            (Numerics::PreferTensorFlow, Err(e)) => Ok((false, Some(e.to_string()))),
+        }
+    }
+}
+
+/// TensorFlow's intra-op thread count on this machine (its CPUs), for `evaluate_as_tensorflow`.
+pub fn tensorflow_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Evaluates `data` in batches of `batch_size` as Keras's `evaluate` does; batches run in
 /// parallel but are combined in order, so the result does not depend on the thread count.
 pub fn evaluate(model: &Sequential, params: &[f32], data: &Dataset, batch_size: usize) -> Evaluation {

@@ -6,6 +6,7 @@ use crate::checkpoint::{load_state, read_weights, TrainState};
 use crate::config::JobConfig;
 use crate::dataload::load_data;
 use crate::engine::{Engine, LocalEngine};
+pub use crate::evaluate::Numerics;
 use crate::evaluate::{evaluate, evaluate_as_tensorflow, predict, predict_as_tensorflow, Evaluation};
 use crate::progress::{Observer, Report};
 use crate::run::{RunDir, JOB_FILE};
@@ -245,25 +246,13 @@ fn continue_keras_optimizer(
     }
 }
 
-/// Whose kernels' rounding an evaluation reproduces.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Numerics {
-    /// dtrain's own: OpenBLAS's products, the loss summed in f64 (within float rounding of Keras).
-    Dtrain,
-    /// TensorFlow's CPU kernels, as Keras's evaluate and predict on TensorFlow compute, bit
-    /// for bit; `threads` is the Keras machine's CPU count.
-    TensorFlow {
-        /// TensorFlow's intra-op thread count.
-        threads: usize,
-    },
-}
-
 /// `coordinator evaluate`: loss (with every regularization term) and accuracy of the weights
 /// on the job's validation data, or on its training data when it has none.
 pub fn evaluate_weights(
     config: &Path,
     weights: &Path,
     numerics: Numerics,
+    threads: usize,
 ) -> Result<(Evaluation, &'static str, usize), FitError> {
     let job = load_job(config, None, None, None)?;
     let params = read_weights(weights, &job.model)?;
@@ -273,12 +262,25 @@ pub fn evaluate_weights(
         None => (train, "training"),
     };
     let bs = job.fit.validation_batch_size;
-    let e = match numerics {
-        Numerics::Dtrain => evaluate(&job.model, &params, &data, bs),
-        Numerics::TensorFlow { threads } => evaluate_as_tensorflow(&job.model, &params, &data, bs, threads)
-            .map_err(|e| FitError::Config(format!("{}: --numerics tensorflow: {e}", config.display())))?,
+    let e = if tensorflow_numerics(numerics, &job, config, false)? {
+        evaluate_as_tensorflow(&job.model, &params, &data, bs, threads)
+            .map_err(|e| FitError::Config(format!("{}: numerics tensorflow: {e}", config.display())))?
+    } else {
+        evaluate(&job.model, &params, &data, bs)
     };
     Ok((e, which, data.len()))
+}
+
+/// Whether a command computes with TensorFlow's kernels; when they were preferred but do not
+/// cover the model, a note says why.
+fn tensorflow_numerics(numerics: Numerics, job: &Job, config: &Path, outputs_only: bool) -> Result<bool, FitError> {
+    let (tensorflow, why_not) = numerics
+        .tensorflow_for(&job.model, outputs_only)
+        .map_err(|e| FitError::Config(format!("{}: numerics tensorflow: {e}", config.display())))?;
+    if let Some(why) = why_not {
+        tracing::info!(target: crate::logging::NOTE, "dtrain's kernels compute, not TensorFlow's: {why}");
+    }
+    Ok(tensorflow)
 }
 
 /// `coordinator predict`: the model's outputs for every sample of `input`.
@@ -288,10 +290,11 @@ pub fn predict_file(config: &Path, weights: &Path, input: &Path, numerics: Numer
     let data = load_features(input, job.model.input_shape())?.with_rescale(job.config.data.rescale);
     crate::dataload::check_width(&job, &data, input)?;
     let bs = job.fit.batch_size.max(256);
-    match numerics {
-        Numerics::Dtrain => Ok(predict(&job.model, &params, &data, bs)),
-        Numerics::TensorFlow { .. } => predict_as_tensorflow(&job.model, &params, &data, bs)
-            .map_err(|e| FitError::Config(format!("{}: --numerics tensorflow: {e}", config.display()))),
+    if tensorflow_numerics(numerics, &job, config, true)? {
+        predict_as_tensorflow(&job.model, &params, &data, bs)
+            .map_err(|e| FitError::Config(format!("{}: numerics tensorflow: {e}", config.display())))
+    } else {
+        Ok(predict(&job.model, &params, &data, bs))
     }
 }
 

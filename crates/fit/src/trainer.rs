@@ -6,7 +6,7 @@ use crate::build::{FitSettings, Job};
 use crate::callbacks::{Action, BatchEnd};
 use crate::checkpoint::{save_state, weights_bytes, write_atomic, TrainState};
 use crate::engine::Engine;
-use crate::evaluate::evaluate;
+use crate::evaluate::{evaluate, evaluate_as_tensorflow, tensorflow_threads};
 use crate::logging::NOTE;
 use crate::logs::{EpochLogs, Mean};
 use crate::metrics::Metrics;
@@ -32,7 +32,14 @@ pub fn fit(
     obs: &mut dyn Observer,
 ) -> Result<Report, FitError> {
     dtrain_nn::flush_denormals(); // the optimizer runs on this thread
+                                  // Validated with the job: TensorFlow's kernels are either covered or only preferred.
+    let (tensorflow_validation, why_not) =
+        job.fit.validation_numerics.tensorflow_for(&job.model, false).map_err(|e| FitError::Config(e.to_string()))?;
+    if let (Some(why), Some(_)) = (why_not, val) {
+        tracing::info!(target: NOTE, "val_loss is computed with dtrain's kernels, not TensorFlow's: {why}");
+    }
     let mut t = Trainer {
+        tensorflow_validation,
         job,
         fit: &job.fit,
         train,
@@ -68,6 +75,8 @@ struct Trainer<'a> {
     fit: &'a FitSettings,
     train: &'a Dataset,
     val: Option<&'a Dataset>,
+    /// The validation loss has TensorFlow's kernels' rounding (`fit.validation_numerics`).
+    tensorflow_validation: bool,
     run: &'a RunDir,
     /// Batches per epoch.
     steps: usize,
@@ -230,7 +239,15 @@ impl Trainer<'_> {
                 self.board(&log_dir, "train", |b, dir| b.scalars(dir, state.epoch as i64, &r.scalars));
             }
         }
-        let ev = self.val.map(|v| evaluate(&self.job.model, &state.params, v, self.fit.validation_batch_size));
+        let (model, bs) = (&self.job.model, self.fit.validation_batch_size);
+        let ev = match self.val {
+            Some(v) if self.tensorflow_validation => Some(
+                evaluate_as_tensorflow(model, &state.params, v, bs, tensorflow_threads())
+                    .map_err(|e| FitError::Config(format!("fit.validation_numerics: {e}")))?,
+            ),
+            Some(v) => Some(evaluate(model, &state.params, v, bs)),
+            None => None,
+        };
         let logs = self.logs(state, ev);
         for i in 0..state.callbacks.list.len() {
             let has_snapshot = state.best_weights.is_some();

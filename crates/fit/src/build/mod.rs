@@ -26,6 +26,8 @@ pub struct FitSettings {
     pub validation_split: f64,
     /// `validation_batch_size`, or the batch size when it is not set.
     pub validation_batch_size: usize,
+    /// Whose kernels' rounding the validation loss has.
+    pub validation_numerics: crate::evaluate::Numerics,
     /// Epochs counted as done before training starts.
     pub initial_epoch: usize,
     /// The number of shards S each batch is split into (results depend on S only).
@@ -127,6 +129,11 @@ impl Job {
             Some(k) => dtrain_nn::kernel::Kernel::parse(k).map_err(|e| format!("fit.kernel: {e}"))?,
             None => None,
         };
+        let validation_numerics = match &f.validation_numerics {
+            Some(n) => crate::evaluate::Numerics::parse(n).map_err(|e| format!("fit.validation_numerics: {e}"))?,
+            None => crate::evaluate::Numerics::Dtrain,
+        };
+        validation_numerics.tensorflow_for(&model, false).map_err(|e| format!("fit.validation_numerics: {e}"))?;
         data(&config.data)?;
         let callbacks = callbacks(&config.callbacks, &optimizer)?;
         let fit = FitSettings {
@@ -135,6 +142,7 @@ impl Job {
             shuffle: f.shuffle,
             validation_split: f.validation_split,
             validation_batch_size: f.validation_batch_size.unwrap_or(f.batch_size),
+            validation_numerics,
             initial_epoch: f.initial_epoch,
             shards: f.shards,
             verify,

@@ -1,6 +1,6 @@
-//! Keras's `evaluate()` as Keras 3.15 on TensorFlow 2.21 computes it on an x86-64 CPU, to the
-//! bit. (For these models Keras's `jit_compile="auto"` resolves to false on TensorFlow: its
-//! test step runs TensorFlow's own CPU kernels, not XLA.)
+//! Keras's `evaluate()` and `predict()` as Keras 3.15 on TensorFlow 2.21 computes them on an
+//! x86-64 CPU, to the bit. (For these models Keras's `jit_compile="auto"` resolves to false on
+//! TensorFlow: its test and predict steps run TensorFlow's own CPU kernels, not XLA.)
 //!
 //! Every rounding step below was read off TensorFlow by probing its kernels with sums of ones
 //! that hold a +2^40 and a -2^40 (the ones added before both big values meet are lost, so the
@@ -21,9 +21,11 @@
 //! - Sparse crossentropy per sample: `log(sum exp(l - max)) - (l_label - max)`.
 //! - A batch's loss: the crossentropy sum / B, each activity penalty / B (layer order), each
 //!   weight penalty (variable order), added as one sum in that order.
+//! - Softmax (oneDNN's, for the outputs and the accuracy): see `softmax`.
 //!
 //! What is not among those kernels (another activation, another loss) is refused by
-//! `tensorflow_exact`, naming it.
+//! `tensorflow_exact` and `tensorflow_exact_outputs`, naming it. Found on a 2-CPU machine with
+//! AVX-512; oneDNN picks its kernels by CPU, so another CPU may round differently.
 
 use super::{Op, Sequential};
 use crate::loss::LossKind;

@@ -56,6 +56,20 @@ impl Target<'_> {
     }
 }
 
+impl LossKind {
+    /// Keras's name of it (the one `Loss::from_name` reads first).
+    pub fn name(&self) -> &'static str {
+        match self {
+            LossKind::SparseCategoricalCrossentropy => "sparse_categorical_crossentropy",
+            LossKind::CategoricalCrossentropy => "categorical_crossentropy",
+            LossKind::BinaryCrossentropy => "binary_crossentropy",
+            LossKind::MeanSquaredError => "mean_squared_error",
+            LossKind::MeanAbsoluteError => "mean_absolute_error",
+            LossKind::Huber { .. } => "huber",
+        }
+    }
+}
+
 impl Loss {
     /// The loss a Keras name stands for.
     pub fn from_name(name: &str) -> Option<LossKind> {
@@ -230,5 +244,24 @@ pub fn is_correct(output: &[f32], t: Target) -> bool {
     match t {
         Target::Class(c) => pred == c as usize,
         Target::Values(v) => pred == argmax(&mut v.iter().copied()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_loss_name_reads_back_as_its_loss() {
+        for kind in [
+            LossKind::SparseCategoricalCrossentropy,
+            LossKind::CategoricalCrossentropy,
+            LossKind::BinaryCrossentropy,
+            LossKind::MeanSquaredError,
+            LossKind::MeanAbsoluteError,
+            LossKind::Huber { delta: 1.0 },
+        ] {
+            assert_eq!(Loss::from_name(kind.name()), Some(kind), "{}", kind.name());
+        }
     }
 }

@@ -83,7 +83,7 @@ impl Sequential {
             Err(NnError::Model(format!("{what}: TensorFlow's evaluate is reproduced bit for bit only for sparse_categorical_crossentropy on a softmax output (or on a linear one with from_logits)")))
         };
         if self.loss.kind != LossKind::SparseCategoricalCrossentropy {
-            return refuse(format!("loss {:?}", self.loss.kind));
+            return refuse(format!("loss {}", self.loss.kind.name()));
         }
         let softmax = self.last_activation() == Some(Activation::Softmax);
         if softmax == self.loss.from_logits {

@@ -7,7 +7,9 @@ epochs on 2,000 Fashion-MNIST images with validation data and EarlyStopping thro
 the returned History holds the run's history.csv, the model object ends up with the run's final
 weights bit for bit, dtrain.evaluate and dtrain.predict agree with Keras's own evaluate and predict
 on those weights (to 1e-5: JAX and OpenBLAS sum products in different orders), and an unsupported
-callback is refused by name; ModelCheckpoint's file opens in Keras.
+callback is refused by name; ModelCheckpoint's file opens in Keras. numerics="tensorflow" is within
+1e-6 of Keras's evaluate (bit for bit when Keras runs on TensorFlow: 0.7556014657020569 both, by
+hand), and an unknown numerics is refused by name.
 """
 import contextlib
 import csv
@@ -115,6 +117,18 @@ def main():
     except dtrain.DtrainError as e:
         assert "LambdaCallback" in str(e), e
     print("python check: an unsupported callback is refused by name")
+    try:
+        dtrain.evaluate(model, x, y, numerics="xla")
+        raise AssertionError("numerics='xla' was accepted")
+    except dtrain.DtrainError as e:
+        assert "'xla'" in str(e), e
+    # TensorFlow's rounding is asked for by name on any backend; the loss stays within float
+    # rounding of Keras's (equal bit for bit only where Keras itself runs on TensorFlow).
+    theirs = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+    tf_loss = dtrain.evaluate(model, x, y, numerics="tensorflow")["loss"]
+    assert abs(tf_loss - theirs) <= 1e-6 * max(1.0, abs(theirs)), (tf_loss, theirs)
+    print(f"python check: numerics='tensorflow' gives {tf_loss!r} (Keras on {keras.backend.backend()}: {theirs!r}); "
+          "an unknown numerics is refused by name")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ impl ShardBuffers {
 }
 
 /// The features of rows `idx` of `data`, gathered into `buf` and viewed as a matrix.
-fn gather_rows<'a>(data: &Dataset, idx: &[u32], buf: &'a mut Vec<f32>) -> ArrayView2<'a, f32> {
+pub(crate) fn gather_rows<'a>(data: &Dataset, idx: &[u32], buf: &'a mut Vec<f32>) -> ArrayView2<'a, f32> {
     let w = data.width();
     buf.resize(idx.len() * w, 0.0);
     data.gather(idx, buf);

@@ -1,6 +1,6 @@
 //! Keras's evaluate and predict: batches with dropout off, batch-size-weighted loss.
 
-use crate::engine::ShardBuffers;
+use crate::engine::{gather_rows, ShardBuffers};
 use crate::logs::Mean;
 use dtrain_data::{Dataset, Labels};
 use dtrain_nn::{NnError, Sequential};
@@ -98,15 +98,13 @@ pub fn evaluate_as_tensorflow(
         return Err(NnError::Model("TensorFlow's evaluate is reproduced for class labels only".into()));
     };
     let idx: Vec<u32> = (0..data.len() as u32).collect();
+    let weight_penalties = model.tensorflow_weight_penalties(params, threads);
     let per_batch: Vec<(f32, u32, usize)> = idx
         .par_chunks(batch_size)
-        .map_init(Vec::new, |x, rows| {
-            let w = data.width();
-            x.resize(rows.len() * w, 0.0);
-            data.gather(rows, x);
-            let x = ndarray::ArrayView2::from_shape((rows.len(), w), x).expect("gathered rows have the input width");
+        .map_init(Vec::new, |buf, rows| {
+            let x = gather_rows(data, rows, buf);
             let c: Vec<u32> = rows.iter().map(|&i| classes[i as usize]).collect();
-            let b = model.tensorflow_batch(params, x, &c, threads);
+            let b = model.tensorflow_batch(params, x, &c, threads, &weight_penalties);
             (b.loss, b.correct, rows.len())
         })
         .collect();
@@ -128,16 +126,11 @@ pub fn predict_as_tensorflow(
     batch_size: usize,
 ) -> Result<Array2<f32>, NnError> {
     model.tensorflow_exact_outputs()?;
-    let (w, k) = (data.width(), model.output_width());
+    let k = model.output_width();
     let idx: Vec<u32> = (0..data.len() as u32).collect();
     let parts: Vec<Vec<f32>> = idx
         .par_chunks(batch_size)
-        .map_init(Vec::new, |x, rows| {
-            x.resize(rows.len() * w, 0.0);
-            data.gather(rows, x);
-            let x = ndarray::ArrayView2::from_shape((rows.len(), w), x).expect("gathered rows have the input width");
-            model.tensorflow_outputs(params, x)
-        })
+        .map_init(Vec::new, |buf, rows| model.tensorflow_outputs(params, gather_rows(data, rows, buf)))
         .collect();
     Ok(Array2::from_shape_vec((data.len(), k), parts.concat()).expect("one output row per sample"))
 }

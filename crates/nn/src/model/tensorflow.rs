@@ -145,28 +145,39 @@ impl Sequential {
     /// for bit (the model must pass `tensorflow_exact_outputs`).
     pub fn tensorflow_outputs(&self, params: &[f32], x: ArrayView2<f32>) -> Vec<f32> {
         let logits = self.tf_logits(params, x, |_, _| {});
-        self.tf_outputs(logits)
+        self.tf_softmax(&logits).unwrap_or(logits)
+    }
+
+    /// The weight penalties of a test step, in variable order, as TensorFlow computes them:
+    /// the same for every batch of an evaluation, so computed once for `tensorflow_batch`.
+    pub fn tensorflow_weight_penalties(&self, params: &[f32], threads: usize) -> Vec<f32> {
+        self.vars.iter().filter_map(|v| v.regularizer.map(|r| penalty(r, &params[v.range()], threads))).collect()
     }
 
     /// One batch of Keras's `evaluate` (its test step's loss and the batch's correct
     /// predictions) with TensorFlow's kernels' rounding; `threads` is TensorFlow's intra-op
-    /// thread count (the Keras machine's CPUs), which decides how very long sums are split.
+    /// thread count (the Keras machine's CPUs), which decides how very long sums are split;
+    /// `weight_penalties` are `tensorflow_weight_penalties` of `params`.
     /// The model must pass `tensorflow_exact`, and `classes` hold one class per row.
-    pub fn tensorflow_batch(&self, params: &[f32], x: ArrayView2<f32>, classes: &[u32], threads: usize) -> TfBatch {
+    pub fn tensorflow_batch(
+        &self,
+        params: &[f32],
+        x: ArrayView2<f32>,
+        classes: &[u32],
+        threads: usize,
+        weight_penalties: &[f32],
+    ) -> TfBatch {
         assert_eq!(x.nrows(), classes.len(), "one class per row");
         let batch = x.nrows() as f32;
         let mut terms = vec![0.0]; // the crossentropy's place, filled below
         let logits = self.tf_logits(params, x, |r, out| terms.push(penalty(r, out, threads) / batch));
         let width = self.output_width();
-        let outputs = self.tf_outputs(logits.clone());
+        let softmax = self.tf_softmax(&logits);
+        let outputs = softmax.as_deref().unwrap_or(&logits);
         if let Some(Op::Dense { activity: Some(r), .. }) = self.ops.last() {
-            terms.push(penalty(*r, &outputs, threads) / batch);
+            terms.push(penalty(*r, outputs, threads) / batch);
         }
-        for v in &self.vars {
-            if let Some(r) = v.regularizer {
-                terms.push(penalty(r, &params[v.range()], threads));
-            }
-        }
+        terms.extend_from_slice(weight_penalties);
         let per_sample: Vec<f32> =
             logits.chunks(width).zip(classes).map(|(row, &c)| sparse_crossentropy(row, c as usize)).collect();
         terms[0] = sum(&per_sample, threads) / batch;
@@ -175,13 +186,10 @@ impl Sequential {
         TfBatch { loss, correct: correct as u32 }
     }
 
-    /// The model's outputs from its last layer's pre-activation: TensorFlow's softmax (oneDNN's),
-    /// or the values themselves for a linear last layer.
-    fn tf_outputs(&self, logits: Vec<f32>) -> Vec<f32> {
-        if self.last_activation() == Some(Activation::Softmax) {
-            return softmax(&logits, self.output_width());
-        }
-        logits
+    /// TensorFlow's softmax (oneDNN's) of the last layer's pre-activation, when that layer's
+    /// activation is softmax; `None` for a linear last layer, whose outputs are the values.
+    fn tf_softmax(&self, logits: &[f32]) -> Option<Vec<f32>> {
+        (self.last_activation() == Some(Activation::Softmax)).then(|| softmax(logits, self.output_width()))
     }
 }
 

@@ -2,7 +2,7 @@
 
     sudo python3 bench/multihost.py [--workers 1,2,4,6] [--rates 1gbit,10gbit,uncapped] [--jobs wide,heavy]
                                     [--topologies star,chain] [--steps 12] [--plot bench/multihost.png]
-                                    [--timeline DIR] [--tls]
+                                    [--timeline DIR] [--tls] [--beside]
 
 A coordinator host and N worker hosts, each link capped at the rate, train two epochs of each job
 (`shards` = 12, so the result is the same for every N), beside the in-process run of the same job
@@ -23,7 +23,10 @@ default (no shard checked, no chain step audited); `--verify 0.02` measures what
 `--timeline DIR` has every process of each run mark its steps' moments in DIR/<run> (see
 bench/timeline.py, which shows where a step's time goes). `--tls` runs every cluster under mutual TLS
 (certificates made with `openssl` for the run: the coordinator's, two workers' carrying
-`dtrain-worker`); the in-process run is the same.
+`dtrain-worker`); the in-process run is the same. `--beside` also runs a worker on the coordinator's
+host (on its shared memory, the chain's tail), as when the coordinator runs on one of the worker
+machines; `--workers` then counts the other hosts. One worker host makes a chain of one: its shards'
+sum crosses the link where the star sends each shard's gradient.
 """
 import argparse
 import json
@@ -127,7 +130,7 @@ def certificates(d):
             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
 
 
-def cluster(job, d, n, rate, topology, tag, verify="0", timeline="", tls=""):
+def cluster(job, d, n, rate, topology, tag, verify="0", timeline="", tls="", beside=False):
     bed = f"mh{os.getpid()}{tag}"
     subprocess.run([NETNS, "up", bed, str(n + 1)] + ([] if rate == "uncapped" else [rate]), check=True)
     env = dict(os.environ, DTRAIN_TOKEN=TOKEN)
@@ -144,14 +147,17 @@ def cluster(job, d, n, rate, topology, tag, verify="0", timeline="", tls=""):
     try:
         listen = "10.250.0.1:50051"
         coord = subprocess.Popen([NETNS, "exec", bed, "0", os.path.join(BIN, "coordinator"), "train", "--config", job,
-                                  "--run-dir", os.path.join(d, f"run-{tag}"), "--listen", listen,
-                                  "--min-workers", str(n), "--log-format", "json", "--verify", verify,
+                                  "--run-dir", os.path.join(d, f"run-{tag}"),
+                                  "--listen", "0.0.0.0:50051" if beside else listen,
+                                  "--min-workers", str(n + beside), "--log-format", "json", "--verify", verify,
                                   "--topology", topology] + coordinator_tls,
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-        for i in range(1, n + 1):
-            peer = ["--peer-listen", f"10.250.0.{i + 1}:50052"] if topology == "chain" else []
+        for i in range(0 if beside else 1, n + 1):
+            # Host 0's worker (--beside) reaches the coordinator on loopback: shared memory.
+            peer = ["--peer-listen", f"10.250.0.{i + 1}:50052"] if topology == "chain" and i else []
+            url = f"{scheme}://{'127.0.0.1:50051' if i == 0 else listen}"
             workers.append(subprocess.Popen([NETNS, "exec", bed, str(i), os.path.join(BIN, "worker"), "--coordinator",
-                                             f"{scheme}://{listen}", "--retry-for", "60", "--name", f"host-{i}"]
+                                             url, "--retry-for", "60", "--name", f"host-{i}"]
                                             + peer + worker_tls(i),
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
         out, _ = coord.communicate(timeout=1800)
@@ -185,6 +191,9 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--timeline", default="", help="a directory for each run's timeline (bench/timeline.py)")
     ap.add_argument("--tls", action="store_true", help="every cluster under mutual TLS")
+    ap.add_argument("--beside", action="store_true",
+                    help="a worker on the coordinator's host too (shared memory), as when the coordinator runs on "
+                         "a worker machine; --workers counts the other hosts")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     rows = []
@@ -200,18 +209,18 @@ def main():
             for rate in a.rates.split(","):
                 for n in map(int, a.workers.split(",")):
                     for topology in a.topologies.split(","):
-                        if topology == "chain" and n < 2:
-                            continue  # one worker is the star
                         tag = f"{name[0]}{n}{rate[:2]}{topology[0]}"
-                        secs, first, line, links = cluster(job, d, n, rate, topology, tag, a.verify, a.timeline, tls)
+                        secs, first, line, links = cluster(job, d, n, rate, topology, tag, a.verify, a.timeline, tls,
+                                                           a.beside)
                         step = secs / a.steps
                         chained = re.search(r"topology chain on (\d+) of (\d+)", line)
-                        if topology == "chain" and n >= 2 and not (chained and chained.group(1) == chained.group(2)):
+                        if topology == "chain" and not (chained and chained.group(1) == chained.group(2)):
                             raise SystemExit(f"not every step went over the chain: {line}")
                         per_step = [b / (EPOCHS * a.steps) / 1e6 for b in links]
                         vectors = max(1 + SHARDS, n + SHARDS / n) if topology == "star" else 2
                         bound = vectors * params * 4 / rate_bytes(rate)
-                        row = {"job": name, "params": params, "rate": rate, "workers": n, "topology": topology,
+                        row = {"job": name, "params": params, "rate": rate, "workers": n, "beside": a.beside,
+                               "topology": topology,
                                "step_ms": step * 1e3, "first_epoch_step_ms": first / a.steps * 1e3,
                                "in_process_step_ms": local * 1e3,
                                "coordinator_link_mb_per_step": per_step[0],

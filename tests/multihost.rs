@@ -97,8 +97,8 @@ fn three_hosts_on_the_chain_train_to_the_in_process_weights() {
 }
 
 /// A coordinator on host 0 with a worker beside it (shared memory, host-0) and chain members
-/// host-1 and host-2 on hosts 1 and 2, for `epochs`; the in-process run of the same job as the
-/// reference.
+/// host-1 .. host-`members` on hosts of their own, for `epochs`; the in-process run of the same
+/// job as the reference.
 struct Hybrid {
     _dir: tempfile::TempDir,
     _bed: Testbed,
@@ -109,7 +109,7 @@ struct Hybrid {
 }
 
 impl Hybrid {
-    fn start(epochs: &str) -> Hybrid {
+    fn start(epochs: &str, members: usize) -> Hybrid {
         let dir = tempfile::tempdir().unwrap();
         let job = write_job(dir.path(), "shards = 4");
         let job = job.to_str().unwrap();
@@ -117,20 +117,31 @@ impl Hybrid {
         let o =
             run(&["train", "--config", job, "--run-dir", local.to_str().unwrap(), "-q", "--local", "--epochs", epochs]);
         assert!(o.status.success(), "{}", stderr(&o));
-        let bed = Testbed::up(3, Some("1gbit"));
+        let bed = Testbed::up(members + 1, Some("1gbit"));
         let mut cmd = bed.command(0, env!("CARGO_BIN_EXE_coordinator"));
         let rd = dir.path().join("run");
         cmd.args(["train", "--config", job, "--run-dir", rd.to_str().unwrap(), "--epochs", epochs]);
-        cmd.args(["--listen", "0.0.0.0:50051", "--min-workers", "3", "--log-format", "json", "--topology", "chain"]);
+        let everyone = (members + 1).to_string();
+        cmd.args([
+            "--listen",
+            "0.0.0.0:50051",
+            "--min-workers",
+            &everyone,
+            "--log-format",
+            "json",
+            "--topology",
+            "chain",
+        ]);
         cmd.env("DTRAIN_TOKEN", TOKEN);
         let c = Proc::start(cmd);
         c.wait_for("listening on 0.0.0.0:50051", 30);
         let mut workers = vec![];
-        for (i, url) in [
-            (0, "http://127.0.0.1:50051".to_string()),
-            (1, format!("http://{}:50051", Testbed::addr(0))),
-            (2, format!("http://{}:50051", Testbed::addr(0))),
-        ] {
+        for i in 0..=members {
+            let url = if i == 0 {
+                "http://127.0.0.1:50051".to_string()
+            } else {
+                format!("http://{}:50051", Testbed::addr(0))
+            };
             let mut w = bed.command(i, env!("CARGO_BIN_EXE_worker"));
             w.args(["--coordinator", &url, "--retry-for", "30", "--name", &format!("host-{i}")]);
             if i > 0 {
@@ -166,7 +177,7 @@ fn all_chained(line: &str) -> bool {
 /// order; every step goes over the chain and the weights equal an in-process run's.
 #[test]
 fn a_worker_on_the_coordinators_host_adds_its_shards_to_the_chains_sum() {
-    let (out, same) = Hybrid::start("3").finish();
+    let (out, same) = Hybrid::start("3", 2).finish();
     let lines: Vec<&str> = out.lines().filter(|l| l.contains("cluster: 3 worker(s) alive")).collect();
     assert!(!lines.is_empty(), "{out}");
     for line in lines {
@@ -180,6 +191,26 @@ fn a_worker_on_the_coordinators_host_adds_its_shards_to_the_chains_sum() {
     assert!(same, "a local worker beside the chain changed the weights");
 }
 
+/// One worker host beside the coordinator's host, where a worker uses shared memory: the remote
+/// worker is a chain of one (its shards' sum crosses the link, not each shard's gradient), the
+/// local one its tail; every step goes over that chain and the weights equal an in-process run's.
+#[test]
+fn one_remote_worker_is_a_chain_of_one_ahead_of_the_coordinators_worker() {
+    let (out, same) = Hybrid::start("3", 1).finish();
+    let formed = out.lines().find(|l| l.contains("topology chain: ")).unwrap_or_default();
+    assert!(
+        formed.contains("topology chain: host-1 (worker") && formed.contains("then off it host-0 (worker"),
+        "host-1 alone on the chain, host-0 its tail: {out}"
+    );
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("cluster: 2 worker(s) alive")).collect();
+    assert!(!lines.is_empty(), "{out}");
+    for line in lines {
+        assert!(["host-0", "host-1"].iter().all(|h| line.contains(&format!("{h} (worker"))), "both computed: {line}");
+        assert!(all_chained(line), "every step chained: {line}");
+    }
+    assert!(same, "a chain of one changed the weights");
+}
+
 /// The worker beside the coordinator (the chain's tail) stopped for 1.5 s mid-run: its late
 /// shards get copies on chain members whose own shards are in (at the parameters they received
 /// on the chain), so no step waits for it, let alone falls back to the star (after 1 s at
@@ -187,7 +218,7 @@ fn a_worker_on_the_coordinators_host_adds_its_shards_to_the_chains_sum() {
 /// queue; the weights equal an in-process run's.
 #[test]
 fn a_late_tail_shard_gets_a_copy_on_a_chain_member() {
-    let h = Hybrid::start("300");
+    let h = Hybrid::start("300", 2);
     h.c.wait_for("\"epoch\":3,", 60);
     h.workers[0].signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(1500));

@@ -142,8 +142,9 @@ pub struct TrainArgs {
     pub verify: Option<dtrain_cluster::verify::Fraction>,
     /// How gradients and parameters travel: "chain" (each worker adds its shards to the running
     /// sum from the one before and passes it on; workers need --peer-listen, and --verify 0),
-    /// "star" (every worker to and from the coordinator), or "auto" (the chain when two workers
-    /// off this host's shared memory can take part and verification is off).
+    /// "star" (every worker to and from the coordinator), or "auto" (the chain when a worker off
+    /// this host's shared memory can take part and verification is off; a chain of one sends the
+    /// sum of its shards, not each shard's gradient).
     #[arg(long, env = "DTRAIN_TOPOLOGY", default_value = "auto", value_parser = dtrain_cluster::topology::Topology::parse)]
     pub topology: dtrain_cluster::topology::Topology,
     /// Seconds a worker may take for its shards of one step before they go elsewhere.

@@ -6,6 +6,9 @@
 //! sum it receives and passes it on; the last sends it to the coordinator. The parameters come
 //! down the same chain. Every link carries the model's size once per direction and step,
 //! whatever the number of workers, where the star costs the coordinator's link 2·N times that.
+//! A chain of one member is worth having too: it sends its shards' sum, one gradient, where on
+//! the star each shard's gradient crosses the link (and the workers on the coordinator's
+//! shared memory, its tail, then add theirs without any crossing it).
 
 use crate::assign::group_sizes;
 use crate::ids::{ShardIndex, WorkerId};
@@ -16,10 +19,11 @@ use std::time::{Duration, Instant};
 /// How gradients and parameters travel (`--topology`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Topology {
-    /// The chain when at least two workers can take part, else the star.
+    /// The chain when a worker can take part, else the star (the engine also keeps the star
+    /// for audited runs).
     #[default]
     Auto,
-    /// The chain whenever two workers can take part.
+    /// The chain whenever a worker can take part.
     Chain,
     /// Every worker to and from the coordinator.
     Star,
@@ -133,18 +137,18 @@ pub const SPEED_RANGE: (f64, f64) = (0.25, 4.0);
 pub enum StarBecause {
     /// `--topology star`.
     Chosen,
-    /// Fewer than two workers can take part: how many can.
-    TooFew(usize),
+    /// No worker can take part.
+    NoMember,
 }
 
 impl fmt::Display for StarBecause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StarBecause::Chosen => write!(f, "--topology star"),
-            StarBecause::TooFew(n) => write!(
+            StarBecause::NoMember => write!(
                 f,
-                "{n} worker(s) can take part in a chain (a chain needs two with --peer-listen, off the \
-                 coordinator's shared memory, keeping pace)"
+                "no worker can take part in a chain (a member needs --peer-listen, to be off the \
+                 coordinator's shared memory, and to keep pace)"
             ),
         }
     }
@@ -259,8 +263,8 @@ pub fn plan(
         .filter(|(_, group)| !group.is_empty())
         .collect();
     let (tail, groups): (Vec<_>, Vec<_>) = groups.into_iter().partition(|(id, _)| tail.contains(id));
-    if groups.len() < 2 {
-        return Err(StarBecause::TooFew(groups.len().min(able.len())));
+    if groups.is_empty() {
+        return Err(StarBecause::NoMember);
     }
     let peer = |id: WorkerId| able.iter().find(|c| c.id == id).and_then(|c| c.peer.clone()).unwrap_or_default();
     let members = groups.into_iter().map(|(id, shards)| Link { id, peer: peer(id), shards }).collect();
@@ -348,16 +352,42 @@ mod tests {
     }
 
     #[test]
-    fn the_star_when_chosen_or_with_fewer_than_two_members() {
+    fn the_star_when_chosen_or_with_no_member() {
         let none = BTreeSet::new();
         let two = [remote(1), remote(2)];
         assert_eq!(plan(Topology::Star, &two, &none, 4, &BTreeMap::new()), Err(StarBecause::Chosen));
-        assert_eq!(plan(Topology::Auto, &two[..1], &none, 4, &BTreeMap::new()), Err(StarBecause::TooFew(1)));
-        assert_eq!(plan(Topology::Auto, &two, &none, 1, &BTreeMap::new()), Err(StarBecause::TooFew(1)));
-        let hidden = [remote(1), Candidate { id: WorkerId(2), peer: None, shared_memory: false }];
-        assert_eq!(plan(Topology::Chain, &hidden, &none, 4, &BTreeMap::new()), Err(StarBecause::TooFew(1)));
+        let hidden = Candidate { id: WorkerId(2), peer: None, shared_memory: false };
+        let local = Candidate { id: WorkerId(3), peer: Some("127.0.0.1:1".into()), shared_memory: true };
+        assert_eq!(plan(Topology::Chain, &[hidden], &none, 4, &BTreeMap::new()), Err(StarBecause::NoMember));
+        assert_eq!(plan(Topology::Auto, &[local], &none, 4, &BTreeMap::new()), Err(StarBecause::NoMember));
+        let excluded = BTreeSet::from([WorkerId(1)]);
+        assert_eq!(plan(Topology::Auto, &two[..1], &excluded, 4, &BTreeMap::new()), Err(StarBecause::NoMember));
         assert_eq!(Topology::parse("chain"), Ok(Topology::Chain));
         assert!(Topology::parse("ring").is_err());
+    }
+
+    #[test]
+    fn one_member_is_a_chain_that_sums_its_shards_before_they_travel() {
+        let none = BTreeSet::new();
+        let shards = |p: &ChainPlan, w: u32| p.shards_of(WorkerId(w)).iter().map(|k| k.0).collect::<Vec<_>>();
+        // Alone, it computes every shard and sends their sum.
+        let p = plan(Topology::Auto, &[remote(1)], &none, 4, &BTreeMap::new()).unwrap();
+        assert_eq!((p.members.len(), shards(&p, 1), p.last()), (1, vec![0, 1, 2, 3], WorkerId(1)));
+        // Beside a worker that peers cannot reach: that one stands by, as in any chain.
+        let hidden = Candidate { id: WorkerId(2), peer: None, shared_memory: false };
+        let p = plan(Topology::Auto, &[remote(1), hidden], &none, 4, &BTreeMap::new()).unwrap();
+        assert_eq!((shards(&p, 1), shards(&p, 2)), (vec![0, 1, 2, 3], vec![]));
+        // Beside a worker on the coordinator's shared memory: the first shards on the member,
+        // the last in the tail.
+        let local = Candidate { id: WorkerId(3), peer: None, shared_memory: true };
+        let p = plan(Topology::Auto, &[remote(1), local], &none, 4, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            (shards(&p, 1), p.tail.clone()),
+            (vec![0, 1], vec![(WorkerId(3), vec![ShardIndex(2), ShardIndex(3)])])
+        );
+        // One shard for two members: the later one takes it (ties go late), a chain of one.
+        let p = plan(Topology::Auto, &[remote(1), remote(2)], &none, 1, &BTreeMap::new()).unwrap();
+        assert_eq!(p.members.iter().map(|m| m.id.0).collect::<Vec<_>>(), [2]);
     }
 
     #[test]
@@ -404,11 +434,11 @@ mod tests {
         assert_eq!(sizes, [2, 2, 2, 1], "the shard left over goes to members before the tail");
         assert_eq!(p.shards_of(WorkerId(9)), [ShardIndex(6)]);
         assert!(p.shards_of(WorkerId(7)).is_empty());
-        // Two remote workers, one benched: no chain is left, the star takes the step.
-        assert_eq!(
-            plan(Topology::Auto, &all[..2], &BTreeSet::from([WorkerId(2)]), 4, &BTreeMap::new()),
-            Err(StarBecause::TooFew(1))
-        );
+        // Two remote workers, one benched: the other is a chain of one; both benched: the star.
+        let p = plan(Topology::Auto, &all[..2], &BTreeSet::from([WorkerId(2)]), 4, &BTreeMap::new()).unwrap();
+        assert_eq!(p.members.iter().map(|m| (m.id.0, m.shards.len())).collect::<Vec<_>>(), [(1, 4)]);
+        let both = BTreeSet::from([WorkerId(1), WorkerId(2)]);
+        assert_eq!(plan(Topology::Auto, &all[..2], &both, 4, &BTreeMap::new()), Err(StarBecause::NoMember));
     }
 
     #[test]

@@ -26,7 +26,10 @@ bench/timeline.py, which shows where a step's time goes). `--tls` runs every clu
 `dtrain-worker`); the in-process run is the same. `--beside` also runs a worker on the coordinator's
 host (on its shared memory, the chain's tail), as when the coordinator runs on one of the worker
 machines; `--workers` then counts the other hosts. One worker host makes a chain of one: its shards'
-sum crosses the link where the star sends each shard's gradient.
+sum crosses the link where the star sends each shard's gradient. CPU per step: how long all the
+machine's cores were busy (/proc/stat: every process of the run, and the kernel's TCP work for it)
+from the first epoch's end to the second's, per step, beside the in-process run's; where the emulated
+hosts share the machine's cores, a step cannot take less than that divided by the cores.
 """
 import argparse
 import json
@@ -35,6 +38,7 @@ import random
 import re
 import subprocess
 import tempfile
+import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -100,12 +104,44 @@ def epoch_seconds(out):
     return ends[-1]["step_seconds"], ends[0]["seconds"], (cluster[-1] if cluster else "")
 
 
+def busy_seconds():
+    """CPU seconds this machine's cores have been busy (user, system, interrupts, steal: every
+    process of a run and the kernel's TCP work for it), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def output_and_cpu(proc, timeout=1800):
+    """The coordinator's output, and the CPU seconds all cores spent from its first epoch's end to
+    its last's (the second epoch with its end: the same window in every run). Killed after
+    `timeout` seconds."""
+    lines, marks = [], []
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("{") and '"epoch_end"' in line:
+                marks.append(busy_seconds())
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return "".join(lines), (marks[-1] - marks[0] if len(marks) >= 2 else float("nan"))
+
+
 def in_process(job, d, name):
-    out = subprocess.run([os.path.join(BIN, "coordinator"), "train", "--config", job, "--run-dir",
-                          os.path.join(d, f"local-{name}"), "--local", "--log-format", "json"],
-                         capture_output=True, text=True, check=True).stdout
+    """(the last epoch's seconds in steps, the first epoch's whole seconds, CPU seconds of the last
+    epoch on all cores)."""
+    proc = subprocess.Popen([os.path.join(BIN, "coordinator"), "train", "--config", job, "--run-dir",
+                             os.path.join(d, f"local-{name}"), "--local", "--log-format", "json"],
+                            stdout=subprocess.PIPE, text=True)
+    out, cpu = output_and_cpu(proc)
+    if proc.returncode != 0:
+        raise SystemExit("the in-process run failed")
     steady, first, _ = epoch_seconds(out)
-    return steady, first
+    return steady, first, cpu
 
 
 def link_bytes(bed, host):
@@ -160,12 +196,12 @@ def cluster(job, d, n, rate, topology, tag, verify="0", timeline="", tls="", bes
                                              url, "--retry-for", "60", "--name", f"host-{i}"]
                                             + peer + worker_tls(i),
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
-        out, _ = coord.communicate(timeout=1800)
+        out, cpu = output_and_cpu(coord)
         if coord.returncode != 0:
             raise SystemExit(f"coordinator failed on {tag}")
         # Whole run (joins and the job's text included, a few KB): the busiest direction of each link.
         links = [max(link_bytes(bed, h)) for h in range(n + 1)]
-        return epoch_seconds(out) + (links,)
+        return epoch_seconds(out) + (links, cpu)
     finally:
         for w in workers:
             w.kill()
@@ -205,12 +241,13 @@ def main():
                 tls = os.path.join(d, "tls")
                 os.makedirs(tls, exist_ok=True)
                 certificates(tls)
-            local = in_process(job, d, name)[0] / a.steps
+            local, _, local_cpu = in_process(job, d, name)
+            local, local_cpu = local / a.steps, local_cpu / a.steps
             for rate in a.rates.split(","):
                 for n in map(int, a.workers.split(",")):
                     for topology in a.topologies.split(","):
                         tag = f"{name[0]}{n}{rate[:2]}{topology[0]}"
-                        secs, first, line, links = cluster(job, d, n, rate, topology, tag, a.verify, a.timeline, tls,
+                        secs, first, line, links, cpu = cluster(job, d, n, rate, topology, tag, a.verify, a.timeline, tls,
                                                            a.beside)
                         step = secs / a.steps
                         chained = re.search(r"topology chain on (\d+) of (\d+)", line)
@@ -223,19 +260,21 @@ def main():
                                "topology": topology,
                                "step_ms": step * 1e3, "first_epoch_step_ms": first / a.steps * 1e3,
                                "in_process_step_ms": local * 1e3,
+                               "cpu_ms_per_step": cpu / a.steps * 1e3, "in_process_cpu_ms_per_step": local_cpu * 1e3,
                                "coordinator_link_mb_per_step": per_step[0],
                                "busiest_worker_link_mb_per_step": max(per_step[1:]), "bound_ms": bound * 1e3}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     print()
     print("| job | link | workers | topology | step | / link bound | coordinator link | busiest worker link "
-          "| in process |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| in process | CPU per step (in process) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['job']} ({r['params'] * 4 / 1e6:.1f} MB) | {r['rate']} | {r['workers']} | {r['topology']} "
               f"| {r['step_ms']:.0f} ms | {bound_text(r)} "
               f"| {r['coordinator_link_mb_per_step']:.1f} MB | {r['busiest_worker_link_mb_per_step']:.1f} MB "
-              f"| {r['in_process_step_ms']:.0f} ms |")
+              f"| {r['in_process_step_ms']:.0f} ms | {r['cpu_ms_per_step']:.0f} ms "
+              f"({r['in_process_cpu_ms_per_step']:.0f} ms) |")
     if a.plot:
         plot(rows, a.plot)
 

@@ -157,6 +157,36 @@ fn a_chain_member_that_lies_is_caught_by_an_audit_and_its_damage_undone() {
     assert!(finals(&rd) == want, "the liar's damage was not undone");
 }
 
+/// A chain of one member (off shared memory; a second worker without a peer port stands by)
+/// that adds a wrong value to the sum of its shards (from step 20), with verification on: an
+/// audit finds the sum wrong and names it, it is evicted, and training goes back and replays
+/// over the star with the other worker, so the weights are the in-process run's.
+#[test]
+fn a_lone_chain_member_that_lies_is_caught_by_an_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job(dir.path());
+    let want = local_run(dir.path(), &job, "40");
+    let rd = dir.path().join("run");
+    let args = ["--listen", "127.0.0.1:0", "--min-workers", "2", "--no-shared-memory", "--verify", "0.05"];
+    let c = coordinator_proc(&job, &rd, "40", &[&args[..], &["--topology", "auto", "--step-timeout", "120"]].concat());
+    let url = listening_url(&c);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_worker"));
+    cmd.args(["--coordinator", &url, "--retry-for", "30", "--name", "b", "--peer-listen", "127.0.0.1:0"]);
+    cmd.env("DTRAIN_TOKEN", TOKEN).env("DTRAIN_FAULT_INJECTION", "chain-sum-from-step:20");
+    let _b = Proc::start(cmd);
+    let _h = worker(&url, &["--name", "h"]);
+    let formed = c.wait_for("topology chain: ", 30);
+    assert!(formed.contains("topology chain: b (worker") && !formed.contains("->"), "b alone: {formed}");
+    let caught = c.wait_for("differs from the coordinator's recomputation", 60);
+    assert!(caught.contains("b (worker"), "the liar is named: {caught}");
+    let mut c = c;
+    let (ok, out) = c.finish(120);
+    assert!(ok, "{out}");
+    assert!(out.contains("topology star: no worker can take part in a chain"), "{out}");
+    assert!(out.lines().any(|l| l.contains("shard round trip") && !l.contains("rolled back 0 time")), "{out}");
+    assert!(finals(&rd) == want, "the liar's damage was not undone");
+}
+
 /// A worker its predecessor cannot reach (it advertises a port nobody listens on): the link
 /// is reported broken, the step goes over the star, and the chain is rebuilt without it, with
 /// one log line saying why; the weights are unchanged.

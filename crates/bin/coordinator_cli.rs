@@ -141,10 +141,10 @@ pub struct TrainArgs {
     #[arg(long, env = "DTRAIN_VERIFY", value_parser = dtrain_cluster::verify::Fraction::parse)]
     pub verify: Option<dtrain_cluster::verify::Fraction>,
     /// How gradients and parameters travel: "chain" (each worker adds its shards to the running
-    /// sum from the one before and passes it on; workers need --peer-listen, and --verify 0),
-    /// "star" (every worker to and from the coordinator), or "auto" (the chain when a worker off
-    /// this host's shared memory can take part and verification is off; a chain of one sends the
-    /// sum of its shards, not each shard's gradient).
+    /// sum from the one before and passes it on; workers need --peer-listen; a sample of chain
+    /// steps is audited, see --verify), "star" (every worker to and from the coordinator), or
+    /// "auto" (the chain when a worker off this host's shared memory can take part; a chain of
+    /// one sends the sum of its shards, not each shard's gradient).
     #[arg(long, env = "DTRAIN_TOPOLOGY", default_value = "auto", value_parser = dtrain_cluster::topology::Topology::parse)]
     pub topology: dtrain_cluster::topology::Topology,
     /// Seconds a worker may take for its shards of one step before they go elsewhere.

@@ -80,6 +80,25 @@ fn chain_steps(line: &str) -> Option<(u64, u64, u64)> {
     }
 }
 
+/// The in-process run of `job` for `epochs` (its weights), and a coordinator for the same that
+/// listens on loopback for `min_workers` workers off shared memory (`--verify verify`, then
+/// `extra`): its run directory, process and URL.
+fn off_shared_memory(
+    dir: &std::path::Path,
+    job: &str,
+    epochs: &str,
+    min_workers: &str,
+    verify: &str,
+    extra: &[&str],
+) -> (Vec<u8>, std::path::PathBuf, Proc, String) {
+    let want = local_run(dir, job, epochs);
+    let rd = dir.join("run");
+    let args = ["--listen", "127.0.0.1:0", "--min-workers", min_workers, "--no-shared-memory", "--verify", verify];
+    let c = coordinator_proc(job, &rd, epochs, &[&args[..], extra].concat());
+    let url = listening_url(&c);
+    (want, rd, c, url)
+}
+
 /// Three chain members a, b, c on a listening coordinator (`--verify verify`), off shared
 /// memory; `b` advertises `b_peer` as its peer address if given, and runs with `b_env`.
 fn three_in_a_chain(
@@ -89,11 +108,8 @@ fn three_in_a_chain(
 ) -> (tempfile::TempDir, Vec<u8>, std::path::PathBuf, Proc, [Proc; 3]) {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
-    let want = local_run(dir.path(), &job, "40");
-    let rd = dir.path().join("run");
-    let args = ["--listen", "127.0.0.1:0", "--min-workers", "3", "--no-shared-memory", "--verify", verify];
-    let c = coordinator_proc(&job, &rd, "40", &[&args[..], &["--topology", "chain", "--step-timeout", "120"]].concat());
-    let url = listening_url(&c);
+    let extra = ["--topology", "chain", "--step-timeout", "120"];
+    let (want, rd, c, url) = off_shared_memory(dir.path(), &job, "40", "3", verify, &extra);
     let peer = ["--peer-listen", "127.0.0.1:0"];
     let a = worker(&url, &[&["--name", "a"], &peer[..]].concat());
     c.wait_for("(a) joined", 30);
@@ -165,11 +181,8 @@ fn a_chain_member_that_lies_is_caught_by_an_audit_and_its_damage_undone() {
 fn a_lone_chain_member_that_lies_is_caught_by_an_audit() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
-    let want = local_run(dir.path(), &job, "40");
-    let rd = dir.path().join("run");
-    let args = ["--listen", "127.0.0.1:0", "--min-workers", "2", "--no-shared-memory", "--verify", "0.05"];
-    let c = coordinator_proc(&job, &rd, "40", &[&args[..], &["--topology", "auto", "--step-timeout", "120"]].concat());
-    let url = listening_url(&c);
+    let extra = ["--topology", "auto", "--step-timeout", "120"];
+    let (want, rd, c, url) = off_shared_memory(dir.path(), &job, "40", "2", "0.05", &extra);
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_worker"));
     cmd.args(["--coordinator", &url, "--retry-for", "30", "--name", "b", "--peer-listen", "127.0.0.1:0"]);
     cmd.env("DTRAIN_TOKEN", TOKEN).env("DTRAIN_FAULT_INJECTION", "chain-sum-from-step:20");
@@ -252,11 +265,7 @@ fn a_timeline_marks_every_step_in_every_process() {
 fn the_parameters_take_the_stream_to_a_first_member_the_coordinator_cannot_dial() {
     let dir = tempfile::tempdir().unwrap();
     let job = job(dir.path());
-    let want = local_run(dir.path(), &job, "3");
-    let rd = dir.path().join("run");
-    let args = ["--listen", "127.0.0.1:0", "--min-workers", "2", "--no-shared-memory", "--verify", "0"];
-    let mut c = coordinator_proc(&job, &rd, "3", &[&args[..], &["--topology", "chain"]].concat());
-    let url = listening_url(&c);
+    let (want, rd, mut c, url) = off_shared_memory(dir.path(), &job, "3", "2", "0", &["--topology", "chain"]);
     let peer = ["--peer-listen", "127.0.0.1:0"];
     let _a = worker(&url, &[&["--name", "a", "--peer-advertise", "127.0.0.1:1"], &peer[..]].concat());
     c.wait_for("(a) joined", 30);
@@ -710,11 +719,8 @@ fn a_frozen_member_holds_up_the_parameters_only_for_seconds() {
     let sgd = "{ SGD = { learning_rate = 0.01 } }";
     let job = write_mlp_job(dir.path(), "big.toml", 320, 3000, 0.0, sgd, "batch_size = 32\nepochs = 6\nshards = 4");
     let job = job.as_str();
-    let want = local_run(dir.path(), job, "6");
-    let rd = dir.path().join("run");
-    let args = ["--listen", "127.0.0.1:0", "--min-workers", "3", "--no-shared-memory", "--verify", "0"];
-    let c = coordinator_proc(job, &rd, "6", &[&args[..], &["--topology", "chain", "--step-timeout", "120"]].concat());
-    let url = listening_url(&c);
+    let extra = ["--topology", "chain", "--step-timeout", "120"];
+    let (want, rd, c, url) = off_shared_memory(dir.path(), job, "6", "3", "0", &extra);
     let peer = ["--peer-listen", "127.0.0.1:0"];
     let mut workers = vec![];
     for n in ["a", "b"] {

@@ -109,7 +109,7 @@ struct Hybrid {
 }
 
 impl Hybrid {
-    fn start(epochs: &str, members: usize) -> Hybrid {
+    fn start(epochs: &str, members: usize, extra: &[&str]) -> Hybrid {
         let dir = tempfile::tempdir().unwrap();
         let job = write_job(dir.path(), "shards = 4");
         let job = job.to_str().unwrap();
@@ -122,16 +122,8 @@ impl Hybrid {
         let rd = dir.path().join("run");
         cmd.args(["train", "--config", job, "--run-dir", rd.to_str().unwrap(), "--epochs", epochs]);
         let everyone = (members + 1).to_string();
-        cmd.args([
-            "--listen",
-            "0.0.0.0:50051",
-            "--min-workers",
-            &everyone,
-            "--log-format",
-            "json",
-            "--topology",
-            "chain",
-        ]);
+        cmd.args(["--listen", "0.0.0.0:50051", "--min-workers", &everyone, "--log-format", "json"]);
+        cmd.args(["--topology", "chain"]).args(extra);
         cmd.env("DTRAIN_TOKEN", TOKEN);
         let c = Proc::start(cmd);
         c.wait_for("listening on 0.0.0.0:50051", 30);
@@ -165,6 +157,24 @@ impl Hybrid {
     }
 }
 
+impl Hybrid {
+    /// Host `i`'s worker stopped for 1.5 s once the third epoch began, then continued; as
+    /// `finish`.
+    fn stopped_mid_run(self, i: usize) -> (String, bool) {
+        self.c.wait_for("\"epoch\":3,", 60);
+        self.workers[i].signal(libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(1500));
+        self.workers[i].signal(libc::SIGCONT);
+        self.finish()
+    }
+}
+
+/// The log lines saying that `host`'s shards got copies.
+fn copies_of<'a>(out: &'a str, host: &str) -> Vec<&'a str> {
+    let late = format!(": {host} (worker");
+    out.lines().filter(|l| l.contains(&late) && l.contains(") is late; shard")).collect()
+}
+
 /// Whether every step of the cluster line went over the chain, none falling back to the star.
 fn all_chained(line: &str) -> bool {
     let steps = line.split("topology chain on ").nth(1).unwrap_or_default();
@@ -187,7 +197,7 @@ fn with_the_tail(out: &str) -> Vec<&str> {
 /// order; every step goes over the chain and the weights equal an in-process run's.
 #[test]
 fn a_worker_on_the_coordinators_host_adds_its_shards_to_the_chains_sum() {
-    let (out, same) = Hybrid::start("10", 2).finish();
+    let (out, same) = Hybrid::start("10", 2, &[]).finish();
     let all: Vec<&str> = out.lines().filter(|l| l.contains("shard round trip")).collect();
     assert!(all.iter().all(|l| all_chained(l)), "every step chained: {all:?}");
     let lines = with_the_tail(&out);
@@ -207,9 +217,12 @@ fn a_worker_on_the_coordinators_host_adds_its_shards_to_the_chains_sum() {
 /// local one its tail; every step goes over that chain and the weights equal an in-process run's.
 #[test]
 fn one_remote_worker_is_a_chain_of_one_ahead_of_the_coordinators_worker() {
-    let (out, same) = Hybrid::start("10", 1).finish();
+    let (out, same) = Hybrid::start("10", 1, &[]).finish();
     let all: Vec<&str> = out.lines().filter(|l| l.contains("shard round trip")).collect();
-    assert!(all.iter().all(|l| all_chained(l)), "every step chained: {all:?}");
+    // Every step, but for any after a sum late enough for copies to stand in for it (then
+    // host-1 stands by until its result is in, see `copies_stand_in_for_a_late_chain_of_one`).
+    let chained = |l: &&str| l.contains("topology chain on ") && l.contains(" step(s), 0 fell back");
+    assert!(all.iter().all(chained), "every step chained: {all:?}");
     assert!(out.contains("topology chain: host-1 (worker"), "host-1 alone on the chain: {out}");
     let lines = with_the_tail(&out);
     assert!(!lines.is_empty(), "{out}");
@@ -227,14 +240,8 @@ fn one_remote_worker_is_a_chain_of_one_ahead_of_the_coordinators_worker() {
 /// queue; the weights equal an in-process run's.
 #[test]
 fn a_late_tail_shard_gets_a_copy_on_a_chain_member() {
-    let h = Hybrid::start("300", 2);
-    h.c.wait_for("\"epoch\":3,", 60);
-    h.workers[0].signal(libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(1500));
-    h.workers[0].signal(libc::SIGCONT);
-    let (out, same) = h.finish();
-    let copies: Vec<&str> =
-        out.lines().filter(|l| l.contains(": host-0 (worker") && l.contains(") is late; shard")).collect();
+    let (out, same) = Hybrid::start("300", 2, &[]).stopped_mid_run(0);
+    let copies = copies_of(&out, "host-0");
     assert!(!copies.is_empty(), "host-0's shards got copies: {out}");
     assert!(
         copies.iter().all(|l| l.contains("gets a copy on host-1") || l.contains("gets a copy on host-2")),
@@ -248,6 +255,34 @@ fn a_late_tail_shard_gets_a_copy_on_a_chain_member() {
     assert!(lines.iter().all(|l| all_chained(l)), "no step fell back: {lines:?}");
     assert!(!out.contains(" left: ") && !out.contains(") joined"), "host-0 stayed: {out}");
     assert!(same, "copies of the tail's shards changed the weights");
+}
+
+/// The remote worker of a chain of one (host-1, beside host-0 on the coordinator's shared
+/// memory) stopped for 1.5 s mid-run: once its sum is late (3 times the usual wait), its shards
+/// get copies on host-0, whose results stand in for its sum, so no step waits for the chain's
+/// deadline (at least 1 s) and falls back to the star; host-1 stands by until it answers, then
+/// is back on the chain; the weights equal an in-process run's. (No step is audited: an
+/// audited step waits for the member's digests.)
+#[test]
+fn copies_stand_in_for_a_late_chain_of_one() {
+    let (out, same) = Hybrid::start("300", 1, &["--verify", "0"]).stopped_mid_run(1);
+    let copies = copies_of(&out, "host-1");
+    assert!(!copies.is_empty(), "host-1's shards got copies: {out}");
+    assert!(copies.iter().all(|l| l.contains("gets a copy on host-0")), "{copies:?}");
+    let lines: Vec<&str> = out.lines().collect();
+    let stood_in =
+        lines.iter().position(|l| l.contains("host-1 (worker") && l.contains("copies of its shards stood in"));
+    let Some(stood_in) = stood_in else { panic!("the copies stood in for host-1's sum: {out}") };
+    assert!(!out.contains("the chain broke"), "no step waited for the chain's deadline: {out}");
+    let back = lines[stood_in..].iter().any(|l| l.contains("topology chain: host-1 (worker"));
+    assert!(back, "host-1 is back on the chain once it answered: {out}");
+    assert!(!out.contains(" left: ") && !out.contains(") joined"), "host-1 stayed: {out}");
+    // Nothing waited for host-1: the epoch of the stop took far less than the stop (the steps
+    // after the one the copies stood in for went over the star without host-1).
+    let epoch_seconds = |l: &&str| l.split("\"seconds\":").nth(1)?.split(',').next()?.parse::<f64>().ok();
+    let slowest = lines.iter().filter(|l| l.contains("\"epoch_end\"")).filter_map(epoch_seconds).fold(0.0, f64::max);
+    assert!(slowest < 1.0, "an epoch took {slowest} s: {out}");
+    assert!(same, "copies standing in for a chain of one changed the weights");
 }
 
 /// A worker host cut off mid-run (its link down, no FIN or RST reaches anyone): the coordinator

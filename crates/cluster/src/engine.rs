@@ -317,8 +317,13 @@ impl ClusterEngine<'_> {
         loop {
             let actions = match round.phase() {
                 Phase::Dispatch => {
+                    // Workers that owe a chain step stand by while others can take the shards.
+                    let mut alive = self.net.hub.alive();
+                    if alive.iter().any(|m| !self.policy.chain.owes(m.id)) {
+                        alive.retain(|m| !self.policy.chain.owes(m.id));
+                    }
                     let audit = &mut self.policy.audit;
-                    round.dispatch(&self.net.hub.alive(), Instant::now(), &mut |k, w| audit.wants_check(step, k, w))
+                    round.dispatch(&alive, Instant::now(), &mut |k, w| audit.wants_check(step, k, w))
                 }
                 Phase::Wait { deadline } => self.next_event(&mut round, &mut inbox, deadline).await?,
                 Phase::Reduce => {

@@ -324,8 +324,10 @@ impl Hub {
                     }
                 }
                 Ok(Some((FromWorker::Broken { step, peer, reason }, _))) => {
-                    // One report per chain it was put in; more are ignored.
+                    // One report per chain it was put in; more are ignored. It is done with
+                    // that step: an answer as much as its results would be.
                     if self.take_chained(id) {
+                        self.answer(id, step);
                         let _ = self.events.send(Event::Broken { id, step, peer, reason });
                     }
                 }
@@ -347,13 +349,22 @@ impl Hub {
 
     /// Whether a result of `step` from `id` was owed (and counts it); `None` if it is not live.
     fn owed_by(&self, id: WorkerId, step: u64) -> Option<bool> {
-        let mut m = self.lock();
-        let w = m.live.get_mut(&id)?;
-        let owed = w.owed.checked_sub(1).map(|left| w.owed = left).is_some();
+        let owed = {
+            let mut m = self.lock();
+            let w = m.live.get_mut(&id)?;
+            w.owed.checked_sub(1).map(|left| w.owed = left).is_some()
+        };
         if owed {
-            w.answered = w.answered.max(Some(step));
+            self.answer(id, step);
         }
         Some(owed)
+    }
+
+    /// `id` is done with `step`.
+    fn answer(&self, id: WorkerId, step: u64) {
+        if let Some(w) = self.lock().live.get_mut(&id) {
+            w.answered = w.answered.max(Some(step));
+        }
     }
 
     /// The latest step `id` sent a result of, if any (and it is live).

@@ -282,12 +282,40 @@ pub fn tail_copies(
     in_: &dyn Fn(ShardIndex) -> bool,
     copies: &BTreeMap<ShardIndex, WorkerId>,
 ) -> Vec<(ShardIndex, WorkerId)> {
-    let holding: BTreeSet<WorkerId> = copies.values().copied().collect();
-    let everyone = plan.members.iter().map(|m| m.id).chain(plan.tail.iter().map(|&(w, _)| w));
-    let mut idle = everyone.filter(|&w| !holding.contains(&w) && plan.shards_of(w).iter().all(|&k| in_(k)));
     let late = plan.tail.iter().filter(|(w, _)| due.get(w).is_some_and(|&t| t <= now));
     let wanted = late.flat_map(|(_, ks)| ks.iter().copied()).filter(|k| !in_(*k) && !copies.contains_key(k));
-    wanted.map_while(|k| idle.next().map(|w| (k, w))).collect()
+    wanted.zip(idle(plan, in_, copies)).collect()
+}
+
+/// Copies of a late chain of one's shards: once the sum is `late`, each of the member's shards
+/// that has no copy yet goes to an idle worker, one each, in shard order. Only a chain of one:
+/// its sum is its own shards' sum from zero, so copies computed elsewhere can stand in for it
+/// whole (a later member's sum starts from its predecessor's, which only it has). `in_`: a
+/// shard's result (the member's, or a copy's) is in.
+pub fn member_copies(
+    plan: &ChainPlan,
+    late: bool,
+    in_: &dyn Fn(ShardIndex) -> bool,
+    copies: &BTreeMap<ShardIndex, WorkerId>,
+) -> Vec<(ShardIndex, WorkerId)> {
+    let [member] = &plan.members[..] else { return vec![] };
+    if !late {
+        return vec![];
+    }
+    let wanted = member.shards.iter().copied().filter(|k| !copies.contains_key(k));
+    wanted.zip(idle(plan, in_, copies).filter(|&w| w != member.id)).collect()
+}
+
+/// The workers of `plan` free for a copy: every shard they compute this step is in, and they
+/// hold no copy that is not.
+fn idle<'a>(
+    plan: &'a ChainPlan,
+    in_: &'a dyn Fn(ShardIndex) -> bool,
+    copies: &BTreeMap<ShardIndex, WorkerId>,
+) -> impl Iterator<Item = WorkerId> + 'a {
+    let holding: BTreeSet<WorkerId> = copies.iter().filter(|(&k, _)| !in_(k)).map(|(_, &w)| w).collect();
+    let everyone = plan.members.iter().map(|m| m.id).chain(plan.tail.iter().map(|&(w, _)| w));
+    everyone.filter(move |&w| !holding.contains(&w) && plan.shards_of(w).iter().all(|&k| in_(k)))
 }
 
 /// When each tail worker of `plan` is late: `per_shard` (the learned time a shard may take)
@@ -439,6 +467,30 @@ mod tests {
         assert_eq!(p.members.iter().map(|m| (m.id.0, m.shards.len())).collect::<Vec<_>>(), [(1, 4)]);
         let both = BTreeSet::from([WorkerId(1), WorkerId(2)]);
         assert_eq!(plan(Topology::Auto, &all[..2], &both, 4, &BTreeMap::new()), Err(StarBecause::NoMember));
+    }
+
+    #[test]
+    fn a_late_chain_of_one_gets_copies_of_its_shards_on_idle_workers() {
+        let local = |id| Candidate { id: WorkerId(id), peer: None, shared_memory: true };
+        let p = plan(Topology::Chain, &[remote(1), local(2), local(3)], &BTreeSet::new(), 6, &BTreeMap::new()).unwrap();
+        assert_eq!(p.shards_of(WorkerId(1)), [ShardIndex(0), ShardIndex(1)]);
+        let none = BTreeMap::new();
+        let only = |ks: &'static [usize]| move |k: ShardIndex| ks.contains(&k.0);
+        // Not late: nothing; late, but the tail still computes: nothing.
+        assert!(member_copies(&p, false, &only(&[2, 3, 4, 5]), &none).is_empty());
+        assert!(member_copies(&p, true, &only(&[2, 4]), &none).is_empty());
+        // One tail worker done: it takes the first shard; both done: one shard each.
+        assert_eq!(member_copies(&p, true, &only(&[2, 3, 4]), &none), [(ShardIndex(0), WorkerId(2))]);
+        let both = member_copies(&p, true, &only(&[2, 3, 4, 5]), &none);
+        assert_eq!(both, [(ShardIndex(0), WorkerId(2)), (ShardIndex(1), WorkerId(3))]);
+        // A holder takes no second copy until its first is in.
+        let held = BTreeMap::from([(ShardIndex(0), WorkerId(2))]);
+        assert!(member_copies(&p, true, &only(&[2, 3, 4]), &held).is_empty());
+        assert_eq!(member_copies(&p, true, &only(&[2, 3, 4, 5]), &held), [(ShardIndex(1), WorkerId(3))]);
+        assert_eq!(member_copies(&p, true, &only(&[0, 2, 3, 4]), &held), [(ShardIndex(1), WorkerId(2))]);
+        // Not in a longer chain: its later members' sums start from their predecessors'.
+        let two = plan(Topology::Chain, &[remote(1), remote(4), local(2)], &BTreeSet::new(), 6, &BTreeMap::new());
+        assert!(member_copies(&two.unwrap(), true, &only(&[4, 5]), &none).is_empty());
     }
 
     #[test]

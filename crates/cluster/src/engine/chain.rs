@@ -11,7 +11,7 @@ use crate::ids::{ShardIndex, WorkerId};
 use crate::lane::{LaneAccess, LaneStream};
 use crate::round::Refusal;
 use crate::timeline;
-use crate::topology::{plan, tail_copies, tail_due, Bench, ChainPlan, StarBecause, CHUNK_VALUES};
+use crate::topology::{member_copies, plan, tail_copies, tail_due, Bench, ChainPlan, StarBecause, CHUNK_VALUES};
 use crate::verify::{judge_chain, ChainVerdict};
 use dtrain_fit::EngineError;
 use dtrain_nn::simd::Part;
@@ -81,6 +81,11 @@ struct ChainInbox {
     /// When each tail worker is late, and the copies of its shards given out (shard to holder).
     due: BTreeMap<WorkerId, Instant>,
     copies: BTreeMap<ShardIndex, WorkerId>,
+    /// When a chain of one is late (its shards then get copies, `topology::member_copies`),
+    /// the copies' results, and whether they stood in for its sum.
+    chain_due: Option<Instant>,
+    stand_ins: BTreeMap<ShardIndex, (WorkerId, Received)>,
+    stood_in: bool,
     /// On an audited step, each member's digests (received, sent).
     digests: Option<Vec<Option<(u64, u64)>>>,
     /// Where the sum's next chunk starts (it arrives in `ChunkStream::Sum`'s order, from the
@@ -102,11 +107,31 @@ impl ChainInbox {
         self.next_sum = ChunkStream::Sum.after(range, n, CHUNK);
     }
 
-    /// The next time after `now` a tail worker with a shard neither in nor copied is late.
+    /// The next time after `now` a tail worker with a shard neither in nor copied is late, or
+    /// a chain of one whose sum is not in.
     fn next_due(&self, plan: &ChainPlan, now: Instant) -> Option<Instant> {
         let open = |ks: &[ShardIndex]| ks.iter().any(|k| self.stats[k.0].is_none() && !self.copies.contains_key(k));
         let pending = plan.tail.iter().filter(|(_, ks)| open(ks)).filter_map(|(w, _)| self.due.get(w));
-        pending.copied().filter(|&t| t > now).min()
+        let chain = self.chain_due.filter(|_| self.next_sum.is_some());
+        pending.copied().chain(chain).filter(|&t| t > now).min()
+    }
+
+    /// Whether a chain of one's sum is late.
+    fn chain_late(&self, now: Instant) -> bool {
+        self.next_sum.is_some() && self.chain_due.is_some_and(|t| t <= now)
+    }
+
+    /// If the sum is not in but every member shard's copy is, their sum, in shard order, stands
+    /// in for it in `grad`: the same additions the member makes.
+    fn stand_in(&mut self, plan: &ChainPlan, grad: &mut [f32]) {
+        let shards = plan.members.iter().flat_map(|m| &m.shards);
+        if self.next_sum.is_none() || !shards.clone().all(|k| self.stand_ins.contains_key(k)) {
+            return;
+        }
+        let parts: Vec<Part<'_>> = self.stand_ins.iter().map(|(&k, (_, r))| super::part(&r.landed, k)).collect();
+        dtrain_nn::simd::sum_into(grad, &parts);
+        self.next_sum = None;
+        self.stood_in = true;
     }
 }
 
@@ -162,8 +187,9 @@ pub(super) struct Memory {
     excluded: BTreeSet<WorkerId>,
     /// Workers too slow to take part: they stand by (`topology::Bench`).
     bench: Bench,
-    /// Tail workers whose shards of a step were computed by a copy first, with that step: they
-    /// stand by until their result of it arrives (their queue would only grow).
+    /// Tail workers whose shards of a step were computed by a copy first, and members of a
+    /// chain of one whose sum copies stood in for, with that step: they stand by until they
+    /// are done with it (their queue would only grow).
     owing: BTreeMap<WorkerId, u64>,
     /// The last plan's members and tail, and the last reason for the star (each logged when
     /// it changes).
@@ -208,6 +234,23 @@ impl Memory {
         let mut v: Vec<Duration> = self.waits.iter().copied().collect();
         v.sort_unstable();
         (v[v.len() / 2] * 4).max(Duration::from_secs(1)).min(step_timeout)
+    }
+
+    /// When a chain of one's sum is late enough for its shards to get copies: 3 times the
+    /// median of recent chain steps, at least `MIN_SPECULATION`; never until 8 are known.
+    fn late_after(&self) -> Option<Duration> {
+        if self.waits.len() < 8 {
+            return None;
+        }
+        let mut v: Vec<Duration> = self.waits.iter().copied().collect();
+        v.sort_unstable();
+        Some((v[v.len() / 2] * 3).max(crate::pace::MIN_SPECULATION))
+    }
+
+    /// Whether `id` owes the result of a step whose shards a copy computed first: it stands by,
+    /// on the star too, until it answers.
+    pub(super) fn owes(&self, id: WorkerId) -> bool {
+        self.owing.contains_key(&id)
     }
 
     fn waited(&mut self, d: Duration) {
@@ -308,6 +351,10 @@ impl ClusterEngine<'_> {
             tail: BTreeMap::new(),
             due: self.policy.chain.pace.speculate_after().map(|t| tail_due(plan, sent_all, t)).unwrap_or_default(),
             copies: BTreeMap::new(),
+            // Not on an audited step: the members' digests are waited for there.
+            chain_due: self.policy.chain.late_after().filter(|_| !audited).map(|d| sent_all + d),
+            stand_ins: BTreeMap::new(),
+            stood_in: false,
             digests: audited.then(|| vec![None; members.len()]),
             next_sum: ChunkStream::Sum.first(grad.len(), CHUNK),
             intervals: vec![],
@@ -321,6 +368,18 @@ impl ClusterEngine<'_> {
                 self.policy.chain.owing.insert(*w, step);
             }
         }
+        if inbox.stood_in {
+            // It stands by until it is done with this step. Its lane for the sum is closed, so
+            // that the rest of its sum fails to go out at once (it reports the link broken,
+            // which is an answer) rather than filling a lane nobody reads.
+            tracing::info!(
+                "step {step}: {}'s sum was late; copies of its shards stood in",
+                self.net.hub.name(plan.last())
+            );
+            self.policy.chain.owing.insert(plan.last(), step);
+            self.policy.chain.lanes.collect = None;
+        }
+        self.recycle_tail(std::mem::take(&mut inbox.stand_ins));
         let alive: Vec<WorkerId> = self.net.hub.alive().iter().map(|m| m.id).collect();
         self.policy.chain.pace.learn(&std::mem::take(&mut inbox.intervals), &alive);
         let stats = self.complete_chain_sum(plan, truth, inbox, grad);
@@ -425,8 +484,10 @@ impl ClusterEngine<'_> {
         match event {
             Event::Result { id, result, size } => {
                 let k = ShardIndex(result.index as usize);
-                let tail = plan.tail_owner(k) == Some(id) || inbox.copies.get(&k) == Some(&id);
-                if result.step != step || !(tail || plan.owner(k) == Some(id)) {
+                let copy = inbox.copies.get(&k) == Some(&id);
+                let stand_in = copy && plan.owner(k).is_some();
+                let tail = plan.tail_owner(k) == Some(id) || (copy && !stand_in);
+                if result.step != step || !(tail || stand_in || plan.owner(k) == Some(id)) {
                     return Ok(()); // a late reply of an earlier step
                 }
                 self.telemetry.epoch.bytes_in += size as u64;
@@ -442,6 +503,14 @@ impl ClusterEngine<'_> {
                     let r = self.receive(id, &result, rows(k), n).map_err(bad)?;
                     inbox.stats[k.0] = Some(r.stats);
                     inbox.tail.insert(k, (id, r));
+                } else if stand_in {
+                    if inbox.stand_ins.contains_key(&k) || inbox.next_sum.is_none() {
+                        return Ok(()); // the sum is in: the member's shards need no copy
+                    }
+                    let r = self.receive(id, &result, rows(k), n).map_err(bad)?;
+                    inbox.stats[k.0].get_or_insert(r.stats);
+                    inbox.stand_ins.insert(k, (id, r));
+                    inbox.stand_in(plan, grad);
                 } else {
                     let checked = match result.gradient {
                         Tensor::Chained => result.stats(rows(k)).map_err(Refusal::from),
@@ -728,14 +797,17 @@ impl ClusterEngine<'_> {
     /// the chain (its shards are in, so it has them all), the tail's workers get them as on the
     /// star.
     fn copy_late_tail_shards(&mut self, plan: &ChainPlan, inbox: &mut ChainInbox, out: &mut Outgoing<'_>) {
-        let stats = &inbox.stats;
-        let copies = tail_copies(plan, &inbox.due, Instant::now(), &|k| stats[k.0].is_some(), &inbox.copies);
+        let (stats, now) = (&inbox.stats, Instant::now());
+        let mut copies = tail_copies(plan, &inbox.due, now, &|k| stats[k.0].is_some(), &inbox.copies);
+        if copies.is_empty() {
+            copies = member_copies(plan, inbox.chain_late(now), &|k| stats[k.0].is_some(), &inbox.copies);
+        }
         for (k, w) in copies {
             inbox.copies.insert(k, w);
             let params = if plan.has(w) { Tensor::Chained } else { self.params_for(w, out) };
             if self.send_with(w, &[k], inbox.step, out, params) {
                 self.telemetry.epoch.paths.speculated += 1;
-                let late = plan.tail_owner(k).map(|o| self.net.hub.name(o)).unwrap_or_default();
+                let late = plan.tail_owner(k).or(plan.owner(k)).map(|o| self.net.hub.name(o)).unwrap_or_default();
                 tracing::debug!(
                     "step {}: {late} is late; shard {k} gets a copy on {}",
                     inbox.step,

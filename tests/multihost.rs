@@ -145,6 +145,16 @@ impl Hybrid {
         Hybrid { _dir: dir, _bed: bed, c, workers, rd, local }
     }
 
+    /// Host `i`'s worker stopped for 1.5 s once the third epoch began, then continued; as
+    /// `finish`.
+    fn stopped_mid_run(self, i: usize) -> (String, bool) {
+        self.c.wait_for("\"epoch\":3,", 60);
+        self.workers[i].signal(libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(1500));
+        self.workers[i].signal(libc::SIGCONT);
+        self.finish()
+    }
+
     /// Waits for the coordinator to succeed; its output from here, and whether its weights are
     /// the in-process run's.
     fn finish(mut self) -> (String, bool) {
@@ -154,18 +164,6 @@ impl Hybrid {
         let same = read(&self.rd) == read(&self.local);
         drop(self.workers);
         (out, same)
-    }
-}
-
-impl Hybrid {
-    /// Host `i`'s worker stopped for 1.5 s once the third epoch began, then continued; as
-    /// `finish`.
-    fn stopped_mid_run(self, i: usize) -> (String, bool) {
-        self.c.wait_for("\"epoch\":3,", 60);
-        self.workers[i].signal(libc::SIGSTOP);
-        std::thread::sleep(Duration::from_millis(1500));
-        self.workers[i].signal(libc::SIGCONT);
-        self.finish()
     }
 }
 

@@ -90,6 +90,13 @@ struct Worker {
     attached: bool,
 }
 
+impl Worker {
+    /// It is done with `step` (with its results, or a broken link's report).
+    fn answer(&mut self, step: u64) {
+        self.answered = self.answered.max(Some(step));
+    }
+}
+
 /// Who is connected, the name and party of everyone who ever joined (for log lines about
 /// workers that already left), and the parties refused for now.
 #[derive(Default)]
@@ -349,13 +356,11 @@ impl Hub {
 
     /// Whether a result of `step` from `id` was owed (and counts it); `None` if it is not live.
     fn owed_by(&self, id: WorkerId, step: u64) -> Option<bool> {
-        let owed = {
-            let mut m = self.lock();
-            let w = m.live.get_mut(&id)?;
-            w.owed.checked_sub(1).map(|left| w.owed = left).is_some()
-        };
+        let mut m = self.lock();
+        let w = m.live.get_mut(&id)?;
+        let owed = w.owed.checked_sub(1).map(|left| w.owed = left).is_some();
         if owed {
-            self.answer(id, step);
+            w.answer(step);
         }
         Some(owed)
     }
@@ -363,7 +368,7 @@ impl Hub {
     /// `id` is done with `step`.
     fn answer(&self, id: WorkerId, step: u64) {
         if let Some(w) = self.lock().live.get_mut(&id) {
-            w.answered = w.answered.max(Some(step));
+            w.answer(step);
         }
     }
 

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 /// How gradients and parameters travel (`--topology`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Topology {
-    /// The chain when a worker can take part, else the star (the engine also keeps the star
-    /// for audited runs).
+    /// The chain when a worker can take part, else the star.
     #[default]
     Auto,
     /// The chain whenever a worker can take part.

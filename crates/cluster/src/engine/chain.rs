@@ -124,8 +124,8 @@ impl ChainInbox {
     /// If the sum is not in but every member shard's copy is, their sum, in shard order, stands
     /// in for it in `grad`: the same additions the member makes.
     fn stand_in(&mut self, plan: &ChainPlan, grad: &mut [f32]) {
-        let shards = plan.members.iter().flat_map(|m| &m.shards);
-        if self.next_sum.is_none() || !shards.clone().all(|k| self.stand_ins.contains_key(k)) {
+        let all_in = plan.members.iter().flat_map(|m| &m.shards).all(|k| self.stand_ins.contains_key(k));
+        if self.next_sum.is_none() || !all_in {
             return;
         }
         let parts: Vec<Part<'_>> = self.stand_ins.iter().map(|(&k, (_, r))| super::part(&r.landed, k)).collect();
@@ -228,23 +228,23 @@ impl Memory {
     /// median of recent chain steps, at least 1 s, at most `step_timeout` (all of it until 8
     /// steps are known). A slow member then costs one late step, not a step timeout.
     fn deadline(&self, step_timeout: Duration) -> Duration {
-        if self.waits.len() < 8 {
-            return step_timeout;
-        }
-        let mut v: Vec<Duration> = self.waits.iter().copied().collect();
-        v.sort_unstable();
-        (v[v.len() / 2] * 4).max(Duration::from_secs(1)).min(step_timeout)
+        self.median_wait().map_or(step_timeout, |m| (m * 4).max(Duration::from_secs(1)).min(step_timeout))
     }
 
     /// When a chain of one's sum is late enough for its shards to get copies: 3 times the
     /// median of recent chain steps, at least `MIN_SPECULATION`; never until 8 are known.
     fn late_after(&self) -> Option<Duration> {
+        self.median_wait().map(|m| (m * 3).max(crate::pace::MIN_SPECULATION))
+    }
+
+    /// The median wait of recent chain steps, once 8 are known.
+    fn median_wait(&self) -> Option<Duration> {
         if self.waits.len() < 8 {
             return None;
         }
         let mut v: Vec<Duration> = self.waits.iter().copied().collect();
         v.sort_unstable();
-        Some((v[v.len() / 2] * 3).max(crate::pace::MIN_SPECULATION))
+        Some(v[v.len() / 2])
     }
 
     /// Whether `id` owes the result of a step whose shards a copy computed first: it stands by,
@@ -379,7 +379,7 @@ impl ClusterEngine<'_> {
             self.policy.chain.owing.insert(plan.last(), step);
             self.policy.chain.lanes.collect = None;
         }
-        self.recycle_tail(std::mem::take(&mut inbox.stand_ins));
+        self.recycle_results(std::mem::take(&mut inbox.stand_ins));
         let alive: Vec<WorkerId> = self.net.hub.alive().iter().map(|m| m.id).collect();
         self.policy.chain.pace.learn(&std::mem::take(&mut inbox.intervals), &alive);
         let stats = self.complete_chain_sum(plan, truth, inbox, grad);
@@ -417,7 +417,7 @@ impl ClusterEngine<'_> {
             reader.new_step();
         }
         while !inbox.complete() {
-            self.copy_late_tail_shards(plan, inbox, out);
+            self.copy_late_shards(plan, inbox, out);
             let tail_due = inbox.next_due(plan, Instant::now());
             let want = sum_lane.map(|ticket| Expected { ticket, step, stream: ChunkStream::Sum, chunk: CHUNK, len: n });
             let woke = {
@@ -598,7 +598,7 @@ impl ClusterEngine<'_> {
             dtrain_nn::simd::sum_into(grad, &parts);
             self.buffers.free.push(chain_sum);
         }
-        self.recycle_tail(inbox.tail);
+        self.recycle_results(inbox.tail);
         stats
     }
 
@@ -635,9 +635,9 @@ impl ClusterEngine<'_> {
         Truth { sum, chain_sum, tail, stats, digests }
     }
 
-    /// Returns the tail's results' buffers for reuse.
-    fn recycle_tail(&mut self, tail: BTreeMap<ShardIndex, (WorkerId, Received)>) {
-        for (_, r) in tail.into_values() {
+    /// Returns the buffers of results (the tail's, or copies') for reuse.
+    fn recycle_results(&mut self, results: BTreeMap<ShardIndex, (WorkerId, Received)>) {
+        for (_, r) in results.into_values() {
             if let super::Landed::Copied(v) = r.landed {
                 self.buffers.free.push(v);
             }
@@ -792,11 +792,12 @@ impl ClusterEngine<'_> {
         Ok(Started { sum_lane, params_lane: params_lane.is_some() })
     }
 
-    /// Copies of the tail's late shards to idle workers (`topology::tail_copies`), as on the
-    /// star, the gradient in the result; a member computes at the parameters it received on
+    /// Copies of the tail's late shards, else of a late chain of one's, to idle workers
+    /// (`topology::tail_copies`, `topology::member_copies`), as on the star, the gradient in
+    /// the result; a member computes at the parameters it received on
     /// the chain (its shards are in, so it has them all), the tail's workers get them as on the
     /// star.
-    fn copy_late_tail_shards(&mut self, plan: &ChainPlan, inbox: &mut ChainInbox, out: &mut Outgoing<'_>) {
+    fn copy_late_shards(&mut self, plan: &ChainPlan, inbox: &mut ChainInbox, out: &mut Outgoing<'_>) {
         let (stats, now) = (&inbox.stats, Instant::now());
         let mut copies = tail_copies(plan, &inbox.due, now, &|k| stats[k.0].is_some(), &inbox.copies);
         if copies.is_empty() {
